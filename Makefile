@@ -1,0 +1,64 @@
+# Tolaria Governor. The README's two commands: `make demo` and `make test`.
+# Both create .venv when it is missing: torch==2.13.0 first (a CPU wheel; a bare `torch` would pull
+# a multi-GB CUDA build), then the project with its extras, with pip.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_VERSION := 2.13.0
+BUF := tools/buf/node_modules/.bin/buf
+PROTO_FILES := $(wildcard proto/tolaria/governor/v1/*.proto)
+STUB_DIR := proto/tolaria/governor/v1
+PYTEST_ARGS ?=
+
+.PHONY: all venv test lint protos check-stubs demo bench clean
+
+all: lint test
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[trainer,dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+$(BUF): tools/buf/package.json tools/buf/package-lock.json
+	npm ci --prefix tools/buf --no-audit --no-fund --loglevel=error
+	touch $(BUF)
+
+lint: $(STAMP) $(BUF)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	cd proto && ../$(BUF) lint
+	$(MAKE) --no-print-directory check-stubs
+
+# Regenerate the committed Python stubs (messages, grpc and their .pyi type stubs).
+protos: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I proto \
+		--python_out=proto --grpc_python_out=proto --mypy_out=quiet:proto --mypy_grpc_out=quiet:proto $(PROTO_FILES)
+
+# Fails when the committed stubs differ from freshly generated ones.
+check-stubs: $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m grpc_tools.protoc -I proto \
+		--python_out=$$tmp --grpc_python_out=$$tmp --mypy_out=quiet:$$tmp --mypy_grpc_out=quiet:$$tmp $(PROTO_FILES) && \
+	for f in $$tmp/tolaria/governor/v1/*; do \
+		cmp -s "$$f" "$(STUB_DIR)/$$(basename $$f)" || { echo "stale generated stub: $(STUB_DIR)/$$(basename $$f); run 'make protos' and commit"; exit 1; }; \
+	done && \
+	for f in $(STUB_DIR)/*_pb2*.py*; do \
+		test -e "$$tmp/tolaria/governor/v1/$$(basename $$f)" || { echo "stub without a .proto: $$f"; exit 1; }; \
+	done && echo "generated stubs are current"
+
+demo: $(STAMP)
+	$(BIN)/governor replay examples/traces/spike-and-nan.jsonl
+
+clean:
+	rm -rf $(VENV) tools/buf/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Tolaria governor daemon: policy core, run registry, journal, gRPC servicers and CLI."""

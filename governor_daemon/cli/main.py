@@ -1,0 +1,39 @@
+"""Entry point of the `governor` console script."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from governor_daemon.cli import replay_cmd
+from governor_daemon.exit_codes import ExitCode, epilog
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, one sub-parser per command."""
+    parser = argparse.ArgumentParser(
+        prog="governor",
+        description="Tolaria governor: training-safety daemon, controller client and audit tools.",
+        epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    replay_cmd.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code (argparse's usage errors exit 2 themselves)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except KeyboardInterrupt:
+        print("governor: interrupted", file=sys.stderr)
+        return ExitCode.INTERNAL_ERROR
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Multi-rank aggregation: gather one (timeline, step) from every rank before deciding.
+
+A step is decided when all ``world_size`` ranks reported or ``rank_deadline_s`` after the first
+report; the ranks missing then are named (the caller marks them STALLED). A report for a step that
+was already decided is late: journaled, never decided. Pure: the caller passes the time.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+MAX_REMEMBERED_STEPS = 4096
+"""Decided (timeline, step) keys remembered to recognise late reports."""
+
+
+@dataclass
+class StepGroup:
+    """The reports of one (timeline, step); ``losses`` and ``seqs`` are keyed by rank."""
+
+    timeline: int
+    step: int
+    first_at_s: float
+    epoch: int | None = None
+    record_rgl: float | None = None
+    losses: dict[int, float] = field(default_factory=dict)
+    seqs: dict[int, int] = field(default_factory=dict)
+    missing: tuple[int, ...] = ()
+
+
+class AddOutcome(StrEnum):
+    """What ``StepAggregator.add`` did with a report."""
+
+    PENDING = "pending"
+    READY = "ready"
+    LATE = "late"
+    DUPLICATE = "duplicate"
+
+
+class StepAggregator:
+    """Collects per-rank validation reports of one run. Not thread-safe; one per run."""
+
+    def __init__(self, world_size: int) -> None:
+        self.world_size = world_size
+        self._pending: OrderedDict[tuple[int, int], StepGroup] = OrderedDict()
+        self._decided: OrderedDict[tuple[int, int], None] = OrderedDict()
+
+    def add(
+        self,
+        rank: int,
+        timeline: int,
+        step: int,
+        loss: float,
+        now_s: float,
+        epoch: int | None = None,
+        record_rgl: float | None = None,
+        seq: int = 0,
+    ) -> tuple[AddOutcome, StepGroup | None]:
+        """Add one rank's report. Returns (outcome, the group when it became READY)."""
+        key = (timeline, step)
+        if key in self._decided:
+            return AddOutcome.LATE, None
+        group = self._pending.get(key)
+        if group is None:
+            group = StepGroup(timeline, step, now_s, epoch, record_rgl)
+            self._pending[key] = group
+        if rank in group.losses:
+            return AddOutcome.DUPLICATE, None
+        group.losses[rank] = loss
+        group.seqs[rank] = seq
+        if group.epoch is None:
+            group.epoch = epoch
+        if group.record_rgl is None:
+            group.record_rgl = record_rgl
+        if len(group.losses) >= self.world_size:
+            return AddOutcome.READY, self._close(key)
+        return AddOutcome.PENDING, None
+
+    def due(self, now_s: float, deadline_s: float) -> list[StepGroup]:
+        """Groups whose deadline passed, oldest first, each with the ranks still missing."""
+        ready = [k for k, g in self._pending.items() if now_s - g.first_at_s >= deadline_s]
+        return [self._close(k) for k in ready]
+
+    def flush(self) -> list[StepGroup]:
+        """Close every pending group now (end of an offline trace)."""
+        return [self._close(k) for k in list(self._pending)]
+
+    def next_deadline_s(self, deadline_s: float) -> float | None:
+        """Earliest time at which ``due`` will return something, or None."""
+        if not self._pending:
+            return None
+        return min(g.first_at_s for g in self._pending.values()) + deadline_s
+
+    def _close(self, key: tuple[int, int]) -> StepGroup:
+        group = self._pending.pop(key)
+        group.missing = tuple(r for r in range(self.world_size) if r not in group.losses)
+        self._decided[key] = None
+        while len(self._decided) > MAX_REMEMBERED_STEPS:
+            self._decided.popitem(last=False)
+        return group

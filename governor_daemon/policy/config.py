@@ -1,0 +1,186 @@
+"""The policy configuration: one validated, immutable dataclass plus KEY=VALUE parsing.
+
+Precedence (DESIGN.md section 3): daemon defaults < the first Hello's overrides < a controller's
+UpdatePolicy. ``merged`` applies one layer; ``locked`` fields are skipped and reported, never
+silently applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from governor_daemon.errors import PolicyConfigError
+
+PROFILES = ("default", "seed")
+"""Detector profiles. ``default`` behaves exactly as ``seed`` until the benchmark corpus proves more."""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Every knob of the decision engine, with the defaults of DESIGN.md section 3.
+
+    Construction validates: an impossible value raises PolicyConfigError naming the field and the fix.
+    """
+
+    profile: str = "default"
+    history_window: int = 20
+    min_history: int = 10
+    sensitivity: float = 6.0
+    multiplier: float = 3.0
+    absolute_threshold: float = 10.0
+    min_panics_before_rollback: int = 2
+    random_guess_loss: float | None = None
+    lobotomy_mean_ratio: float = 0.6
+    lobotomy_tolerance_ratio: float = 0.065
+    death_penalty: float = 10.0
+    max_rollbacks: int = 3
+    rollback_window: int = 10
+    command_timeout_s: float = 120.0
+    recovery_skip_batches: int = 0
+    recovery_lr_scale: float = 1.0
+    shadow_mode: bool = False
+    stall_timeout_s: float = 300.0
+    rank_deadline_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name))
+        problems: list[str] = []
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        need(
+            self.profile in PROFILES,
+            f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}",
+        )
+        need(self.min_history >= 1, f"min_history must be >= 1, got {self.min_history}")
+        need(
+            self.history_window >= self.min_history,
+            f"history_window ({self.history_window}) must be >= min_history ({self.min_history}): "
+            "the statistics could never start; raise history_window or lower min_history",
+        )
+        need(self.sensitivity >= 0, f"sensitivity must be >= 0, got {self.sensitivity}")
+        need(self.multiplier > 0, f"multiplier must be > 0, got {self.multiplier}")
+        need(self.absolute_threshold >= 0, f"absolute_threshold must be >= 0, got {self.absolute_threshold}")
+        need(
+            self.min_panics_before_rollback >= 1,
+            f"min_panics_before_rollback must be >= 1, got {self.min_panics_before_rollback}",
+        )
+        need(
+            self.random_guess_loss is None or self.random_guess_loss > 0,
+            "random_guess_loss must be > 0 (or none, to derive it from the task), "
+            f"got {self.random_guess_loss}",
+        )
+        need(self.lobotomy_mean_ratio > 0, f"lobotomy_mean_ratio must be > 0, got {self.lobotomy_mean_ratio}")
+        need(
+            self.lobotomy_tolerance_ratio > 0,
+            f"lobotomy_tolerance_ratio must be > 0, got {self.lobotomy_tolerance_ratio}",
+        )
+        need(
+            self.death_penalty >= 0,
+            f"death_penalty must be >= 0 (the reward is its negative), got {self.death_penalty}",
+        )
+        need(self.rollback_window >= 1, f"rollback_window must be >= 1, got {self.rollback_window}")
+        need(
+            self.max_rollbacks < self.rollback_window,
+            f"max_rollbacks ({self.max_rollbacks}) must be < rollback_window ({self.rollback_window}), "
+            "or the loop breaker can never fire; raise rollback_window",
+        )
+        need(self.command_timeout_s > 0, f"command_timeout_s must be > 0, got {self.command_timeout_s}")
+        need(
+            0 < self.recovery_lr_scale <= 1,
+            f"recovery_lr_scale must be in (0, 1], got {self.recovery_lr_scale}",
+        )
+        need(self.stall_timeout_s > 0, f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
+        need(self.rank_deadline_s > 0, f"rank_deadline_s must be > 0, got {self.rank_deadline_s}")
+        if problems:
+            raise PolicyConfigError("invalid policy: " + "; ".join(problems))
+
+    def merged(
+        self, overrides: Mapping[str, Any], locked: Iterable[str] = ()
+    ) -> tuple[PolicyConfig, list[str]]:
+        """Return (a new config with ``overrides`` applied, the override names skipped as locked).
+
+        Raises PolicyConfigError for an unknown field or an impossible result; ``self`` is unchanged.
+        """
+        unknown = sorted(set(overrides) - set(FIELD_NAMES))
+        if unknown:
+            raise PolicyConfigError(
+                f"unknown policy field(s) {', '.join(unknown)}; valid fields: {', '.join(FIELD_NAMES)}"
+            )
+        locked_set = set(locked)
+        skipped = sorted(k for k in overrides if k in locked_set)
+        applied = {k: v for k, v in overrides.items() if k not in locked_set}
+        return dataclasses.replace(self, **applied), skipped
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain dict of every field (JSON-ready)."""
+        return dataclasses.asdict(self)
+
+
+FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PolicyConfig))
+_FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(PolicyConfig)}
+
+
+def _check_type(name: str, value: object) -> None:
+    kind = _FIELD_TYPES[name]
+    if kind == "bool":
+        ok = isinstance(value, bool)
+    elif kind == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind in ("float", "float | None"):
+        ok = (value is None and kind == "float | None") or (
+            isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        )
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise PolicyConfigError(f"invalid policy: {name} must be a finite {kind}, got {value!r}")
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Parse the text of one policy field; raises PolicyConfigError naming the field."""
+    if name not in _FIELD_TYPES:
+        raise PolicyConfigError(f"unknown policy field {name!r}; valid fields: {', '.join(FIELD_NAMES)}")
+    kind = _FIELD_TYPES[name]
+    raw = text.strip()
+    try:
+        if kind == "bool":
+            lowered = raw.lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float | None" and raw.lower() in ("none", "null", ""):
+            return None
+        if kind.startswith("float"):
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
+    except ValueError:
+        raise PolicyConfigError(f"policy field {name} expects a {kind}, got {text!r}") from None
+    return raw
+
+
+def parse_assignments(pairs: Iterable[str]) -> dict[str, Any]:
+    """Parse ``KEY=VALUE`` strings (one pair each) into typed overrides.
+
+    Raises PolicyConfigError for a missing '=', an unknown key (listing the valid keys) or a bad value.
+    """
+    result: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise PolicyConfigError(f"expected KEY=VALUE, got {pair!r}; valid keys: {', '.join(FIELD_NAMES)}")
+        result[key.strip()] = parse_value(key.strip(), value)
+    return result

@@ -1,0 +1,536 @@
+"""Per-run decision engine: the detector profile plus every mechanism outside the profiles.
+
+Pure: values and times (``now_s``, seconds on any monotonic clock the caller chooses) go in,
+decisions and commands come out. No grpc, no files, no clock reads. The daemon calls it from one
+task per run (it is not thread-safe); ``governor replay`` drives it from a trace.
+
+Mechanisms (DESIGN.md section 3): train-step signals, one command at a time, loop breaker, recovery
+recipe, shadow mode, command timeout, Resume, policy updates. The run state is derived, never stored
+twice: FINISHED > HALTED > ROLLING_BACK > STALLED > ANOMALY > HEALTHY.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+
+from governor_daemon.errors import PolicyStateError
+from governor_daemon.policy.config import PolicyConfig
+from governor_daemon.policy.decisions import (
+    Action,
+    Command,
+    CommandKind,
+    Decision,
+    Rule,
+    RunState,
+    Verdict,
+)
+from governor_daemon.policy.detectors import DetectorState, detector_for, fmt
+
+SHADOW_NOTE = "shadow mode: no command sent"
+
+
+@dataclass(frozen=True)
+class OpenCommand:
+    """A command sent and not yet answered by every expected rank."""
+
+    command: Command
+    issued_at_s: float
+    ranks_done: frozenset[int] = frozenset()
+    new_timeline: int = 0
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A state change outside a record's judgement (timeout, result, resume, policy change)."""
+
+    kind: str
+    reason: str
+    command: Command | None = None
+
+
+class RunPolicy:
+    """The policy state of one run and the operations that change it."""
+
+    def __init__(
+        self,
+        config: PolicyConfig,
+        world_size: int = 1,
+        random_guess_loss: float | None = None,
+        num_classes: int | None = None,
+    ) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.config = config
+        self.world_size = world_size
+        self.task_rgl = random_guess_loss
+        self.num_classes = num_classes
+        self.timeline = 0
+        self.detector = DetectorState()
+        self.lowest_accepted: float | None = None
+        self.judged = RunState.HEALTHY
+        self.halted = False
+        self.open: OpenCommand | None = None
+        self.next_command_id = 1
+        self.recent: deque[int] = deque(maxlen=config.rollback_window)
+        self.stalled_ranks: set[int] = set()
+        self.finished_ranks: set[int] = set()
+        self.num_rollbacks = 0
+        self.num_halts = 0
+        self.total_punishment = 0.0
+        self.last_punishment = 0.0
+        self.last_verdict: Verdict | None = None
+        self.last_reason = ""
+        self.latest_validation_step = -1
+
+    # ----------------------------------------------------------------- derived views
+
+    @property
+    def state(self) -> RunState:
+        """The run state, derived from the flags in priority order."""
+        if self.finished_ranks and len(self.finished_ranks) >= self.world_size:
+            return RunState.FINISHED
+        if self.halted:
+            return RunState.HALTED
+        if self.open is not None:
+            return RunState.ROLLING_BACK
+        if self.stalled_ranks:
+            return RunState.STALLED
+        return self.judged
+
+    def random_guess_loss(self, record_rgl: float | None = None) -> float | None:
+        """RGL in force: policy > record > Hello > ln(num_classes); None turns the lobotomy rule off."""
+        if self.config.random_guess_loss is not None:
+            return self.config.random_guess_loss
+        if record_rgl is not None:
+            return record_rgl
+        if self.task_rgl is not None:
+            return self.task_rgl
+        if self.num_classes is not None and self.num_classes >= 2:
+            return math.log(self.num_classes)
+        return None
+
+    def is_stale(self, timeline: int) -> bool:
+        """True for a record of a timeline the run has already left (in flight during a rollback)."""
+        return timeline < self.timeline
+
+    # ----------------------------------------------------------------- judging records
+
+    def judge_validation(
+        self,
+        timeline: int,
+        step: int,
+        losses_by_rank: Mapping[int, float],
+        now_s: float,
+        epoch: int | None = None,
+        record_rgl: float | None = None,
+        missing_ranks: Sequence[int] = (),
+    ) -> Decision:
+        """Judge the validation losses of one (timeline, step), one per reporting rank.
+
+        Raises PolicyStateError for a stale or future timeline (the caller journals stale records
+        without judging them). While a command is open or the run is HALTED the record is judged for
+        the journal but changes neither history nor counter, and a PANIC is suppressed.
+        """
+        self._check_timeline(timeline)
+        if not losses_by_rank:
+            raise ValueError("judge_validation needs at least one rank's loss")
+        ranks = tuple(sorted(losses_by_rank))
+        losses = tuple(losses_by_rank[r] for r in ranks)
+        rgl = self.random_guess_loss(record_rgl)
+        judgement = detector_for(self.config.profile)(losses, self.detector, self.config, rgl)
+        self.latest_validation_step = max(self.latest_validation_step, step)
+        self.last_verdict = judgement.verdict
+        self.last_reason = judgement.reason
+        blocked = self._blocked_reason()
+        if blocked is not None:
+            action = self._would_be_action() if judgement.verdict is Verdict.PANIC else Action.NONE
+            return self._decision(
+                "validation",
+                timeline,
+                step,
+                epoch,
+                ranks,
+                losses,
+                judgement.verdict,
+                judgement.rule,
+                action,
+                judgement.reason + f"; not committed: {blocked}",
+                command=None,
+                snapshot_allowed=False,
+                appended=None,
+                suppressed=blocked if action is not Action.NONE else None,
+                missing_ranks=tuple(missing_ranks),
+            )
+        lowest_before = self.lowest_accepted
+        self.detector = judgement.state
+        if judgement.appended is not None:
+            self.lowest_accepted = (
+                judgement.appended if lowest_before is None else min(lowest_before, judgement.appended)
+            )
+        snapshot_allowed = judgement.verdict is Verdict.HEALTHY and (
+            lowest_before is None or max(losses) <= self.config.multiplier * lowest_before
+        )
+        reason = judgement.reason
+        if judgement.verdict is Verdict.HEALTHY and not snapshot_allowed:
+            reason += (
+                f"; no snapshot: loss {fmt(max(losses))} > {fmt(self.config.multiplier)}× lowest "
+                f"accepted {fmt(lowest_before or 0.0)}"
+            )
+        if judgement.verdict is Verdict.PANIC:
+            action, command, suppressed, reason = self._intervene(reason, timeline, step, now_s)
+        else:
+            self.judged = RunState.ANOMALY if judgement.verdict is Verdict.ANOMALY else RunState.HEALTHY
+            self.recent.append(0)
+            action, command, suppressed = Action.NONE, None, None
+        self.last_reason = reason
+        return self._decision(
+            "validation",
+            timeline,
+            step,
+            epoch,
+            ranks,
+            losses,
+            judgement.verdict,
+            judgement.rule,
+            action,
+            reason,
+            command=command,
+            snapshot_allowed=snapshot_allowed,
+            appended=judgement.appended,
+            suppressed=suppressed,
+            missing_ranks=tuple(missing_ranks),
+        )
+
+    def judge_train_step(
+        self,
+        timeline: int,
+        step: int,
+        rank: int,
+        loss: float,
+        grad_norm: float | None,
+        now_s: float,
+        epoch: int | None = None,
+    ) -> Decision:
+        """Judge one train-step record: a non-finite loss or grad norm is a PANIC at once.
+
+        Train records never enter the validation history. Raises PolicyStateError like
+        ``judge_validation`` for a stale or future timeline.
+        """
+        self._check_timeline(timeline)
+        values = [("loss", loss)] + ([("grad_norm", grad_norm)] if grad_norm is not None else [])
+        bad = [(name, v) for name, v in values if not math.isfinite(v)]
+        if not bad:
+            return self._decision(
+                "train",
+                timeline,
+                step,
+                epoch,
+                (rank,),
+                (loss,),
+                Verdict.HEALTHY,
+                Rule.TRAIN_FINITE,
+                Action.NONE,
+                "train step finite",
+                command=None,
+                snapshot_allowed=False,
+                appended=None,
+                suppressed=None,
+            )
+        name, value = bad[0]
+        reason = f"non-finite train {name} {value} at step {step} (rank {rank})"
+        blocked = self._blocked_reason()
+        if blocked is not None:
+            return self._decision(
+                "train",
+                timeline,
+                step,
+                epoch,
+                (rank,),
+                (loss,),
+                Verdict.PANIC,
+                Rule.TRAIN_NON_FINITE,
+                self._would_be_action(),
+                reason + f"; not committed: {blocked}",
+                command=None,
+                snapshot_allowed=False,
+                appended=None,
+                suppressed=blocked,
+            )
+        self.last_verdict = Verdict.PANIC
+        action, command, suppressed, reason = self._intervene(reason, timeline, step, now_s)
+        self.last_reason = reason
+        return self._decision(
+            "train",
+            timeline,
+            step,
+            epoch,
+            (rank,),
+            (loss,),
+            Verdict.PANIC,
+            Rule.TRAIN_NON_FINITE,
+            action,
+            reason,
+            command=command,
+            snapshot_allowed=False,
+            appended=None,
+            suppressed=suppressed,
+        )
+
+    # ----------------------------------------------------------------- commands and their results
+
+    def request_rollback(self, reason: str, now_s: float) -> Command:
+        """A controller's ROLLBACK. Raises PolicyStateError if HALTED or a command is open."""
+        blocked = self._blocked_reason()
+        if blocked is not None:
+            raise PolicyStateError(f"cannot roll back now: {blocked}")
+        self.detector = replace(self.detector, consecutive=0)
+        return self._issue(
+            CommandKind.ROLLBACK,
+            f"requested by controller: {reason}",
+            self.timeline,
+            self.latest_validation_step,
+            now_s,
+        )
+
+    def halt(self, reason: str, now_s: float) -> Command:
+        """A controller's HALT; replaces an open ROLLBACK (the trainer executes the highest id)."""
+        if self.halted:
+            raise PolicyStateError("run is already halted; use Resume to continue it")
+        if self.state is RunState.FINISHED:
+            raise PolicyStateError("run has finished")
+        return self._issue(
+            CommandKind.HALT,
+            f"halted by controller: {reason}",
+            self.timeline,
+            self.latest_validation_step,
+            now_s,
+        )
+
+    def resume(self, reason: str, now_s: float) -> Command:
+        """Resume a HALTED run: clear loop breaker and counter, keep history, send RESUME.
+
+        Raises PolicyStateError if the run is not HALTED.
+        """
+        if not self.halted:
+            raise PolicyStateError(f"run is {self.state}, not halted; only a halted run can be resumed")
+        self.halted = False
+        self.recent.clear()
+        self.detector = replace(self.detector, consecutive=0)
+        self.judged = RunState.HEALTHY
+        return self._issue(
+            CommandKind.RESUME,
+            f"resumed by controller: {reason}",
+            self.timeline,
+            self.latest_validation_step,
+            now_s,
+        )
+
+    def on_command_result(
+        self,
+        command_id: int,
+        rank: int,
+        succeeded: bool,
+        new_timeline: int,
+        error: str,
+        now_s: float,
+    ) -> list[Notice]:
+        """Record one rank's CommandResult. Returns the notices to journal.
+
+        The command closes when every unfinished rank has answered. A successful ROLLBACK or RESUME
+        moves the run to ``new_timeline``; a failure HALTs the run and issues a HALT command. A result
+        for a command that is no longer open (timed out, replaced) is journaled as late, and its
+        timeline is still adopted so that the trainer's later records are not mistaken for future ones.
+        """
+        open_cmd = self.open
+        if open_cmd is None or open_cmd.command.command_id != command_id:
+            if succeeded and new_timeline > self.timeline:
+                self.timeline = new_timeline
+            return [
+                Notice(
+                    "late_command_result",
+                    f"result of command {command_id} from rank {rank} arrived after it closed"
+                    + ("" if succeeded else f": failed: {error}"),
+                )
+            ]
+        if not succeeded:
+            kind = open_cmd.command.kind
+            self.open = None
+            notices = [Notice("command_failed", f"{kind} {command_id} failed on rank {rank}: {error}")]
+            if kind is not CommandKind.HALT:
+                halt = self._issue(
+                    CommandKind.HALT,
+                    f"{kind} {command_id} failed on rank {rank}: {error}",
+                    self.timeline,
+                    open_cmd.command.step,
+                    now_s,
+                )
+                notices.append(Notice("halt", halt.reason, halt))
+            return notices
+        done = open_cmd.ranks_done | {rank}
+        reached = max(open_cmd.new_timeline, new_timeline)
+        expected = set(range(self.world_size)) - self.finished_ranks
+        if not expected <= done:
+            self.open = replace(open_cmd, ranks_done=done, new_timeline=reached)
+            return [
+                Notice(
+                    "command_progress",
+                    f"{open_cmd.command.kind} {command_id}: "
+                    f"{len(done & expected)}/{len(expected)} ranks done",
+                )
+            ]
+        self.open = None
+        if open_cmd.command.kind is not CommandKind.HALT:
+            self.timeline = max(self.timeline, reached)
+            self.judged = RunState.HEALTHY
+        return [
+            Notice(
+                "command_completed",
+                f"{open_cmd.command.kind} {command_id} completed; timeline {self.timeline}",
+            )
+        ]
+
+    def check_timeouts(self, now_s: float) -> list[Notice]:
+        """HALT the run if the open command has waited longer than command_timeout_s."""
+        open_cmd = self.open
+        if open_cmd is None or now_s - open_cmd.issued_at_s <= self.config.command_timeout_s:
+            return []
+        self.open = None
+        self.halted = True
+        return [
+            Notice(
+                "command_timeout",
+                f"{open_cmd.command.kind} {open_cmd.command.command_id} had no result after "
+                f"{fmt(now_s - open_cmd.issued_at_s)} s "
+                f"(command_timeout_s {fmt(self.config.command_timeout_s)}); run halted",
+            )
+        ]
+
+    # ----------------------------------------------------------------- ranks and policy
+
+    def set_stalled(self, rank: int, stalled: bool) -> None:
+        """Mark a rank STALLED or clear it (from the stall tracker or the rank deadline)."""
+        if stalled:
+            self.stalled_ranks.add(rank)
+        else:
+            self.stalled_ranks.discard(rank)
+
+    def finish(self, rank: int) -> None:
+        """Record a rank's Finish."""
+        self.finished_ranks.add(rank)
+        self.stalled_ranks.discard(rank)
+
+    def update_policy(self, config: PolicyConfig) -> None:
+        """Switch to ``config`` from the next record on; a shrunk history keeps its newest entries."""
+        self.config = config
+        self.detector = replace(self.detector, history=self.detector.history[-config.history_window :])
+        self.recent = deque(self.recent, maxlen=config.rollback_window)
+
+    # ----------------------------------------------------------------- internals
+
+    def _check_timeline(self, timeline: int) -> None:
+        if timeline < self.timeline:
+            raise PolicyStateError(f"stale record: timeline {timeline} < current {self.timeline}")
+        if timeline > self.timeline:
+            raise PolicyStateError(
+                f"record from timeline {timeline} but the run is on {self.timeline}: "
+                "the trainer restored without a command"
+            )
+
+    def _blocked_reason(self) -> str | None:
+        if self.halted:
+            return "run is halted"
+        if self.open is not None:
+            cmd = self.open.command
+            return f"{cmd.kind} {cmd.command_id} still open"
+        return None
+
+    def _would_be_action(self) -> Action:
+        window = self.config.rollback_window
+        prior = sum(list(self.recent)[-(window - 1) :]) if window > 1 else 0
+        return Action.HALT if prior + 1 > self.config.max_rollbacks else Action.ROLLBACK
+
+    def _intervene(
+        self, reason: str, timeline: int, step: int, now_s: float
+    ) -> tuple[Action, Command | None, str | None, str]:
+        """Turn a committed PANIC into ROLLBACK or HALT (loop breaker), honouring shadow mode."""
+        action = self._would_be_action()
+        if action is Action.HALT:
+            window = self.config.rollback_window
+            reason += (
+                f"; loop breaker: rollback {sum(list(self.recent)[-(window - 1) :]) + 1} within the last "
+                f"{window} decisions > max_rollbacks {self.config.max_rollbacks}: HALT"
+            )
+        self.detector = replace(self.detector, consecutive=0)
+        self.recent.append(1)
+        self.judged = RunState.HEALTHY
+        if self.config.shadow_mode:
+            return action, None, SHADOW_NOTE, f"{reason}; {SHADOW_NOTE}"
+        kind = CommandKind.HALT if action is Action.HALT else CommandKind.ROLLBACK
+        return action, self._issue(kind, reason, timeline, step, now_s), None, reason
+
+    def _issue(self, kind: CommandKind, reason: str, timeline: int, step: int, now_s: float) -> Command:
+        punishment = 0.0 if kind is CommandKind.RESUME else -self.config.death_penalty
+        command = Command(
+            command_id=self.next_command_id,
+            kind=kind,
+            reason=reason,
+            punishment_reward=punishment,
+            recovery_skip_batches=self.config.recovery_skip_batches,
+            recovery_lr_scale=self.config.recovery_lr_scale,
+            timeline=timeline,
+            step=step,
+        )
+        self.next_command_id += 1
+        self.open = OpenCommand(command, now_s)
+        if kind is CommandKind.ROLLBACK:
+            self.num_rollbacks += 1
+        elif kind is CommandKind.HALT:
+            self.num_halts += 1
+            self.halted = True
+        self.total_punishment += punishment
+        self.last_punishment = punishment
+        return command
+
+    def _decision(
+        self,
+        kind: str,
+        timeline: int,
+        step: int,
+        epoch: int | None,
+        ranks: tuple[int, ...],
+        losses: tuple[float, ...],
+        verdict: Verdict,
+        rule: Rule,
+        action: Action,
+        reason: str,
+        *,
+        command: Command | None,
+        snapshot_allowed: bool,
+        appended: float | None,
+        suppressed: str | None,
+        missing_ranks: tuple[int, ...] = (),
+    ) -> Decision:
+        return Decision(
+            kind=kind,
+            timeline=timeline,
+            step=step,
+            epoch=epoch,
+            ranks=ranks,
+            losses=losses,
+            verdict=verdict,
+            rule=rule,
+            action=action,
+            reason=reason,
+            punishment_reward=command.punishment_reward if command else None,
+            command=command,
+            snapshot_allowed=snapshot_allowed,
+            appended=appended,
+            consecutive_anomalies=self.detector.consecutive,
+            run_state=self.state,
+            suppressed=suppressed,
+            shadow=suppressed == SHADOW_NOTE,
+            missing_ranks=missing_ranks,
+        )

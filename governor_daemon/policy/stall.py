@@ -1,0 +1,55 @@
+"""Stall detection for one rank, from step advances and an injected clock.
+
+A rank is STALLED when its latest step has not advanced for ``stall_timeout_s``, or for
+``LEARN_FACTOR`` x the longest interval between step advances once ``MIN_INTERVALS`` intervals were
+seen, whichever is shorter. Heartbeats carrying the same step are not progress. The clock starts at
+attach (and therefore again at daemon start).
+"""
+
+from __future__ import annotations
+
+LEARN_FACTOR = 5.0
+MIN_INTERVALS = 5
+
+
+class StallTracker:
+    """Tracks one rank's progress. Not thread-safe."""
+
+    def __init__(self, now_s: float) -> None:
+        self.latest_step: int | None = None
+        self.last_advance_s = now_s
+        self.longest_interval_s = 0.0
+        self.num_intervals = 0
+        self.stalled = False
+
+    def threshold_s(self, stall_timeout_s: float) -> float:
+        """Seconds without progress that make the rank STALLED now."""
+        if self.num_intervals >= MIN_INTERVALS:
+            return min(stall_timeout_s, LEARN_FACTOR * self.longest_interval_s)
+        return stall_timeout_s
+
+    def observe_step(self, step: int, now_s: float) -> bool:
+        """Record the latest step seen. Returns True if this cleared a stall."""
+        if self.latest_step is not None and step <= self.latest_step:
+            return False
+        if self.latest_step is not None:
+            self.longest_interval_s = max(self.longest_interval_s, now_s - self.last_advance_s)
+            self.num_intervals += 1
+        self.latest_step = step
+        self.last_advance_s = now_s
+        was = self.stalled
+        self.stalled = False
+        return was
+
+    def check(self, now_s: float, stall_timeout_s: float) -> bool:
+        """Returns True if the rank became STALLED at this check (once per stall)."""
+        if self.stalled:
+            return False
+        if now_s - self.last_advance_s > self.threshold_s(stall_timeout_s):
+            self.stalled = True
+            return True
+        return False
+
+    def seconds_since_progress(self, now_s: float) -> float:
+        """Seconds since the latest step advance (or since attach)."""
+        return now_s - self.last_advance_s

@@ -1,0 +1,139 @@
+"""Offline replay: run the policy engine over a recorded trace.
+
+Semantics (same engine as the daemon, so the same verdicts and reasons): after a ROLLBACK the trace
+continues as if the trainer had restored (the next record is on the new timeline); after a HALT as if
+a controller resumed at once. Train records are judged healthy or panic and never enter the history.
+Multi-rank validation records are matched by (step, occurrence) and decided once every rank of that
+step has reported, or at the end of the trace with the missing ranks named.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from governor_daemon.policy import CommandKind, Decision, PolicyConfig, RunPolicy
+from governor_daemon.policy.aggregation import AddOutcome, StepAggregator, StepGroup
+from governor_daemon.trace import TraceRecord
+
+
+@dataclass(frozen=True)
+class ReplayDecision:
+    """One decision of a replay, with the run and the trace line that completed it."""
+
+    run_id: str
+    line: int
+    decision: Decision
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object `governor replay --json` prints."""
+        d = self.decision
+        return {
+            "run_id": self.run_id,
+            "kind": d.kind,
+            "epoch": d.epoch,
+            "step": d.step,
+            "timeline": d.timeline,
+            "ranks": list(d.ranks),
+            "verdict": str(d.verdict),
+            "action": str(d.action),
+            "reason": d.reason,
+            "punishment_reward": d.punishment_reward,
+        }
+
+
+@dataclass
+class _RunReplay:
+    policy: RunPolicy
+    aggregator: StepAggregator
+    occurrences: Counter[tuple[int, int]]
+
+
+def replay(
+    records: list[TraceRecord] | tuple[TraceRecord, ...], overrides: Mapping[str, Any]
+) -> list[ReplayDecision]:
+    """Decide every record of a trace under ``PolicyConfig`` defaults plus ``overrides``.
+
+    Raises PolicyConfigError for bad overrides. The synthetic clock is the record index, so command
+    timeouts and rank deadlines never fire offline.
+    """
+    config, _ = PolicyConfig().merged(overrides)
+    runs: dict[str, _RunReplay] = {}
+    out: list[ReplayDecision] = []
+    for index, rec in enumerate(records):
+        now_s = float(index)
+        run = runs.get(rec.run_id)
+        if run is None:
+            policy = RunPolicy(config, rec.world_size, rec.random_guess_loss, rec.num_classes)
+            run = _RunReplay(policy, StepAggregator(rec.world_size), Counter())
+            runs[rec.run_id] = run
+        policy = run.policy
+        if policy.num_classes is None and rec.num_classes is not None:
+            policy.num_classes = rec.num_classes
+        if rec.kind == "train":
+            decision = policy.judge_train_step(
+                policy.timeline, rec.step, rec.rank, rec.loss, rec.grad_norm, now_s, rec.epoch
+            )
+            out.append(ReplayDecision(rec.run_id, rec.line, decision))
+            _complete(policy, decision, now_s)
+            continue
+        # The k-th report of a step by a rank belongs with the other ranks' k-th report of that step.
+        occurrence = run.occurrences[(rec.rank, rec.step)]
+        run.occurrences[(rec.rank, rec.step)] += 1
+        outcome, group = run.aggregator.add(
+            rec.rank, occurrence, rec.step, rec.loss, now_s, rec.epoch, rec.random_guess_loss, rec.line
+        )
+        if outcome is AddOutcome.READY and group is not None:
+            out.append(_decide(rec.run_id, policy, group, now_s))
+    for run_id, run in runs.items():
+        for group in run.aggregator.flush():
+            out.append(_decide(run_id, run.policy, group, float(len(records))))
+    return out
+
+
+def _decide(run_id: str, policy: RunPolicy, group: StepGroup, now_s: float) -> ReplayDecision:
+    decision = policy.judge_validation(
+        policy.timeline, group.step, group.losses, now_s, group.epoch, group.record_rgl, group.missing
+    )
+    _complete(policy, decision, now_s)
+    return ReplayDecision(run_id, max(group.seqs.values()), decision)
+
+
+def _complete(policy: RunPolicy, decision: Decision, now_s: float) -> None:
+    """Simulate every rank executing the command at once (and a controller resuming a HALT)."""
+    command = decision.command
+    if command is None:
+        return
+    ranks = range(policy.world_size)
+    if command.kind is CommandKind.HALT:
+        for rank in ranks:
+            policy.on_command_result(command.command_id, rank, True, policy.timeline, "", now_s)
+        command = policy.resume("replay: resumed at once", now_s)
+    new_timeline = policy.timeline + 1
+    for rank in ranks:
+        policy.on_command_result(command.command_id, rank, True, new_timeline, "", now_s)
+
+
+def summarize(decisions: list[ReplayDecision]) -> dict[str, dict[str, Any]]:
+    """Per-run counts: records by kind, verdicts, actions, punishment, final timeline."""
+    summary: dict[str, dict[str, Any]] = defaultdict(
+        lambda: {
+            "validation": 0,
+            "train": 0,
+            "verdicts": Counter(),
+            "actions": Counter(),
+            "total_punishment_reward": 0.0,
+            "final_timeline": 0,
+        }
+    )
+    for rd in decisions:
+        s = summary[rd.run_id]
+        d = rd.decision
+        s[d.kind] += 1
+        s["verdicts"][str(d.verdict)] += 1
+        s["actions"][str(d.action)] += 1
+        s["total_punishment_reward"] += d.punishment_reward or 0.0
+        s["final_timeline"] = max(s["final_timeline"], d.timeline + (1 if d.command else 0))
+    return dict(summary)

@@ -1,0 +1,1 @@
+"""Namespace for the Tolaria governor contract (generated code lives in tolaria.governor.v1)."""

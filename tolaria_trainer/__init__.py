@@ -1,0 +1,1 @@
+"""Tolaria trainer: tasks, morphogenetic model, epoch loops, LKG snapshot and governor client."""
