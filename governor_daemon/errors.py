@@ -26,3 +26,27 @@ class TraceFormatError(GovernorError, ValueError):
 
 class PolicyStateError(GovernorError):
     """An operation does not fit the run's current state (e.g. Resume of a run that is not HALTED)."""
+
+
+class InvalidInputError(GovernorError, ValueError):
+    """A field that crossed the wire is invalid; ``field`` names it. Maps to INVALID_ARGUMENT."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class NotFoundError(GovernorError):
+    """An unknown run. Maps to NOT_FOUND."""
+
+
+class AlreadyExistsError(GovernorError):
+    """A (run, rank) already attached with another live incarnation. Maps to ALREADY_EXISTS."""
+
+
+class ConflictError(GovernorError):
+    """A request that contradicts the run (e.g. a later Hello with other overrides). FAILED_PRECONDITION."""
+
+
+class LimitExceededError(GovernorError):
+    """Over a configured limit (active runs, records per batch). Maps to RESOURCE_EXHAUSTED."""

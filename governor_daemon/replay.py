@@ -51,9 +51,7 @@ class _RunReplay:
     occurrences: Counter[tuple[int, int]]
 
 
-def replay(
-    records: list[TraceRecord] | tuple[TraceRecord, ...], overrides: Mapping[str, Any]
-) -> list[ReplayDecision]:
+def replay(records: list[TraceRecord] | tuple[TraceRecord, ...], overrides: Mapping[str, Any]) -> list[ReplayDecision]:
     """Decide every record of a trace under ``PolicyConfig`` defaults plus ``overrides``.
 
     Raises PolicyConfigError for bad overrides. The synthetic clock is the record index, so command

@@ -40,8 +40,6 @@ def no_torch_env(tmp_path: Path) -> dict[str, str]:
     """Environment in which `import torch` fails (a shadowing package that raises ImportError)."""
     shadow = tmp_path / "no_torch"
     (shadow / "torch").mkdir(parents=True)
-    (shadow / "torch" / "__init__.py").write_text(
-        "raise ImportError('torch is made unimportable by the test')\n"
-    )
+    (shadow / "torch" / "__init__.py").write_text("raise ImportError('torch is made unimportable by the test')\n")
     path = os.pathsep.join(p for p in [str(shadow), os.environ.get("PYTHONPATH", "")] if p)
     return {"PYTHONPATH": path}

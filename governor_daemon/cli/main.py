@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from governor_daemon.cli import replay_cmd
+from governor_daemon.cli import replay_cmd, serve_cmd
 from governor_daemon.exit_codes import ExitCode, epilog
 
 
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve_cmd.register(sub)
     replay_cmd.register(sub)
     return parser
 

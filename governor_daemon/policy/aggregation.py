@@ -10,9 +10,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
+
+from governor_daemon.policy.decisions import float_from_json, float_to_json
 
 MAX_REMEMBERED_STEPS = 4096
 """Decided (timeline, step) keys remembered to recognise late reports."""
+PERSISTED_DECIDED = 64
+"""Decided keys kept across a daemon restart (late reports come within rank_deadline_s)."""
 
 
 @dataclass
@@ -91,6 +96,34 @@ class StepAggregator:
         if not self._pending:
             return None
         return min(g.first_at_s for g in self._pending.values()) + deadline_s
+
+    def to_dict(self) -> dict[str, Any]:
+        """Pending groups and the latest decided keys, JSON-ready (journal effects)."""
+        return {
+            "pending": [
+                {
+                    "timeline": g.timeline,
+                    "step": g.step,
+                    "first_at_s": g.first_at_s,
+                    "epoch": g.epoch,
+                    "record_rgl": g.record_rgl,
+                    "losses": {str(r): float_to_json(x) for r, x in g.losses.items()},
+                    "seqs": {str(r): s for r, s in g.seqs.items()},
+                }
+                for g in self._pending.values()
+            ],
+            "decided": [list(k) for k in list(self._decided)[-PERSISTED_DECIDED:]],
+        }
+
+    def load(self, data: dict[str, Any]) -> None:
+        """Replace the state with ``to_dict`` output."""
+        self._pending.clear()
+        for g in data["pending"]:
+            group = StepGroup(int(g["timeline"]), int(g["step"]), float(g["first_at_s"]), g["epoch"], g["record_rgl"])
+            group.losses = {int(r): float_from_json(x) for r, x in g["losses"].items()}
+            group.seqs = {int(r): int(s) for r, s in g["seqs"].items()}
+            self._pending[(group.timeline, group.step)] = group
+        self._decided = OrderedDict(((int(t), int(s)), None) for t, s in data["decided"])
 
     def _close(self, key: tuple[int, int]) -> StepGroup:
         group = self._pending.pop(key)

@@ -74,8 +74,7 @@ class PolicyConfig:
         )
         need(
             self.random_guess_loss is None or self.random_guess_loss > 0,
-            "random_guess_loss must be > 0 (or none, to derive it from the task), "
-            f"got {self.random_guess_loss}",
+            f"random_guess_loss must be > 0 (or none, to derive it from the task), got {self.random_guess_loss}",
         )
         need(self.lobotomy_mean_ratio > 0, f"lobotomy_mean_ratio must be > 0, got {self.lobotomy_mean_ratio}")
         need(
@@ -102,9 +101,7 @@ class PolicyConfig:
         if problems:
             raise PolicyConfigError("invalid policy: " + "; ".join(problems))
 
-    def merged(
-        self, overrides: Mapping[str, Any], locked: Iterable[str] = ()
-    ) -> tuple[PolicyConfig, list[str]]:
+    def merged(self, overrides: Mapping[str, Any], locked: Iterable[str] = ()) -> tuple[PolicyConfig, list[str]]:
         """Return (a new config with ``overrides`` applied, the override names skipped as locked).
 
         Raises PolicyConfigError for an unknown field or an impossible result; ``self`` is unchanged.

@@ -15,6 +15,7 @@ import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from governor_daemon.errors import PolicyStateError
 from governor_daemon.policy.config import PolicyConfig
@@ -377,8 +378,7 @@ class RunPolicy:
             return [
                 Notice(
                     "command_progress",
-                    f"{open_cmd.command.kind} {command_id}: "
-                    f"{len(done & expected)}/{len(expected)} ranks done",
+                    f"{open_cmd.command.kind} {command_id}: {len(done & expected)}/{len(expected)} ranks done",
                 )
             ]
         self.open = None
@@ -407,6 +407,77 @@ class RunPolicy:
                 f"(command_timeout_s {fmt(self.config.command_timeout_s)}); run halted",
             )
         ]
+
+    # ----------------------------------------------------------------- persistence
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole policy state as a JSON-ready dict (journal checkpoints and effects)."""
+        open_cmd = self.open
+        return {
+            "config": self.config.as_dict(),
+            "world_size": self.world_size,
+            "task_rgl": self.task_rgl,
+            "num_classes": self.num_classes,
+            "timeline": self.timeline,
+            "history": list(self.detector.history),
+            "consecutive": self.detector.consecutive,
+            "lowest_accepted": self.lowest_accepted,
+            "judged": str(self.judged),
+            "halted": self.halted,
+            "open": None
+            if open_cmd is None
+            else {
+                "command": open_cmd.command.as_dict(),
+                "issued_at_s": open_cmd.issued_at_s,
+                "ranks_done": sorted(open_cmd.ranks_done),
+                "new_timeline": open_cmd.new_timeline,
+            },
+            "next_command_id": self.next_command_id,
+            "recent": list(self.recent),
+            "stalled_ranks": sorted(self.stalled_ranks),
+            "finished_ranks": sorted(self.finished_ranks),
+            "num_rollbacks": self.num_rollbacks,
+            "num_halts": self.num_halts,
+            "total_punishment": self.total_punishment,
+            "last_punishment": self.last_punishment,
+            "last_verdict": None if self.last_verdict is None else str(self.last_verdict),
+            "last_reason": self.last_reason,
+            "latest_validation_step": self.latest_validation_step,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunPolicy:
+        """Inverse of ``to_dict``. Raises KeyError/ValueError for a malformed dict."""
+        config = PolicyConfig(**data["config"])
+        policy = cls(config, int(data["world_size"]), data["task_rgl"], data["num_classes"])
+        policy.timeline = int(data["timeline"])
+        policy.detector = DetectorState(tuple(float(x) for x in data["history"]), int(data["consecutive"]))
+        policy.lowest_accepted = data["lowest_accepted"]
+        policy.judged = RunState(data["judged"])
+        policy.halted = bool(data["halted"])
+        raw_open = data["open"]
+        policy.open = (
+            None
+            if raw_open is None
+            else OpenCommand(
+                Command.from_dict(raw_open["command"]),
+                float(raw_open["issued_at_s"]),
+                frozenset(int(r) for r in raw_open["ranks_done"]),
+                int(raw_open["new_timeline"]),
+            )
+        )
+        policy.next_command_id = int(data["next_command_id"])
+        policy.recent = deque((int(x) for x in data["recent"]), maxlen=config.rollback_window)
+        policy.stalled_ranks = {int(r) for r in data["stalled_ranks"]}
+        policy.finished_ranks = {int(r) for r in data["finished_ranks"]}
+        policy.num_rollbacks = int(data["num_rollbacks"])
+        policy.num_halts = int(data["num_halts"])
+        policy.total_punishment = float(data["total_punishment"])
+        policy.last_punishment = float(data["last_punishment"])
+        policy.last_verdict = None if data["last_verdict"] is None else Verdict(data["last_verdict"])
+        policy.last_reason = str(data["last_reason"])
+        policy.latest_validation_step = int(data["latest_validation_step"])
+        return policy
 
     # ----------------------------------------------------------------- ranks and policy
 

@@ -147,9 +147,7 @@ def test_multi_rank_trace(tmp_path: Path) -> None:
 def test_malformed_jsonl_exits_2_before_any_decision(tmp_path: Path, line: str, message: str) -> None:
     """A malformed line is named with its number; exit 2; no decision printed."""
     trace = tmp_path / "bad.jsonl"
-    trace.write_text(
-        '{"epoch": 1, "step": 1, "loss": 1.0}\n' + line + "\n" + '{"epoch": 3, "step": 3, "loss": 1.0}\n'
-    )
+    trace.write_text('{"epoch": 1, "step": 1, "loss": 1.0}\n' + line + "\n" + '{"epoch": 3, "step": 3, "loss": 1.0}\n')
     result = governor_cli(["replay", str(trace), "--json"])
     assert result.returncode == 2
     assert message in result.stderr
@@ -205,9 +203,7 @@ def test_gzipped_trace(tmp_path: Path) -> None:
     import gzip
 
     path = tmp_path / "t.jsonl.gz"
-    path.write_bytes(
-        gzip.compress("".join(json.dumps(r) + "\n" for r in records(healthy_losses(4))).encode())
-    )
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records(healthy_losses(4))).encode()))
     result = governor_cli(["replay", str(path), "--json"])
     assert result.returncode == 0, result.stderr
     assert len(decisions(result.stdout)) == 4

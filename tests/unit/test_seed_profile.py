@@ -12,9 +12,7 @@ from governor_daemon.policy import DetectorState, PolicyConfig, Rule, Verdict, s
 WARM = DetectorState(history=(1.0,) * 5 + (3.0,) * 5)
 
 
-def judge(
-    loss: float, config: PolicyConfig | None = None, state: DetectorState = WARM, rgl: float | None = None
-):
+def judge(loss: float, config: PolicyConfig | None = None, state: DetectorState = WARM, rgl: float | None = None):
     return seed_profile([loss], state, config or PolicyConfig(), rgl)
 
 

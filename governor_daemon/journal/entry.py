@@ -1,0 +1,118 @@
+"""Journal entries: canonical JSON, the hash chain, parsing and verification of one line.
+
+An entry is one JSON object per line with keys ``seq`` (the cursor), ``ts`` (UTC, RFC 3339),
+``run``, ``kind``, ``payload``, ``prev_hash`` and ``hash``. ``hash`` is SHA-256 (or HMAC-SHA-256 with a
+key) over the canonical JSON of every other key, so any changed byte breaks the chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+GENESIS_HASH = "0" * 64
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, no spaces, UTF-8 text, no NaN (callers encode non-finite floats as strings)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def chain_hash(body: dict[str, Any], key: bytes | None) -> str:
+    """Hash of an entry body (everything but ``hash``), keyed when ``key`` is set."""
+    data = canonical_json(body).encode("utf-8")
+    if key:
+        return hmac.new(key, data, hashlib.sha256).hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+def utc_now_iso(epoch_s: float) -> str:
+    """RFC 3339 UTC with microseconds, e.g. 2026-11-25T18:00:00.123456Z."""
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One journal entry."""
+
+    seq: int
+    ts: str
+    run: str
+    kind: str
+    payload: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+    def body(self) -> dict[str, Any]:
+        """The hashed part."""
+        return {
+            "seq": self.seq,
+            "ts": self.ts,
+            "run": self.run,
+            "kind": self.kind,
+            "payload": self.payload,
+            "prev_hash": self.prev_hash,
+        }
+
+    def to_line(self) -> str:
+        """The canonical JSON line, newline included."""
+        return canonical_json({**self.body(), "hash": self.hash}) + "\n"
+
+    @classmethod
+    def create(
+        cls,
+        seq: int,
+        ts: str,
+        run: str,
+        kind: str,
+        payload: dict[str, Any],
+        prev_hash: str,
+        key: bytes | None,
+    ) -> Entry:
+        """Build and hash a new entry."""
+        body = {"seq": seq, "ts": ts, "run": run, "kind": kind, "payload": payload, "prev_hash": prev_hash}
+        return cls(seq, ts, run, kind, payload, prev_hash, chain_hash(body, key))
+
+
+class EntryError(ValueError):
+    """A line that is not a well-formed entry (``reason`` says why)."""
+
+
+def parse_line(line: str) -> Entry:
+    """Parse one journal line; raises EntryError if it is not a complete, well-formed entry."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise EntryError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise EntryError("not a JSON object")
+    try:
+        entry = Entry(
+            seq=obj["seq"],
+            ts=obj["ts"],
+            run=obj["run"],
+            kind=obj["kind"],
+            payload=obj["payload"],
+            prev_hash=obj["prev_hash"],
+            hash=obj["hash"],
+        )
+    except KeyError as exc:
+        raise EntryError(f"missing key {exc.args[0]!r}") from None
+    if not isinstance(entry.seq, int) or not isinstance(entry.payload, dict):
+        raise EntryError("seq must be an integer and payload an object")
+    return entry
+
+
+def verify_link(entry: Entry, prev_hash: str, expected_seq: int | None, key: bytes | None) -> str | None:
+    """Return why ``entry`` does not continue the chain, or None if it does."""
+    if entry.prev_hash != prev_hash:
+        return f"prev_hash {entry.prev_hash[:12]}… does not match the previous entry's hash {prev_hash[:12]}…"
+    if expected_seq is not None and entry.seq != expected_seq:
+        return f"seq {entry.seq} where {expected_seq} was expected"
+    if chain_hash(entry.body(), key) != entry.hash:
+        return "hash does not match the entry's content (modified, or a different HMAC key)"
+    return None

@@ -1,0 +1,172 @@
+"""Group commit on asyncio: batch appended entries into one write + fsync, and publish them.
+
+Ordinary entries are committed within ``interval_s`` of being appended; ``commit()`` forces an
+immediate commit (decisions are fsynced before their command leaves). Committed entries are kept in
+a bounded in-memory tail for WatchEvents; older ones are read back from the segment files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from governor_daemon.journal.entry import Entry
+from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
+from governor_daemon.journal.writer import Journal
+
+TAIL_ENTRIES = 65536
+
+
+class GroupCommitter:
+    """The daemon's handle on the journal. All methods run on the event loop thread."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        interval_s: float = 0.002,
+        on_commit: Callable[[float], None] | None = None,
+    ) -> None:
+        self.journal = journal
+        self.interval_s = interval_s
+        self._wake = asyncio.Event()
+        self._urgent = False
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._uncommitted: list[Entry] = []
+        self._tail: deque[Entry] = deque(maxlen=TAIL_ENTRIES)
+        self._committed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.on_commit = on_commit
+        self.failure: BaseException | None = None
+
+    async def start(self) -> None:
+        """Start the commit loop."""
+        self._task = asyncio.create_task(self._loop(), name="journal-group-commit")
+
+    def append(self, run: str, kind: str, payload: dict[str, Any]) -> Entry:
+        """Append an entry (seq and hash assigned now); durable within interval_s."""
+        if self._closed:
+            raise RuntimeError("journal is closed")
+        if self.failure is not None:
+            raise RuntimeError(f"journal write failed earlier: {self.failure}")
+        entry = self.journal.append(run, kind, payload, time.time())
+        self._uncommitted.append(entry)
+        self._wake.set()
+        return entry
+
+    @property
+    def durable_seq(self) -> int:
+        """Highest seq known to be on disk."""
+        return self.journal.durable_seq
+
+    async def wait_durable(self, seq: int) -> None:
+        """Return once entry ``seq`` is fsynced. Raises if the journal failed."""
+        if seq <= self.journal.durable_seq:
+            return
+        if self.failure is not None:
+            raise RuntimeError(f"journal write failed: {self.failure}")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((seq, future))
+        self._wake.set()
+        await future
+
+    async def commit(self) -> None:
+        """Write and fsync everything appended so far, now."""
+        self._urgent = True
+        await self.wait_durable(self.journal.last_seq)
+
+    async def close(self) -> None:
+        """Commit what is pending, stop the loop, close the files."""
+        if self._closed:
+            return
+        with contextlib.suppress(RuntimeError):
+            await self.commit()
+        self._closed = True
+        self._wake.set()
+        self._committed.set()
+        if self._task is not None:
+            await self._task
+        await asyncio.to_thread(self.journal.close)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._closed and not self._uncommitted:
+                return
+            if not self._urgent and self.interval_s > 0:
+                await asyncio.sleep(self.interval_s)
+            self._urgent = False
+            batch, self._uncommitted = self._uncommitted, []
+            started = time.perf_counter()
+            try:
+                durable = await asyncio.to_thread(self.journal.write_pending)
+            except OSError as exc:  # disk full, I/O error: nothing more can be acknowledged
+                self.failure = exc
+                for _, future in self._waiters:
+                    if not future.done():
+                        future.set_exception(RuntimeError(f"journal write failed: {exc}"))
+                self._waiters.clear()
+                return
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - started)
+            self._tail.extend(batch)
+            still: list[tuple[int, asyncio.Future[None]]] = []
+            for seq, future in self._waiters:
+                if seq <= durable:
+                    if not future.done():
+                        future.set_result(None)
+                else:
+                    still.append((seq, future))
+            self._waiters = still
+            if still or self._uncommitted:
+                self._wake.set()
+            self._committed.set()
+            self._committed = asyncio.Event()
+
+    # ----------------------------------------------------------------- reading committed entries
+
+    async def follow(self, cursor: int, stop: asyncio.Event) -> AsyncIterator[Entry]:
+        """Committed entries with seq > cursor, then live ones, until ``stop`` is set or close().
+
+        Entries older than the in-memory tail (a restart, or a watcher that fell behind) are read
+        from the segment files, up to the durable seq. Never yields an uncommitted entry.
+        """
+        while not stop.is_set():
+            committed = self._committed  # captured before looking, so no commit is missed
+            tail = list(self._tail)
+            oldest = tail[0].seq if tail else self.journal.durable_seq + 1
+            if cursor + 1 < oldest:
+                limit = oldest - 1
+                entries = await asyncio.to_thread(_read_from_files, self.journal, cursor, limit)
+                for entry in entries:
+                    cursor = entry.seq
+                    yield entry
+                if not entries:  # the files end before the tail starts: nothing more there
+                    cursor = limit
+                continue
+            fresh = [e for e in tail if e.seq > cursor]
+            for entry in fresh:
+                cursor = entry.seq
+                yield entry
+            if fresh:
+                continue
+            if self._closed:
+                return
+            waiters = {asyncio.ensure_future(committed.wait()), asyncio.ensure_future(stop.wait())}
+            _, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+
+
+def _read_from_files(journal: Journal, cursor: int, limit: int) -> list[Entry]:
+    found: list[Entry] = []
+    for path in list_segments(journal.data_dir):
+        for item in read_segment(path):
+            if isinstance(item, LocatedEntry) and cursor < item.entry.seq <= limit:
+                found.append(item.entry)
+    return found

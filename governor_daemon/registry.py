@@ -1,0 +1,178 @@
+"""The run registry: every run's policy state, ranks and pending multi-rank steps.
+
+State changes are journaled as idempotent "set" effects (``effects`` in an entry's payload): a run's
+metadata, its whole policy state, a rank's counters, the pending steps. Start-up loads the last
+checkpoint and applies the effects of the entries after it; it never re-runs the policy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from governor_daemon.journal import Entry
+from governor_daemon.policy import PolicyConfig, RunPolicy, StallTracker, StepAggregator
+
+MAX_INCARNATIONS_KEPT = 16
+
+
+@dataclass
+class RankState:
+    """One rank of a run. ``stream`` and ``tracker`` are runtime only (never journaled)."""
+
+    rank: int
+    incarnation_id: str = ""
+    generation: int = 0
+    seqs: dict[str, int] = field(default_factory=dict)
+    num_records: int = 0
+    num_gaps: int = 0
+    latest_step: int = -1
+    stream: Any = None
+    tracker: StallTracker | None = None
+
+    @property
+    def last_durable_seq(self) -> int:
+        """Last durable seq of the current incarnation."""
+        return self.seqs.get(self.incarnation_id, 0)
+
+    def effect(self) -> dict[str, Any]:
+        """The journaled part."""
+        return {
+            "incarnation_id": self.incarnation_id,
+            "generation": self.generation,
+            "seqs": dict(self.seqs),
+            "num_records": self.num_records,
+            "num_gaps": self.num_gaps,
+            "latest_step": self.latest_step,
+        }
+
+    def apply(self, data: dict[str, Any]) -> None:
+        """Set the journaled fields from ``effect`` output."""
+        self.incarnation_id = str(data["incarnation_id"])
+        self.generation = int(data["generation"])
+        self.seqs = {str(k): int(v) for k, v in data["seqs"].items()}
+        self.num_records = int(data["num_records"])
+        self.num_gaps = int(data["num_gaps"])
+        self.latest_step = int(data["latest_step"])
+
+    def accept_seq(self, seq: int) -> None:
+        """Record ``seq`` as durable for the current incarnation, counting a gap before it."""
+        last = self.last_durable_seq
+        if seq > last + 1:
+            self.num_gaps += seq - last - 1
+        self.seqs[self.incarnation_id] = seq
+        while len(self.seqs) > MAX_INCARNATIONS_KEPT:
+            oldest = next(k for k in self.seqs if k != self.incarnation_id)
+            del self.seqs[oldest]
+
+
+@dataclass
+class RunMeta:
+    """Facts fixed at run creation (the first Hello)."""
+
+    task: str
+    world_size: int
+    overrides: dict[str, Any]
+    hello_rgl: float | None
+    num_classes: int | None
+    ignored_fields: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "task": self.task,
+            "world_size": self.world_size,
+            "overrides": dict(self.overrides),
+            "hello_rgl": self.hello_rgl,
+            "num_classes": self.num_classes,
+            "ignored_fields": list(self.ignored_fields),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunMeta:
+        """Inverse of ``as_dict``."""
+        return cls(
+            str(data["task"]),
+            int(data["world_size"]),
+            dict(data["overrides"]),
+            data["hello_rgl"],
+            data["num_classes"],
+            list(data["ignored_fields"]),
+        )
+
+
+@dataclass
+class Run:
+    """One training run."""
+
+    run_id: str
+    meta: RunMeta
+    policy: RunPolicy
+    ranks: dict[int, RankState]
+    aggregator: StepAggregator
+    last_cursor: int = 0
+
+    @classmethod
+    def create(cls, run_id: str, meta: RunMeta, config: PolicyConfig) -> Run:
+        """A new run with a fresh policy state."""
+        policy = RunPolicy(config, meta.world_size, meta.hello_rgl, meta.num_classes)
+        ranks = {r: RankState(r) for r in range(meta.world_size)}
+        return cls(run_id, meta, policy, ranks, StepAggregator(meta.world_size))
+
+    def rank(self, rank: int) -> RankState:
+        """The state of one rank (created on first use)."""
+        state = self.ranks.get(rank)
+        if state is None:
+            state = self.ranks[rank] = RankState(rank)
+        return state
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything journaled about the run (checkpoints)."""
+        return {
+            "meta": self.meta.as_dict(),
+            "policy": self.policy.to_dict(),
+            "ranks": {str(r): s.effect() for r, s in self.ranks.items()},
+            "pending": self.aggregator.to_dict(),
+            "last_cursor": self.last_cursor,
+        }
+
+
+class Registry:
+    """All runs. Used from the event loop only."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, Run] = {}
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Payload of a checkpoint entry: every run's journaled state."""
+        return {"runs": {run_id: run.to_dict() for run_id, run in self.runs.items()}}
+
+    def restore(self, checkpoint: dict[str, Any] | None, entries: list[Entry]) -> None:
+        """Load a checkpoint, then apply the effects of the entries after it."""
+        self.runs.clear()
+        if checkpoint is not None:
+            for run_id, data in checkpoint.get("runs", {}).items():
+                self._apply_effects(run_id, {**data, "policy": data["policy"]}, cursor=int(data["last_cursor"]))
+        for entry in entries:
+            effects = entry.payload.get("effects")
+            if entry.run and isinstance(effects, dict):
+                self._apply_effects(entry.run, effects, cursor=entry.seq)
+
+    def _apply_effects(self, run_id: str, effects: dict[str, Any], cursor: int) -> None:
+        run = self.runs.get(run_id)
+        if "meta" in effects:
+            meta = RunMeta.from_dict(effects["meta"])
+            if run is None:
+                policy = RunPolicy.from_dict(effects["policy"])
+                run = Run(run_id, meta, policy, {}, StepAggregator(meta.world_size))
+                self.runs[run_id] = run
+            run.meta = meta
+        if run is None:
+            raise ValueError(f"journal entry for run {run_id!r} before its creation")
+        if "policy" in effects:
+            run.policy = RunPolicy.from_dict(effects["policy"])
+        for rank, data in effects.get("ranks", {}).items():
+            run.rank(int(rank)).apply(data)
+        if "pending" in effects:
+            run.aggregator.load(effects["pending"])
+        run.last_cursor = max(run.last_cursor, cursor)

@@ -1,0 +1,194 @@
+"""`governor serve`: the asyncio gRPC server around the Governor, with health, reflection, metrics
+and an orderly shutdown (health NOT_SERVING, streams told to end, server stopped, journal flushed)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from governor_daemon.exit_codes import ExitCode
+from governor_daemon.governor import Governor, GovernorOptions
+from governor_daemon.journal import JournalCorruptError
+from governor_daemon.metrics import Gauge, Metrics, serve_metrics
+from governor_daemon.policy import RunState
+from governor_daemon.service.control_servicer import ControlServicer
+from governor_daemon.service.trainer_servicer import TrainerServicer
+from governor_daemon.service.validation import Limits
+from governor_daemon.settings import ServeSettings, parse_address
+from tolaria.governor.v1 import (
+    control_service_pb2,
+    control_service_pb2_grpc,
+    trainer_service_pb2,
+    trainer_service_pb2_grpc,
+)
+
+log = structlog.get_logger("governor.server")
+
+SERVICE_NAMES = (
+    trainer_service_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name,
+    control_service_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
+)
+
+
+def build_governor(settings: ServeSettings) -> Governor:
+    """The Governor for these settings."""
+    return Governor(
+        GovernorOptions(
+            data_dir=settings.data_dir,
+            defaults=settings.policy_defaults,
+            locked_fields=settings.lock_policy_fields,
+            limits=Limits(
+                max_records_per_batch=settings.max_records_per_batch,
+                max_active_runs=settings.max_active_runs,
+                retain_finished_runs=settings.retain_finished_runs,
+            ),
+            segment_bytes=settings.segment_bytes,
+            group_commit_s=settings.group_commit_ms / 1000.0,
+            hmac_key=settings.hmac_key,
+            repair=settings.repair,
+        )
+    )
+
+
+def _register_gauges(metrics: Metrics, governor: Governor) -> None:
+    def runs_by_state() -> dict[tuple[tuple[str, str], ...], float]:
+        counts: dict[tuple[tuple[str, str], ...], float] = {(("state", str(s)),): 0.0 for s in RunState}
+        for run in governor.registry.runs.values():
+            counts[(("state", str(run.policy.state)),)] += 1
+        return counts
+
+    def streams() -> dict[tuple[tuple[str, str], ...], float]:
+        return {(): float(sum(1 for r in governor.registry.runs.values() for k in r.ranks.values() if k.stream))}
+
+    metrics.gauges += [
+        Gauge("governor_runs", "Runs known to the daemon, by state.", runs_by_state),
+        Gauge("governor_active_streams", "Open Attach streams.", streams),
+    ]
+
+
+class GovernorServer:
+    """The daemon's servers around one Governor: start, then stop (from the same event loop)."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings = settings
+        self.governor = build_governor(settings)
+        self.metrics = Metrics()
+        self.governor.metrics = self.metrics
+        self.health = HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.metrics_server: asyncio.Server | None = None
+        self.port = 0
+        self.metrics_port: int | None = None
+        self._stop_ticks = asyncio.Event()
+        self._ticker: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Open the journal, listen, mark SERVING. Raises JournalCorruptError, OSError, RuntimeError."""
+        settings, governor = self.settings, self.governor
+        recovery = await governor.start()
+        governor.committer.on_commit = self.metrics.fsync_latency.observe
+        for note in recovery.moved_aside:
+            log.warning("journal tail moved aside", detail=note)
+        _register_gauges(self.metrics, governor)
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", max(settings.max_message_bytes, 4 * 1024 * 1024)),
+            ("grpc.so_reuseport", 0),
+        ]
+        server = grpc.aio.server(options=options)
+        trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(governor), server)
+        control_service_pb2_grpc.add_ControlServiceServicer_to_server(ControlServicer(governor), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+        try:
+            self.port = server.add_insecure_port(settings.listen)
+            if settings.metrics_listen not in ("off", ""):
+                host, mport = parse_address("metrics_listen", settings.metrics_listen)
+                self.metrics_server = await serve_metrics(self.metrics, host, mport)
+                self.metrics_port = self.metrics_server.sockets[0].getsockname()[1]
+        except (RuntimeError, OSError):
+            await governor.close("could not listen")
+            raise
+        self.server = server
+        await server.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if settings.port_file is not None:
+            _write_atomically(settings.port_file, f"{self.port}\n")
+        self._ticker = asyncio.create_task(_tick_loop(governor, settings.tick_interval_s, self._stop_ticks))
+        log.info(
+            "governor serving",
+            listen=settings.listen,
+            port=self.port,
+            metrics_port=self.metrics_port,
+            data_dir=str(settings.data_dir),
+            runs_restored=len(governor.registry.runs),
+        )
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, streams told to end, server stopped within the grace, journal flushed."""
+        log.info("shutting down: health NOT_SERVING, ending streams")
+        await self.health.enter_graceful_shutdown()
+        self.governor.end_streams("daemon shutting down; reconnect later")
+        self.governor.stopping.set()
+        if self.server is not None:
+            await self.server.stop(self.settings.shutdown_grace_s)
+        self._stop_ticks.set()
+        if self._ticker is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        await self.governor.close()
+        log.info("governor stopped; journal flushed")
+
+
+async def serve(settings: ServeSettings) -> int:
+    """Run the daemon until SIGTERM or SIGINT. Returns the exit code."""
+    daemon = GovernorServer(settings)
+    try:
+        await daemon.start()
+    except JournalCorruptError as exc:
+        log.error("journal corrupt; not starting", error=str(exc))
+        return ExitCode.USAGE
+    except (OSError, RuntimeError) as exc:
+        log.error(
+            "cannot start",
+            listen=settings.listen,
+            metrics_listen=settings.metrics_listen,
+            data_dir=str(settings.data_dir),
+            error=str(exc),
+        )
+        return ExitCode.USAGE
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await daemon.stop()
+    return ExitCode.OK
+
+
+async def _tick_loop(governor: Governor, interval_s: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await governor.tick()
+        except Exception:  # a bug in one tick must not stop the daemon's clocks
+            log.exception("tick failed")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval_s)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

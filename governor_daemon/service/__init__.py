@@ -1,0 +1,1 @@
+"""The gRPC-facing layer: codec, wire validation, streams, and the thin servicers."""

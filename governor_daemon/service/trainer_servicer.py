@@ -1,0 +1,95 @@
+"""TrainerService.Attach: decode, call the Governor, encode. One reader task per stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from governor_daemon.errors import GovernorError, InvalidInputError
+from governor_daemon.governor import Governor
+from governor_daemon.service.status_codes import status_for
+from governor_daemon.service.streams import StreamHandle
+from tolaria.governor.v1 import trainer_service_pb2, trainer_service_pb2_grpc
+
+log = structlog.get_logger("governor.attach")
+
+HELLO_TIMEOUT_S = 30.0
+
+
+class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
+    """Adapter between Attach streams and the Governor."""
+
+    def __init__(self, governor: Governor) -> None:
+        self.governor = governor
+
+    async def Attach(
+        self,
+        request_iterator: AsyncIterator[trainer_service_pb2.AttachRequest],
+        context: grpc.aio.ServicerContext[trainer_service_pb2.AttachRequest, trainer_service_pb2.AttachResponse],
+    ) -> AsyncIterator[trainer_service_pb2.AttachResponse]:
+        """Read the trainer's messages in a task; yield the daemon's messages as they are queued."""
+        stream = StreamHandle(peer=context.peer())
+        failure: list[GovernorError] = []
+        reader = asyncio.create_task(self._read(request_iterator, stream, failure))
+        acker = asyncio.create_task(stream.ack_loop(self.governor.committer))
+        try:
+            while True:
+                message = await stream.out.get()
+                if message is None:
+                    break
+                yield message
+        finally:
+            reader.cancel()
+            acker.cancel()
+            for task in (reader, acker):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            self.governor.detach(stream)
+        if failure:
+            exc = failure[0]
+            log.warning("attach stream refused", run_id=stream.run_id, rank=stream.rank, error=str(exc))
+            await context.abort(status_for(exc), str(exc))
+
+    async def _read(
+        self,
+        requests: AsyncIterator[trainer_service_pb2.AttachRequest],
+        stream: StreamHandle,
+        failure: list[GovernorError],
+    ) -> None:
+        governor = self.governor
+        try:
+            iterator = aiter(requests)
+            try:
+                first = await asyncio.wait_for(anext(iterator), HELLO_TIMEOUT_S)
+            except (StopAsyncIteration, TimeoutError):
+                raise InvalidInputError("hello", f"no Hello within {HELLO_TIMEOUT_S:g} s") from None
+            if first.WhichOneof("message") != "hello":
+                raise InvalidInputError("hello", f"the first message must be Hello, got {first.WhichOneof('message')}")
+            await governor.attach(first.hello, stream)
+            async for request in iterator:
+                kind = request.WhichOneof("message")
+                if kind == "vitals_batch":
+                    await governor.on_vitals(stream, request.vitals_batch)
+                elif kind == "validation_record":
+                    await governor.on_validation(stream, request.validation_record)
+                elif kind == "heartbeat":
+                    governor.on_heartbeat(stream, request.heartbeat)
+                elif kind == "command_result":
+                    await governor.on_command_result(stream, request.command_result)
+                elif kind == "snapshot_taken":
+                    await governor.on_snapshot(stream, request.snapshot_taken)
+                elif kind == "finish":
+                    await governor.on_finish(stream, request.finish)
+                elif kind == "hello":
+                    raise InvalidInputError("hello", "Hello may only be the first message of a stream")
+                else:
+                    raise InvalidInputError("message", "empty AttachRequest")
+        except GovernorError as exc:
+            failure.append(exc)
+        finally:
+            stream.closed = True
+            stream.out.put_nowait(None)

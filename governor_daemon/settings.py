@@ -1,0 +1,243 @@
+"""`governor serve` configuration: flags > GOVERNOR_* environment > TOML file > defaults.
+
+Every setting is declared once in SETTINGS (name, type, default, help); the flag is ``--name`` with
+dashes, the environment variable ``GOVERNOR_NAME``. ENV_VARS lists every variable this module reads.
+Validation happens at start, with messages that name the setting and its sources.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from governor_daemon.errors import GovernorError, PolicyConfigError
+from governor_daemon.policy import PolicyConfig, parse_assignments
+from governor_daemon.policy.config import FIELD_NAMES
+
+
+class SettingsError(GovernorError):
+    """A configuration value is unusable; the message names the setting and the fix (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting: its name (snake_case), type, default and help."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        """Its environment variable."""
+        return "GOVERNOR_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        """Its command-line flag."""
+        return "--" + self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", str, "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 picks a free port)"),
+    Setting("data_dir", Path, Path("governor-data"), "journal directory"),
+    Setting("metrics_listen", str, "127.0.0.1:9464", "Prometheus metrics address HOST:PORT, or 'off'"),
+    Setting("policy", str, "", "default policy for new runs, comma-separated KEY=VALUE pairs"),
+    Setting("lock_policy_fields", str, "", "comma-separated policy fields trainers may not override"),
+    Setting("segment_bytes", int, 64 * 1024 * 1024, "journal segment size in bytes"),
+    Setting("group_commit_ms", float, 2.0, "group commit window for ordinary journal entries (ms)"),
+    Setting("max_active_runs", int, 1024, "runs not FINISHED that may exist at once"),
+    Setting("retain_finished_runs", int, 256, "FINISHED runs kept in memory for queries"),
+    Setting("max_records_per_batch", int, 4096, "train-step records per VitalsBatch"),
+    Setting("max_message_bytes", int, 1024 * 1024, "largest gRPC message accepted (bytes)"),
+    Setting("hmac_key_file", str, "", "file holding a key for HMAC-SHA-256 journal hashes (empty: plain SHA-256)"),
+    Setting("log_format", str, "auto", "auto (JSON unless stdout is a TTY), json or console"),
+    Setting("shutdown_grace_s", float, 5.0, "seconds open RPCs get to finish on SIGTERM (below 10)"),
+    Setting("port_file", str, "", "write the bound gRPC port to this file once serving"),
+    Setting("tick_interval_s", float, 0.25, "how often deadlines, stalls and command timeouts are checked"),
+)
+ENV_VARS: tuple[str, ...] = ("GOVERNOR_CONFIG", *(s.env for s in SETTINGS))
+"""Every environment variable `governor serve` reads."""
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Validated settings of `governor serve`."""
+
+    listen: str
+    data_dir: Path
+    metrics_listen: str
+    policy_defaults: PolicyConfig
+    lock_policy_fields: tuple[str, ...]
+    segment_bytes: int
+    group_commit_ms: float
+    max_active_runs: int
+    retain_finished_runs: int
+    max_records_per_batch: int
+    max_message_bytes: int
+    hmac_key: bytes | None
+    log_format: str
+    shutdown_grace_s: float
+    port_file: Path | None
+    tick_interval_s: float
+    repair: bool = False
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add every setting's flag (default None: unset flags fall through to env, file, default)."""
+    parser.add_argument("--config", type=Path, help="TOML file with settings (also GOVERNOR_CONFIG)")
+    for s in SETTINGS:
+        if s.name == "policy":
+            parser.add_argument("--policy", action="append", metavar="KEY=VALUE", help=s.help + "; repeatable")
+            continue
+        parser.add_argument(
+            s.flag, default=None, metavar=s.name.upper(), help=f"{s.help} [{s.env}; default {s.default}]"
+        )
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="move a corrupt journal tail aside (never deleted) instead of refusing to start",
+    )
+
+
+def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ServeSettings:
+    """Merge flags, environment and the TOML file; validate. Raises SettingsError."""
+    env = os.environ if env is None else env
+    config_path = args.config or (Path(env["GOVERNOR_CONFIG"]) if env.get("GOVERNOR_CONFIG") else None)
+    file_values: dict[str, Any] = {}
+    file_policy: dict[str, Any] = {}
+    if config_path is not None:
+        try:
+            data = tomllib.loads(config_path.read_text())
+        except OSError as exc:
+            raise SettingsError(f"cannot read --config {config_path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"--config {config_path} is not valid TOML: {exc}") from None
+        file_policy = dict(data.pop("policy", {}) or {})
+        known = {s.name for s in SETTINGS}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SettingsError(
+                f"{config_path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        file_values = data
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for s in SETTINGS:
+        flag_value = getattr(args, s.name)
+        if s.name == "policy" and flag_value:
+            flag_value = ",".join(flag_value)
+        if flag_value is not None:
+            raw, source = flag_value, s.flag
+        elif env.get(s.env) is not None:
+            raw, source = env[s.env], s.env
+        elif s.name in file_values:
+            raw, source = file_values[s.name], f"{config_path} ({s.name})"
+        else:
+            raw, source = s.default, "default"
+        values[s.name] = _convert(s, raw, source)
+        sources[s.name] = source
+    return _validate(values, sources, file_policy, bool(args.repair))
+
+
+def _convert(s: Setting, raw: Any, source: str) -> Any:
+    try:
+        if s.kind is Path:
+            return Path(str(raw))
+        if s.kind is int and not isinstance(raw, bool):
+            return int(raw)
+        if s.kind is float and not isinstance(raw, bool):
+            return float(raw)
+        if s.kind is str:
+            return str(raw)
+    except (TypeError, ValueError):
+        pass
+    raise SettingsError(f"{s.name} from {source} must be a {s.kind.__name__}, got {raw!r}")
+
+
+def parse_address(name: str, value: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 in brackets); raises SettingsError."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise SettingsError(f"{name} must be HOST:PORT with a port in 0..65535, got {value!r}")
+    return host.strip("[]"), int(port_text)
+
+
+def _validate(
+    values: dict[str, Any], sources: dict[str, str], file_policy: dict[str, Any], repair: bool
+) -> ServeSettings:
+    parse_address("listen", values["listen"])
+    if values["metrics_listen"] not in ("off", ""):
+        parse_address("metrics_listen", values["metrics_listen"])
+    for name in ("segment_bytes", "max_active_runs", "max_records_per_batch", "max_message_bytes"):
+        if values[name] < 1:
+            raise SettingsError(f"{name} from {sources[name]} must be >= 1, got {values[name]}")
+    if values["segment_bytes"] < 4096:
+        raise SettingsError(f"segment_bytes must be >= 4096, got {values['segment_bytes']}")
+    if values["retain_finished_runs"] < 0:
+        raise SettingsError("retain_finished_runs must be >= 0")
+    if not 0 <= values["group_commit_ms"] <= 1000:
+        raise SettingsError(f"group_commit_ms must be in 0..1000, got {values['group_commit_ms']}")
+    if not 0 <= values["shutdown_grace_s"] < 10:
+        raise SettingsError(f"shutdown_grace_s must be in [0, 10), got {values['shutdown_grace_s']}")
+    if not 0 < values["tick_interval_s"] <= 60:
+        raise SettingsError(f"tick_interval_s must be in (0, 60], got {values['tick_interval_s']}")
+    if values["log_format"] not in ("auto", "json", "console"):
+        raise SettingsError(f"log_format must be auto, json or console, got {values['log_format']!r}")
+    try:
+        overrides = dict(file_policy)
+        pairs = [p for p in values["policy"].split(",") if p.strip()]
+        overrides.update(parse_assignments(pairs))
+        defaults, _ = PolicyConfig().merged(overrides)
+    except PolicyConfigError as exc:
+        raise SettingsError(f"policy ({sources['policy']}): {exc}") from None
+    locked = tuple(f.strip() for f in values["lock_policy_fields"].split(",") if f.strip())
+    unknown = sorted(set(locked) - set(FIELD_NAMES))
+    if unknown:
+        raise SettingsError(
+            f"lock_policy_fields names unknown field(s) {', '.join(unknown)}; valid: {', '.join(FIELD_NAMES)}"
+        )
+    key: bytes | None = None
+    if values["hmac_key_file"]:
+        try:
+            key = Path(values["hmac_key_file"]).read_bytes().strip()
+        except OSError as exc:
+            raise SettingsError(f"cannot read hmac_key_file {values['hmac_key_file']}: {exc.strerror or exc}") from None
+        if len(key) < 16:
+            raise SettingsError("the HMAC key must be at least 16 bytes")
+    return ServeSettings(
+        listen=values["listen"],
+        data_dir=values["data_dir"],
+        metrics_listen=values["metrics_listen"],
+        policy_defaults=defaults,
+        lock_policy_fields=locked,
+        segment_bytes=values["segment_bytes"],
+        group_commit_ms=values["group_commit_ms"],
+        max_active_runs=values["max_active_runs"],
+        retain_finished_runs=values["retain_finished_runs"],
+        max_records_per_batch=values["max_records_per_batch"],
+        max_message_bytes=values["max_message_bytes"],
+        hmac_key=key,
+        log_format=values["log_format"],
+        shutdown_grace_s=values["shutdown_grace_s"],
+        port_file=Path(values["port_file"]) if values["port_file"] else None,
+        tick_interval_s=values["tick_interval_s"],
+        repair=repair,
+        sources=sources,
+    )
+
+
+def settings_for(data_dir: Path, **overrides: Any) -> ServeSettings:
+    """Default settings for ``data_dir`` (no environment, no file) with field overrides; for embedding."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = resolve(parser.parse_args(["--data-dir", str(data_dir)]), env={})
+    return dataclasses.replace(base, **overrides)
