@@ -345,7 +345,7 @@ class Governor:
         grads = batch.grad_norm[skip:] if len(batch.grad_norm) else []
         steps = batch.step[skip:]
         gaps_before = rank.num_gaps
-        rank.accept_seq(last)
+        rank.accept_seq(last, batch.first_seq + skip)
         rank.num_records += n - skip
         self.metrics.records.inc(n - skip, kind="train")
         self.metrics.gaps.inc(rank.num_gaps - gaps_before)

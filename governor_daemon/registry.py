@@ -55,11 +55,12 @@ class RankState:
         self.num_gaps = int(data["num_gaps"])
         self.latest_step = int(data["latest_step"])
 
-    def accept_seq(self, seq: int) -> None:
-        """Record ``seq`` as durable for the current incarnation, counting a gap before it."""
+    def accept_seq(self, seq: int, first_seq: int | None = None) -> None:
+        """Record ``first_seq..seq`` (default: ``seq`` alone) as accepted; count any gap before it."""
         last = self.last_durable_seq
-        if seq > last + 1:
-            self.num_gaps += seq - last - 1
+        first = seq if first_seq is None else first_seq
+        if first > last + 1:
+            self.num_gaps += first - last - 1
         self.seqs[self.incarnation_id] = seq
         while len(self.seqs) > MAX_INCARNATIONS_KEPT:
             oldest = next(k for k in self.seqs if k != self.incarnation_id)

@@ -19,7 +19,7 @@ def governor_cli(
     """Run `python -m governor_daemon.cli.main ARGS` (the console script's code) and capture output."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "governor_daemon.cli.main", *args],
+        [sys.executable, "-m", "governor_daemon", *args],
         capture_output=True,
         text=True,
         env=full_env,

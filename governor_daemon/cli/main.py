@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from governor_daemon.cli import replay_cmd, serve_cmd
+from governor_daemon.cli import audit_cmd, replay_cmd, serve_cmd
 from governor_daemon.exit_codes import ExitCode, epilog
 
 
@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve_cmd.register(sub)
     replay_cmd.register(sub)
+    audit_cmd.register(sub)
     return parser
 
 
