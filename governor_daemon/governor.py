@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -383,6 +384,7 @@ class Governor:
 
     async def on_validation(self, stream: StreamHandle, record: trainer_service_pb2.ValidationRecord) -> None:
         """One validation record: decide now (one rank) or when the step is complete (several)."""
+        received = time.perf_counter()
         validate_validation(record, self.options.limits)
         run, rank = self._bound(stream)
         if self._is_duplicate(stream, rank, record.seq):
@@ -410,6 +412,7 @@ class Governor:
                 {stream.rank: record.seq},
             )
             entry = await self._decide(run, group, {"record": details})
+            self.metrics.decision_latency.observe(time.perf_counter() - received)
             stream.track_ack(entry.seq, record.seq)
             return
         outcome, ready = run.aggregator.add(
