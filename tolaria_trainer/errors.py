@@ -1,0 +1,31 @@
+"""Every exception the trainer raises on purpose. Messages name the value and the fix."""
+
+from __future__ import annotations
+
+
+class TrainerError(Exception):
+    """Base class of the trainer's own errors."""
+
+
+class DeviceError(TrainerError, ValueError):
+    """A --device value that cannot be used here."""
+
+
+class ScheduleError(TrainerError, ValueError):
+    """A malformed seed schedule or fault-injection spec."""
+
+
+class StageTransitionError(TrainerError):
+    """A seed lifecycle transition that is not allowed."""
+
+
+class TaskError(TrainerError, ValueError):
+    """An unknown task, or task data that is missing or malformed."""
+
+
+class RestoreError(TrainerError):
+    """A last-known-good snapshot could not be restored (e.g. state-dict keys did not match)."""
+
+
+class SnapshotError(TrainerError):
+    """A snapshot could not be taken or published."""

@@ -1,0 +1,111 @@
+"""Executing ROLLBACK (and RESUME): cull live seeds, restore the LKG, move the timeline, apply the
+recovery recipe. Idempotent by command id: a re-sent command is answered from the ledger."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from tolaria_trainer.errors import RestoreError
+from tolaria_trainer.snapshot import LastKnownGood
+from tolaria_trainer.training.state import TrainingState
+
+log = logging.getLogger("tolaria.rollback")
+LEDGER_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class RestoreOutcome:
+    """What a restore did; this is what the CommandResult reports."""
+
+    command_id: int
+    succeeded: bool
+    new_timeline: int
+    restored_step: int
+    duration_ms: float
+    error: str = ""
+    culled: tuple[str, ...] = field(default_factory=tuple)
+    repeated: bool = False
+
+
+class CommandLedger:
+    """The last LEDGER_SIZE command ids executed, with their outcomes."""
+
+    def __init__(self, size: int = LEDGER_SIZE) -> None:
+        self.size = size
+        self._outcomes: OrderedDict[int, RestoreOutcome] = OrderedDict()
+
+    def get(self, command_id: int) -> RestoreOutcome | None:
+        """The stored outcome of an executed command, or None."""
+        return self._outcomes.get(command_id)
+
+    def put(self, outcome: RestoreOutcome) -> None:
+        """Remember an outcome (forgetting the oldest past ``size``)."""
+        self._outcomes[outcome.command_id] = outcome
+        while len(self._outcomes) > self.size:
+            self._outcomes.popitem(last=False)
+
+
+def execute_restore(
+    state: TrainingState,
+    lkg: LastKnownGood,
+    ledger: CommandLedger,
+    command_id: int,
+    reason: str,
+    recovery_lr_scale: float = 1.0,
+    recovery_skip_batches: int = 0,
+) -> RestoreOutcome:
+    """Cull live seeds, restore the LKG in place, increment the timeline, apply the recipe.
+
+    ``recovery_lr_scale`` compounds across rollbacks: every param group's lr and the scheduler's base
+    lrs end up at the snapshot's value × (cumulative scale now / cumulative scale when the snapshot was
+    taken). A command id seen before returns its stored outcome without executing again.
+    """
+    known = ledger.get(command_id)
+    if known is not None:
+        return RestoreOutcome(**{**known.__dict__, "repeated": True})
+    started = time.perf_counter()
+    culled: list[str] = []
+    for slot in state.model.seed_slots():
+        if not slot.is_live:
+            continue
+        try:
+            slot.cull(f"rollback {command_id}: {reason}")
+            culled.append(slot.name)
+        except Exception:  # a cull that fails is logged, never fatal
+            log.exception("culling seed in %s failed", slot.name)
+        state.drop_seed_optimizer(slot.name)
+    try:
+        info = lkg.restore(state)
+    except RestoreError as exc:
+        outcome = RestoreOutcome(
+            command_id,
+            False,
+            state.timeline,
+            state.step,
+            (time.perf_counter() - started) * 1000.0,
+            str(exc),
+            tuple(culled),
+        )
+        ledger.put(outcome)
+        return outcome
+    state.timeline += 1
+    state.lr_scale *= recovery_lr_scale
+    factor = state.lr_scale / info.lr_scale
+    if factor != 1.0:
+        for optimizer in (state.host_optimizer, *state.seed_optimizers.values()):
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * factor
+        if state.scheduler is not None:
+            state.scheduler.base_lrs = [lr * factor for lr in state.scheduler.base_lrs]
+            last = getattr(state.scheduler, "_last_lr", None)
+            if last is not None:
+                state.scheduler._last_lr = [lr * factor for lr in last]
+    state.skip_batches = recovery_skip_batches
+    outcome = RestoreOutcome(
+        command_id, True, state.timeline, info.step, (time.perf_counter() - started) * 1000.0, "", tuple(culled)
+    )
+    ledger.put(outcome)
+    return outcome

@@ -1,0 +1,311 @@
+"""LastKnownGood: the in-memory snapshot a ROLLBACK restores.
+
+Contents: model state (host and fossilized seeds; live experimental seeds are excluded, so a restore
+never resurrects them), the host optimizer's state, the LR scheduler, the grad scaler, RNG states,
+and the step and epoch counters.
+
+Buffers are preallocated and reused: two buffer sets (double buffering) that are reallocated only
+when the state's structure changes (a seed fossilized). ``stage`` copies the current state into the
+spare set (non_blocking on CUDA, so the copies are ordered on the stream before the next optimizer
+step without a host sync); ``publish`` makes the staged set the LKG by swapping an index, so a
+staging that fails halfway leaves the previous LKG intact; ``discard`` drops it. Locations:
+``device`` (same device as the model), ``pinned`` (page-locked host memory, needs CUDA) and ``host``.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tolaria_trainer.errors import RestoreError, SnapshotError
+from tolaria_trainer.training.state import TrainingState
+
+LOCATIONS = ("device", "pinned", "host", "auto")
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """What a snapshot holds: its (timeline, step), size, and the LR scale in force when taken."""
+
+    timeline: int
+    step: int
+    epoch: int
+    lr_scale: float
+    snapshot_bytes: int
+    duration_ms: float
+    location: str
+
+
+@dataclass
+class _BufferSet:
+    signature: tuple[Any, ...] = ()
+    model: dict[str, torch.Tensor] = field(default_factory=dict)
+    optim: list[torch.Tensor] = field(default_factory=list)
+    optim_layout: dict[int, dict[str, Any]] = field(default_factory=dict)
+    param_groups: list[dict[str, Any]] = field(default_factory=list)
+    cpu_rng: torch.Tensor | None = None
+    generator: torch.Tensor | None = None
+    cuda_rng: torch.Tensor | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+    python_rng: Any = None
+    info: SnapshotInfo | None = None
+
+    def nbytes(self) -> int:
+        tensors = [*self.model.values(), *self.optim]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _optimizer_signature(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
+    sd = optimizer.state_dict()
+    entries = tuple(
+        (pid, key, tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor) else (pid, key)
+        for pid in sorted(sd["state"])
+        for key, v in sorted(sd["state"][pid].items())
+    )
+    return (*entries, len(sd["param_groups"]), tuple(len(g["params"]) for g in sd["param_groups"]))
+
+
+class LastKnownGood:
+    """Double-buffered snapshot of a TrainingState. Called from the training thread only."""
+
+    def __init__(self, location: str = "auto") -> None:
+        if location not in LOCATIONS:
+            raise SnapshotError(f"snapshot location must be one of {', '.join(LOCATIONS)}, got {location!r}")
+        self.requested = location
+        self._sets = [_BufferSet(), _BufferSet()]
+        self._active: int | None = None
+        self._staged: int | None = None
+        self.num_allocations = 0
+
+    # ----------------------------------------------------------------- locations
+
+    def _location(self, device: torch.device) -> str:
+        if self.requested == "auto":
+            return "pinned" if device.type == "cuda" else "host"
+        if self.requested == "pinned" and not torch.cuda.is_available():
+            raise SnapshotError(
+                "snapshot location 'pinned' needs CUDA (page-locked memory); use --snapshot-location host"
+            )
+        return self.requested
+
+    def _empty_like(self, t: torch.Tensor, location: str) -> torch.Tensor:
+        self.num_allocations += 1
+        if location == "device":
+            return torch.empty_like(t, memory_format=torch.contiguous_format)
+        return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=location == "pinned")
+
+    # ----------------------------------------------------------------- views
+
+    @property
+    def info(self) -> SnapshotInfo | None:
+        """The published LKG's info, or None."""
+        return None if self._active is None else self._sets[self._active].info
+
+    @property
+    def staged_info(self) -> SnapshotInfo | None:
+        """The staged (unpublished) snapshot's info, or None."""
+        return None if self._staged is None else self._sets[self._staged].info
+
+    # ----------------------------------------------------------------- taking
+
+    def stage(self, state: TrainingState) -> SnapshotInfo:
+        """Copy the current state into the spare buffers (replacing an older staged snapshot).
+
+        Raises SnapshotError; the published LKG is untouched either way.
+        """
+        started = time.perf_counter()
+        spare = 1 - self._active if self._active is not None else 0
+        self._staged = None
+        target = self._sets[spare]
+        target.info = None
+        location = self._location(state.device)
+        non_blocking = location in ("pinned", "device") and state.device.type == "cuda"
+        model_sd = state.model.state_dict()
+        keys = state.model.snapshot_keys()
+        optim_sd = state.host_optimizer.state_dict()
+        signature = (
+            location,
+            tuple((k, tuple(model_sd[k].shape), model_sd[k].dtype) for k in keys),
+            _optimizer_signature(state.host_optimizer),
+        )
+        try:
+            if target.signature != signature:
+                self._allocate(target, signature, model_sd, keys, optim_sd, location)
+            with torch.no_grad():
+                for key in keys:
+                    self._copy(target.model[key], model_sd[key], non_blocking)
+                index = 0
+                for pid in sorted(optim_sd["state"]):
+                    for key, value in sorted(optim_sd["state"][pid].items()):
+                        if isinstance(value, torch.Tensor):
+                            self._copy(target.optim[index], value, non_blocking)
+                            index += 1
+                        else:
+                            target.optim_layout[pid][key] = ("value", copy.deepcopy(value))
+            target.param_groups = [{k: copy.deepcopy(v) for k, v in g.items()} for g in optim_sd["param_groups"]]
+            assert target.cpu_rng is not None
+            assert target.generator is not None
+            target.cpu_rng.copy_(torch.get_rng_state())
+            target.generator.copy_(state.generator.get_state())
+            if state.device.type == "cuda":
+                target.cuda_rng = torch.cuda.get_rng_state(state.device)
+            target.python_rng = random.getstate()
+            target.scheduler = copy.deepcopy(state.scheduler.state_dict()) if state.scheduler else None
+            target.scaler = copy.deepcopy(state.scaler.state_dict()) if state.scaler else None
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise SnapshotError(f"snapshot at step {state.step} failed: {exc}") from exc
+        target.info = SnapshotInfo(
+            timeline=state.timeline,
+            step=state.step,
+            epoch=state.epoch,
+            lr_scale=state.lr_scale,
+            snapshot_bytes=target.nbytes(),
+            duration_ms=(time.perf_counter() - started) * 1000.0,
+            location=location,
+        )
+        self._staged = spare
+        return target.info
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
+        """One tensor copy (a seam for tests that make a copy fail halfway)."""
+        dst.copy_(src, non_blocking=non_blocking)
+
+    def _allocate(
+        self,
+        target: _BufferSet,
+        signature: tuple[Any, ...],
+        model_sd: dict[str, torch.Tensor],
+        keys: list[str],
+        optim_sd: dict[str, Any],
+        location: str,
+    ) -> None:
+        target.signature = ()
+        target.model = {k: self._empty_like(model_sd[k], location) for k in keys}
+        target.optim, target.optim_layout = [], {}
+        for pid in sorted(optim_sd["state"]):
+            layout: dict[str, Any] = {}
+            for key, value in sorted(optim_sd["state"][pid].items()):
+                if isinstance(value, torch.Tensor):
+                    layout[key] = ("tensor", len(target.optim))
+                    on_cpu = value.device.type == "cpu"
+                    target.optim.append(
+                        self._empty_like(value, "host" if on_cpu and location == "device" else location)
+                    )
+                else:
+                    layout[key] = ("value", None)
+            target.optim_layout[pid] = layout
+        target.cpu_rng = torch.empty_like(torch.get_rng_state())
+        target.generator = torch.empty_like(torch.Generator().get_state())
+        target.signature = signature
+
+    def publish(self, timeline: int, step: int) -> bool:
+        """Make the staged snapshot the LKG if it is exactly (timeline, step); else leave everything."""
+        staged = self.staged_info
+        if staged is None or (staged.timeline, staged.step) != (timeline, step):
+            return False
+        self._active, self._staged = self._staged, None
+        return True
+
+    def discard(self) -> None:
+        """Drop the staged snapshot (the LKG stays)."""
+        if self._staged is not None:
+            self._sets[self._staged].info = None
+        self._staged = None
+
+    def take(self, state: TrainingState) -> SnapshotInfo:
+        """Stage and publish at once (the initial LKG at step 0, and right after a fossilization)."""
+        info = self.stage(state)
+        self.publish(info.timeline, info.step)
+        return info
+
+    # ----------------------------------------------------------------- restoring
+
+    def restore(self, state: TrainingState) -> SnapshotInfo:
+        """Restore the LKG into ``state`` in place (live seeds must already be culled).
+
+        Checks that the model's snapshot keys equal the LKG's; raises RestoreError otherwise (the caller
+        reports the failure; the daemon then HALTs the run). Does not touch ``state.timeline`` or
+        ``state.lr_scale``.
+        """
+        if self._active is None:
+            raise RestoreError("no last-known-good snapshot has been published")
+        source = self._sets[self._active]
+        info = source.info
+        assert info is not None
+        model_sd = state.model.state_dict()
+        keys = state.model.snapshot_keys()
+        missing = sorted(set(source.model) - set(keys))
+        unexpected = sorted(set(keys) - set(source.model))
+        if missing or unexpected:
+            raise RestoreError(
+                f"model keys do not match the snapshot of step {info.step}: "
+                f"missing {missing[:5]}{'…' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'…' if len(unexpected) > 5 else ''}"
+            )
+        non_blocking = state.device.type == "cuda"
+        with torch.no_grad():
+            for key in keys:
+                if model_sd[key].shape != source.model[key].shape:
+                    raise RestoreError(
+                        f"shape of {key} changed: {tuple(model_sd[key].shape)} vs {tuple(source.model[key].shape)}"
+                    )
+                model_sd[key].copy_(source.model[key], non_blocking=non_blocking)
+            self._restore_optimizer(state.host_optimizer, source, non_blocking)
+        torch.set_rng_state(source.cpu_rng if source.cpu_rng is not None else torch.get_rng_state())
+        if source.generator is not None:
+            state.generator.set_state(source.generator.clone())
+        if source.cuda_rng is not None:
+            torch.cuda.set_rng_state(source.cuda_rng, state.device)
+        if source.python_rng is not None:
+            random.setstate(source.python_rng)
+        if state.scheduler is not None and source.scheduler is not None:
+            state.scheduler.load_state_dict(copy.deepcopy(source.scheduler))
+        if state.scaler is not None and source.scaler is not None:
+            state.scaler.load_state_dict(copy.deepcopy(source.scaler))
+        state.step, state.epoch = info.step, info.epoch
+        return info
+
+    def _restore_optimizer(self, optimizer: torch.optim.Optimizer, source: _BufferSet, non_blocking: bool) -> None:
+        current = optimizer.state_dict()
+        if len(current["param_groups"]) != len(source.param_groups) or any(
+            len(a["params"]) != len(b["params"])
+            for a, b in zip(current["param_groups"], source.param_groups, strict=True)
+        ):
+            raise RestoreError("the optimizer's parameter groups changed since the snapshot")
+        same_layout = _optimizer_signature(optimizer)[:-2] == source.signature[2][:-2]
+        if same_layout:
+            for pid, layout in source.optim_layout.items():
+                for key, (kind, value) in layout.items():
+                    if kind == "tensor":
+                        current["state"][pid][key].copy_(source.optim[value], non_blocking=non_blocking)
+                    else:
+                        optimizer.state[_param_of(optimizer, pid)][key] = copy.deepcopy(value)
+        else:  # e.g. back to step 0, before the optimizer had any state
+            state: dict[int, dict[str, Any]] = {}
+            for pid, layout in source.optim_layout.items():
+                state[pid] = {
+                    key: source.optim[value].clone() if kind == "tensor" else copy.deepcopy(value)
+                    for key, (kind, value) in layout.items()
+                }
+            optimizer.load_state_dict({"state": state, "param_groups": copy.deepcopy(source.param_groups)})
+            return
+        for group, saved in zip(optimizer.param_groups, source.param_groups, strict=True):
+            for key, value in saved.items():
+                if key != "params":
+                    group[key] = copy.deepcopy(value)
+
+
+def _param_of(optimizer: torch.optim.Optimizer, pid: int) -> torch.nn.Parameter:
+    index = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if index == pid:
+                return param  # type: ignore[no-any-return]
+            index += 1
+    raise RestoreError(f"optimizer has no parameter {pid}")
