@@ -8,7 +8,7 @@ from tolaria_trainer.training.epochs import (
     train_epoch_womb_mode,
     validate_and_get_metrics,
 )
-from tolaria_trainer.training.state import TrainingState, adam
+from tolaria_trainer.training.state import TrainingState, adam, enable_compile
 from tolaria_trainer.training.vitals import StepVitals, VitalsBuffer, VitalsChunk
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "VitalsBuffer",
     "VitalsChunk",
     "adam",
+    "enable_compile",
     "train_epoch_blended",
     "train_epoch_normal",
     "train_epoch_womb_mode",

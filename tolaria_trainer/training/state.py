@@ -48,7 +48,8 @@ class TrainingState:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The model's forward (compiled when torch.compile is on)."""
-        return (self.forward or self.model)(x)
+        forward = self.forward if self.forward is not None else self.model
+        return forward(x)
 
     def germinate(self, slot_name: str, blueprint: str) -> None:
         """Grow a seed in a slot and start womb-mode training (GERMINATED -> TRAINING)."""
@@ -85,3 +86,12 @@ class TrainingState:
     def learning_rate(self) -> float:
         """Learning rate of the host optimizer's first group (a Python float: no device sync)."""
         return float(self.host_optimizer.param_groups[0]["lr"])
+
+
+def enable_compile(state: TrainingState, backend: str = "inductor") -> None:
+    """Run the model's forward (and so the train step's graph) through torch.compile.
+
+    Stage changes of a seed slot retrace the graph once; the eager module stays ``state.model`` for
+    snapshots and restores, which share its parameters with the compiled forward.
+    """
+    state.forward = torch.compile(state.model, backend=backend, dynamic=False)

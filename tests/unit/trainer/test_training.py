@@ -252,3 +252,53 @@ def test_digits_reaches_90_percent_and_recovers_from_nan() -> None:
     accuracy, rollbacks, timeline = results[True]
     assert accuracy >= 0.90
     assert (rollbacks, timeline) == (1, 1)
+
+
+def test_compiled_forward_trains_like_eager() -> None:
+    """With torch.compile (aot_eager backend here, for speed) a step gives the eager step's loss."""
+    from tolaria_trainer.training import enable_compile
+
+    losses = []
+    for compiled in (False, True):
+        state = make_state(scheduler=False, seed=3)
+        if compiled:
+            enable_compile(state, backend="aot_eager")
+        x, y = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 4
+        vitals = VitalsBuffer(state.device, 4)
+        train_epoch_normal(state, [(x, y)] * 2, get_task("synthetic").loss_fn(), vitals)
+        vitals.flush()
+        losses.append([r.loss for r in vitals.drain()])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+def test_seed_gradient_checkpointing_gives_same_gradients() -> None:
+    """Womb mode with a checkpointed seed computes the same seed gradients."""
+    grads = []
+    for checkpoint in (False, True):
+        torch.manual_seed(5)
+        task = get_task("synthetic")
+        model = create_model(task, "cpu", checkpoint_seeds=checkpoint)
+        state = TrainingState(model, torch.optim.SGD(model.parameters(), 0.1), torch.device("cpu"), adam(1e-2))
+        state.germinate("slot0", "residual")
+        seed = state.model.slot("slot0").seed
+        assert seed is not None
+        for p in seed.parameters():
+            torch.nn.init.normal_(p)
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
+        task.loss_fn()(state(x), torch.arange(8) % 4).backward()
+        grads.append([p.grad.clone() for p in seed.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b)
+
+
+def test_hang_fault_sleeps_once() -> None:
+    """hang@epoch=N:s=S stops progress for S seconds, once."""
+    import time
+
+    state = make_state()
+    injector = FaultInjector([parse_fault("hang@epoch=1:s=0.2")])
+    started = time.monotonic()
+    assert injector.before_epoch(state, 1) == ["hang@epoch=1:s=0.2"]
+    assert time.monotonic() - started >= 0.2
+    assert injector.before_epoch(state, 1) == []
