@@ -3,7 +3,7 @@
 Specs: ``nan@epoch=12`` (weights become NaN), ``spike@epoch=13:x50:epochs=2`` (reported validation
 losses multiplied for that many validations), ``lobotomy@epoch=14`` (uniform outputs),
 ``lr-blowup@step=3000:x1000`` (learning rate multiplied), ``hang@epoch=15[:s=600]`` (the process stops
-making progress for s seconds).
+making progress for s seconds). ``:rank=R`` limits a fault to one rank of a multi-rank run.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ class Fault:
     epochs: int = 1
     seconds: float = 3600.0
     spec: str = ""
+    rank: int | None = None
 
 
 def parse_fault(spec: str) -> Fault:
@@ -53,13 +54,14 @@ def parse_fault(spec: str) -> Fault:
             options["factor"] = float(opt[1:])
         elif "=" in opt:
             name, value = opt.split("=", 1)
-            if name not in ("epochs", "s"):
-                raise ScheduleError(f"{spec!r}: unknown option {name!r} (epochs=N, s=SECONDS, xFACTOR)")
+            if name not in ("epochs", "s", "rank"):
+                raise ScheduleError(f"{spec!r}: unknown option {name!r} (epochs=N, s=SECONDS, rank=R, xFACTOR)")
             options[name] = float(value)
         else:
             raise ScheduleError(f"{spec!r}: bad option {opt!r}")
     if kind in ("spike", "lr-blowup") and "factor" not in options:
         options["factor"] = 50.0 if kind == "spike" else 1000.0
+    rank = int(options["rank"]) if "rank" in options else None
     return Fault(
         kind,
         unit,
@@ -68,14 +70,15 @@ def parse_fault(spec: str) -> Fault:
         int(options.get("epochs", 1)),
         options.get("s", 3600.0),
         spec.strip(),
+        rank,
     )
 
 
 class FaultInjector:
     """Fires parsed faults at their epoch or step, once each."""
 
-    def __init__(self, faults: list[Fault]) -> None:
-        self.faults = faults
+    def __init__(self, faults: list[Fault], rank: int = 0) -> None:
+        self.faults = [f for f in faults if f.rank is None or f.rank == rank]
         self.fired: set[str] = set()
         self._spiking: dict[str, int] = {}
 

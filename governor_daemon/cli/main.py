@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from governor_daemon.cli import audit_cmd, replay_cmd, serve_cmd
+from governor_daemon.cli import audit_cmd, control_cmds, replay_cmd, serve_cmd
 from governor_daemon.exit_codes import ExitCode, epilog
 
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve_cmd.register(sub)
     replay_cmd.register(sub)
     audit_cmd.register(sub)
+    control_cmds.register(sub)
     return parser
 
 

@@ -62,6 +62,8 @@ def _run_epoch(
         loss = loss_fn(state(x), y)
         if state.scaler is not None:
             state.scaler.scale(loss).backward()
+            if state.grad_sync is not None:
+                state.grad_sync(params)
             for opt in optimizers:
                 state.scaler.unscale_(opt)
             grad_norm = _total_norm(params)
@@ -70,6 +72,8 @@ def _run_epoch(
             state.scaler.update()
         else:
             loss.backward()
+            if state.grad_sync is not None:
+                state.grad_sync(params)
             grad_norm = _total_norm(params)
             for opt in optimizers:
                 opt.step()

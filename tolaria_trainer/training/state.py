@@ -38,6 +38,7 @@ class TrainingState:
     generator: torch.Generator = field(default_factory=torch.Generator)
     seed_optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
+    grad_sync: Callable[[list[nn.Parameter]], None] | None = None
     step: int = 0
     epoch: int = 0
     epochs_run: int = 0

@@ -1,0 +1,214 @@
+"""`tolaria-train`: train a task under the governor (or without one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+from google.protobuf.descriptor import FieldDescriptor
+
+from tolaria.governor.v1 import common_pb2
+from tolaria_trainer.errors import TrainerError
+from tolaria_trainer.exit_codes import EPILOG, ExitCode
+from tolaria_trainer.faults import parse_fault
+from tolaria_trainer.model import parse_schedule
+from tolaria_trainer.tasks import TASKS
+
+ENV_VARS = ("TOLARIA_GOVERNOR", "TOLARIA_TOKEN")
+"""Environment variables `tolaria-train` reads."""
+MIN_HISTORY_DEFAULT = 10
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser."""
+    p = argparse.ArgumentParser(
+        prog="tolaria-train",
+        description="Train a morphogenetic model, governed by a Tolaria governor.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--task", default="digits", choices=sorted(TASKS), help="task to train (default digits)")
+    p.add_argument("--epochs", type=int, default=15, help="epochs of progress to reach (default 15)")
+    p.add_argument(
+        "--max-epochs-total",
+        type=int,
+        default=None,
+        help="cap on epochs run, rollbacks included (default 3 x --epochs)",
+    )
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument(
+        "--data-dir", type=Path, default=None, help="data for cifar10 (python batches) and tinylm (a text file)"
+    )
+    p.add_argument(
+        "--governor",
+        default=os.environ.get("TOLARIA_GOVERNOR"),
+        metavar="HOST:PORT",
+        help="governor address [TOLARIA_GOVERNOR]; without it training is ungoverned",
+    )
+    p.add_argument("--token", default=os.environ.get("TOLARIA_TOKEN", ""), help="trainer token [TOLARIA_TOKEN]")
+    p.add_argument("--run-id", default="", help="run id (default <task>-<UTC time>-<6 hex>)")
+    p.add_argument("--seed-schedule", default="", help="e.g. germinate:residual@2,blend@4,fossilize@7")
+    p.add_argument("--snapshot-location", default="auto", choices=("auto", "device", "pinned", "host"))
+    p.add_argument(
+        "--fail-closed",
+        nargs="?",
+        type=float,
+        const=60.0,
+        default=None,
+        metavar="DEADLINE_S",
+        help="pause while the governor is unreachable; exit 4 after DEADLINE_S (default 60)",
+    )
+    p.add_argument(
+        "--halt-wait-s", type=float, default=3600.0, help="wait this long for Resume after HALT (0: exit at once)"
+    )
+    p.add_argument(
+        "--inject",
+        action="append",
+        default=[],
+        metavar="FAULT",
+        help="nan@epoch=N, spike@epoch=N:xF:epochs=K, lobotomy@epoch=N, lr-blowup@step=N:xF, hang@epoch=N:s=S",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the model's forward")
+    p.add_argument(
+        "--policy", action="append", default=[], metavar="KEY=VALUE", help="policy override asked of the governor"
+    )
+    p.add_argument("--agree-every-steps", type=int, default=50, help="steps between agreement points (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--summary-json", type=Path, default=None, help="also write the final summary here")
+    p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    return p
+
+
+def parse_policy(pairs: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs typed by the contract's Policy message; raises ValueError naming the key."""
+    fields = common_pb2.Policy.DESCRIPTOR.fields_by_name
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--policy {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+        kind = fields[key].type
+        try:
+            if kind == FieldDescriptor.TYPE_BOOL:
+                out[key] = text.lower() in ("1", "true", "yes", "on")
+            elif kind in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_INT32):
+                out[key] = int(text)
+            elif kind == FieldDescriptor.TYPE_DOUBLE:
+                out[key] = float(text)
+            else:
+                out[key] = text
+        except ValueError:
+            raise ValueError(f"--policy {pair!r}: {key} needs a number") from None
+    return out
+
+
+def _configure_logging(fmt: str) -> None:
+    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+    logging.basicConfig(level=logging.WARNING)
+
+
+def _progress_printer(tty: bool) -> Any:
+    log = structlog.get_logger("tolaria.progress")
+
+    def show(event: dict[str, Any]) -> None:
+        if event["event"] == "epoch" and tty:
+            acc = event["val_accuracy"]
+            print(
+                f"\repoch {event['epoch']:>3}  step {event['step']:>6}  timeline {event['timeline']}  "
+                f"val loss {event['val_loss']:.4f}  val acc {acc:.3f}  [{event['mode']}]",
+                flush=True,
+            )
+        else:
+            log.info(event.pop("event"), **event)
+
+    return show
+
+
+def _warn_warmup(faults: list[str], policy: dict[str, Any]) -> None:
+    warm = int(policy.get("min_history", MIN_HISTORY_DEFAULT))
+    for spec in faults:
+        fault = parse_fault(spec)
+        if fault.unit == "epoch" and fault.kind in ("spike", "lobotomy", "hang") and fault.at <= warm:
+            print(
+                f"tolaria-train: warning: --inject {spec} falls inside the first {warm} validations (warm-up), "
+                "where the governor judges only non-finite losses; it will likely not be caught",
+                file=sys.stderr,
+            )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `tolaria-train`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    from tolaria_trainer.loop import GovernedRun, RunConfig
+
+    try:
+        policy = parse_policy(args.policy)
+        for spec in args.inject:
+            parse_fault(spec)
+        parse_schedule(args.seed_schedule)
+        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+            raise ValueError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        _warn_warmup(args.inject, policy)
+        _configure_logging(args.log_format)
+        cfg = RunConfig(
+            task=args.task,
+            epochs=args.epochs,
+            max_epochs_total=args.max_epochs_total,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            device=args.device,
+            data_dir=args.data_dir,
+            governor=args.governor,
+            token=args.token,
+            run_id=args.run_id,
+            seed_schedule=args.seed_schedule,
+            snapshot_location=args.snapshot_location,
+            fail_closed=args.fail_closed is not None,
+            fail_closed_deadline_s=args.fail_closed or 60.0,
+            halt_wait_s=args.halt_wait_s,
+            inject=list(args.inject),
+            compile=args.compile,
+            agree_every_steps=args.agree_every_steps,
+            seed=args.seed,
+            policy=policy,
+        )
+        run = GovernedRun(cfg, _progress_printer(sys.stdout.isatty()))
+    except (TrainerError, ValueError) as exc:
+        print(f"tolaria-train: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    summary = run.run()
+    report = summary.as_dict()
+    if args.summary_json is not None:
+        args.summary_json.write_text(json.dumps(report, indent=2) + "\n")
+    acc = summary.final_validation_accuracy
+    print(
+        f"tolaria-train: {summary.status}: run {summary.run_id} rank {summary.rank}, "
+        f"{summary.epochs_completed} epochs of progress ({summary.epochs_run} run), {summary.rollbacks} rollback(s), "
+        f"final validation accuracy {'n/a' if acc is None else f'{acc:.4f}'}, {summary.duration_s:.1f} s"
+        + (f" - {summary.message}" if summary.message else ""),
+        file=sys.stderr,
+    )
+    print(json.dumps({"summary": report}), flush=True)
+    return summary.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

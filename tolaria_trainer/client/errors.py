@@ -1,0 +1,22 @@
+"""The governor client's own exceptions: a user never sees a raw RpcError for an ordinary failure."""
+
+from __future__ import annotations
+
+from tolaria_trainer.errors import TrainerError
+
+
+class GovernorClientError(TrainerError):
+    """Base class of governor-client errors."""
+
+
+class GovernorUnreachable(GovernorClientError):
+    """The governor could not be reached (or stayed unreachable past a fail-closed deadline)."""
+
+
+class GovernorRefused(GovernorClientError):
+    """The governor refused this trainer (bad input, a live duplicate, a policy conflict). Not retried."""
+
+    def __init__(self, code: str, details: str) -> None:
+        super().__init__(f"the governor refused the stream ({code}): {details}")
+        self.code = code
+        self.details = details

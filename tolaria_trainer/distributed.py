@@ -1,0 +1,68 @@
+"""Multi-rank helpers over torch.distributed (torchrun): rank facts, gradient averaging, and the
+agreement collectives over a separate gloo group on CPU tensors (no device sync)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class Distributed:
+    """Rank facts and collectives; with world_size 1 every collective is the identity."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self._agree_group: dist.ProcessGroup | None = None
+        if self.world_size > 1:
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            # Agreement runs on CPU tensors over gloo even when training uses NCCL: no device sync.
+            self._agree_group = dist.new_group(backend="gloo")
+
+    @property
+    def is_distributed(self) -> bool:
+        """True with more than one rank."""
+        return self.world_size > 1
+
+    def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
+        """All-reduce (mean) the gradients of ``parameters`` over the training group."""
+        if not self.is_distributed:
+            return
+        for param in parameters:
+            if param.grad is not None:
+                dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+                param.grad.div_(self.world_size)
+
+    def broadcast_module(self, module: nn.Module) -> None:
+        """Copy rank 0's parameters and buffers into every rank's ``module``."""
+        if not self.is_distributed:
+            return
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor, src=0)
+
+    def agree_max(self, value: int) -> int:
+        """The maximum of ``value`` over ranks (CPU tensor, gloo group)."""
+        return self._agree(value, dist.ReduceOp.MAX)
+
+    def agree_min(self, value: int) -> int:
+        """The minimum of ``value`` over ranks (CPU tensor, gloo group)."""
+        return self._agree(value, dist.ReduceOp.MIN)
+
+    def _agree(self, value: int, op: dist.ReduceOp.RedOpType) -> int:
+        if not self.is_distributed:
+            return value
+        tensor = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(tensor, op=op, group=self._agree_group)
+        return int(tensor[0])
+
+    def close(self) -> None:
+        """Tear the process group down."""
+        if self.is_distributed and dist.is_initialized():
+            dist.destroy_process_group()
