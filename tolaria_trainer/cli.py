@@ -83,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--agree-every-steps", type=int, default=50, help="steps between agreement points (default 50)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--summary-json", type=Path, default=None, help="also write the final summary here")
+    p.add_argument(
+        "--summary-json",
+        type=Path,
+        default=None,
+        help="also write the final summary here ({rank} in the path is replaced by the rank)",
+    )
     p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
     return p
 
@@ -197,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = run.run()
     report = summary.as_dict()
     if args.summary_json is not None:
-        args.summary_json.write_text(json.dumps(report, indent=2) + "\n")
+        target = Path(str(args.summary_json).replace("{rank}", str(summary.rank)))
+        target.write_text(json.dumps(report, indent=2) + "\n")
     acc = summary.final_validation_accuracy
     print(
         f"tolaria-train: {summary.status}: run {summary.run_id} rank {summary.rank}, "

@@ -1,0 +1,308 @@
+"""Governed training end to end: a real `governor serve` process and `tolaria-train` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
+from governor_daemon.testing import DaemonProcess
+from tests.conftest import governor_cli
+
+pytestmark = pytest.mark.slow
+
+
+def train(
+    address: str | None,
+    tmp_path: Path,
+    *args: str,
+    run_id: str = "run",
+    timeout_s: float = 240,
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run tolaria-train to the end; returns the process and its summary."""
+    summary = tmp_path / f"{run_id}-summary.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "tolaria_trainer",
+        "--task",
+        "digits",
+        "--run-id",
+        run_id,
+        "--summary-json",
+        str(summary),
+        "--log-format",
+        "json",
+        *args,
+    ]
+    if address:
+        cmd += ["--governor", address]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **(env or {})}, check=False
+    )
+    data = json.loads(summary.read_text()) if summary.exists() else {}
+    return result, data
+
+
+def entries(data_dir: Path, run: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+    """Journal entries (as dicts) of a run and kind."""
+    out = []
+    for path in list_segments(data_dir):
+        for item in read_segment(path):
+            if isinstance(item, LocatedEntry):
+                e = item.entry
+                if (run is None or e.run == run) and (kind is None or e.kind == kind):
+                    out.append({"seq": e.seq, "kind": e.kind, "run": e.run, **e.payload})
+    return out
+
+
+def rollback_decisions(data_dir: Path, run: str) -> list[dict[str, Any]]:
+    """Decisions (validation or train-step) that sent a ROLLBACK or HALT."""
+    found = []
+    for e in entries(data_dir, run):
+        decision = e.get("decision")
+        if decision and decision.get("command"):
+            found.append(decision)
+    return found
+
+
+@pytest.fixture
+def daemon(tmp_path: Path):  # type: ignore[no-untyped-def]
+    d = DaemonProcess(tmp_path / "data")
+    yield d
+    if d.proc.poll() is None:
+        d.terminate()
+
+
+def test_nan_rolls_back_once_and_completes(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """nan@epoch=12: PANIC, ROLLBACK and its CommandResult in the journal; timeline 1; >= 90 %; COMPLETED."""
+    result, summary = train(daemon.address, tmp_path, "--inject", "nan@epoch=12", run_id="nan12")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary["status"] == "completed"
+    assert (summary["rollbacks"], summary["timeline"]) == (1, 1)
+    assert summary["final_validation_accuracy"] >= 0.90
+    daemon.terminate()
+    decisions = rollback_decisions(tmp_path / "data", "nan12")
+    assert len(decisions) == 1
+    assert decisions[0]["verdict"] == "panic"
+    assert decisions[0]["command"]["kind"] == "rollback"
+    assert decisions[0]["command"]["punishment_reward"] == -10.0
+    results = entries(tmp_path / "data", "nan12", "command_result")
+    assert [(r["succeeded"], r["new_timeline"]) for r in results] == [(True, 1)]
+    (finish,) = entries(tmp_path / "data", "nan12", "finish")
+    assert finish["status"] == "FINISH_STATUS_COMPLETED"
+
+
+def test_no_injection_no_rollback(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """A healthy run gets no rollback and publishes a snapshot every epoch."""
+    result, summary = train(daemon.address, tmp_path, run_id="clean")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (summary["rollbacks"], summary["timeline"]) == (0, 0)
+    daemon.terminate()
+    assert rollback_decisions(tmp_path / "data", "clean") == []
+    assert len(entries(tmp_path / "data", "clean", "snapshot")) == 16  # the initial LKG and one per epoch
+
+
+def test_lobotomy_is_caught(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """lobotomy@epoch=14 (outputs collapse to uniform): a lobotomy PANIC and a ROLLBACK."""
+    result, summary = train(daemon.address, tmp_path, "--inject", "lobotomy@epoch=14", run_id="lobo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    daemon.terminate()
+    decisions = rollback_decisions(tmp_path / "data", "lobo")
+    assert [d["rule"] for d in decisions] == ["lobotomy"]
+    assert summary["final_validation_accuracy"] >= 0.90
+
+
+def test_spike_is_caught_with_lower_absolute_gate(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """spike@epoch=13:x50:epochs=2 is two divergences: a ROLLBACK (digits' loss x50 stays below the seed
+    profile's absolute gate of 10, so this run asks for absolute_threshold=1)."""
+    result, _ = train(
+        daemon.address,
+        tmp_path,
+        "--inject",
+        "spike@epoch=13:x50:epochs=2",
+        "--policy",
+        "absolute_threshold=1",
+        run_id="spike",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    daemon.terminate()
+    decisions = rollback_decisions(tmp_path / "data", "spike")
+    assert [(d["rule"], d["command"]["kind"]) for d in decisions] == [("divergence", "rollback")]
+    assert "2/2 consecutive" in decisions[0]["reason"]
+
+
+def test_nan_in_first_epoch_rolls_back_to_initial_lkg(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """A NaN from the first epoch restores the initial LKG (step 0)."""
+    result, summary = train(daemon.address, tmp_path, "--inject", "nan@epoch=1", "--epochs", "5", run_id="first")
+    assert result.returncode == 0, result.stderr[-3000:]
+    daemon.terminate()
+    results = entries(tmp_path / "data", "first", "command_result")
+    assert [(r["succeeded"], r["restored_step"]) for r in results] == [(True, 0)]
+    assert summary["epochs_completed"] == 5
+
+
+def test_repeated_nan_halts_then_resume_continues(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """Four NaNs in the window: the fourth is a HALT; `governor resume` lets the run finish."""
+    summary_path = tmp_path / "halt-summary.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "tolaria_trainer",
+        "--task",
+        "digits",
+        "--run-id",
+        "halty",
+        "--governor",
+        daemon.address,
+        "--halt-wait-s",
+        "120",
+        "--summary-json",
+        str(summary_path),
+        "--log-format",
+        "json",
+    ]
+    for epoch in (12, 13, 14, 15):
+        cmd += ["--inject", f"nan@epoch={epoch}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while True:
+        status = governor_cli(["status", "halty", "--address", daemon.address, "--json"])
+        if status.returncode == 0 and json.loads(status.stdout)["state"] == "RUN_STATE_HALTED":
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the run never halted"
+        time.sleep(0.2)
+    resumed = governor_cli(["resume", "halty", "--address", daemon.address, "--reason", "checked"])
+    assert resumed.returncode == 0, resumed.stderr
+    _, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["status"] == "completed"
+    assert (summary["rollbacks"], summary["timeline"]) == (3, 4)  # the RESUME restores too, but is no rollback
+    daemon.terminate()
+    kinds = [d["command"]["kind"] for d in rollback_decisions(tmp_path / "data", "halty")]
+    assert kinds == ["rollback", "rollback", "rollback", "halt"]
+
+
+def test_halt_wait_zero_exits_3(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """With --halt-wait-s 0 a HALT ends the trainer with exit 3 and Finish(HALTED)."""
+    args = ["--halt-wait-s", "0", "--policy", "max_rollbacks=0", "--inject", "nan@epoch=3", "--epochs", "6"]
+    result, summary = train(daemon.address, tmp_path, *args, run_id="halt0")
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert summary["status"] == "halted"
+    daemon.terminate()
+    (finish,) = entries(tmp_path / "data", "halt0", "finish")
+    assert finish["status"] == "FINISH_STATUS_HALTED"
+
+
+def test_daemon_killed_mid_run_training_continues(tmp_path: Path) -> None:
+    """SIGKILL the daemon mid-run: training goes on (fail-open); after a restart the trainer reattaches,
+    resends, and nothing is counted twice."""
+    daemon = DaemonProcess(tmp_path / "data")
+    port = daemon.port
+    summary_path = tmp_path / "killed-summary.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tolaria_trainer",
+            "--task",
+            "digits",
+            "--epochs",
+            "30",
+            "--run-id",
+            "killed",
+            "--governor",
+            daemon.address,
+            "--summary-json",
+            str(summary_path),
+            "--log-format",
+            "json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until training is under way
+        if '"epoch": 3' in line:
+            break
+    daemon.kill()
+    time.sleep(1.5)
+    restarted = DaemonProcess(tmp_path / "data", "--listen", f"127.0.0.1:{port}")
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, output[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["epochs_completed"] == 30
+    status = json.loads(governor_cli(["status", "killed", "--address", restarted.address, "--json"]).stdout)
+    rank = status["ranks"][0]
+    steps_per_epoch = 45
+    assert int(rank["num_records"]) == 30 * steps_per_epoch + 30, "every train and validation record exactly once"
+    assert int(rank.get("num_record_gaps", 0)) == 0
+    assert int(rank["generation"]) >= 2
+    restarted.terminate()
+    assert "attached to governor" in output
+
+
+def test_fail_closed_exits_4(tmp_path: Path) -> None:
+    """--fail-closed with a short deadline exits 4 when no governor answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result, summary = train(f"127.0.0.1:{port}", tmp_path, "--fail-closed", "1", "--epochs", "3", run_id="closed")
+    assert result.returncode == 4, result.stderr[-3000:]
+    assert summary["status"] == "unreachable"
+
+
+def test_two_ranks_roll_back_together(daemon: DaemonProcess, tmp_path: Path) -> None:
+    """torchrun with two ranks (gloo), NaN on rank 1 only: both roll back at the same step, same weights."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        master_port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={master_port}",
+        "-m",
+        "tolaria_trainer",
+        "--task",
+        "digits",
+        "--epochs",
+        "8",
+        "--run-id",
+        "duo",
+        "--governor",
+        daemon.address,
+        "--inject",
+        "nan@epoch=5:rank=1",
+        "--summary-json",
+        str(tmp_path / "duo-{rank}.json"),
+        "--log-format",
+        "json",
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    s0 = json.loads((tmp_path / "duo-0.json").read_text())
+    s1 = json.loads((tmp_path / "duo-1.json").read_text())
+    assert (s0["rollbacks"], s0["timeline"]) == (s1["rollbacks"], s1["timeline"]) == (1, 1)
+    assert s0["weights_sha256"] == s1["weights_sha256"]
+    daemon.terminate()
+    results = entries(tmp_path / "data", "duo", "command_result")
+    assert len(results) == 2
+    assert {r["rank"] for r in results} == {0, 1}
+    assert len({r["command_id"] for r in results}) == 1
+    assert len({r["restored_step"] for r in results}) == 1
