@@ -6,20 +6,24 @@ import argparse
 import json
 import os
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from governor_daemon.exit_codes import ExitCode
+from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
 from governor_daemon.journal.verify import verify_journal
 
 
 def register(sub: Any) -> None:
     """Add the `audit` command group."""
-    p = sub.add_parser("audit", help="review the journal: verify the hash chain, print the head hash")
+    p = sub.add_parser("audit", help="review the journal: show, verify, head hash, plot")
     group = p.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND", required=True)
     for name, help_text, handler in (
+        ("show", "show journal entries, filtered by run, kind and time", run_show),
         ("verify", "verify every entry's hash chain; names the first bad line", run_verify),
         ("head", "print the last entry's seq and hash (keep it elsewhere to detect truncation)", run_head),
+        ("plot", "plot a run's losses, thresholds, anomalies, panics and rollbacks to a PNG", run_plot),
     ):
         q = group.add_parser(name, help=help_text)
         q.add_argument(
@@ -30,6 +34,13 @@ def register(sub: Any) -> None:
         )
         q.add_argument("--hmac-key-file", type=Path, default=None, help="key file if the journal uses HMAC")
         q.add_argument("--json", action="store_true", help="machine-readable output")
+        if name == "show":
+            q.add_argument("--run", action="append", default=[], help="only this run (repeatable)")
+            q.add_argument("--kind", action="append", default=[], help="only this kind (repeatable)")
+            q.add_argument("--since", default=None, help="only entries at or after this UTC time (ISO 8601)")
+        if name == "plot":
+            q.add_argument("run", help="run id")
+            q.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
         q.set_defaults(handler=handler)
 
 
@@ -81,4 +92,91 @@ def run_head(args: argparse.Namespace) -> int:
         print(json.dumps({"seq": report.head_seq, "hash": report.head_hash, "verified": report.ok}))
     else:
         print(f"{report.head_seq} {report.head_hash}")
+    return ExitCode.OK
+
+
+def _since(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since {text!r} is not an ISO 8601 time (e.g. 2026-11-25T18:00:00Z)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def describe(kind: str, payload: dict[str, Any]) -> str:
+    """One human line for an entry's payload."""
+    decision = payload.get("decision")
+    if decision is not None:
+        reward = "" if decision.get("punishment_reward") is None else f" reward {decision['punishment_reward']:g}"
+        where = f"epoch {decision['epoch']} " if decision.get("epoch") is not None else ""
+        return (
+            f"{where}step {decision['step']} tl {decision['timeline']}: {decision['verdict'].upper()} "
+            f"-> {decision['action']}{reward}: {decision['reason']}"
+        )
+    if kind == "command_result":
+        state = "succeeded" if payload["succeeded"] else f"FAILED ({payload['error']})"
+        return (
+            f"rank {payload['rank']}: command {payload['command_id']} {state}; timeline {payload['new_timeline']}, "
+            f"restored step {payload['restored_step']} in {payload['duration_ms']:.1f} ms"
+        )
+    if kind == "controller_request":
+        command_id = payload["command"]["command_id"]
+        return f"{payload['caller']}: {payload['action']} (command {command_id}): {payload['reason']}"
+    if kind == "finish":
+        return (
+            f"rank {payload['rank']}: {payload['status'].removeprefix('FINISH_STATUS_')} after "
+            f"{payload['epochs_completed']} epochs, {payload['num_rollbacks']} rollback(s)"
+        )
+    rest = {k: v for k, v in payload.items() if k != "effects"}
+    return json.dumps(rest, sort_keys=True)[:200]
+
+
+def run_show(args: argparse.Namespace) -> int:
+    """`governor audit show`."""
+    try:
+        since = _since(args.since)
+    except ValueError as exc:
+        print(f"governor audit show: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    segments = list_segments(args.data_dir)
+    if not segments:
+        print(f"governor audit show: no journal in {args.data_dir}", file=sys.stderr)
+        return ExitCode.USAGE
+    runs, kinds = set(args.run), set(args.kind)
+    for path in segments:
+        for item in read_segment(path):
+            if not isinstance(item, LocatedEntry):
+                print(f"warning: {item.path.name}:{item.line}: {item.reason}", file=sys.stderr)
+                continue
+            e = item.entry
+            if (runs and e.run not in runs) or (kinds and e.kind not in kinds) or (since and e.ts < since):
+                continue
+            if args.json:
+                print(
+                    json.dumps(
+                        {"seq": e.seq, "ts": e.ts, "run": e.run, "kind": e.kind, "payload": e.payload, "hash": e.hash}
+                    )
+                )
+            else:
+                print(f"{e.seq:>7} {e.ts[:23]} {e.run or '-':<28} {e.kind:<18} {describe(e.kind, e.payload)}")
+    return ExitCode.OK
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    """`governor audit plot RUN -o FILE.png`."""
+    from governor_daemon.audit_plot import plot
+
+    try:
+        data = plot(args.data_dir, args.run, args.output)
+    except ValueError as exc:
+        print(f"governor audit plot: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(
+        f"wrote {args.output}: {len(data.steps)} validations, {len(data.rollback_steps)} rollback(s), "
+        f"{len(data.halt_steps)} halt(s)"
+    )
     return ExitCode.OK
