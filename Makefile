@@ -57,8 +57,9 @@ check-stubs: $(STAMP)
 		test -e "$$tmp/tolaria/governor/v1/$$(basename $$f)" || { echo "stub without a .proto: $$f"; exit 1; }; \
 	done && echo "generated stubs are current"
 
+# A governed digits run with a seed lifecycle and two injected faults, told as a story; writes a PNG.
 demo: $(STAMP)
-	$(BIN)/governor replay examples/traces/spike-and-nan.jsonl
+	$(BIN)/python examples/demo.py
 
 clean:
 	rm -rf $(VENV) tools/buf/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -105,15 +105,17 @@ def plot(data_dir: Path, run_id: str, output: Path) -> PlotData:
     finite = [x for x in data.losses if math.isfinite(x)]
     top = max(finite + [g for g in data.abs_gate if math.isfinite(g)]) * 2 if finite else 10.0
     fig, ax = plt.subplots(figsize=(11, 6), dpi=110)
-    ax.plot(
-        data.steps,
-        [x if math.isfinite(x) else math.nan for x in data.losses],
-        "-o",
-        color="tab:blue",
-        markersize=3,
-        linewidth=1.2,
-        label="validation loss",
-    )
+    for i, timeline in enumerate(sorted(set(data.timelines))):  # a restore breaks the line
+        points = [(s, x) for s, x, t in zip(data.steps, data.losses, data.timelines, strict=True) if t == timeline]
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] if math.isfinite(p[1]) else math.nan for p in points],
+            "-o",
+            color="tab:blue",
+            markersize=3,
+            linewidth=1.2,
+            label="validation loss (one segment per timeline)" if i == 0 else None,
+        )
     ax.step(data.steps, data.abs_gate, where="post", color="tab:gray", linestyle=":", label="absolute threshold")
     ax.step(data.steps, data.sigma_gate, where="post", color="tab:purple", linestyle="--", label="mean + k·σ gate")
     ax.step(data.steps, data.mult_gate, where="post", color="tab:olive", linestyle="--", label="multiplier × mean gate")
