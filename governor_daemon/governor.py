@@ -44,6 +44,7 @@ from governor_daemon.policy import (
 )
 from governor_daemon.policy.decisions import float_to_json
 from governor_daemon.registry import RankState, Registry, Run, RunMeta
+from governor_daemon.security import CALLER
 from governor_daemon.service import codec
 from governor_daemon.service.streams import StreamHandle
 from governor_daemon.service.validation import (
@@ -211,6 +212,7 @@ class Governor:
                 "generation": rank.generation,
                 "last_durable_seq": rank.last_durable_seq,
                 "peer": stream.peer,
+                "caller": CALLER.get() or f"anonymous@{stream.peer}",
             },
             {"ranks": {str(hello.rank): rank.effect()}},
         )
@@ -584,6 +586,14 @@ class Governor:
         for run in finished[: max(0, excess)]:
             del self.registry.runs[run.run_id]
             log.info("finished run evicted from memory", run_id=run.run_id)
+
+    def auth_failure(self, method: str, peer: str, why: str, code: Any) -> None:
+        """Journal a refused call (UNAUTHENTICATED or PERMISSION_DENIED)."""
+        name = str(getattr(code, "name", code))
+        self.metrics.auth_failures.inc(code=name)
+        if self.journal is not None and not self.stopping.is_set():
+            self._append("", "auth_failure", {"method": method, "peer": peer, "reason": why, "code": name})
+        log.warning("call refused", method=method, peer=peer, reason=why)
 
     # ----------------------------------------------------------------- periodic work
 

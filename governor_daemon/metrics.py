@@ -102,6 +102,7 @@ class Metrics:
             "From receiving a validation record to its verdict being queued.",
         )
         self.fsync_latency = Histogram("governor_journal_fsync_seconds", "Journal write plus fsync per group commit.")
+        self.auth_failures = Counter("governor_auth_failures_total", "Calls refused, by status code.")
         self.gauges: list[Gauge] = []
 
     def render(self) -> str:
@@ -117,6 +118,7 @@ class Metrics:
             self.commands,
             self.decision_latency,
             self.fsync_latency,
+            self.auth_failures,
             *self.gauges,
         ]
         for metric in metrics:

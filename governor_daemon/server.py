@@ -20,6 +20,7 @@ from governor_daemon.governor import Governor, GovernorOptions
 from governor_daemon.journal import JournalCorruptError
 from governor_daemon.metrics import Gauge, Metrics, serve_metrics
 from governor_daemon.policy import RunState
+from governor_daemon.security import AuthInterceptor
 from governor_daemon.service.control_servicer import ControlServicer
 from governor_daemon.service.trainer_servicer import TrainerServicer
 from governor_daemon.service.validation import Limits
@@ -104,13 +105,22 @@ class GovernorServer:
             ("grpc.max_send_message_length", max(settings.max_message_bytes, 4 * 1024 * 1024)),
             ("grpc.so_reuseport", 0),
         ]
-        server = grpc.aio.server(options=options)
+        interceptor = AuthInterceptor(settings.tokens, settings.tls_client_ca is not None, governor.auth_failure)
+        server = grpc.aio.server(options=options, interceptors=[interceptor])
         trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(governor), server)
         control_service_pb2_grpc.add_ControlServiceServicer_to_server(ControlServicer(governor), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
         try:
-            self.port = server.add_insecure_port(settings.listen)
+            if settings.tls_cert is not None and settings.tls_key is not None:
+                credentials = grpc.ssl_server_credentials(
+                    [(settings.tls_key, settings.tls_cert)],
+                    root_certificates=settings.tls_client_ca,
+                    require_client_auth=settings.tls_client_ca is not None,
+                )
+                self.port = server.add_secure_port(settings.listen, credentials)
+            else:
+                self.port = server.add_insecure_port(settings.listen)
             if settings.metrics_listen not in ("off", ""):
                 host, mport = parse_address("metrics_listen", settings.metrics_listen)
                 self.metrics_server = await serve_metrics(self.metrics, host, mport)

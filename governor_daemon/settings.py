@@ -19,6 +19,7 @@ from typing import Any
 from governor_daemon.errors import GovernorError, PolicyConfigError
 from governor_daemon.policy import PolicyConfig, parse_assignments
 from governor_daemon.policy.config import FIELD_NAMES
+from governor_daemon.security import Tokens, TokensFileError, is_loopback
 
 
 class SettingsError(GovernorError):
@@ -62,8 +63,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("shutdown_grace_s", float, 5.0, "seconds open RPCs get to finish on SIGTERM (below 10)"),
     Setting("port_file", str, "", "write the bound gRPC port to this file once serving"),
     Setting("tick_interval_s", float, 0.25, "how often deadlines, stalls and command timeouts are checked"),
+    Setting("tokens_file", str, "", "file of 'name role token' lines; without it auth is off (loopback only)"),
+    Setting("tls_cert", str, "", "PEM certificate chain of the server (enables TLS)"),
+    Setting("tls_key", str, "", "PEM private key of the server"),
+    Setting("tls_client_ca", str, "", "PEM CA bundle; clients must present a certificate it signed (mTLS)"),
 )
-ENV_VARS: tuple[str, ...] = ("GOVERNOR_CONFIG", *(s.env for s in SETTINGS))
+ENV_VARS: tuple[str, ...] = ("GOVERNOR_CONFIG", "GOVERNOR_INSECURE", *(s.env for s in SETTINGS))
 """Every environment variable `governor serve` reads."""
 
 
@@ -89,6 +94,11 @@ class ServeSettings:
     tick_interval_s: float
     repair: bool = False
     sources: dict[str, str] = field(default_factory=dict)
+    tokens: Tokens | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    tls_client_ca: bytes | None = None
+    insecure: bool = False
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,6 +111,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             s.flag, default=None, metavar=s.name.upper(), help=f"{s.help} [{s.env}; default {s.default}]"
         )
+    parser.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback listen address without tokens or mTLS [GOVERNOR_INSECURE=1]",
+    )
     parser.add_argument(
         "--repair",
         action="store_true",
@@ -145,7 +160,40 @@ def resolve(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
             raw, source = s.default, "default"
         values[s.name] = _convert(s, raw, source)
         sources[s.name] = source
-    return _validate(values, sources, file_policy, bool(args.repair))
+    insecure = bool(args.insecure) or env.get("GOVERNOR_INSECURE", "").lower() in ("1", "true", "yes")
+    settings = _validate(values, sources, file_policy, bool(args.repair))
+    return _security(settings, values, insecure)
+
+
+def _read_pem(name: str, value: str) -> bytes | None:
+    if not value:
+        return None
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise SettingsError(f"cannot read {name} {value}: {exc.strerror or exc}") from None
+
+
+def _security(settings: ServeSettings, values: dict[str, Any], insecure: bool) -> ServeSettings:
+    try:
+        tokens = Tokens.load(Path(values["tokens_file"])) if values["tokens_file"] else None
+    except TokensFileError as exc:
+        raise SettingsError(str(exc)) from None
+    cert, key = _read_pem("tls_cert", values["tls_cert"]), _read_pem("tls_key", values["tls_key"])
+    client_ca = _read_pem("tls_client_ca", values["tls_client_ca"])
+    if (cert is None) != (key is None):
+        raise SettingsError("tls_cert and tls_key go together: set both (or neither)")
+    if client_ca is not None and cert is None:
+        raise SettingsError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+    host, _ = parse_address("listen", values["listen"])
+    if tokens is None and client_ca is None and not is_loopback(host) and not insecure:
+        raise SettingsError(
+            f"listen {values['listen']} is not a loopback address and no tokens_file (or mTLS) is set: anyone who "
+            "can reach it could halt your runs. Set --tokens-file, or --tls-client-ca, or pass --insecure"
+        )
+    return dataclasses.replace(
+        settings, tokens=tokens, tls_cert=cert, tls_key=key, tls_client_ca=client_ca, insecure=insecure
+    )
 
 
 def _convert(s: Setting, raw: Any, source: str) -> Any:
@@ -239,5 +287,5 @@ def settings_for(data_dir: Path, **overrides: Any) -> ServeSettings:
     """Default settings for ``data_dir`` (no environment, no file) with field overrides; for embedding."""
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    base = resolve(parser.parse_args(["--data-dir", str(data_dir)]), env={})
+    base = resolve(parser.parse_args(["--data-dir", str(data_dir), "--listen", "127.0.0.1:0"]), env={})
     return dataclasses.replace(base, **overrides)

@@ -10,6 +10,7 @@ import structlog
 
 from governor_daemon.errors import GovernorError
 from governor_daemon.governor import Governor
+from governor_daemon.security import CALLER
 from governor_daemon.service import codec
 from governor_daemon.service.status_codes import status_for
 from tolaria.governor.v1 import control_service_pb2 as pb
@@ -22,10 +23,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 def caller_of(context: Context) -> str:
     """The caller's identity: the name the auth interceptor attached, else the peer address."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-governor-identity":
-            return str(value)
-    return f"anonymous@{context.peer()}"
+    return CALLER.get() or f"anonymous@{context.peer()}"
 
 
 async def _guard(context: Context, call: Callable[[], Awaitable[T]]) -> T:

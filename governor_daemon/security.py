@@ -1,0 +1,227 @@
+"""Authentication and authorization: the tokens file, roles, and the server interceptor.
+
+A tokens file holds ``name role token`` per line (``#`` starts a comment). The name is the identity
+journaled with every request; with mTLS a client certificate's common name is the identity, and its
+role comes from a tokens-file line of that name. Roles: Attach needs ``trainer``; GetPanicState,
+ListRuns, WatchEvents and GetPolicy need ``viewer`` or ``controller``; RequestRollback, Halt, Resume
+and UpdatePolicy need ``controller``. Health and reflection need nothing.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import hmac
+import ipaddress
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from governor_daemon.errors import GovernorError
+
+ROLES = ("trainer", "viewer", "controller")
+CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("governor_caller", default="")
+
+_TRAINER = "/tolaria.governor.v1.TrainerService/"
+_CONTROL = "/tolaria.governor.v1.ControlService/"
+REQUIRED_ROLES: dict[str, frozenset[str]] = {
+    _TRAINER + "Attach": frozenset({"trainer"}),
+    **{
+        _CONTROL + m: frozenset({"viewer", "controller"})
+        for m in ("GetPanicState", "ListRuns", "WatchEvents", "GetPolicy")
+    },
+    **{_CONTROL + m: frozenset({"controller"}) for m in ("RequestRollback", "Halt", "Resume", "UpdatePolicy")},
+}
+EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class TokensFileError(GovernorError):
+    """The tokens file is unusable; names the line."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller."""
+
+    name: str
+    role: str
+
+
+class Tokens:
+    """The parsed tokens file."""
+
+    def __init__(self, entries: list[tuple[str, str, bytes]]) -> None:
+        self._entries = entries
+        self._roles_by_name = {name: role for name, role, _ in entries}
+
+    @classmethod
+    def load(cls, path: Path) -> Tokens:
+        """Parse ``path``; raises TokensFileError naming the line for anything malformed."""
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise TokensFileError(f"cannot read tokens file {path}: {exc.strerror or exc}") from None
+        entries: list[tuple[str, str, bytes]] = []
+        seen_tokens: set[str] = set()
+        for number, raw in enumerate(lines, start=1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            if len(parts) != 3:
+                raise TokensFileError(f"{path}:{number}: expected 'name role token', got {len(parts)} fields")
+            name, role, token = parts
+            if role not in ROLES:
+                raise TokensFileError(f"{path}:{number}: unknown role {role!r}; roles: {', '.join(ROLES)}")
+            if len(token) < 16:
+                raise TokensFileError(f"{path}:{number}: token of {name!r} is shorter than 16 characters")
+            if token in seen_tokens:
+                raise TokensFileError(f"{path}:{number}: token of {name!r} is used twice")
+            seen_tokens.add(token)
+            entries.append((name, role, token.encode()))
+        if not entries:
+            raise TokensFileError(f"{path}: no tokens")
+        return cls(entries)
+
+    def authenticate(self, token: str) -> Principal | None:
+        """The principal of ``token``, comparing against every entry in constant time per entry."""
+        presented = token.encode()
+        found: Principal | None = None
+        for name, role, expected in self._entries:
+            if hmac.compare_digest(presented, expected) and found is None:
+                found = Principal(name, role)
+        return found
+
+    def role_of(self, name: str) -> str | None:
+        """The role of an identity (for mTLS subjects)."""
+        return self._roles_by_name.get(name)
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses."""
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+AuthFailure = Callable[[str, str, str, grpc.StatusCode], None]
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Checks every call's credentials and role; exempts health and reflection.
+
+    With ``tokens`` None and ``mtls`` False, every caller is allowed (loopback-only deployments) and
+    named ``anonymous@<peer>``.
+    """
+
+    def __init__(self, tokens: Tokens | None, mtls: bool, on_failure: AuthFailure) -> None:
+        self.tokens = tokens
+        self.mtls = mtls
+        self.on_failure = on_failure
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(EXEMPT_PREFIXES):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        required = REQUIRED_ROLES.get(method, frozenset({"controller"}))
+        return _wrap(handler, lambda context: self._check(method, metadata, required, context))
+
+    def _check(
+        self, method: str, metadata: dict[str, Any], required: frozenset[str], context: Any
+    ) -> tuple[grpc.StatusCode, str] | str:
+        peer = context.peer()
+        principal: Principal | None = None
+        if self.mtls:
+            subject = _common_name(context)
+            if subject:
+                role = self.tokens.role_of(subject) if self.tokens else "controller"
+                principal = Principal(subject, role) if role else None
+        if principal is None and self.tokens is not None:
+            header = str(metadata.get("authorization", ""))
+            token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+            principal = self.tokens.authenticate(token) if token else None
+            if principal is None:
+                why = "missing bearer token" if not token else "unknown token"
+                self.on_failure(method, peer, why, grpc.StatusCode.UNAUTHENTICATED)
+                return (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    f"{why}: send 'authorization: Bearer <token>' from the tokens file",
+                )
+        if principal is None:
+            if self.tokens is None and not self.mtls:
+                return f"anonymous@{peer}"
+            self.on_failure(method, peer, "no client certificate", grpc.StatusCode.UNAUTHENTICATED)
+            return grpc.StatusCode.UNAUTHENTICATED, "no client certificate identity"
+        if principal.role not in required and not (principal.role == "controller" and "viewer" in required):
+            self.on_failure(
+                method, peer, f"{principal.name} has role {principal.role}", grpc.StatusCode.PERMISSION_DENIED
+            )
+            return grpc.StatusCode.PERMISSION_DENIED, (
+                f"{principal.name} has role {principal.role}; "
+                f"{method.rsplit('/', 1)[-1]} needs {' or '.join(sorted(required))}"
+            )
+        return principal.name
+
+
+def _common_name(context: Any) -> str:
+    auth = context.auth_context() or {}
+    names = auth.get("x509_common_name") or []
+    return names[0].decode() if names else ""
+
+
+Check = Callable[[Any], "tuple[grpc.StatusCode, str] | str"]
+
+
+def _wrap(handler: grpc.RpcMethodHandler[Any, Any], check: Check) -> grpc.RpcMethodHandler[Any, Any]:
+    """The same handler, with the check (and the caller contextvar) around its behaviour."""
+
+    async def guard(context: Any) -> None:
+        outcome = check(context)
+        if isinstance(outcome, tuple):
+            await context.abort(*outcome)
+        CALLER.set(str(outcome))
+
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
+
+        async def unary_unary(request: Any, context: Any) -> Any:
+            await guard(context)
+            return await inner_uu(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            unary_unary, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.unary_stream is not None:
+        inner_us: Any = handler.unary_stream
+
+        async def unary_stream(request: Any, context: Any) -> Any:
+            await guard(context)
+            async for item in inner_us(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(
+            unary_stream, handler.request_deserializer, handler.response_serializer
+        )
+    if handler.stream_stream is not None:
+        inner_ss: Any = handler.stream_stream
+
+        async def stream_stream(requests: Any, context: Any) -> Any:
+            await guard(context)
+            async for item in inner_ss(requests, context):
+                yield item
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer
+        )
+    return handler
