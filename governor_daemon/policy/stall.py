@@ -2,14 +2,17 @@
 
 A rank is STALLED when its latest step has not advanced for ``stall_timeout_s``, or for
 ``LEARN_FACTOR`` x the longest interval between step advances once ``MIN_INTERVALS`` intervals were
-seen, whichever is shorter. Heartbeats carrying the same step are not progress. The clock starts at
-attach (and therefore again at daemon start).
+seen, whichever is shorter. The learned threshold never drops below ``LEARNED_FLOOR_S``: progress
+arrives in bursts (a vitals batch every few dozen steps, then a validation pause), and sub-second
+intervals would otherwise flag every pause. Heartbeats carrying the same step are not progress. The
+clock starts at attach (and therefore again at daemon start).
 """
 
 from __future__ import annotations
 
 LEARN_FACTOR = 5.0
 MIN_INTERVALS = 5
+LEARNED_FLOOR_S = 10.0
 
 
 class StallTracker:
@@ -25,7 +28,7 @@ class StallTracker:
     def threshold_s(self, stall_timeout_s: float) -> float:
         """Seconds without progress that make the rank STALLED now."""
         if self.num_intervals >= MIN_INTERVALS:
-            return min(stall_timeout_s, LEARN_FACTOR * self.longest_interval_s)
+            return min(stall_timeout_s, max(LEARNED_FLOOR_S, LEARN_FACTOR * self.longest_interval_s))
         return stall_timeout_s
 
     def observe_step(self, step: int, now_s: float) -> bool:

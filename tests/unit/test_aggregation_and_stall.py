@@ -68,3 +68,15 @@ def test_learned_threshold_after_five_intervals() -> None:
     assert not tracker.check(16.0, 300.0)
     assert tracker.check(16.5, 300.0)
     assert StallTracker(0.0).threshold_s(3.0) == 3.0
+
+
+def test_learned_threshold_has_a_floor() -> None:
+    """Bursts of millisecond intervals do not make a threshold below LEARNED_FLOOR_S (nor above the timeout)."""
+    from governor_daemon.policy.stall import LEARNED_FLOOR_S
+
+    tracker = StallTracker(now_s=0.0)
+    for i in range(8):
+        tracker.observe_step(i, i * 0.001)
+    assert tracker.threshold_s(300.0) == LEARNED_FLOOR_S
+    assert tracker.threshold_s(4.0) == 4.0
+    assert not tracker.check(0.007 + 9.9, 300.0)
