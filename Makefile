@@ -13,7 +13,7 @@ PROTO_FILES := $(wildcard proto/tolaria/governor/v1/*.proto)
 STUB_DIR := proto/tolaria/governor/v1
 PYTEST_ARGS ?=
 
-.PHONY: all venv test lint protos check-stubs demo bench clean
+.PHONY: all venv test node-deps lint protos check-stubs demo bench clean
 
 all: lint test
 
@@ -26,8 +26,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[trainer,dev]"
 	touch $(STAMP)
 
-test: $(STAMP)
+NODE_INTEROP := tests/interop/node/node_modules/.package-lock.json
+
+test: $(STAMP) node-deps
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# The Node.js controller of the interop test (skipped, with a reason, where npm is missing; CI has it).
+node-deps:
+	@if command -v npm >/dev/null 2>&1; then $(MAKE) --no-print-directory $(NODE_INTEROP); \
+	else echo "npm not found: the Node.js interop test will be skipped"; fi
+
+$(NODE_INTEROP): tests/interop/node/package.json tests/interop/node/package-lock.json
+	npm ci --prefix tests/interop/node --no-audit --no-fund --loglevel=error
 
 $(BUF): tools/buf/package.json tools/buf/package-lock.json
 	npm ci --prefix tools/buf --no-audit --no-fund --loglevel=error
@@ -62,4 +72,4 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 clean:
-	rm -rf $(VENV) tools/buf/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) tools/buf/node_modules tests/interop/node/node_modules .pytest_cache .mypy_cache .ruff_cache
