@@ -49,6 +49,8 @@ lint: $(STAMP) $(BUF)
 	$(BIN)/mypy
 	cd proto && ../$(BUF) lint
 	$(MAKE) --no-print-directory check-stubs
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
+	$(BIN)/python docker/check_compose.py docker/compose.yaml
 
 # Regenerate the committed Python stubs (messages, grpc and their .pyi type stubs).
 protos: $(STAMP)

@@ -130,17 +130,22 @@ def _configure_logging(fmt: str) -> None:
     logging.basicConfig(level=logging.WARNING)
 
 
-def _progress_printer(tty: bool) -> Any:
+def _progress_printer(tty: bool, epochs: int) -> Any:
     log = structlog.get_logger("tolaria.progress")
 
     def show(event: dict[str, Any]) -> None:
         if event["event"] == "epoch" and tty:
-            acc = event["val_accuracy"]
+            done = min(event["epoch"], epochs)
+            bar = "#" * round(30 * done / epochs) + "." * (30 - round(30 * done / epochs))
             print(
-                f"\repoch {event['epoch']:>3}  step {event['step']:>6}  timeline {event['timeline']}  "
-                f"val loss {event['val_loss']:.4f}  val acc {acc:.3f}  [{event['mode']}]",
+                f"\r[{bar}] epoch {event['epoch']:>3}/{epochs}  step {event['step']:>6}  tl {event['timeline']}  "
+                f"val loss {event['val_loss']:.4f}  acc {event['val_accuracy']:.3f}  {event['mode']:<7}",
+                end="" if done < epochs else "\n",
                 flush=True,
             )
+        elif tty:
+            print()
+            log.info(event.pop("event"), **event)
         else:
             log.info(event.pop("event"), **event)
 
@@ -195,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed=args.seed,
             policy=policy,
         )
-        run = GovernedRun(cfg, _progress_printer(sys.stdout.isatty()))
+        run = GovernedRun(cfg, _progress_printer(sys.stdout.isatty(), args.epochs))
     except (TrainerError, ValueError) as exc:
         print(f"tolaria-train: {exc}", file=sys.stderr)
         return ExitCode.USAGE

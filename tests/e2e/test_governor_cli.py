@@ -58,8 +58,19 @@ def test_cli_against_a_daemon(tmp_path: Path) -> None:
     events = [json.loads(line) for line in watched.stdout.splitlines()]
     assert [e["payload"]["action"] for e in events] == ["rollback", "halt", "resume"]
     assert all(e["payload"]["caller"].startswith("anonymous@") for e in events)
-    after = governor_cli(["watch", *address, "--from", str(events[0]["cursor"]), "--kind", "controller_request",
-                          "--limit", "2", "--json"])
+    after = governor_cli(
+        [
+            "watch",
+            *address,
+            "--from",
+            str(events[0]["cursor"]),
+            "--kind",
+            "controller_request",
+            "--limit",
+            "2",
+            "--json",
+        ]
+    )
     assert [json.loads(line)["cursor"] for line in after.stdout.splitlines()] == [e["cursor"] for e in events[1:]]
     client.close()
     assert daemon.terminate() == 0

@@ -42,7 +42,10 @@ def test_node_controller_sees_panic_state_and_rollback(tmp_path: Path) -> None:
         command = client.next("command").command
         result = subprocess.run(
             ["node", str(NODE_DIR / "controller.js"), daemon.address, "node-run", str(REPO / "proto")],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
         client.close()
     assert result.returncode == 0, result.stderr

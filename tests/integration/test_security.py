@@ -344,3 +344,22 @@ def test_malformed_batches_get_a_status_and_change_nothing(fuzz_daemon, steps, l
     client.close()
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert snapshot_of(daemon) == before
+
+
+def test_active_runs_limit(tmp_path: Path) -> None:
+    """Past --max-active-runs a new run gets RESOURCE_EXHAUSTED; a FINISHED run leaves the count."""
+    with InProcessDaemon(tmp_path / "data", max_active_runs=1) as daemon:
+        first = AttachClient(daemon.address, "first")
+        first.connect()
+        second = AttachClient(daemon.address, "second")
+        with pytest.raises(grpc.RpcError) as info:
+            second.connect()
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "--max-active-runs" in (info.value.details() or "")
+        seq = first.next_seq()
+        first.send(finish={"seq": seq, "status": common_pb2.FINISH_STATUS_COMPLETED})
+        first.wait_ack(seq)
+        third = AttachClient(daemon.address, "third")
+        assert third.connect().generation == 1
+        for client in (first, second, third):
+            client.close()
