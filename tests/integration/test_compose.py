@@ -30,7 +30,8 @@ LOCAL_PROGRAMS = {
 
 def checks() -> ModuleType:
     spec = importlib.util.spec_from_file_location("check_compose", REPO / "docker" / "check_compose.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
