@@ -73,5 +73,9 @@ check-stubs: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
+# Benchmarks (not part of make test): writes tests/benchmarks/RESULTS.md.
+bench: $(STAMP)
+	$(BIN)/python -m tests.benchmarks.run_all
+
 clean:
 	rm -rf $(VENV) tools/buf/node_modules tests/interop/node/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -74,6 +74,9 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 kind = request.WhichOneof("message")
                 if kind == "vitals_batch":
                     await governor.on_vitals(stream, request.vitals_batch)
+                    # Buffered messages would otherwise be drained without yielding; other streams'
+                    # validation records (whose verdicts are waited for) must not queue behind them.
+                    await asyncio.sleep(0)
                 elif kind == "validation_record":
                     await governor.on_validation(stream, request.validation_record)
                 elif kind == "heartbeat":

@@ -75,7 +75,7 @@ def validate_vitals(batch: trainer_service_pb2.VitalsBatch, limits: Limits) -> N
             raise InvalidInputError(f"vitals_batch.{name}", f"has {count} values for {n} steps (0 or {n})")
     if batch.first_seq < 1:
         raise InvalidInputError("vitals_batch.first_seq", "must be >= 1")
-    if any(s < 0 for s in batch.step):
+    if min(batch.step) < 0:
         raise InvalidInputError("vitals_batch.step", "steps must be >= 0")
 
 
