@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import structlog
@@ -114,49 +115,32 @@ class GovernorClient:
     def send_validation(self, record: trainer_service_pb2.ValidationRecord) -> int:
         """Queue a validation record (seq filled in); returns its seq."""
         self.latest_step = max(self.latest_step, record.step)
-
-        def build(seq: int) -> trainer_service_pb2.AttachRequest:
-            copy = trainer_service_pb2.ValidationRecord()
-            copy.CopyFrom(record)
-            copy.seq = seq
-            return trainer_service_pb2.AttachRequest(validation_record=copy)
-
-        return self.outbox.add(build)
+        return self._queue("validation_record", record)
 
     def send_snapshot(self, timeline: int, step: int, snapshot_bytes: int, duration_ms: float, location: str) -> int:
         """Queue a SnapshotTaken report."""
-        return self.outbox.add(
-            lambda seq: trainer_service_pb2.AttachRequest(
-                snapshot_taken=trainer_service_pb2.SnapshotTaken(
-                    seq=seq,
-                    timeline=timeline,
-                    step=step,
-                    snapshot_bytes=snapshot_bytes,
-                    duration_ms=duration_ms,
-                    location=location,
-                )
-            )
+        snapshot = trainer_service_pb2.SnapshotTaken(
+            timeline=timeline, step=step, snapshot_bytes=snapshot_bytes, duration_ms=duration_ms, location=location
         )
+        return self._queue("snapshot_taken", snapshot)
 
     def send_command_result(self, result: trainer_service_pb2.CommandResult) -> int:
         """Queue a CommandResult (seq filled in)."""
-
-        def build(seq: int) -> trainer_service_pb2.AttachRequest:
-            copy = trainer_service_pb2.CommandResult()
-            copy.CopyFrom(result)
-            copy.seq = seq
-            return trainer_service_pb2.AttachRequest(command_result=copy)
-
-        return self.outbox.add(build)
+        return self._queue("command_result", result)
 
     def send_finish(self, finish: trainer_service_pb2.Finish) -> int:
         """Queue the Finish message."""
+        return self._queue("finish", finish)
+
+    def _queue(self, field: str, message: Any) -> int:
+        """Queue ``message`` as the AttachRequest field ``field``, its ``seq`` set when it gets one."""
 
         def build(seq: int) -> trainer_service_pb2.AttachRequest:
-            copy = trainer_service_pb2.Finish()
-            copy.CopyFrom(finish)
-            copy.seq = seq
-            return trainer_service_pb2.AttachRequest(finish=copy)
+            request = trainer_service_pb2.AttachRequest()
+            target = getattr(request, field)
+            target.CopyFrom(message)
+            target.seq = seq
+            return request
 
         return self.outbox.add(build)
 
