@@ -81,6 +81,7 @@ class RunConfig:
     policy: dict[str, Any] = field(default_factory=dict)
     train_metric_batches: int = 4
     heartbeat_s: float = 2.0
+    final_flush_s: float = 30.0
 
 
 @dataclass
@@ -160,6 +161,8 @@ class GovernedRun:
         self.client: GovernorClient | None = None
         self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._sink)
         self.last_metrics: ValidationMetrics | None = None
+        self.pending: tuple[int, SnapshotInfo] | None = None
+        self.pending_verdict: trainer_service_pb2.Verdict | None = None
         self.started = time.monotonic()
 
     # ----------------------------------------------------------------- governor
@@ -224,6 +227,8 @@ class GovernedRun:
                         f"{self.state.epoch}/{self.cfg.epochs} epochs of progress",
                     )
                 self._epoch()
+            self._settle_pending(self.cfg.verdict_wait_s)  # the last validation's snapshot: worth a short wait
+            self._agreement_point()
         except _Stop as stop:
             status, code, message = stop.status, stop.exit_code, stop.message
         summary = self._finish(status, code, message)
@@ -263,6 +268,7 @@ class GovernedRun:
         )
         self.last_metrics = metrics
         reported = self.faults.reported_loss(metrics.loss)
+        self._settle_pending()  # the previous epoch's verdict has arrived by now: publish before restaging
         staged: SnapshotInfo | None = None
         try:
             staged = self.lkg.stage(state)
@@ -320,25 +326,40 @@ class GovernedRun:
         return self.client.send_validation(record)
 
     def _after_validation(self, seq: int | None, staged: SnapshotInfo | None) -> None:
-        allowed = 0
-        if self.client is not None and seq is not None:
-            wait = self.cfg.verdict_wait_s if self.client.connected else 0.0
-            verdict = self.client.wait_verdict(seq, wait)
-            if verdict is not None:
-                if (
-                    staged is not None
-                    and verdict.snapshot_allowed
-                    and (verdict.timeline, verdict.step) == (staged.timeline, staged.step)
-                ):
-                    allowed = 1
-                if verdict.kind == common_pb2.VERDICT_KIND_PANIC:
-                    log.warning("governor verdict PANIC", reason=verdict.reason, step=verdict.step)
-                    self._await_command(self.cfg.verdict_wait_s)
-        if self.dist.agree_min(allowed) and staged is not None and self.lkg.publish(staged.timeline, staged.step):
+        """The staged snapshot waits for its Verdict; nothing here blocks on the network."""
+        if self.pending is not None and self.client is not None:
+            self.client.forget_verdict(self.pending[0])  # superseded by the newer stage
+        self.pending = (seq, staged) if seq is not None and staged is not None else None
+        self.pending_verdict = None
+        if self.pending is None:
+            self.lkg.discard()  # ungoverned: never publish a snapshot without a verdict
+        self._agreement_point()
+
+    def _settle_pending(self, wait_s: float = 0.0) -> None:
+        """Publish or discard the staged snapshot once every rank holds its Verdict.
+
+        Every rank calls the same collectives in the same order, so all decide at the same step.
+        """
+        if not self.dist.agree_max(int(self.pending is not None)):
+            return
+        if self.pending is not None and self.pending_verdict is None and self.client is not None:
+            connected = self.client.connected or wait_s == 0
+            self.pending_verdict = self.client.wait_verdict(self.pending[0], wait_s if connected else 0.0)
+            if self.pending_verdict is not None and self.pending_verdict.kind == common_pb2.VERDICT_KIND_PANIC:
+                log.warning(
+                    "governor verdict PANIC", reason=self.pending_verdict.reason, step=self.pending_verdict.step
+                )
+        if not self.dist.agree_min(int(self.pending_verdict is not None)):
+            return
+        assert self.pending is not None
+        assert self.pending_verdict is not None
+        staged, verdict = self.pending[1], self.pending_verdict
+        allowed = int(verdict.snapshot_allowed and (verdict.timeline, verdict.step) == (staged.timeline, staged.step))
+        if self.dist.agree_min(allowed) and self.lkg.publish(staged.timeline, staged.step):
             self._report_snapshot(staged)
         else:
             self.lkg.discard()
-        self._agreement_point()
+        self.pending, self.pending_verdict = None, None
 
     def _publish_now(self, why: str) -> None:
         info = self.lkg.take(self.state)
@@ -412,16 +433,9 @@ class GovernedRun:
             if command.command_id not in self.done_commands:
                 self.known_commands[command.command_id] = command
 
-    def _await_command(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self._collect()
-            if self.known_commands:
-                return
-            time.sleep(0.01)
-
     def _agreement_point(self) -> None:
         self._check_reachable()
+        self._settle_pending()
         self._collect()
         local = max(self.known_commands, default=0)
         highest = self.dist.agree_max(local)
@@ -564,7 +578,16 @@ class GovernedRun:
                     finish.final_validation_accuracy = metrics.accuracy
             if status != "unreachable":
                 self.client.send_finish(finish)
-            flushed = self.client.close(flush_timeout_s=10.0 if self.client.connected else 0.5)
+            # Deliver what the governor has not acknowledged yet (it may be reconnecting after a restart);
+            # a run that stops because the governor is unreachable does not wait for it.
+            pending = self.client.outbox.pending()
+            if pending and not self.client.connected and status != "unreachable":
+                log.info(
+                    "waiting for the governor to take the last records",
+                    pending=pending,
+                    timeout_s=self.cfg.final_flush_s,
+                )
+            flushed = self.client.close(flush_timeout_s=0.5 if status == "unreachable" else self.cfg.final_flush_s)
             summary.dropped_records = self.client.outbox.num_dropped_records
             if not flushed and status != "unreachable":
                 log.warning("not every record reached the governor before exit", pending=self.client.outbox.pending())

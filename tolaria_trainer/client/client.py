@@ -67,6 +67,7 @@ class GovernorClient:
         self._verdicts: dict[int, trainer_service_pb2.Verdict] = {}
         self._verdict_cond = threading.Condition(self._lock)
         self._commands: dict[int, trainer_service_pb2.Command] = {}
+        self._forgotten: set[int] = set()
         self._disconnected_since: float | None = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"governor-client-{hello.rank}", daemon=True)
         self._channel: grpc.Channel | None = None
@@ -155,6 +156,12 @@ class GovernorClient:
                 self._verdict_cond.wait(remaining)
             return self._verdicts.pop(seq)
 
+    def forget_verdict(self, seq: int) -> None:
+        """Drop a Verdict (received or still to come) nobody will wait for."""
+        with self._lock:
+            self._verdicts.pop(seq, None)
+            self._forgotten.add(seq)
+
     def take_commands(self) -> list[trainer_service_pb2.Command]:
         """Commands received so far (each once), lowest id first."""
         with self._lock:
@@ -208,6 +215,9 @@ class GovernorClient:
                     self.outbox.ack(response.ack.up_to_seq)
                 elif kind == "verdict":
                     with self._verdict_cond:
+                        if response.verdict.seq in self._forgotten:
+                            self._forgotten.discard(response.verdict.seq)
+                            continue
                         self._verdicts[response.verdict.seq] = response.verdict
                         self._verdict_cond.notify_all()
                 elif kind == "command":
