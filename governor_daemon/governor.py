@@ -743,7 +743,8 @@ class Governor:
 
 def _first_non_finite(losses: Any, grads: Any) -> int | None:
     isfinite = math.isfinite
-    if all(map(isfinite, losses)) and all(map(isfinite, grads)):
+    # A sum is finite only if every term is (or it overflowed): one C-level pass in the common case.
+    if isfinite(sum(losses)) and isfinite(sum(grads)):
         return None
     for i, loss in enumerate(losses):
         if not isfinite(loss) or (grads and not isfinite(grads[i])):

@@ -64,18 +64,28 @@ class Entry:
 
     @classmethod
     def create(
-        cls,
-        seq: int,
-        ts: str,
-        run: str,
-        kind: str,
-        payload: dict[str, Any],
-        prev_hash: str,
-        key: bytes | None,
+        cls, seq: int, ts: str, run: str, kind: str, payload: dict[str, Any], prev_hash: str, key: bytes | None
     ) -> Entry:
         """Build and hash a new entry."""
-        body = {"seq": seq, "ts": ts, "run": run, "kind": kind, "payload": payload, "prev_hash": prev_hash}
-        return cls(seq, ts, run, kind, payload, prev_hash, chain_hash(body, key))
+        entry, _ = cls.create_with_line(seq, ts, run, kind, payload, prev_hash, key)
+        return entry
+
+    @classmethod
+    def create_with_line(
+        cls, seq: int, ts: str, run: str, kind: str, payload: dict[str, Any], prev_hash: str, key: bytes | None
+    ) -> tuple[Entry, str]:
+        """Build, hash and encode a new entry with one JSON encoding.
+
+        "hash" sorts before every other key, so the canonical line is the hashed body with the hash
+        spliced in front: the same bytes ``to_line`` produces.
+        """
+        body = canonical_json(
+            {"seq": seq, "ts": ts, "run": run, "kind": kind, "payload": payload, "prev_hash": prev_hash}
+        )
+        data = body.encode("utf-8")
+        digest = hmac.new(key, data, hashlib.sha256).hexdigest() if key else hashlib.sha256(data).hexdigest()
+        line = '{"hash":"' + digest + '",' + body[1:] + "\n"
+        return cls(seq, ts, run, kind, payload, prev_hash, digest), line
 
 
 class EntryError(ValueError):

@@ -156,8 +156,9 @@ class Journal:
         self._append_locked("", CHECKPOINT_KIND, self.checkpoint_provider(), now_epoch_s)
 
     def _append_locked(self, run: str, kind: str, payload: dict[str, Any], now_epoch_s: float) -> Entry:
-        entry = Entry.create(self.last_seq + 1, utc_now_iso(now_epoch_s), run, kind, payload, self.last_hash, self.key)
-        line = entry.to_line()
+        entry, line = Entry.create_with_line(
+            self.last_seq + 1, utc_now_iso(now_epoch_s), run, kind, payload, self.last_hash, self.key
+        )
         self._pending.append((self._segment, line))
         self._segment_size += len(line.encode("utf-8"))
         self.last_seq, self.last_hash = entry.seq, entry.hash
