@@ -21,9 +21,14 @@ from tolaria_trainer.faults import parse_fault
 from tolaria_trainer.model import parse_schedule
 from tolaria_trainer.tasks import TASKS
 
-ENV_VARS = ("TOLARIA_GOVERNOR", "TOLARIA_TOKEN")
+ENV_VARS = ("TOLARIA_GOVERNOR", "TOLARIA_TOKEN", "TOLARIA_TLS_CA", "TOLARIA_TLS_CERT", "TOLARIA_TLS_KEY")
 """Environment variables `tolaria-train` reads."""
 MIN_HISTORY_DEFAULT = 10
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name)
+    return Path(value) if value else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="governor address [TOLARIA_GOVERNOR]; without it training is ungoverned",
     )
     p.add_argument("--token", default=os.environ.get("TOLARIA_TOKEN", ""), help="trainer token [TOLARIA_TOKEN]")
+    p.add_argument(
+        "--tls-ca",
+        type=Path,
+        default=_env_path("TOLARIA_TLS_CA"),
+        help="PEM CA of the governor's TLS certificate [TOLARIA_TLS_CA]; without it the channel is plaintext",
+    )
+    p.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=_env_path("TOLARIA_TLS_CERT"),
+        help="client certificate for mTLS [TOLARIA_TLS_CERT]",
+    )
+    p.add_argument(
+        "--tls-key", type=Path, default=_env_path("TOLARIA_TLS_KEY"), help="client key for mTLS [TOLARIA_TLS_KEY]"
+    )
     p.add_argument("--run-id", default="", help="run id (default <task>-<UTC time>-<6 hex>)")
     p.add_argument("--seed-schedule", default="", help="e.g. germinate:residual@2,blend@4,fossilize@7")
     p.add_argument("--snapshot-location", default="auto", choices=("auto", "device", "pinned", "host"))
@@ -174,6 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for spec in args.inject:
             parse_fault(spec)
         parse_schedule(args.seed_schedule)
+        for name in ("tls_ca", "tls_cert", "tls_key"):
+            path = getattr(args, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
+        if (args.tls_cert is None) != (args.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together (mTLS)")
         if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
             raise ValueError("--epochs and --batch-size must be >= 1 and --lr > 0")
         _warn_warmup(args.inject, policy)
@@ -199,6 +225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             agree_every_steps=args.agree_every_steps,
             seed=args.seed,
             policy=policy,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
         run = GovernedRun(cfg, _progress_printer(sys.stdout.isatty(), args.epochs))
     except (TrainerError, ValueError) as exc:

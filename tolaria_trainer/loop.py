@@ -82,6 +82,9 @@ class RunConfig:
     train_metric_batches: int = 4
     heartbeat_s: float = 2.0
     final_flush_s: float = 30.0
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
 
 
 @dataclass
@@ -188,7 +191,14 @@ class GovernedRun:
             hello.random_guess_loss = self.task.random_guess_loss(self.data.num_outputs)
         else:
             hello.num_classes = self.data.num_outputs
-        self.client = GovernorClient(cfg.governor, hello, ClientOptions(heartbeat_s=cfg.heartbeat_s, token=cfg.token))
+        options = ClientOptions(
+            heartbeat_s=cfg.heartbeat_s,
+            token=cfg.token,
+            tls_ca=cfg.tls_ca.read_bytes() if cfg.tls_ca else None,
+            tls_cert=cfg.tls_cert.read_bytes() if cfg.tls_cert else None,
+            tls_key=cfg.tls_key.read_bytes() if cfg.tls_key else None,
+        )
+        self.client = GovernorClient(cfg.governor, hello, options)
         self.client.start()
         if not self.client.wait_connected(min(10.0, cfg.fail_closed_deadline_s if cfg.fail_closed else 10.0)):
             log.warning(

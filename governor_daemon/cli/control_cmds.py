@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -42,6 +43,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--token", default=os.environ.get("GOVERNOR_TOKEN", ""), help="bearer token [GOVERNOR_TOKEN]")
     p.add_argument("--timeout-s", type=float, default=10.0, help="deadline of each call")
+    p.add_argument(
+        "--tls-ca",
+        default=os.environ.get("GOVERNOR_TLS_CA", ""),
+        help="PEM CA of the daemon's certificate: use TLS [GOVERNOR_TLS_CA]",
+    )
+    p.add_argument(
+        "--tls-cert",
+        default=os.environ.get("GOVERNOR_CLIENT_CERT", ""),
+        help="client certificate for mTLS [GOVERNOR_CLIENT_CERT]",
+    )
+    p.add_argument(
+        "--tls-key", default=os.environ.get("GOVERNOR_CLIENT_KEY", ""), help="client key for mTLS [GOVERNOR_CLIENT_KEY]"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -90,7 +104,11 @@ Handler = Callable[[control_service_pb2_grpc.ControlServiceStub, argparse.Namesp
 
 def _call(args: argparse.Namespace, handler: Handler) -> int:
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
-    channel = grpc.insecure_channel(args.address)
+    try:
+        channel = _channel(args)
+    except OSError as exc:
+        print(f"governor {args.command}: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     stub = _WithMetadata(control_service_pb2_grpc.ControlServiceStub(channel), metadata, args.timeout_s)
     try:
         handler(stub, args)  # type: ignore[arg-type]
@@ -108,6 +126,15 @@ def _call(args: argparse.Namespace, handler: Handler) -> int:
     finally:
         channel.close()
     return ExitCode.OK
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    if not args.tls_ca:
+        return grpc.insecure_channel(args.address)
+    ca = Path(args.tls_ca).read_bytes()
+    cert = Path(args.tls_cert).read_bytes() if args.tls_cert else None
+    key = Path(args.tls_key).read_bytes() if args.tls_key else None
+    return grpc.secure_channel(args.address, grpc.ssl_channel_credentials(ca, key, cert))
 
 
 class _WithMetadata:

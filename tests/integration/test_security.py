@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import grpc
@@ -228,6 +229,28 @@ def test_tls_and_mtls(tmp_path: Path) -> None:
         assert control.ListRuns(cpb.ListRunsRequest()).runs == []
         assert code_of(lambda: control.Halt(cpb.HaltRequest(run_id="nope", reason="x"))) == grpc.StatusCode.NOT_FOUND
         channel.close()
+        tls_args = ["--address", daemon.address, "--tls-ca", str(certs["ca.pem"])]
+        refused = governor_cli(["runs", *tls_args])
+        assert refused.returncode != 0, "no client certificate: refused"
+        listed = governor_cli(
+            ["runs", *tls_args, "--tls-cert", str(certs["client.pem"]), "--tls-key", str(certs["client.key"])]
+        )
+        assert listed.returncode == 0, listed.stderr
+        from tolaria_trainer.client import ClientOptions, GovernorClient
+
+        # The trainer's client over mTLS: the channel works, and the subject's role (controller) is enforced.
+        hello = trainer_service_pb2.Hello(run_id="tls-run", rank=0, world_size=1, incarnation_id="i", task="t")
+        options = ClientOptions(
+            tls_ca=ca, tls_cert=certs["client.pem"].read_bytes(), tls_key=certs["client.key"].read_bytes()
+        )
+        client = GovernorClient(daemon.address, hello, options)
+        client.start()
+        deadline = time.monotonic() + 10
+        while client.refused is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.refused is not None
+        assert client.refused.code == "PERMISSION_DENIED"
+        client.close(0.1)
 
 
 def test_oversize_message_is_resource_exhausted(tmp_path: Path) -> None:

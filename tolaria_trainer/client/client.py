@@ -45,6 +45,16 @@ class ClientOptions:
     backoff_max_s: float = 10.0
     capacity_records: int = 65536
     token: str = ""
+    tls_ca: bytes | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+
+    def channel(self, address: str) -> grpc.Channel:
+        """A channel to ``address``: TLS when a CA is given (mTLS with a client certificate too)."""
+        if self.tls_ca is None:
+            return grpc.insecure_channel(address)
+        credentials = grpc.ssl_channel_credentials(self.tls_ca, self.tls_key, self.tls_cert)
+        return grpc.secure_channel(address, credentials)
 
 
 class GovernorClient:
@@ -198,7 +208,7 @@ class GovernorClient:
 
     def _one_connection(self) -> None:
         metadata = (("authorization", f"Bearer {self.options.token}"),) if self.options.token else ()
-        channel = grpc.insecure_channel(self.address)
+        channel = self.options.channel(self.address)
         self._channel = channel
         alive = threading.Event()
         alive.set()
