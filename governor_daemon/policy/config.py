@@ -15,7 +15,7 @@ from typing import Any
 
 from governor_daemon.errors import PolicyConfigError
 
-PROFILES = ("default", "seed")
+PROFILES = ("default", "seed", "relative")
 """Detector profiles. ``default`` behaves exactly as ``seed`` until the benchmark corpus proves more."""
 
 

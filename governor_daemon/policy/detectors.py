@@ -134,8 +134,49 @@ def _append(history: tuple[float, ...], loss: float, window: int) -> tuple[float
     return (*history, loss)[-window:]
 
 
+RELATIVE_RECENT = 5
+"""The relative gate compares with the minimum of this many most recent accepted losses."""
+RELATIVE_RATIO = 2.0
+RELATIVE_MARGIN_RGL = 0.02
+"""The relative gate's margin, as a fraction of the random-guess loss (0 when the RGL is unknown)."""
+
+
+def relative_profile(
+    losses: Sequence[float],
+    state: DetectorState,
+    config: PolicyConfig,
+    rgl: float | None,
+) -> Judgement:
+    """The ``seed`` rules plus a relative divergence gate for moderate spikes.
+
+    A loss is divergent under the seed's triple gate, or when it exceeds RELATIVE_RATIO x the minimum of
+    the last RELATIVE_RECENT accepted losses + RELATIVE_MARGIN_RGL x RGL: a loss at 0.1 jumping to 0.7 or
+    an LM at 1.3 jumping to 4 is caught although it stays below the absolute gate. Anomalies count towards
+    min_panics_before_rollback exactly as in ``seed``.
+    """
+    judgement = seed_profile(losses, state, config, rgl)
+    if judgement.rule is not Rule.NORMAL:
+        return judgement
+    history = state.history
+    baseline = min(history[-RELATIVE_RECENT:])
+    margin = RELATIVE_MARGIN_RGL * rgl if rgl is not None else 0.0
+    gate = RELATIVE_RATIO * baseline + margin
+    loss = max(losses)
+    if loss <= gate:
+        return judgement
+    consecutive = state.consecutive + 1
+    need = config.min_panics_before_rollback
+    reason = (
+        f"divergence: loss {fmt(loss)} > {fmt(RELATIVE_RATIO)}×recent min ({fmt(baseline)}) + "
+        f"{fmt(margin)} = {fmt(gate)}; {consecutive}/{need} consecutive"
+    )
+    verdict = Verdict.PANIC if consecutive >= need else Verdict.ANOMALY
+    return Judgement(verdict, Rule.DIVERGENCE, reason, DetectorState(history, consecutive), None)
+
+
 PROFILE_DETECTORS: dict[str, Detector] = {
     "seed": seed_profile,
+    "relative": relative_profile,
     # Until the detection corpus proves a better detector, the default is the seed's.
     "default": seed_profile,
 }
