@@ -13,7 +13,7 @@ PROTO_FILES := $(wildcard proto/tolaria/governor/v1/*.proto)
 STUB_DIR := proto/tolaria/governor/v1
 PYTEST_ARGS ?=
 
-.PHONY: all venv test node-deps lint protos check-stubs demo bench clean
+.PHONY: all venv test node-deps lint protos check-stubs demo bench corpus clean
 
 all: lint test
 
@@ -72,6 +72,10 @@ check-stubs: $(STAMP)
 # A governed digits run with a seed lifecycle and two injected faults, told as a story; writes a PNG.
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
+
+# The detection corpus: trains small real models, writes tests/benchmarks/corpus/traces/*.jsonl.gz (minutes).
+corpus: $(STAMP)
+	$(BIN)/python -m tests.benchmarks.corpus.build
 
 # Benchmarks (not part of make test): writes tests/benchmarks/RESULTS.md.
 bench: $(STAMP)

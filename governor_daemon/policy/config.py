@@ -15,8 +15,8 @@ from typing import Any
 
 from governor_daemon.errors import PolicyConfigError
 
-PROFILES = ("default", "seed", "relative")
-"""Detector profiles. ``default`` behaves exactly as ``seed`` until the benchmark corpus proves more."""
+PROFILES = ("default", "seed")
+"""Detector profiles: ``seed`` is DESIGN.md section 3; ``default`` adds a relative divergence gate."""
 
 
 @dataclass(frozen=True)

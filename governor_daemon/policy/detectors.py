@@ -1,7 +1,7 @@
 """Detector profiles: pure functions from (losses, detector state, config, RGL) to a judgement.
 
-The ``seed`` profile is DESIGN.md section 3, rule for rule. ``default`` is ``seed`` until the
-benchmark corpus proves a better one. A detector never mutates its input state: it returns the state
+The ``seed`` profile is DESIGN.md section 3, rule for rule. ``default`` adds a relative divergence
+gate, chosen on the tuning half of the detection corpus. A detector never mutates its input state: it returns the state
 to commit, and the engine decides whether to commit it (it does not while a command is open).
 """
 
@@ -141,13 +141,16 @@ RELATIVE_MARGIN_RGL = 0.02
 """The relative gate's margin, as a fraction of the random-guess loss (0 when the RGL is unknown)."""
 
 
-def relative_profile(
+def default_profile(
     losses: Sequence[float],
     state: DetectorState,
     config: PolicyConfig,
     rgl: float | None,
 ) -> Judgement:
-    """The ``seed`` rules plus a relative divergence gate for moderate spikes.
+    """The default profile: the ``seed`` rules plus a relative divergence gate for moderate spikes.
+
+    Designed on the tuning half of the detection corpus (tests/benchmarks/corpus) and evaluated on the
+    other half (tests/benchmarks/RESULTS.md).
 
     A loss is divergent under the seed's triple gate, or when it exceeds RELATIVE_RATIO x the minimum of
     the last RELATIVE_RECENT accepted losses + RELATIVE_MARGIN_RGL x RGL: a loss at 0.1 jumping to 0.7 or
@@ -176,9 +179,7 @@ def relative_profile(
 
 PROFILE_DETECTORS: dict[str, Detector] = {
     "seed": seed_profile,
-    "relative": relative_profile,
-    # Until the detection corpus proves a better detector, the default is the seed's.
-    "default": seed_profile,
+    "default": default_profile,
 }
 
 

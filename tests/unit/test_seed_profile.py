@@ -174,3 +174,40 @@ class TestMultiRank:
         healthy = seed_profile([1.5, 2.5], WARM, PolicyConfig(), None)
         assert healthy.appended == 2.5
         assert healthy.state.history == (*WARM.history, 2.5)
+
+
+class TestDefaultProfile:
+    """The default profile: the seed's rules plus the relative gate."""
+
+    # Recent minimum 0.1 (last five of the history); gate = 2 x 0.1 + 0.02 x RGL.
+    STATE = DetectorState(history=(1.0, 0.8, 0.6, 0.4, 0.3, 0.1, 0.12, 0.11, 0.1, 0.13))
+
+    def test_moderate_spike_is_an_anomaly_that_seed_misses(self) -> None:
+        """0.1 -> 0.7 stays under seed's absolute gate of 10 but crosses the relative gate."""
+        from governor_daemon.policy.detectors import default_profile
+
+        assert seed_profile([0.7], self.STATE, PolicyConfig(), 1.0).verdict is Verdict.HEALTHY
+        result = default_profile([0.7], self.STATE, PolicyConfig(), 1.0)
+        assert (result.verdict, result.rule) == (Verdict.ANOMALY, Rule.DIVERGENCE)
+        assert result.reason == "divergence: loss 0.7 > 2×recent min (0.1) + 0.02 = 0.22; 1/2 consecutive"
+        assert result.appended is None
+
+    def test_relative_gate_is_strict_and_scaled_by_rgl(self) -> None:
+        """Equal to the gate is normal; just above is an anomaly; without an RGL the margin is 0."""
+        from governor_daemon.policy.detectors import default_profile
+
+        gate = 2 * 0.1 + 0.02 * 2.0
+        assert default_profile([gate], self.STATE, PolicyConfig(), 2.0).verdict is Verdict.HEALTHY
+        above = math.nextafter(gate, math.inf)
+        assert default_profile([above], self.STATE, PolicyConfig(), 2.0).verdict is Verdict.ANOMALY
+        assert default_profile([0.2], self.STATE, PolicyConfig(), None).verdict is Verdict.HEALTHY
+        assert default_profile([0.21], self.STATE, PolicyConfig(), None).verdict is Verdict.ANOMALY
+
+    def test_second_consecutive_relative_anomaly_panics(self) -> None:
+        """Relative anomalies count towards min_panics_before_rollback like the seed's."""
+        from governor_daemon.policy.detectors import default_profile
+
+        first = default_profile([0.7], self.STATE, PolicyConfig(), 1.0)
+        second = default_profile([0.7], first.state, PolicyConfig(), 1.0)
+        assert second.verdict is Verdict.PANIC
+        assert "2/2 consecutive" in second.reason

@@ -157,7 +157,6 @@ def detectors() -> dict[str, Callable[[], Detector]]:
     return {
         "seed profile": lambda: profile_detector("seed"),
         "default profile": lambda: profile_detector("default"),
-        "relative profile (candidate)": lambda: profile_detector("relative"),
         "Megatron-LM (10 x max of first 100)": lambda: _train_rule(megatron),
         "Lightning SpikeDetection (3 x mean of 10)": lambda: _train_rule(lightning),
         "OLMo-core (6 sigma over 128 steps)": lambda: _train_rule(olmo),
