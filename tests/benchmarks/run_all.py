@@ -59,10 +59,13 @@ def detection_section() -> list[str]:
         f"{default['caught_total']}/{total} (seed {seed['caught_total']}/{total}); false rollbacks on healthy traces "
         f"{default['false_healthy']}; alarms on ambiguous traces {default['ambiguous_alarms']} against the seed's "
         f"{seed['ambiguous_alarms']}"
-        + ("." if default["ambiguous_alarms"] <= seed["ambiguous_alarms"]
-           else f": **missed** by {default['ambiguous_alarms'] - seed['ambiguous_alarms']}. On the tuning half the "
-           "extra alarms were runs that collapsed to the random-guess loss without an injected fault (SGD on the "
-           "cifar-format task), slow label-noise degradation, and a run that had collapsed before its fault's onset."),
+        + (
+            "."
+            if default["ambiguous_alarms"] <= seed["ambiguous_alarms"]
+            else f": **missed** by {default['ambiguous_alarms'] - seed['ambiguous_alarms']}. On the tuning half the "
+            "extra alarms were runs that collapsed to the random-guess loss without an injected fault (SGD on the "
+            "cifar-format task), slow label-noise degradation, and a run that had collapsed before its fault's onset."
+        ),
     ]
     return [*out, ""]
 

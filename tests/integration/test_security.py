@@ -386,3 +386,28 @@ def test_active_runs_limit(tmp_path: Path) -> None:
         assert third.connect().generation == 1
         for client in (first, second, third):
             client.close()
+
+
+def test_records_per_batch_limit_and_finished_run_retention(tmp_path: Path) -> None:
+    """A batch over --max-records-per-batch gets RESOURCE_EXHAUSTED; finished runs beyond
+    --retain-finished-runs leave memory (oldest first)."""
+    with InProcessDaemon(tmp_path / "data", max_records_per_batch=8, retain_finished_runs=1) as daemon:
+        client = AttachClient(daemon.address, "batchy")
+        client.connect()
+        client.vitals(list(range(1, 10)), [1.0] * 9)
+        with pytest.raises(grpc.RpcError) as info:
+            client.next("ack")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "9 records exceed the limit of 8" in (info.value.details() or "")
+        client.close()
+        for run_id in ("done-1", "done-2"):
+            finisher = AttachClient(daemon.address, run_id)
+            finisher.connect()
+            seq = finisher.next_seq()
+            finisher.send(finish={"seq": seq, "status": common_pb2.FINISH_STATUS_COMPLETED})
+            finisher.wait_ack(seq)
+            finisher.close()
+        channel = grpc.insecure_channel(daemon.address)
+        runs = {r.run_id for r in cgrpc.ControlServiceStub(channel).ListRuns(cpb.ListRunsRequest()).runs}
+        channel.close()
+        assert runs == {"batchy", "done-2"}
