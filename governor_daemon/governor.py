@@ -280,6 +280,14 @@ class Governor:
             return True
         return False
 
+    def _accept_report(self, stream: StreamHandle, seq: int) -> tuple[Run, RankState] | None:
+        """Accept a single-seq report (snapshot, command result, finish); None for a resent duplicate."""
+        run, rank = self._bound(stream)
+        if self._is_duplicate(stream, rank, seq):
+            return None
+        rank.accept_seq(seq)
+        return run, rank
+
     def _observe_step(self, run: Run, rank: RankState, step: int) -> None:
         rank.latest_step = max(rank.latest_step, step)
         if rank.tracker is not None and rank.tracker.observe_step(step, self.clock.monotonic()):
@@ -482,10 +490,10 @@ class Governor:
         """The trainer published a snapshot: journal it."""
         validate_seq("snapshot_taken.seq", snap.seq)
         check_text("snapshot_taken.location", snap.location, self.options.limits)
-        run, rank = self._bound(stream)
-        if self._is_duplicate(stream, rank, snap.seq):
+        accepted = self._accept_report(stream, snap.seq)
+        if accepted is None:
             return
-        rank.accept_seq(snap.seq)
+        run, rank = accepted
         entry = self._append(
             run.run_id,
             "snapshot",
@@ -504,10 +512,10 @@ class Governor:
     async def on_command_result(self, stream: StreamHandle, result: trainer_service_pb2.CommandResult) -> None:
         """Close (or progress) the open command; a failure HALTs the run."""
         validate_command_result(result, self.options.limits)
-        run, rank = self._bound(stream)
-        if self._is_duplicate(stream, rank, result.seq):
+        accepted = self._accept_report(stream, result.seq)
+        if accepted is None:
             return
-        rank.accept_seq(result.seq)
+        run, rank = accepted
         succeeded = result.outcome == common_pb2.COMMAND_OUTCOME_SUCCEEDED
         if run.policy.open is not None and run.policy.open.command.command_id == result.command_id:
             kind = str(run.policy.open.command.kind)
@@ -548,10 +556,10 @@ class Governor:
         """A rank is done."""
         validate_seq("finish.seq", finish.seq)
         check_text("finish.message", finish.message, self.options.limits)
-        run, rank = self._bound(stream)
-        if self._is_duplicate(stream, rank, finish.seq):
+        accepted = self._accept_report(stream, finish.seq)
+        if accepted is None:
             return
-        rank.accept_seq(finish.seq)
+        run, rank = accepted
         run.policy.finish(stream.rank)
         payload: dict[str, Any] = {
             **self._src(stream, finish.seq),

@@ -61,8 +61,8 @@ class _BufferSet:
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def _optimizer_signature(optimizer: torch.optim.Optimizer) -> tuple[Any, ...]:
-    sd = optimizer.state_dict()
+def _optimizer_signature(sd: dict[str, Any]) -> tuple[Any, ...]:
+    """Shapes, dtypes and devices of an optimizer state dict's tensors, and its param-group sizes."""
     entries = tuple(
         (pid, key, tuple(v.shape), v.dtype, v.device.type) if isinstance(v, torch.Tensor) else (pid, key)
         for pid in sorted(sd["state"])
@@ -132,7 +132,7 @@ class LastKnownGood:
         signature = (
             location,
             tuple((k, tuple(model_sd[k].shape), model_sd[k].dtype) for k in keys),
-            _optimizer_signature(state.host_optimizer),
+            _optimizer_signature(optim_sd),
         )
         try:
             if target.signature != signature:
@@ -278,7 +278,7 @@ class LastKnownGood:
             for a, b in zip(current["param_groups"], source.param_groups, strict=True)
         ):
             raise RestoreError("the optimizer's parameter groups changed since the snapshot")
-        same_layout = _optimizer_signature(optimizer)[:-2] == source.signature[2][:-2]
+        same_layout = _optimizer_signature(current)[:-2] == source.signature[2][:-2]
         if same_layout:
             for pid, layout in source.optim_layout.items():
                 for key, (kind, value) in layout.items():

@@ -9,10 +9,6 @@ class GovernorClientError(TrainerError):
     """Base class of governor-client errors."""
 
 
-class GovernorUnreachable(GovernorClientError):
-    """The governor could not be reached (or stayed unreachable past a fail-closed deadline)."""
-
-
 class GovernorRefused(GovernorClientError):
     """The governor refused this trainer (bad input, a live duplicate, a policy conflict). Not retried."""
 
