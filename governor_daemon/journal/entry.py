@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +33,16 @@ def chain_hash(body: dict[str, Any], key: bytes | None) -> str:
 
 def utc_now_iso(epoch_s: float) -> str:
     """RFC 3339 UTC with microseconds, e.g. 2026-11-25T18:00:00.123456Z."""
-    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    fraction_s, whole_s = math.modf(epoch_s)  # the rounding datetime.fromtimestamp applies
+    seconds, fraction = int(whole_s), round(fraction_s * 1_000_000)
+    if fraction >= 1_000_000:
+        seconds, fraction = seconds + 1, fraction - 1_000_000
+    if seconds != _last_second[0]:  # strftime once per second; every entry of the hot path needs a stamp
+        _last_second[:] = [seconds, datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_last_second[1]}.{fraction:06d}Z"
+
+
+_last_second: list[Any] = [None, ""]
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ import math
 import re
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from governor_daemon.errors import InvalidInputError, LimitExceededError
 from tolaria.governor.v1 import trainer_service_pb2
 
@@ -58,8 +61,8 @@ def validate_hello(hello: trainer_service_pb2.Hello, limits: Limits) -> None:
         raise InvalidInputError("hello.random_guess_loss", f"must be a positive number, got {hello.random_guess_loss}")
 
 
-def validate_vitals(batch: trainer_service_pb2.VitalsBatch, limits: Limits) -> None:
-    """Columns of equal length, within the batch limit, seqs from 1."""
+def validate_vitals(batch: trainer_service_pb2.VitalsBatch, limits: Limits) -> npt.NDArray[np.int64]:
+    """Columns of equal length, within the batch limit, seqs from 1, steps >= 0; returns the step column."""
     n = len(batch.step)
     if n == 0:
         raise InvalidInputError("vitals_batch.step", "empty batch")
@@ -75,8 +78,10 @@ def validate_vitals(batch: trainer_service_pb2.VitalsBatch, limits: Limits) -> N
             raise InvalidInputError(f"vitals_batch.{name}", f"has {count} values for {n} steps (0 or {n})")
     if batch.first_seq < 1:
         raise InvalidInputError("vitals_batch.first_seq", "must be >= 1")
-    if min(batch.step) < 0:
+    steps = np.array(batch.step, dtype=np.int64)  # one C-level copy; min() over the field boxes each value
+    if steps.min() < 0:
         raise InvalidInputError("vitals_batch.step", "steps must be >= 0")
+    return steps
 
 
 def validate_validation(record: trainer_service_pb2.ValidationRecord, limits: Limits) -> None:
