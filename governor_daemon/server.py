@@ -22,6 +22,7 @@ from governor_daemon.metrics import Gauge, Metrics, serve_metrics
 from governor_daemon.policy import RunState
 from governor_daemon.security import AuthInterceptor
 from governor_daemon.service.control_servicer import ControlServicer
+from governor_daemon.service.ingest import VitalsIngest
 from governor_daemon.service.trainer_servicer import TrainerServicer
 from governor_daemon.service.validation import Limits
 from governor_daemon.settings import ServeSettings, parse_address
@@ -91,6 +92,7 @@ class GovernorServer:
         self.metrics_port: int | None = None
         self._stop_ticks = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
+        self.ingest = VitalsIngest(self.governor)
 
     async def start(self) -> None:
         """Open the journal, listen, mark SERVING. Raises JournalCorruptError, OSError, RuntimeError."""
@@ -107,7 +109,8 @@ class GovernorServer:
         ]
         interceptor = AuthInterceptor(settings.tokens, settings.tls_client_ca is not None, governor.auth_failure)
         server = grpc.aio.server(options=options, interceptors=[interceptor])
-        trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(governor), server)
+        self.ingest.start()
+        trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(governor, self.ingest), server)
         control_service_pb2_grpc.add_ControlServiceServicer_to_server(ControlServicer(governor), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
@@ -126,6 +129,7 @@ class GovernorServer:
                 self.metrics_server = await serve_metrics(self.metrics, host, mport)
                 self.metrics_port = self.metrics_server.sockets[0].getsockname()[1]
         except (RuntimeError, OSError):
+            await self.ingest.stop()
             await governor.close("could not listen")
             raise
         self.server = server
@@ -152,6 +156,7 @@ class GovernorServer:
         self.governor.stopping.set()
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s)
+        await self.ingest.stop()
         self._stop_ticks.set()
         if self._ticker is not None:
             with contextlib.suppress(asyncio.CancelledError):

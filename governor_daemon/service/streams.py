@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+from governor_daemon.errors import GovernorError
 from governor_daemon.journal import GroupCommitter
 from tolaria.governor.v1 import trainer_service_pb2
 
@@ -24,6 +25,11 @@ class StreamHandle:
         self.incarnation_id = ""
         self.generation = 0
         self.closed = False
+        self.failure: GovernorError | None = None
+        # VitalsBatch messages read but not yet judged (see service/ingest.py), and whether there is room.
+        self.pending: deque[trainer_service_pb2.VitalsBatch] = deque()
+        self.room = asyncio.Event()
+        self.room.set()
         self._acks: deque[tuple[int, int]] = deque()
         self._ack_wake = asyncio.Event()
         self._acked = 0
@@ -47,7 +53,19 @@ class StreamHandle:
         if self.closed:
             return
         self.send(trainer_service_pb2.AttachResponse(stream_end=trainer_service_pb2.StreamEnd(reason=reason)))
+        self.close()
+
+    def fail(self, exc: GovernorError) -> None:
+        """Refuse the stream: it closes, and the servicer ends the call with ``exc``'s status."""
+        if self.failure is None:
+            self.failure = exc
+        self.close()
+
+    def close(self) -> None:
+        """No more messages out; the servicer's response loop ends. Queued vitals are dropped (unacked)."""
         self.closed = True
+        self.pending.clear()
+        self.room.set()
         self.out.put_nowait(None)
 
     def track_ack(self, entry_seq: int, msg_seq: int) -> None:

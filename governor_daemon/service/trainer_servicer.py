@@ -1,4 +1,5 @@
-"""TrainerService.Attach: decode, call the Governor, encode. One reader task per stream."""
+"""TrainerService.Attach: decode, call the Governor, encode. One reader task per stream; VitalsBatch
+messages go through the ingest worker (service/ingest.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import structlog
 
 from governor_daemon.errors import GovernorError, InvalidInputError
 from governor_daemon.governor import Governor
+from governor_daemon.service.ingest import VitalsIngest
 from governor_daemon.service.status_codes import status_for
 from governor_daemon.service.streams import StreamHandle
 from tolaria.governor.v1 import trainer_service_pb2, trainer_service_pb2_grpc
@@ -23,8 +25,9 @@ HELLO_TIMEOUT_S = 30.0
 class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
     """Adapter between Attach streams and the Governor."""
 
-    def __init__(self, governor: Governor) -> None:
+    def __init__(self, governor: Governor, ingest: VitalsIngest) -> None:
         self.governor = governor
+        self.ingest = ingest
 
     async def Attach(
         self,
@@ -33,8 +36,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
     ) -> AsyncIterator[trainer_service_pb2.AttachResponse]:
         """Read the trainer's messages in a task; yield the daemon's messages as they are queued."""
         stream = StreamHandle(peer=context.peer())
-        failure: list[GovernorError] = []
-        reader = asyncio.create_task(self._read(request_iterator, stream, failure))
+        reader = asyncio.create_task(self._read(request_iterator, stream))
         acker = asyncio.create_task(stream.ack_loop(self.governor.committer))
         try:
             while True:
@@ -49,8 +51,8 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             self.governor.detach(stream)
-        if failure:
-            exc = failure[0]
+        if stream.failure is not None:
+            exc = stream.failure
             log.warning("attach stream refused", run_id=stream.run_id, rank=stream.rank, error=str(exc))
             await context.abort(status_for(exc), str(exc))
 
@@ -58,9 +60,8 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         self,
         requests: AsyncIterator[trainer_service_pb2.AttachRequest],
         stream: StreamHandle,
-        failure: list[GovernorError],
     ) -> None:
-        governor = self.governor
+        governor, ingest = self.governor, self.ingest
         try:
             iterator = aiter(requests)
             try:
@@ -71,13 +72,14 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 raise InvalidInputError("hello", f"the first message must be Hello, got {first.WhichOneof('message')}")
             await governor.attach(first.hello, stream)
             async for request in iterator:
+                if stream.closed:  # refused or ended while its vitals were being judged
+                    break
                 kind = request.WhichOneof("message")
                 if kind == "vitals_batch":
-                    await governor.on_vitals(stream, request.vitals_batch)
-                    # Buffered messages would otherwise be drained without yielding; other streams'
-                    # validation records (whose verdicts are waited for) must not queue behind them.
-                    await asyncio.sleep(0)
-                elif kind == "validation_record":
+                    await ingest.put(stream, request.vitals_batch)
+                    continue
+                await ingest.drain(stream)  # this stream's vitals are judged before its next message
+                if kind == "validation_record":
                     await governor.on_validation(stream, request.validation_record)
                 elif kind == "heartbeat":
                     governor.on_heartbeat(stream, request.heartbeat)
@@ -91,8 +93,10 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                     raise InvalidInputError("hello", "Hello may only be the first message of a stream")
                 else:
                     raise InvalidInputError("message", "empty AttachRequest")
+            if not stream.closed:
+                await ingest.drain(stream)  # the trainer closed its side: judge what it sent last
         except GovernorError as exc:
-            failure.append(exc)
+            stream.fail(exc)
         finally:
-            stream.closed = True
-            stream.out.put_nowait(None)
+            if not stream.closed:
+                stream.close()

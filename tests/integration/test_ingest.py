@@ -1,0 +1,138 @@
+"""The vitals ingest worker (service/ingest.py): per-stream order, refusals from the worker, back-pressure."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from governor_daemon.governor import Governor, GovernorOptions
+from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
+from governor_daemon.service.ingest import VitalsIngest
+from governor_daemon.service.streams import StreamHandle
+from governor_daemon.service.trainer_servicer import TrainerServicer
+from governor_daemon.testing import AttachClient, InProcessDaemon
+from tolaria.governor.v1 import common_pb2, trainer_service_pb2
+
+Connect = Callable[..., AttachClient]
+
+
+def journal(data_dir: Path, run: str) -> list[tuple[str, dict[str, object]]]:
+    return [
+        (item.entry.kind, item.entry.payload)
+        for path in list_segments(data_dir)
+        for item in read_segment(path)
+        if isinstance(item, LocatedEntry) and item.entry.run == run
+    ]
+
+
+def test_vitals_are_judged_before_the_next_message_of_their_stream(tmp_path: Path) -> None:
+    """40 batches then a validation record, read without a pause (so batches are still queued when the record
+    is read): the record's decision is journaled after every batch's entry, and the NaN in the last batch is
+    what rolls the run back."""
+
+    async def requests() -> AsyncIterator[trainer_service_pb2.AttachRequest]:
+        yield trainer_service_pb2.AttachRequest(hello=hello("r"))
+        for i in range(40):
+            losses = [0.5] * 32
+            if i == 39:
+                losses[-1] = math.nan
+            batch = trainer_service_pb2.VitalsBatch(first_seq=32 * i + 1, step=range(32 * i, 32 * i + 32), loss=losses)
+            yield trainer_service_pb2.AttachRequest(vitals_batch=batch)
+        record = trainer_service_pb2.ValidationRecord(seq=40 * 32 + 1, step=40 * 32, epoch=1, loss=0.5)
+        yield trainer_service_pb2.AttachRequest(validation_record=record)
+
+    async def scenario() -> list[trainer_service_pb2.AttachResponse]:
+        governor = Governor(GovernorOptions(tmp_path / "data"))
+        await governor.start()
+        ingest = VitalsIngest(governor)
+        ingest.start()
+        stream = StreamHandle()
+        await TrainerServicer(governor, ingest)._read(requests(), stream)
+        await ingest.stop()
+        await governor.close()
+        sent = []
+        while (message := stream.out.get_nowait()) is not None:
+            sent.append(message)
+        return sent
+
+    sent = asyncio.run(scenario())
+    commands = [m.command for m in sent if m.WhichOneof("message") == "command"]
+    assert [c.type for c in commands] == [common_pb2.COMMAND_TYPE_ROLLBACK]
+    assert "non-finite" in commands[0].reason
+    entries = journal(tmp_path / "data", "r")
+    vitals = [i for i, (kind, _) in enumerate(entries) if kind == "vitals"]
+    decision = next(i for i, (kind, p) in enumerate(entries) if kind == "decision")
+    assert len(vitals) == 40
+    assert decision > vitals[-1], "the validation record was judged before the batches read ahead of it"
+
+
+def test_a_batch_refused_by_the_worker_ends_the_stream_and_changes_nothing(connect: Connect) -> None:
+    """A timeline ahead of the run passes the structural checks but not the governor: INVALID_ARGUMENT."""
+    client = connect()
+    last = client.vitals([1, 2], [2.0, 1.9])
+    client.wait_ack(last)
+    client.vitals([3, 4], [1.8, 1.7], timeline=5)
+    with pytest.raises(grpc.RpcError) as info:
+        client.next("ack")
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "vitals_batch.timeline" in (info.value.details() or "")
+    again = connect(incarnation_id=client.hello.incarnation_id)
+    assert again.welcome is not None
+    assert again.welcome.last_durable_seq == last
+
+
+def hello(run_id: str) -> trainer_service_pb2.Hello:
+    return trainer_service_pb2.Hello(
+        run_id=run_id, rank=0, world_size=1, incarnation_id=uuid.uuid4().hex, task="t", num_classes=10
+    )
+
+
+def test_a_full_stream_waits_and_nothing_is_lost(tmp_path: Path) -> None:
+    """A reader that never yields on its own still never has more than max_pending batches queued; the
+    worker judges every batch, in order."""
+
+    async def scenario() -> tuple[int, int, int]:
+        governor = Governor(GovernorOptions(tmp_path / "data"))
+        await governor.start()
+        ingest = VitalsIngest(governor, max_pending=2)
+        stream = StreamHandle()
+        await governor.attach(hello("r"), stream)
+        ingest.start()
+        most = 0
+        for b in range(50):
+            batch = trainer_service_pb2.VitalsBatch(first_seq=4 * b + 1, step=range(4 * b, 4 * b + 4), loss=[1.0] * 4)
+            await ingest.put(stream, batch)
+            most = max(most, len(stream.pending))
+        await ingest.drain(stream)
+        await ingest.stop()
+        rank = governor.registry.runs["r"].rank(0)
+        await governor.close()
+        return most, rank.num_records, rank.last_durable_seq
+
+    most, records, last_seq = asyncio.run(scenario())
+    assert most == 2
+    assert (records, last_seq) == (200, 200)
+
+
+def test_streams_progress_independently(daemon: InProcessDaemon) -> None:
+    """One stream sends 200 batches of 256 records, another a validation record: the verdict arrives and
+    every batch is acknowledged."""
+    busy = AttachClient(daemon.address, "busy")
+    quiet = AttachClient(daemon.address, "quiet")
+    try:
+        busy.connect()
+        quiet.connect()
+        for i in range(200):
+            busy.vitals(range(256 * i, 256 * i + 256), [1.0] * 256)
+        quiet.validation(1, 2.0, epoch=1)
+        assert quiet.next("verdict").verdict.kind == common_pb2.VERDICT_KIND_HEALTHY
+        busy.wait_ack(busy.seq, timeout_s=30)
+    finally:
+        busy.close()
+        quiet.close()
