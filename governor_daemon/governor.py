@@ -28,7 +28,7 @@ from governor_daemon.errors import (
     PolicyConfigError,
     PolicyStateError,
 )
-from governor_daemon.journal import Entry, GroupCommitter, Journal, Recovery
+from governor_daemon.journal import Committed, Entry, GroupCommitter, Journal, Recovery
 from governor_daemon.journal.segments import DEFAULT_SEGMENT_BYTES
 from governor_daemon.metrics import Metrics
 from governor_daemon.policy import (
@@ -740,7 +740,7 @@ class Governor:
         await self.committer.commit()
         return config
 
-    async def watch(self, cursor: int, run_ids: Iterable[str], kinds: Iterable[str]) -> AsyncIterator[Entry]:
+    async def watch(self, cursor: int, run_ids: Iterable[str], kinds: Iterable[str]) -> AsyncIterator[Committed]:
         """Committed journal entries after ``cursor``, filtered, then live ones until shutdown."""
         runs, wanted = set(run_ids), set(kinds)
         for run_id in runs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 from pathlib import Path
@@ -184,6 +185,9 @@ async def serve(settings: ServeSettings) -> int:
             error=str(exc),
         )
         return ExitCode.USAGE
+    # Everything allocated so far (modules, the restored registry) lives as long as the process: out of the
+    # collector's sight, a full collection under load pauses the event loop for a few ms instead of ~50 ms.
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

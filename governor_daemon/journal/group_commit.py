@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from governor_daemon.journal.entry import Entry
+from governor_daemon.journal.entry import Committed, Entry
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
 from governor_daemon.journal.writer import Journal
 
@@ -35,8 +35,10 @@ class GroupCommitter:
         self._wake = asyncio.Event()
         self._urgent = False
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._uncommitted: list[Entry] = []
-        self._tail: deque[Entry] = deque(maxlen=TAIL_ENTRIES)
+        self._uncommitted: list[Committed] = []
+        # Plain tuples (the fields of Committed): the collector untracks a tuple of strings and ints, not
+        # a tuple subclass, so a full collection never walks this tail.
+        self._tail: deque[tuple[int, str, str, str, str, str]] = deque(maxlen=TAIL_ENTRIES)
         self._committed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -54,7 +56,7 @@ class GroupCommitter:
         if self.failure is not None:
             raise RuntimeError(f"journal write failed earlier: {self.failure}")
         entry = self.journal.append(run, kind, payload, time.time())
-        self._uncommitted.append(entry)
+        self._uncommitted.append(Committed.of(entry))
         self._wake.set()
         return entry
 
@@ -114,7 +116,7 @@ class GroupCommitter:
                 return
             if self.on_commit is not None:
                 self.on_commit(time.perf_counter() - started)
-            self._tail.extend(batch)
+            self._tail.extend((c.seq, c.ts, c.run, c.kind, c.payload_json, c.hash) for c in batch)
             still: list[tuple[int, asyncio.Future[None]]] = []
             for seq, future in self._waiters:
                 if seq <= durable:
@@ -130,7 +132,7 @@ class GroupCommitter:
 
     # ----------------------------------------------------------------- reading committed entries
 
-    async def follow(self, cursor: int, stop: asyncio.Event) -> AsyncIterator[Entry]:
+    async def follow(self, cursor: int, stop: asyncio.Event) -> AsyncIterator[Committed]:
         """Committed entries with seq > cursor, then live ones, until ``stop`` is set or close().
 
         Entries older than the in-memory tail (a restart, or a watcher that fell behind) are read
@@ -139,7 +141,7 @@ class GroupCommitter:
         while not stop.is_set():
             committed = self._committed  # captured before looking, so no commit is missed
             tail = list(self._tail)
-            oldest = tail[0].seq if tail else self.journal.durable_seq + 1
+            oldest = tail[0][0] if tail else self.journal.durable_seq + 1
             if cursor + 1 < oldest:
                 limit = oldest - 1
                 entries = await asyncio.to_thread(_read_from_files, self.journal, cursor, limit)
@@ -149,7 +151,7 @@ class GroupCommitter:
                 if not entries:  # the files end before the tail starts: nothing more there
                     cursor = limit
                 continue
-            fresh = [e for e in tail if e.seq > cursor]
+            fresh = [Committed._make(t) for t in tail if t[0] > cursor]
             for entry in fresh:
                 cursor = entry.seq
                 yield entry
@@ -163,10 +165,10 @@ class GroupCommitter:
                 task.cancel()
 
 
-def _read_from_files(journal: Journal, cursor: int, limit: int) -> list[Entry]:
-    found: list[Entry] = []
+def _read_from_files(journal: Journal, cursor: int, limit: int) -> list[Committed]:
+    found: list[Committed] = []
     for path in list_segments(journal.data_dir):
         for item in read_segment(path):
             if isinstance(item, LocatedEntry) and cursor < item.entry.seq <= limit:
-                found.append(item.entry)
+                found.append(Committed.of(item.entry))
     return found

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from governor_daemon.journal import Entry, canonical_json
+from governor_daemon.journal import Committed
 from governor_daemon.policy import Command, CommandKind, Decision, PolicyConfig, RunState, Verdict
 from governor_daemon.policy.config import FIELD_NAMES
 from governor_daemon.registry import Run
@@ -138,13 +138,13 @@ def run_status_to_proto(run: Run, now_s: float, monotonic_s: float) -> control_s
     return status
 
 
-def entry_to_proto(entry: Entry) -> control_service_pb2.WatchEventsResponse:
-    """A journal entry as a WatchEvents message."""
+def entry_to_proto(entry: Committed) -> control_service_pb2.WatchEventsResponse:
+    """A durable journal entry as a WatchEvents message."""
     return control_service_pb2.WatchEventsResponse(
         cursor=entry.seq,
         ts=entry.ts,
         run_id=entry.run,
         kind=entry.kind,
-        payload_json=canonical_json(entry.payload),
+        payload_json=entry.payload_json,
         hash=entry.hash,
     )
