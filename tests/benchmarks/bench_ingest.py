@@ -1,8 +1,12 @@
-"""Daemon ingest and verdict round trip under load, against the echo servicer on the same load."""
+"""Daemon ingest and verdict round trip under load, against the echo servicer on the same load.
+
+Two loads: as fast as the server takes the batches (throughput, and the round trip at saturation), and
+paced at half the echo's saturation rate measured in the same run (the round trip below saturation)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -13,9 +17,9 @@ from typing import Any
 from governor_daemon.testing import DaemonProcess
 
 
-def loadgen(address: str, num_runs: int, num_batches: int) -> dict[str, Any]:
+def loadgen(address: str, num_runs: int, num_batches: int, rate: float = 0.0) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.loadgen", address, str(num_runs), str(num_batches)],
+        [sys.executable, "-m", "tests.benchmarks.loadgen", address, str(num_runs), str(num_batches), str(rate)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -24,40 +28,68 @@ def loadgen(address: str, num_runs: int, num_batches: int) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def echo(num_runs: int, num_batches: int) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(pid: int, address: str, num_runs: int, num_batches: int, rate: float) -> dict[str, Any]:
+    """One loadgen run, with the server's CPU seconds during it."""
+    before = cpu_seconds(pid)
+    result = loadgen(address, num_runs, num_batches, rate)
+    result["server_cpu_s"] = cpu_seconds(pid) - before
+    return result
+
+
+def echo(num_runs: int, num_batches: int, rate: float = 0.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         port_file = Path(tmp) / "port"
         proc = subprocess.Popen([sys.executable, "-m", "tests.benchmarks.echo_server", str(port_file)])
         try:
             while not port_file.exists():
                 time.sleep(0.05)
-            return loadgen(f"127.0.0.1:{port_file.read_text()}", num_runs, num_batches)
+            return measured(proc.pid, f"127.0.0.1:{port_file.read_text()}", num_runs, num_batches, rate)
         finally:
             proc.terminate()
             proc.wait(10)
 
 
-def daemon(num_runs: int, num_batches: int) -> dict[str, Any]:
+def daemon(num_runs: int, num_batches: int, rate: float = 0.0) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         d = DaemonProcess(Path(tmp) / "data", "--max-active-runs", "1000")
         try:
-            return loadgen(d.address, num_runs, num_batches)
+            return measured(d.proc.pid, d.address, num_runs, num_batches, rate)
         finally:
             d.terminate()
 
 
-def run(num_runs: int = 64, num_batches: int = 150) -> dict[str, Any]:
-    """Both measurements, interleaved twice; the better of each."""
-    results: dict[str, list[dict[str, Any]]] = {"echo": [], "daemon": []}
+def run(num_runs: int = 64, num_batches: int = 150, paced_seconds: float = 6.0) -> dict[str, Any]:
+    """Both servers under both loads, interleaved twice; the better run of each (by throughput, or by p99)."""
+    saturated: dict[str, list[dict[str, Any]]] = {"echo": [], "daemon": []}
     for _ in range(2):
-        results["echo"].append(echo(num_runs, num_batches))
-        results["daemon"].append(daemon(num_runs, num_batches))
-    best = {k: max(v, key=lambda r: r["records_per_s"]) for k, v in results.items()}
+        saturated["echo"].append(echo(num_runs, num_batches))
+        saturated["daemon"].append(daemon(num_runs, num_batches))
+    best = {k: max(v, key=lambda r: r["records_per_s"]) for k, v in saturated.items()}
+    rate = 0.5 * best["echo"]["records_per_s"]
+    paced_batches = max(10, round(rate * paced_seconds / (num_runs * 256)))
+    paced: dict[str, list[dict[str, Any]]] = {"echo": [], "daemon": []}
+    for _ in range(2):
+        paced["echo"].append(echo(num_runs, paced_batches, rate))
+        paced["daemon"].append(daemon(num_runs, paced_batches, rate))
+    calm = {k: min(v, key=lambda r: r["rtt_p99_ms"]) for k, v in paced.items()}
     return {
         "daemon": best["daemon"],
         "echo": best["echo"],
         "ingest_ratio": best["daemon"]["records_per_s"] / best["echo"]["records_per_s"],
         "rtt_p99_ratio": best["daemon"]["rtt_p99_ms"] / max(best["echo"]["rtt_p99_ms"], 1e-9),
+        "paced_rate": rate,
+        "paced_daemon": calm["daemon"],
+        "paced_echo": calm["echo"],
+        "paced_rtt_p99_ratio": calm["daemon"]["rtt_p99_ms"] / max(calm["echo"]["rtt_p99_ms"], 1e-9),
     }
 
 

@@ -1,11 +1,16 @@
 """Load generator of the ingest benchmark (a separate process): NUM_RUNS streams sending
-pre-serialized VitalsBatch messages of 256 records, and one probe stream measuring the validation
-verdict round trip. Prints one JSON line. Run: python -m tests.benchmarks.loadgen ADDRESS NUM_RUNS BATCHES"""
+pre-serialized VitalsBatch messages of 256 records, as fast as the server takes them or paced to RATE
+records/s in all, and a probe (a process of its own, like a real trainer) measuring the validation
+verdict round trip every 10 ms. Prints one JSON line.
+Run: python -m tests.benchmarks.loadgen ADDRESS NUM_RUNS BATCHES [RATE]"""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import multiprocessing.connection
 import queue
+import resource
 import statistics
 import sys
 import threading
@@ -53,7 +58,9 @@ def batches(count: int) -> list[bytes]:
     return out
 
 
-def stream(channel: grpc.Channel, messages: list[bytes], run_id: str, done: threading.Barrier) -> None:
+def stream(
+    channel: grpc.Channel, messages: list[bytes], run_id: str, done: threading.Barrier, interval_s: float
+) -> None:
     call = channel.stream_stream(
         METHOD, request_serializer=None, response_deserializer=trainer_service_pb2.AttachResponse.FromString
     )
@@ -63,7 +70,11 @@ def stream(channel: grpc.Channel, messages: list[bytes], run_id: str, done: thre
         yield hello(run_id)
         welcomed.wait()
         done.wait()  # every stream starts sending together
-        yield from messages
+        start = time.perf_counter()
+        for k, message in enumerate(messages):
+            if interval_s > 0:  # paced: batch k leaves at start + k x interval
+                time.sleep(max(0.0, start + k * interval_s - time.perf_counter()))
+            yield message
 
     last = len(messages) * RECORDS
     for response in call(requests()):
@@ -72,6 +83,18 @@ def stream(channel: grpc.Channel, messages: list[bytes], run_id: str, done: thre
             welcomed.set()
         elif kind == "ack" and response.ack.up_to_seq >= last:
             return
+
+
+def probe_process(address: str, conn: multiprocessing.connection.Connection) -> None:
+    """Probe until the parent writes to ``conn``, then send the latencies back through it."""
+    stop, latencies = threading.Event(), []
+    thread = threading.Thread(target=probe, args=(grpc.insecure_channel(address), stop, latencies))
+    thread.start()
+    conn.send("ready")
+    conn.recv()
+    stop.set()
+    thread.join()
+    conn.send(latencies)
 
 
 def probe(channel: grpc.Channel, stop: threading.Event, latencies: list[float]) -> None:
@@ -106,17 +129,19 @@ def probe(channel: grpc.Channel, stop: threading.Event, latencies: list[float]) 
     outgoing.put(None)
 
 
-def main(address: str, num_runs: int, num_batches: int) -> None:
+def main(address: str, num_runs: int, num_batches: int, rate: float = 0.0) -> None:
     messages = batches(num_batches)
+    interval_s = num_runs * RECORDS / rate if rate > 0 else 0.0
     channels = [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
     barrier = threading.Barrier(num_runs + 1)
     threads = [
-        threading.Thread(target=stream, args=(channels[i % 4], messages, f"bench-{i}", barrier))
+        threading.Thread(target=stream, args=(channels[i % 4], messages, f"bench-{i}", barrier, interval_s))
         for i in range(num_runs)
     ]
-    stop, latencies = threading.Event(), []
-    prober = threading.Thread(target=probe, args=(grpc.insecure_channel(address), stop, latencies))
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    prober = multiprocessing.get_context("spawn").Process(target=probe_process, args=(address, child))
     prober.start()
+    parent.recv()  # the probe is attached
     time.sleep(0.5)
     for t in threads:
         t.start()
@@ -125,7 +150,8 @@ def main(address: str, num_runs: int, num_batches: int) -> None:
     for t in threads:
         t.join()
     elapsed = time.perf_counter() - started
-    stop.set()
+    parent.send("stop")
+    latencies: list[float] = parent.recv()
     prober.join()
     quantiles = statistics.quantiles(latencies, n=100) if len(latencies) >= 2 else [0.0] * 99
     print(
@@ -134,13 +160,15 @@ def main(address: str, num_runs: int, num_batches: int) -> None:
                 "records": num_runs * num_batches * RECORDS,
                 "seconds": elapsed,
                 "records_per_s": num_runs * num_batches * RECORDS / elapsed,
+                "offered_records_per_s": rate,
                 "rtt_p50_ms": quantiles[49] * 1000,
                 "rtt_p99_ms": quantiles[98] * 1000,
                 "rtt_samples": len(latencies),
+                "loadgen_cpu_s": sum(resource.getrusage(resource.RUSAGE_SELF)[:2]),
             }
         )
     )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]) if len(sys.argv) > 4 else 0.0)
