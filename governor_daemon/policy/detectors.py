@@ -154,7 +154,10 @@ def default_profile(
 
     A loss is divergent under the seed's triple gate, or when it exceeds RELATIVE_RATIO x the minimum of
     the last RELATIVE_RECENT accepted losses + RELATIVE_MARGIN_RGL x RGL: a loss at 0.1 jumping to 0.7 or
-    an LM at 1.3 jumping to 4 is caught although it stays below the absolute gate. Anomalies count towards
+    an LM at 0.6 jumping to 2.9 is caught although it stays below the absolute gate. The relative gate
+    judges only a fresh rise: when the last accepted loss is itself above the gate, the run got there
+    while it was judged normal (during warm-up, say), its last-known-good snapshot is no better than
+    now, and a rollback would not help; the seed's rules still judge it. Anomalies count towards
     min_panics_before_rollback exactly as in ``seed``.
     """
     judgement = seed_profile(losses, state, config, rgl)
@@ -165,7 +168,7 @@ def default_profile(
     margin = RELATIVE_MARGIN_RGL * rgl if rgl is not None else 0.0
     gate = RELATIVE_RATIO * baseline + margin
     loss = max(losses)
-    if loss <= gate:
+    if loss <= gate or history[-1] > gate:
         return judgement
     consecutive = state.consecutive + 1
     need = config.min_panics_before_rollback

@@ -211,3 +211,13 @@ class TestDefaultProfile:
         second = default_profile([0.7], first.state, PolicyConfig(), 1.0)
         assert second.verdict is Verdict.PANIC
         assert "2/2 consecutive" in second.reason
+
+    def test_only_a_fresh_rise_trips_the_relative_gate(self) -> None:
+        """A run that climbed while judged normal (here during warm-up: 0.1 -> 2.8) has its last accepted loss
+        above the gate; a rollback would restore a snapshot no better than now, so only the seed's rules judge
+        it. The same loss after a low last accepted loss is an anomaly."""
+        from governor_daemon.policy.detectors import default_profile
+
+        climbed = DetectorState(history=(1.0, 0.8, 0.6, 0.4, 0.3, 0.1, 0.9, 1.6, 2.5, 2.8))
+        assert default_profile([2.8], climbed, PolicyConfig(), 3.26).verdict is Verdict.HEALTHY
+        assert default_profile([2.8], self.STATE, PolicyConfig(), 3.26).verdict is Verdict.ANOMALY

@@ -4,7 +4,8 @@ Tasks: digits (scikit-learn), a character-level language model on generated text
 task (synthetic class-conditional images written as CIFAR-10 python batches). Runs vary seed, width,
 optimizer and learning rate. Faults (one per faulty run, onset epoch recorded in index.json): NaN
 weights, LR blow-up, dead units (output collapse), a high-LR burst (spike) and slow label noise.
-Traces are gzipped JSON Lines; even-numbered traces form the tuning half, odd ones the evaluation half.
+Traces are gzipped JSON Lines. The split is stratified: within each (task, optimizer, fault) group the
+runs alternate between the tuning half and the evaluation half, so both halves cover every configuration.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ HERE = Path(__file__).resolve().parent
 TRACES = HERE / "traces"
 EPOCHS = 20
 FAULTS = ("nan", "lr_blowup", "dead_units", "spike", "label_noise")
+SEED_BASE = 200
+"""Seeds of healthy runs start here, those of faulty runs at 10 x this (the first corpus used 100)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Spec:
     lr: float
     fault: str  # "none" or one of FAULTS
     onset_epoch: int  # 0 without a fault
+    split: str  # "tuning" or "evaluation"
 
 
 def generated_text(seed: int = 7, length: int = 6000) -> str:
@@ -83,26 +87,37 @@ def plan() -> list[Spec]:
     healthy_runs = {"digits": 27, "tinylm": 20, "cifar10": 20}
     runs_per_fault = {"digits": 7, "tinylm": 3, "cifar10": 3}
     specs: list[Spec] = []
+    seen: dict[tuple[str, str, str], int] = {}
+    phase: dict[tuple[str, str, str], int] = {}
+
+    def add(task: str, seed: int, variant: tuple[int, str, float], fault: str, onset: int) -> None:
+        width, optimizer, lr = variant
+        group = (task, optimizer, fault)
+        if group not in seen:  # groups of odd size: their extra run goes to each half in turn
+            phase[group] = len(seen) % 2
+        split = "tuning" if (seen.get(group, 0) + phase[group]) % 2 == 0 else "evaluation"
+        seen[group] = seen.get(group, 0) + 1
+        specs.append(
+            Spec(
+                f"{len(specs):03d}-{task}-{fault if fault != 'none' else 'healthy'}",
+                task,
+                seed,
+                width,
+                optimizer,
+                lr,
+                fault,
+                onset,
+                split,
+            )
+        )
+
     for task, variants in grid.items():
         rng = random.Random(task)
         for k in range(healthy_runs[task]):
-            width, optimizer, lr = variants[k % len(variants)]
-            specs.append(Spec(f"{len(specs):03d}-{task}-healthy", task, 100 + k, width, optimizer, lr, "none", 0))
+            add(task, SEED_BASE + k, variants[k % len(variants)], "none", 0)
         for f, fault in enumerate(FAULTS):
             for k in range(runs_per_fault[task]):
-                width, optimizer, lr = variants[(k + f) % len(variants)]
-                specs.append(
-                    Spec(
-                        f"{len(specs):03d}-{task}-{fault}",
-                        task,
-                        1000 + 10 * k + f,
-                        width,
-                        optimizer,
-                        lr,
-                        fault,
-                        rng.randint(11, 15),
-                    )
-                )
+                add(task, SEED_BASE * 10 + 10 * k + f, variants[(k + f) % len(variants)], fault, rng.randint(11, 15))
     return specs
 
 
@@ -228,7 +243,7 @@ def main() -> int:
             path = TRACES / f"{spec.trace_id}.jsonl.gz"
             with gzip.open(path, "wt") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
-            index.append({**asdict(spec), "split": "tuning" if i % 2 == 0 else "evaluation", "file": path.name})
+            index.append({**asdict(spec), "file": path.name})
             print(f"[{i + 1}/{len(specs)}] {spec.trace_id} ({time.monotonic() - started:.0f} s)", flush=True)
     (HERE / "index.json").write_text(json.dumps(index, indent=1) + "\n")
     faulty = sum(1 for s in specs if s.fault != "none")
