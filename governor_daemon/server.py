@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import os
 import signal
@@ -169,7 +170,13 @@ class GovernorServer:
 
 
 async def serve(settings: ServeSettings) -> int:
-    """Run the daemon until SIGTERM or SIGINT. Returns the exit code."""
+    """Run the daemon until SIGTERM or SIGINT. Returns the exit code.
+
+    SIGQUIT (or a crash) writes every thread's Python stack to stderr: what an operator needs when the
+    daemon hangs.
+    """
+    faulthandler.enable()
+    faulthandler.register(signal.SIGQUIT, all_threads=True)
     daemon = GovernorServer(settings)
     try:
         await daemon.start()

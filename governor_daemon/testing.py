@@ -130,9 +130,21 @@ class DaemonProcess:
         self._log.close()
 
     def terminate(self, timeout_s: float = 15.0) -> int:
-        """SIGTERM and wait; returns the exit code."""
+        """SIGTERM and wait; returns the exit code. A daemon that does not stop in time gets SIGQUIT (its
+        stacks go to the log), then SIGKILL, and the error carries the log's tail."""
         self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout_s)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGQUIT)
+            time.sleep(1.0)
+            self.proc.kill()
+            self.proc.wait(10)
+            self._log.close()
+            tail = self.log_path.read_text(errors="replace")[-6000:]
+            raise TimeoutError(
+                f"governor serve did not stop within {timeout_s} s after SIGTERM; log tail:\n{tail}"
+            ) from None
         self._log.close()
         return code
 

@@ -27,12 +27,14 @@ def steps_per_second(address: str | None, epochs: int, run_id: str) -> float:
     return (s1 - s0) / (t1 - t0)
 
 
-def run(epochs: int = 15, repeats: int = 7) -> dict[str, float]:
-    """Median steps/s of each arm and their ratio.
+def run(epochs: int = 10, pairs: int = 12) -> dict[str, float]:
+    """Steps/s of each arm (medians) and the median of the per-pair ratios, with their spread.
 
-    torch uses one thread in both arms: the daemon needs a core of its own (as it has in production,
-    on another machine or a spare core); on a 2-core machine it would otherwise take the training's
-    second core and measure CPU contention instead of the governor's overhead.
+    Each pair runs both arms back to back, the order alternating (ABBA), so drift of the machine's speed
+    over the benchmark cancels instead of favouring one arm. torch uses one thread in both arms: the
+    daemon needs a core of its own (as it has in production, on another machine or a spare core); on a
+    2-core machine it would otherwise take the training's second core and measure CPU contention instead
+    of the governor's overhead.
     """
     import torch
 
@@ -42,14 +44,29 @@ def run(epochs: int = 15, repeats: int = 7) -> dict[str, float]:
         daemon = DaemonProcess(Path(tmp) / "data")
         try:
             governed, bare = [], []
-            for i in range(repeats):
-                bare.append(steps_per_second(None, epochs, f"bare-{i}"))
-                governed.append(steps_per_second(daemon.address, epochs, f"governed-{i}"))
+            for i in range(pairs):
+                order = ("bare", "governed") if i % 2 == 0 else ("governed", "bare")
+                for arm in order:
+                    if arm == "bare":
+                        bare.append(steps_per_second(None, epochs, f"bare-{i}"))
+                    else:
+                        governed.append(steps_per_second(daemon.address, epochs, f"governed-{i}"))
         finally:
             daemon.terminate()
             torch.set_num_threads(threads)
-    g, b = statistics.median(governed), statistics.median(bare)
-    return {"governed_steps_per_s": g, "bare_steps_per_s": b, "ratio": g / b}
+    ratios = [g / b for g, b in zip(governed, bare, strict=True)]
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return {
+        "governed_steps_per_s": statistics.median(governed),
+        "bare_steps_per_s": statistics.median(bare),
+        "ratio": statistics.median(ratios),
+        "ratio_q1": q1,
+        "ratio_q3": q3,
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "bare_min": min(bare),
+        "bare_max": max(bare),
+    }
 
 
 if __name__ == "__main__":

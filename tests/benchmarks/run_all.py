@@ -7,6 +7,7 @@ import datetime
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,6 +15,23 @@ from tests.benchmarks import bench_ingest, bench_snapshot, bench_training
 from tests.benchmarks.common import machine
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
+README = Path(__file__).resolve().parents[2] / "README.md"
+BEGIN, END = "<!-- results:begin", "<!-- results:end -->"
+
+
+def quoted_block(results: str) -> str:
+    """What the README shows between its markers: RESULTS.md without its title, headings one level down."""
+    body = results.split("\n", 1)[1].strip("\n")
+    return "\n".join("#" + line if line.startswith("## ") else line for line in body.splitlines())
+
+
+def update_readme(results: str) -> None:
+    """Replace the README's results block with ``results`` (the README's numbers always match RESULTS.md)."""
+    text = README.read_text()
+    start = text.index(BEGIN)
+    start = text.index("\n", start) + 1
+    end = text.index(END)
+    README.write_text(text[:start] + quoted_block(results) + "\n" + text[end:])
 
 
 def verdict(ok: bool) -> str:
@@ -55,40 +73,79 @@ def detection_section() -> list[str]:
     total = sum(result["catastrophic_by_fault"].values())
     out += [
         "",
-        f"The default profile (designed on the tuning half) against the three criteria: catastrophic faults caught "
-        f"{default['caught_total']}/{total} (seed {seed['caught_total']}/{total}); false rollbacks on healthy traces "
-        f"{default['false_healthy']}; alarms on ambiguous traces {default['ambiguous_alarms']} against the seed's "
-        f"{seed['ambiguous_alarms']}"
-        + (
-            "."
-            if default["ambiguous_alarms"] <= seed["ambiguous_alarms"]
-            else f": **missed** by {default['ambiguous_alarms'] - seed['ambiguous_alarms']}. On the tuning half the "
-            "extra alarms were runs that collapsed to the random-guess loss without an injected fault (SGD on the "
-            "cifar-format task), slow label-noise degradation, and a run that had collapsed before its fault's onset."
-        ),
+        "The default profile, designed on the tuning half (the split is stratified by task, optimizer and fault), "
+        "against the three criteria on this half: every catastrophic fault caught "
+        f"({default['caught_total']}/{total}, seed {seed['caught_total']}/{total}): "
+        f"{verdict(default['caught_total'] == total)}; zero false rollbacks on healthy traces "
+        f"({default['false_healthy']}): {verdict(default['false_healthy'] == 0)}; alarms on ambiguous traces no more "
+        f"than the seed's ({default['ambiguous_alarms']} against {seed['ambiguous_alarms']}): "
+        f"{verdict(default['ambiguous_alarms'] <= seed['ambiguous_alarms'])}.",
     ]
     return [*out, ""]
+
+
+TRAINING_PAIRS = 12
+
+
+def causes(training: dict[str, float], ingest: dict[str, Any]) -> list[str]:
+    """What each missed budget came from, in this run's numbers (the profiling behind them: README)."""
+    out: list[str] = []
+    d, e = ingest["daemon"], ingest["echo"]
+    if ingest["rtt_p99_ratio"] > 3:
+        batches = d["records"] / 256
+        busy = (d["loadgen_cpu_s"] + d["server_cpu_s"]) / d["seconds"]
+        out += [
+            "Cause of the round-trip miss at saturation: the machine's cores are used up. The load generator and "
+            f"the daemon together used {busy:.2f} CPU-seconds per second "
+            f"(load generator {d['loadgen_cpu_s']:.1f} s, daemon {d['server_cpu_s']:.1f} s in {d['seconds']:.1f} s); "
+            f"the daemon spends {1e6 * d['server_cpu_s'] / batches:.0f} us of CPU per batch against the echo's "
+            f"{1e6 * e['server_cpu_s'] / (e['records'] / 256):.0f} us (gRPC, the journal entry and its SHA-256, the "
+            "policy). Timestamps in the servicer (a separate measurement) put about 1 ms between reading a record "
+            "and yielding its verdict at p50; the rest is waiting for a CPU. Below saturation (the paced row) the "
+            "same round trip is within budget.",
+            "",
+        ]
+    if training["ratio_q1"] < 0.98 <= training["ratio_q3"]:
+        out += [
+            f"Precision of the training ratio: the pair ratios' interquartile range ({training['ratio_q1']:.2f} to "
+            f"{training['ratio_q3']:.2f}) is wider than the 2 % budget; runs on this machine vary from "
+            f"{training['bare_min']:.0f} to {training['bare_max']:.0f} steps/s without the governor. The median says "
+            "which side of 0.98 the overhead is on; this machine cannot say it firmly.",
+            "",
+        ]
+    if training["ratio"] < 0.98:
+        out += [
+            "Cause of the training-overhead miss: the governed arm adds no Python work to the training step (both "
+            "arms profile alike); what differs is the client's threads and the daemon sharing the 2 cores. Runs on "
+            f"this machine vary widely (bare {training['bare_min']:.0f} to {training['bare_max']:.0f} steps/s, pair "
+            f"ratios {training['ratio_min']:.2f} to {training['ratio_max']:.2f}), more than the 2 % budget.",
+            "",
+        ]
+    return out
 
 
 def main() -> int:
     started = time.monotonic()
     rows: list[tuple[str, str, str, str]] = []
     print("training overhead ...", flush=True)
-    training = bench_training.run()
+    training = bench_training.run(pairs=TRAINING_PAIRS)
     rows.append(
         (
-            "training steps/s with the governor attached vs none (digits MLP, CPU, per-step vitals, 1 torch thread per arm)",
+            "training steps/s with the governor attached vs none (digits MLP, CPU, per-step vitals, 1 torch thread "
+            f"per arm; median of {TRAINING_PAIRS} ABBA pairs, interquartile range of the pair ratios)",
             f"{training['governed_steps_per_s']:.1f} vs {training['bare_steps_per_s']:.1f} steps/s",
-            f"{training['ratio']:.3f}",
+            f"{training['ratio']:.3f} ({training['ratio_q1']:.3f}-{training['ratio_q3']:.3f})",
             f">= 0.98: {verdict(training['ratio'] >= 0.98)}",
         )
     )
     print("daemon ingest ...", flush=True)
     ingest = bench_ingest.run()
     d, e = ingest["daemon"], ingest["echo"]
+    pd, pe = ingest["paced_daemon"], ingest["paced_echo"]
     rows.append(
         (
-            "daemon ingest, 64 runs x 1 rank, 256 records per batch, pre-serialized, separate process",
+            "daemon ingest, 64 runs x 1 rank, 256 records per batch, pre-serialized, separate process, as fast as "
+            "the server takes them",
             f"{d['records_per_s'] / 1e3:.0f}k vs echo {e['records_per_s'] / 1e3:.0f}k records/s",
             f"{ingest['ingest_ratio']:.3f}",
             f">= 100k/s and >= 0.7 x echo: {verdict(d['records_per_s'] >= 1e5 and ingest['ingest_ratio'] >= 0.7)}",
@@ -96,10 +153,20 @@ def main() -> int:
     )
     rows.append(
         (
-            "validation verdict round trip under that load (p50 / p99)",
+            "validation verdict round trip (p50 / p99) under that load, probe in its own process",
             f"{d['rtt_p50_ms']:.1f} / {d['rtt_p99_ms']:.1f} ms vs echo {e['rtt_p50_ms']:.1f} / {e['rtt_p99_ms']:.1f} ms",
             f"{ingest['rtt_p99_ratio']:.2f} (p99)",
             f"p99 <= 3 x echo: {verdict(ingest['rtt_p99_ratio'] <= 3)}",
+        )
+    )
+    rows.append(
+        (
+            f"the same round trip with the load paced at half the echo's saturation rate "
+            f"({ingest['paced_rate'] / 1e3:.0f}k records/s)",
+            f"{pd['rtt_p50_ms']:.1f} / {pd['rtt_p99_ms']:.1f} ms vs echo {pe['rtt_p50_ms']:.1f} / "
+            f"{pe['rtt_p99_ms']:.1f} ms",
+            f"{ingest['paced_rtt_p99_ratio']:.2f} (p99)",
+            f"p99 <= 3 x echo: {verdict(ingest['paced_rtt_p99_ratio'] <= 3)}",
         )
     )
     print("snapshot bandwidth ...", flush=True)
@@ -153,21 +220,11 @@ def main() -> int:
         "| --- | --- | --- | --- |",
         *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows),
         "",
-        "Cause of the verdict round-trip miss, found with cProfile on the daemon under this load: every",
-        "VitalsBatch costs about 0.25 ms of Python on the event loop (validation, seq bookkeeping, one",
-        "canonical-JSON journal entry with its SHA-256); a validation record's reader waits in asyncio's FIFO",
-        "ready queue behind one batch from each of the 64 streams, so its verdict leaves after one such round",
-        "(p50 about 17 ms) and the tail follows the backlog. The echo servicer does about 0.05 ms per batch.",
-        "Closing it needs per-stream ordering with priority for validation-carrying streams (not done).",
-        "",
-        "Cause of the training-overhead miss, found with cProfile on the training thread of both arms: the",
-        "governed arm adds no Python work per step (same calls, same times in the loop); the difference is",
-        "CPU contention on 2 cores between the training thread and the client's sender and gRPC threads plus",
-        "the daemon process. The benchmark should be rerun where the daemon has a core of its own.",
-        "",
+        *causes(training, ingest),
         *detection,
     ]
     RESULTS.write_text("\n".join(lines))
+    update_readme(RESULTS.read_text())
     print("\n".join(lines))
     return 0
 
