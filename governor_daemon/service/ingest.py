@@ -9,9 +9,15 @@ arrival order, in slices of ``slice_s`` between which the event loop serves ever
 
 Per-stream order is kept: before a reader handles any other message of its stream (a validation
 record, a snapshot, a command result, a finish, or the end of the stream) it judges that stream's
-queued batches itself (``drain``). A stream may have at most ``max_pending`` batches queued; its reader
-then waits, so gRPC flow control slows that trainer instead of daemon memory growing. A queued batch
-is not acknowledged: if the daemon dies with it queued, the trainer sends it again.
+queued batches itself (``drain``), and a stream's messages are judged one at a time under its
+``judging`` lock: judging may await a journal commit (before a command leaves), and another message
+of the same stream must not be judged in that gap (its acknowledgements would go out of order, and a
+later message would be judged before an earlier one's command left). The worker passes over a stream
+whose lock is held: the holder is that stream's reader, which judges the stream's queue itself.
+
+A stream may have at most ``max_pending`` batches queued; its reader then waits, so gRPC flow control
+slows that trainer instead of daemon memory growing. A queued batch is not acknowledged: if the daemon
+dies with it queued, the trainer sends it again.
 """
 
 from __future__ import annotations
@@ -74,7 +80,10 @@ class VitalsIngest:
         self._wake.set()
 
     async def drain(self, stream: StreamHandle) -> None:
-        """Judge the queued batches of ``stream`` now (before its next message of another kind)."""
+        """Judge the queued batches of ``stream`` now (before its next message of another kind).
+
+        The caller holds ``stream.judging``.
+        """
         while stream.pending:
             await self.governor.on_vitals(stream, stream.pending.popleft())
         stream.room.set()
@@ -86,20 +95,21 @@ class VitalsIngest:
             deadline = time.perf_counter() + self.slice_s
             while self._arrivals:
                 stream = self._arrivals.popleft()
-                if not stream.pending:  # its reader drained it already
+                if not stream.pending or stream.judging.locked():  # drained already, or its reader drains it
                     continue
                 batch = stream.pending.popleft()
                 if len(stream.pending) < self.max_pending:
                     stream.room.set()
                 if stream.closed:
                     continue
-                try:
-                    await self.governor.on_vitals(stream, batch)
-                except GovernorError as exc:
-                    stream.fail(exc)
-                except Exception:  # a bug must not stop ingest for every other stream
-                    log.exception("vitals batch failed", run_id=stream.run_id, rank=stream.rank)
-                    stream.end("internal error while judging vitals; reconnect")
+                async with stream.judging:
+                    try:
+                        await self.governor.on_vitals(stream, batch)
+                    except GovernorError as exc:
+                        stream.fail(exc)
+                    except Exception:  # a bug must not stop ingest for every other stream
+                        log.exception("vitals batch failed", run_id=stream.run_id, rank=stream.rank)
+                        stream.end("internal error while judging vitals; reconnect")
                 if time.perf_counter() >= deadline:
                     await asyncio.sleep(0)
                     deadline = time.perf_counter() + self.slice_s

@@ -30,6 +30,9 @@ class StreamHandle:
         self.pending: deque[trainer_service_pb2.VitalsBatch] = deque()
         self.room = asyncio.Event()
         self.room.set()
+        # Held while any message of this stream is judged (by its reader or the ingest worker): a stream's
+        # messages are judged one at a time, in order, even when judging one awaits a journal commit.
+        self.judging = asyncio.Lock()
         self._acks: deque[tuple[int, int]] = deque()
         self._ack_wake = asyncio.Event()
         self._acked = 0
@@ -79,7 +82,9 @@ class StreamHandle:
             await self._ack_wake.wait()
             self._ack_wake.clear()
             while self._acks and not self.closed:
-                await journal.wait_durable(self._acks[-1][0])
+                # The highest entry, not the last: should entries ever be tracked out of order, waiting for the
+                # last one could return at once forever, and this loop would spin without yielding.
+                await journal.wait_durable(max(entry for entry, _ in self._acks))
                 durable = journal.durable_seq
                 up_to = 0
                 while self._acks and self._acks[0][0] <= durable:

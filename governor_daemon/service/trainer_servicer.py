@@ -78,25 +78,32 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 if kind == "vitals_batch":
                     await ingest.put(stream, request.vitals_batch)
                     continue
-                await ingest.drain(stream)  # this stream's vitals are judged before its next message
-                if kind == "validation_record":
-                    await governor.on_validation(stream, request.validation_record)
-                elif kind == "heartbeat":
-                    governor.on_heartbeat(stream, request.heartbeat)
-                elif kind == "command_result":
-                    await governor.on_command_result(stream, request.command_result)
-                elif kind == "snapshot_taken":
-                    await governor.on_snapshot(stream, request.snapshot_taken)
-                elif kind == "finish":
-                    await governor.on_finish(stream, request.finish)
-                elif kind == "hello":
-                    raise InvalidInputError("hello", "Hello may only be the first message of a stream")
-                else:
-                    raise InvalidInputError("message", "empty AttachRequest")
+                async with stream.judging:  # one message of a stream at a time (service/ingest.py)
+                    await ingest.drain(stream)  # this stream's vitals are judged before its next message
+                    await self._judge(kind, request, stream)
             if not stream.closed:
-                await ingest.drain(stream)  # the trainer closed its side: judge what it sent last
+                async with stream.judging:
+                    await ingest.drain(stream)  # the trainer closed its side: judge what it sent last
         except GovernorError as exc:
             stream.fail(exc)
         finally:
             if not stream.closed:
                 stream.close()
+
+    async def _judge(self, kind: str | None, request: trainer_service_pb2.AttachRequest, stream: StreamHandle) -> None:
+        """One message other than a VitalsBatch."""
+        governor = self.governor
+        if kind == "validation_record":
+            await governor.on_validation(stream, request.validation_record)
+        elif kind == "heartbeat":
+            governor.on_heartbeat(stream, request.heartbeat)
+        elif kind == "command_result":
+            await governor.on_command_result(stream, request.command_result)
+        elif kind == "snapshot_taken":
+            await governor.on_snapshot(stream, request.snapshot_taken)
+        elif kind == "finish":
+            await governor.on_finish(stream, request.finish)
+        elif kind == "hello":
+            raise InvalidInputError("hello", "Hello may only be the first message of a stream")
+        else:
+            raise InvalidInputError("message", "empty AttachRequest")

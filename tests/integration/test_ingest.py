@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ import grpc
 import pytest
 
 from governor_daemon.governor import Governor, GovernorOptions
+from governor_daemon.journal import GroupCommitter, Journal
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
 from governor_daemon.service.ingest import VitalsIngest
 from governor_daemon.service.streams import StreamHandle
@@ -136,3 +138,75 @@ def test_streams_progress_independently(daemon: InProcessDaemon) -> None:
     finally:
         busy.close()
         quiet.close()
+
+
+def test_a_stream_is_judged_one_message_at_a_time(tmp_path: Path) -> None:
+    """The worker judges a NaN batch whose HALT waits for a journal commit; the stream's next message (a
+    validation record) arrives in that gap. It is judged after the batch: acknowledgements stay in journal
+    order (out of order, the ack loop spun forever and froze the daemon) and the HALT leaves before the
+    record's verdict."""
+
+    async def requests() -> AsyncIterator[trainer_service_pb2.AttachRequest]:
+        start = hello("r")
+        start.policy_overrides.max_rollbacks = 0
+        yield trainer_service_pb2.AttachRequest(hello=start)
+        batch = trainer_service_pb2.VitalsBatch(first_seq=1, step=[1, 2], loss=[0.5, math.nan])
+        yield trainer_service_pb2.AttachRequest(vitals_batch=batch)
+        await asyncio.sleep(0)  # the worker takes the batch and waits for the HALT's commit
+        record = trainer_service_pb2.ValidationRecord(seq=3, step=2, epoch=1, loss=0.5)
+        yield trainer_service_pb2.AttachRequest(validation_record=record)
+
+    async def scenario() -> tuple[list[int], list[str]]:
+        governor = Governor(GovernorOptions(tmp_path / "data"))
+        await governor.start()
+        ingest = VitalsIngest(governor)
+        ingest.start()
+        stream = StreamHandle()
+        await TrainerServicer(governor, ingest)._read(requests(), stream)
+        await ingest.stop()
+        await governor.close()
+        acked_entries = [entry for entry, _ in stream._acks]
+        sent = []
+        while (message := stream.out.get_nowait()) is not None:
+            sent.append(message.WhichOneof("message"))
+        return acked_entries, sent
+
+    acked_entries, sent = asyncio.run(scenario())
+    assert acked_entries == sorted(acked_entries)
+    assert sent.index("command") < sent.index("verdict")
+
+
+def test_ack_loop_survives_acknowledgements_tracked_out_of_journal_order(tmp_path: Path) -> None:
+    """Defence in depth: even if a later entry's ack is tracked before an earlier one's, the ack loop waits
+    for the highest entry and acknowledges both (it used to spin forever). Run in a thread so that a spin
+    fails the test instead of freezing it."""
+    result: list[int] = []
+
+    async def scenario() -> None:
+        journal = Journal(tmp_path / "data")
+        journal.open()
+        committer = GroupCommitter(journal)
+        await committer.start()
+        first = committer.append("r", "note", {"i": 1})
+        await committer.commit()
+        second = committer.append("r", "note", {"i": 2})  # not durable yet
+        stream = StreamHandle()
+        stream.track_ack(second.seq, 2)
+        stream.track_ack(first.seq, 1)
+        acker = asyncio.create_task(stream.ack_loop(committer))
+        while True:
+            message = await stream.out.get()
+            assert message is not None
+            if message.WhichOneof("message") == "ack":
+                result.append(message.ack.up_to_seq)
+                if message.ack.up_to_seq == 2:
+                    break
+        stream.close()
+        acker.cancel()
+        await committer.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(scenario(),), daemon=True)
+    thread.start()
+    thread.join(20)
+    assert not thread.is_alive(), "the ack loop did not finish (spinning?)"
+    assert result[-1] == 2
