@@ -33,6 +33,25 @@ def journal(data_dir: Path, run: str) -> list[tuple[str, dict[str, object]]]:
     ]
 
 
+async def read_stream(
+    data_dir: Path, requests: AsyncIterator[trainer_service_pb2.AttachRequest]
+) -> tuple[list[trainer_service_pb2.AttachResponse], StreamHandle]:
+    """Feed ``requests`` to the Attach reader of a real Governor with the ingest worker running; returns what
+    the stream was sent and the stream (its ack loop is not run, so ``_acks`` holds what it would send)."""
+    governor = Governor(GovernorOptions(data_dir))
+    await governor.start()
+    ingest = VitalsIngest(governor)
+    ingest.start()
+    stream = StreamHandle()
+    await TrainerServicer(governor, ingest)._read(requests, stream)
+    await ingest.stop()
+    await governor.close()
+    sent = []
+    while (message := stream.out.get_nowait()) is not None:
+        sent.append(message)
+    return sent, stream
+
+
 def test_vitals_are_judged_before_the_next_message_of_their_stream(tmp_path: Path) -> None:
     """40 batches then a validation record, read without a pause (so batches are still queued when the record
     is read): the record's decision is journaled after every batch's entry, and the NaN in the last batch is
@@ -49,21 +68,7 @@ def test_vitals_are_judged_before_the_next_message_of_their_stream(tmp_path: Pat
         record = trainer_service_pb2.ValidationRecord(seq=40 * 32 + 1, step=40 * 32, epoch=1, loss=0.5)
         yield trainer_service_pb2.AttachRequest(validation_record=record)
 
-    async def scenario() -> list[trainer_service_pb2.AttachResponse]:
-        governor = Governor(GovernorOptions(tmp_path / "data"))
-        await governor.start()
-        ingest = VitalsIngest(governor)
-        ingest.start()
-        stream = StreamHandle()
-        await TrainerServicer(governor, ingest)._read(requests(), stream)
-        await ingest.stop()
-        await governor.close()
-        sent = []
-        while (message := stream.out.get_nowait()) is not None:
-            sent.append(message)
-        return sent
-
-    sent = asyncio.run(scenario())
+    sent, _ = asyncio.run(read_stream(tmp_path / "data", requests()))
     commands = [m.command for m in sent if m.WhichOneof("message") == "command"]
     assert [c.type for c in commands] == [common_pb2.COMMAND_TYPE_ROLLBACK]
     assert "non-finite" in commands[0].reason
@@ -156,24 +161,11 @@ def test_a_stream_is_judged_one_message_at_a_time(tmp_path: Path) -> None:
         record = trainer_service_pb2.ValidationRecord(seq=3, step=2, epoch=1, loss=0.5)
         yield trainer_service_pb2.AttachRequest(validation_record=record)
 
-    async def scenario() -> tuple[list[int], list[str]]:
-        governor = Governor(GovernorOptions(tmp_path / "data"))
-        await governor.start()
-        ingest = VitalsIngest(governor)
-        ingest.start()
-        stream = StreamHandle()
-        await TrainerServicer(governor, ingest)._read(requests(), stream)
-        await ingest.stop()
-        await governor.close()
-        acked_entries = [entry for entry, _ in stream._acks]
-        sent = []
-        while (message := stream.out.get_nowait()) is not None:
-            sent.append(message.WhichOneof("message"))
-        return acked_entries, sent
-
-    acked_entries, sent = asyncio.run(scenario())
+    sent, stream = asyncio.run(read_stream(tmp_path / "data", requests()))
+    acked_entries = [entry for entry, _ in stream._acks]
+    kinds = [m.WhichOneof("message") for m in sent]
     assert acked_entries == sorted(acked_entries)
-    assert sent.index("command") < sent.index("verdict")
+    assert kinds.index("command") < kinds.index("verdict")
 
 
 def test_ack_loop_survives_acknowledgements_tracked_out_of_journal_order(tmp_path: Path) -> None:
