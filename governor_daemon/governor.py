@@ -354,7 +354,7 @@ class Governor:
         self._check_future("vitals_batch.timeline", run, batch.timeline)
         # The repeated fields themselves when nothing is skipped: copying 256 values costs more than the rest.
         losses: Sequence[float] = batch.loss[skip:] if skip else batch.loss
-        grads: Sequence[float] = batch.grad_norm[skip:] if skip and len(batch.grad_norm) else batch.grad_norm
+        grads: Sequence[float] = batch.grad_norm[skip:] if skip else batch.grad_norm
         steps = all_steps[skip:]
         gaps_before = rank.num_gaps
         rank.accept_seq(last, batch.first_seq + skip)

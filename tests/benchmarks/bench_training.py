@@ -43,17 +43,15 @@ def run(epochs: int = 10, pairs: int = 12) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         daemon = DaemonProcess(Path(tmp) / "data")
         try:
-            governed, bare = [], []
+            arms = [("bare", None), ("governed", daemon.address)]
+            speeds: dict[str, list[float]] = {"bare": [], "governed": []}
             for i in range(pairs):
-                order = ("bare", "governed") if i % 2 == 0 else ("governed", "bare")
-                for arm in order:
-                    if arm == "bare":
-                        bare.append(steps_per_second(None, epochs, f"bare-{i}"))
-                    else:
-                        governed.append(steps_per_second(daemon.address, epochs, f"governed-{i}"))
+                for arm, address in arms if i % 2 == 0 else arms[::-1]:
+                    speeds[arm].append(steps_per_second(address, epochs, f"{arm}-{i}"))
         finally:
             daemon.terminate()
             torch.set_num_threads(threads)
+    governed, bare = speeds["governed"], speeds["bare"]
     ratios = [g / b for g, b in zip(governed, bare, strict=True)]
     q1, _, q3 = statistics.quantiles(ratios, n=4)
     return {
