@@ -20,16 +20,8 @@ from tests.conftest import governor_cli
 pytestmark = pytest.mark.slow
 
 
-def train(
-    address: str | None,
-    tmp_path: Path,
-    *args: str,
-    run_id: str = "run",
-    timeout_s: float = 240,
-    env: dict[str, str] | None = None,
-) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    """Run tolaria-train to the end; returns the process and its summary."""
-    summary = tmp_path / f"{run_id}-summary.json"
+def trainer_cmd(address: str | None, summary: Path, *args: str, run_id: str) -> list[str]:
+    """The tolaria-train command line of these tests (digits, JSON logs, a summary file)."""
     cmd = [
         sys.executable,
         "-m",
@@ -44,8 +36,20 @@ def train(
         "json",
         *args,
     ]
-    if address:
-        cmd += ["--governor", address]
+    return [*cmd, "--governor", address] if address else cmd
+
+
+def train(
+    address: str | None,
+    tmp_path: Path,
+    *args: str,
+    run_id: str = "run",
+    timeout_s: float = 240,
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run tolaria-train to the end; returns the process and its summary."""
+    summary = tmp_path / f"{run_id}-summary.json"
+    cmd = trainer_cmd(address, summary, *args, run_id=run_id)
     result = subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout_s, env={**os.environ, **(env or {})}, check=False
     )
@@ -154,25 +158,8 @@ def test_nan_in_first_epoch_rolls_back_to_initial_lkg(daemon: DaemonProcess, tmp
 def test_repeated_nan_halts_then_resume_continues(daemon: DaemonProcess, tmp_path: Path) -> None:
     """Four NaNs in the window: the fourth is a HALT; `governor resume` lets the run finish."""
     summary_path = tmp_path / "halt-summary.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "tolaria_trainer",
-        "--task",
-        "digits",
-        "--run-id",
-        "halty",
-        "--governor",
-        daemon.address,
-        "--halt-wait-s",
-        "120",
-        "--summary-json",
-        str(summary_path),
-        "--log-format",
-        "json",
-    ]
-    for epoch in (12, 13, 14, 15):
-        cmd += ["--inject", f"nan@epoch={epoch}"]
+    injections = [arg for epoch in (12, 13, 14, 15) for arg in ("--inject", f"nan@epoch={epoch}")]
+    cmd = trainer_cmd(daemon.address, summary_path, "--halt-wait-s", "120", *injections, run_id="halty")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while True:
@@ -212,23 +199,7 @@ def test_daemon_killed_mid_run_training_continues(tmp_path: Path) -> None:
     port = daemon.port
     summary_path = tmp_path / "killed-summary.json"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tolaria_trainer",
-            "--task",
-            "digits",
-            "--epochs",
-            "30",
-            "--run-id",
-            "killed",
-            "--governor",
-            daemon.address,
-            "--summary-json",
-            str(summary_path),
-            "--log-format",
-            "json",
-        ],
+        trainer_cmd(daemon.address, summary_path, "--epochs", "30", run_id="killed"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
