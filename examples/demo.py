@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 from typing import Any
+
+from governor_daemon.testing import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "demo-output"
@@ -65,36 +65,15 @@ def narrate(event: dict[str, Any]) -> None:
 def main() -> int:
     OUTPUT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tolaria-demo-"))
-    data_dir, port_file = work / "data", work / "port"
+    data_dir = work / "data"
     run_id = f"digits-demo-{uuid.uuid4().hex[:6]}"
-    daemon_log = (work / "governor.log").open("w")
-    daemon = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "governor_daemon",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-            "--port-file",
-            str(port_file),
-            "--metrics-listen",
-            "off",
-        ],
-        stdout=daemon_log,
-        stderr=subprocess.STDOUT,
-    )
+    try:
+        daemon = DaemonProcess(data_dir)  # `governor serve` on a free port, as a process of its own
+    except (RuntimeError, TimeoutError) as exc:
+        raise SystemExit(f"the governor did not start: {exc}") from None
     trainer: subprocess.Popen[str] | None = None
     try:
-        deadline = time.monotonic() + 30
-        while not port_file.exists():
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                say((work / "governor.log").read_text())
-                raise SystemExit("the governor did not start")
-            time.sleep(0.05)
-        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        address = daemon.address
         say(f"== governor serving on {address}, journal in {data_dir}")
         say(f"== training run {run_id}: digits, 20 epochs, seed schedule {SCHEDULE}")
         say(f"== injected faults: {', '.join(FAULTS)}")
@@ -178,13 +157,11 @@ def main() -> int:
         if trainer is not None and trainer.poll() is None:
             trainer.terminate()
             trainer.wait(10)
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
+        if daemon.proc.poll() is None:
             try:
-                daemon.wait(15)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-        daemon_log.close()
+                daemon.terminate()
+            except TimeoutError as exc:
+                say(f"== {exc}")
         os.environ.pop("TOLARIA_GOVERNOR", None)
 
 
