@@ -78,6 +78,7 @@ class AttachResponse(_message.Message):
     VERDICT_FIELD_NUMBER: _builtins.int
     COMMAND_FIELD_NUMBER: _builtins.int
     STREAM_END_FIELD_NUMBER: _builtins.int
+    RESYNC_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def welcome(self) -> Global___Welcome: ...
     @_builtins.property
@@ -88,6 +89,8 @@ class AttachResponse(_message.Message):
     def command(self) -> Global___Command: ...
     @_builtins.property
     def stream_end(self) -> Global___StreamEnd: ...
+    @_builtins.property
+    def resync(self) -> Global___Resync: ...
     def __init__(
         self,
         *,
@@ -96,12 +99,13 @@ class AttachResponse(_message.Message):
         verdict: Global___Verdict | None = ...,
         command: Global___Command | None = ...,
         stream_end: Global___StreamEnd | None = ...,
+        resync: Global___Resync | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "message", b"message", "stream_end", b"stream_end", "verdict", b"verdict", "welcome", b"welcome"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "message", b"message", "resync", b"resync", "stream_end", b"stream_end", "verdict", b"verdict", "welcome", b"welcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "message", b"message", "stream_end", b"stream_end", "verdict", b"verdict", "welcome", b"welcome"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "message", b"message", "resync", b"resync", "stream_end", b"stream_end", "verdict", b"verdict", "welcome", b"welcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "ack", "verdict", "command", "stream_end"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["welcome", "ack", "verdict", "command", "stream_end", "resync"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -399,7 +403,9 @@ class CommandResult(_message.Message):
     command_id: _builtins.int
     outcome: _common_pb2.CommandOutcome.ValueType
     new_timeline: _builtins.int
-    """Timeline after the restore (the old timeline + 1 on success)."""
+    """Timeline after executing the command: the command's timeline + 1 for a successful ROLLBACK or
+    RESUME, the command's timeline for HALT and for a failure. The daemon refuses any other value.
+    """
     restored_step: _builtins.int
     """Step of the restored snapshot."""
     duration_ms: _builtins.float
@@ -429,15 +435,16 @@ Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
 
 @_typing.final
 class Heartbeat(_message.Message):
-    """Keeps the stream alive. Not progress, and not part of the seq space."""
+    """Keeps the stream alive. Not progress, not journaled, and not part of the seq space."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LATEST_STEP_FIELD_NUMBER: _builtins.int
     TIMELINE_FIELD_NUMBER: _builtins.int
     latest_step: _builtins.int
-    """Latest optimizer step the trainer reached."""
+    """Step of the last record this stream has sent (not merely queued); -1 before the first."""
     timeline: _builtins.int
+    """Timeline of that record."""
     def __init__(
         self,
         *,
@@ -642,7 +649,9 @@ class Command(_message.Message):
     generation: _builtins.int
     """Generation of the stream the command was sent on; another generation's command is dropped."""
     timeline: _builtins.int
-    """Timeline the decision was made on."""
+    """Timeline the decision was made on. Executing a ROLLBACK or RESUME moves the rank to
+    timeline + 1, whatever timeline the rank was on (a restarted trainer catches up this way).
+    """
     step: _builtins.int
     """Step the decision was made on."""
     def __init__(
@@ -665,6 +674,43 @@ class Command(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Command: _TypeAlias = Command  # noqa: Y015
+
+@_typing.final
+class Resync(_message.Message):
+    """Records of this incarnation were produced on a timeline the run has left, and the rank has no
+    command in flight that explains it (for example a trainer restarted after a rollback). They were
+    journaled as stale, acknowledged and never judged. The trainer adopts `timeline` for its next
+    records (at its next agreement point) and tells its user how many records went unjudged.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMELINE_FIELD_NUMBER: _builtins.int
+    UP_TO_SEQ_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RUN_STATE_FIELD_NUMBER: _builtins.int
+    timeline: _builtins.int
+    """The run's timeline; records must carry it from now on."""
+    up_to_seq: _builtins.int
+    """The highest seq journaled as stale by this message's cause."""
+    reason: _builtins.str
+    """Why, for people."""
+    run_state: _common_pb2.RunState.ValueType
+    def __init__(
+        self,
+        *,
+        timeline: _builtins.int = ...,
+        up_to_seq: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        run_state: _common_pb2.RunState.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "run_state", b"run_state", "timeline", b"timeline", "up_to_seq", b"up_to_seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resync: _TypeAlias = Resync  # noqa: Y015
 
 @_typing.final
 class StreamEnd(_message.Message):
