@@ -403,8 +403,8 @@ class CommandResult(_message.Message):
     command_id: _builtins.int
     outcome: _common_pb2.CommandOutcome.ValueType
     new_timeline: _builtins.int
-    """Timeline after executing the command: the command's timeline + 1 for a successful ROLLBACK or
-    RESUME, the command's timeline for HALT and for a failure. The daemon refuses any other value.
+    """The rank's timeline after executing the command: the command's timeline + 1 for a successful
+    ROLLBACK or RESUME (the daemon refuses any other value); unchanged for HALT and for a failure.
     """
     restored_step: _builtins.int
     """Step of the restored snapshot."""
