@@ -17,16 +17,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from governor_daemon.core import Limits
+from governor_daemon.core import events as ev
 from governor_daemon.exit_codes import ExitCode
-from governor_daemon.governor import Governor, GovernorOptions
 from governor_daemon.journal import JournalCorruptError
 from governor_daemon.metrics import Gauge, Metrics, serve_metrics
 from governor_daemon.policy import RunState
 from governor_daemon.security import AuthInterceptor
 from governor_daemon.service.control_servicer import ControlServicer
 from governor_daemon.service.ingest import VitalsIngest
+from governor_daemon.service.runtime import Governor, GovernorOptions
 from governor_daemon.service.trainer_servicer import TrainerServicer
-from governor_daemon.service.validation import Limits
 from governor_daemon.settings import ServeSettings, parse_address
 from tolaria.governor.v1 import (
     control_service_pb2,
@@ -66,12 +67,12 @@ def build_governor(settings: ServeSettings) -> Governor:
 def _register_gauges(metrics: Metrics, governor: Governor) -> None:
     def runs_by_state() -> dict[tuple[tuple[str, str], ...], float]:
         counts: dict[tuple[tuple[str, str], ...], float] = {(("state", str(s)),): 0.0 for s in RunState}
-        for run in governor.registry.runs.values():
+        for run in governor.core.registry.runs.values():
             counts[(("state", str(run.policy.state)),)] += 1
         return counts
 
     def streams() -> dict[tuple[tuple[str, str], ...], float]:
-        return {(): float(sum(1 for r in governor.registry.runs.values() for k in r.ranks.values() if k.stream))}
+        return {(): float(len(governor.core.streams))}
 
     metrics.gauges += [
         Gauge("governor_runs", "Runs known to the daemon, by state.", runs_by_state),
@@ -147,15 +148,14 @@ class GovernorServer:
             port=self.port,
             metrics_port=self.metrics_port,
             data_dir=str(settings.data_dir),
-            runs_restored=len(governor.registry.runs),
+            runs_restored=len(governor.core.registry.runs),
         )
 
     async def stop(self) -> None:
         """Health NOT_SERVING, streams told to end, server stopped within the grace, journal flushed."""
         log.info("shutting down: health NOT_SERVING, ending streams")
         await self.health.enter_graceful_shutdown()
-        self.governor.end_streams("daemon shutting down; reconnect later")
-        self.governor.stopping.set()
+        self.governor.begin_stop("daemon shutting down; reconnect later")
         if self.server is not None:
             await self.server.stop(self.settings.shutdown_grace_s)
         await self.ingest.stop()
@@ -199,15 +199,22 @@ async def serve(settings: ServeSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    fatal = asyncio.ensure_future(daemon.governor.fatal.wait())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({fatal, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (fatal, stopped):
+        task.cancel()
     await daemon.stop()
+    if daemon.governor.failure is not None:
+        log.error("stopped after a journal write failure; restart recovers from the journal")
+        return ExitCode.INTERNAL_ERROR
     return ExitCode.OK
 
 
 async def _tick_loop(governor: Governor, interval_s: float, stop: asyncio.Event) -> None:
-    while not stop.is_set():
+    while not stop.is_set() and governor.failure is None:
         try:
-            await governor.tick()
+            governor.handle(ev.Tick(governor.now()))
         except Exception:  # a bug in one tick must not stop the daemon's clocks
             log.exception("tick failed")
         with contextlib.suppress(TimeoutError):

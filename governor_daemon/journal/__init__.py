@@ -1,7 +1,7 @@
-"""The append-only, hash-chained journal: entries, segments, the writer and group commit."""
+"""The append-only, hash-chained journal: entries, segments and the writer (no asyncio here: the
+daemon's group commit on the event loop is ``journal/group_commit.py``)."""
 
 from governor_daemon.journal.entry import GENESIS_HASH, Committed, Entry, EntryError, canonical_json, parse_line
-from governor_daemon.journal.group_commit import GroupCommitter
 from governor_daemon.journal.writer import CHECKPOINT_KIND, Journal, JournalCorruptError, Recovery
 
 __all__ = [
@@ -10,7 +10,6 @@ __all__ = [
     "Committed",
     "Entry",
     "EntryError",
-    "GroupCommitter",
     "Journal",
     "JournalCorruptError",
     "Recovery",

@@ -43,6 +43,8 @@ class GroupCommitter:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.on_commit = on_commit
+        self.on_durable: Callable[[int], None] | None = None
+        self.on_failure: Callable[[BaseException], None] | None = None
         self.failure: BaseException | None = None
 
     async def start(self) -> None:
@@ -56,9 +58,14 @@ class GroupCommitter:
         if self.failure is not None:
             raise RuntimeError(f"journal write failed earlier: {self.failure}")
         entry = self.journal.append(run, kind, payload, time.time())
-        self._uncommitted.append(Committed.of(entry))
+        self._uncommitted.extend(Committed.of(e) for e in self.journal.appended)  # with a segment's checkpoint
         self._wake.set()
         return entry
+
+    def request_commit(self) -> None:
+        """Commit what is appended now rather than after the group interval (does not wait)."""
+        self._urgent = True
+        self._wake.set()
 
     @property
     def durable_seq(self) -> int:
@@ -113,10 +120,14 @@ class GroupCommitter:
                     if not future.done():
                         future.set_exception(RuntimeError(f"journal write failed: {exc}"))
                 self._waiters.clear()
+                if self.on_failure is not None:
+                    self.on_failure(exc)
                 return
             if self.on_commit is not None:
                 self.on_commit(time.perf_counter() - started)
             self._tail.extend((c.seq, c.ts, c.run, c.kind, c.payload_json, c.hash) for c in batch)
+            if self.on_durable is not None:
+                self.on_durable(durable)
             still: list[tuple[int, asyncio.Future[None]]] = []
             for seq, future in self._waiters:
                 if seq <= durable:

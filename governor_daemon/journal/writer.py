@@ -63,6 +63,7 @@ class Journal:
         self._segment = 0
         self._segment_size = 0
         self._pending: list[tuple[int, str]] = []
+        self.appended: list[Entry] = []
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._file: Any = None
@@ -144,11 +145,17 @@ class Journal:
     # ----------------------------------------------------------------- appending
 
     def append(self, run: str, kind: str, payload: dict[str, Any], now_epoch_s: float) -> Entry:
-        """Assign seq and hash to a new entry and buffer it (not yet durable)."""
+        """Assign seq and hash to a new entry and buffer it (not yet durable).
+
+        A segment's checkpoint entry, when this entry starts a segment, is appended before it; both
+        are in ``appended`` until the next call (readers of the journal see checkpoints too).
+        """
         with self._lock:
+            self.appended = []
             if self._segment == 0 or self._segment_size >= self.segment_bytes:
                 self._rotate(now_epoch_s)
-            return self._append_locked(run, kind, payload, now_epoch_s)
+            entry = self._append_locked(run, kind, payload, now_epoch_s)
+            return entry
 
     def _rotate(self, now_epoch_s: float) -> None:
         self._segment += 1
@@ -160,6 +167,7 @@ class Journal:
             self.last_seq + 1, utc_now_iso(now_epoch_s), run, kind, payload, self.last_hash, self.key
         )
         self._pending.append((self._segment, line))
+        self.appended.append(entry)
         self._segment_size += len(line.encode("utf-8"))
         self.last_seq, self.last_hash = entry.seq, entry.hash
         return entry

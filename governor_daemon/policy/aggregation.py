@@ -2,7 +2,9 @@
 
 A step is decided when all ``world_size`` ranks reported or ``rank_deadline_s`` after the first
 report; the ranks missing then are named (the caller marks them STALLED). A report for a step that
-was already decided is late: journaled, never decided. Pure: the caller passes the time.
+was already decided is late: journaled, never decided. A group of a timeline the run has left is
+discarded, never decided. Pure: the caller passes the (monotonic) time, which is never journaled:
+the deadlines of restored groups restart at daemon start (``rearm``).
 """
 
 from __future__ import annotations
@@ -87,6 +89,16 @@ class StepAggregator:
         ready = [k for k, g in self._pending.items() if now_s - g.first_at_s >= deadline_s]
         return [self._close(k) for k in ready]
 
+    def discard_before(self, timeline: int) -> list[StepGroup]:
+        """Drop the pending groups of timelines before ``timeline`` (superseded by a rollback)."""
+        old = [k for k in self._pending if k[0] < timeline]
+        return [self._pending.pop(k) for k in old]
+
+    def rearm(self, now_s: float) -> None:
+        """Restart every pending group's deadline at ``now_s``."""
+        for group in self._pending.values():
+            group.first_at_s = now_s
+
     def flush(self) -> list[StepGroup]:
         """Close every pending group now (end of an offline trace)."""
         return [self._close(k) for k in list(self._pending)]
@@ -104,7 +116,6 @@ class StepAggregator:
                 {
                     "timeline": g.timeline,
                     "step": g.step,
-                    "first_at_s": g.first_at_s,
                     "epoch": g.epoch,
                     "record_rgl": g.record_rgl,
                     "losses": {str(r): float_to_json(x) for r, x in g.losses.items()},
@@ -119,7 +130,7 @@ class StepAggregator:
         """Replace the state with ``to_dict`` output."""
         self._pending.clear()
         for g in data["pending"]:
-            group = StepGroup(int(g["timeline"]), int(g["step"]), float(g["first_at_s"]), g["epoch"], g["record_rgl"])
+            group = StepGroup(int(g["timeline"]), int(g["step"]), 0.0, g["epoch"], g["record_rgl"])
             group.losses = {int(r): float_from_json(x) for r, x in g["losses"].items()}
             group.seqs = {int(r): int(s) for r, s in g["seqs"].items()}
             self._pending[(group.timeline, group.step)] = group

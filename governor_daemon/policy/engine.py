@@ -1,10 +1,11 @@
 """Per-run decision engine: the detector profile plus every mechanism outside the profiles.
 
-Pure: values and times (``now_s``, seconds on any monotonic clock the caller chooses) go in,
-decisions and commands come out. No grpc, no files, no clock reads. The daemon calls it from one
-task per run (it is not thread-safe); ``governor replay`` drives it from a trace.
+Pure: values and times (``now_s``, seconds on the daemon's monotonic clock) go in, decisions and
+commands come out. No grpc, no files, no clock reads. The daemon core calls it (it is not
+thread-safe); ``governor replay`` drives it from a trace. Times are never journaled: the command
+timeout restarts at daemon start (``rearm``).
 
-Mechanisms (DESIGN.md section 3): train-step signals, one command at a time, loop breaker, recovery
+Mechanisms (docs/protocol.md): train-step signals, one command at a time, loop breaker, recovery
 recipe, shadow mode, command timeout, Resume, policy updates. The run state is derived, never stored
 twice: FINISHED > HALTED > ROLLING_BACK > STALLED > ANOMALY > HEALTHY.
 """
@@ -31,6 +32,8 @@ from governor_daemon.policy.decisions import (
 from governor_daemon.policy.detectors import DetectorState, detector_for, fmt
 
 SHADOW_NOTE = "shadow mode: no command sent"
+RECENT_COMMANDS = 8
+"""Closed commands remembered to judge a late CommandResult."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class RunPolicy:
         self.last_verdict: Verdict | None = None
         self.last_reason = ""
         self.latest_validation_step = -1
+        self.recent_commands: deque[Command] = deque(maxlen=RECENT_COMMANDS)
 
     # ----------------------------------------------------------------- derived views
 
@@ -116,6 +120,24 @@ class RunPolicy:
     def is_stale(self, timeline: int) -> bool:
         """True for a record of a timeline the run has already left (in flight during a rollback)."""
         return timeline < self.timeline
+
+    def next_timeline(self) -> int | None:
+        """The timeline ranks move to by executing the open command (None: it does not move them)."""
+        open_cmd = self.open
+        if open_cmd is None or open_cmd.command.kind is CommandKind.HALT:
+            return None
+        return open_cmd.command.timeline + 1
+
+    def command(self, command_id: int) -> Command | None:
+        """The open command or a recently closed one with this id."""
+        if self.open is not None and self.open.command.command_id == command_id:
+            return self.open.command
+        return next((c for c in self.recent_commands if c.command_id == command_id), None)
+
+    def rearm(self, now_s: float) -> None:
+        """Restart the command timeout at ``now_s`` (daemon start: monotonic clocks restart too)."""
+        if self.open is not None:
+            self.open = replace(self.open, issued_at_s=now_s)
 
     # ----------------------------------------------------------------- judging records
 
@@ -284,6 +306,8 @@ class RunPolicy:
 
     def request_rollback(self, reason: str, now_s: float) -> Command:
         """A controller's ROLLBACK. Raises PolicyStateError if HALTED or a command is open."""
+        if self.state is RunState.FINISHED:
+            raise PolicyStateError("run has finished: every rank sent Finish")
         blocked = self._blocked_reason()
         if blocked is not None:
             raise PolicyStateError(f"cannot roll back now: {blocked}")
@@ -301,7 +325,7 @@ class RunPolicy:
         if self.halted:
             raise PolicyStateError("run is already halted; use Resume to continue it")
         if self.state is RunState.FINISHED:
-            raise PolicyStateError("run has finished")
+            raise PolicyStateError("run has finished: every rank sent Finish")
         return self._issue(
             CommandKind.HALT,
             f"halted by controller: {reason}",
@@ -338,27 +362,31 @@ class RunPolicy:
         error: str,
         now_s: float,
     ) -> list[Notice]:
-        """Record one rank's CommandResult. Returns the notices to journal.
+        """Record one rank's CommandResult (the caller checked it against ``command``). Returns notices.
 
-        The command closes when every unfinished rank has answered. A successful ROLLBACK or RESUME
-        moves the run to ``new_timeline``; a failure HALTs the run and issues a HALT command. A result
-        for a command that is no longer open (timed out, replaced) is journaled as late, and its
-        timeline is still adopted so that the trainer's later records are not mistaken for future ones.
+        The command closes when every unfinished rank has answered; a successful ROLLBACK or RESUME then
+        moves the run to the command's timeline + 1. A failure HALTs the run with a HALT command. A
+        successful result of a ROLLBACK or RESUME that closed without it (replaced by a HALT, timed out)
+        still moves the run's timeline when the command was made on it: the rank did restore, and its
+        later records carry the new timeline.
         """
         open_cmd = self.open
         if open_cmd is None or open_cmd.command.command_id != command_id:
-            if succeeded and new_timeline > self.timeline:
+            late = self.command(command_id)
+            moves = late is not None and late.kind is not CommandKind.HALT and late.timeline == self.timeline
+            if succeeded and moves and new_timeline == self.timeline + 1:
                 self.timeline = new_timeline
             return [
                 Notice(
                     "late_command_result",
                     f"result of command {command_id} from rank {rank} arrived after it closed"
-                    + ("" if succeeded else f": failed: {error}"),
+                    + ("" if succeeded else f": failed: {error}")
+                    + (f"; run now on timeline {self.timeline}" if self.timeline == new_timeline and moves else ""),
                 )
             ]
         if not succeeded:
             kind = open_cmd.command.kind
-            self.open = None
+            self._close_open()
             notices = [Notice("command_failed", f"{kind} {command_id} failed on rank {rank}: {error}")]
             if kind is not CommandKind.HALT:
                 halt = self._issue(
@@ -367,6 +395,7 @@ class RunPolicy:
                     self.timeline,
                     open_cmd.command.step,
                     now_s,
+                    punishment=0.0,
                 )
                 notices.append(Notice("halt", halt.reason, halt))
             return notices
@@ -381,9 +410,9 @@ class RunPolicy:
                     f"{open_cmd.command.kind} {command_id}: {len(done & expected)}/{len(expected)} ranks done",
                 )
             ]
-        self.open = None
+        self._close_open()
         if open_cmd.command.kind is not CommandKind.HALT:
-            self.timeline = max(self.timeline, reached)
+            self.timeline = open_cmd.command.timeline + 1
             self.judged = RunState.HEALTHY
         return [
             Notice(
@@ -397,16 +426,34 @@ class RunPolicy:
         open_cmd = self.open
         if open_cmd is None or now_s - open_cmd.issued_at_s <= self.config.command_timeout_s:
             return []
-        self.open = None
-        self.halted = True
+        self._close_open()
+        reason = (
+            f"{open_cmd.command.kind} {open_cmd.command.command_id} had no result after "
+            f"{fmt(now_s - open_cmd.issued_at_s)} s (command_timeout_s {fmt(self.config.command_timeout_s)})"
+        )
+        if open_cmd.command.kind is CommandKind.HALT:
+            self.open = None  # already halted: the trainer that never answered still stops at its next agreement
+            return [Notice("command_timeout", reason + "; run stays halted")]
+        halt = self._issue(CommandKind.HALT, reason, self.timeline, open_cmd.command.step, now_s, punishment=0.0)
+        return [Notice("command_timeout", reason + "; run halted", halt)]
+
+    def finish(self, rank: int) -> list[Notice]:
+        """Record a rank's Finish. When the last rank finishes, an open command can never be executed:
+        it is closed as abandoned (its punishment stays charged; docs/protocol.md, "Punishment ledger")."""
+        self.finished_ranks.add(rank)
+        self.stalled_ranks.discard(rank)
+        open_cmd = self.open
+        if open_cmd is None or self.state is not RunState.FINISHED:
+            return []
+        self._close_open()
         return [
-            Notice(
-                "command_timeout",
-                f"{open_cmd.command.kind} {open_cmd.command.command_id} had no result after "
-                f"{fmt(now_s - open_cmd.issued_at_s)} s "
-                f"(command_timeout_s {fmt(self.config.command_timeout_s)}); run halted",
-            )
+            Notice("command_abandoned", f"{open_cmd.command.kind} {open_cmd.command.command_id}: every rank finished")
         ]
+
+    def _close_open(self) -> None:
+        if self.open is not None:
+            self.recent_commands.append(self.open.command)
+            self.open = None
 
     # ----------------------------------------------------------------- persistence
 
@@ -428,7 +475,6 @@ class RunPolicy:
             if open_cmd is None
             else {
                 "command": open_cmd.command.as_dict(),
-                "issued_at_s": open_cmd.issued_at_s,
                 "ranks_done": sorted(open_cmd.ranks_done),
                 "new_timeline": open_cmd.new_timeline,
             },
@@ -443,6 +489,7 @@ class RunPolicy:
             "last_verdict": None if self.last_verdict is None else str(self.last_verdict),
             "last_reason": self.last_reason,
             "latest_validation_step": self.latest_validation_step,
+            "recent_commands": [c.as_dict() for c in self.recent_commands],
         }
 
     @classmethod
@@ -461,7 +508,7 @@ class RunPolicy:
             if raw_open is None
             else OpenCommand(
                 Command.from_dict(raw_open["command"]),
-                float(raw_open["issued_at_s"]),
+                0.0,  # re-armed at daemon start
                 frozenset(int(r) for r in raw_open["ranks_done"]),
                 int(raw_open["new_timeline"]),
             )
@@ -477,6 +524,9 @@ class RunPolicy:
         policy.last_verdict = None if data["last_verdict"] is None else Verdict(data["last_verdict"])
         policy.last_reason = str(data["last_reason"])
         policy.latest_validation_step = int(data["latest_validation_step"])
+        policy.recent_commands = deque(
+            (Command.from_dict(c) for c in data.get("recent_commands", [])), maxlen=RECENT_COMMANDS
+        )
         return policy
 
     # ----------------------------------------------------------------- ranks and policy
@@ -487,11 +537,6 @@ class RunPolicy:
             self.stalled_ranks.add(rank)
         else:
             self.stalled_ranks.discard(rank)
-
-    def finish(self, rank: int) -> None:
-        """Record a rank's Finish."""
-        self.finished_ranks.add(rank)
-        self.stalled_ranks.discard(rank)
 
     def update_policy(self, config: PolicyConfig) -> None:
         """Switch to ``config`` from the next record on; a shrunk history keeps its newest entries."""
@@ -504,7 +549,7 @@ class RunPolicy:
     def _check_timeline(self, timeline: int) -> None:
         if timeline < self.timeline:
             raise PolicyStateError(f"stale record: timeline {timeline} < current {self.timeline}")
-        if timeline > self.timeline:
+        if timeline > self.timeline and timeline != self.next_timeline():
             raise PolicyStateError(
                 f"record from timeline {timeline} but the run is on {self.timeline}: "
                 "the trainer restored without a command"
@@ -542,8 +587,13 @@ class RunPolicy:
         kind = CommandKind.HALT if action is Action.HALT else CommandKind.ROLLBACK
         return action, self._issue(kind, reason, timeline, step, now_s), None, reason
 
-    def _issue(self, kind: CommandKind, reason: str, timeline: int, step: int, now_s: float) -> Command:
-        punishment = 0.0 if kind is CommandKind.RESUME else -self.config.death_penalty
+    def _issue(
+        self, kind: CommandKind, reason: str, timeline: int, step: int, now_s: float, punishment: float | None = None
+    ) -> Command:
+        """A new open command (replacing any open one). Its punishment is charged now, once."""
+        if punishment is None:
+            punishment = 0.0 if kind is CommandKind.RESUME else -self.config.death_penalty
+        self._close_open()
         command = Command(
             command_id=self.next_command_id,
             kind=kind,

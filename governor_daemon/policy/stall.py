@@ -4,8 +4,9 @@ A rank is STALLED when its latest step has not advanced for ``stall_timeout_s``,
 ``LEARN_FACTOR`` x the longest interval between step advances once ``MIN_INTERVALS`` intervals were
 seen, whichever is shorter. The learned threshold never drops below ``LEARNED_FLOOR_S``: progress
 arrives in bursts (a vitals batch every few dozen steps, then a validation pause), and sub-second
-intervals would otherwise flag every pause. Heartbeats carrying the same step are not progress. The
-clock starts at attach (and therefore again at daemon start).
+intervals would otherwise flag every pause. Progress is a later (timeline, step): after a rollback
+to an earlier step, steps on the new timeline are progress. Heartbeats are never progress. The clock
+starts at attach (and therefore again at daemon start).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ class StallTracker:
     """Tracks one rank's progress. Not thread-safe."""
 
     def __init__(self, now_s: float) -> None:
-        self.latest_step: int | None = None
+        self.latest: tuple[int, int] | None = None
         self.last_advance_s = now_s
         self.longest_interval_s = 0.0
         self.num_intervals = 0
@@ -31,14 +32,15 @@ class StallTracker:
             return min(stall_timeout_s, max(LEARNED_FLOOR_S, LEARN_FACTOR * self.longest_interval_s))
         return stall_timeout_s
 
-    def observe_step(self, step: int, now_s: float) -> bool:
-        """Record the latest step seen. Returns True if this cleared a stall."""
-        if self.latest_step is not None and step <= self.latest_step:
+    def observe_step(self, step: int, now_s: float, timeline: int = 0) -> bool:
+        """Record the latest (timeline, step) seen. Returns True if this cleared a stall."""
+        position = (timeline, step)
+        if self.latest is not None and position <= self.latest:
             return False
-        if self.latest_step is not None:
+        if self.latest is not None:
             self.longest_interval_s = max(self.longest_interval_s, now_s - self.last_advance_s)
             self.num_intervals += 1
-        self.latest_step = step
+        self.latest = position
         self.last_advance_s = now_s
         was = self.stalled
         self.stalled = False

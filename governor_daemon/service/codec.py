@@ -1,14 +1,24 @@
-"""Conversions between the contract's messages and the policy core's values. No I/O, no grpc."""
+"""Conversions between the contract's messages and the core's values. No I/O, no grpc.
+
+``decode_request`` turns a validated AttachRequest into a core event; ``encode_message`` turns a core
+message into an AttachResponse. Both the gRPC servicers and the simulation use them.
+"""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from governor_daemon.journal import Committed
+from governor_daemon.core import effects as fx
+from governor_daemon.core import events as ev
+from governor_daemon.core.machine import Limits
+from governor_daemon.core.registry import Run
+from governor_daemon.errors import InvalidInputError
+from governor_daemon.journal.entry import Committed
 from governor_daemon.policy import Command, CommandKind, Decision, PolicyConfig, RunState, Verdict
 from governor_daemon.policy.config import FIELD_NAMES
-from governor_daemon.registry import Run
+from governor_daemon.policy.decisions import float_to_json
+from governor_daemon.service import validation as check
 from tolaria.governor.v1 import common_pb2, control_service_pb2, trainer_service_pb2
 
 RUN_STATE_TO_PROTO = {
@@ -76,6 +86,150 @@ def verdict_to_proto(decision: Decision, seq: int) -> trainer_service_pb2.Attach
     )
 
 
+def decode_hello(
+    hello: trainer_service_pb2.Hello, stream: int, peer: str, caller: str, now: float, limits: Limits
+) -> ev.Attach:
+    """A validated Hello as an Attach event. Raises InvalidInputError."""
+    check.validate_hello(hello, limits)
+    return ev.Attach(
+        stream=stream,
+        run_id=hello.run_id,
+        rank=hello.rank,
+        world_size=hello.world_size,
+        incarnation_id=hello.incarnation_id,
+        task=hello.task,
+        overrides=overrides_from_proto(hello.policy_overrides),
+        random_guess_loss=hello.random_guess_loss if hello.HasField("random_guess_loss") else None,
+        num_classes=hello.num_classes if hello.HasField("num_classes") else None,
+        trainer_version=hello.trainer_version,
+        peer=peer,
+        caller=caller,
+        now=now,
+    )
+
+
+def decode_request(
+    request: trainer_service_pb2.AttachRequest, stream: int, now: float, limits: Limits
+) -> ev.TrainerEvent:
+    """A validated message after the Hello as a core event. Raises InvalidInputError or LimitExceededError."""
+    kind = request.WhichOneof("message")
+    if kind == "vitals_batch":
+        batch = request.vitals_batch
+        steps = check.validate_vitals(batch, limits)
+        return ev.Vitals(
+            stream, batch.first_seq, batch.timeline, steps, batch.loss, batch.grad_norm, batch.num_dropped_records, now
+        )
+    if kind == "validation_record":
+        record = request.validation_record
+        check.validate_validation(record, limits)
+        rgl = record.random_guess_loss if record.HasField("random_guess_loss") else None
+        return ev.Validation(
+            stream,
+            record.seq,
+            record.timeline,
+            record.step,
+            record.epoch,
+            record.loss,
+            rgl,
+            validation_details(record),
+            now,
+        )
+    if kind == "heartbeat":
+        return ev.Heartbeat(stream, request.heartbeat.latest_step, request.heartbeat.timeline, now)
+    if kind == "command_result":
+        result = request.command_result
+        check.validate_command_result(result, limits)
+        return ev.CommandResult(
+            stream,
+            result.seq,
+            result.command_id,
+            result.outcome == common_pb2.COMMAND_OUTCOME_SUCCEEDED,
+            result.new_timeline,
+            result.restored_step,
+            result.duration_ms,
+            result.error,
+            result.num_culled_seeds,
+            now,
+        )
+    if kind == "snapshot_taken":
+        snap = request.snapshot_taken
+        check.validate_snapshot(snap, limits)
+        return ev.SnapshotTaken(
+            stream, snap.seq, snap.timeline, snap.step, snap.snapshot_bytes, snap.duration_ms, snap.location, now
+        )
+    if kind == "finish":
+        finish = request.finish
+        check.validate_finish(finish, limits)
+        return ev.Finish(
+            stream,
+            finish.seq,
+            common_pb2.FinishStatus.Name(finish.status),
+            finish.epochs_completed,
+            finish.num_rollbacks,
+            finish.message,
+            finish.duration_s,
+            finish.final_validation_loss if finish.HasField("final_validation_loss") else None,
+            finish.final_validation_accuracy if finish.HasField("final_validation_accuracy") else None,
+            now,
+        )
+    if kind == "hello":
+        raise InvalidInputError("hello", "Hello may only be the first message of a stream")
+    raise InvalidInputError("message", "empty AttachRequest")
+
+
+def validation_details(record: trainer_service_pb2.ValidationRecord) -> dict[str, Any]:
+    """A validation record as the journal describes it (non-finite floats encoded as strings)."""
+    details: dict[str, Any] = {
+        "seq": record.seq,
+        "timeline": record.timeline,
+        "step": record.step,
+        "epoch": record.epoch,
+        "loss": float_to_json(record.loss),
+    }
+    for name in ("accuracy", "perplexity", "train_loss", "train_accuracy", "random_guess_loss"):
+        if record.HasField(name):
+            details[name] = float_to_json(getattr(record, name))
+    if record.per_class_accuracy:
+        details["per_class_accuracy"] = [float_to_json(x) for x in record.per_class_accuracy]
+    if record.seeds:
+        details["seeds"] = [
+            {"slot": s.slot, "blueprint": s.blueprint, "stage": s.stage, "alpha": s.alpha} for s in record.seeds
+        ]
+    return details
+
+
+def encode_message(message: fx.Message) -> trainer_service_pb2.AttachResponse:
+    """A core message for a trainer as the AttachResponse that carries it."""
+    if isinstance(message, fx.Ack):
+        return trainer_service_pb2.AttachResponse(ack=trainer_service_pb2.Ack(up_to_seq=message.up_to_seq))
+    if isinstance(message, fx.VerdictOut):
+        return verdict_to_proto(message.decision, message.seq)
+    if isinstance(message, fx.CommandOut):
+        return command_to_proto(message.command, message.generation)
+    if isinstance(message, fx.Welcome):
+        welcome = trainer_service_pb2.Welcome(
+            generation=message.generation,
+            effective_policy=policy_to_proto(message.policy),
+            last_durable_seq=message.last_durable_seq,
+            timeline=message.timeline,
+            run_state=RUN_STATE_TO_PROTO[message.run_state],
+            ignored_policy_fields=message.ignored_policy_fields,
+        )
+        if message.random_guess_loss is not None:
+            welcome.random_guess_loss = message.random_guess_loss
+        return trainer_service_pb2.AttachResponse(welcome=welcome)
+    if isinstance(message, fx.Resync):
+        return trainer_service_pb2.AttachResponse(
+            resync=trainer_service_pb2.Resync(
+                timeline=message.timeline,
+                up_to_seq=message.up_to_seq,
+                reason=message.reason,
+                run_state=RUN_STATE_TO_PROTO[message.run_state],
+            )
+        )
+    return trainer_service_pb2.AttachResponse(stream_end=trainer_service_pb2.StreamEnd(reason=message.reason))
+
+
 def run_status_to_proto(run: Run, now_s: float, monotonic_s: float) -> control_service_pb2.RunStatus:
     """Everything a controller sees of a run."""
     policy = run.policy
@@ -116,7 +270,7 @@ def run_status_to_proto(run: Run, now_s: float, monotonic_s: float) -> control_s
                 command_id=cmd.command_id,
                 type=COMMAND_TO_PROTO[cmd.kind],
                 reason=cmd.reason,
-                age_s=max(0.0, now_s - policy.open.issued_at_s),
+                age_s=max(0.0, monotonic_s - policy.open.issued_at_s),
             )
         )
     for rank in sorted(run.ranks):

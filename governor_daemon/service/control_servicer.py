@@ -8,11 +8,15 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
-from governor_daemon.errors import GovernorError
-from governor_daemon.governor import Governor
+from governor_daemon.core import CommandReply
+from governor_daemon.core import events as ev
+from governor_daemon.errors import GovernorError, InvalidInputError
+from governor_daemon.policy import PolicyConfig
 from governor_daemon.security import CALLER
 from governor_daemon.service import codec
+from governor_daemon.service.runtime import Governor
 from governor_daemon.service.status_codes import status_for
+from governor_daemon.service.validation import check_run_id, check_text
 from tolaria.governor.v1 import control_service_pb2 as pb
 from tolaria.governor.v1 import control_service_pb2_grpc
 
@@ -35,16 +39,28 @@ async def _guard(context: Context, call: Callable[[], Awaitable[T]]) -> T:
 
 
 class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
-    """Adapter between controllers and the Governor."""
+    """Adapter between controllers and the runtime."""
 
     def __init__(self, governor: Governor) -> None:
         self.governor = governor
+
+    def _status(self, run_id: str) -> pb.RunStatus:
+        return codec.run_status_to_proto(self.governor.run(run_id), 0.0, self.governor.now())
+
+    async def _command(
+        self, make: type[ev.RequestRollback | ev.Halt | ev.Resume], run_id: str, reason: str, context: Context
+    ) -> CommandReply:
+        check_run_id("run_id", run_id)
+        check_text("reason", reason, self.governor.options.limits)
+        reply = await self.governor.call(make(run_id, reason, caller_of(context), self.governor.now()))
+        assert isinstance(reply, CommandReply)
+        return reply
 
     async def GetPanicState(self, request: pb.GetPanicStateRequest, context: Context) -> pb.GetPanicStateResponse:
         """State of one run."""
 
         async def call() -> pb.GetPanicStateResponse:
-            return pb.GetPanicStateResponse(run=self.governor.status(request.run_id))
+            return pb.GetPanicStateResponse(run=self._status(request.run_id))
 
         return await _guard(context, call)
 
@@ -52,7 +68,18 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
         """All runs, optionally by state."""
 
         async def call() -> pb.ListRunsResponse:
-            return pb.ListRunsResponse(runs=self.governor.list_runs(request.states))
+            unknown = [s for s in request.states if s not in codec.PROTO_TO_RUN_STATE]
+            if unknown:
+                raise InvalidInputError("states", f"unknown run states {unknown}")
+            wanted = {codec.PROTO_TO_RUN_STATE[s] for s in request.states}
+            now = self.governor.now()
+            return pb.ListRunsResponse(
+                runs=[
+                    codec.run_status_to_proto(run, 0.0, now)
+                    for run in self.governor.runs()
+                    if not wanted or run.policy.state in wanted
+                ]
+            )
 
         return await _guard(context, call)
 
@@ -70,9 +97,10 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
         """A controller's ROLLBACK."""
 
         async def call() -> pb.RequestRollbackResponse:
-            cmd = await self.governor.request_rollback(request.run_id, request.reason, caller_of(context))
-            state = self.governor.run(request.run_id).policy.state
-            return pb.RequestRollbackResponse(command_id=cmd.command_id, run_state=codec.RUN_STATE_TO_PROTO[state])
+            reply = await self._command(ev.RequestRollback, request.run_id, request.reason, context)
+            return pb.RequestRollbackResponse(
+                command_id=reply.command.command_id, run_state=codec.RUN_STATE_TO_PROTO[reply.run_state]
+            )
 
         return await _guard(context, call)
 
@@ -80,9 +108,10 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
         """A controller's HALT."""
 
         async def call() -> pb.HaltResponse:
-            cmd = await self.governor.halt(request.run_id, request.reason, caller_of(context))
-            state = self.governor.run(request.run_id).policy.state
-            return pb.HaltResponse(command_id=cmd.command_id, run_state=codec.RUN_STATE_TO_PROTO[state])
+            reply = await self._command(ev.Halt, request.run_id, request.reason, context)
+            return pb.HaltResponse(
+                command_id=reply.command.command_id, run_state=codec.RUN_STATE_TO_PROTO[reply.run_state]
+            )
 
         return await _guard(context, call)
 
@@ -90,9 +119,10 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
         """Resume a HALTED run."""
 
         async def call() -> pb.ResumeResponse:
-            cmd = await self.governor.resume(request.run_id, request.reason, caller_of(context))
-            state = self.governor.run(request.run_id).policy.state
-            return pb.ResumeResponse(command_id=cmd.command_id, run_state=codec.RUN_STATE_TO_PROTO[state])
+            reply = await self._command(ev.Resume, request.run_id, request.reason, context)
+            return pb.ResumeResponse(
+                command_id=reply.command.command_id, run_state=codec.RUN_STATE_TO_PROTO[reply.run_state]
+            )
 
         return await _guard(context, call)
 
@@ -108,8 +138,11 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
         """Change policy fields of a run."""
 
         async def call() -> pb.UpdatePolicyResponse:
+            check_run_id("run_id", request.run_id)
             changes = codec.overrides_from_proto(request.changes)
-            config = await self.governor.update_policy(request.run_id, changes, caller_of(context))
+            event = ev.UpdatePolicy(request.run_id, changes, caller_of(context), self.governor.now())
+            config = await self.governor.call(event)
+            assert isinstance(config, PolicyConfig)
             return pb.UpdatePolicyResponse(policy=codec.policy_to_proto(config))
 
         return await _guard(context, call)

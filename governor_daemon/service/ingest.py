@@ -1,19 +1,15 @@
-"""Train-step vitals are judged by one worker task, so no stream's validation record waits behind them.
+"""Train-step vitals are handled by one worker task, so no stream's validation record waits behind them.
 
-Every Attach stream has a reader task. Were each reader to judge its own VitalsBatch (a few hundred
-microseconds of Python: checks, counters, one journal entry), a validation record would wait in the
-event loop's FIFO ready queue behind one batch from every other busy stream, and its verdict would
-leave late (DESIGN.md section 7 bounds that round trip). So readers only queue their batches here,
-which costs about as much as reading them, and one worker judges the queued batches of all streams in
+Every Attach stream has a reader task. Were each reader to hand its own VitalsBatch to the core (a few
+hundred microseconds of Python), a validation record would wait in the event loop's FIFO ready queue
+behind one batch from every other busy stream, and its verdict would leave late. So readers only queue
+their decoded batches here, and one worker hands the queued batches of all streams to the core in
 arrival order, in slices of ``slice_s`` between which the event loop serves everyone else.
 
-Per-stream order is kept: before a reader handles any other message of its stream (a validation
-record, a snapshot, a command result, a finish, or the end of the stream) it judges that stream's
-queued batches itself (``drain``), and a stream's messages are judged one at a time under its
-``judging`` lock: judging may await a journal commit (before a command leaves), and another message
-of the same stream must not be judged in that gap (its acknowledgements would go out of order, and a
-later message would be judged before an earlier one's command left). The worker passes over a stream
-whose lock is held: the holder is that stream's reader, which judges the stream's queue itself.
+Per-stream order is kept: before a reader hands the core any other message of its stream (a
+validation record, a snapshot, a command result, a finish, or the end of the stream) it hands over
+that stream's queued batches itself (``drain``). Handling an event never awaits (service/runtime.py),
+so nothing else of the stream can interleave.
 
 A stream may have at most ``max_pending`` batches queued; its reader then waits, so gRPC flow control
 slows that trainer instead of daemon memory growing. A queued batch is not acknowledged: if the daemon
@@ -29,10 +25,10 @@ from collections import deque
 
 import structlog
 
+from governor_daemon.core import events as ev
 from governor_daemon.errors import GovernorError
-from governor_daemon.governor import Governor
+from governor_daemon.service.runtime import Governor
 from governor_daemon.service.streams import StreamHandle
-from tolaria.governor.v1 import trainer_service_pb2
 
 log = structlog.get_logger("governor.ingest")
 
@@ -41,7 +37,7 @@ DEFAULT_MAX_PENDING = 8
 
 
 class VitalsIngest:
-    """The queue of VitalsBatch messages between stream readers and the worker. Event-loop only."""
+    """The queue of vitals between stream readers and the worker. Event-loop only."""
 
     def __init__(
         self, governor: Governor, slice_s: float = DEFAULT_SLICE_S, max_pending: int = DEFAULT_MAX_PENDING
@@ -68,7 +64,7 @@ class VitalsIngest:
                 await self._task
             self._task = None
 
-    async def put(self, stream: StreamHandle, batch: trainer_service_pb2.VitalsBatch) -> None:
+    async def put(self, stream: StreamHandle, batch: ev.Vitals) -> None:
         """Queue a batch of ``stream`` (waits while the stream already has max_pending queued)."""
         if self._task is None:
             raise RuntimeError("VitalsIngest.start() was not called")
@@ -79,13 +75,10 @@ class VitalsIngest:
         self._arrivals.append(stream)
         self._wake.set()
 
-    async def drain(self, stream: StreamHandle) -> None:
-        """Judge the queued batches of ``stream`` now (before its next message of another kind).
-
-        The caller holds ``stream.judging``.
-        """
-        while stream.pending:
-            await self.governor.on_vitals(stream, stream.pending.popleft())
+    def drain(self, stream: StreamHandle) -> None:
+        """Hand the queued batches of ``stream`` to the core now (before its next message of another kind)."""
+        while stream.pending and not stream.closed:
+            self.governor.handle(stream.pending.popleft())
         stream.room.set()
 
     async def _work(self) -> None:
@@ -95,21 +88,20 @@ class VitalsIngest:
             deadline = time.perf_counter() + self.slice_s
             while self._arrivals:
                 stream = self._arrivals.popleft()
-                if not stream.pending or stream.judging.locked():  # drained already, or its reader drains it
+                if not stream.pending:  # drained already by its reader
                     continue
                 batch = stream.pending.popleft()
                 if len(stream.pending) < self.max_pending:
                     stream.room.set()
                 if stream.closed:
                     continue
-                async with stream.judging:
-                    try:
-                        await self.governor.on_vitals(stream, batch)
-                    except GovernorError as exc:
-                        stream.fail(exc)
-                    except Exception:  # a bug must not stop ingest for every other stream
-                        log.exception("vitals batch failed", run_id=stream.run_id, rank=stream.rank)
-                        stream.end("internal error while judging vitals; reconnect")
+                try:
+                    self.governor.handle(batch)
+                except GovernorError as exc:
+                    stream.fail(exc)
+                except Exception:  # a bug must not stop ingest for every other stream
+                    log.exception("vitals batch failed", stream=stream.id)
+                    stream.end("internal error while judging vitals; reconnect")
                 if time.perf_counter() >= deadline:
                     await asyncio.sleep(0)
                     deadline = time.perf_counter() + self.slice_s

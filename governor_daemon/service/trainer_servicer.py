@@ -1,5 +1,5 @@
-"""TrainerService.Attach: decode, call the Governor, encode. One reader task per stream; VitalsBatch
-messages go through the ingest worker (service/ingest.py)."""
+"""TrainerService.Attach: decode each message into a core event, hand it to the runtime, stream out what
+the runtime releases. One reader task per stream; vitals go through the ingest worker (service/ingest.py)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,12 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
+from governor_daemon.core import events as ev
 from governor_daemon.errors import GovernorError, InvalidInputError
-from governor_daemon.governor import Governor
+from governor_daemon.security import CALLER
+from governor_daemon.service import codec
 from governor_daemon.service.ingest import VitalsIngest
+from governor_daemon.service.runtime import Governor
 from governor_daemon.service.status_codes import status_for
 from governor_daemon.service.streams import StreamHandle
 from tolaria.governor.v1 import trainer_service_pb2, trainer_service_pb2_grpc
@@ -23,7 +26,7 @@ HELLO_TIMEOUT_S = 30.0
 
 
 class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
-    """Adapter between Attach streams and the Governor."""
+    """Adapter between Attach streams and the runtime."""
 
     def __init__(self, governor: Governor, ingest: VitalsIngest) -> None:
         self.governor = governor
@@ -34,10 +37,9 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
         request_iterator: AsyncIterator[trainer_service_pb2.AttachRequest],
         context: grpc.aio.ServicerContext[trainer_service_pb2.AttachRequest, trainer_service_pb2.AttachResponse],
     ) -> AsyncIterator[trainer_service_pb2.AttachResponse]:
-        """Read the trainer's messages in a task; yield the daemon's messages as they are queued."""
-        stream = StreamHandle(peer=context.peer())
-        reader = asyncio.create_task(self._read(request_iterator, stream))
-        acker = asyncio.create_task(stream.ack_loop(self.governor.committer))
+        """Read the trainer's messages in a task; yield the daemon's messages as they are released."""
+        stream = self.governor.open_stream(context.peer())
+        reader = asyncio.create_task(self.read(request_iterator, stream))
         try:
             while True:
                 message = await stream.out.get()
@@ -46,22 +48,17 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 yield message
         finally:
             reader.cancel()
-            acker.cancel()
-            for task in (reader, acker):
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            self.governor.detach(stream)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            self.governor.close_stream(stream)
         if stream.failure is not None:
             exc = stream.failure
-            log.warning("attach stream refused", run_id=stream.run_id, rank=stream.rank, error=str(exc))
+            log.warning("attach stream refused", stream=stream.id, peer=stream.peer, error=str(exc))
             await context.abort(status_for(exc), str(exc))
 
-    async def _read(
-        self,
-        requests: AsyncIterator[trainer_service_pb2.AttachRequest],
-        stream: StreamHandle,
-    ) -> None:
-        governor, ingest = self.governor, self.ingest
+    async def read(self, requests: AsyncIterator[trainer_service_pb2.AttachRequest], stream: StreamHandle) -> None:
+        """Decode and hand over every message of one stream, in order, until it ends or is refused."""
+        governor, ingest, limits = self.governor, self.ingest, self.governor.options.limits
         try:
             iterator = aiter(requests)
             try:
@@ -70,40 +67,21 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 raise InvalidInputError("hello", f"no Hello within {HELLO_TIMEOUT_S:g} s") from None
             if first.WhichOneof("message") != "hello":
                 raise InvalidInputError("hello", f"the first message must be Hello, got {first.WhichOneof('message')}")
-            await governor.attach(first.hello, stream)
+            caller = CALLER.get() or f"anonymous@{stream.peer}"
+            governor.handle(codec.decode_hello(first.hello, stream.id, stream.peer, caller, governor.now(), limits))
             async for request in iterator:
-                if stream.closed:  # refused or ended while its vitals were being judged
+                if stream.closed:  # refused or ended while its vitals were queued
                     break
-                kind = request.WhichOneof("message")
-                if kind == "vitals_batch":
-                    await ingest.put(stream, request.vitals_batch)
+                event = codec.decode_request(request, stream.id, governor.now(), limits)
+                if isinstance(event, ev.Vitals):
+                    await ingest.put(stream, event)
                     continue
-                async with stream.judging:  # one message of a stream at a time (service/ingest.py)
-                    await ingest.drain(stream)  # this stream's vitals are judged before its next message
-                    await self._judge(kind, request, stream)
+                ingest.drain(stream)  # this stream's vitals are handled before its next message
+                governor.handle(event)
             if not stream.closed:
-                async with stream.judging:
-                    await ingest.drain(stream)  # the trainer closed its side: judge what it sent last
+                ingest.drain(stream)  # the trainer closed its side: handle what it sent last
         except GovernorError as exc:
             stream.fail(exc)
         finally:
             if not stream.closed:
                 stream.close()
-
-    async def _judge(self, kind: str | None, request: trainer_service_pb2.AttachRequest, stream: StreamHandle) -> None:
-        """One message other than a VitalsBatch."""
-        governor = self.governor
-        if kind == "validation_record":
-            await governor.on_validation(stream, request.validation_record)
-        elif kind == "heartbeat":
-            governor.on_heartbeat(stream, request.heartbeat)
-        elif kind == "command_result":
-            await governor.on_command_result(stream, request.command_result)
-        elif kind == "snapshot_taken":
-            await governor.on_snapshot(stream, request.snapshot_taken)
-        elif kind == "finish":
-            await governor.on_finish(stream, request.finish)
-        elif kind == "hello":
-            raise InvalidInputError("hello", "Hello may only be the first message of a stream")
-        else:
-            raise InvalidInputError("message", "empty AttachRequest")

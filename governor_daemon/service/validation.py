@@ -1,33 +1,46 @@
 """Validation of every field that crosses the wire. Raises InvalidInputError naming the field.
 
-Runs before any state changes, so a bad message changes nothing.
+Runs before the core sees the message, so a bad message changes nothing. Every float that the
+journal stores as a number (not through ``float_to_json``) must be finite here, and every enum known:
+the journal's JSON has no NaN, and an entry that cannot be encoded must never follow a state change.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from governor_daemon.core.machine import Limits
 from governor_daemon.errors import InvalidInputError, LimitExceededError
-from tolaria.governor.v1 import trainer_service_pb2
+from tolaria.governor.v1 import common_pb2, trainer_service_pb2
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_WORLD_SIZE = 4096
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Bounds on what a client may send."""
+MAX_SEQ = (1 << 62) - 1
+"""Seqs and timelines above this are refused: counters derived from them stay far inside uint64."""
 
-    max_records_per_batch: int = 4096
-    max_string_length: int = 4096
-    max_per_class: int = 100_000
-    max_active_runs: int = 1024
-    retain_finished_runs: int = 256
+
+def check_finite(field: str, value: float, low: float = 0.0, high: float = math.inf) -> None:
+    """A float the journal stores raw: finite and within [low, high]."""
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidInputError(field, f"must be a finite number in [{low:g}, {high:g}], got {value}")
+
+
+def check_seq(field: str, seq: int) -> None:
+    """Sequence numbers start at 1 and stay below MAX_SEQ."""
+    if not 1 <= seq <= MAX_SEQ:
+        raise InvalidInputError(field, f"must be in 1..{MAX_SEQ}, got {seq}")
+
+
+def check_timeline(field: str, timeline: int) -> None:
+    """Timelines stay below MAX_SEQ."""
+    if timeline > MAX_SEQ:
+        raise InvalidInputError(field, f"must be <= {MAX_SEQ}, got {timeline}")
 
 
 def check_run_id(field: str, run_id: str) -> None:
@@ -76,8 +89,11 @@ def validate_vitals(batch: trainer_service_pb2.VitalsBatch, limits: Limits) -> n
         count = len(getattr(batch, name))
         if count not in (0, n):
             raise InvalidInputError(f"vitals_batch.{name}", f"has {count} values for {n} steps (0 or {n})")
-    if batch.first_seq < 1:
-        raise InvalidInputError("vitals_batch.first_seq", "must be >= 1")
+    check_seq("vitals_batch.first_seq", batch.first_seq)
+    check_seq("vitals_batch.first_seq", batch.first_seq + n - 1)
+    check_timeline("vitals_batch.timeline", batch.timeline)
+    if batch.num_dropped_records > MAX_SEQ:
+        raise InvalidInputError("vitals_batch.num_dropped_records", f"must be <= {MAX_SEQ}")
     steps = np.array(batch.step, dtype=np.int64)  # one C-level copy; min() over the field boxes each value
     if steps.min() < 0:
         raise InvalidInputError("vitals_batch.step", "steps must be >= 0")
@@ -86,8 +102,8 @@ def validate_vitals(batch: trainer_service_pb2.VitalsBatch, limits: Limits) -> n
 
 def validate_validation(record: trainer_service_pb2.ValidationRecord, limits: Limits) -> None:
     """A validation record's fields."""
-    if record.seq < 1:
-        raise InvalidInputError("validation_record.seq", "must be >= 1")
+    check_seq("validation_record.seq", record.seq)
+    check_timeline("validation_record.timeline", record.timeline)
     if record.step < 0:
         raise InvalidInputError("validation_record.step", f"must be >= 0, got {record.step}")
     if record.HasField("accuracy") and not 0.0 <= record.accuracy <= 1.0:
@@ -103,20 +119,39 @@ def validate_validation(record: trainer_service_pb2.ValidationRecord, limits: Li
     for i, seed in enumerate(record.seeds):
         for name in ("slot", "blueprint", "stage"):
             check_text(f"validation_record.seeds[{i}].{name}", getattr(seed, name), limits)
+        check_finite(f"validation_record.seeds[{i}].alpha", seed.alpha, 0.0, 1.0)
 
 
 def validate_command_result(result: trainer_service_pb2.CommandResult, limits: Limits) -> None:
     """A CommandResult's fields."""
-    if result.seq < 1:
-        raise InvalidInputError("command_result.seq", "must be >= 1")
-    if result.command_id < 1:
-        raise InvalidInputError("command_result.command_id", "must be >= 1")
-    if result.outcome not in (1, 2):
+    check_seq("command_result.seq", result.seq)
+    check_seq("command_result.command_id", result.command_id)
+    check_timeline("command_result.new_timeline", result.new_timeline)
+    if result.outcome not in (common_pb2.COMMAND_OUTCOME_SUCCEEDED, common_pb2.COMMAND_OUTCOME_FAILED):
         raise InvalidInputError("command_result.outcome", "must be SUCCEEDED or FAILED")
+    check_finite("command_result.duration_ms", result.duration_ms)
     check_text("command_result.error", result.error, limits)
 
 
-def validate_seq(field: str, seq: int) -> None:
-    """Sequence numbers start at 1."""
-    if seq < 1:
-        raise InvalidInputError(field, "must be >= 1")
+def validate_snapshot(snap: trainer_service_pb2.SnapshotTaken, limits: Limits) -> None:
+    """A SnapshotTaken's fields."""
+    check_seq("snapshot_taken.seq", snap.seq)
+    check_timeline("snapshot_taken.timeline", snap.timeline)
+    check_finite("snapshot_taken.duration_ms", snap.duration_ms)
+    check_text("snapshot_taken.location", snap.location, limits)
+
+
+FINISH_STATUSES = frozenset(
+    (common_pb2.FINISH_STATUS_COMPLETED, common_pb2.FINISH_STATUS_FAILED, common_pb2.FINISH_STATUS_HALTED)
+)
+
+
+def validate_finish(finish: trainer_service_pb2.Finish, limits: Limits) -> None:
+    """A Finish's fields."""
+    check_seq("finish.seq", finish.seq)
+    if finish.status not in FINISH_STATUSES:
+        raise InvalidInputError("finish.status", f"must be COMPLETED, FAILED or HALTED, got {finish.status}")
+    check_finite("finish.duration_s", finish.duration_s)
+    if finish.HasField("final_validation_accuracy"):
+        check_finite("finish.final_validation_accuracy", finish.final_validation_accuracy, 0.0, 1.0)
+    check_text("finish.message", finish.message, limits)

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from governor_daemon.journal import GroupCommitter, Journal, JournalCorruptError
+from governor_daemon.journal import Journal, JournalCorruptError
+from governor_daemon.journal.group_commit import GroupCommitter
 from governor_daemon.journal.segments import list_segments
 from governor_daemon.journal.verify import verify_journal
+from governor_daemon.service import codec
 from governor_daemon.testing import AttachClient, InProcessDaemon
 from tests.conftest import governor_cli
 
@@ -164,7 +166,8 @@ def test_restart_restores_state_from_checkpoint_and_effects(tmp_path: Path) -> N
 
 async def _status_coro(daemon: InProcessDaemon, run_id: str):  # type: ignore[no-untyped-def]
     assert daemon.daemon is not None
-    return daemon.daemon.governor.status(run_id)
+    governor = daemon.daemon.governor
+    return codec.run_status_to_proto(governor.run(run_id), 0.0, governor.now())
 
 
 def _status(daemon: InProcessDaemon, run_id: str):  # type: ignore[no-untyped-def]

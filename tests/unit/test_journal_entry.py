@@ -8,7 +8,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from governor_daemon.governor import _first_non_finite
+from governor_daemon.core.machine import first_non_finite as _first_non_finite
 from governor_daemon.journal.entry import GENESIS_HASH, Committed, Entry, canonical_json, parse_line, verify_link
 
 json_values = st.recursive(

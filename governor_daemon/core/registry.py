@@ -2,7 +2,8 @@
 
 State changes are journaled as idempotent "set" effects (``effects`` in an entry's payload): a run's
 metadata, its whole policy state, a rank's counters, the pending steps. Start-up loads the last
-checkpoint and applies the effects of the entries after it; it never re-runs the policy.
+checkpoint and applies the effects of the entries after it; it never re-runs the policy. Runtime
+facts (the stream a rank is attached by, its stall clock, timers) are never journaled.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from governor_daemon.journal import Entry
+from governor_daemon.journal.entry import Entry
 from governor_daemon.policy import PolicyConfig, RunPolicy, StallTracker, StepAggregator
 
 MAX_INCARNATIONS_KEPT = 16
@@ -18,7 +19,7 @@ MAX_INCARNATIONS_KEPT = 16
 
 @dataclass
 class RankState:
-    """One rank of a run. ``stream`` and ``tracker`` are runtime only (never journaled)."""
+    """One rank of a run. ``stream`` (the attached stream's id) and ``tracker`` are runtime only."""
 
     rank: int
     incarnation_id: str = ""
@@ -27,7 +28,8 @@ class RankState:
     num_records: int = 0
     num_gaps: int = 0
     latest_step: int = -1
-    stream: Any = None
+    latest_timeline: int = 0
+    stream: int | None = None
     tracker: StallTracker | None = None
 
     @property
@@ -44,6 +46,7 @@ class RankState:
             "num_records": self.num_records,
             "num_gaps": self.num_gaps,
             "latest_step": self.latest_step,
+            "latest_timeline": self.latest_timeline,
         }
 
     def apply(self, data: dict[str, Any]) -> None:
@@ -54,6 +57,7 @@ class RankState:
         self.num_records = int(data["num_records"])
         self.num_gaps = int(data["num_gaps"])
         self.latest_step = int(data["latest_step"])
+        self.latest_timeline = int(data.get("latest_timeline", 0))
 
     def accept_seq(self, seq: int, first_seq: int | None = None) -> None:
         """Record ``first_seq..seq`` (default: ``seq`` alone) as accepted; count any gap before it."""
@@ -158,8 +162,13 @@ class Registry:
             effects = entry.payload.get("effects")
             if entry.run and isinstance(effects, dict):
                 self._apply_effects(entry.run, effects, cursor=entry.seq)
+            elif entry.run in self.runs:
+                self.runs[entry.run].last_cursor = entry.seq
 
     def _apply_effects(self, run_id: str, effects: dict[str, Any], cursor: int) -> None:
+        if effects.get("forget"):
+            self.runs.pop(run_id, None)
+            return
         run = self.runs.get(run_id)
         if "meta" in effects:
             meta = RunMeta.from_dict(effects["meta"])

@@ -1,0 +1,206 @@
+"""What goes into the core: typed, already validated events.
+
+The gRPC layer decodes every wire message into one of these (``service/codec.py``), after checking
+every field (``service/validation.py``); the simulation builds them the same way. ``now`` is always
+monotonic seconds of the daemon process: the core never reads a clock, and wall time never decides
+anything (docs/protocol.md, "Clocks").
+
+A trainer event names its stream by ``stream``, an integer the adapter assigns per Attach call; the
+core keeps stream ids, never stream objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class Attach:
+    """A Hello on a new stream."""
+
+    stream: int
+    run_id: str
+    rank: int
+    world_size: int
+    incarnation_id: str
+    task: str
+    overrides: dict[str, Any]
+    random_guess_loss: float | None
+    num_classes: int | None
+    trainer_version: str
+    peer: str
+    caller: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Vitals:
+    """A VitalsBatch: records ``first_seq .. first_seq + len(steps) - 1`` of one timeline."""
+
+    stream: int
+    first_seq: int
+    timeline: int
+    steps: npt.NDArray[np.int64]
+    losses: Sequence[float]
+    grads: Sequence[float]
+    num_dropped: int
+    now: float
+
+    @property
+    def last_seq(self) -> int:
+        """Seq of the batch's last record."""
+        return self.first_seq + len(self.steps) - 1
+
+
+@dataclass(frozen=True)
+class Validation:
+    """One validation record; ``details`` is its journal-ready description."""
+
+    stream: int
+    seq: int
+    timeline: int
+    step: int
+    epoch: int
+    loss: float
+    record_rgl: float | None
+    details: dict[str, Any]
+    now: float
+
+
+@dataclass(frozen=True)
+class SnapshotTaken:
+    """The trainer published a last-known-good snapshot."""
+
+    stream: int
+    seq: int
+    timeline: int
+    step: int
+    snapshot_bytes: int
+    duration_ms: float
+    location: str
+    now: float
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """How one rank executed a command."""
+
+    stream: int
+    seq: int
+    command_id: int
+    succeeded: bool
+    new_timeline: int
+    restored_step: int
+    duration_ms: float
+    error: str
+    num_culled_seeds: int
+    now: float
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Liveness only: never progress, never journaled."""
+
+    stream: int
+    latest_step: int
+    timeline: int
+    now: float
+
+
+@dataclass(frozen=True)
+class Finish:
+    """A rank is done."""
+
+    stream: int
+    seq: int
+    status: str
+    epochs_completed: int
+    num_rollbacks: int
+    message: str
+    duration_s: float
+    final_validation_loss: float | None
+    final_validation_accuracy: float | None
+    now: float
+
+
+@dataclass(frozen=True)
+class Detach:
+    """A stream ended, from either side."""
+
+    stream: int
+    now: float
+
+
+@dataclass(frozen=True)
+class RequestRollback:
+    """A controller's ROLLBACK."""
+
+    run_id: str
+    reason: str
+    caller: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Halt:
+    """A controller's HALT."""
+
+    run_id: str
+    reason: str
+    caller: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A controller's Resume of a HALTED run."""
+
+    run_id: str
+    reason: str
+    caller: str
+    now: float
+
+
+@dataclass(frozen=True)
+class UpdatePolicy:
+    """A controller's UpdatePolicy: ``changes`` maps policy fields to new values."""
+
+    run_id: str
+    changes: dict[str, Any]
+    caller: str
+    now: float
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed: rank deadlines, stalls and command timeouts are checked against ``now``."""
+
+    now: float
+
+
+@dataclass(frozen=True)
+class Start:
+    """The daemon started with the state rebuilt from its journal. Every timer restarts at ``now``."""
+
+    now: float
+    runs_restored: int = 0
+    entries_applied: int = 0
+    moved_aside: tuple[str, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The daemon is shutting down: every stream is asked to end."""
+
+    reason: str
+    now: float
+
+
+TrainerEvent = Attach | Vitals | Validation | SnapshotTaken | CommandResult | Heartbeat | Finish | Detach
+ControllerEvent = RequestRollback | Halt | Resume | UpdatePolicy
+Event = TrainerEvent | ControllerEvent | Tick | Start | Stop

@@ -1,0 +1,778 @@
+"""The daemon's protocol as a deterministic state machine: ``GovernorCore.handle(event) -> Effects``.
+
+Everything the daemon decides happens here, synchronously, with no grpc, protobuf, asyncio, file or
+clock access: events come in (``core/events.py``), and journal entries, messages and replies come
+out as data (``core/effects.py``). The same object runs in ``governor serve`` and in the seeded
+simulation of ``tests/simulation``. The rules it implements, and the invariants they keep, are
+written down in docs/protocol.md.
+
+Every handler first checks everything that can refuse the event (raising ``GovernorError``, having
+changed nothing), then changes state and records each change as an entry in the same call: no state
+change without its entry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from governor_daemon.core import events as ev
+from governor_daemon.core.effects import (
+    Ack,
+    CommandOut,
+    Effects,
+    EndStream,
+    Resync,
+    VerdictOut,
+    Welcome,
+)
+from governor_daemon.core.kinds import EntryKind
+from governor_daemon.core.registry import RankState, Registry, Run, RunMeta
+from governor_daemon.errors import (
+    AlreadyExistsError,
+    ConflictError,
+    InvalidInputError,
+    LimitExceededError,
+    NotFoundError,
+    PolicyConfigError,
+    PolicyStateError,
+)
+from governor_daemon.journal.entry import Entry
+from governor_daemon.policy import (
+    AddOutcome,
+    Command,
+    CommandKind,
+    Decision,
+    Notice,
+    PolicyConfig,
+    RunState,
+    StallTracker,
+    StepGroup,
+    Verdict,
+)
+from governor_daemon.policy.decisions import float_to_json
+
+MAX_SEQ_JUMP = 1 << 32
+"""The furthest a message's seq may lie beyond the rank's last accepted seq (gaps stay countable)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a client may send and on what the daemon keeps."""
+
+    max_records_per_batch: int = 4096
+    max_string_length: int = 4096
+    max_per_class: int = 100_000
+    max_active_runs: int = 1024
+    retain_finished_runs: int = 256
+
+
+@dataclass(frozen=True)
+class CoreOptions:
+    """What the core needs from the serve configuration."""
+
+    defaults: PolicyConfig = field(default_factory=PolicyConfig)
+    locked_fields: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """Which (run, rank, incarnation, generation) a stream is attached as."""
+
+    run_id: str
+    rank: int
+    incarnation_id: str
+    generation: int
+
+
+@dataclass(frozen=True)
+class CommandReply:
+    """What a controller's ROLLBACK, HALT or Resume answers."""
+
+    command: Command
+    run_state: RunState
+
+
+class GovernorCore:
+    """All runs and which stream each rank is attached by. Not thread-safe: one caller at a time."""
+
+    def __init__(self, options: CoreOptions | None = None) -> None:
+        self.options = options or CoreOptions()
+        self.registry = Registry()
+        self.streams: dict[int, Binding] = {}
+
+    # ----------------------------------------------------------------- state
+
+    def restore(self, checkpoint: dict[str, Any] | None, entries: Sequence[Entry]) -> None:
+        """Rebuild the journaled state from a checkpoint and the entries after it (before ``Start``)."""
+        self.registry.restore(checkpoint, list(entries))
+        self.streams.clear()
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Every run's journaled state (a checkpoint entry's payload)."""
+        return self.registry.checkpoint()
+
+    def note_appended(self, run_id: str, seq: int) -> None:
+        """The adapter appended an entry of ``run_id`` as ``seq`` (a run's ``last_cursor``)."""
+        run = self.registry.runs.get(run_id)
+        if run is not None:
+            run.last_cursor = seq
+
+    def run(self, run_id: str) -> Run:
+        """The run, or NotFoundError."""
+        run = self.registry.runs.get(run_id)
+        if run is None:
+            raise NotFoundError(f"no run {run_id!r}; `governor runs` lists the known runs")
+        return run
+
+    # ----------------------------------------------------------------- dispatch
+
+    def handle(self, event: ev.Event) -> Effects:
+        """Apply one event. Raises GovernorError for a refused event, which then changed nothing."""
+        fx = Effects()
+        match event:
+            case ev.Vitals():
+                self._vitals(event, fx)
+            case ev.Validation():
+                self._validation(event, fx)
+            case ev.Attach():
+                self._attach(event, fx)
+            case ev.SnapshotTaken():
+                self._snapshot(event, fx)
+            case ev.CommandResult():
+                self._command_result(event, fx)
+            case ev.Heartbeat():
+                pass  # liveness only: never progress, never journaled
+            case ev.Finish():
+                self._finish(event, fx)
+            case ev.Detach():
+                self._detach(event, fx)
+            case ev.RequestRollback() | ev.Halt() | ev.Resume():
+                self._controller_command(event, fx)
+            case ev.UpdatePolicy():
+                self._update_policy(event, fx)
+            case ev.Tick():
+                self._tick(event.now, fx)
+            case ev.Start():
+                self._start(event, fx)
+            case ev.Stop():
+                self._stop(event, fx)
+        return fx
+
+    # ----------------------------------------------------------------- attach and detach
+
+    def _attach(self, e: ev.Attach, fx: Effects) -> None:
+        limits = self.options.limits
+        try:
+            config, ignored = self.options.defaults.merged(e.overrides, self.options.locked_fields)
+        except PolicyConfigError as exc:
+            raise InvalidInputError("hello.policy_overrides", str(exc)) from None
+        run = self.registry.runs.get(e.run_id)
+        replaced: int | None = None
+        if run is None:
+            active = sum(1 for r in self.registry.runs.values() if r.policy.state is not RunState.FINISHED)
+            if active >= limits.max_active_runs:
+                raise LimitExceededError(f"{active} active runs: the limit --max-active-runs is reached")
+        else:
+            _check_rejoin(run, e)
+            current = run.ranks.get(e.rank)
+            if current is not None and current.stream is not None:
+                if current.incarnation_id != e.incarnation_id:
+                    raise AlreadyExistsError(
+                        f"run {e.run_id} rank {e.rank} is attached by another live trainer process; "
+                        "a second trainer cannot take it over"
+                    )
+                replaced = current.stream
+        if run is None:
+            meta = RunMeta(e.task, e.world_size, e.overrides, e.random_guess_loss, e.num_classes, ignored)
+            run = Run.create(e.run_id, meta, config)
+            self.registry.runs[run.run_id] = run
+            fx.append(
+                run.run_id,
+                EntryKind.RUN_CREATED,
+                {
+                    "task": e.task,
+                    "world_size": e.world_size,
+                    "overrides": e.overrides,
+                    "ignored_policy_fields": ignored,
+                    "effective_policy": config.as_dict(),
+                    "trainer_version": e.trainer_version,
+                    "effects": {"meta": meta.as_dict(), "policy": run.policy.to_dict()},
+                },
+            )
+            self._evict_finished(fx)
+        if replaced is not None:
+            fx.send(replaced, EndStream("replaced by a newer attachment of the same incarnation"))
+            self.streams.pop(replaced, None)
+        rank = run.rank(e.rank)
+        new_incarnation = rank.incarnation_id != e.incarnation_id
+        rank.incarnation_id = e.incarnation_id
+        rank.generation += 1
+        rank.stream = e.stream
+        rank.tracker = StallTracker(e.now)
+        self.streams[e.stream] = Binding(run.run_id, e.rank, e.incarnation_id, rank.generation)
+        fx.append(
+            run.run_id,
+            EntryKind.ATTACH,
+            {
+                "rank": e.rank,
+                "incarnation_id": e.incarnation_id,
+                "new_incarnation": new_incarnation,
+                "generation": rank.generation,
+                "last_durable_seq": rank.last_durable_seq,
+                "peer": e.peer,
+                "caller": e.caller,
+                "effects": {"ranks": {str(e.rank): rank.effect()}},
+            },
+        )
+        policy = run.policy
+        fx.send(
+            e.stream,
+            Welcome(
+                rank.generation,
+                policy.config,
+                rank.last_durable_seq,
+                policy.timeline,
+                policy.state,
+                policy.random_guess_loss(),
+                tuple(run.meta.ignored_fields),
+            ),
+        )
+        if policy.open is not None:  # re-send the open command on the new attachment
+            fx.send(e.stream, CommandOut(policy.open.command, rank.generation))
+
+    def _detach(self, e: ev.Detach, fx: Effects) -> None:
+        binding = self.streams.pop(e.stream, None)
+        if binding is None:
+            return
+        run = self.registry.runs.get(binding.run_id)
+        rank = run.ranks.get(binding.rank) if run is not None else None
+        if run is not None and rank is not None and rank.stream == e.stream:
+            rank.stream = None
+            fx.append(run.run_id, EntryKind.DETACH, {"rank": binding.rank, "generation": binding.generation})
+
+    # ----------------------------------------------------------------- records
+
+    def _bound(self, stream: int) -> tuple[Binding, Run, RankState] | None:
+        """The stream's run and rank; None for a stream that was replaced or ended (its messages are moot)."""
+        binding = self.streams.get(stream)
+        if binding is None:
+            return None
+        run = self.registry.runs.get(binding.run_id)
+        if run is None:
+            return None
+        return binding, run, run.rank(binding.rank)
+
+    def _check_seq(self, field_name: str, rank: RankState, first_seq: int) -> None:
+        if first_seq > rank.last_durable_seq + MAX_SEQ_JUMP:
+            raise InvalidInputError(
+                field_name,
+                f"seq {first_seq} jumps more than {MAX_SEQ_JUMP} past the last accepted seq {rank.last_durable_seq}",
+            )
+
+    def _classify(self, field_name: str, run: Run, rank: RankState, timeline: int) -> bool:
+        """True if a record of ``timeline`` is judged; False if it is stale. Raises for a future timeline.
+
+        A rank that executed the open ROLLBACK or RESUME is on the next timeline before its peers
+        are: its records are accepted (docs/protocol.md, "Timelines").
+        """
+        policy = run.policy
+        if timeline < policy.timeline:
+            return False
+        if timeline == policy.timeline:
+            return True
+        if timeline == policy.next_timeline() and policy.open is not None and rank.rank in policy.open.ranks_done:
+            return True
+        raise InvalidInputError(
+            field_name,
+            f"timeline {timeline} is ahead of the run's timeline {policy.timeline}: "
+            "a trainer moves to a new timeline only by executing a command",
+        )
+
+    def _stale(
+        self,
+        fx: Effects,
+        binding: Binding,
+        run: Run,
+        rank: RankState,
+        what: str,
+        first_seq: int,
+        last_seq: int,
+        timeline: int,
+        extra: dict[str, Any],
+    ) -> None:
+        """Journal records of a left timeline, unjudged; tell a rank that has no command in flight."""
+        rank.accept_seq(last_seq, first_seq)
+        policy = run.policy
+        in_flight = policy.open is not None and rank.rank not in policy.open.ranks_done
+        fx.append(
+            run.run_id,
+            EntryKind.STALE,
+            {
+                "what": what,
+                "rank": binding.rank,
+                "incarnation_id": binding.incarnation_id,
+                "seq": last_seq,
+                "first_seq": first_seq,
+                "timeline": timeline,
+                "current_timeline": policy.timeline,
+                "resync": not in_flight,
+                **extra,
+                "effects": {"ranks": {str(rank.rank): rank.effect()}},
+            },
+        )
+        if not in_flight:
+            fx.send(
+                rank.stream,
+                Resync(
+                    policy.timeline,
+                    last_seq,
+                    f"records up to seq {last_seq} are on timeline {timeline}, the run is on {policy.timeline}: "
+                    "journaled as stale, not judged",
+                    policy.state,
+                ),
+            )
+        fx.send(rank.stream, Ack(last_seq))
+
+    def _progress(self, fx: Effects, run: Run, rank: RankState, timeline: int, step: int, now: float) -> None:
+        """A record at (timeline, step): latest position, stall clock, and a rank marked STALLED recovers."""
+        if (timeline, step) > (rank.latest_timeline, rank.latest_step):
+            rank.latest_timeline, rank.latest_step = timeline, step
+        if rank.tracker is not None:
+            rank.tracker.observe_step(step, now, timeline)
+        if rank.rank in run.policy.stalled_ranks:
+            run.policy.set_stalled(rank.rank, False)
+            fx.append(
+                run.run_id,
+                EntryKind.STALL_CLEARED,
+                {"rank": rank.rank, "timeline": timeline, "step": step, "effects": {"policy": run.policy.to_dict()}},
+            )
+
+    def _vitals(self, e: ev.Vitals, fx: Effects) -> None:
+        bound = self._bound(e.stream)
+        if bound is None:
+            return
+        binding, run, rank = bound
+        last = e.last_seq
+        if last <= rank.last_durable_seq:
+            fx.send(e.stream, Ack(rank.last_durable_seq))
+            return
+        self._check_seq("vitals_batch.first_seq", rank, e.first_seq)
+        skip = max(0, rank.last_durable_seq + 1 - e.first_seq)
+        first = e.first_seq + skip
+        if not self._classify("vitals_batch.timeline", run, rank, e.timeline):
+            self._stale(
+                fx, binding, run, rank, "vitals_batch", first, last, e.timeline, {"num_records": len(e.steps) - skip}
+            )
+            return
+        losses = e.losses[skip:] if skip else e.losses
+        grads = e.grads[skip:] if skip else e.grads
+        steps = e.steps[skip:] if skip else e.steps
+        gaps_before = rank.num_gaps
+        rank.accept_seq(last, first)
+        rank.num_records += len(steps)
+        max_step = int(steps.max())
+        decision: Decision | None = None
+        bad = first_non_finite(losses, grads)
+        if bad is not None:
+            decision = run.policy.judge_train_step(
+                e.timeline,
+                int(steps[bad]),
+                binding.rank,
+                losses[bad],
+                grads[bad] if len(grads) else None,
+                e.now,
+            )
+        payload: dict[str, Any] = {
+            "rank": binding.rank,
+            "incarnation_id": binding.incarnation_id,
+            "seq": last,
+            "first_seq": first,
+            "num_records": len(steps),
+            "num_gaps": rank.num_gaps - gaps_before,
+            "num_dropped": e.num_dropped,
+            "max_step": max_step,
+            "timeline": e.timeline,
+        }
+        effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
+        if decision is not None:
+            payload["decision"] = decision.as_dict()
+            effects["policy"] = run.policy.to_dict()
+        fx.append(run.run_id, EntryKind.VITALS, {**payload, "effects": effects}, sync=decision is not None)
+        self._progress(fx, run, rank, e.timeline, max_step, e.now)
+        if decision is not None and decision.command is not None:
+            self._issue(fx, run, decision.command, "train_step")
+        fx.send(e.stream, Ack(last))
+
+    def _validation(self, e: ev.Validation, fx: Effects) -> None:
+        bound = self._bound(e.stream)
+        if bound is None:
+            return
+        binding, run, rank = bound
+        if e.seq <= rank.last_durable_seq:
+            fx.send(e.stream, Ack(rank.last_durable_seq))
+            return
+        self._check_seq("validation_record.seq", rank, e.seq)
+        if not self._classify("validation_record.timeline", run, rank, e.timeline):
+            self._stale(fx, binding, run, rank, "validation_record", e.seq, e.seq, e.timeline, e.details)
+            return
+        rank.accept_seq(e.seq)
+        rank.num_records += 1
+        src = {"rank": binding.rank, "incarnation_id": binding.incarnation_id, "seq": e.seq}
+        if run.meta.world_size == 1:
+            group = StepGroup(
+                e.timeline, e.step, e.now, e.epoch, e.record_rgl, {binding.rank: e.loss}, {binding.rank: e.seq}
+            )
+            self._decide(fx, run, group, {"record": e.details}, e.now)
+        else:
+            outcome, ready = run.aggregator.add(
+                binding.rank, e.timeline, e.step, e.loss, e.now, e.epoch, e.record_rgl, e.seq
+            )
+            kind = EntryKind.REPORT if outcome in (AddOutcome.PENDING, AddOutcome.READY) else EntryKind(str(outcome))
+            effects = {"ranks": {str(rank.rank): rank.effect()}, "pending": run.aggregator.to_dict()}
+            fx.append(run.run_id, kind, {**src, **e.details, "effects": effects})
+            if ready is not None:
+                self._decide(fx, run, ready, {}, e.now)
+        self._progress(fx, run, rank, e.timeline, e.step, e.now)
+        fx.send(e.stream, Ack(e.seq))
+
+    def _decide(self, fx: Effects, run: Run, group: StepGroup, extra: dict[str, Any], now: float) -> None:
+        """Judge one complete (or overdue) validation step; verdicts to its ranks, then any command."""
+        policy = run.policy
+        for missing in group.missing:
+            policy.set_stalled(missing, True)
+        decision = policy.judge_validation(
+            group.timeline,
+            group.step,
+            group.losses,
+            now,
+            group.epoch,
+            group.record_rgl,
+            group.missing,
+        )
+        fx.append(
+            run.run_id,
+            EntryKind.DECISION,
+            {
+                **extra,
+                "seqs": {str(r): s for r, s in group.seqs.items()},
+                "decision": decision.as_dict(),
+                "effects": {
+                    "policy": policy.to_dict(),
+                    "ranks": {str(r): run.rank(r).effect() for r in group.seqs},
+                    "pending": run.aggregator.to_dict(),
+                },
+            },
+            sync=decision.command is not None,
+        )
+        for rank_id, seq in group.seqs.items():
+            fx.send(run.rank(rank_id).stream, VerdictOut(seq, decision))
+        if decision.command is not None:
+            self._issue(fx, run, decision.command, "decision")
+
+    def _issue(self, fx: Effects, run: Run, command: Command, cause: str) -> None:
+        """Journal a command (durable before it leaves) and send it to every attached rank."""
+        fx.append(run.run_id, EntryKind.COMMAND, {"cause": cause, "command": command.as_dict()}, sync=True)
+        for rank in run.ranks.values():
+            fx.send(rank.stream, CommandOut(command, rank.generation))
+
+    # ----------------------------------------------------------------- reports
+
+    def _accept_report(
+        self, stream: int, field_name: str, seq: int, fx: Effects
+    ) -> tuple[Binding, Run, RankState] | None:
+        """A single-seq report (snapshot, command result, finish); None when moot or a resent duplicate."""
+        bound = self._bound(stream)
+        if bound is None:
+            return None
+        rank = bound[2]
+        if seq <= rank.last_durable_seq:
+            fx.send(stream, Ack(rank.last_durable_seq))
+            return None
+        self._check_seq(field_name, rank, seq)
+        return bound
+
+    def _snapshot(self, e: ev.SnapshotTaken, fx: Effects) -> None:
+        bound = self._accept_report(e.stream, "snapshot_taken.seq", e.seq, fx)
+        if bound is None:
+            return
+        binding, run, rank = bound
+        rank.accept_seq(e.seq)
+        fx.append(
+            run.run_id,
+            EntryKind.SNAPSHOT,
+            {
+                "rank": binding.rank,
+                "incarnation_id": binding.incarnation_id,
+                "seq": e.seq,
+                "timeline": e.timeline,
+                "step": e.step,
+                "snapshot_bytes": e.snapshot_bytes,
+                "duration_ms": e.duration_ms,
+                "location": e.location,
+                "effects": {"ranks": {str(rank.rank): rank.effect()}},
+            },
+        )
+        fx.send(e.stream, Ack(e.seq))
+
+    def _command_result(self, e: ev.CommandResult, fx: Effects) -> None:
+        bound = self._accept_report(e.stream, "command_result.seq", e.seq, fx)
+        if bound is None:
+            return
+        binding, run, rank = bound
+        policy = run.policy
+        command = policy.command(e.command_id)
+        if command is None:
+            raise InvalidInputError(
+                "command_result.command_id", f"command {e.command_id} is neither open nor recent in run {run.run_id}"
+            )
+        moves = command.kind is not CommandKind.HALT
+        if e.succeeded and moves and e.new_timeline != command.timeline + 1:
+            raise InvalidInputError(
+                "command_result.new_timeline",
+                f"{command.kind} {command.command_id} was made on timeline {command.timeline}, so it moves the "
+                f"rank to {command.timeline + 1}, not {e.new_timeline}",
+            )
+        if (not e.succeeded or not moves) and e.new_timeline > policy.timeline + 1:
+            raise InvalidInputError(
+                "command_result.new_timeline", f"{e.new_timeline} is ahead of the run's timeline {policy.timeline}"
+            )
+        rank.accept_seq(e.seq)
+        timeline_before = policy.timeline
+        notices = policy.on_command_result(e.command_id, binding.rank, e.succeeded, e.new_timeline, e.error, e.now)
+        effects: dict[str, Any] = {"policy": policy.to_dict(), "ranks": {str(rank.rank): rank.effect()}}
+        superseded = run.aggregator.discard_before(policy.timeline) if policy.timeline != timeline_before else []
+        if superseded:
+            effects["pending"] = run.aggregator.to_dict()
+        follow_up = [n.command for n in notices if n.command is not None]
+        fx.append(
+            run.run_id,
+            EntryKind.COMMAND_RESULT,
+            {
+                "rank": binding.rank,
+                "incarnation_id": binding.incarnation_id,
+                "seq": e.seq,
+                "command_id": e.command_id,
+                "succeeded": e.succeeded,
+                "new_timeline": e.new_timeline,
+                "restored_step": e.restored_step,
+                "duration_ms": e.duration_ms,
+                "error": e.error,
+                "num_culled_seeds": e.num_culled_seeds,
+                "notices": [_notice(n) for n in notices],
+                "superseded_steps": [[g.timeline, g.step] for g in superseded],
+                "effects": effects,
+            },
+            sync=bool(follow_up),
+        )
+        for command in follow_up:
+            self._issue(fx, run, command, "command_failed")
+        fx.send(e.stream, Ack(e.seq))
+
+    def _finish(self, e: ev.Finish, fx: Effects) -> None:
+        bound = self._accept_report(e.stream, "finish.seq", e.seq, fx)
+        if bound is None:
+            return
+        binding, run, rank = bound
+        rank.accept_seq(e.seq)
+        notices = run.policy.finish(binding.rank)
+        payload: dict[str, Any] = {
+            "rank": binding.rank,
+            "incarnation_id": binding.incarnation_id,
+            "seq": e.seq,
+            "status": e.status,
+            "epochs_completed": e.epochs_completed,
+            "num_rollbacks": e.num_rollbacks,
+            "message": e.message,
+            "duration_s": e.duration_s,
+            "notices": [_notice(n) for n in notices],
+        }
+        if e.final_validation_loss is not None:
+            payload["final_validation_loss"] = float_to_json(e.final_validation_loss)
+        if e.final_validation_accuracy is not None:
+            payload["final_validation_accuracy"] = e.final_validation_accuracy
+        payload["effects"] = {"policy": run.policy.to_dict(), "ranks": {str(rank.rank): rank.effect()}}
+        fx.append(run.run_id, EntryKind.FINISH, payload)
+        fx.send(e.stream, Ack(e.seq))
+        self._evict_finished(fx)
+
+    def _evict_finished(self, fx: Effects) -> None:
+        finished = [r for r in self.registry.runs.values() if r.policy.state is RunState.FINISHED]
+        excess = len(finished) - self.options.limits.retain_finished_runs
+        for run in finished[: max(0, excess)]:
+            if any(rank.stream is not None for rank in run.ranks.values()):
+                continue
+            del self.registry.runs[run.run_id]
+            fx.append(run.run_id, EntryKind.RUN_EVICTED, {"effects": {"forget": True}})
+
+    # ----------------------------------------------------------------- controllers
+
+    def _controller_command(self, e: ev.RequestRollback | ev.Halt | ev.Resume, fx: Effects) -> None:
+        run = self.run(e.run_id)
+        policy = run.policy
+        if isinstance(e, ev.RequestRollback):
+            action, command = "rollback", policy.request_rollback(e.reason, e.now)
+        elif isinstance(e, ev.Halt):
+            action, command = "halt", policy.halt(e.reason, e.now)
+        else:
+            action, command = "resume", policy.resume(e.reason, e.now)
+        fx.append(
+            run.run_id,
+            EntryKind.CONTROLLER_REQUEST,
+            {
+                "action": action,
+                "reason": e.reason,
+                "caller": e.caller,
+                "command": command.as_dict(),
+                "effects": {"policy": policy.to_dict()},
+            },
+        )
+        self._issue(fx, run, command, "controller")
+        fx.reply = CommandReply(command, policy.state)
+
+    def _update_policy(self, e: ev.UpdatePolicy, fx: Effects) -> None:
+        run = self.run(e.run_id)
+        if not e.changes:
+            raise InvalidInputError("changes", "no policy field is set")
+        try:
+            config, _ = run.policy.config.merged(e.changes)
+        except PolicyConfigError as exc:
+            raise InvalidInputError("changes", str(exc)) from None
+        before = run.policy.config.as_dict()
+        run.policy.update_policy(config)
+        fx.append(
+            run.run_id,
+            EntryKind.POLICY_CHANGE,
+            {
+                "caller": e.caller,
+                "changes": e.changes,
+                "before": {k: before[k] for k in e.changes},
+                "effective_policy": config.as_dict(),
+                "effects": {"policy": run.policy.to_dict()},
+            },
+        )
+        fx.reply = config
+
+    # ----------------------------------------------------------------- time
+
+    def _tick(self, now: float, fx: Effects) -> None:
+        """Rank deadlines, stalls and command timeouts, on the monotonic clock."""
+        for run in list(self.registry.runs.values()):
+            policy = run.policy
+            if policy.state is RunState.FINISHED:
+                continue
+            for group in run.aggregator.due(now, policy.config.rank_deadline_s):
+                if policy.is_stale(group.timeline):
+                    fx.append(
+                        run.run_id,
+                        EntryKind.SUPERSEDED,
+                        {
+                            "timeline": group.timeline,
+                            "step": group.step,
+                            "current_timeline": policy.timeline,
+                            "effects": {"pending": run.aggregator.to_dict()},
+                        },
+                    )
+                    continue
+                fx.append(
+                    run.run_id,
+                    EntryKind.RANK_DEADLINE,
+                    {
+                        "step": group.step,
+                        "timeline": group.timeline,
+                        "missing_ranks": list(group.missing),
+                        "rank_deadline_s": policy.config.rank_deadline_s,
+                    },
+                )
+                self._decide(fx, run, group, {"after_deadline": True}, now)
+            for rank in run.ranks.values():
+                if rank.rank in policy.finished_ranks or rank.tracker is None:
+                    continue
+                if rank.tracker.check(now, policy.config.stall_timeout_s) and rank.rank not in policy.stalled_ranks:
+                    policy.set_stalled(rank.rank, True)
+                    fx.append(
+                        run.run_id,
+                        EntryKind.STALL,
+                        {
+                            "rank": rank.rank,
+                            "latest_step": rank.latest_step,
+                            "latest_timeline": rank.latest_timeline,
+                            "seconds_without_progress": round(rank.tracker.seconds_since_progress(now), 3),
+                            "threshold_s": rank.tracker.threshold_s(policy.config.stall_timeout_s),
+                            "effects": {"policy": policy.to_dict()},
+                        },
+                    )
+            for notice in policy.check_timeouts(now):
+                fx.append(
+                    run.run_id,
+                    EntryKind.COMMAND_TIMEOUT,
+                    {**_notice(notice), "effects": {"policy": policy.to_dict()}},
+                    sync=notice.command is not None,
+                )
+                if notice.command is not None:
+                    self._issue(fx, run, notice.command, "command_timeout")
+
+    def _start(self, e: ev.Start, fx: Effects) -> None:
+        """Timers restart: a deadline never spans two processes' monotonic clocks."""
+        for run in self.registry.runs.values():
+            run.policy.rearm(e.now)
+            run.aggregator.rearm(e.now)
+            for rank in run.ranks.values():
+                rank.stream = None
+                rank.tracker = StallTracker(e.now)
+        fx.append(
+            "",
+            EntryKind.DAEMON_START,
+            {
+                "runs_restored": e.runs_restored,
+                "entries_applied": e.entries_applied,
+                "moved_aside": list(e.moved_aside),
+            },
+            sync=True,
+        )
+
+    def _stop(self, e: ev.Stop, fx: Effects) -> None:
+        for stream in list(self.streams):
+            fx.send(stream, EndStream(e.reason))
+        fx.append("", EntryKind.DAEMON_STOP, {"reason": e.reason})
+
+
+def _check_rejoin(run: Run, e: ev.Attach) -> None:
+    if e.world_size != run.meta.world_size:
+        raise ConflictError(
+            f"run {run.run_id} has world_size {run.meta.world_size}, Hello says {e.world_size}; "
+            "use a new run id for a different job"
+        )
+    if e.overrides != run.meta.overrides:
+        raise ConflictError(
+            f"run {run.run_id} was created with policy overrides {run.meta.overrides}, this Hello asks "
+            f"for {e.overrides}; a later Hello must match (controllers change policy with UpdatePolicy)"
+        )
+    if run.policy.state is RunState.FINISHED:
+        raise ConflictError(f"run {run.run_id} has finished; start a new run id")
+
+
+def first_non_finite(losses: Sequence[float], grads: Sequence[float]) -> int | None:
+    """Index of the first record whose loss or gradient norm (when sent) is NaN or infinite."""
+    isfinite = math.isfinite
+    # A sum is finite only if every term is (or it overflowed): one C-level pass in the common case.
+    if isfinite(sum(losses)) and isfinite(sum(grads)):
+        return None
+    for i, loss in enumerate(losses):
+        if not isfinite(loss) or (len(grads) and not isfinite(grads[i])):
+            return i
+    return None
+
+
+def _notice(notice: Notice) -> dict[str, Any]:
+    return {
+        "kind": notice.kind,
+        "reason": notice.reason,
+        "command": notice.command.as_dict() if notice.command else None,
+    }
+
+
+__all__ = ["Binding", "CommandReply", "CoreOptions", "GovernorCore", "Limits", "PolicyStateError", "Verdict"]

@@ -1,0 +1,259 @@
+"""The core on the event loop: the journal, the open streams, and the one place effects are applied.
+
+``Governor.handle(event)`` runs ``GovernorCore.handle`` and applies its effects in the order
+``core/effects.py`` defines: entries appended at once (the core's state includes them), a commit now
+when one is ``sync``, and messages released only once everything appended before them is durable.
+Nothing awaits between an event and its entries, so no other event interleaves with a decision.
+
+A journal write failure is fatal (like PostgreSQL's PANIC on a failed WAL fsync): nothing more is
+acknowledged or sent, every stream ends, and ``fatal`` is set for the server to exit non-zero; a
+restart recovers from what is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from governor_daemon.clock import Clock, SystemClock
+from governor_daemon.core import CoreOptions, Effects, GovernorCore, Limits, Outbound, Run
+from governor_daemon.core import events as ev
+from governor_daemon.core.effects import Append, EndStream
+from governor_daemon.core.kinds import EntryKind
+from governor_daemon.errors import GovernorError
+from governor_daemon.journal import Committed, Journal, Recovery
+from governor_daemon.journal.group_commit import GroupCommitter
+from governor_daemon.journal.segments import DEFAULT_SEGMENT_BYTES
+from governor_daemon.metrics import Metrics
+from governor_daemon.policy import PolicyConfig
+from governor_daemon.service.streams import StreamHandle
+from governor_daemon.service.validation import check_run_id
+
+log = structlog.get_logger("governor")
+
+
+class UnavailableError(GovernorError):
+    """The journal failed: the daemon is going down. Maps to UNAVAILABLE."""
+
+
+@dataclass
+class GovernorOptions:
+    """What the runtime needs from the serve configuration."""
+
+    data_dir: Path
+    defaults: PolicyConfig = field(default_factory=PolicyConfig)
+    locked_fields: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    group_commit_s: float = 0.002
+    hmac_key: bytes | None = None
+    repair: bool = False
+
+
+class Governor:
+    """The core, its journal and its streams. Event-loop only."""
+
+    def __init__(self, options: GovernorOptions, clock: Clock | None = None) -> None:
+        self.options = options
+        self.clock: Clock = clock or SystemClock()
+        self.core = GovernorCore(CoreOptions(options.defaults, options.locked_fields, options.limits))
+        self.streams: dict[int, StreamHandle] = {}
+        self.outbound = Outbound()
+        self.journal: GroupCommitter | None = None
+        self.recovery = Recovery()
+        self.stopping = asyncio.Event()
+        self.fatal = asyncio.Event()
+        self.failure: BaseException | None = None
+        self.metrics = Metrics()
+        self._next_stream = 0
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self) -> Recovery:
+        """Open the journal, rebuild the core from it, journal the start. Raises JournalCorruptError."""
+        journal = Journal(self.options.data_dir, self.options.segment_bytes, self.options.hmac_key)
+        self.recovery = journal.open(repair=self.options.repair)
+        self.core.restore(self.recovery.checkpoint, self.recovery.entries)
+        journal.checkpoint_provider = self.core.checkpoint
+        self.journal = GroupCommitter(journal, self.options.group_commit_s)
+        self.journal.on_durable = self._release
+        self.journal.on_failure = self._journal_failed
+        await self.journal.start()
+        start = ev.Start(
+            self.clock.monotonic(),
+            len(self.core.registry.runs),
+            len(self.recovery.entries),
+            tuple(self.recovery.moved_aside),
+        )
+        await self.call(start)
+        return self.recovery
+
+    def begin_stop(self, reason: str = "daemon shutting down") -> None:
+        """Journal the stop and ask every stream to end (trainers reconnect later). Once."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        if self.journal is not None and self.failure is None:
+            self.handle(ev.Stop(reason, self.clock.monotonic()))
+            self.committer.request_commit()
+
+    async def close(self, reason: str = "daemon shutting down") -> None:
+        """``begin_stop``, then flush and close the journal."""
+        self.begin_stop(reason)
+        if self.journal is not None:
+            await self.journal.close()
+
+    @property
+    def committer(self) -> GroupCommitter:
+        """The journal (after start)."""
+        assert self.journal is not None, "Governor.start() was not called"
+        return self.journal
+
+    # ----------------------------------------------------------------- streams
+
+    def open_stream(self, peer: str) -> StreamHandle:
+        """A new stream with its own id (the core knows streams by id only)."""
+        self._next_stream += 1
+        stream = StreamHandle(self._next_stream, peer)
+        self.streams[stream.id] = stream
+        return stream
+
+    def close_stream(self, stream: StreamHandle) -> None:
+        """The stream ended (either side): the core forgets the attachment."""
+        stream.close()
+        if self.streams.pop(stream.id, None) is not None and self.failure is None:
+            self.handle(ev.Detach(stream.id, self.clock.monotonic()))
+
+    # ----------------------------------------------------------------- applying effects
+
+    def handle(self, event: ev.Event) -> int:
+        """Run one event through the core and apply its effects; returns the entry seq its messages wait for.
+
+        Raises GovernorError for a refused event (nothing changed) and UnavailableError once the journal failed.
+        """
+        if self.failure is not None:
+            raise UnavailableError(f"journal write failed: {self.failure}; the daemon is stopping")
+        return self._apply(self.core.handle(event))
+
+    async def call(self, event: ev.Event) -> Any:
+        """``handle`` for a controller or start-up: returns the reply once its entries are durable."""
+        if self.failure is not None:
+            raise UnavailableError(f"journal write failed: {self.failure}; the daemon is stopping")
+        effects = self.core.handle(event)
+        after = self._apply(effects)
+        try:
+            await self.committer.wait_durable(after)
+        except RuntimeError as exc:
+            raise UnavailableError(str(exc)) from None
+        return effects.reply
+
+    def _apply(self, effects: Effects) -> int:
+        committer = self.committer
+        for append in effects.entries:
+            entry = committer.append(append.run, append.kind, append.payload)
+            if append.run:
+                self.core.note_appended(append.run, entry.seq)
+            _count(self.metrics, append)
+        if effects.sync:
+            committer.request_commit()
+        after = committer.journal.last_seq
+        if effects.sends:
+            self.outbound.push(after, effects.sends)
+            if after <= committer.durable_seq:
+                self._release(committer.durable_seq)
+        return after
+
+    def _release(self, durable_seq: int) -> None:
+        for send in self.outbound.release(durable_seq):
+            stream = self.streams.get(send.stream)
+            if stream is None:
+                continue
+            stream.deliver(send.message)
+            if isinstance(send.message, EndStream):
+                self.streams.pop(send.stream, None)
+
+    def _journal_failed(self, exc: BaseException) -> None:
+        self.failure = exc
+        log.error(
+            "journal write failed: no more acknowledgements; ending every stream and stopping",
+            error=str(exc),
+            data_dir=str(self.options.data_dir),
+        )
+        for stream in list(self.streams.values()):
+            stream.fail(UnavailableError(f"journal write failed: {exc}"))
+        self.streams.clear()
+        self.fatal.set()
+
+    # ----------------------------------------------------------------- reads for controllers
+
+    def run(self, run_id: str) -> Run:
+        """The run, or NotFoundError (InvalidInputError for a malformed id)."""
+        check_run_id("run_id", run_id)
+        if self.failure is not None:
+            raise UnavailableError(f"journal write failed: {self.failure}; the daemon is stopping")
+        return self.core.run(run_id)
+
+    def runs(self) -> list[Run]:
+        """Every run in memory."""
+        if self.failure is not None:
+            raise UnavailableError(f"journal write failed: {self.failure}; the daemon is stopping")
+        return list(self.core.registry.runs.values())
+
+    async def watch(self, cursor: int, run_ids: Iterable[str], kinds: Iterable[str]) -> AsyncIterator[Committed]:
+        """Committed journal entries after ``cursor``, filtered, then live ones until shutdown."""
+        runs, wanted = set(run_ids), set(kinds)
+        for run_id in runs:
+            check_run_id("run_ids", run_id)
+        async for entry in self.committer.follow(cursor, self.stopping):
+            if (not runs or entry.run in runs) and (not wanted or entry.kind in wanted):
+                yield entry
+
+    def auth_failure(self, method: str, peer: str, why: str, code: Any) -> None:
+        """Journal a refused call (UNAUTHENTICATED or PERMISSION_DENIED)."""
+        name = str(getattr(code, "name", code))
+        self.metrics.auth_failures.inc(code=name)
+        if self.journal is not None and not self.stopping.is_set() and self.failure is None:
+            self.committer.append(
+                "", EntryKind.AUTH_FAILURE, {"method": method, "peer": peer, "reason": why, "code": name}
+            )
+        log.warning("call refused", method=method, peer=peer, reason=why)
+
+    def now(self) -> float:
+        """Monotonic seconds (the core's only notion of time)."""
+        return self.clock.monotonic()
+
+
+def _count(metrics: Metrics, append: Append) -> None:
+    """Metrics follow from the entries: one rule for what each kind counts."""
+    kind, payload = append.kind, append.payload
+    if kind == EntryKind.VITALS:
+        metrics.records.inc(payload["num_records"], kind="train")
+        if payload["num_gaps"]:
+            metrics.gaps.inc(payload["num_gaps"])
+        decision = payload.get("decision")
+        if decision is not None and decision["verdict"] == "panic":
+            metrics.panics.inc(rule=decision["rule"])
+    elif kind in (EntryKind.REPORT, EntryKind.LATE, EntryKind.DUPLICATE) or (
+        kind == EntryKind.DECISION and "record" in payload
+    ):
+        metrics.records.inc(kind="validation")
+        if kind == EntryKind.LATE:
+            metrics.late.inc()
+    if kind == EntryKind.DECISION:
+        decision = payload["decision"]
+        metrics.verdicts.inc(kind=decision["verdict"])
+        if decision["verdict"] == "panic":
+            metrics.panics.inc(rule=decision["rule"])
+    elif kind == EntryKind.STALE:
+        metrics.stale.inc()
+    elif kind == EntryKind.COMMAND:
+        metrics.commands.inc(type=payload["command"]["kind"], outcome="sent")
+    elif kind == EntryKind.COMMAND_RESULT:
+        metrics.commands.inc(type="any", outcome="succeeded" if payload["succeeded"] else "failed")
+    elif kind == EntryKind.COMMAND_TIMEOUT:
+        metrics.commands.inc(type="any", outcome="timeout")
