@@ -200,7 +200,11 @@ class GovernorCore:
                     "ignored_policy_fields": ignored,
                     "effective_policy": config.as_dict(),
                     "trainer_version": e.trainer_version,
-                    "effects": {"meta": meta.as_dict(), "policy": run.policy.to_dict()},
+                    "effects": {
+                        "meta": meta.as_dict(),
+                        "policy": run.policy.to_dict(),
+                        "ranks": {str(r): state.effect() for r, state in run.ranks.items()},
+                    },
                 },
             )
             self._evict_finished(fx)
@@ -273,18 +277,16 @@ class GovernorCore:
                 f"seq {first_seq} jumps more than {MAX_SEQ_JUMP} past the last accepted seq {rank.last_durable_seq}",
             )
 
-    def _classify(self, field_name: str, run: Run, rank: RankState, timeline: int) -> bool:
+    def _classify(self, field_name: str, run: Run, timeline: int) -> bool:
         """True if a record of ``timeline`` is judged; False if it is stale. Raises for a future timeline.
 
-        A rank that executed the open ROLLBACK or RESUME is on the next timeline before its peers
-        are: its records are accepted (docs/protocol.md, "Timelines").
+        The run's timeline moves with the first rank that executes a ROLLBACK or RESUME, so a rank
+        is never ahead of it (docs/protocol.md, "Timelines").
         """
         policy = run.policy
         if timeline < policy.timeline:
             return False
         if timeline == policy.timeline:
-            return True
-        if timeline == policy.next_timeline() and policy.open is not None and rank.rank in policy.open.ranks_done:
             return True
         raise InvalidInputError(
             field_name,
@@ -338,7 +340,9 @@ class GovernorCore:
         fx.send(rank.stream, Ack(last_seq))
 
     def _progress(self, fx: Effects, run: Run, rank: RankState, timeline: int, step: int, now: float) -> None:
-        """A record at (timeline, step): latest position, stall clock, and a rank marked STALLED recovers."""
+        """A record at (timeline, step): latest position, stall clock, and a rank marked STALLED recovers.
+
+        Call before the record's own entry, whose rank effect then holds the new position."""
         if (timeline, step) > (rank.latest_timeline, rank.latest_step):
             rank.latest_timeline, rank.latest_step = timeline, step
         if rank.tracker is not None:
@@ -363,7 +367,7 @@ class GovernorCore:
         self._check_seq("vitals_batch.first_seq", rank, e.first_seq)
         skip = max(0, rank.last_durable_seq + 1 - e.first_seq)
         first = e.first_seq + skip
-        if not self._classify("vitals_batch.timeline", run, rank, e.timeline):
+        if not self._classify("vitals_batch.timeline", run, e.timeline):
             self._stale(
                 fx, binding, run, rank, "vitals_batch", first, last, e.timeline, {"num_records": len(e.steps) - skip}
             )
@@ -375,6 +379,7 @@ class GovernorCore:
         rank.accept_seq(last, first)
         rank.num_records += len(steps)
         max_step = int(steps.max())
+        self._progress(fx, run, rank, e.timeline, max_step, e.now)
         decision: Decision | None = None
         bad = first_non_finite(losses, grads)
         if bad is not None:
@@ -402,7 +407,6 @@ class GovernorCore:
             payload["decision"] = decision.as_dict()
             effects["policy"] = run.policy.to_dict()
         fx.append(run.run_id, EntryKind.VITALS, {**payload, "effects": effects}, sync=decision is not None)
-        self._progress(fx, run, rank, e.timeline, max_step, e.now)
         if decision is not None and decision.command is not None:
             self._issue(fx, run, decision.command, "train_step")
         fx.send(e.stream, Ack(last))
@@ -416,17 +420,18 @@ class GovernorCore:
             fx.send(e.stream, Ack(rank.last_durable_seq))
             return
         self._check_seq("validation_record.seq", rank, e.seq)
-        if not self._classify("validation_record.timeline", run, rank, e.timeline):
+        if not self._classify("validation_record.timeline", run, e.timeline):
             self._stale(fx, binding, run, rank, "validation_record", e.seq, e.seq, e.timeline, e.details)
             return
         rank.accept_seq(e.seq)
         rank.num_records += 1
+        self._progress(fx, run, rank, e.timeline, e.step, e.now)
         src = {"rank": binding.rank, "incarnation_id": binding.incarnation_id, "seq": e.seq}
         if run.meta.world_size == 1:
             group = StepGroup(
                 e.timeline, e.step, e.now, e.epoch, e.record_rgl, {binding.rank: e.loss}, {binding.rank: e.seq}
             )
-            self._decide(fx, run, group, {"record": e.details}, e.now)
+            self._decide(fx, run, group, {**src, "record": e.details}, e.now)
         else:
             outcome, ready = run.aggregator.add(
                 binding.rank, e.timeline, e.step, e.loss, e.now, e.epoch, e.record_rgl, e.seq
@@ -436,7 +441,6 @@ class GovernorCore:
             fx.append(run.run_id, kind, {**src, **e.details, "effects": effects})
             if ready is not None:
                 self._decide(fx, run, ready, {}, e.now)
-        self._progress(fx, run, rank, e.timeline, e.step, e.now)
         fx.send(e.stream, Ack(e.seq))
 
     def _decide(self, fx: Effects, run: Run, group: StepGroup, extra: dict[str, Any], now: float) -> None:

@@ -159,11 +159,15 @@ class Registry:
             for run_id, data in checkpoint.get("runs", {}).items():
                 self._apply_effects(run_id, {**data, "policy": data["policy"]}, cursor=int(data["last_cursor"]))
         for entry in entries:
-            effects = entry.payload.get("effects")
-            if entry.run and isinstance(effects, dict):
-                self._apply_effects(entry.run, effects, cursor=entry.seq)
-            elif entry.run in self.runs:
-                self.runs[entry.run].last_cursor = entry.seq
+            self.apply_entry(entry)
+
+    def apply_entry(self, entry: Entry) -> None:
+        """Apply one journal entry's effects (and move its run's cursor)."""
+        effects = entry.payload.get("effects")
+        if entry.run and isinstance(effects, dict):
+            self._apply_effects(entry.run, effects, cursor=entry.seq)
+        elif entry.run in self.runs:
+            self.runs[entry.run].last_cursor = entry.seq
 
     def _apply_effects(self, run_id: str, effects: dict[str, Any], cursor: int) -> None:
         if effects.get("forget"):

@@ -121,13 +121,6 @@ class RunPolicy:
         """True for a record of a timeline the run has already left (in flight during a rollback)."""
         return timeline < self.timeline
 
-    def next_timeline(self) -> int | None:
-        """The timeline ranks move to by executing the open command (None: it does not move them)."""
-        open_cmd = self.open
-        if open_cmd is None or open_cmd.command.kind is CommandKind.HALT:
-            return None
-        return open_cmd.command.timeline + 1
-
     def command(self, command_id: int) -> Command | None:
         """The open command or a recently closed one with this id."""
         if self.open is not None and self.open.command.command_id == command_id:
@@ -364,24 +357,26 @@ class RunPolicy:
     ) -> list[Notice]:
         """Record one rank's CommandResult (the caller checked it against ``command``). Returns notices.
 
-        The command closes when every unfinished rank has answered; a successful ROLLBACK or RESUME then
-        moves the run to the command's timeline + 1. A failure HALTs the run with a HALT command. A
-        successful result of a ROLLBACK or RESUME that closed without it (replaced by a HALT, timed out)
-        still moves the run's timeline when the command was made on it: the rank did restore, and its
-        later records carry the new timeline.
+        The first successful result of a ROLLBACK or RESUME moves the run to the command's timeline + 1:
+        that rank restored, and its records carry the new timeline (its peers' older records are stale
+        from then on). This holds for a late result too (the command was replaced by a HALT or timed
+        out), as long as the command was made on the run's timeline. The command closes when every
+        unfinished rank has answered. A failure HALTs the run with a HALT command.
         """
+        command = self.command(command_id)
+        moved = False
+        if command is not None and succeeded and command.kind is not CommandKind.HALT:
+            if command.timeline == self.timeline and new_timeline == self.timeline + 1:
+                self.timeline, moved = new_timeline, True
+                self.judged = RunState.HEALTHY
         open_cmd = self.open
         if open_cmd is None or open_cmd.command.command_id != command_id:
-            late = self.command(command_id)
-            moves = late is not None and late.kind is not CommandKind.HALT and late.timeline == self.timeline
-            if succeeded and moves and new_timeline == self.timeline + 1:
-                self.timeline = new_timeline
             return [
                 Notice(
                     "late_command_result",
                     f"result of command {command_id} from rank {rank} arrived after it closed"
                     + ("" if succeeded else f": failed: {error}")
-                    + (f"; run now on timeline {self.timeline}" if self.timeline == new_timeline and moves else ""),
+                    + (f"; run now on timeline {self.timeline}" if moved else ""),
                 )
             ]
         if not succeeded:
@@ -411,9 +406,6 @@ class RunPolicy:
                 )
             ]
         self._close_open()
-        if open_cmd.command.kind is not CommandKind.HALT:
-            self.timeline = open_cmd.command.timeline + 1
-            self.judged = RunState.HEALTHY
         return [
             Notice(
                 "command_completed",
@@ -549,7 +541,7 @@ class RunPolicy:
     def _check_timeline(self, timeline: int) -> None:
         if timeline < self.timeline:
             raise PolicyStateError(f"stale record: timeline {timeline} < current {self.timeline}")
-        if timeline > self.timeline and timeline != self.next_timeline():
+        if timeline > self.timeline:
             raise PolicyStateError(
                 f"record from timeline {timeline} but the run is on {self.timeline}: "
                 "the trainer restored without a command"

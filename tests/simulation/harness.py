@@ -1,0 +1,547 @@
+"""A deterministic, seeded simulation of the real daemon core and the real trainer protocol.
+
+One process, no threads, no sockets, no clock: a ``World`` holds a ``GovernorCore`` with an in-memory
+journal that can crash (losing what was not durable) and be rebuilt from what was, 1 to 4 runs of 1 to
+4 ranks each driven by a real ``TrainerProtocol``, a network of ordered streams whose messages are
+delivered in any interleaving across streams, and a monotonic clock the schedule advances. Messages
+cross the "wire" as the real protobufs through the real codec, so the decode and validation paths are
+the production ones.
+
+A schedule is a list of ``Action`` tuples drawn from a seed. Each action is interpreted against the
+current world and is a no-op when it does not apply, so any sub-list of a schedule is a schedule too:
+that is what shrinking relies on. ``World.check`` asserts the invariants of docs/protocol.md after every
+action; ``World.settle`` heals everything and runs the trainers to the end, and ``World.check_final``
+asserts the end-of-run invariants.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from governor_daemon.core import CoreOptions, Effects, GovernorCore, Outbound, Registry
+from governor_daemon.core import events as ev
+from governor_daemon.core.kinds import EntryKind
+from governor_daemon.errors import GovernorError
+from governor_daemon.journal.entry import canonical_json
+from governor_daemon.policy import PolicyConfig, RunState
+from governor_daemon.service import codec
+from governor_daemon.service.status_codes import status_for
+from tolaria.governor.v1 import common_pb2, trainer_service_pb2
+from tolaria_trainer.client.outbox import VitalsColumns
+from tolaria_trainer.client.protocol import ProtocolOptions, TrainerProtocol
+
+BATCH = 4
+VALIDATE_EVERY = 12
+AGREE_EVERY = 6
+STEPS_PER_RUN = 72
+COMMAND_TIMEOUT_S = 30.0
+RANK_DEADLINE_S = 5.0
+
+Action = tuple[str, int, int]
+"""(kind, target, parameter): the target picks a run, rank or stream modulo what exists."""
+
+KINDS = (
+    ("train", 30),
+    ("pump", 30),
+    ("to_daemon", 40),
+    ("to_trainer", 40),
+    ("commit", 14),
+    ("tick", 8),
+    ("advance", 4),
+    ("connect", 8),
+    ("drop", 2),
+    ("crash_daemon", 1),
+    ("restart_trainer", 1),
+    ("wall_jump", 1),
+    ("malformed", 1),
+)
+
+
+def draw_schedule(seed: int, length: int) -> list[Action]:
+    """The schedule of ``seed``: ``length`` weighted random actions."""
+    rng = random.Random(seed)
+    names = [k for k, _ in KINDS]
+    weights = [w for _, w in KINDS]
+    return [(rng.choices(names, weights)[0], rng.randrange(1 << 16), rng.randrange(1 << 16)) for _ in range(length)]
+
+
+class Violation(AssertionError):
+    """An invariant failed."""
+
+
+def require(condition: bool, message: str) -> None:
+    """Raise Violation with ``message`` unless ``condition``."""
+    if not condition:
+        raise Violation(message)
+
+
+@dataclass
+class SimEntry:
+    """A journal entry as the registry reads it back."""
+
+    seq: int
+    run: str
+    kind: str
+    payload: dict[str, Any]
+
+
+@dataclass
+class Conn:
+    """One Attach stream: two ordered queues."""
+
+    id: int
+    rank: SimRank
+    to_daemon: deque[trainer_service_pb2.AttachRequest] = field(default_factory=deque)
+    to_trainer: deque[trainer_service_pb2.AttachResponse] = field(default_factory=deque)
+    hello_done: bool = False
+    open: bool = True
+
+
+@dataclass
+class SimRank:
+    """One trainer rank: a real TrainerProtocol and the training state it governs."""
+
+    run: SimRun
+    rank: int
+    incarnation: int
+    proto: TrainerProtocol
+    step: int = 0
+    timeline: int = 0
+    lkg_step: int = 0
+    halted: bool = False
+    finished: bool = False
+    malformed: bool = False
+    buffer: list[tuple[int, float]] = field(default_factory=list)
+    pending: tuple[int, int, int] | None = None  # (seq, timeline, step) of the staged snapshot
+    conn: Conn | None = None
+    retry_at: float = 0.0
+    max_acked: int = 0
+    held: dict[int, trainer_service_pb2.Command] = field(default_factory=dict)
+
+
+@dataclass
+class SimRun:
+    """Ranks that train in lockstep (as collectives make real ranks do)."""
+
+    run_id: str
+    world_size: int
+    nan_steps: set[int]
+    ranks: list[SimRank] = field(default_factory=list)
+    done_commands: int = 0
+    faults_fired: int = 0
+    incarnations: int = 0
+
+
+class World:
+    """The whole simulated system. ``apply`` one action, then ``check``."""
+
+    def __init__(self, seed: int) -> None:
+        rng = random.Random(seed ^ 0x5EED)
+        self.rng = rng
+        self.now = 1000.0
+        self.wall_offset = 0.0
+        self.options = CoreOptions(
+            defaults=PolicyConfig(command_timeout_s=COMMAND_TIMEOUT_S, rank_deadline_s=RANK_DEADLINE_S)
+        )
+        self.entries: list[SimEntry] = []
+        self.durable = 0
+        self.core = GovernorCore(self.options)
+        self.shadow = Registry()
+        self.outbound = Outbound()
+        self.conns: dict[int, Conn] = {}
+        self.next_conn = 0
+        self.durable_seq: dict[str, int] = {}  # incarnation -> highest seq journaled durably
+        self.started_at = self.now
+        self.issued_at: dict[str, float] = {}  # run -> when its latest command was issued
+        self.trace: list[str] = []
+        self.runs: list[SimRun] = []
+        for i in range(rng.randint(1, 4)):
+            world_size = rng.randint(1, 4) if i == 0 else rng.choice((1, 1, 2, 3))
+            nan_steps = {rng.randrange(3, STEPS_PER_RUN)} if rng.random() < 0.7 else set()
+            run = SimRun(f"run-{i}", world_size, nan_steps)
+            self.runs.append(run)
+            self._new_incarnations(run)
+        self._daemon_start()
+
+    # ----------------------------------------------------------------- the daemon side
+
+    def _daemon_start(self) -> None:
+        self.started_at = self.now
+        self._apply(self.core.handle(ev.Start(self.now, len(self.core.registry.runs), self.durable)))
+
+    def _apply(self, effects: Effects) -> None:
+        for append in effects.entries:
+            payload = json.loads(canonical_json(append.payload))  # what the journal keeps (raises for NaN)
+            entry = SimEntry(len(self.entries) + 1, append.run, append.kind, payload)
+            self.entries.append(entry)
+            if append.run:
+                self.core.note_appended(append.run, entry.seq)
+            if append.kind == EntryKind.COMMAND_TIMEOUT:
+                started = max(self.issued_at.get(append.run, self.started_at), self.started_at)
+                require(
+                    self.now - started >= COMMAND_TIMEOUT_S,
+                    f"command timeout after {self.now - started:.1f} s < {COMMAND_TIMEOUT_S} s on the monotonic clock",
+                )
+            if append.kind == EntryKind.COMMAND:
+                self.issued_at[append.run] = self.now
+        self.outbound.push(len(self.entries), effects.sends)
+        if len(self.entries) == self.durable:
+            self._release()
+
+    def commit(self) -> None:
+        """Everything appended becomes durable; messages waiting for it are released."""
+        for entry in self.entries[self.durable :]:
+            self._on_durable(entry)
+        self.durable = len(self.entries)
+        self._release()
+        require(self.core.checkpoint() == self.shadow.checkpoint(), "daemon state differs from its journal's")
+
+    def _on_durable(self, entry: SimEntry) -> None:
+        payload = entry.payload
+        inc, seq = payload.get("incarnation_id"), payload.get("seq")
+        if isinstance(inc, str) and isinstance(seq, int) and entry.kind != EntryKind.ATTACH:
+            first = payload.get("first_seq", seq)
+            require(
+                first > self.durable_seq.get(inc, 0),
+                f"seq {first}..{seq} of {inc} journaled twice (entry {entry.seq} {entry.kind})",
+            )
+            self.durable_seq[inc] = seq
+        self.shadow.apply_entry(entry)  # type: ignore[arg-type]
+
+    def _release(self) -> None:
+        for send in self.outbound.release(len(self.entries) if self.durable == len(self.entries) else self.durable):
+            conn = self.conns.get(send.stream)
+            if conn is not None and conn.open:
+                conn.to_trainer.append(codec.encode_message(send.message))
+
+    def crash_daemon(self) -> None:
+        """SIGKILL: lose what is not durable, drop every stream, rebuild from the journal, start."""
+        acked = {(r.run.run_id, r.rank): (r.proto.hello.incarnation_id, r.max_acked) for r in self._ranks()}
+        del self.entries[self.durable :]
+        for conn in list(self.conns.values()):
+            self._close(conn, "UNAVAILABLE", notify_daemon=False)
+        self.outbound = Outbound()
+        self.core = GovernorCore(self.options)
+        self.core.restore(None, self.entries)  # type: ignore[arg-type]
+        for (run_id, rank_id), (inc, seq) in acked.items():
+            run = self.core.registry.runs.get(run_id)
+            kept = run.ranks[rank_id].seqs.get(inc, 0) if run is not None and rank_id in run.ranks else 0
+            require(kept >= seq, f"{run_id} rank {rank_id}: acked seq {seq} lost in a crash (journal has {kept})")
+        self._daemon_start()
+
+    def _daemon_receive(self, conn: Conn, request: trainer_service_pb2.AttachRequest) -> None:
+        limits = self.options.limits
+        try:
+            if not conn.hello_done:
+                conn.hello_done = True
+                event: ev.Event = codec.decode_hello(request.hello, conn.id, "sim", "sim", self.now, limits)
+            else:
+                event = codec.decode_request(request, conn.id, self.now, limits)
+            before = self.core.checkpoint()
+            try:
+                self._apply(self.core.handle(event))
+            except GovernorError:
+                require(self.core.checkpoint() == before, f"a refused {type(event).__name__} changed the state")
+                raise
+        except GovernorError as exc:
+            self._close(conn, status_for(exc).name, notify_daemon=True, details=str(exc))
+
+    # ----------------------------------------------------------------- the trainer side
+
+    def _ranks(self) -> list[SimRank]:
+        return [r for run in self.runs for r in run.ranks]
+
+    def _new_incarnations(self, run: SimRun) -> None:
+        run.incarnations += 1
+        for old in run.ranks:
+            if old.conn is not None:
+                self._close(old.conn, "CANCELLED", notify_daemon=True)
+        run.ranks = []
+        for rank in range(run.world_size):
+            hello = trainer_service_pb2.Hello(
+                run_id=run.run_id,
+                rank=rank,
+                world_size=run.world_size,
+                incarnation_id=f"{run.run_id}-{rank}-{run.incarnations}",
+                task="sim",
+                num_classes=10,
+            )
+            proto = TrainerProtocol(hello, ProtocolOptions(heartbeat_s=2.0, capacity_records=1 << 20), self.now)
+            run.ranks.append(SimRank(run, rank, run.incarnations, proto))
+        run.done_commands = 0
+
+    def _close(self, conn: Conn, code: str | None, notify_daemon: bool, details: str = "") -> None:
+        if not conn.open:
+            return
+        conn.open = False
+        self.conns.pop(conn.id, None)
+        rank = conn.rank
+        if rank.conn is conn:
+            rank.conn = None
+            outcome = rank.proto.connection_lost(self.now, code, details)
+            rank.retry_at = self.now + rank.proto.reconnect_delay(self.rng.random())
+            if code not in (None, "UNAVAILABLE", "CANCELLED") and not rank.malformed:
+                raise Violation(f"{rank.proto.hello.incarnation_id} refused: {code} {details} ({outcome.kind})")
+        if notify_daemon:
+            self._apply(self.core.handle(ev.Detach(conn.id, self.now)))
+
+    def connect(self, rank: SimRank) -> None:
+        """Open a stream for ``rank`` if it has none and may retry now."""
+        if rank.conn is not None or rank.finished or rank.proto.refused is not None or self.now < rank.retry_at:
+            return
+        self.next_conn += 1
+        conn = Conn(self.next_conn, rank)
+        self.conns[conn.id] = conn
+        rank.conn = conn
+        conn.to_daemon.append(rank.proto.connecting(self.now))
+
+    def pump(self, rank: SimRank) -> None:
+        """Move what the protocol wants to transmit onto the stream."""
+        if rank.conn is None:
+            return
+        while (message := rank.proto.next_message(self.now)) is not None:
+            rank.conn.to_daemon.append(message)
+
+    def trainer_receive(self, conn: Conn) -> None:
+        """Deliver the next daemon message of ``conn`` to its trainer."""
+        response = conn.to_trainer.popleft()
+        rank = conn.rank
+        kind = response.WhichOneof("message")
+        if kind == "ack":
+            require(
+                response.ack.up_to_seq <= self.durable_seq.get(rank.proto.hello.incarnation_id, 0),
+                f"ack {response.ack.up_to_seq} of {rank.proto.hello.incarnation_id} before it is durable",
+            )
+            rank.max_acked = max(rank.max_acked, response.ack.up_to_seq)
+        rank.proto.receive(response, self.now)
+        if rank.proto.stream_ending:
+            self._close(conn, None, notify_daemon=True)
+
+    def _flush(self, rank: SimRank) -> None:
+        if rank.buffer:
+            steps = [s for s, _ in rank.buffer]
+            losses = [x for _, x in rank.buffer]
+            columns = VitalsColumns(rank.timeline, steps, losses, [1.0] * len(steps), [0.1] * len(steps))
+            rank.proto.send_vitals(columns)
+            rank.buffer = []
+
+    def train(self, run: SimRun) -> None:
+        """Every rank of ``run`` takes one step (lockstep); validation and agreement points follow."""
+        live = [r for r in run.ranks if not r.finished]
+        if not live or any(r.halted for r in live):
+            if live:
+                self.agreement_point(run)
+            return
+        for rank in live:
+            rank.step += 1
+            loss = 1.0 / rank.step
+            if rank.step in run.nan_steps and rank.rank == 0:
+                run.nan_steps.discard(rank.step)  # a fault strikes once
+                run.faults_fired += 1
+                loss = float("nan")
+            rank.buffer.append((rank.step, loss))
+            if len(rank.buffer) >= BATCH:
+                self._flush(rank)
+        step = live[0].step
+        if step % VALIDATE_EVERY == 0:
+            for rank in live:
+                self._flush(rank)
+                record = trainer_service_pb2.ValidationRecord(
+                    timeline=rank.timeline, step=rank.step, epoch=rank.step // VALIDATE_EVERY, loss=2.0 / rank.step
+                )
+                seq = rank.proto.send_validation(record)
+                if rank.pending is not None:
+                    rank.proto.forget_verdict(rank.pending[0])
+                rank.pending = (seq, rank.timeline, rank.step)
+        if step % AGREE_EVERY == 0:
+            self.agreement_point(run)
+        if step >= STEPS_PER_RUN and not any(r.halted for r in live):
+            self.agreement_point(run)
+            if all(r.step >= STEPS_PER_RUN and not r.halted for r in live):
+                for rank in live:
+                    self._flush(rank)
+                    rank.proto.send_finish(
+                        trainer_service_pb2.Finish(status=common_pb2.FINISH_STATUS_COMPLETED, duration_s=1.0)
+                    )
+                    rank.finished = True
+
+    def agreement_point(self, run: SimRun) -> None:
+        """What the training loop does at an agreement point, with the collectives done directly."""
+        live = [r for r in run.ranks if not r.finished]
+        for rank in live:
+            rank.timeline = max(rank.timeline, rank.proto.run_timeline)  # Welcome or Resync adoption
+            if rank.pending is not None:
+                verdict = rank.proto.verdict(rank.pending[0])
+                if verdict is not None:
+                    if verdict.snapshot_allowed and (verdict.timeline, verdict.step) == rank.pending[1:]:
+                        rank.lkg_step = rank.pending[2]
+                        rank.proto.send_snapshot(
+                            trainer_service_pb2.SnapshotTaken(timeline=rank.timeline, step=rank.lkg_step, location="host")
+                        )
+                    rank.pending = None
+        for rank in live:
+            rank.held.update((c.command_id, c) for c in rank.proto.take_commands())
+        highest = max((max(r.held, default=0) for r in live), default=0)
+        if highest <= run.done_commands:
+            return
+        command = next(r.held[highest] for r in live if highest in r.held)  # broadcast from a rank holding it
+        run.done_commands = highest
+        for rank in live:
+            rank.held = {}
+            self._flush(rank)
+            if command.type == common_pb2.COMMAND_TYPE_HALT:
+                rank.halted = True
+                rank.proto.send_command_result(command, True, rank.step, 0.0)
+                continue
+            rank.halted = False
+            rank.step = rank.lkg_step
+            rank.pending = None
+            rank.proto.send_command_result(command, True, rank.lkg_step, 0.1)
+            rank.timeline = command.timeline + 1
+
+    # ----------------------------------------------------------------- one action
+
+    def apply(self, action: Action) -> None:
+        """Interpret ``action`` against the current world (a no-op when it does not apply)."""
+        kind, target, param = action
+        ranks = self._ranks()
+        conns = sorted(self.conns.values(), key=lambda c: c.id)
+        if kind == "train":
+            self.train(self.runs[target % len(self.runs)])
+        elif kind == "pump" and ranks:
+            self.pump(ranks[target % len(ranks)])
+        elif kind == "to_daemon":
+            ready = [c for c in conns if c.to_daemon]
+            if ready:
+                conn = ready[target % len(ready)]
+                self._daemon_receive(conn, conn.to_daemon.popleft())
+        elif kind == "to_trainer":
+            ready = [c for c in conns if c.to_trainer]
+            if ready:
+                self.trainer_receive(ready[target % len(ready)])
+        elif kind == "commit":
+            self.commit()
+        elif kind == "tick":
+            self.now += (param % 100) / 100.0
+            self._apply(self.core.handle(ev.Tick(self.now)))
+        elif kind == "advance":
+            self.now += 1 + param % 40
+        elif kind == "connect" and ranks:
+            self.connect(ranks[target % len(ranks)])
+        elif kind == "drop" and conns:
+            self._close(conns[target % len(conns)], "UNAVAILABLE", notify_daemon=True)
+        elif kind == "crash_daemon":
+            self.crash_daemon()
+        elif kind == "restart_trainer":
+            self._new_incarnations(self.runs[target % len(self.runs)])
+        elif kind == "wall_jump":
+            self.wall_offset += (param % 7201) - 3600  # the core never sees wall time: nothing may change
+        elif kind == "malformed" and conns:
+            self._malformed(conns[target % len(conns)], param)
+
+    def _malformed(self, conn: Conn, param: int) -> None:
+        """One trainer sends a message that must be refused without changing anything."""
+        if not conn.hello_done:
+            return
+        conn.rank.malformed = True
+        bad = [
+            trainer_service_pb2.AttachRequest(
+                vitals_batch=trainer_service_pb2.VitalsBatch(first_seq=1, step=[1, 2], loss=[0.1])
+            ),
+            trainer_service_pb2.AttachRequest(
+                command_result=trainer_service_pb2.CommandResult(
+                    seq=10**9, command_id=1, outcome=common_pb2.COMMAND_OUTCOME_SUCCEEDED, new_timeline=2**63
+                )
+            ),
+            trainer_service_pb2.AttachRequest(
+                validation_record=trainer_service_pb2.ValidationRecord(
+                    seq=10**9, step=1, loss=1.0, seeds=[trainer_service_pb2.SeedStatus(slot="a", alpha=float("nan"))]
+                )
+            ),
+            trainer_service_pb2.AttachRequest(
+                finish=trainer_service_pb2.Finish(seq=10**9, status=common_pb2.FINISH_STATUS_COMPLETED, duration_s=float("inf"))
+            ),
+            trainer_service_pb2.AttachRequest(
+                vitals_batch=trainer_service_pb2.VitalsBatch(first_seq=2**63, step=[1], loss=[0.1])
+            ),
+        ]
+        conn.to_daemon.appendleft(bad[param % len(bad)])
+
+    # ----------------------------------------------------------------- the end
+
+    def settle(self) -> None:
+        """Heal the network, stop injecting, and run every trainer to its end (or its HALT)."""
+        for _ in range(400):
+            progressed = False
+            for rank in self._ranks():
+                if rank.conn is None and not rank.finished and rank.proto.refused is None:
+                    rank.retry_at = min(rank.retry_at, self.now)
+                    self.connect(rank)
+                self.pump(rank)
+            for conn in sorted(self.conns.values(), key=lambda c: c.id):
+                while conn.open and conn.to_daemon:
+                    self._daemon_receive(conn, conn.to_daemon.popleft())
+                    progressed = True
+            self.commit()
+            for conn in sorted(self.conns.values(), key=lambda c: c.id):
+                while conn.open and conn.to_trainer:
+                    self.trainer_receive(conn)
+                    progressed = True
+            for run in self.runs:
+                if any(not r.finished and not r.halted for r in run.ranks):
+                    self.train(run)
+                    progressed = True
+                elif any(r.halted for r in run.ranks):
+                    self.agreement_point(run)
+            self.now += 0.5
+            self._apply(self.core.handle(ev.Tick(self.now)))
+            if not progressed and all(not c.to_daemon and not c.to_trainer for c in self.conns.values()):
+                break
+
+    def check_final(self) -> None:
+        """End-of-schedule invariants (after ``settle``)."""
+        self.commit()
+        for run in self.runs:
+            state = self.core.registry.runs.get(run.run_id)
+            if state is None:
+                continue
+            policy = state.policy
+            charged = sum(
+                e.payload["command"]["punishment_reward"]
+                for e in self.entries
+                if e.run == run.run_id and e.kind == EntryKind.COMMAND
+            )
+            require(
+                abs(policy.total_punishment - charged) < 1e-9,
+                f"{run.run_id}: GetPanicState total {policy.total_punishment} != journaled commands {charged}",
+            )
+            rollbacks = sum(
+                1
+                for e in self.entries
+                if e.run == run.run_id
+                and e.kind == EntryKind.COMMAND
+                and e.payload["cause"] in ("decision", "train_step")
+            )
+            require(
+                rollbacks <= run.faults_fired,
+                f"{run.run_id}: {rollbacks} fault-driven commands for {run.faults_fired} faults",
+            )
+            live = [r for r in run.ranks if not r.finished and not r.malformed]
+            if policy.state is RunState.HALTED:
+                require(all(r.halted for r in live), f"{run.run_id} is HALTED but a trainer does not know it")
+            for rank in live:
+                if not rank.halted and rank.conn is not None:
+                    require(
+                        rank.timeline == policy.timeline,
+                        f"{rank.proto.hello.incarnation_id} trains on timeline {rank.timeline}, the run is on "
+                        f"{policy.timeline}: its records go stale silently",
+                    )
+
+
+__all__ = ["Action", "Violation", "World", "draw_schedule"]

@@ -1,0 +1,340 @@
+"""The daemon core without sockets: events in, effects out. Each defect of the protocol issue that
+lives in the daemon has a test here named after it; each failed before its fix."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from governor_daemon.core import CoreOptions, Effects, GovernorCore, Outbound, Registry
+from governor_daemon.core import events as ev
+from governor_daemon.core.effects import Ack, CommandOut, Resync, Send, VerdictOut, Welcome
+from governor_daemon.core.kinds import EntryKind
+from governor_daemon.errors import InvalidInputError, PolicyStateError
+from governor_daemon.journal.entry import canonical_json
+from governor_daemon.policy import CommandKind, PolicyConfig, RunState
+from governor_daemon.service import codec
+from tolaria.governor.v1 import trainer_service_pb2
+
+HEALTHY = [2.3, 1.9, 1.5, 1.2, 1.0, 0.9, 0.8, 0.7, 0.65, 0.6, 0.58, 0.55]
+
+
+class Harness:
+    """A core and the journal its effects would write (every entry JSON-encoded as the journal does)."""
+
+    def __init__(self, **policy: Any) -> None:
+        self.core = GovernorCore(CoreOptions(defaults=PolicyConfig(**policy)))
+        self.entries: list[tuple[str, str, dict[str, Any]]] = []
+        self.now = 100.0
+        self.seqs: dict[int, int] = {}
+        self.core.handle(ev.Start(self.now))
+
+    def handle(self, event: ev.Event) -> Effects:
+        effects = self.core.handle(event)
+        for append in effects.entries:
+            canonical_json(append.payload)  # every entry must be encodable
+            self.entries.append((append.run, append.kind, append.payload))
+            if append.run:
+                self.core.note_appended(append.run, len(self.entries))
+        return effects
+
+    def attach(self, stream: int, run: str = "r", rank: int = 0, world_size: int = 1, inc: str = "i0") -> Effects:
+        self.seqs[stream] = 0
+        return self.handle(ev.Attach(stream, run, rank, world_size, inc, "t", {}, None, 10, "", "p", "c", self.now))
+
+    def seq(self, stream: int, n: int = 1) -> int:
+        self.seqs[stream] += n
+        return self.seqs[stream] - n + 1
+
+    def vitals(self, stream: int, steps: list[int], losses: list[float], timeline: int = 0) -> Effects:
+        first = self.seq(stream, len(steps))
+        return self.handle(ev.Vitals(stream, first, timeline, np.array(steps), losses, [], 0, self.now))
+
+    def validation(self, stream: int, step: int, loss: float, timeline: int = 0) -> Effects:
+        seq = self.seq(stream)
+        return self.handle(ev.Validation(stream, seq, timeline, step, step // 10, loss, None, {"seq": seq}, self.now))
+
+    def result(self, stream: int, command: Any, new_timeline: int | None = None, ok: bool = True) -> Effects:
+        timeline = command.timeline + 1 if new_timeline is None else new_timeline
+        seq = self.seq(stream)
+        return self.handle(ev.CommandResult(stream, seq, command.command_id, ok, timeline, 0, 1.0, "", 0, self.now))
+
+    def warm(self, stream: int) -> int:
+        step = 0
+        for loss in HEALTHY:
+            step += 10
+            self.validation(stream, step, loss)
+        return step
+
+    def run(self, run_id: str = "r") -> Any:
+        return self.core.registry.runs[run_id]
+
+    def rebuilt(self) -> dict[str, Any]:
+        registry = Registry()
+        for i, (run, kind, payload) in enumerate(self.entries, start=1):
+            registry.apply_entry(_Entry(i, run, kind, payload))  # type: ignore[arg-type]
+        return registry.checkpoint()
+
+
+class _Entry:
+    def __init__(self, seq: int, run: str, kind: str, payload: dict[str, Any]) -> None:
+        self.seq, self.run, self.kind, self.payload = seq, run, kind, payload
+
+
+def messages(effects: Effects, kind: type) -> list[Any]:
+    return [s.message for s in effects.sends if isinstance(s.message, kind)]
+
+
+def commands(effects: Effects) -> list[Any]:
+    return [m.command for m in messages(effects, CommandOut)]
+
+
+# ----------------------------------------------------------------- the core's boundaries
+
+
+def test_core_imports_no_grpc_protos_or_asyncio() -> None:
+    """governor_daemon/core imports no grpc, protobuf stubs or asyncio; only service/ imports grpc."""
+    root = Path(__file__).resolve().parents[3] / "governor_daemon"
+    forbidden_in_core = ("grpc", "asyncio", "tolaria", "google")
+    for path in root.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        tops = {name.split(".")[0] for name in names}
+        relative = path.relative_to(root).as_posix()
+        if relative.startswith("core/"):
+            assert not tops & set(forbidden_in_core), f"{relative} imports {tops & set(forbidden_in_core)}"
+        if "grpc" in tops or "grpc_health" in tops or "grpc_reflection" in tops:
+            assert relative.startswith(("service/", "server.py", "security.py", "testing.py", "cli/")), relative
+
+
+def test_messages_wait_for_their_entries_in_production_order() -> None:
+    """Outbound releases nothing before its entry is durable and never lets a later send overtake."""
+    out = Outbound()
+    out.push(5, [Send(1, Ack(3))])
+    out.push(7, [Send(2, Ack(9)), Send(1, Ack(4))])
+    out.push(6, [Send(1, Ack(5))])
+    assert out.release(4) == []
+    assert out.release(6) == [Send(1, Ack(3))], "entry 6 is durable, but the send held for 7 comes first"
+    assert out.release(7) == [Send(2, Ack(9)), Send(1, Ack(5))], "acks of a stream collapse into the last"
+
+
+def test_welcome_verdict_and_state_rebuild_from_entries() -> None:
+    """Attach, a warm-up and a NaN: the state rebuilt from the entries equals the live state."""
+    h = Harness()
+    welcome = messages(h.attach(1), Welcome)[0]
+    assert (welcome.generation, welcome.last_durable_seq, welcome.timeline) == (1, 0, 0)
+    step = h.warm(1)
+    fx = h.validation(1, step + 10, math.nan)
+    verdicts = messages(fx, VerdictOut)
+    assert verdicts[0].decision.verdict == "panic"
+    assert [e.kind for e in fx.entries][-1] == EntryKind.COMMAND and fx.sync
+    assert h.rebuilt() == h.core.checkpoint()
+
+
+# ----------------------------------------------------------------- defects, by number
+
+
+def test_defect_2_stale_record_without_a_command_in_flight_gets_a_resync() -> None:
+    """A trainer on an old timeline with nothing in flight is told (Resync), not silently absorbed."""
+    h = Harness()
+    h.attach(1)
+    step = h.warm(1)
+    cmd = commands(h.validation(1, step + 10, math.nan))[0]
+    h.result(1, cmd)
+    h.handle(ev.Detach(1, h.now))  # the trainer died
+    h.attach(2, inc="i1")  # its restart, which kept timeline 0
+    fx = h.vitals(2, [1, 2], [0.5, 0.5], timeline=0)
+    resync = messages(fx, Resync)
+    assert resync and resync[0].timeline == 1 and resync[0].up_to_seq == 2
+    assert fx.entries[0].kind == EntryKind.STALE and fx.entries[0].payload["resync"]
+
+
+def test_defect_3_a_rank_ahead_in_a_two_rank_rollback_is_judged_not_refused() -> None:
+    """Rank 0 answers the ROLLBACK and sends new-timeline records before rank 1 answers: accepted."""
+    h = Harness()
+    h.attach(1, world_size=2, rank=0)
+    h.attach(2, world_size=2, rank=1, inc="i1")
+    cmd = commands(h.vitals(1, [5], [math.nan]))[0]
+    h.result(1, cmd)
+    fx = h.vitals(1, [6, 7], [0.4, 0.4], timeline=1)
+    assert [e.kind for e in fx.entries] == [EntryKind.VITALS]
+    stale = h.vitals(2, [5], [0.4], timeline=0)  # rank 1 is still in flight: stale, and no Resync
+    assert [e.kind for e in stale.entries] == [EntryKind.STALE] and not messages(stale, Resync)
+    h.result(2, cmd)
+    assert h.run().policy.state is RunState.HEALTHY and h.run().policy.timeline == 1
+
+
+def test_defect_4_command_timeout_sends_halt_to_the_trainer() -> None:
+    """An unanswered ROLLBACK times out into HALTED and the trainer receives a HALT (punishment 0)."""
+    h = Harness(command_timeout_s=5.0)
+    h.attach(1)
+    h.vitals(1, [1], [math.nan])
+    fx = h.handle(ev.Tick(h.now + 6))
+    halt = commands(fx)
+    assert [c.kind for c in halt] == [CommandKind.HALT] and halt[0].punishment_reward == 0.0
+    assert h.run().policy.state is RunState.HALTED and h.run().policy.total_punishment == -10.0
+
+
+def test_defect_6_a_missed_rank_deadline_does_not_latch_stalled() -> None:
+    """A rank that missed one deadline is STALLED until it reports again, not forever."""
+    h = Harness(rank_deadline_s=1.0)
+    h.attach(1, world_size=2, rank=0)
+    h.attach(2, world_size=2, rank=1, inc="i1")
+    h.validation(1, 10, 2.0)
+    h.handle(ev.Tick(h.now + 2))
+    assert h.run().policy.state is RunState.STALLED
+    h.validation(2, 20, 1.9)
+    assert h.run().policy.state is not RunState.STALLED
+    assert h.rebuilt() == h.core.checkpoint()
+
+
+def test_defect_6_a_pending_step_of_a_left_timeline_is_superseded_not_judged() -> None:
+    """Rank 0 reported step 10 on timeline 0; a rollback moves the run on: the step is never judged."""
+    h = Harness(rank_deadline_s=1.0)
+    h.attach(1, world_size=2, rank=0)
+    h.attach(2, world_size=2, rank=1, inc="i1")
+    h.validation(1, 10, 2.0)
+    cmd = commands(h.vitals(2, [11], [math.nan]))[0]
+    h.result(1, cmd)
+    h.result(2, cmd)
+    fx = h.handle(ev.Tick(h.now + 5))  # raised PolicyStateError inside the tick before the fix
+    assert EntryKind.DECISION not in [e.kind for e in fx.entries]
+    assert not h.run().aggregator.to_dict()["pending"]
+
+
+def test_defect_7_a_stale_batch_is_not_counted_as_gaps() -> None:
+    h = Harness()
+    h.attach(1, world_size=2, rank=0)
+    h.attach(2, world_size=2, rank=1, inc="i1")
+    cmd = commands(h.vitals(1, [1], [math.nan]))[0]
+    h.result(1, cmd)
+    h.vitals(2, list(range(20)), [0.5] * 20, timeline=0)
+    assert h.run().ranks[1].num_gaps == 0
+
+
+def test_defect_8_every_entry_of_a_run_moves_its_cursor_after_restore() -> None:
+    h = Harness()
+    h.attach(1)
+    h.handle(ev.Detach(1, h.now))
+    assert h.entries[-1][1] == EntryKind.DETACH
+    assert h.rebuilt()["runs"]["r"]["last_cursor"] == len(h.entries)
+
+
+def test_defect_9_progress_on_a_new_timeline_counts_after_a_deep_rollback() -> None:
+    h = Harness(stall_timeout_s=10.0)
+    h.attach(1)
+    h.vitals(1, [810], [0.5])
+    cmd = commands(h.handle(ev.RequestRollback("r", "test", "op", h.now)))[0]
+    h.result(1, cmd)
+    for i in range(1, 6):
+        h.now += 3
+        h.vitals(1, [i * 30], [0.5], timeline=1)
+        h.handle(ev.Tick(h.now))
+    assert h.run().policy.state is not RunState.STALLED
+
+
+def test_defect_10_timers_are_monotonic_and_rearm_at_start() -> None:
+    """The core never reads a clock; after a restart an open command gets its full timeout again."""
+    h = Harness(command_timeout_s=10.0)
+    h.attach(1)
+    h.vitals(1, [1], [math.nan])
+    checkpoint = h.core.checkpoint()
+    assert "issued_at_s" not in str(checkpoint), "monotonic times are never journaled"
+    restarted = GovernorCore(CoreOptions(defaults=PolicyConfig(command_timeout_s=10.0)))
+    restarted.restore(checkpoint, [])
+    restarted.handle(ev.Start(5.0))  # another process: its monotonic clock starts elsewhere
+    assert not restarted.handle(ev.Tick(14.0)).entries
+    assert [e.kind for e in restarted.handle(ev.Tick(15.5)).entries][0] == EntryKind.COMMAND_TIMEOUT
+
+
+def test_defect_11_an_unsolicited_command_result_is_refused_and_changes_nothing() -> None:
+    h = Harness()
+    h.attach(1)
+    before = h.core.checkpoint()
+    with pytest.raises(InvalidInputError, match="neither open nor recent"):
+        h.handle(ev.CommandResult(1, 1, 7, True, 2**40, 0, 1.0, "", 0, h.now))
+    cmd = commands(h.vitals(1, [1], [math.nan]))[0]
+    before = h.core.checkpoint()
+    with pytest.raises(InvalidInputError, match="new_timeline"):
+        h.handle(ev.CommandResult(1, 3, cmd.command_id, True, 2**40, 0, 1.0, "", 0, h.now))
+    assert h.core.checkpoint() == before
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        trainer_service_pb2.AttachRequest(
+            validation_record=trainer_service_pb2.ValidationRecord(
+                seq=1, step=1, loss=1.0, seeds=[trainer_service_pb2.SeedStatus(slot="a", alpha=math.nan)]
+            )
+        ),
+        trainer_service_pb2.AttachRequest(
+            snapshot_taken=trainer_service_pb2.SnapshotTaken(seq=1, duration_ms=math.inf)
+        ),
+        trainer_service_pb2.AttachRequest(
+            command_result=trainer_service_pb2.CommandResult(seq=1, command_id=1, outcome=1, duration_ms=math.nan)
+        ),
+        trainer_service_pb2.AttachRequest(finish=trainer_service_pb2.Finish(seq=1, status=99)),
+        trainer_service_pb2.AttachRequest(finish=trainer_service_pb2.Finish(seq=1, status=1, duration_s=math.nan)),
+        trainer_service_pb2.AttachRequest(
+            finish=trainer_service_pb2.Finish(seq=1, status=1, final_validation_accuracy=math.nan)
+        ),
+    ],
+)
+def test_defect_12_fields_journaled_raw_are_validated_before_the_core(request_: Any) -> None:
+    """A non-finite float or unknown enum that the journal would store raw is refused by the decoder."""
+    with pytest.raises(InvalidInputError):
+        codec.decode_request(request_, 1, 0.0, CoreOptions().limits)
+
+
+def test_defect_13_seq_jumps_are_bounded_so_counters_never_overflow() -> None:
+    h = Harness()
+    h.attach(1)
+    with pytest.raises(InvalidInputError, match="jumps"):
+        h.handle(ev.Vitals(1, 10**12, 0, np.array([1]), [0.5], [], 0, h.now))
+    batch = trainer_service_pb2.AttachRequest(
+        vitals_batch=trainer_service_pb2.VitalsBatch(first_seq=2**64 - 1, step=[1], loss=[0.5])
+    )
+    with pytest.raises(InvalidInputError):
+        codec.decode_request(batch, 1, 0.0, CoreOptions().limits)
+
+
+def test_defect_14_controller_rollback_of_a_finished_run_is_refused() -> None:
+    h = Harness()
+    h.attach(1)
+    h.handle(ev.Finish(1, h.seq(1), "FINISH_STATUS_COMPLETED", 1, 0, "", 1.0, None, None, h.now))
+    with pytest.raises(PolicyStateError, match="finished"):
+        h.handle(ev.RequestRollback("r", "why", "op", h.now))
+
+
+def test_defect_14_an_open_command_closes_when_every_rank_finished() -> None:
+    h = Harness()
+    h.attach(1)
+    h.vitals(1, [1], [math.nan])
+    fx = h.handle(ev.Finish(1, h.seq(1), "FINISH_STATUS_COMPLETED", 1, 0, "", 1.0, None, None, h.now))
+    assert h.run().policy.open is None and h.run().policy.state is RunState.FINISHED
+    assert fx.entries[0].payload["notices"][0]["kind"] == "command_abandoned"
+
+
+def test_defect_17_a_verdict_waits_for_its_decision_entry() -> None:
+    """Every Verdict is produced with its decision entry, so the runtime releases it only when durable."""
+    h = Harness()
+    h.attach(1)
+    fx = h.validation(1, 10, 2.0)
+    assert messages(fx, VerdictOut) and fx.entries[-1].kind == EntryKind.DECISION
+
+
+def test_defect_18_every_command_has_a_command_entry_whatever_caused_it() -> None:
+    h = Harness(command_timeout_s=1.0)
+    h.attach(1)
+    h.vitals(1, [1], [math.nan])  # train step
+    h.handle(ev.Tick(h.now + 2))  # timeout
+    h.handle(ev.Resume("r", "go", "op", h.now + 2))  # controller
+    causes = [p["cause"] for _, kind, p in h.entries if kind == EntryKind.COMMAND]
+    assert causes == ["train_step", "command_timeout", "controller"]
