@@ -6,7 +6,7 @@ import enum
 
 
 class ExitCode(enum.IntEnum):
-    """Process exit codes, DESIGN.md section 6."""
+    """Process exit codes (docs/protocol.md, "Exit codes")."""
 
     OK = 0
     INTERNAL_ERROR = 1

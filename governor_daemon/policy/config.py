@@ -1,6 +1,6 @@
 """The policy configuration: one validated, immutable dataclass plus KEY=VALUE parsing.
 
-Precedence (DESIGN.md section 3): daemon defaults < the first Hello's overrides < a controller's
+Precedence (docs/protocol.md, "Policy"): daemon defaults < the first Hello's overrides < a controller's
 UpdatePolicy. ``merged`` applies one layer; ``locked`` fields are skipped and reported, never
 silently applied.
 """
@@ -16,12 +16,12 @@ from typing import Any
 from governor_daemon.errors import PolicyConfigError
 
 PROFILES = ("default", "seed")
-"""Detector profiles: ``seed`` is DESIGN.md section 3; ``default`` adds a relative divergence gate."""
+"""Detector profiles: ``seed`` is docs/protocol.md, "Policy"; ``default`` adds a relative divergence gate."""
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Every knob of the decision engine, with the defaults of DESIGN.md section 3.
+    """Every knob of the decision engine, with the defaults of docs/protocol.md, "Policy".
 
     Construction validates: an impossible value raises PolicyConfigError naming the field and the fix.
     """

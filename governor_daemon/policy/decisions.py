@@ -36,7 +36,7 @@ class CommandKind(enum.StrEnum):
 
 
 class RunState(enum.StrEnum):
-    """Run states of DESIGN.md section 2."""
+    """Run states (docs/protocol.md, "Run states")."""
 
     HEALTHY = "healthy"
     ANOMALY = "anomaly"

@@ -1,6 +1,6 @@
 """Detector profiles: pure functions from (losses, detector state, config, RGL) to a judgement.
 
-The ``seed`` profile is DESIGN.md section 3, rule for rule. ``default`` adds a relative divergence
+The ``seed`` profile is docs/protocol.md, "Policy", rule for rule. ``default`` adds a relative divergence
 gate, chosen on the tuning half of the detection corpus. A detector never mutates its input state: it returns the state
 to commit, and the engine decides whether to commit it (it does not while a command is open).
 """

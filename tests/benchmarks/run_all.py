@@ -1,5 +1,6 @@
 """`make bench`: every benchmark in one run, written to tests/benchmarks/RESULTS.md as ratios against
-baselines measured in the same run, with the machine named. Budgets from DESIGN.md section 7."""
+baselines measured in the same run, with the machine named. Budgets: docs/protocol.md,
+"Benchmark budgets and corpus labels"."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from governor_daemon.policy import FIELD_NAMES, PolicyConfig, parse_assignments
 
 
 def test_defaults_match_design() -> None:
-    """The defaults are DESIGN.md section 3's numbers."""
+    """The defaults are the numbers of docs/protocol.md, "Policy"."""
     c = PolicyConfig()
     assert (c.history_window, c.min_history, c.sensitivity, c.multiplier, c.absolute_threshold) == (
         20,

@@ -1,4 +1,4 @@
-"""The corpus labels of DESIGN.md section 7, computed from traces (never set by hand)."""
+"""The corpus labels (docs/protocol.md, "Benchmark budgets and corpus labels"), computed from traces, never by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hypothesis properties of the policy (DESIGN.md section 3)."""
+"""Hypothesis properties of the policy (docs/protocol.md, "Policy")."""
 
 from __future__ import annotations
 

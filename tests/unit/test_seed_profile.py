@@ -1,4 +1,4 @@
-"""The seed profile's rules at and around every boundary (DESIGN.md section 3)."""
+"""The seed profile's rules at and around every boundary (docs/protocol.md, "Policy")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Labels (DESIGN.md section 7, computed from each trace) and the detector comparison.
+"""Labels (computed from each trace) and the detector comparison; docs/protocol.md, "Benchmark budgets and
+corpus labels".
 
 Catastrophic: a fault, the run was learning before onset (last validation loss < 0.6 x RGL) and within 3
 epochs of onset the validation loss is non-finite or >= 2 x the minimum of the last 5 pre-onset losses +
