@@ -13,7 +13,7 @@ PROTO_FILES := $(wildcard proto/tolaria/governor/v1/*.proto)
 STUB_DIR := proto/tolaria/governor/v1
 PYTEST_ARGS ?=
 
-.PHONY: all venv test node-deps lint protos check-stubs demo bench corpus clean
+.PHONY: all venv test node-deps lint protos check-stubs demo bench corpus simulate stress-e2e clean
 
 all: lint test
 
@@ -76,6 +76,22 @@ demo: $(STAMP)
 # The detection corpus: trains small real models, writes tests/benchmarks/corpus/traces/*.jsonl.gz (minutes).
 corpus: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.corpus.build
+
+# More seeded schedules of the protocol simulation than make test runs (tests/simulation): SEEDS=N.
+SEEDS ?= 10000
+simulate: $(STAMP)
+	$(BIN)/python -m tests.simulation.run --seeds $(SEEDS)
+
+# The end-to-end tests RUNS times in a row on a fresh clone of HEAD (flaky tests are bugs).
+RUNS ?= 20
+stress-e2e: $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && git clone -q . "$$tmp/repo" && \
+	ln -s "$(CURDIR)/$(VENV)" "$$tmp/repo/$(VENV)" && cd "$$tmp/repo" && \
+	for i in $$(seq 1 $(RUNS)); do \
+		$(CURDIR)/$(BIN)/python -m pytest -q -p no:cacheprovider tests/e2e > "$$tmp/run-$$i.log" 2>&1 \
+			&& echo "run $$i/$(RUNS): passed" \
+			|| { echo "run $$i/$(RUNS): FAILED"; tail -40 "$$tmp/run-$$i.log"; exit 1; }; \
+	done && echo "$(RUNS)/$(RUNS) runs passed"
 
 # Benchmarks (not part of make test): writes tests/benchmarks/RESULTS.md.
 bench: $(STAMP)

@@ -50,3 +50,7 @@ class ConflictError(GovernorError):
 
 class LimitExceededError(GovernorError):
     """Over a configured limit (active runs, records per batch). Maps to RESOURCE_EXHAUSTED."""
+
+
+class UnavailableError(GovernorError):
+    """The journal failed: the daemon is going down (a restart recovers). Maps to UNAVAILABLE."""

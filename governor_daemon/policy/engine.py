@@ -332,6 +332,8 @@ class RunPolicy:
 
         Raises PolicyStateError if the run is not HALTED.
         """
+        if self.state is RunState.FINISHED:
+            raise PolicyStateError("run has finished: every rank sent Finish")
         if not self.halted:
             raise PolicyStateError(f"run is {self.state}, not halted; only a halted run can be resumed")
         self.halted = False
@@ -365,10 +367,10 @@ class RunPolicy:
         """
         command = self.command(command_id)
         moved = False
-        if command is not None and succeeded and command.kind is not CommandKind.HALT:
-            if command.timeline == self.timeline and new_timeline == self.timeline + 1:
-                self.timeline, moved = new_timeline, True
-                self.judged = RunState.HEALTHY
+        moves = command is not None and command.kind is not CommandKind.HALT and command.timeline == self.timeline
+        if succeeded and moves and new_timeline == self.timeline + 1:
+            self.timeline, moved = new_timeline, True
+            self.judged = RunState.HEALTHY
         open_cmd = self.open
         if open_cmd is None or open_cmd.command.command_id != command_id:
             return [

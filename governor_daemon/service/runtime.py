@@ -25,7 +25,7 @@ from governor_daemon.core import CoreOptions, Effects, GovernorCore, Limits, Out
 from governor_daemon.core import events as ev
 from governor_daemon.core.effects import Append, EndStream
 from governor_daemon.core.kinds import EntryKind
-from governor_daemon.errors import GovernorError
+from governor_daemon.errors import UnavailableError
 from governor_daemon.journal import Committed, Journal, Recovery
 from governor_daemon.journal.group_commit import GroupCommitter
 from governor_daemon.journal.segments import DEFAULT_SEGMENT_BYTES
@@ -35,10 +35,6 @@ from governor_daemon.service.streams import StreamHandle
 from governor_daemon.service.validation import check_run_id
 
 log = structlog.get_logger("governor")
-
-
-class UnavailableError(GovernorError):
-    """The journal failed: the daemon is going down. Maps to UNAVAILABLE."""
 
 
 @dataclass
@@ -151,6 +147,13 @@ class Governor:
         except RuntimeError as exc:
             raise UnavailableError(str(exc)) from None
         return effects.reply
+
+    async def settled(self) -> None:
+        """Return once everything appended so far is durable (and its messages released)."""
+        try:
+            await self.committer.wait_durable(self.committer.journal.last_seq)
+        except RuntimeError as exc:
+            raise UnavailableError(str(exc)) from None
 
     def _apply(self, effects: Effects) -> int:
         committer = self.committer

@@ -13,6 +13,7 @@ from governor_daemon.errors import (
     NotFoundError,
     PolicyConfigError,
     PolicyStateError,
+    UnavailableError,
 )
 
 _CODES: tuple[tuple[type[GovernorError], grpc.StatusCode], ...] = (
@@ -23,6 +24,7 @@ _CODES: tuple[tuple[type[GovernorError], grpc.StatusCode], ...] = (
     (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (PolicyStateError, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 
 

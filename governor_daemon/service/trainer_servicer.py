@@ -79,7 +79,8 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 ingest.drain(stream)  # this stream's vitals are handled before its next message
                 governor.handle(event)
             if not stream.closed:
-                ingest.drain(stream)  # the trainer closed its side: handle what it sent last
+                ingest.drain(stream)  # the trainer closed its side: handle what it sent last,
+                await governor.settled()  # and answer it before the stream ends
         except GovernorError as exc:
             stream.fail(exc)
         finally:

@@ -162,7 +162,8 @@ def test_command_without_result_times_out_to_halted(connect: Connect, control: c
     rollback = client.next("command").command
     halt = client.next("command").command
     assert (rollback.type, halt.type) == (common_pb2.COMMAND_TYPE_ROLLBACK, common_pb2.COMMAND_TYPE_HALT)
-    assert halt.command_id > rollback.command_id and halt.punishment_reward == 0.0
+    assert halt.command_id > rollback.command_id
+    assert halt.punishment_reward == 0.0
     assert "had no result" in halt.reason
     status = state(control)
     assert status.state == common_pb2.RUN_STATE_HALTED

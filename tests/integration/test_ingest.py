@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -12,10 +11,12 @@ from pathlib import Path
 import grpc
 import pytest
 
-from governor_daemon.governor import Governor, GovernorOptions
-from governor_daemon.journal import GroupCommitter, Journal
+from governor_daemon.core import Limits
+from governor_daemon.core import events as ev
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
+from governor_daemon.service import codec
 from governor_daemon.service.ingest import VitalsIngest
+from governor_daemon.service.runtime import Governor, GovernorOptions
 from governor_daemon.service.streams import StreamHandle
 from governor_daemon.service.trainer_servicer import TrainerServicer
 from governor_daemon.testing import AttachClient, InProcessDaemon
@@ -36,14 +37,14 @@ def journal(data_dir: Path, run: str) -> list[tuple[str, dict[str, object]]]:
 async def read_stream(
     data_dir: Path, requests: AsyncIterator[trainer_service_pb2.AttachRequest]
 ) -> tuple[list[trainer_service_pb2.AttachResponse], StreamHandle]:
-    """Feed ``requests`` to the Attach reader of a real Governor with the ingest worker running; returns what
-    the stream was sent and the stream (its ack loop is not run, so ``_acks`` holds what it would send)."""
+    """Feed ``requests`` to the Attach reader of a real runtime with the ingest worker running; returns what
+    the stream was sent once the trainer's side ended (the reader answers everything before it closes)."""
     governor = Governor(GovernorOptions(data_dir))
     await governor.start()
     ingest = VitalsIngest(governor)
     ingest.start()
-    stream = StreamHandle()
-    await TrainerServicer(governor, ingest)._read(requests, stream)
+    stream = governor.open_stream("test")
+    await TrainerServicer(governor, ingest).read(requests, stream)
     await ingest.stop()
     await governor.close()
     sent = []
@@ -102,23 +103,26 @@ def hello(run_id: str) -> trainer_service_pb2.Hello:
 
 def test_a_full_stream_waits_and_nothing_is_lost(tmp_path: Path) -> None:
     """A reader that never yields on its own still never has more than max_pending batches queued; the
-    worker judges every batch, in order."""
+    worker hands every batch to the core, in order."""
 
     async def scenario() -> tuple[int, int, int]:
         governor = Governor(GovernorOptions(tmp_path / "data"))
         await governor.start()
         ingest = VitalsIngest(governor, max_pending=2)
-        stream = StreamHandle()
-        await governor.attach(hello("r"), stream)
+        stream = governor.open_stream("test")
+        governor.handle(codec.decode_hello(hello("r"), stream.id, "test", "test", governor.now(), Limits()))
         ingest.start()
         most = 0
         for b in range(50):
             batch = trainer_service_pb2.VitalsBatch(first_seq=4 * b + 1, step=range(4 * b, 4 * b + 4), loss=[1.0] * 4)
-            await ingest.put(stream, batch)
+            request = trainer_service_pb2.AttachRequest(vitals_batch=batch)
+            vitals = codec.decode_request(request, stream.id, governor.now(), Limits())
+            assert isinstance(vitals, ev.Vitals)
+            await ingest.put(stream, vitals)
             most = max(most, len(stream.pending))
-        await ingest.drain(stream)
+        ingest.drain(stream)
         await ingest.stop()
-        rank = governor.registry.runs["r"].rank(0)
+        rank = governor.core.registry.runs["r"].rank(0)
         await governor.close()
         return most, rank.num_records, rank.last_durable_seq
 
@@ -145,11 +149,10 @@ def test_streams_progress_independently(daemon: InProcessDaemon) -> None:
         quiet.close()
 
 
-def test_a_stream_is_judged_one_message_at_a_time(tmp_path: Path) -> None:
-    """The worker judges a NaN batch whose HALT waits for a journal commit; the stream's next message (a
-    validation record) arrives in that gap. It is judged after the batch: acknowledgements stay in journal
-    order (out of order, the ack loop spun forever and froze the daemon) and the HALT leaves before the
-    record's verdict."""
+def test_a_command_leaves_before_the_verdict_of_a_later_message(tmp_path: Path) -> None:
+    """A NaN batch's HALT waits for its commit; the stream's next message (a validation record) arrives in
+    that gap. Messages are released in production order once durable: the HALT before the record's verdict,
+    and acknowledgements never ahead of their entries."""
 
     async def requests() -> AsyncIterator[trainer_service_pb2.AttachRequest]:
         start = hello("r")
@@ -157,48 +160,13 @@ def test_a_stream_is_judged_one_message_at_a_time(tmp_path: Path) -> None:
         yield trainer_service_pb2.AttachRequest(hello=start)
         batch = trainer_service_pb2.VitalsBatch(first_seq=1, step=[1, 2], loss=[0.5, math.nan])
         yield trainer_service_pb2.AttachRequest(vitals_batch=batch)
-        await asyncio.sleep(0)  # the worker takes the batch and waits for the HALT's commit
+        await asyncio.sleep(0)  # the worker takes the batch; its HALT waits for the commit
         record = trainer_service_pb2.ValidationRecord(seq=3, step=2, epoch=1, loss=0.5)
         yield trainer_service_pb2.AttachRequest(validation_record=record)
 
-    sent, stream = asyncio.run(read_stream(tmp_path / "data", requests()))
-    acked_entries = [entry for entry, _ in stream._acks]
+    sent, _ = asyncio.run(read_stream(tmp_path / "data", requests()))
     kinds = [m.WhichOneof("message") for m in sent]
-    assert acked_entries == sorted(acked_entries)
+    acks = [m.ack.up_to_seq for m in sent if m.WhichOneof("message") == "ack"]
     assert kinds.index("command") < kinds.index("verdict")
-
-
-def test_ack_loop_survives_acknowledgements_tracked_out_of_journal_order(tmp_path: Path) -> None:
-    """Defence in depth: even if a later entry's ack is tracked before an earlier one's, the ack loop waits
-    for the highest entry and acknowledges both (it used to spin forever). Run in a thread so that a spin
-    fails the test instead of freezing it."""
-    result: list[int] = []
-
-    async def scenario() -> None:
-        journal = Journal(tmp_path / "data")
-        journal.open()
-        committer = GroupCommitter(journal)
-        await committer.start()
-        first = committer.append("r", "note", {"i": 1})
-        await committer.commit()
-        second = committer.append("r", "note", {"i": 2})  # not durable yet
-        stream = StreamHandle()
-        stream.track_ack(second.seq, 2)
-        stream.track_ack(first.seq, 1)
-        acker = asyncio.create_task(stream.ack_loop(committer))
-        while True:
-            message = await stream.out.get()
-            assert message is not None
-            if message.WhichOneof("message") == "ack":
-                result.append(message.ack.up_to_seq)
-                if message.ack.up_to_seq == 2:
-                    break
-        stream.close()
-        acker.cancel()
-        await committer.close()
-
-    thread = threading.Thread(target=asyncio.run, args=(scenario(),), daemon=True)
-    thread.start()
-    thread.join(20)
-    assert not thread.is_alive(), "the ack loop did not finish (spinning?)"
-    assert result[-1] == 2
+    assert acks == sorted(acks)
+    assert acks[-1] == 3

@@ -22,8 +22,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from governor_daemon.core import CoreOptions, Effects, GovernorCore, Outbound, Registry
 from governor_daemon.core import events as ev
 from governor_daemon.core.kinds import EntryKind
@@ -382,7 +380,9 @@ class World:
                     if verdict.snapshot_allowed and (verdict.timeline, verdict.step) == rank.pending[1:]:
                         rank.lkg_step = rank.pending[2]
                         rank.proto.send_snapshot(
-                            trainer_service_pb2.SnapshotTaken(timeline=rank.timeline, step=rank.lkg_step, location="host")
+                            trainer_service_pb2.SnapshotTaken(
+                                timeline=rank.timeline, step=rank.lkg_step, location="host"
+                            )
                         )
                     rank.pending = None
         for rank in live:
@@ -465,7 +465,9 @@ class World:
                 )
             ),
             trainer_service_pb2.AttachRequest(
-                finish=trainer_service_pb2.Finish(seq=10**9, status=common_pb2.FINISH_STATUS_COMPLETED, duration_s=float("inf"))
+                finish=trainer_service_pb2.Finish(
+                    seq=10**9, status=common_pb2.FINISH_STATUS_COMPLETED, duration_s=float("inf")
+                )
             ),
             trainer_service_pb2.AttachRequest(
                 vitals_batch=trainer_service_pb2.VitalsBatch(first_seq=2**63, step=[1], loss=[0.1])

@@ -133,7 +133,8 @@ def test_welcome_verdict_and_state_rebuild_from_entries() -> None:
     fx = h.validation(1, step + 10, math.nan)
     verdicts = messages(fx, VerdictOut)
     assert verdicts[0].decision.verdict == "panic"
-    assert [e.kind for e in fx.entries][-1] == EntryKind.COMMAND and fx.sync
+    assert [e.kind for e in fx.entries][-1] == EntryKind.COMMAND
+    assert fx.sync
     assert h.rebuilt() == h.core.checkpoint()
 
 
@@ -151,8 +152,11 @@ def test_defect_2_stale_record_without_a_command_in_flight_gets_a_resync() -> No
     h.attach(2, inc="i1")  # its restart, which kept timeline 0
     fx = h.vitals(2, [1, 2], [0.5, 0.5], timeline=0)
     resync = messages(fx, Resync)
-    assert resync and resync[0].timeline == 1 and resync[0].up_to_seq == 2
-    assert fx.entries[0].kind == EntryKind.STALE and fx.entries[0].payload["resync"]
+    assert resync
+    assert resync[0].timeline == 1
+    assert resync[0].up_to_seq == 2
+    assert fx.entries[0].kind == EntryKind.STALE
+    assert fx.entries[0].payload["resync"]
 
 
 def test_defect_3_a_rank_ahead_in_a_two_rank_rollback_is_judged_not_refused() -> None:
@@ -165,9 +169,11 @@ def test_defect_3_a_rank_ahead_in_a_two_rank_rollback_is_judged_not_refused() ->
     fx = h.vitals(1, [6, 7], [0.4, 0.4], timeline=1)
     assert [e.kind for e in fx.entries] == [EntryKind.VITALS]
     stale = h.vitals(2, [5], [0.4], timeline=0)  # rank 1 is still in flight: stale, and no Resync
-    assert [e.kind for e in stale.entries] == [EntryKind.STALE] and not messages(stale, Resync)
+    assert [e.kind for e in stale.entries] == [EntryKind.STALE]
+    assert not messages(stale, Resync)
     h.result(2, cmd)
-    assert h.run().policy.state is RunState.HEALTHY and h.run().policy.timeline == 1
+    assert h.run().policy.state is RunState.HEALTHY
+    assert h.run().policy.timeline == 1
 
 
 def test_defect_4_command_timeout_sends_halt_to_the_trainer() -> None:
@@ -177,8 +183,10 @@ def test_defect_4_command_timeout_sends_halt_to_the_trainer() -> None:
     h.vitals(1, [1], [math.nan])
     fx = h.handle(ev.Tick(h.now + 6))
     halt = commands(fx)
-    assert [c.kind for c in halt] == [CommandKind.HALT] and halt[0].punishment_reward == 0.0
-    assert h.run().policy.state is RunState.HALTED and h.run().policy.total_punishment == -10.0
+    assert [c.kind for c in halt] == [CommandKind.HALT]
+    assert halt[0].punishment_reward == 0.0
+    assert h.run().policy.state is RunState.HALTED
+    assert h.run().policy.total_punishment == -10.0
 
 
 def test_defect_6_a_missed_rank_deadline_does_not_latch_stalled() -> None:
@@ -250,7 +258,7 @@ def test_defect_10_timers_are_monotonic_and_rearm_at_start() -> None:
     restarted.restore(checkpoint, [])
     restarted.handle(ev.Start(5.0))  # another process: its monotonic clock starts elsewhere
     assert not restarted.handle(ev.Tick(14.0)).entries
-    assert [e.kind for e in restarted.handle(ev.Tick(15.5)).entries][0] == EntryKind.COMMAND_TIMEOUT
+    assert next(e.kind for e in restarted.handle(ev.Tick(15.5)).entries) == EntryKind.COMMAND_TIMEOUT
 
 
 def test_defect_11_an_unsolicited_command_result_is_refused_and_changes_nothing() -> None:
@@ -318,7 +326,8 @@ def test_defect_14_an_open_command_closes_when_every_rank_finished() -> None:
     h.attach(1)
     h.vitals(1, [1], [math.nan])
     fx = h.handle(ev.Finish(1, h.seq(1), "FINISH_STATUS_COMPLETED", 1, 0, "", 1.0, None, None, h.now))
-    assert h.run().policy.open is None and h.run().policy.state is RunState.FINISHED
+    assert h.run().policy.open is None
+    assert h.run().policy.state is RunState.FINISHED
     assert fx.entries[0].payload["notices"][0]["kind"] == "command_abandoned"
 
 
@@ -327,7 +336,8 @@ def test_defect_17_a_verdict_waits_for_its_decision_entry() -> None:
     h = Harness()
     h.attach(1)
     fx = h.validation(1, 10, 2.0)
-    assert messages(fx, VerdictOut) and fx.entries[-1].kind == EntryKind.DECISION
+    assert messages(fx, VerdictOut)
+    assert fx.entries[-1].kind == EntryKind.DECISION
 
 
 def test_defect_18_every_command_has_a_command_entry_whatever_caused_it() -> None:
