@@ -55,6 +55,16 @@ class Distributed:
         """The minimum of ``value`` over ranks (CPU tensor, gloo group)."""
         return self._agree(value, dist.ReduceOp.MIN)
 
+    def broadcast_bytes(self, data: bytes, src: int) -> bytes:
+        """Rank ``src``'s ``data`` on every rank (gloo group; what other ranks pass is ignored)."""
+        if not self.is_distributed:
+            return data
+        box: list[object] = [data if self.rank == src else None]
+        dist.broadcast_object_list(box, src=src, group=self._agree_group)
+        received = box[0]
+        assert isinstance(received, bytes)
+        return received
+
     def _agree(self, value: int, op: dist.ReduceOp.RedOpType) -> int:
         if not self.is_distributed:
             return value

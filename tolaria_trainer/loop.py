@@ -1,9 +1,15 @@
 """The governed training loop: schedule, faults, epochs, vitals, LKG staging, verdicts, commands.
 
-Agreement points are after each validation and every ``agree_every_steps`` steps: there the ranks
-agree (max) on the highest command id they hold and execute that command, so every rank restores at
-the same step. A snapshot staged after validation is published only for a Verdict with
-``snapshot_allowed`` naming exactly the staged (timeline, step), agreed by every rank.
+Agreement points are after each validation and every ``agree_every_steps`` steps. There the buffered
+vitals go out (on the timeline they were produced on), the ranks adopt the run's timeline if the
+daemon named a higher one (docs/protocol.md), and they agree (max) on the highest command id any of
+them holds: the lowest rank holding it broadcasts the command, so every rank executes the same
+command at the same step even if its own stream never delivered it. A snapshot staged after
+validation is published only for a Verdict with ``snapshot_allowed`` naming exactly the staged
+(timeline, step), agreed by every rank; while one awaits its verdict no newer one is staged, so a
+slow daemon delays the LKG instead of preventing it. Training ends only when an agreement point after
+the last validation (which waits briefly for its verdict and, after a PANIC, for the command) leaves
+every epoch done: a rollback there trains the lost epochs again.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
 from tolaria_trainer import __version__
-from tolaria_trainer.client import ClientOptions, GovernorClient
+from tolaria_trainer.client import ClientOptions, GovernorClient, timeline_after
 from tolaria_trainer.device import parse_device
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import SnapshotError
@@ -38,6 +44,7 @@ from tolaria_trainer.training import (
     TrainingState,
     ValidationMetrics,
     VitalsBuffer,
+    VitalsChunk,
     adam,
     enable_compile,
     train_epoch_blended,
@@ -76,7 +83,9 @@ class RunConfig:
     inject: list[str] = field(default_factory=list)
     compile: bool = False
     agree_every_steps: int = 50
-    verdict_wait_s: float = 5.0
+    verdict_wait_s: float = 5.0  # at the end: for the last validation's verdict, and a PANIC's command
+    snapshot_verdict_timeout_s: float = 60.0  # a staged snapshot waits this long before a newer one replaces it
+    vitals_flush_s: float = 0.1  # train-step records wait at most about this long before they are sent
     seed: int = 0
     policy: dict[str, Any] = field(default_factory=dict)
     train_metric_batches: int = 4
@@ -104,6 +113,7 @@ class RunSummary:
     duration_s: float = 0.0
     message: str = ""
     dropped_records: int = 0
+    unjudged_records: int = 0
     governed: bool = False
     weights_sha256: str = ""
 
@@ -158,21 +168,24 @@ class GovernedRun:
         self.lkg = LastKnownGood(cfg.snapshot_location)
         self.ledger = CommandLedger()
         self.known_commands: dict[int, trainer_service_pb2.Command] = {}
-        self.done_commands: set[int] = set()
+        self.last_command_id = 0  # every rank executed every command up to this id
         self.rollbacks = 0
+        self.num_restores = 0  # ROLLBACKs and RESUMEs executed
         self.run_id = cfg.run_id or default_run_id(cfg.task)
         self.client: GovernorClient | None = None
-        self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._sink)
+        self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._sink, flush_interval_s=cfg.vitals_flush_s)
         self.last_metrics: ValidationMetrics | None = None
-        self.pending: tuple[int, SnapshotInfo] | None = None
-        self.pending_verdict: trainer_service_pb2.Verdict | None = None
+        self.pending: tuple[int, SnapshotInfo] | None = None  # staged snapshot and its validation seq
+        self.pending_since = 0.0
+        self.verdicts: dict[int, trainer_service_pb2.Verdict] = {}  # of the pending and the latest seq
+        self.latest_seq: int | None = None  # the last validation record's seq
         self.started = time.monotonic()
 
     # ----------------------------------------------------------------- governor
 
-    def _sink(self, chunk: Any) -> None:
+    def _sink(self, chunk: VitalsChunk) -> None:
         if self.client is not None:
-            self.client.send_vitals(chunk, self.state.timeline)
+            self.client.send_vitals(chunk)
 
     def _connect(self) -> None:
         cfg = self.cfg
@@ -226,9 +239,10 @@ class GovernedRun:
         status, code, message = "completed", int(ExitCode.OK), ""
         try:
             self._connect()
+            self._adopt_run_timeline()  # a trainer welcomed before training starts on the run's timeline
             self._publish_now("initial")
             cap = self.cfg.max_epochs_total or 3 * self.cfg.epochs
-            while self.state.epoch < self.cfg.epochs:
+            while self.state.epoch < self.cfg.epochs or not self._settled_at_end():
                 if self.state.epochs_run >= cap:
                     raise _Stop(
                         "failed",
@@ -237,8 +251,6 @@ class GovernedRun:
                         f"{self.state.epoch}/{self.cfg.epochs} epochs of progress",
                     )
                 self._epoch()
-            self._settle_pending(self.cfg.verdict_wait_s)  # the last validation's snapshot: worth a short wait
-            self._agreement_point()
         except _Stop as stop:
             status, code, message = stop.status, stop.exit_code, stop.message
         summary = self._finish(status, code, message)
@@ -260,11 +272,11 @@ class GovernedRun:
             train, mode = train_epoch_blended, "blended"
         else:
             train, mode = train_epoch_normal, "normal"
-        timeline_before = state.timeline
+        restores_before = self.num_restores
         train(state, self.train_loader, self.loss_fn, self.vitals, self._on_step)
         self.vitals.flush()
         state.epochs_run += 1
-        if state.timeline != timeline_before:  # a rollback happened mid-epoch: that epoch does not count
+        if self.num_restores != restores_before:  # a rollback happened mid-epoch: that epoch does not count
             return
         state.epoch = epoch
         metrics = validate_and_get_metrics(
@@ -280,10 +292,11 @@ class GovernedRun:
         reported = self.faults.reported_loss(metrics.loss)
         self._settle_pending()  # the previous epoch's verdict has arrived by now: publish before restaging
         staged: SnapshotInfo | None = None
-        try:
-            staged = self.lkg.stage(state)
-        except SnapshotError as exc:
-            log.error("snapshot staging failed; the previous LKG stays", error=str(exc))
+        if self._may_stage():
+            try:
+                staged = self.lkg.stage(state)
+            except SnapshotError as exc:
+                log.error("snapshot staging failed; the previous LKG stays", error=str(exc))
         self._advance_blends()
         seq = self._report_validation(epoch, reported, metrics)
         self.progress(
@@ -337,13 +350,58 @@ class GovernedRun:
 
     def _after_validation(self, seq: int | None, staged: SnapshotInfo | None) -> None:
         """The staged snapshot waits for its Verdict; nothing here blocks on the network."""
-        if self.pending is not None and self.client is not None:
-            self.client.forget_verdict(self.pending[0])  # superseded by the newer stage
-        self.pending = (seq, staged) if seq is not None and staged is not None else None
-        self.pending_verdict = None
-        if self.pending is None:
+        previous, self.latest_seq = self.latest_seq, seq
+        self._release_verdict(previous)  # superseded: only the newest validation's verdict matters at the end
+        if staged is not None and seq is not None:
+            self.pending, self.pending_since = (seq, staged), time.monotonic()
+        elif staged is not None:
             self.lkg.discard()  # ungoverned: never publish a snapshot without a verdict
         self._agreement_point()
+
+    @property
+    def pending_seq(self) -> int | None:
+        """The seq of the validation record whose verdict the staged snapshot awaits."""
+        return None if self.pending is None else self.pending[0]
+
+    def _may_stage(self) -> bool:
+        """False while a staged snapshot on any rank awaits its verdict (for up to
+        ``snapshot_verdict_timeout_s``): restaging would discard it, and under verdict latency no snapshot
+        would ever be published. Past the timeout the old one is dropped."""
+        waiting = (
+            self.pending is not None and time.monotonic() - self.pending_since < self.cfg.snapshot_verdict_timeout_s
+        )
+        if self.dist.agree_max(int(waiting)):
+            return False
+        self._drop_pending()
+        return True
+
+    def _drop_pending(self) -> None:
+        """Forget the staged snapshot (if it was published, the LKG stays) and stop waiting for its verdict."""
+        seq = self.pending_seq
+        self.pending = None
+        self.lkg.discard()
+        self._release_verdict(seq)
+
+    def _release_verdict(self, seq: int | None) -> None:
+        """Stop tracking the verdict on ``seq`` unless the staged snapshot or the latest validation needs it."""
+        if seq is None or seq in (self.pending_seq, self.latest_seq):
+            return
+        if self.verdicts.pop(seq, None) is None and self.client is not None:
+            self.client.forget_verdict(seq)
+
+    def _verdict(self, seq: int | None, wait_s: float) -> trainer_service_pb2.Verdict | None:
+        """The Verdict on validation record ``seq`` once it arrived (kept until its seq is dropped)."""
+        if seq is None or self.client is None:
+            return None
+        if seq not in self.verdicts:
+            connected = self.client.connected or wait_s == 0
+            verdict = self.client.wait_verdict(seq, wait_s if connected else 0.0)
+            if verdict is None:
+                return None
+            if verdict.kind == common_pb2.VERDICT_KIND_PANIC:
+                log.warning("governor verdict PANIC", reason=verdict.reason, step=verdict.step)
+            self.verdicts[seq] = verdict
+        return self.verdicts[seq]
 
     def _settle_pending(self, wait_s: float = 0.0) -> None:
         """Publish or discard the staged snapshot once every rank holds its Verdict.
@@ -352,24 +410,35 @@ class GovernedRun:
         """
         if not self.dist.agree_max(int(self.pending is not None)):
             return
-        if self.pending is not None and self.pending_verdict is None and self.client is not None:
-            connected = self.client.connected or wait_s == 0
-            self.pending_verdict = self.client.wait_verdict(self.pending[0], wait_s if connected else 0.0)
-            if self.pending_verdict is not None and self.pending_verdict.kind == common_pb2.VERDICT_KIND_PANIC:
-                log.warning(
-                    "governor verdict PANIC", reason=self.pending_verdict.reason, step=self.pending_verdict.step
-                )
-        if not self.dist.agree_min(int(self.pending_verdict is not None)):
+        verdict = self._verdict(self.pending_seq, wait_s)
+        if not self.dist.agree_min(int(verdict is not None)):
             return
         assert self.pending is not None
-        assert self.pending_verdict is not None
-        staged, verdict = self.pending[1], self.pending_verdict
+        assert verdict is not None
+        staged = self.pending[1]
         allowed = int(verdict.snapshot_allowed and (verdict.timeline, verdict.step) == (staged.timeline, staged.step))
         if self.dist.agree_min(allowed) and self.lkg.publish(staged.timeline, staged.step):
             self._report_snapshot(staged)
-        else:
-            self.lkg.discard()
-        self.pending, self.pending_verdict = None, None
+        self._drop_pending()
+
+    def _settled_at_end(self) -> bool:
+        """After the last epoch: wait up to ``verdict_wait_s`` (while connected) for the last validation's
+        verdict and, after a PANIC on any rank, for a command; then an agreement point. True if every
+        epoch is still done (False after a rollback: training goes on). Every rank leaves each wait
+        together."""
+        deadline = time.monotonic() + self.cfg.verdict_wait_s
+        while True:
+            verdict = self._verdict(self.latest_seq, 0.0)
+            self._collect()
+            judged = self.client is None or not self.client.connected or verdict is not None
+            panic = verdict is not None and verdict.kind == common_pb2.VERDICT_KIND_PANIC
+            settled = judged and (not panic or bool(self.known_commands))
+            if self.dist.agree_min(int(settled)) or self.dist.agree_max(int(time.monotonic() >= deadline)):
+                break
+            time.sleep(0.01)
+        self._settle_pending()
+        self._agreement_point()
+        return self.state.epoch >= self.cfg.epochs
 
     def _publish_now(self, why: str) -> None:
         info = self.lkg.take(self.state)
@@ -440,29 +509,53 @@ class GovernedRun:
         if self.client is None:
             return
         for command in self.client.take_commands():
-            if command.command_id not in self.done_commands:
+            if command.command_id > self.last_command_id:  # an executed command may still reach a slow rank
                 self.known_commands[command.command_id] = command
+
+    def _adopt_run_timeline(self) -> None:
+        """Move every rank to the run's timeline if the daemon named a higher one (Welcome, Resync): a
+        restarted trainer's records would otherwise be stale forever. Records already buffered keep
+        their timeline; a snapshot staged on the old one can no longer be published."""
+        if self.client is None:
+            return
+        target = self.dist.agree_max(self.client.run_timeline)
+        if target <= self.state.timeline:
+            return
+        self.vitals.flush()
+        log.warning(
+            "adopting the run's timeline from the governor",
+            timeline=self.state.timeline,
+            run_timeline=target,
+            unjudged_records=self.client.num_unjudged_records,
+        )
+        self.state.timeline = target
+        self._drop_pending()
 
     def _agreement_point(self) -> None:
         self._check_reachable()
+        self.vitals.flush()  # buffered records go out before anything decided here
         self._settle_pending()
+        self._adopt_run_timeline()
         self._collect()
-        local = max(self.known_commands, default=0)
-        highest = self.dist.agree_max(local)
-        if highest == 0 or highest in self.done_commands:
-            return
-        deadline = time.monotonic() + 30.0
-        while highest not in self.known_commands and time.monotonic() < deadline:
-            time.sleep(0.01)
-            self._collect()
-        command = self.known_commands.get(highest)
-        if command is None:
-            log.error("agreed command never arrived on this rank", command_id=highest)
-            return
-        for cid in [c for c in self.known_commands if c <= highest]:
-            self.known_commands.pop(cid)
-            self.done_commands.add(cid)
-        self._execute(command)
+        command = self._agree_command()
+        if command is not None:
+            self._execute(command)
+
+    def _agree_command(self) -> trainer_service_pb2.Command | None:
+        """The command every rank executes now: the highest id any rank holds, as the lowest rank holding
+        it sent it (so a rank whose stream never delivered it, refused or reconnecting, executes it too
+        and the ranks never diverge). None when no rank holds a new command."""
+        highest = self.dist.agree_max(max(self.known_commands, default=0))
+        if highest == 0:
+            return None
+        holds = highest in self.known_commands
+        holder = self.dist.agree_min(self.dist.rank if holds else self.dist.world_size)
+        assert holder < self.dist.world_size, "the highest id came from a rank that holds it"
+        data = self.known_commands[highest].SerializeToString() if holds else b""
+        command = trainer_service_pb2.Command.FromString(self.dist.broadcast_bytes(data, holder))
+        self.known_commands = {cid: c for cid, c in self.known_commands.items() if cid > highest}
+        self.last_command_id = highest
+        return command
 
     def _execute(self, command: trainer_service_pb2.Command) -> None:
         kind = common_pb2.CommandType.Name(command.type)
@@ -491,13 +584,21 @@ class GovernedRun:
         scale = command.recovery_lr_scale if command.type == common_pb2.COMMAND_TYPE_ROLLBACK else 1.0
         skip = command.recovery_skip_batches if command.type == common_pb2.COMMAND_TYPE_ROLLBACK else 0
         outcome = execute_restore(
-            self.state, self.lkg, self.ledger, command.command_id, command.reason, scale if scale > 0 else 1.0, skip
+            self.state,
+            self.lkg,
+            self.ledger,
+            command.command_id,
+            command.reason,
+            timeline_after(command, succeeded=True),
+            scale if scale > 0 else 1.0,
+            skip,
         )
         self.faults.on_restore(self.state)
         self.blend_plan = {k: v for k, v in self.blend_plan.items() if self.state.model.slot(k).is_live}
         self._report_result(command, outcome)
         if not outcome.succeeded:
             raise _Stop("failed", ExitCode.ROLLBACK_FAILED, f"rollback {command.command_id} failed: {outcome.error}")
+        self.num_restores += 1
         if command.type == common_pb2.COMMAND_TYPE_ROLLBACK:
             self.rollbacks += 1
         self.progress(
@@ -514,19 +615,8 @@ class GovernedRun:
     def _report_result(self, command: trainer_service_pb2.Command, outcome: RestoreOutcome) -> None:
         if self.client is None:
             return
-        self.client.timeline = outcome.new_timeline
         self.client.send_command_result(
-            trainer_service_pb2.CommandResult(
-                command_id=command.command_id,
-                outcome=common_pb2.COMMAND_OUTCOME_SUCCEEDED
-                if outcome.succeeded
-                else common_pb2.COMMAND_OUTCOME_FAILED,
-                new_timeline=outcome.new_timeline,
-                restored_step=outcome.restored_step,
-                duration_ms=outcome.duration_ms,
-                error=outcome.error,
-                num_culled_seeds=len(outcome.culled),
-            )
+            command, outcome.succeeded, outcome.restored_step, outcome.duration_ms, outcome.error, len(outcome.culled)
         )
 
     def _halt(self, command: trainer_service_pb2.Command) -> None:
@@ -590,7 +680,7 @@ class GovernedRun:
                 self.client.send_finish(finish)
             # Deliver what the governor has not acknowledged yet (it may be reconnecting after a restart);
             # a run that stops because the governor is unreachable does not wait for it.
-            pending = self.client.outbox.pending()
+            pending = self.client.pending()
             if pending and not self.client.connected and status != "unreachable":
                 log.info(
                     "waiting for the governor to take the last records",
@@ -598,9 +688,10 @@ class GovernedRun:
                     timeout_s=self.cfg.final_flush_s,
                 )
             flushed = self.client.close(flush_timeout_s=0.5 if status == "unreachable" else self.cfg.final_flush_s)
-            summary.dropped_records = self.client.outbox.num_dropped_records
+            summary.dropped_records = self.client.num_dropped_records
+            summary.unjudged_records = self.client.num_unjudged_records
             if not flushed and status != "unreachable":
-                log.warning("not every record reached the governor before exit", pending=self.client.outbox.pending())
+                log.warning("not every record reached the governor before exit", pending=self.client.pending())
         return summary
 
 

@@ -1,5 +1,5 @@
-"""Executing ROLLBACK (and RESUME): cull live seeds, restore the LKG, move the timeline, apply the
-recovery recipe. Idempotent by command id: a re-sent command is answered from the ledger."""
+"""Executing ROLLBACK (and RESUME): cull live seeds, restore the LKG, move to the command's new
+timeline, apply the recovery recipe. Idempotent by command id: a re-sent command is answered from the ledger."""
 
 from __future__ import annotations
 
@@ -54,10 +54,14 @@ def execute_restore(
     ledger: CommandLedger,
     command_id: int,
     reason: str,
+    new_timeline: int,
     recovery_lr_scale: float = 1.0,
     recovery_skip_batches: int = 0,
 ) -> RestoreOutcome:
-    """Cull live seeds, restore the LKG in place, increment the timeline, apply the recipe.
+    """Cull live seeds, restore the LKG in place, move to ``new_timeline``, apply the recipe.
+
+    ``new_timeline`` comes from the command (its timeline + 1, ``client.protocol.timeline_after``), not
+    from the rank's own timeline: a rank that was behind catches up, and every rank lands on the same one.
 
     ``recovery_lr_scale`` compounds across rollbacks: every param group's lr and the scheduler's base
     lrs end up at the snapshot's value × (cumulative scale now / cumulative scale when the snapshot was
@@ -91,7 +95,7 @@ def execute_restore(
         )
         ledger.put(outcome)
         return outcome
-    state.timeline += 1
+    state.timeline = new_timeline
     state.lr_scale *= recovery_lr_scale
     factor = state.lr_scale / info.lr_scale
     if factor != 1.0:

@@ -1,7 +1,27 @@
-"""The trainer's governor client: outbox with seqs and retention, and the background sender."""
+"""The trainer's governor client: the sans-IO protocol, its outbox, and the grpc sender thread around them."""
 
 from tolaria_trainer.client.client import ClientOptions, GovernorClient
 from tolaria_trainer.client.errors import GovernorClientError, GovernorRefused
-from tolaria_trainer.client.outbox import Outbox
+from tolaria_trainer.client.outbox import Outbox, VitalsColumns, VitalsSource
+from tolaria_trainer.client.protocol import (
+    EndKind,
+    ProtocolOptions,
+    StreamOutcome,
+    TrainerProtocol,
+    timeline_after,
+)
 
-__all__ = ["ClientOptions", "GovernorClient", "GovernorClientError", "GovernorRefused", "Outbox"]
+__all__ = [
+    "ClientOptions",
+    "EndKind",
+    "GovernorClient",
+    "GovernorClientError",
+    "GovernorRefused",
+    "Outbox",
+    "ProtocolOptions",
+    "StreamOutcome",
+    "TrainerProtocol",
+    "VitalsColumns",
+    "VitalsSource",
+    "timeline_after",
+]

@@ -1,10 +1,13 @@
-"""GovernorClient: the background sender that owns the Attach stream of one trainer rank.
+"""GovernorClient: the grpc adapter that drives one rank's TrainerProtocol from a sender thread.
 
-The training thread only queues (``send_*``) and polls (``verdict_for``, ``take_commands``); it never
-waits on the network except in ``wait_verdict`` with a bound it chooses. The sender thread connects,
-says Hello, rewinds the outbox to the Welcome's seq, streams messages and heartbeats, and reconnects
-with jittered exponential backoff on transient failures. A refusal (bad input, a live duplicate,
-a policy conflict) is permanent: ``refused`` holds it and the trainer carries on ungoverned.
+The protocol (``client/protocol.py``) decides everything: what to transmit and when, what a response
+means, how a stream ended and how long to wait before the next attempt. This adapter only moves
+messages: its sender thread opens the Attach stream, transmits the protocol's Hello and messages,
+feeds it every response and the stream's end, and sleeps its reconnect delay. Every protocol call
+happens under one lock; the only wait that can be long (a vitals chunk's device copy) happens
+outside it, so the training thread, which only queues (``send_*``) and polls (``take_commands``,
+``wait_verdict`` with a bound it chooses), never waits on the network or the device. A refusal is
+permanent: ``refused`` holds it and the trainer carries on ungoverned.
 """
 
 from __future__ import annotations
@@ -12,28 +15,18 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 import structlog
 
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2, trainer_service_pb2_grpc
 from tolaria_trainer.client.errors import GovernorRefused
-from tolaria_trainer.client.outbox import Outbox
-from tolaria_trainer.training.vitals import VitalsChunk
+from tolaria_trainer.client.outbox import VitalsSource
+from tolaria_trainer.client.protocol import EndKind, ProtocolOptions, TrainerProtocol
 
 log = structlog.get_logger("tolaria.client")
-
-TRANSIENT = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.ABORTED,
-}
 
 
 @dataclass(frozen=True)
@@ -56,29 +49,36 @@ class ClientOptions:
         credentials = grpc.ssl_channel_credentials(self.tls_ca, self.tls_key, self.tls_cert)
         return grpc.secure_channel(address, credentials)
 
+    def protocol_options(self) -> ProtocolOptions:
+        """The protocol's share of these options."""
+        return ProtocolOptions(
+            heartbeat_s=self.heartbeat_s,
+            backoff_initial_s=self.backoff_initial_s,
+            backoff_max_s=self.backoff_max_s,
+            capacity_records=self.capacity_records,
+        )
+
 
 class GovernorClient:
-    """One rank's connection to the governor. Start with ``start()``; end with ``close()``."""
+    """One rank's connection to the governor. Start with ``start()``; end with ``close()``.
 
-    def __init__(self, address: str, hello: trainer_service_pb2.Hello, options: ClientOptions | None = None) -> None:
+    The ``send_*``, verdict and command methods may be called from any thread, before ``start()`` too
+    (they queue); ``protocol`` may be driven directly only while the sender thread is not running.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        hello: trainer_service_pb2.Hello,
+        options: ClientOptions | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.address = address
-        self.hello = hello
         self.options = options or ClientOptions()
-        self.outbox = Outbox(self.options.capacity_records)
-        self.refused: GovernorRefused | None = None
-        self.welcome: trainer_service_pb2.Welcome | None = None
-        self.generation = 0
-        self.latest_step = 0
-        self.timeline = 0
-        self.num_connects = 0
-        self._connected = threading.Event()
+        self._clock = clock
+        self.protocol = TrainerProtocol(hello, self.options.protocol_options(), clock())
+        self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._verdicts: dict[int, trainer_service_pb2.Verdict] = {}
-        self._verdict_cond = threading.Condition(self._lock)
-        self._commands: dict[int, trainer_service_pb2.Command] = {}
-        self._forgotten: set[int] = set()
-        self._disconnected_since: float | None = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"governor-client-{hello.rank}", daemon=True)
         self._channel: grpc.Channel | None = None
 
@@ -89,188 +89,233 @@ class GovernorClient:
         self._thread.start()
 
     def wait_connected(self, timeout_s: float) -> bool:
-        """Block up to ``timeout_s`` for a Welcome; returns whether connected."""
-        return self._connected.wait(timeout_s)
+        """Block up to ``timeout_s`` for a Welcome (or a refusal); returns whether connected."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.protocol.connected or self.protocol.refused is not None, timeout_s)
+            return self.protocol.connected
 
     @property
     def connected(self) -> bool:
         """True while a stream is open and welcomed."""
-        return self._connected.is_set()
+        with self._cond:
+            return self.protocol.connected
+
+    @property
+    def refused(self) -> GovernorRefused | None:
+        """The permanent refusal, if the governor refused this trainer."""
+        with self._cond:
+            return self.protocol.refused
+
+    @property
+    def run_timeline(self) -> int:
+        """The timeline the daemon says the run is on (or this rank moved to); adopt it at an agreement point."""
+        with self._cond:
+            return self.protocol.run_timeline
+
+    @property
+    def num_unjudged_records(self) -> int:
+        """Records the daemon journaled as stale (Resync) and never judged."""
+        with self._cond:
+            return self.protocol.num_unjudged_records
+
+    @property
+    def num_dropped_records(self) -> int:
+        """Train-step records dropped under back-pressure."""
+        with self._cond:
+            return self.protocol.num_dropped_records
+
+    def pending(self) -> int:
+        """Messages not yet acknowledged."""
+        with self._cond:
+            return self.protocol.num_pending
 
     def unreachable_for_s(self) -> float:
-        """Seconds since the last stream was lost (0 while connected)."""
-        since = self._disconnected_since
-        return 0.0 if since is None else time.monotonic() - since
+        """Seconds since the last welcomed stream was lost (0 while connected)."""
+        with self._cond:
+            return self.protocol.unreachable_for_s(self._clock())
 
     def close(self, flush_timeout_s: float = 10.0) -> bool:
         """Wait up to ``flush_timeout_s`` for everything to be acknowledged, then stop. Returns True if flushed."""
-        deadline = time.monotonic() + flush_timeout_s
-        while self.outbox.pending() and time.monotonic() < deadline and self.refused is None:
-            time.sleep(0.02)
-        flushed = self.outbox.pending() == 0
-        self._stop.set()
-        self.outbox.wake()
+        deadline = self._clock() + flush_timeout_s
+        with self._cond:
+            while self._thread.is_alive() and self.protocol.num_pending and self.protocol.refused is None:
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            flushed = self.protocol.num_pending == 0
+            self._stop.set()
+            self._cond.notify_all()
         if self._channel is not None:
             self._channel.close()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
         return flushed
 
     # ----------------------------------------------------------------- trainer-side API
 
-    def send_vitals(self, chunk: VitalsChunk, timeline: int) -> None:
-        """Queue a chunk of train-step records (never blocks)."""
-        if chunk.steps:
-            self.latest_step = max(self.latest_step, chunk.steps[-1])
-        self.outbox.add_vitals(chunk, timeline)
+    def send_vitals(self, chunk: VitalsSource) -> None:
+        """Queue a chunk of train-step records of one timeline (never blocks on the network)."""
+        with self._cond:
+            self.protocol.send_vitals(chunk)
+            self._cond.notify_all()
 
     def send_validation(self, record: trainer_service_pb2.ValidationRecord) -> int:
-        """Queue a validation record (seq filled in); returns its seq."""
-        self.latest_step = max(self.latest_step, record.step)
-        return self._queue("validation_record", record)
+        """Queue a validation record; returns its seq."""
+        with self._cond:
+            seq = self.protocol.send_validation(record)
+            self._cond.notify_all()
+            return seq
 
     def send_snapshot(self, timeline: int, step: int, snapshot_bytes: int, duration_ms: float, location: str) -> int:
-        """Queue a SnapshotTaken report."""
+        """Queue a SnapshotTaken report; returns its seq."""
         snapshot = trainer_service_pb2.SnapshotTaken(
             timeline=timeline, step=step, snapshot_bytes=snapshot_bytes, duration_ms=duration_ms, location=location
         )
-        return self._queue("snapshot_taken", snapshot)
+        with self._cond:
+            seq = self.protocol.send_snapshot(snapshot)
+            self._cond.notify_all()
+            return seq
 
-    def send_command_result(self, result: trainer_service_pb2.CommandResult) -> int:
-        """Queue a CommandResult (seq filled in)."""
-        return self._queue("command_result", result)
+    def send_command_result(
+        self,
+        command: trainer_service_pb2.Command,
+        succeeded: bool,
+        restored_step: int,
+        duration_ms: float,
+        error: str = "",
+        num_culled_seeds: int = 0,
+    ) -> int:
+        """Queue the result of executing ``command`` (its new timeline follows from the command); returns the seq."""
+        with self._cond:
+            seq = self.protocol.send_command_result(
+                command, succeeded, restored_step, duration_ms, error, num_culled_seeds
+            )
+            self._cond.notify_all()
+            return seq
 
     def send_finish(self, finish: trainer_service_pb2.Finish) -> int:
-        """Queue the Finish message."""
-        return self._queue("finish", finish)
-
-    def _queue(self, field: str, message: Any) -> int:
-        """Queue ``message`` as the AttachRequest field ``field``, its ``seq`` set when it gets one."""
-
-        def build(seq: int) -> trainer_service_pb2.AttachRequest:
-            request = trainer_service_pb2.AttachRequest()
-            target = getattr(request, field)
-            target.CopyFrom(message)
-            target.seq = seq
-            return request
-
-        return self.outbox.add(build)
+        """Queue the Finish message; returns its seq."""
+        with self._cond:
+            seq = self.protocol.send_finish(finish)
+            self._cond.notify_all()
+            return seq
 
     def wait_verdict(self, seq: int, timeout_s: float) -> trainer_service_pb2.Verdict | None:
         """The Verdict for validation record ``seq``, waiting up to ``timeout_s`` (0: just look)."""
-        deadline = time.monotonic() + timeout_s
-        with self._verdict_cond:
-            while seq not in self._verdicts:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.refused is not None:
+        deadline = self._clock() + timeout_s
+        with self._cond:
+            while (verdict := self.protocol.verdict(seq)) is None:
+                remaining = deadline - self._clock()
+                if remaining <= 0 or self.protocol.refused is not None:
                     return None
-                self._verdict_cond.wait(remaining)
-            return self._verdicts.pop(seq)
+                self._cond.wait(remaining)
+            return verdict
 
     def forget_verdict(self, seq: int) -> None:
         """Drop a Verdict (received or still to come) nobody will wait for."""
-        with self._lock:
-            self._verdicts.pop(seq, None)
-            self._forgotten.add(seq)
+        with self._cond:
+            self.protocol.forget_verdict(seq)
 
     def take_commands(self) -> list[trainer_service_pb2.Command]:
         """Commands received so far (each once), lowest id first."""
-        with self._lock:
-            commands = [self._commands[k] for k in sorted(self._commands)]
-            self._commands.clear()
-            return commands
+        with self._cond:
+            return self.protocol.take_commands()
 
     # ----------------------------------------------------------------- sender thread
 
     def _run(self) -> None:
-        failures = 0
         while not self._stop.is_set():
+            with self._cond:
+                hello = self.protocol.connecting(self._clock())
+            code: str | None = None
+            details = ""
             try:
-                self._one_connection()
-                failures = 0
+                self._stream(hello)
             except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-                if code not in TRANSIENT and not (code == grpc.StatusCode.ALREADY_EXISTS and failures < 5):
-                    details = exc.details() if hasattr(exc, "details") else str(exc)
-                    self.refused = GovernorRefused(code.name, details or "")
-                    log.error("governor refused this trainer; continuing without it", error=str(self.refused))
-                    with self._verdict_cond:
-                        self._verdict_cond.notify_all()
-                    return
-                failures += 1
-            finally:
-                if self._connected.is_set():
-                    self._disconnected_since = time.monotonic()
-                self._connected.clear()
+                status = exc.code() if hasattr(exc, "code") else None
+                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+                details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
+            with self._cond:
+                outcome = self.protocol.connection_lost(self._clock(), code, details)
+                delay = self.protocol.reconnect_delay(random.random())
+                self._cond.notify_all()
+            if outcome.kind is EndKind.REFUSED:
+                log.error("governor refused this trainer; continuing without it", error=str(self.protocol.refused))
+                return
             if self._stop.is_set():
                 return
-            delay = min(self.options.backoff_max_s, self.options.backoff_initial_s * 2 ** min(failures, 10))
-            self._stop.wait(delay * random.uniform(0.5, 1.5))
+            log.info(
+                "governor stream ended; reconnecting",
+                how=outcome.kind.value,
+                code=outcome.code,
+                details=outcome.details,
+                welcomed=outcome.welcomed,
+                reconnect_in_s=round(delay, 3),
+            )
+            self._stop.wait(delay)
 
-    def _one_connection(self) -> None:
+    def _stream(self, hello: trainer_service_pb2.AttachRequest) -> None:
         metadata = (("authorization", f"Bearer {self.options.token}"),) if self.options.token else ()
         channel = self.options.channel(self.address)
         self._channel = channel
         alive = threading.Event()
         alive.set()
-        welcomed = threading.Event()
         try:
             stub = trainer_service_pb2_grpc.TrainerServiceStub(channel)
-            responses = stub.Attach(self._requests(alive, welcomed), metadata=metadata)
-            for response in responses:
-                kind = response.WhichOneof("message")
-                if kind == "welcome":
-                    self._on_welcome(response.welcome)
-                    welcomed.set()
-                elif kind == "ack":
-                    self.outbox.ack(response.ack.up_to_seq)
-                elif kind == "verdict":
-                    with self._verdict_cond:
-                        if response.verdict.seq in self._forgotten:
-                            self._forgotten.discard(response.verdict.seq)
-                            continue
-                        self._verdicts[response.verdict.seq] = response.verdict
-                        self._verdict_cond.notify_all()
-                elif kind == "command":
-                    if response.command.generation == self.generation:
-                        with self._lock:
-                            self._commands[response.command.command_id] = response.command
-                elif kind == "stream_end":
-                    log.info("governor ended the stream", reason=response.stream_end.reason)
+            for response in stub.Attach(self._requests(hello, alive), metadata=metadata):
+                with self._cond:
+                    self.protocol.receive(response, self._clock())
+                    ending = self.protocol.stream_ending
+                    self._cond.notify_all()
+                self._log_response(response)
+                if ending:
                     break
         finally:
             alive.clear()
-            self.outbox.wake()
+            with self._cond:
+                self._cond.notify_all()
             channel.close()
 
-    def _on_welcome(self, welcome: trainer_service_pb2.Welcome) -> None:
-        self.welcome = welcome
-        self.generation = welcome.generation
-        self.num_connects += 1
-        self.outbox.rewind(welcome.last_durable_seq)
-        self._disconnected_since = None
-        self._connected.set()
-        log.info(
-            "attached to governor",
-            address=self.address,
-            generation=welcome.generation,
-            last_durable_seq=welcome.last_durable_seq,
-            run_state=common_pb2.RunState.Name(welcome.run_state),
-        )
-
     def _requests(
-        self, alive: threading.Event, welcomed: threading.Event
+        self, hello: trainer_service_pb2.AttachRequest, alive: threading.Event
     ) -> Iterator[trainer_service_pb2.AttachRequest]:
-        yield trainer_service_pb2.AttachRequest(hello=self.hello)
-        while alive.is_set() and not welcomed.wait(0.05):
-            if self._stop.is_set():
-                return
-        while alive.is_set() and not self._stop.is_set():
-            message = self.outbox.next_to_send(self.options.heartbeat_s)
-            if not alive.is_set():
-                return
-            if message is None:
-                yield trainer_service_pb2.AttachRequest(
-                    heartbeat=trainer_service_pb2.Heartbeat(latest_step=self.latest_step, timeline=self.timeline)
-                )
-            else:
-                yield message
+        yield hello
+        while True:
+            with self._cond:
+                chunk = self.protocol.next_vitals_to_build()
+            if chunk is not None:
+                chunk.host()  # may wait for the device copy: outside the lock
+            with self._cond:
+                if not alive.is_set() or self._stop.is_set():
+                    return
+                message = self.protocol.next_message(self._clock())
+                if message is None:
+                    due = self.protocol.send_due_at()
+                    self._cond.wait(None if due is None else max(0.0, due - self._clock()))
+                    continue
+            yield message
+
+    def _log_response(self, response: trainer_service_pb2.AttachResponse) -> None:
+        kind = response.WhichOneof("message")
+        if kind == "welcome":
+            welcome = response.welcome
+            log.info(
+                "attached to governor",
+                address=self.address,
+                generation=welcome.generation,
+                last_durable_seq=welcome.last_durable_seq,
+                timeline=welcome.timeline,
+                run_state=common_pb2.RunState.Name(welcome.run_state),
+            )
+        elif kind == "resync":
+            resync = response.resync
+            log.warning(
+                "governor journaled records of an old timeline as stale, unjudged; adopting the run's timeline",
+                timeline=resync.timeline,
+                up_to_seq=resync.up_to_seq,
+                reason=resync.reason,
+                num_unjudged_records=self.num_unjudged_records,
+            )
+        elif kind == "stream_end":
+            log.info("governor ended the stream", reason=response.stream_end.reason)

@@ -1,37 +1,75 @@
-"""The client's log of messages not yet acknowledged, in seq order, with a bounded size.
+"""The client's log of messages not yet acknowledged: seqs, retention, resend, a bound on vitals.
 
 Every message the trainer sends gets a seq here (a VitalsBatch gets a range). Messages stay until an
 Ack covers them, so a reconnect can resend everything after the Welcome's last durable seq. When the
 train-step records held exceed ``capacity_records``, the oldest VitalsBatch entries are dropped and
-counted (reported in the next batch's num_dropped_records); validation records and reports are never
-dropped. Thread-safe: the trainer thread adds, the sender thread takes and acknowledges.
+counted; validation records and reports are never dropped. The count of drops not yet reported
+travels in ``num_dropped_records`` of the next VitalsBatch actually transmitted (stamped at its first
+transmission and resent unchanged); if that batch is itself dropped before an Ack, its count goes
+back to the unreported drops, so a drop is reported once or, for a batch that reached the daemon
+but was dropped before its Ack arrived, counted as dropped although the daemon has it (an
+over-count, never an under-count).
+
+Not thread-safe and free of I/O: the protocol object (``client/protocol.py``) owns it.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from tolaria.governor.v1 import trainer_service_pb2
-from tolaria_trainer.training.vitals import VitalsChunk
 
-Builder = Callable[[int], trainer_service_pb2.AttachRequest]
+
+@dataclass(frozen=True)
+class VitalsColumns:
+    """Train-step records on the host, in columns, all produced on one timeline."""
+
+    timeline: int
+    steps: Sequence[int]
+    losses: Sequence[float]
+    grad_norms: Sequence[float]
+    lrs: Sequence[float]
+
+    def host(self) -> VitalsColumns:
+        """Itself: already on the host."""
+        return self
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+class VitalsSource(Protocol):
+    """A chunk of train-step records of one timeline whose values may still be copying to the host.
+
+    ``steps`` and ``timeline`` are host values already; ``host()`` may wait for a device copy and is
+    called once, when the chunk is first transmitted (``VitalsColumns`` is the host-only form).
+    """
+
+    @property
+    def timeline(self) -> int: ...
+
+    @property
+    def steps(self) -> Sequence[int]: ...
+
+    def host(self) -> VitalsColumns: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass
 class _Item:
     first_seq: int
     last_seq: int
-    build: Builder | None = None
-    chunk: VitalsChunk | None = None
-    timeline: int = 0
-    built: trainer_service_pb2.AttachRequest | None = None
+    message: trainer_service_pb2.AttachRequest | None = None  # built (for vitals: at first transmission)
+    vitals: VitalsSource | None = None
+    num_dropped_reported: int = 0  # drops this batch carries once built
 
     @property
-    def is_vitals(self) -> bool:
-        return self.chunk is not None
+    def num_records(self) -> int:
+        return self.last_seq - self.first_seq + 1 if self.vitals is not None else 0
 
 
 class Outbox:
@@ -39,111 +77,94 @@ class Outbox:
 
     def __init__(self, capacity_records: int = 65536) -> None:
         self.capacity_records = capacity_records
+        self.num_dropped_records = 0
         self._items: deque[_Item] = deque()
         self._next_seq = 1
         self._send_index = 0
-        self._vitals_records = 0
-        self._dropped_pending = 0
-        self.num_dropped_records = 0
-        self._cond = threading.Condition()
+        self._num_vitals_records = 0
+        self._num_dropped_unreported = 0
 
     @property
     def last_seq(self) -> int:
-        """Highest seq assigned so far."""
-        with self._cond:
-            return self._next_seq - 1
+        """Highest seq assigned so far (0 before the first)."""
+        return self._next_seq - 1
 
-    def add_vitals(self, chunk: VitalsChunk, timeline: int) -> int:
-        """Queue a chunk of train-step records; returns its last seq."""
-        with self._cond:
-            first = self._next_seq
-            self._next_seq += len(chunk)
-            self._items.append(_Item(first, self._next_seq - 1, chunk=chunk, timeline=timeline))
-            self._vitals_records += len(chunk)
-            self._enforce_bound()
-            self._cond.notify_all()
-            return first + len(chunk) - 1
+    @property
+    def num_pending(self) -> int:
+        """Messages not yet acknowledged."""
+        return len(self._items)
 
-    def add(self, build: Builder) -> int:
-        """Queue one message built from its seq (validation, snapshot, result, finish); returns the seq."""
-        with self._cond:
-            seq = self._next_seq
-            self._next_seq += 1
-            self._items.append(_Item(seq, seq, build=build))
-            self._cond.notify_all()
-            return seq
+    @property
+    def has_unsent(self) -> bool:
+        """True when ``take_next`` would return a message."""
+        return self._send_index < len(self._items)
+
+    def add_vitals(self, chunk: VitalsSource) -> int:
+        """Queue a chunk of train-step records; returns its last seq. May drop the oldest records."""
+        first = self._next_seq
+        self._next_seq += len(chunk)
+        self._items.append(_Item(first, self._next_seq - 1, vitals=chunk))
+        self._num_vitals_records += len(chunk)
+        self._enforce_bound()
+        return self._next_seq - 1
+
+    def add(self, message: trainer_service_pb2.AttachRequest, payload: str) -> int:
+        """Queue ``message`` (its ``payload`` field gets the next seq); returns the seq. Never dropped."""
+        seq = self._next_seq
+        self._next_seq += 1
+        getattr(message, payload).seq = seq
+        self._items.append(_Item(seq, seq, message=message))
+        return seq
 
     def _enforce_bound(self) -> None:
-        while self._vitals_records > self.capacity_records:
-            for i, item in enumerate(self._items):
-                if item.is_vitals:
-                    del self._items[i]
-                    size = item.last_seq - item.first_seq + 1
-                    self._vitals_records -= size
-                    self._dropped_pending += size
-                    self.num_dropped_records += size
-                    if i < self._send_index:
-                        self._send_index -= 1
-                    break
-            else:
+        while self._num_vitals_records > self.capacity_records:
+            index = next((i for i, item in enumerate(self._items) if item.vitals is not None), None)
+            if index is None:
                 return
+            item = self._items[index]
+            del self._items[index]
+            if index < self._send_index:
+                self._send_index -= 1
+            self._num_vitals_records -= item.num_records
+            self.num_dropped_records += item.num_records
+            self._num_dropped_unreported += item.num_records + item.num_dropped_reported
 
     def ack(self, up_to_seq: int) -> None:
-        """Forget everything with seq <= up_to_seq."""
-        with self._cond:
-            self._forget(up_to_seq)
-
-    def rewind(self, last_durable_seq: int) -> None:
-        """After a Welcome: forget what is durable, resend everything else from the start."""
-        with self._cond:
-            self._forget(last_durable_seq)
-            self._send_index = 0
-            self._cond.notify_all()
-
-    def _forget(self, up_to_seq: int) -> None:
+        """Forget everything with seq <= ``up_to_seq`` (durable at the daemon)."""
         while self._items and self._items[0].last_seq <= up_to_seq:
             item = self._items.popleft()
-            if item.is_vitals:
-                self._vitals_records -= item.last_seq - item.first_seq + 1
+            self._num_vitals_records -= item.num_records
             self._send_index = max(0, self._send_index - 1)
 
-    def next_to_send(self, timeout_s: float) -> trainer_service_pb2.AttachRequest | None:
-        """The next message to transmit, waiting up to ``timeout_s``; None on timeout."""
-        with self._cond:
-            if self._send_index >= len(self._items):
-                self._cond.wait(timeout_s)
-            if self._send_index >= len(self._items):
-                return None
-            item = self._items[self._send_index]
-            self._send_index += 1
-            if item.built is None and item.build is not None:
-                item.built = item.build(item.first_seq)
-            chunk, dropped = item.chunk, 0
-            if chunk is not None and item.built is None:
-                dropped, self._dropped_pending = self._dropped_pending, 0
-        if item.built is not None:
-            return item.built
-        assert chunk is not None
-        records = chunk.records()  # may wait for a device copy: on this (sender) thread only
-        item.built = trainer_service_pb2.AttachRequest(
-            vitals_batch=trainer_service_pb2.VitalsBatch(
-                first_seq=item.first_seq,
-                timeline=item.timeline,
-                step=[r.step for r in records],
-                loss=[r.loss for r in records],
-                grad_norm=[r.grad_norm for r in records],
-                lr=[r.lr for r in records],
-                num_dropped_records=dropped,
+    def rewind(self, last_durable_seq: int) -> None:
+        """After a Welcome: forget what is durable and send everything else again from the oldest."""
+        self.ack(last_durable_seq)
+        self._send_index = 0
+
+    def next_vitals_to_build(self) -> VitalsSource | None:
+        """The chunk ``take_next`` would build next (its ``host()`` may wait), or None."""
+        if not self.has_unsent:
+            return None
+        item = self._items[self._send_index]
+        return item.vitals if item.message is None else None
+
+    def take_next(self) -> trainer_service_pb2.AttachRequest:
+        """The next message to transmit; a VitalsBatch is built (and stamped with drops) the first time."""
+        item = self._items[self._send_index]
+        self._send_index += 1
+        if item.message is None:
+            assert item.vitals is not None
+            columns = item.vitals.host()
+            item.num_dropped_reported, self._num_dropped_unreported = self._num_dropped_unreported, 0
+            item.message = trainer_service_pb2.AttachRequest(
+                vitals_batch=trainer_service_pb2.VitalsBatch(
+                    first_seq=item.first_seq,
+                    timeline=columns.timeline,
+                    step=columns.steps,
+                    loss=columns.losses,
+                    grad_norm=columns.grad_norms,
+                    lr=columns.lrs,
+                    num_dropped_records=item.num_dropped_reported,
+                )
             )
-        )
-        return item.built
-
-    def pending(self) -> int:
-        """Messages not yet acknowledged."""
-        with self._cond:
-            return len(self._items)
-
-    def wake(self) -> None:
-        """Wake a waiting sender (e.g. to notice a closed connection)."""
-        with self._cond:
-            self._cond.notify_all()
+        return item.message

@@ -79,7 +79,7 @@ def _run_epoch(
                 opt.step()
         state.step += 1
         stats.num_steps += 1
-        vitals.record(state.step, loss, grad_norm, state.learning_rate())
+        vitals.record(state.step, loss, grad_norm, state.learning_rate(), state.timeline)
         if on_step is not None:
             on_step(state)
     return stats

@@ -1,17 +1,23 @@
 """Per-step vitals gathered on the device without host syncs, handed to a sink in chunks.
 
-The hot loop calls ``record`` with device tensors; nothing there reads a tensor on the host. Every
-``capacity`` steps (and on ``flush``) the buffer is copied to the host asynchronously and handed to
-the sink as a VitalsChunk; the sink's consumer (a background thread) calls ``records()``, which is
-where the only wait happens.
+The hot loop calls ``record`` with device tensors; nothing there reads a tensor on the host. The
+buffer is copied to the host asynchronously and handed to the sink as a VitalsChunk when it holds
+``capacity`` steps, when ``flush_interval_s`` has passed since its first step (so a NaN step reaches
+the governor within about that time, not only when the buffer fills; reading the host clock is no
+device sync), when a step of another timeline arrives (a chunk never mixes timelines: every record
+keeps the timeline it was produced on), and on ``flush``. The sink's consumer (a background thread)
+calls ``host()``, which is where the only wait happens.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from tolaria_trainer.client.outbox import VitalsColumns
 
 
 @dataclass(frozen=True)
@@ -25,19 +31,30 @@ class StepVitals:
 
 
 class VitalsChunk:
-    """Records copied (perhaps still copying) to the host."""
+    """Records of one timeline copied (perhaps still copying) to the host."""
 
     def __init__(
-        self, steps: list[int], lrs: list[float], values: torch.Tensor, event: torch.cuda.Event | None
+        self, timeline: int, steps: list[int], lrs: list[float], values: torch.Tensor, event: torch.cuda.Event | None
     ) -> None:
-        self.steps, self.lrs, self._values, self._event = steps, lrs, values, event
+        self.timeline, self.steps, self.lrs, self._values, self._event = timeline, steps, lrs, values, event
+        self._host: VitalsColumns | None = None
+
+    def host(self) -> VitalsColumns:
+        """Wait for the copy (if on CUDA) and return the columns (computed once). Call from the consumer
+        thread."""
+        if self._host is None:
+            if self._event is not None:
+                self._event.synchronize()
+            rows = self._values.tolist()
+            self._host = VitalsColumns(
+                self.timeline, self.steps, [row[0] for row in rows], [row[1] for row in rows], self.lrs
+            )
+        return self._host
 
     def records(self) -> list[StepVitals]:
-        """Wait for the copy (if on CUDA) and return the records. Call from the consumer thread."""
-        if self._event is not None:
-            self._event.synchronize()
-        rows = self._values.tolist()
-        return [StepVitals(s, row[0], row[1], lr) for s, row, lr in zip(self.steps, rows, self.lrs, strict=True)]
+        """The records one by one (waits like ``host``)."""
+        c = self.host()
+        return [StepVitals(*row) for row in zip(c.steps, c.losses, c.grad_norms, c.lrs, strict=True)]
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -47,24 +64,44 @@ Sink = Callable[[VitalsChunk], None]
 
 
 class VitalsBuffer:
-    """Device-side buffer of (loss, grad_norm) per step; steps and lrs are host values already."""
+    """Device-side buffer of (loss, grad_norm) per step; steps, lrs and the timeline are host values.
 
-    def __init__(self, device: torch.device, capacity: int = 64, sink: Sink | None = None) -> None:
+    ``clock`` (monotonic seconds) is read once per step for the flush interval.
+    """
+
+    def __init__(
+        self,
+        device: torch.device,
+        capacity: int = 64,
+        sink: Sink | None = None,
+        flush_interval_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.device = device
         self.capacity = capacity
+        self.flush_interval_s = flush_interval_s
+        self.clock = clock
         self.values = torch.zeros(capacity, 2, device=device)
         self.steps: list[int] = []
         self.lrs: list[float] = []
+        self.timeline = 0
         self.sink = sink
         self.chunks: list[VitalsChunk] = []
+        self._first_at = 0.0
 
-    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
-        """Store one step's vitals (device copies only); flush when full."""
+    def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, timeline: int) -> None:
+        """Store one step's vitals, produced on ``timeline`` (device copies only); flush when full, when the
+        flush interval has passed, or first when ``timeline`` differs from the buffered steps'."""
+        if self.steps and timeline != self.timeline:
+            self.flush()
+        now = self.clock()
+        if not self.steps:
+            self.timeline, self._first_at = timeline, now
         row = len(self.steps)
         self.values[row].copy_(torch.stack((loss.detach().float(), grad_norm.detach().float())))
         self.steps.append(step)
         self.lrs.append(lr)
-        if len(self.steps) == self.capacity:
+        if len(self.steps) == self.capacity or now - self._first_at >= self.flush_interval_s:
             self.flush()
 
     def flush(self) -> VitalsChunk | None:
@@ -80,7 +117,7 @@ class VitalsBuffer:
             event.record()
         else:
             host = self.values[:n].clone()
-        chunk = VitalsChunk(self.steps, self.lrs, host, event)
+        chunk = VitalsChunk(self.timeline, self.steps, self.lrs, host, event)
         self.steps, self.lrs = [], []
         if self.sink is not None:
             self.sink(chunk)

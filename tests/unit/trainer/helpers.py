@@ -1,9 +1,16 @@
-"""Small builders for trainer unit tests: a real model on the synthetic task."""
+"""Small builders for trainer unit tests: a real model on the synthetic task, and a governed run whose
+client's sender thread never starts: the test plays the daemon by feeding AttachResponses to the
+client's protocol and reading back what it would transmit."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from tolaria.governor.v1 import trainer_service_pb2
+from tolaria_trainer.client import GovernorClient
+from tolaria_trainer.loop import GovernedRun, RunConfig
 from tolaria_trainer.model import create_model
 from tolaria_trainer.tasks import get_task
 from tolaria_trainer.training import TrainingState, VitalsBuffer, adam, train_epoch_normal
@@ -75,3 +82,76 @@ def _equal(x: object, y: object, where: str) -> None:
             _equal(p, q, f"{where}[{i}]")
     else:
         assert x == y, f"{where}: {x!r} != {y!r}"
+
+
+HELLO = trainer_service_pb2.Hello(run_id="r", rank=0, world_size=1, incarnation_id="i", task="synthetic")
+
+
+class ScriptedGovernor:
+    """Plays the daemon for one unstarted GovernorClient, through its protocol object."""
+
+    def __init__(self, client: GovernorClient) -> None:
+        self.protocol = client.protocol
+        self.sent: list[trainer_service_pb2.AttachRequest] = []
+        self.generation = 0
+
+    def welcome(self, timeline: int = 0) -> None:
+        """Attach: a Welcome with nothing durable."""
+        self.generation += 1
+        self.protocol.connecting(0.0)
+        welcome = trainer_service_pb2.Welcome(generation=self.generation, timeline=timeline)
+        self.protocol.receive(trainer_service_pb2.AttachResponse(welcome=welcome), 0.0)
+
+    def verdict(self, seq: int, timeline: int, step: int, kind: int, snapshot_allowed: bool) -> None:
+        """Judge validation record ``seq``."""
+        verdict = trainer_service_pb2.Verdict(
+            seq=seq, timeline=timeline, step=step, kind=kind, snapshot_allowed=snapshot_allowed
+        )
+        self.protocol.receive(trainer_service_pb2.AttachResponse(verdict=verdict), 0.0)
+
+    def command(self, command_id: int, kind: int, timeline: int) -> None:
+        """Order a command decided on ``timeline``."""
+        command = trainer_service_pb2.Command(
+            command_id=command_id, type=kind, generation=self.generation, timeline=timeline, reason="test"
+        )
+        self.protocol.receive(trainer_service_pb2.AttachResponse(command=command), 0.0)
+
+    def resync(self, timeline: int, up_to_seq: int) -> None:
+        """Tell the rank its records up to ``up_to_seq`` were stale."""
+        resync = trainer_service_pb2.Resync(timeline=timeline, up_to_seq=up_to_seq, reason="test")
+        self.protocol.receive(trainer_service_pb2.AttachResponse(resync=resync), 0.0)
+
+    def drain(self) -> list[trainer_service_pb2.AttachRequest]:
+        """Everything the client would transmit now (kept in ``sent`` too)."""
+        out = []
+        while (message := self.protocol.next_message(0.0)) is not None:
+            out.append(message)
+        self.sent.extend(out)
+        return out
+
+
+def governed_run(**overrides: Any) -> tuple[GovernedRun, ScriptedGovernor]:
+    """A GovernedRun on the synthetic task with an attached, scripted governor."""
+    defaults: dict[str, Any] = {
+        "task": "synthetic",
+        "epochs": 2,
+        "batch_size": 8,
+        "agree_every_steps": 10,
+        "final_flush_s": 0.0,
+        "verdict_wait_s": 0.0,
+    }
+    run = GovernedRun(RunConfig(**{**defaults, **overrides}))
+    run.client = GovernorClient("unused", HELLO)
+    governor = ScriptedGovernor(run.client)
+    governor.welcome()
+    return run, governor
+
+
+def batches(messages: list[trainer_service_pb2.AttachRequest]) -> list[trainer_service_pb2.VitalsBatch]:
+    """The VitalsBatch messages among ``messages``."""
+    return [m.vitals_batch for m in messages if m.WhichOneof("message") == "vitals_batch"]
+
+
+def validations(messages: list[trainer_service_pb2.AttachRequest]) -> list[trainer_service_pb2.ValidationRecord]:
+    """The ValidationRecord messages among ``messages``."""
+    return [m.validation_record for m in messages if m.WhichOneof("message") == "validation_record"]

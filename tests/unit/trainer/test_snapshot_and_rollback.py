@@ -111,7 +111,7 @@ def test_live_seed_not_resurrected_fossilized_restored() -> None:
     state.germinate("slot1", "lowrank")
     train_one_epoch(state)
     assert "slots.1.seed.0.weight" not in lkg._sets[lkg._active or 0].model
-    outcome = execute_restore(state, lkg, ledger, command_id=1, reason="test")
+    outcome = execute_restore(state, lkg, ledger, command_id=1, reason="test", new_timeline=1)
     assert outcome.succeeded
     assert outcome.culled == ("slot1",)
     assert state.model.slot("slot1").stage is SeedStage.CULLED
@@ -127,10 +127,10 @@ def test_same_command_twice_does_nothing() -> None:
     ledger, lkg = CommandLedger(), LastKnownGood("host")
     lkg.take(state)
     train_one_epoch(state)
-    first = execute_restore(state, lkg, ledger, 7, "nan")
+    first = execute_restore(state, lkg, ledger, 7, "nan", 1)
     train_one_epoch(state)
     step_before = state.step
-    again = execute_restore(state, lkg, ledger, 7, "nan")
+    again = execute_restore(state, lkg, ledger, 7, "nan", 1)
     assert again.repeated
     assert (again.new_timeline, again.restored_step) == (first.new_timeline, first.restored_step)
     assert (state.timeline, state.step) == (1, step_before)
@@ -143,10 +143,10 @@ def test_lr_scale_compounds_and_survives_scheduler_step() -> None:
     lkg.take(state)
     base = state.host_optimizer.param_groups[0]["lr"]
     train_one_epoch(state)
-    execute_restore(state, lkg, ledger, 1, "nan", recovery_lr_scale=0.5)
+    execute_restore(state, lkg, ledger, 1, "nan", 1, recovery_lr_scale=0.5)
     assert state.host_optimizer.param_groups[0]["lr"] == pytest.approx(base * 0.5)
     train_one_epoch(state)
-    execute_restore(state, lkg, ledger, 2, "nan", recovery_lr_scale=0.5)
+    execute_restore(state, lkg, ledger, 2, "nan", 2, recovery_lr_scale=0.5)
     assert state.host_optimizer.param_groups[0]["lr"] == pytest.approx(base * 0.25)
     assert state.scheduler is not None
     assert state.scheduler.base_lrs == [pytest.approx(base * 0.25)]
@@ -160,7 +160,7 @@ def test_recovery_skip_batches() -> None:
     state = make_state(scheduler=False)
     ledger, lkg = CommandLedger(), LastKnownGood("host")
     lkg.take(state)
-    execute_restore(state, lkg, ledger, 1, "nan", recovery_skip_batches=3)
+    execute_restore(state, lkg, ledger, 1, "nan", 1, recovery_skip_batches=3)
     from tolaria_trainer.tasks import get_task
     from tolaria_trainer.training import VitalsBuffer, train_epoch_normal
 
@@ -173,7 +173,7 @@ def test_recovery_skip_batches() -> None:
 def test_restore_without_lkg_fails_cleanly() -> None:
     """A restore before any snapshot reports failure instead of raising."""
     state = make_state()
-    outcome = execute_restore(state, LastKnownGood("host"), CommandLedger(), 1, "nan")
+    outcome = execute_restore(state, LastKnownGood("host"), CommandLedger(), 1, "nan", 1)
     assert not outcome.succeeded
     assert "no last-known-good" in outcome.error
 

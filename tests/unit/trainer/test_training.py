@@ -242,7 +242,7 @@ def test_digits_reaches_90_percent_and_recovers_from_nan() -> None:
             state.epoch = epoch
             metrics = validate_and_get_metrics(state, data.val, loss_fn, 10)
             if not math.isfinite(metrics.loss):  # the test plays the governor: roll back to the LKG
-                outcome = execute_restore(state, lkg, ledger, rollbacks + 1, "nan")
+                outcome = execute_restore(state, lkg, ledger, rollbacks + 1, "nan", state.timeline + 1)
                 assert outcome.succeeded
                 rollbacks += 1
                 continue

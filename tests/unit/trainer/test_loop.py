@@ -1,0 +1,110 @@
+"""The governed loop against a scripted governor (``helpers.ScriptedGovernor``): the real client and
+protocol, no sockets."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from tests.unit.trainer.helpers import batches, governed_run, validations
+from tolaria.governor.v1 import common_pb2
+
+
+def test_records_before_a_mid_interval_restore_keep_their_timeline() -> None:
+    """NaN steps produced on timeline 0 before a ROLLBACK at a step agreement point are sent as timeline 0."""
+    run, governor = governed_run(inject=["nan@epoch=1"], epochs=1)
+    run._publish_now("initial")
+    governor.command(1, common_pb2.COMMAND_TYPE_ROLLBACK, timeline=0)
+    run._epoch()
+    sent = governor.drain()
+    nan_batches = [(b.timeline, b.step[0]) for b in batches(sent) if not all(math.isfinite(x) for x in b.loss)]
+    assert nan_batches, "the NaN steps were sent"
+    assert all(timeline == 0 for timeline, _ in nan_batches), f"NaN batches (timeline, first step): {nan_batches}"
+    assert run.state.timeline == 1
+
+
+def test_pending_snapshot_survives_verdict_latency() -> None:
+    """A verdict that arrives after the next validation still publishes its snapshot (the LKG advances)."""
+    run, governor = governed_run(epochs=3)
+    run._publish_now("initial")
+    run._epoch()
+    step_after_epoch_1 = run.state.step
+    (first,) = validations(governor.drain())
+    run._epoch()  # epoch 2 validates before epoch 1's verdict arrives
+    governor.verdict(first.seq, first.timeline, first.step, common_pb2.VERDICT_KIND_HEALTHY, True)
+    run._agreement_point()
+    assert run.lkg.info is not None
+    assert run.lkg.info.step == step_after_epoch_1
+
+
+def test_panic_on_the_last_validation_trains_to_the_end_again() -> None:
+    """A ROLLBACK that arrives while the trainer waits for its last verdict restores, then trains the epochs again."""
+    run, governor = governed_run(epochs=2, verdict_wait_s=0.2)
+    agreement_point = run._agreement_point
+    answered: list[int] = []
+    last_validation_agreements = 0
+
+    def late_answer() -> None:
+        nonlocal last_validation_agreements
+        last_validation_agreements += run.state.epoch == 2
+        if last_validation_agreements == 2 and not answered:  # after the last validation's own agreement point
+            governor.drain()
+            record = validations(governor.sent)[-1]
+            answered.append(record.seq)
+            governor.verdict(record.seq, record.timeline, record.step, common_pb2.VERDICT_KIND_PANIC, False)
+            governor.command(1, common_pb2.COMMAND_TYPE_ROLLBACK, timeline=record.timeline)
+        agreement_point()
+
+    run._agreement_point = late_answer  # type: ignore[method-assign]
+    summary = run.run()
+    assert answered, "the last validation's verdict was awaited"
+    assert (summary.status, summary.epochs_completed, summary.rollbacks) == ("completed", 2, 1), summary
+    assert summary.timeline == 1
+
+
+def test_trainer_welcomed_before_training_adopts_the_run_timeline() -> None:
+    """A (re)started trainer welcomed on timeline 3 trains and reports on timeline 3 from its first record."""
+    run, governor = governed_run(epochs=1)
+    governor.welcome(timeline=3)
+    summary = run.run()
+    sent = governor.drain()
+    timelines = {b.timeline for b in batches(sent)} | {v.timeline for v in validations(sent)}
+    assert timelines == {3}
+    assert summary.timeline == 3
+
+
+def test_resync_moves_the_trainer_to_the_run_timeline_and_counts_unjudged_records() -> None:
+    """A Resync mid-run: the next agreement point adopts its timeline; the summary counts the stale records."""
+    run, governor = governed_run(epochs=2)
+    stale: list[int] = []
+
+    def on_progress(event: dict[str, Any]) -> None:
+        if event["event"] == "epoch" and event["epoch"] == 1:
+            sent = governor.drain()
+            stale.extend(b.first_seq + i for b in batches(sent) for i in range(len(b.step)))
+            stale.extend(v.seq for v in validations(sent))
+            governor.resync(timeline=2, up_to_seq=max(stale))
+
+    run.progress = on_progress
+    summary = run.run()
+    later = [m for m in governor.drain() if m.WhichOneof("message") in ("vitals_batch", "validation_record")]
+    assert {getattr(m, str(m.WhichOneof("message"))).timeline for m in later} == {2}
+    assert (summary.timeline, summary.unjudged_records) == (2, len(stale))
+
+
+def test_healthy_verdicts_publish_every_epoch_and_the_end_does_not_wait() -> None:
+    """Verdicts that arrive at once publish each epoch's snapshot; the last one is not waited for again."""
+    run, governor = governed_run(epochs=3, verdict_wait_s=60.0)
+
+    def answer(event: dict[str, Any]) -> None:
+        if event["event"] == "epoch":
+            governor.drain()
+            record = validations(governor.sent)[-1]
+            governor.verdict(record.seq, record.timeline, record.step, common_pb2.VERDICT_KIND_HEALTHY, True)
+
+    run.progress = answer
+    summary = run.run()
+    governor.drain()
+    snapshots = [m.snapshot_taken.step for m in governor.sent if m.HasField("snapshot_taken")]
+    assert snapshots == [0, 128, 256, 384], "the initial LKG and one per epoch"
+    assert summary.duration_s < 60.0, "the last verdict had arrived: no --verdict-wait-s at the end"

@@ -1,0 +1,64 @@
+"""VitalsBuffer: chunks of one timeline each, flushed when full, on a time budget, and on request."""
+
+from __future__ import annotations
+
+import torch
+
+from tolaria_trainer.training import VitalsBuffer, VitalsChunk
+
+
+class ManualClock:
+    """Monotonic seconds that move only when told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def recorder(capacity: int = 64, flush_interval_s: float = 0.1) -> tuple[VitalsBuffer, list[VitalsChunk], ManualClock]:
+    chunks: list[VitalsChunk] = []
+    clock = ManualClock()
+    buffer = VitalsBuffer(torch.device("cpu"), capacity, chunks.append, flush_interval_s, clock)
+    return buffer, chunks, clock
+
+
+def record(buffer: VitalsBuffer, step: int, timeline: int, loss: float = 1.0) -> None:
+    buffer.record(step, torch.tensor(loss), torch.tensor(1.0), 0.1, timeline)
+
+
+def test_a_chunk_never_mixes_timelines() -> None:
+    """Steps recorded before a restore keep their timeline: a step of another timeline flushes the buffer first."""
+    buffer, chunks, _ = recorder()
+    for step in range(1, 6):
+        record(buffer, step, timeline=0, loss=float("nan"))
+    for step in range(1, 4):  # restored to step 0, now on timeline 1
+        record(buffer, step, timeline=1)
+    buffer.flush()
+    assert [(c.timeline, list(c.steps)) for c in chunks] == [(0, [1, 2, 3, 4, 5]), (1, [1, 2, 3])]
+    assert chunks[0].host().timeline == 0
+
+
+def test_flushes_on_the_time_budget_before_the_buffer_fills() -> None:
+    """D16: a step recorded 100 ms after the first buffered one flushes, so a NaN step does not wait for 64."""
+    buffer, chunks, clock = recorder(capacity=64, flush_interval_s=0.1)
+    record(buffer, 1, 0)
+    clock.now = 0.05
+    record(buffer, 2, 0, loss=float("nan"))
+    assert chunks == []
+    clock.now = 0.1
+    record(buffer, 3, 0)
+    assert [list(c.steps) for c in chunks] == [[1, 2, 3]]
+    clock.now = 0.15  # the interval counts from the first step of the next chunk
+    record(buffer, 4, 0)
+    assert len(chunks) == 1
+
+
+def test_flushes_when_full() -> None:
+    """Every ``capacity`` steps make a chunk, whatever the clock says."""
+    buffer, chunks, _ = recorder(capacity=4, flush_interval_s=60.0)
+    for step in range(1, 10):
+        record(buffer, step, 0)
+    assert [len(c) for c in chunks] == [4, 4]
+    assert [r.step for r in chunks[1].records()] == [5, 6, 7, 8]
