@@ -245,8 +245,9 @@ class GovernorCore:
                 tuple(run.meta.ignored_fields),
             ),
         )
-        if policy.open is not None:  # re-send the open command on the new attachment
-            fx.send(e.stream, CommandOut(policy.open.command, rank.generation))
+        resend = policy.open.command if policy.open is not None else policy.halting_command()
+        if resend is not None:  # the open command, or the HALT a halted run's new trainer must obey
+            fx.send(e.stream, CommandOut(resend, rank.generation))
 
     def _detach(self, e: ev.Detach, fx: Effects) -> None:
         binding = self.streams.pop(e.stream, None)

@@ -127,6 +127,13 @@ class RunPolicy:
             return self.open.command
         return next((c for c in self.recent_commands if c.command_id == command_id), None)
 
+    def halting_command(self) -> Command | None:
+        """While HALTED: the HALT that halted the run (re-sent to a trainer that attaches, so that a new
+        process knows it is halted too); None otherwise."""
+        if not self.halted:
+            return None
+        return next((c for c in reversed(self.recent_commands) if c.kind is CommandKind.HALT), None)
+
     def rearm(self, now_s: float) -> None:
         """Restart the command timeout at ``now_s`` (daemon start: monotonic clocks restart too)."""
         if self.open is not None:

@@ -534,6 +534,20 @@ class World:
                 rollbacks <= run.faults_fired,
                 f"{run.run_id}: {rollbacks} fault-driven commands for {run.faults_fired} faults",
             )
+            halts = [
+                i
+                for i, e in enumerate(self.entries)
+                if e.run == run.run_id and e.kind == EntryKind.COMMAND and e.payload["command"]["kind"] != "rollback"
+            ]
+            if halts and self.entries[halts[-1]].payload["command"]["kind"] == "halt":
+                completed = [
+                    e
+                    for e in self.entries[halts[-1] :]
+                    if e.run == run.run_id
+                    and e.kind == EntryKind.FINISH
+                    and e.payload["status"] != "FINISH_STATUS_HALTED"
+                ]
+                require(not completed, f"{run.run_id} was HALTED, yet a trainer trained on to completion")
             live = [r for r in run.ranks if not r.finished and not r.malformed]
             if policy.state is RunState.HALTED:
                 require(all(r.halted for r in live), f"{run.run_id} is HALTED but a trainer does not know it")

@@ -348,3 +348,16 @@ def test_defect_18_every_command_has_a_command_entry_whatever_caused_it() -> Non
     h.handle(ev.Resume("r", "go", "op", h.now + 2))  # controller
     causes = [p["cause"] for _, kind, p in h.entries if kind == EntryKind.COMMAND]
     assert causes == ["train_step", "command_timeout", "controller"]
+
+
+def test_a_trainer_attaching_to_a_halted_run_gets_its_halt() -> None:
+    """The HALT closed (answered, or timed out) before a new trainer attached: it is re-sent, same id,
+    charged once, so the new process knows it is halted (a halted run never has a trainer that trains)."""
+    h = Harness()
+    h.attach(1)
+    halt = commands(h.handle(ev.Halt("r", "stop", "op", h.now)))[0]
+    h.result(1, halt)
+    h.handle(ev.Detach(1, h.now))
+    resent = commands(h.attach(2, inc="i1"))
+    assert [c.command_id for c in resent] == [halt.command_id]
+    assert h.run().policy.total_punishment == -10.0
