@@ -19,7 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from governor_daemon.policy import Command, Decision, PolicyConfig, RunState
+from governor_daemon.policy import Command, Decision, PolicyConfig, RunState, Verdict
 
 
 @dataclass(frozen=True)
@@ -54,10 +54,28 @@ class Ack:
 
 @dataclass(frozen=True)
 class VerdictOut:
-    """The judgement of validation record ``seq``."""
+    """The judgement of validation record ``seq`` (of ``timeline``, ``step``)."""
 
     seq: int
-    decision: Decision
+    timeline: int
+    step: int
+    verdict: Verdict
+    reason: str
+    snapshot_allowed: bool
+    run_state: RunState
+
+    @classmethod
+    def of(cls, seq: int, decision: Decision) -> VerdictOut:
+        """The verdict a decision gives record ``seq``."""
+        return cls(
+            seq,
+            decision.timeline,
+            decision.step,
+            decision.verdict,
+            decision.reason,
+            decision.snapshot_allowed,
+            decision.run_state,
+        )
 
 
 @dataclass(frozen=True)

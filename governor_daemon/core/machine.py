@@ -442,6 +442,14 @@ class GovernorCore:
             fx.append(run.run_id, kind, {**src, **e.details, "effects": effects})
             if ready is not None:
                 self._decide(fx, run, ready, {}, e.now)
+            elif kind is not EntryKind.REPORT:  # never judged: say so, so that no snapshot waits for it
+                policy = run.policy
+                reason = (
+                    f"{kind} report: step {e.step} of timeline {e.timeline} was decided without rank "
+                    f"{binding.rank}'s record; no snapshot"
+                )
+                verdict = policy.last_verdict or Verdict.HEALTHY
+                fx.send(e.stream, VerdictOut(e.seq, e.timeline, e.step, verdict, reason, False, policy.state))
         fx.send(e.stream, Ack(e.seq))
 
     def _decide(self, fx: Effects, run: Run, group: StepGroup, extra: dict[str, Any], now: float) -> None:
@@ -474,7 +482,7 @@ class GovernorCore:
             sync=decision.command is not None,
         )
         for rank_id, seq in group.seqs.items():
-            fx.send(run.rank(rank_id).stream, VerdictOut(seq, decision))
+            fx.send(run.rank(rank_id).stream, VerdictOut.of(seq, decision))
         if decision.command is not None:
             self._issue(fx, run, decision.command, "decision")
 

@@ -15,7 +15,7 @@ from governor_daemon.core.machine import Limits
 from governor_daemon.core.registry import Run
 from governor_daemon.errors import InvalidInputError
 from governor_daemon.journal.entry import Committed
-from governor_daemon.policy import Command, CommandKind, Decision, PolicyConfig, RunState, Verdict
+from governor_daemon.policy import Command, CommandKind, PolicyConfig, RunState, Verdict
 from governor_daemon.policy.config import FIELD_NAMES
 from governor_daemon.policy.decisions import float_to_json
 from governor_daemon.service import validation as check
@@ -67,21 +67,6 @@ def command_to_proto(command: Command, generation: int) -> trainer_service_pb2.A
             generation=generation,
             timeline=command.timeline,
             step=command.step,
-        )
-    )
-
-
-def verdict_to_proto(decision: Decision, seq: int) -> trainer_service_pb2.AttachResponse:
-    """The Verdict message naming the (seq, timeline, step) it judges."""
-    return trainer_service_pb2.AttachResponse(
-        verdict=trainer_service_pb2.Verdict(
-            seq=seq,
-            timeline=decision.timeline,
-            step=decision.step,
-            kind=VERDICT_TO_PROTO[decision.verdict],
-            reason=decision.reason,
-            snapshot_allowed=decision.snapshot_allowed,
-            run_state=RUN_STATE_TO_PROTO[decision.run_state],
         )
     )
 
@@ -203,7 +188,17 @@ def encode_message(message: fx.Message) -> trainer_service_pb2.AttachResponse:
     if isinstance(message, fx.Ack):
         return trainer_service_pb2.AttachResponse(ack=trainer_service_pb2.Ack(up_to_seq=message.up_to_seq))
     if isinstance(message, fx.VerdictOut):
-        return verdict_to_proto(message.decision, message.seq)
+        return trainer_service_pb2.AttachResponse(
+            verdict=trainer_service_pb2.Verdict(
+                seq=message.seq,
+                timeline=message.timeline,
+                step=message.step,
+                kind=VERDICT_TO_PROTO[message.verdict],
+                reason=message.reason,
+                snapshot_allowed=message.snapshot_allowed,
+                run_state=RUN_STATE_TO_PROTO[message.run_state],
+            )
+        )
     if isinstance(message, fx.CommandOut):
         return command_to_proto(message.command, message.generation)
     if isinstance(message, fx.Welcome):

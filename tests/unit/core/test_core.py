@@ -132,7 +132,7 @@ def test_welcome_verdict_and_state_rebuild_from_entries() -> None:
     step = h.warm(1)
     fx = h.validation(1, step + 10, math.nan)
     verdicts = messages(fx, VerdictOut)
-    assert verdicts[0].decision.verdict == "panic"
+    assert verdicts[0].verdict == "panic"
     assert [e.kind for e in fx.entries][-1] == EntryKind.COMMAND
     assert fx.sync
     assert h.rebuilt() == h.core.checkpoint()
@@ -361,3 +361,19 @@ def test_a_trainer_attaching_to_a_halted_run_gets_its_halt() -> None:
     resent = commands(h.attach(2, inc="i1"))
     assert [c.command_id for c in resent] == [halt.command_id]
     assert h.run().policy.total_punishment == -10.0
+
+
+def test_a_late_multi_rank_report_gets_a_verdict_without_snapshot() -> None:
+    """A report for a step decided at its deadline is acknowledged and answered (no snapshot), so the rank's
+    staged snapshot does not wait for a verdict that never comes."""
+    h = Harness(rank_deadline_s=1.0)
+    h.attach(1, world_size=2, rank=0)
+    h.attach(2, world_size=2, rank=1, inc="i1")
+    h.validation(1, 10, 2.0)
+    h.handle(ev.Tick(h.now + 2))
+    fx = h.validation(2, 10, 2.0)
+    late = messages(fx, VerdictOut)
+    assert EntryKind.LATE in [e.kind for e in fx.entries]
+    assert len(late) == 1
+    assert not late[0].snapshot_allowed
+    assert "decided without rank 1" in late[0].reason
