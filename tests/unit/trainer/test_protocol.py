@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
 from tolaria_trainer.client import EndKind, ProtocolOptions, TrainerProtocol, VitalsColumns, timeline_after
@@ -252,3 +255,83 @@ def test_unreachable_time_counts_from_the_lost_welcomed_stream() -> None:
     proto.connecting(151.0)
     proto.connection_lost(151.0, "UNAVAILABLE", "")  # a failed attempt does not restart the count
     assert proto.unreachable_for_s(160.0) == 10.0
+
+
+class ProtocolMachine(RuleBasedStateMachine):
+    """Random interleavings of queueing, transmitting, Acks, lost streams and Welcomes (the daemon's
+    last durable seq anywhere between its last Ack and what it received). Nothing is lost: every seq is
+    acknowledged, dropped (train-step records only) or still retained, and a stream transmits in seq order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proto = TrainerProtocol(HELLO, ProtocolOptions(capacity_records=12, heartbeat_s=1.0), 0.0)
+        self.now = 0.0
+        self.step = 0
+        self.validation_seqs: set[int] = set()
+        self.received = 0  # highest seq the daemon got on the current stream
+        self.acked = 0
+        self.generation = 0
+        self.stream_seqs: list[int] = []
+
+    @rule(n=st.integers(1, 6))
+    def train(self, n: int) -> None:
+        self.proto.send_vitals(chunk(self.step + 1, n))
+        self.step += n
+
+    @rule()
+    def validate(self) -> None:
+        self.validation_seqs.add(self.proto.send_validation(trainer_service_pb2.ValidationRecord(step=self.step)))
+
+    @rule(dt=st.floats(0.0, 2.0))
+    def transmit(self, dt: float) -> None:
+        self.now += dt
+        for message in transmit(self.proto, self.now):
+            kind = message.WhichOneof("message")
+            if kind == "heartbeat":
+                continue
+            payload = getattr(message, str(kind))
+            first = payload.first_seq if kind == "vitals_batch" else payload.seq
+            last = first + len(payload.step) - 1 if kind == "vitals_batch" else first
+            self.stream_seqs.append(first)
+            self.received = max(self.received, last)
+
+    @precondition(lambda self: self.proto.connected)
+    @rule(data=st.data())
+    def ack(self, data: st.DataObject) -> None:
+        self.acked = data.draw(st.integers(self.acked, max(self.acked, self.received)))
+        self.proto.receive(Response(ack=trainer_service_pb2.Ack(up_to_seq=self.acked)), self.now)
+
+    @precondition(lambda self: self.proto.connected)
+    @rule()
+    def lose(self) -> None:
+        self.proto.connection_lost(self.now, "UNAVAILABLE", "")
+
+    @precondition(lambda self: not self.proto.connected)
+    @rule(data=st.data())
+    def reconnect(self, data: st.DataObject) -> None:
+        durable = data.draw(st.integers(self.acked, max(self.acked, self.received)))
+        self.generation += 1
+        self.stream_seqs = []
+        welcome(self.proto, generation=self.generation, last_durable_seq=durable, now=self.now)
+        self.acked = durable
+
+    @invariant()
+    def transmitted_in_seq_order(self) -> None:
+        assert self.stream_seqs == sorted(set(self.stream_seqs))
+
+    @invariant()
+    def a_welcomed_stream_resends_everything_retained(self) -> None:
+        if self.proto.connected and not self.proto.outbox.has_unsent:
+            assert {item.first_seq for item in self.proto.outbox._items} <= set(self.stream_seqs)
+
+    @invariant()
+    def nothing_is_lost(self) -> None:
+        retained = {seq for item in self.proto.outbox._items for seq in range(item.first_seq, item.last_seq + 1)}
+        dropped = self.proto.num_dropped_records
+        unaccounted = set(range(self.acked + 1, self.proto.outbox.last_seq + 1)) - retained
+        assert self.validation_seqs & unaccounted == set(), "validation records are never dropped"
+        assert len(unaccounted) <= dropped
+
+
+TestProtocolMachine = ProtocolMachine.TestCase
+TestProtocolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
