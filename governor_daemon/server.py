@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from governor_daemon.core import Limits
 from governor_daemon.core import events as ev
 from governor_daemon.exit_codes import ExitCode
-from governor_daemon.journal import JournalCorruptError
+from governor_daemon.journal import JournalCorruptError, JournalLockedError
 from governor_daemon.metrics import Gauge, Metrics, serve_metrics
 from governor_daemon.policy import RunState
 from governor_daemon.security import AuthInterceptor
@@ -182,6 +182,9 @@ async def serve(settings: ServeSettings) -> int:
         await daemon.start()
     except JournalCorruptError as exc:
         log.error("journal corrupt; not starting", error=str(exc))
+        return ExitCode.USAGE
+    except JournalLockedError as exc:
+        log.error("data dir in use; not starting", error=str(exc))
         return ExitCode.USAGE
     except (OSError, RuntimeError) as exc:
         log.error(

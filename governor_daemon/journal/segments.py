@@ -19,7 +19,7 @@ def segment_name(index: int) -> str:
 
 
 def list_segments(data_dir: Path) -> list[Path]:
-    """Segment files in order."""
+    """Segment files in order (symbolic links included: the journal's writer refuses them)."""
     if not data_dir.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in data_dir.iterdir() if (m := SEGMENT_RE.match(p.name))]
@@ -36,11 +36,13 @@ def segment_index(path: Path) -> int:
 
 @dataclass(frozen=True)
 class LocatedEntry:
-    """An entry with its file and 1-based line number."""
+    """An entry with its file, 1-based line number, byte offset and the line's bytes (without newline)."""
 
     entry: Entry
     path: Path
     line: int
+    offset: int = 0
+    raw: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ def read_segment(path: Path) -> Iterator[LocatedEntry | BadLine]:
         try:
             if torn:
                 raise EntryError("incomplete last line (no newline): a torn write")
-            yield LocatedEntry(parse_line(raw.decode("utf-8")), path, number)
+            yield LocatedEntry(parse_line(raw.decode("utf-8")), path, number, offset, raw)
         except (EntryError, UnicodeDecodeError) as exc:
             yield BadLine(path, number, offset, str(exc), is_last)
         offset = next_offset

@@ -47,7 +47,7 @@ def verify_journal(data_dir: Path, key: bytes | None = None) -> VerifyReport:
                     continue
                 report.problem = f"{path.name}:{item.line}: {item.reason}"
                 return report
-            why = verify_link(item.entry, prev_hash, expected, key)
+            why = verify_link(item.entry, prev_hash, expected, key, item.raw)
             if why is not None:
                 report.problem = f"{path.name}:{item.line}: {why}"
                 return report

@@ -8,6 +8,7 @@ holding every run's state, so start-up reads only the last segment.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 from collections.abc import Callable
@@ -33,6 +34,13 @@ CheckpointProvider = Callable[[], dict[str, Any]]
 
 class JournalCorruptError(GovernorError):
     """The journal has a bad line that is not a torn last write; names file and line."""
+
+
+class JournalLockedError(GovernorError):
+    """Another process holds the data dir's lock (one writer per data dir)."""
+
+
+LOCK_NAME = "LOCK"
 
 
 @dataclass
@@ -68,74 +76,101 @@ class Journal:
         self._write_lock = threading.Lock()
         self._file: Any = None
         self._file_segment = 0
+        self._lock_fd: int | None = None
 
     # ----------------------------------------------------------------- start-up
 
     def open(self, repair: bool = False) -> Recovery:
-        """Scan the last segment, handle a torn tail, verify its chain; return what to apply.
+        """Lock the data dir, verify the whole chain, handle a torn tail; return what to apply.
 
-        Raises JournalCorruptError (unless ``repair``) for a bad line other than a torn last one.
+        Every segment is read once and every entry's link and hash checked (linear in the journal).
+        A torn last line (no newline) of the last segment is moved aside. Any other bad line raises
+        JournalCorruptError naming its file and line; with ``repair``, a bad tail of the last segment
+        is moved aside instead (damage in an earlier segment is never repaired: restore a backup).
+        Raises JournalLockedError when another process holds the data dir.
         """
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_dir()
+        try:
+            return self._recover(repair)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _recover(self, repair: bool) -> Recovery:
         recovery = Recovery()
         segments = list_segments(self.data_dir)
-        if not segments:
-            self._segment = 0
-            return recovery
-        last = segments[-1]
-        prev_hash, expected_seq = GENESIS_HASH, None
-        if len(segments) > 1:
-            tail = _last_entry(segments[-2])
-            if tail is not None:
-                prev_hash, expected_seq = tail.hash, tail.seq + 1
-        entries: list[Entry] = []
-        for item in read_segment(last):
-            problem: str | None
-            if isinstance(item, BadLine):
-                problem, line, offset, torn = item.reason, item.line, item.offset, item.is_last
-            else:
-                problem = verify_link(item.entry, prev_hash, expected_seq, self.key)
-                line, offset, torn = item.line, _offset_of_line(last, item.line), False
-            if problem is None and isinstance(item, LocatedEntry):
-                entries.append(item.entry)
-                prev_hash, expected_seq = item.entry.hash, item.entry.seq + 1
-                continue
-            if torn:
-                recovery.moved_aside.append(self._move_tail_aside(last, offset, "torn", f"line {line}: {problem}"))
+        for path in segments:
+            if path.is_symlink():
+                raise JournalCorruptError(f"{path} is a symbolic link; the journal never follows links")
+        prev_hash, expected_seq = GENESIS_HASH, 1
+        last_entries: list[Entry] = []  # the last segment's
+        for index, path in enumerate(segments):
+            is_last = index == len(segments) - 1
+            entries: list[Entry] = []
+            for item in read_segment(path):
+                problem: str | None
+                if isinstance(item, BadLine):
+                    problem, line, offset, torn = item.reason, item.line, item.offset, item.is_last
+                    torn = torn and is_last and "torn" in problem
+                else:
+                    problem = verify_link(item.entry, prev_hash, expected_seq, self.key, item.raw)
+                    line, offset, torn = item.line, item.offset, False
+                if problem is None and isinstance(item, LocatedEntry):
+                    entries.append(item.entry)
+                    prev_hash, expected_seq = item.entry.hash, item.entry.seq + 1
+                    continue
+                where = f"{path.name}:{line}"
+                if torn:
+                    recovery.moved_aside.append(self._move_tail_aside(path, offset, "torn", f"{where}: {problem}"))
+                    break
+                if not (repair and is_last):
+                    hint = (
+                        "start with --repair to move the bad tail aside (nothing is deleted)"
+                        if is_last
+                        else "an earlier segment is damaged: restore the data dir from a backup"
+                    )
+                    raise JournalCorruptError(f"journal corrupt at {where}: {problem}; {hint}")
+                recovery.moved_aside.append(self._move_tail_aside(path, offset, "bad-tail", f"{where}: {problem}"))
                 break
-            if not repair:
-                raise JournalCorruptError(
-                    f"journal corrupt at {last}:{line}: {problem}; "
-                    "start with --repair to move the bad tail aside (nothing is deleted)"
-                )
-            recovery.moved_aside.append(self._move_tail_aside(last, offset, "bad-tail", f"line {line}: {problem}"))
-            break
-        self._segment = segment_index(last)
-        self._segment_size = last.stat().st_size
-        if entries:
-            self.last_seq, self.last_hash = entries[-1].seq, entries[-1].hash
-        elif expected_seq is not None:
-            self.last_seq, self.last_hash = expected_seq - 1, prev_hash
+            if is_last:
+                last_entries = entries
+                self._segment = segment_index(path)
+                self._segment_size = path.stat().st_size
+        self.last_seq, self.last_hash = expected_seq - 1, prev_hash
         self.durable_seq = self.last_seq
-        start = 0
-        for i, entry in enumerate(entries):
-            if entry.kind == CHECKPOINT_KIND:
-                recovery.checkpoint = entry.payload
-                start = i + 1
-        if recovery.checkpoint is None and len(segments) > 1:
-            # The last segment lost its checkpoint (torn at creation): fall back to the previous one.
-            earlier = [e.entry for e in read_segment(segments[-2]) if isinstance(e, LocatedEntry)]
-            marks = [i for i, entry in enumerate(earlier) if entry.kind == CHECKPOINT_KIND]
-            if marks:
-                recovery.checkpoint = earlier[marks[-1]].payload
-                recovery.entries.extend(earlier[marks[-1] + 1 :])
-        recovery.entries.extend(entries[start:])
+        recovery.checkpoint, recovery.entries = _from_last_checkpoint(segments, last_entries)
         return recovery
+
+    def _prepare_dir(self) -> None:
+        """Create the data dir (0700), take its lock, tighten its mode."""
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.data_dir.is_symlink():
+            raise JournalCorruptError(f"{self.data_dir} is a symbolic link; give the real path")
+        os.chmod(self.data_dir, 0o700)
+        lock_path = self.data_dir / LOCK_NAME
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise JournalLockedError(
+                f"{self.data_dir} is in use by another governor (pid {holder}); one writer per data dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
 
     def _move_tail_aside(self, path: Path, offset: int, label: str, why: str) -> str:
         data = path.read_bytes()
-        aside = path.with_name(f"{path.name}.{label}-{len(list(self.data_dir.glob(path.name + '.*'))) + 1}")
-        aside.write_bytes(data[offset:])
+        number = 1
+        while (aside := path.with_name(f"{path.name}.{label}-{number}")).exists() or aside.is_symlink():
+            number += 1
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data[offset:])
+            f.flush()
+            os.fsync(f.fileno())
         with path.open("r+b") as f:
             f.truncate(offset)
             f.flush()
@@ -194,7 +229,10 @@ class Journal:
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
-        self._file = (self.data_dir / segment_name(segment)).open("ab")
+        fd = os.open(
+            self.data_dir / segment_name(segment), os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600
+        )
+        self._file = os.fdopen(fd, "ab")
         self._file_segment = segment
         _fsync_dir(self.data_dir)
 
@@ -206,22 +244,26 @@ class Journal:
                 self._file.close()
                 self._file = None
                 self._file_segment = 0
+            self._release_lock()
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
 
-def _last_entry(path: Path) -> Entry | None:
-    last: Entry | None = None
-    for item in read_segment(path):
-        if isinstance(item, LocatedEntry):
-            last = item.entry
-    return last
-
-
-def _offset_of_line(path: Path, line: int) -> int:
-    data = path.read_bytes()
-    offset = 0
-    for _ in range(line - 1):
-        offset = data.index(b"\n", offset) + 1
-    return offset
+def _from_last_checkpoint(segments: list[Path], last: list[Entry]) -> tuple[dict[str, Any] | None, list[Entry]]:
+    """The last checkpoint's payload and the entries after it (the last segment's, or, when the last
+    segment lost its checkpoint to a torn write at creation, from the previous segment's on)."""
+    marks = [i for i, entry in enumerate(last) if entry.kind == CHECKPOINT_KIND]
+    if marks:
+        return last[marks[-1]].payload, last[marks[-1] + 1 :]
+    if len(segments) > 1:
+        earlier = [e.entry for e in read_segment(segments[-2]) if isinstance(e, LocatedEntry)]
+        earlier_marks = [i for i, entry in enumerate(earlier) if entry.kind == CHECKPOINT_KIND]
+        if earlier_marks:
+            return earlier[earlier_marks[-1]].payload, earlier[earlier_marks[-1] + 1 :] + last
+    return None, last
 
 
 def _fsync_dir(path: Path) -> None:

@@ -100,7 +100,7 @@ def test_corruption_stops_start_unless_repair(tmp_path: Path) -> None:
         Journal(tmp_path).open()
     assert path.read_text().count("\n") == 5, "nothing changed without --repair"
     recovery = Journal(tmp_path).open(repair=True)
-    assert recovery.moved_aside[0].startswith("line 3: ")
+    assert recovery.moved_aside[0].startswith("journal-00000001.jsonl:3: ")
     assert path.read_text().count("\n") == 2
     aside = next(tmp_path.glob("journal-00000001.jsonl.bad-tail-*"))
     assert aside.read_text().startswith("garbage\n")
