@@ -48,6 +48,10 @@ class ConflictError(GovernorError):
     """A request that contradicts the run (e.g. a later Hello with other overrides). FAILED_PRECONDITION."""
 
 
+class PermissionDeniedError(GovernorError):
+    """An authenticated caller may not touch this run (another principal owns it). PERMISSION_DENIED."""
+
+
 class LimitExceededError(GovernorError):
     """Over a configured limit (active runs, records per batch). Maps to RESOURCE_EXHAUSTED."""
 

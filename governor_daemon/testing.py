@@ -267,7 +267,7 @@ class AttachClient:
     def result(self, command: trainer_service_pb2.Command, succeeded: bool = True, error: str = "") -> int:
         """Answer a command as a trainer that executed it (moving the timeline for ROLLBACK/RESUME)."""
         if succeeded and command.type in (common_pb2.COMMAND_TYPE_ROLLBACK, common_pb2.COMMAND_TYPE_RESUME):
-            self.timeline += 1
+            self.timeline = command.timeline + 1
         seq = self.next_seq()
         self.send(
             command_result=trainer_service_pb2.CommandResult(

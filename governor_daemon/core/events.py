@@ -36,6 +36,8 @@ class Attach:
     peer: str
     caller: str
     now: float
+    principal: str = ""
+    """The authenticated identity (token name or certificate subject); "" without authentication."""
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from governor_daemon.errors import (
     InvalidInputError,
     LimitExceededError,
     NotFoundError,
+    PermissionDeniedError,
     PolicyConfigError,
     PolicyStateError,
 )
@@ -177,6 +178,11 @@ class GovernorCore:
             if active >= limits.max_active_runs:
                 raise LimitExceededError(f"{active} active runs: the limit --max-active-runs is reached")
         else:
+            if run.meta.owner != e.principal:
+                raise PermissionDeniedError(
+                    f"run {e.run_id} belongs to another principal; {e.principal or 'an anonymous caller'} "
+                    "may not attach to it (use a run id of your own)"
+                )
             _check_rejoin(run, e)
             current = run.ranks.get(e.rank)
             if current is not None and current.stream is not None:
@@ -187,7 +193,7 @@ class GovernorCore:
                     )
                 replaced = current.stream
         if run is None:
-            meta = RunMeta(e.task, e.world_size, e.overrides, e.random_guess_loss, e.num_classes, ignored)
+            meta = RunMeta(e.task, e.world_size, e.overrides, e.random_guess_loss, e.num_classes, ignored, e.principal)
             run = Run.create(e.run_id, meta, config)
             self.registry.runs[run.run_id] = run
             fx.append(

@@ -81,6 +81,8 @@ class RunMeta:
     hello_rgl: float | None
     num_classes: int | None
     ignored_fields: list[str]
+    owner: str = ""
+    """The principal that created the run; only it may attach to the run."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -91,6 +93,7 @@ class RunMeta:
             "hello_rgl": self.hello_rgl,
             "num_classes": self.num_classes,
             "ignored_fields": list(self.ignored_fields),
+            "owner": self.owner,
         }
 
     @classmethod
@@ -103,6 +106,7 @@ class RunMeta:
             data["hello_rgl"],
             data["num_classes"],
             list(data["ignored_fields"]),
+            str(data.get("owner", "")),
         )
 
 

@@ -6,6 +6,7 @@ message into an AttachResponse. Both the gRPC servicers and the simulation use t
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -72,16 +73,26 @@ def command_to_proto(command: Command, generation: int) -> trainer_service_pb2.A
 
 
 def decode_hello(
-    hello: trainer_service_pb2.Hello, stream: int, peer: str, caller: str, now: float, limits: Limits
+    hello: trainer_service_pb2.Hello,
+    stream: int,
+    peer: str,
+    caller: str,
+    now: float,
+    limits: Limits,
+    principal: str = "",
 ) -> ev.Attach:
-    """A validated Hello as an Attach event. Raises InvalidInputError."""
+    """A validated Hello as an Attach event. Raises InvalidInputError.
+
+    The incarnation id is a secret of the trainer process (it lets a reconnect replace a stream): the
+    core, the journal and every answer see only its digest.
+    """
     check.validate_hello(hello, limits)
     return ev.Attach(
         stream=stream,
         run_id=hello.run_id,
         rank=hello.rank,
         world_size=hello.world_size,
-        incarnation_id=hello.incarnation_id,
+        incarnation_id=incarnation_digest(hello.incarnation_id),
         task=hello.task,
         overrides=overrides_from_proto(hello.policy_overrides),
         random_guess_loss=hello.random_guess_loss if hello.HasField("random_guess_loss") else None,
@@ -90,7 +101,13 @@ def decode_hello(
         peer=peer,
         caller=caller,
         now=now,
+        principal=principal,
     )
+
+
+def incarnation_digest(incarnation_id: str) -> str:
+    """What the daemon keeps of an incarnation id: 24 hex digits of its SHA-256."""
+    return hashlib.sha256(incarnation_id.encode("utf-8")).hexdigest()[:24]
 
 
 def decode_request(

@@ -66,6 +66,7 @@ class Governor:
         self.fatal = asyncio.Event()
         self.failure: BaseException | None = None
         self.metrics = Metrics()
+        self.refusals = RefusalWindow()
         self._next_stream = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -217,18 +218,52 @@ class Governor:
                 yield entry
 
     def auth_failure(self, method: str, peer: str, why: str, code: Any) -> None:
-        """Journal a refused call (UNAUTHENTICATED or PERMISSION_DENIED)."""
+        """Count a refused call (UNAUTHENTICATED or PERMISSION_DENIED); journal it at most once per
+        client host and code per window (the metric keeps the exact total), so refused calls cannot
+        fill the disk."""
         name = str(getattr(code, "name", code))
         self.metrics.auth_failures.inc(code=name)
-        if self.journal is not None and not self.stopping.is_set() and self.failure is None:
-            self.committer.append(
-                "", EntryKind.AUTH_FAILURE, {"method": method, "peer": peer, "reason": why, "code": name}
-            )
-        log.warning("call refused", method=method, peer=peer, reason=why)
+        if self.journal is None or self.stopping.is_set() or self.failure is not None:
+            return
+        payload = self.refusals.admit(peer, name, self.now())
+        if payload is not None:
+            payload.update(method=method, peer=peer, reason=why)
+            self.committer.append("", EntryKind.AUTH_FAILURE, payload)
+            log.warning("call refused", **payload)
 
     def now(self) -> float:
         """Monotonic seconds (the core's only notion of time)."""
         return self.clock.monotonic()
+
+
+REFUSAL_WINDOW_S = 60.0
+MAX_REFUSAL_KEYS = 1024
+
+
+class RefusalWindow:
+    """Which refused calls to journal: the first per (client host, code) in each window, carrying how many
+    of that key's refusals the previous window did not journal. Beyond MAX_REFUSAL_KEYS hosts at once, all
+    hosts share one key."""
+
+    def __init__(self, window_s: float = REFUSAL_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._open: dict[tuple[str, str], list[float]] = {}  # key -> [window start, refusals not journaled]
+
+    def admit(self, peer: str, code: str, now: float) -> dict[str, Any] | None:
+        """The entry's payload if this refusal is journaled, else None (it is counted)."""
+        host = peer.rsplit(":", 1)[0] if peer.count(":") else peer
+        key = (host, code)
+        if key not in self._open and len(self._open) >= MAX_REFUSAL_KEYS:
+            self._open = {k: v for k, v in self._open.items() if now - v[0] < self.window_s}
+            if len(self._open) >= MAX_REFUSAL_KEYS:
+                key = ("*", code)
+        window = self._open.get(key)
+        if window is not None and now - window[0] < self.window_s:
+            window[1] += 1
+            return None
+        not_journaled = int(window[1]) if window is not None else 0
+        self._open[key] = [now, 0]
+        return {"code": code, "window_s": self.window_s, "not_journaled_before": not_journaled}
 
 
 def _count(metrics: Metrics, append: Append) -> None:

@@ -11,6 +11,7 @@ from governor_daemon.errors import (
     InvalidInputError,
     LimitExceededError,
     NotFoundError,
+    PermissionDeniedError,
     PolicyConfigError,
     PolicyStateError,
     UnavailableError,
@@ -24,6 +25,7 @@ _CODES: tuple[tuple[type[GovernorError], grpc.StatusCode], ...] = (
     (ConflictError, grpc.StatusCode.FAILED_PRECONDITION),
     (PolicyStateError, grpc.StatusCode.FAILED_PRECONDITION),
     (LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
 )
 

@@ -67,8 +67,12 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 raise InvalidInputError("hello", f"no Hello within {HELLO_TIMEOUT_S:g} s") from None
             if first.WhichOneof("message") != "hello":
                 raise InvalidInputError("hello", f"the first message must be Hello, got {first.WhichOneof('message')}")
-            caller = CALLER.get() or f"anonymous@{stream.peer}"
-            governor.handle(codec.decode_hello(first.hello, stream.id, stream.peer, caller, governor.now(), limits))
+            principal = CALLER.get()
+            caller = principal or f"anonymous@{stream.peer}"
+            if principal.startswith("anonymous@"):
+                principal = ""
+            attach = codec.decode_hello(first.hello, stream.id, stream.peer, caller, governor.now(), limits, principal)
+            governor.handle(attach)
             async for request in iterator:
                 if stream.closed:  # refused or ended while its vitals were queued
                     break

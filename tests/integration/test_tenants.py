@@ -1,0 +1,120 @@
+"""Two tenants on one governor: a hostile trainer of one cannot take over, blind or flood the other's run."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
+from governor_daemon.security import Tokens
+from governor_daemon.testing import AttachClient, InProcessDaemon
+from tolaria.governor.v1 import common_pb2, trainer_service_pb2
+from tolaria.governor.v1 import control_service_pb2 as cpb
+from tolaria.governor.v1 import control_service_pb2_grpc as cgrpc
+
+TOKENS = {"alice": "alice-trainer-token-0123", "bob": "bob-trainer-token-012345", "ops": "ops-controller-token-0123"}
+SECRET = "alice-secret-incarnation-7f3a"
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[InProcessDaemon]:
+    path = tmp_path / "tokens"
+    roles = {"alice": "trainer", "bob": "trainer", "ops": "controller"}
+    path.write_text("".join(f"{name} {roles[name]} {token}\n" for name, token in TOKENS.items()))
+    path.chmod(0o600)
+    with InProcessDaemon(tmp_path / "data", tokens=Tokens.load(path)) as d:
+        yield d
+
+
+def as_(name: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {TOKENS[name]}"),)
+
+
+def connect(daemon: InProcessDaemon, who: str, run_id: str, incarnation_id: str | None = None) -> AttachClient:
+    client = AttachClient(daemon.address, run_id, incarnation_id=incarnation_id, metadata=as_(who))
+    client.connect()
+    return client
+
+
+def status(daemon: InProcessDaemon, run_id: str) -> cpb.RunStatus:
+    with grpc.insecure_channel(daemon.address) as channel:
+        stub = cgrpc.ControlServiceStub(channel)
+        return stub.GetPanicState(cpb.GetPanicStateRequest(run_id=run_id), metadata=as_("ops")).run
+
+
+def journal_text(data_dir: Path) -> str:
+    return "".join(path.read_text() for path in list_segments(data_dir))
+
+
+def test_another_principal_cannot_attach_even_with_the_incarnation_id(daemon: InProcessDaemon, tmp_path: Path) -> None:
+    """Review finding: any trainer token could take over any run, and reusing the live incarnation id
+    evicted the real trainer's stream."""
+    alice = connect(daemon, "alice", "alice-run", SECRET)
+    try:
+        for who, incarnation in (("bob", SECRET), ("bob", "bob-guess")):
+            thief = AttachClient(daemon.address, "alice-run", incarnation_id=incarnation, metadata=as_(who))
+            with pytest.raises(grpc.RpcError) as info:
+                thief.connect()
+            thief.close()
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert SECRET not in (info.value.details() or "")
+        seq = alice.validation(10, 2.0, epoch=1)
+        assert alice.next("verdict").verdict.seq == seq, "alice's stream survived the attempts"
+    finally:
+        alice.close()
+    shown = status(daemon, "alice-run")
+    assert shown.ranks[0].incarnation_id
+    assert SECRET not in str(shown)
+    assert SECRET not in journal_text(tmp_path / "data"), "incarnation ids are journaled as digests only"
+
+
+def test_hostile_trainer_on_its_own_run_is_refused_and_changes_nothing(daemon: InProcessDaemon) -> None:
+    """A seq jump (which made every later record a 'duplicate') and a forged CommandResult that moved the
+    timeline to 2^64-1 (after which a NaN was judged HEALTHY) are refused."""
+    for message in (
+        {"vitals_batch": trainer_service_pb2.VitalsBatch(first_seq=10**12, step=[1], loss=[math.nan])},
+        {
+            "command_result": trainer_service_pb2.CommandResult(
+                seq=1, command_id=1, outcome=common_pb2.COMMAND_OUTCOME_SUCCEEDED, new_timeline=2**64 - 1
+            )
+        },
+    ):
+        bob = connect(daemon, "bob", "bob-run")
+        bob.send(**message)
+        with pytest.raises(grpc.RpcError) as info:
+            bob.next("ack")
+        bob.close()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    shown = status(daemon, "bob-run")
+    assert (shown.timeline, shown.ranks[0].num_records, shown.ranks[0].num_record_gaps) == (0, 0, 0)
+    bob = connect(daemon, "bob", "bob-run")
+    try:
+        bob.vitals([1], [math.nan])
+        assert bob.next("command").command.type == common_pb2.COMMAND_TYPE_ROLLBACK, "a NaN is still judged"
+    finally:
+        bob.close()
+
+
+def test_a_flood_of_refused_calls_does_not_fill_the_journal(daemon: InProcessDaemon, tmp_path: Path) -> None:
+    """Review finding: each refused call was journaled (380 B; about 1.9 GB/h from one client)."""
+    with grpc.insecure_channel(daemon.address) as channel:
+        stub = cgrpc.ControlServiceStub(channel)
+        for i in range(300):
+            token = "wrong-token-0123456789" if i % 2 else ""
+            metadata = (("authorization", f"Bearer {token}"),) if token else ()
+            with pytest.raises(grpc.RpcError):
+                stub.ListRuns(cpb.ListRunsRequest(), metadata=metadata)
+    entries = [
+        item.entry.payload
+        for path in list_segments(tmp_path / "data")
+        for item in read_segment(path)
+        if isinstance(item, LocatedEntry) and item.entry.kind == "auth_failure"
+    ]
+    assert len(entries) == 1, "one entry per client host and code per window"
+    assert entries[0]["code"] == "UNAUTHENTICATED"
+    assert daemon.daemon is not None
+    assert daemon.daemon.metrics.auth_failures.values[(("code", "UNAUTHENTICATED"),)] == 300
