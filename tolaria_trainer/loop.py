@@ -6,10 +6,10 @@ daemon named a higher one (docs/protocol.md), and they agree (max) on the highes
 them holds: the lowest rank holding it broadcasts the command, so every rank executes the same
 command at the same step even if its own stream never delivered it. A snapshot staged after
 validation is published only for a Verdict with ``snapshot_allowed`` naming exactly the staged
-(timeline, step), agreed by every rank; while one awaits its verdict no newer one is staged, so a
-slow daemon delays the LKG instead of preventing it. Training ends only when an agreement point after
-the last validation (which waits briefly for its verdict and, after a PANIC, for the command) leaves
-every epoch done: a rollback there trains the lost epochs again.
+(timeline, step), agreed by every rank; staging a newer one keeps the older one awaiting its verdict
+(up to two), so a slow daemon delays the LKG instead of preventing it. Training ends only when an
+agreement point after the last validation (which waits briefly for its verdict and, after a PANIC,
+for the command) leaves every epoch done: a rollback there trains the lost epochs again.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from tolaria_trainer.faults import FaultInjector, parse_fault
 from tolaria_trainer.model import SeedStage, create_model, parse_schedule
 from tolaria_trainer.model.schedule import ScheduleEvent
 from tolaria_trainer.rollback import CommandLedger, RestoreOutcome, execute_restore
-from tolaria_trainer.snapshot import LastKnownGood, SnapshotInfo
+from tolaria_trainer.snapshot import MAX_STAGED, LastKnownGood, SnapshotInfo
 from tolaria_trainer.tasks import get_task
 from tolaria_trainer.training import (
     TrainingState,
@@ -84,7 +84,6 @@ class RunConfig:
     compile: bool = False
     agree_every_steps: int = 50
     verdict_wait_s: float = 5.0  # at the end: for the last validation's verdict, and a PANIC's command
-    snapshot_verdict_timeout_s: float = 60.0  # a staged snapshot waits this long before a newer one replaces it
     vitals_flush_s: float = 0.1  # train-step records wait at most about this long before they are sent
     seed: int = 0
     policy: dict[str, Any] = field(default_factory=dict)
@@ -175,8 +174,7 @@ class GovernedRun:
         self.client: GovernorClient | None = None
         self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._sink, flush_interval_s=cfg.vitals_flush_s)
         self.last_metrics: ValidationMetrics | None = None
-        self.pending: tuple[int, SnapshotInfo] | None = None  # staged snapshot and its validation seq
-        self.pending_since = 0.0
+        self.pending: list[tuple[int, SnapshotInfo]] = []  # staged snapshots and their validation seqs, oldest first
         self.verdicts: dict[int, trainer_service_pb2.Verdict] = {}  # of the pending and the latest seq
         self.latest_seq: int | None = None  # the last validation record's seq
         self.started = time.monotonic()
@@ -292,11 +290,12 @@ class GovernedRun:
         reported = self.faults.reported_loss(metrics.loss)
         self._settle_pending()  # the previous epoch's verdict has arrived by now: publish before restaging
         staged: SnapshotInfo | None = None
-        if self._may_stage():
-            try:
-                staged = self.lkg.stage(state)
-            except SnapshotError as exc:
-                log.error("snapshot staging failed; the previous LKG stays", error=str(exc))
+        if len(self.pending) == MAX_STAGED:
+            self._drop_pending(self.pending[-1])  # the LKG's stage replaces the newest staged one
+        try:
+            staged = self.lkg.stage(state)
+        except SnapshotError as exc:
+            log.error("snapshot staging failed; the previous LKG stays", error=str(exc))
         self._advance_blends()
         seq = self._report_validation(epoch, reported, metrics)
         self.progress(
@@ -353,38 +352,20 @@ class GovernedRun:
         previous, self.latest_seq = self.latest_seq, seq
         self._release_verdict(previous)  # superseded: only the newest validation's verdict matters at the end
         if staged is not None and seq is not None:
-            self.pending, self.pending_since = (seq, staged), time.monotonic()
+            self.pending.append((seq, staged))
         elif staged is not None:
             self.lkg.discard()  # ungoverned: never publish a snapshot without a verdict
         self._agreement_point()
 
-    @property
-    def pending_seq(self) -> int | None:
-        """The seq of the validation record whose verdict the staged snapshot awaits."""
-        return None if self.pending is None else self.pending[0]
-
-    def _may_stage(self) -> bool:
-        """False while a staged snapshot on any rank awaits its verdict (for up to
-        ``snapshot_verdict_timeout_s``): restaging would discard it, and under verdict latency no snapshot
-        would ever be published. Past the timeout the old one is dropped."""
-        waiting = (
-            self.pending is not None and time.monotonic() - self.pending_since < self.cfg.snapshot_verdict_timeout_s
-        )
-        if self.dist.agree_max(int(waiting)):
-            return False
-        self._drop_pending()
-        return True
-
-    def _drop_pending(self) -> None:
-        """Forget the staged snapshot (if it was published, the LKG stays) and stop waiting for its verdict."""
-        seq = self.pending_seq
-        self.pending = None
-        self.lkg.discard()
-        self._release_verdict(seq)
+    def _drop_pending(self, item: tuple[int, SnapshotInfo]) -> None:
+        """Forget a staged snapshot (if it was published, the LKG stays) and stop waiting for its verdict."""
+        self.pending.remove(item)
+        self.lkg.discard(item[1])
+        self._release_verdict(item[0])
 
     def _release_verdict(self, seq: int | None) -> None:
-        """Stop tracking the verdict on ``seq`` unless the staged snapshot or the latest validation needs it."""
-        if seq is None or seq in (self.pending_seq, self.latest_seq):
+        """Stop tracking the verdict on ``seq`` unless a staged snapshot or the latest validation needs it."""
+        if seq is None or seq == self.latest_seq or any(seq == pending for pending, _ in self.pending):
             return
         if self.verdicts.pop(seq, None) is None and self.client is not None:
             self.client.forget_verdict(seq)
@@ -404,22 +385,23 @@ class GovernedRun:
         return self.verdicts[seq]
 
     def _settle_pending(self, wait_s: float = 0.0) -> None:
-        """Publish or discard the staged snapshot once every rank holds its Verdict.
+        """Publish or discard staged snapshots, oldest first, each once every rank holds its Verdict (the
+        newest allowed one ends up the LKG). Stops at the first verdict some rank still lacks.
 
         Every rank calls the same collectives in the same order, so all decide at the same step.
         """
-        if not self.dist.agree_max(int(self.pending is not None)):
-            return
-        verdict = self._verdict(self.pending_seq, wait_s)
-        if not self.dist.agree_min(int(verdict is not None)):
-            return
-        assert self.pending is not None
-        assert verdict is not None
-        staged = self.pending[1]
-        allowed = int(verdict.snapshot_allowed and (verdict.timeline, verdict.step) == (staged.timeline, staged.step))
-        if self.dist.agree_min(allowed) and self.lkg.publish(staged.timeline, staged.step):
-            self._report_snapshot(staged)
-        self._drop_pending()
+        for position in range(self.dist.agree_max(len(self.pending))):
+            item = self.pending[0] if self.pending else None
+            verdict = self._verdict(item[0], wait_s if position == 0 else 0.0) if item else None
+            if not self.dist.agree_min(int(verdict is not None)):
+                return
+            assert item is not None
+            assert verdict is not None
+            staged = item[1]
+            allowed = verdict.snapshot_allowed and (verdict.timeline, verdict.step) == (staged.timeline, staged.step)
+            if self.dist.agree_min(int(allowed)) and self.lkg.publish(staged.timeline, staged.step):
+                self._report_snapshot(staged)
+            self._drop_pending(item)
 
     def _settled_at_end(self) -> bool:
         """After the last epoch: wait up to ``verdict_wait_s`` (while connected) for the last validation's
@@ -522,6 +504,8 @@ class GovernedRun:
         if target <= self.state.timeline:
             return
         self.vitals.flush()
+        for item in list(self.pending):  # staged on the old timeline: no verdict will publish them
+            self._drop_pending(item)
         log.warning(
             "adopting the run's timeline from the governor",
             timeline=self.state.timeline,
@@ -529,7 +513,6 @@ class GovernedRun:
             unjudged_records=self.client.num_unjudged_records,
         )
         self.state.timeline = target
-        self._drop_pending()
 
     def _agreement_point(self) -> None:
         self._check_reachable()

@@ -4,11 +4,14 @@ Contents: model state (host and fossilized seeds; live experimental seeds are ex
 never resurrects them), the host optimizer's state, the LR scheduler, the grad scaler, RNG states,
 and the step and epoch counters.
 
-Buffers are preallocated and reused: two buffer sets (double buffering) that are reallocated only
-when the state's structure changes (a seed fossilized). ``stage`` copies the current state into the
-spare set (non_blocking on CUDA, so the copies are ordered on the stream before the next optimizer
-step without a host sync); ``publish`` makes the staged set the LKG by swapping an index, so a
-staging that fails halfway leaves the previous LKG intact; ``discard`` drops it. Locations:
+Buffers are preallocated and reused: one buffer set for the LKG and up to ``MAX_STAGED`` for staged
+snapshots awaiting their verdicts, each reallocated only when the state's structure changes (a seed
+fossilized) and allocated only when first used (a second staged set only when a verdict is slower
+than a validation interval). ``stage`` copies the current state into a spare set (non_blocking on
+CUDA, so the copies are ordered on the stream before the next optimizer step without a host sync);
+``publish`` makes a staged set the LKG by swapping an index, so a staging that fails halfway leaves
+the previous LKG intact; ``discard`` drops staged sets. Keeping an older staged snapshot while a
+newer one is staged is what lets a slow daemon delay the LKG instead of preventing it. Locations:
 ``device`` (same device as the model), ``pinned`` (page-locked host memory, needs CUDA) and ``host``.
 """
 
@@ -26,6 +29,7 @@ from tolaria_trainer.errors import RestoreError, SnapshotError
 from tolaria_trainer.training.state import TrainingState
 
 LOCATIONS = ("device", "pinned", "host", "auto")
+MAX_STAGED = 2  # staged snapshots held at once; staging another replaces the newest
 
 
 @dataclass(frozen=True)
@@ -78,9 +82,9 @@ class LastKnownGood:
         if location not in LOCATIONS:
             raise SnapshotError(f"snapshot location must be one of {', '.join(LOCATIONS)}, got {location!r}")
         self.requested = location
-        self._sets = [_BufferSet(), _BufferSet()]
+        self._sets = [_BufferSet() for _ in range(1 + MAX_STAGED)]
         self._active: int | None = None
-        self._staged: int | None = None
+        self._staged: list[int] = []  # oldest first
         self.num_allocations = 0
 
     # ----------------------------------------------------------------- locations
@@ -109,19 +113,21 @@ class LastKnownGood:
 
     @property
     def staged_info(self) -> SnapshotInfo | None:
-        """The staged (unpublished) snapshot's info, or None."""
-        return None if self._staged is None else self._sets[self._staged].info
+        """The newest staged (unpublished) snapshot's info, or None."""
+        return self._sets[self._staged[-1]].info if self._staged else None
 
     # ----------------------------------------------------------------- taking
 
     def stage(self, state: TrainingState) -> SnapshotInfo:
-        """Copy the current state into the spare buffers (replacing an older staged snapshot).
+        """Copy the current state into a spare buffer set, keeping older staged snapshots; with
+        ``MAX_STAGED`` already staged the newest of them is replaced.
 
-        Raises SnapshotError; the published LKG is untouched either way.
+        Raises SnapshotError; the published LKG and the older staged snapshots are untouched either way.
         """
         started = time.perf_counter()
-        spare = 1 - self._active if self._active is not None else 0
-        self._staged = None
+        if len(self._staged) == MAX_STAGED:
+            self._sets[self._staged.pop()].info = None
+        spare = next(i for i in range(len(self._sets)) if i != self._active and i not in self._staged)
         target = self._sets[spare]
         target.info = None
         location = self._location(state.device)
@@ -169,7 +175,7 @@ class LastKnownGood:
             duration_ms=(time.perf_counter() - started) * 1000.0,
             location=location,
         )
-        self._staged = spare
+        self._staged.append(spare)
         return target.info
 
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
@@ -205,18 +211,23 @@ class LastKnownGood:
         target.signature = signature
 
     def publish(self, timeline: int, step: int) -> bool:
-        """Make the staged snapshot the LKG if it is exactly (timeline, step); else leave everything."""
-        staged = self.staged_info
-        if staged is None or (staged.timeline, staged.step) != (timeline, step):
-            return False
-        self._active, self._staged = self._staged, None
-        return True
+        """Make the staged snapshot of exactly (timeline, step) the LKG, dropping the staged snapshots older
+        than it; without one, leave everything and return False."""
+        for position, index in enumerate(self._staged):
+            info = self._sets[index].info
+            if info is not None and (info.timeline, info.step) == (timeline, step):
+                for older in self._staged[:position]:
+                    self._sets[older].info = None
+                self._active, self._staged = index, self._staged[position + 1 :]
+                return True
+        return False
 
-    def discard(self) -> None:
-        """Drop the staged snapshot (the LKG stays)."""
-        if self._staged is not None:
-            self._sets[self._staged].info = None
-        self._staged = None
+    def discard(self, staged: SnapshotInfo | None = None) -> None:
+        """Drop the staged snapshot ``staged`` names, or every staged one (the LKG stays)."""
+        for index in list(self._staged):
+            if staged is None or self._sets[index].info == staged:
+                self._sets[index].info = None
+                self._staged.remove(index)
 
     def take(self, state: TrainingState) -> SnapshotInfo:
         """Stage and publish at once (the initial LKG at step 0, and right after a fossilization)."""

@@ -24,17 +24,24 @@ def test_records_before_a_mid_interval_restore_keep_their_timeline() -> None:
 
 
 def test_pending_snapshot_survives_verdict_latency() -> None:
-    """A verdict that arrives after the next validation still publishes its snapshot (the LKG advances)."""
+    """D15: a verdict that arrives after the next validation still publishes its snapshot (the LKG
+    advances), and the next one's verdict then publishes the newer snapshot."""
     run, governor = governed_run(epochs=3)
     run._publish_now("initial")
     run._epoch()
     step_after_epoch_1 = run.state.step
     (first,) = validations(governor.drain())
     run._epoch()  # epoch 2 validates before epoch 1's verdict arrives
+    (second,) = validations(governor.drain())
     governor.verdict(first.seq, first.timeline, first.step, common_pb2.VERDICT_KIND_HEALTHY, True)
     run._agreement_point()
     assert run.lkg.info is not None
     assert run.lkg.info.step == step_after_epoch_1
+    governor.verdict(second.seq, second.timeline, second.step, common_pb2.VERDICT_KIND_HEALTHY, True)
+    run._agreement_point()
+    assert run.lkg.info.step == run.state.step
+    published = [m.snapshot_taken.step for m in governor.drain() if m.HasField("snapshot_taken")]
+    assert published == [step_after_epoch_1, run.state.step]
 
 
 def test_panic_on_the_last_validation_trains_to_the_end_again() -> None:

@@ -91,10 +91,33 @@ def test_discarded_stage_never_becomes_lkg() -> None:
     train_one_epoch(state)
     older = lkg.stage(state)
     train_one_epoch(state)
-    newer = lkg.stage(state)  # staging a newer state discards the older one
-    assert not lkg.publish(older.timeline, older.step)
+    middle = lkg.stage(state)
+    train_one_epoch(state)
+    newer = lkg.stage(state)  # two are staged already: the newest of them (middle) is replaced
+    assert lkg.staged_info == newer
+    assert not lkg.publish(middle.timeline, middle.step)
+    assert lkg.publish(older.timeline, older.step), "a slow verdict still publishes the older snapshot"
+    assert lkg.info == older
     assert lkg.publish(newer.timeline, newer.step)
     assert lkg.info == newer
+    assert not lkg.publish(older.timeline, older.step), "publishing drops the older staged snapshots"
+
+
+def test_publishing_a_newer_snapshot_drops_the_older_staged_one() -> None:
+    """Of two staged snapshots, publishing the newer makes the older unpublishable; restore gives the newer."""
+    state = make_state()
+    lkg = LastKnownGood("host")
+    lkg.take(state)
+    train_one_epoch(state)
+    older = lkg.stage(state)
+    train_one_epoch(state)
+    newer = lkg.stage(state)
+    expected = snapshot_of(state)
+    train_one_epoch(state)
+    assert lkg.publish(newer.timeline, newer.step)
+    assert not lkg.publish(older.timeline, older.step)
+    lkg.restore(state)
+    assert_bitwise_equal(snapshot_of(state), expected)
 
 
 def test_live_seed_not_resurrected_fossilized_restored() -> None:
