@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import queue
+import resource
 import signal
 import subprocess
 import sys
@@ -80,7 +81,9 @@ class InProcessDaemon:
 class DaemonProcess:
     """`governor serve` as a subprocess (so it can be SIGKILLed)."""
 
-    def __init__(self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None, max_file_bytes: int | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.port_file = data_dir.parent / f"{data_dir.name}.port"
         self.port_file.unlink(missing_ok=True)
@@ -103,8 +106,17 @@ class DaemonProcess:
             "0.05",
             *extra_args,
         ]
+
+        def limit_file_size() -> None:  # a full disk, as the process sees it: writes past the limit fail (EFBIG)
+            if max_file_bytes is not None:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
         self.proc = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=limit_file_size if max_file_bytes is not None else None,
         )
         self.port = self._wait_port()
 

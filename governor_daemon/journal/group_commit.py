@@ -99,7 +99,10 @@ class GroupCommitter:
         self._committed.set()
         if self._task is not None:
             await self._task
-        await asyncio.to_thread(self.journal.close)
+        if self.failure is not None:
+            self.journal.abandon()
+        else:
+            await asyncio.to_thread(self.journal.close)
 
     async def _loop(self) -> None:
         while True:

@@ -8,6 +8,7 @@ holding every run's state, so start-up reads only the last segment.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import threading
@@ -244,6 +245,17 @@ class Journal:
                 self._file.close()
                 self._file = None
                 self._file_segment = 0
+            self._release_lock()
+
+    def abandon(self) -> None:
+        """Close after a write failure: nothing more is written (what was not durable is lost, as in a
+        crash); the lock is released. Never raises."""
+        with self._write_lock:
+            self._pending = []
+            if self._file is not None:
+                with contextlib.suppress(OSError):  # its buffer held the failed write; restart recovers
+                    self._file.close()
+                self._file = None
             self._release_lock()
 
     def _release_lock(self) -> None:
