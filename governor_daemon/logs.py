@@ -7,6 +7,13 @@ import sys
 
 import structlog
 
+from governor_daemon.text import printable
+
+
+def _escape_strings(_: object, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
+    """Console logs: strings from the wire cannot forge lines or drive the terminal (JSON escapes itself)."""
+    return {k: printable(v) if isinstance(v, str) else v for k, v in event.items()}
+
 
 def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
     """Configure structlog for the process. ``log_format`` is auto, json or console."""
@@ -20,6 +27,7 @@ def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            *(() if use_json else (_escape_strings,)),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -13,6 +13,7 @@ from typing import Any
 from governor_daemon.exit_codes import ExitCode
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
 from governor_daemon.journal.verify import verify_journal
+from governor_daemon.text import show
 
 
 def register(sub: Any) -> None:
@@ -162,7 +163,7 @@ def run_show(args: argparse.Namespace) -> int:
                     )
                 )
             else:
-                print(f"{e.seq:>7} {e.ts[:23]} {e.run or '-':<28} {e.kind:<18} {describe(e.kind, e.payload)}")
+                show(f"{e.seq:>7} {e.ts[:23]} {e.run or '-':<28} {e.kind:<18} {describe(e.kind, e.payload)}")
     return ExitCode.OK
 
 

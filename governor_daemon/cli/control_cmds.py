@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from governor_daemon.errors import PolicyConfigError
 from governor_daemon.exit_codes import ExitCode
 from governor_daemon.policy import parse_assignments
+from governor_daemon.text import printable, show
 from tolaria.governor.v1 import common_pb2, control_service_pb2_grpc
 from tolaria.governor.v1 import control_service_pb2 as pb
 
@@ -114,7 +115,7 @@ def _call(args: argparse.Namespace, handler: Handler) -> int:
         handler(stub, args)  # type: ignore[arg-type]
     except grpc.RpcError as exc:
         code = exc.code()
-        print(f"governor {args.command}: {code.name}: {exc.details()}", file=sys.stderr)
+        print(f"governor {args.command}: {code.name}: {printable(exc.details() or '')}", file=sys.stderr)
         if code in UNREACHABLE_CODES:
             return ExitCode.GOVERNOR_UNREACHABLE
         return ExitCode.USAGE if code in USAGE_CODES else ExitCode.INTERNAL_ERROR
@@ -168,9 +169,9 @@ def _print_runs(args: argparse.Namespace, runs_: list[pb.RunStatus]) -> None:
     if args.json:
         print(json.dumps([json_format.MessageToDict(r, preserving_proto_field_name=True) for r in runs_]))
         return
-    print(HEADER)
+    show(HEADER)
     for run in runs_:
-        print(_row(run))
+        show(_row(run))
 
 
 def status(stub: Any, args: argparse.Namespace) -> None:
@@ -182,28 +183,26 @@ def status(stub: Any, args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(json_format.MessageToDict(run, preserving_proto_field_name=True)))
         return
-    print(f"run {run.run_id} ({run.task}, {run.world_size} rank(s), profile {run.profile})")
-    print(
+    show(f"run {run.run_id} ({run.task}, {run.world_size} rank(s), profile {run.profile})")
+    show(
         f"  state {_state_name(run.state)}, timeline {run.timeline}, rollbacks {run.num_rollbacks}, "
         f"halts {run.num_halts}, total reward {run.total_punishment_reward:g}"
     )
     mean = f"{run.history_mean:.4g}" if run.HasField("history_mean") else "-"
     std = f"{run.history_std:.4g}" if run.HasField("history_std") else "-"
-    print(
+    show(
         f"  history {run.history_size} losses, mean {mean}, std {std}; "
         f"consecutive anomalies {run.consecutive_anomalies}"
     )
-    print(
+    show(
         f"  last verdict {common_pb2.VerdictKind.Name(run.last_verdict).removeprefix('VERDICT_KIND_')}: "
         f"{run.last_reason}"
     )
     if run.HasField("open_command"):
         oc = run.open_command
-        print(
-            f"  open command {oc.command_id} {common_pb2.CommandType.Name(oc.type)} for {oc.age_s:.1f} s: {oc.reason}"
-        )
+        show(f"  open command {oc.command_id} {common_pb2.CommandType.Name(oc.type)} for {oc.age_s:.1f} s: {oc.reason}")
     for rank in run.ranks:
-        print(
+        show(
             f"  rank {rank.rank}: {'attached' if rank.attached else 'detached'}{', STALLED' if rank.stalled else ''}, "
             f"step {rank.latest_step}, records {rank.num_records}, gaps {rank.num_record_gaps}, "
             f"seq {rank.last_durable_seq}, generation {rank.generation}"
@@ -241,10 +240,7 @@ def watch(stub: Any, args: argparse.Namespace) -> None:
         else:
             payload = json.loads(event.payload_json)
             payload.pop("effects", None)
-            print(
-                f"{event.cursor:>8} {event.ts} {event.run_id or '-':<28} {event.kind:<18} {json.dumps(payload)[:160]}",
-                flush=True,
-            )
+            show(f"{event.cursor:>8} {event.ts} {event.run_id or '-':<28} {event.kind:<18} {json.dumps(payload)[:160]}")
         if args.limit and count >= args.limit:
             return
 
@@ -260,9 +256,7 @@ def command(stub: Any, args: argparse.Namespace, action: str) -> None:
     if args.json:
         print(json.dumps({"command_id": response.command_id, "run_state": _state_name(response.run_state)}))
     else:
-        print(
-            f"{action}: command {response.command_id} sent to run {args.run}; state {_state_name(response.run_state)}"
-        )
+        show(f"{action}: command {response.command_id} sent to run {args.run}; state {_state_name(response.run_state)}")
 
 
 def _print_policy(args: argparse.Namespace, policy: common_pb2.Policy) -> None:
@@ -271,7 +265,7 @@ def _print_policy(args: argparse.Namespace, policy: common_pb2.Policy) -> None:
         print(json.dumps(values))
     else:
         for key in sorted(values):
-            print(f"{key:<28} {values[key]}")
+            show(f"{key:<28} {values[key]}")
 
 
 def policy_get(stub: Any, args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from governor_daemon.core.machine import Limits
 from governor_daemon.errors import InvalidInputError, LimitExceededError
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_WORLD_SIZE = 4096
 
 
@@ -45,7 +45,7 @@ def check_timeline(field: str, timeline: int) -> None:
 
 def check_run_id(field: str, run_id: str) -> None:
     """run_id must match [A-Za-z0-9._-]{1,128}."""
-    if not RUN_ID_RE.match(run_id):
+    if not RUN_ID_RE.fullmatch(run_id):  # match() with $ accepted a trailing newline
         raise InvalidInputError(field, f"must match [A-Za-z0-9._-]{{1,128}}, got {run_id[:140]!r}")
 
 

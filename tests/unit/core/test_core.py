@@ -377,3 +377,10 @@ def test_a_late_multi_rank_report_gets_a_verdict_without_snapshot() -> None:
     assert len(late) == 1
     assert not late[0].snapshot_allowed
     assert "decided without rank 1" in late[0].reason
+
+
+def test_a_run_id_with_a_trailing_newline_is_refused() -> None:
+    """Review finding: `prod-run\\n` and `prod-run` were two runs (the pattern's $ matched before a newline)."""
+    hello = trainer_service_pb2.Hello(run_id="prod-run\n", rank=0, world_size=1, incarnation_id="i", task="t")
+    with pytest.raises(InvalidInputError, match="run_id"):
+        codec.decode_hello(hello, 1, "p", "c", 0.0, CoreOptions().limits)
