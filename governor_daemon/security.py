@@ -66,10 +66,16 @@ class Tokens:
         entries: list[tuple[str, str, bytes]] = []
         seen_tokens: set[str] = set()
         for number, raw in enumerate(lines, start=1):
-            line = raw.split("#", 1)[0].strip()
-            if not line:
+            parts = raw.split()
+            comment = next((i for i, part in enumerate(parts) if part.startswith("#")), len(parts))
+            parts = parts[:comment]  # a field that starts with '#' starts a comment
+            if not parts:
                 continue
-            parts = line.split()
+            if any("#" in part for part in parts):
+                raise TokensFileError(
+                    f"{path}:{number}: '#' inside a field; a comment starts with '#' after whitespace "
+                    "(tokens may not contain '#')"
+                )
             if len(parts) != 3:
                 raise TokensFileError(f"{path}:{number}: expected 'name role token', got {len(parts)} fields")
             name, role, token = parts
@@ -93,6 +99,9 @@ class Tokens:
             if hmac.compare_digest(presented, expected) and found is None:
                 found = Principal(name, role)
         return found
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def role_of(self, name: str) -> str | None:
         """The role of an identity (for mTLS subjects)."""
@@ -145,8 +154,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if self.mtls:
             subject = _common_name(context)
             if subject:
-                role = self.tokens.role_of(subject) if self.tokens else "controller"
-                principal = Principal(subject, role) if role else None
+                role = self.tokens.role_of(subject) if self.tokens else None
+                if role is None:
+                    why = f"certificate subject {subject!r} has no role in the tokens file"
+                    self.on_failure(method, peer, why, grpc.StatusCode.PERMISSION_DENIED)
+                    return grpc.StatusCode.PERMISSION_DENIED, why
+                principal = Principal(subject, role)
         if principal is None and self.tokens is not None:
             header = str(metadata.get("authorization", ""))
             token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""

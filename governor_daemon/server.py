@@ -23,7 +23,7 @@ from governor_daemon.exit_codes import ExitCode
 from governor_daemon.journal import JournalCorruptError, JournalLockedError
 from governor_daemon.metrics import Gauge, Metrics, serve_metrics
 from governor_daemon.policy import RunState
-from governor_daemon.security import AuthInterceptor
+from governor_daemon.security import AuthInterceptor, Tokens, TokensFileError
 from governor_daemon.service.control_servicer import ControlServicer
 from governor_daemon.service.ingest import VitalsIngest
 from governor_daemon.service.runtime import Governor, GovernorOptions
@@ -96,6 +96,7 @@ class GovernorServer:
         self._stop_ticks = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
         self.ingest = VitalsIngest(self.governor)
+        self.interceptor: AuthInterceptor | None = None
 
     async def start(self) -> None:
         """Open the journal, listen, mark SERVING. Raises JournalCorruptError, OSError, RuntimeError."""
@@ -110,8 +111,16 @@ class GovernorServer:
             ("grpc.max_send_message_length", max(settings.max_message_bytes, 4 * 1024 * 1024)),
             ("grpc.so_reuseport", 0),
         ]
-        interceptor = AuthInterceptor(settings.tokens, settings.tls_client_ca is not None, governor.auth_failure)
-        server = grpc.aio.server(options=options, interceptors=[interceptor])
+        for warning in settings.warnings:
+            log.warning("insecure setting", detail=warning)
+        if settings.tls_client_ca is not None and settings.tokens is not None:
+            log.info(
+                "mTLS: a client certificate's subject (CN) takes its role from the tokens file; "
+                "subjects not listed there are refused",
+                subjects=len(settings.tokens),
+            )
+        self.interceptor = AuthInterceptor(settings.tokens, settings.tls_client_ca is not None, governor.auth_failure)
+        server = grpc.aio.server(options=options, interceptors=[self.interceptor])
         self.ingest.start()
         trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(governor, self.ingest), server)
         control_service_pb2_grpc.add_ControlServiceServicer_to_server(ControlServicer(governor), server)
@@ -150,6 +159,20 @@ class GovernorServer:
             data_dir=str(settings.data_dir),
             runs_restored=len(governor.core.registry.runs),
         )
+
+    def reload_tokens(self) -> None:
+        """SIGHUP: read the tokens file again; a file that does not load leaves the current tokens in force."""
+        path = self.settings.tokens_path
+        if path is None or self.interceptor is None:
+            log.info("SIGHUP ignored: no tokens file")
+            return
+        try:
+            tokens = Tokens.load(path)
+        except TokensFileError as exc:
+            log.error("tokens file not reloaded; the previous tokens stay in force", error=str(exc))
+            return
+        self.interceptor.tokens = tokens
+        log.info("tokens reloaded", tokens_file=str(path), entries=len(tokens))
 
     async def stop(self) -> None:
         """Health NOT_SERVING, streams told to end, server stopped within the grace, journal flushed."""
@@ -202,6 +225,7 @@ async def serve(settings: ServeSettings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_tokens)
     fatal = asyncio.ensure_future(daemon.governor.fatal.wait())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({fatal, stopped}, return_when=asyncio.FIRST_COMPLETED)

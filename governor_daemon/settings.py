@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -99,6 +100,9 @@ class ServeSettings:
     tls_key: bytes | None = None
     tls_client_ca: bytes | None = None
     insecure: bool = False
+    tokens_path: Path | None = None
+    warnings: tuple[str, ...] = ()
+    """Things an operator should fix that do not stop the daemon; logged at start."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,14 +189,33 @@ def _security(settings: ServeSettings, values: dict[str, Any], insecure: bool) -
         raise SettingsError("tls_cert and tls_key go together: set both (or neither)")
     if client_ca is not None and cert is None:
         raise SettingsError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+    if client_ca is not None and tokens is None:
+        raise SettingsError(
+            "tls_client_ca (mTLS) needs tokens_file: each certificate subject (CN) gets its role from a "
+            "'name role token' line, and a certificate whose subject is not listed is refused"
+        )
     host, _ = parse_address("listen", values["listen"])
     if tokens is None and client_ca is None and not is_loopback(host) and not insecure:
         raise SettingsError(
             f"listen {values['listen']} is not a loopback address and no tokens_file (or mTLS) is set: anyone who "
             "can reach it could halt your runs. Set --tokens-file, or --tls-client-ca, or pass --insecure"
         )
+    warnings = [
+        f"{name} {path} is readable by group or others (mode {mode:o}); chmod 600 it"
+        for name, path in (("tokens_file", values["tokens_file"]), ("hmac_key_file", values["hmac_key_file"]))
+        if path and (mode := stat.S_IMODE(Path(path).stat().st_mode)) & 0o077
+    ]
+    if insecure and not is_loopback(host) and tokens is None and client_ca is None:
+        warnings.append(f"--insecure: {values['listen']} is reachable without authentication; anyone can halt runs")
     return dataclasses.replace(
-        settings, tokens=tokens, tls_cert=cert, tls_key=key, tls_client_ca=client_ca, insecure=insecure
+        settings,
+        tokens=tokens,
+        tls_cert=cert,
+        tls_key=key,
+        tls_client_ca=client_ca,
+        insecure=insecure,
+        tokens_path=Path(values["tokens_file"]) if values["tokens_file"] else None,
+        warnings=tuple(warnings),
     )
 
 
