@@ -32,7 +32,10 @@ REQUIRED_ROLES: dict[str, frozenset[str]] = {
         _CONTROL + m: frozenset({"viewer", "controller"})
         for m in ("GetPanicState", "ListRuns", "WatchEvents", "GetPolicy")
     },
-    **{_CONTROL + m: frozenset({"controller"}) for m in ("RequestRollback", "Halt", "Resume", "UpdatePolicy")},
+    **{
+        _CONTROL + m: frozenset({"controller"})
+        for m in ("RequestRollback", "Halt", "Resume", "UpdatePolicy", "ForgetRun")
+    },
 }
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 

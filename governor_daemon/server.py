@@ -55,6 +55,8 @@ def build_governor(settings: ServeSettings) -> Governor:
                 max_records_per_batch=settings.max_records_per_batch,
                 max_active_runs=settings.max_active_runs,
                 retain_finished_runs=settings.retain_finished_runs,
+                max_active_runs_per_principal=settings.max_active_runs_per_principal,
+                idle_run_expiry_s=settings.idle_run_expiry_s,
             ),
             segment_bytes=settings.segment_bytes,
             group_commit_s=settings.group_commit_ms / 1000.0,

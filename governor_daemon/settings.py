@@ -57,6 +57,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("group_commit_ms", float, 2.0, "group commit window for ordinary journal entries (ms)"),
     Setting("max_active_runs", int, 1024, "runs not FINISHED that may exist at once"),
     Setting("retain_finished_runs", int, 256, "FINISHED runs kept in memory for queries"),
+    Setting("max_active_runs_per_principal", int, 256, "runs not FINISHED that one identity may own at once"),
+    Setting(
+        "idle_run_expiry_s", float, 7 * 24 * 3600.0, "a run with no trainer attached this long leaves memory (0: never)"
+    ),
     Setting("max_records_per_batch", int, 4096, "train-step records per VitalsBatch"),
     Setting("max_message_bytes", int, 1024 * 1024, "largest gRPC message accepted (bytes)"),
     Setting("hmac_key_file", str, "", "file holding a key for HMAC-SHA-256 journal hashes (empty: plain SHA-256)"),
@@ -86,6 +90,8 @@ class ServeSettings:
     group_commit_ms: float
     max_active_runs: int
     retain_finished_runs: int
+    max_active_runs_per_principal: int
+    idle_run_expiry_s: float
     max_records_per_batch: int
     max_message_bytes: int
     hmac_key: bytes | None
@@ -248,7 +254,10 @@ def _validate(
     parse_address("listen", values["listen"])
     if values["metrics_listen"] not in ("off", ""):
         parse_address("metrics_listen", values["metrics_listen"])
-    for name in ("segment_bytes", "max_active_runs", "max_records_per_batch", "max_message_bytes"):
+    if values["idle_run_expiry_s"] < 0:
+        raise SettingsError(f"idle_run_expiry_s must be >= 0, got {values['idle_run_expiry_s']}")
+    names = ("segment_bytes", "max_active_runs", "max_active_runs_per_principal", "max_records_per_batch")
+    for name in (*names, "max_message_bytes"):
         if values[name] < 1:
             raise SettingsError(f"{name} from {sources[name]} must be >= 1, got {values[name]}")
     if values["segment_bytes"] < 4096:
@@ -294,6 +303,8 @@ def _validate(
         group_commit_ms=values["group_commit_ms"],
         max_active_runs=values["max_active_runs"],
         retain_finished_runs=values["retain_finished_runs"],
+        max_active_runs_per_principal=values["max_active_runs_per_principal"],
+        idle_run_expiry_s=values["idle_run_expiry_s"],
         max_records_per_batch=values["max_records_per_batch"],
         max_message_bytes=values["max_message_bytes"],
         hmac_key=key,

@@ -87,6 +87,11 @@ def register(sub: Any) -> None:
         p.add_argument("--reason", default=f"{name} from the governor CLI", help="why (journaled)")
         _common(p)
         p.set_defaults(handler=lambda a, action=name: _call(a, lambda stub, args: command(stub, args, action)))
+    p = sub.add_parser("forget", help="remove a finished or unattached run from the daemon's memory")
+    p.add_argument("run", help="run id")
+    p.add_argument("--reason", default="forget from the governor CLI", help="why (journaled)")
+    _common(p)
+    p.set_defaults(handler=lambda a: _call(a, forget))
     p = sub.add_parser("policy", help="read or change a run's policy")
     group = p.add_subparsers(dest="policy_command", metavar="POLICY_COMMAND", required=True)
     q = group.add_parser("get", help="effective policy of a run")
@@ -257,6 +262,15 @@ def command(stub: Any, args: argparse.Namespace, action: str) -> None:
         print(json.dumps({"command_id": response.command_id, "run_state": _state_name(response.run_state)}))
     else:
         show(f"{action}: command {response.command_id} sent to run {args.run}; state {_state_name(response.run_state)}")
+
+
+def forget(stub: Any, args: argparse.Namespace) -> None:
+    """`governor forget RUN`."""
+    response = stub.ForgetRun(pb.ForgetRunRequest(run_id=args.run, reason=args.reason))
+    if args.json:
+        print(json.dumps({"cursor": response.cursor}))
+    else:
+        show(f"run {args.run} forgotten (journal cursor {response.cursor}); its history stays in the journal")
 
 
 def _print_policy(args: argparse.Namespace, policy: common_pb2.Policy) -> None:

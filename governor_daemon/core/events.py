@@ -179,6 +179,16 @@ class UpdatePolicy:
 
 
 @dataclass(frozen=True)
+class ForgetRun:
+    """A controller removes a finished or unattached run from memory (the journal keeps its history)."""
+
+    run_id: str
+    reason: str
+    caller: str
+    now: float
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed: rank deadlines, stalls and command timeouts are checked against ``now``."""
 
@@ -204,5 +214,5 @@ class Stop:
 
 
 TrainerEvent = Attach | Vitals | Validation | SnapshotTaken | CommandResult | Heartbeat | Finish | Detach
-ControllerEvent = RequestRollback | Halt | Resume | UpdatePolicy
+ControllerEvent = RequestRollback | Halt | Resume | UpdatePolicy | ForgetRun
 Event = TrainerEvent | ControllerEvent | Tick | Start | Stop

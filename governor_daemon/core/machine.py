@@ -68,6 +68,9 @@ class Limits:
     max_per_class: int = 100_000
     max_active_runs: int = 1024
     retain_finished_runs: int = 256
+    max_active_runs_per_principal: int = 256
+    idle_run_expiry_s: float = 7 * 24 * 3600.0
+    """A run with no trainer attached for this long leaves memory (0: never)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,8 @@ class GovernorCore:
                 self._controller_command(event, fx)
             case ev.UpdatePolicy():
                 self._update_policy(event, fx)
+            case ev.ForgetRun():
+                self._forget(event, fx)
             case ev.Tick():
                 self._tick(event.now, fx)
             case ev.Start():
@@ -174,9 +179,15 @@ class GovernorCore:
         run = self.registry.runs.get(e.run_id)
         replaced: int | None = None
         if run is None:
-            active = sum(1 for r in self.registry.runs.values() if r.policy.state is not RunState.FINISHED)
-            if active >= limits.max_active_runs:
-                raise LimitExceededError(f"{active} active runs: the limit --max-active-runs is reached")
+            active = [r for r in self.registry.runs.values() if r.policy.state is not RunState.FINISHED]
+            if len(active) >= limits.max_active_runs:
+                raise LimitExceededError(f"{len(active)} active runs: the limit --max-active-runs is reached")
+            own = sum(1 for r in active if r.meta.owner == e.principal)
+            if own >= limits.max_active_runs_per_principal:
+                raise LimitExceededError(
+                    f"{e.principal or 'this caller'} has {own} active runs: the limit "
+                    "--max-active-runs-per-principal is reached (finish or forget one)"
+                )
         else:
             if run.meta.owner != e.principal:
                 raise PermissionDeniedError(
@@ -263,6 +274,8 @@ class GovernorCore:
         rank = run.ranks.get(binding.rank) if run is not None else None
         if run is not None and rank is not None and rank.stream == e.stream:
             rank.stream = None
+            if all(r.stream is None for r in run.ranks.values()):
+                run.idle_since = e.now
             fx.append(run.run_id, EntryKind.DETACH, {"rank": binding.rank, "generation": binding.generation})
 
     # ----------------------------------------------------------------- records
@@ -675,12 +688,31 @@ class GovernorCore:
         )
         fx.reply = config
 
+    def _forget(self, e: ev.ForgetRun, fx: Effects) -> None:
+        run = self.run(e.run_id)
+        attached = sorted(r.rank for r in run.ranks.values() if r.stream is not None)
+        if attached:
+            raise PolicyStateError(f"run {e.run_id} has trainers attached (ranks {attached}); stop them first")
+        del self.registry.runs[run.run_id]
+        entry = {"reason": e.reason, "caller": e.caller, "state": str(run.policy.state), "effects": {"forget": True}}
+        fx.append(run.run_id, EntryKind.RUN_FORGOTTEN, entry)
+
     # ----------------------------------------------------------------- time
 
     def _tick(self, now: float, fx: Effects) -> None:
         """Rank deadlines, stalls and command timeouts, on the monotonic clock."""
+        expiry = self.options.limits.idle_run_expiry_s
         for run in list(self.registry.runs.values()):
             policy = run.policy
+            idle = all(r.stream is None for r in run.ranks.values())
+            if expiry > 0 and idle and now - run.idle_since >= expiry:
+                del self.registry.runs[run.run_id]
+                fx.append(
+                    run.run_id,
+                    EntryKind.RUN_EXPIRED,
+                    {"idle_s": round(now - run.idle_since, 3), "state": str(policy.state), "effects": {"forget": True}},
+                )
+                continue
             if policy.state is RunState.FINISHED:
                 continue
             for group in run.aggregator.due(now, policy.config.rank_deadline_s):
@@ -739,6 +771,7 @@ class GovernorCore:
         for run in self.registry.runs.values():
             run.policy.rearm(e.now)
             run.aggregator.rearm(e.now)
+            run.idle_since = e.now
             for rank in run.ranks.values():
                 rank.stream = None
                 rank.tracker = StallTracker(e.now)

@@ -120,6 +120,8 @@ class Run:
     ranks: dict[int, RankState]
     aggregator: StepAggregator
     last_cursor: int = 0
+    idle_since: float = 0.0
+    """Monotonic time since which no rank is attached (runtime only; restarts at daemon start)."""
 
     @classmethod
     def create(cls, run_id: str, meta: RunMeta, config: PolicyConfig) -> Run:

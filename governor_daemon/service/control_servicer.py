@@ -126,6 +126,18 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
 
         return await _guard(context, call)
 
+    async def ForgetRun(self, request: pb.ForgetRunRequest, context: Context) -> pb.ForgetRunResponse:
+        """Remove a finished or unattached run from memory (journaled)."""
+
+        async def call() -> pb.ForgetRunResponse:
+            check_run_id("run_id", request.run_id)
+            check_text("reason", request.reason, self.governor.options.limits)
+            event = ev.ForgetRun(request.run_id, request.reason, caller_of(context), self.governor.now())
+            await self.governor.call(event)
+            return pb.ForgetRunResponse(cursor=self.governor.committer.journal.last_seq)
+
+        return await _guard(context, call)
+
     async def GetPolicy(self, request: pb.GetPolicyRequest, context: Context) -> pb.GetPolicyResponse:
         """The effective policy of a run."""
 

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from governor_daemon.core import CoreOptions, Effects, GovernorCore, Outbound, Registry
+from governor_daemon.core import CoreOptions, Effects, GovernorCore, Limits, Outbound, Registry
 from governor_daemon.core import events as ev
 from governor_daemon.core.effects import Ack, CommandOut, Resync, Send, VerdictOut, Welcome
 from governor_daemon.core.kinds import EntryKind
-from governor_daemon.errors import InvalidInputError, PolicyStateError
+from governor_daemon.errors import InvalidInputError, LimitExceededError, PolicyStateError
 from governor_daemon.journal.entry import canonical_json
 from governor_daemon.policy import CommandKind, PolicyConfig, RunState
 from governor_daemon.service import codec
@@ -384,3 +384,38 @@ def test_a_run_id_with_a_trailing_newline_is_refused() -> None:
     hello = trainer_service_pb2.Hello(run_id="prod-run\n", rank=0, world_size=1, incarnation_id="i", task="t")
     with pytest.raises(InvalidInputError, match="run_id"):
         codec.decode_hello(hello, 1, "p", "c", 0.0, CoreOptions().limits)
+
+
+def test_forget_and_expiry_are_journaled_and_survive_a_rebuild() -> None:
+    """Review finding: eviction was not journaled, so a restart resurrected evicted runs; and nothing ever
+    removed the runs of crashed jobs."""
+    h = Harness()
+    h.core.options = CoreOptions(defaults=h.core.options.defaults, limits=Limits(idle_run_expiry_s=100.0))
+    h.attach(1, run="a")
+    with pytest.raises(PolicyStateError, match="attached"):
+        h.handle(ev.ForgetRun("a", "cleanup", "op", h.now))
+    h.handle(ev.Detach(1, h.now))
+    h.handle(ev.ForgetRun("a", "cleanup", "op", h.now))
+    h.attach(2, run="b", inc="i1")
+    h.handle(ev.Detach(2, h.now))
+    assert not h.handle(ev.Tick(h.now + 99)).entries
+    assert [e.kind for e in h.handle(ev.Tick(h.now + 100)).entries] == [EntryKind.RUN_EXPIRED]
+    assert h.core.registry.runs == {}
+    assert h.rebuilt() == h.core.checkpoint() == {"runs": {}}
+
+
+def test_one_principal_cannot_exhaust_the_run_table() -> None:
+    h = Harness()
+    h.core.options = CoreOptions(defaults=h.core.options.defaults, limits=Limits(max_active_runs_per_principal=2))
+
+    def attach(stream: int, run: str, principal: str) -> Effects:
+        h.seqs[stream] = 0
+        return h.handle(
+            ev.Attach(stream, run, 0, 1, f"i{stream}", "t", {}, None, 10, "", "p", "c", h.now, principal=principal)
+        )
+
+    attach(1, "m1", "mallory")
+    attach(2, "m2", "mallory")
+    with pytest.raises(LimitExceededError, match="per-principal"):
+        attach(3, "m3", "mallory")
+    attach(4, "a1", "alice")

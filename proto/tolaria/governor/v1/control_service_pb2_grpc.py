@@ -75,6 +75,11 @@ class ControlServiceStub:
                 request_serializer=tolaria_dot_governor_dot_v1_dot_control__service__pb2.UpdatePolicyRequest.SerializeToString,
                 response_deserializer=tolaria_dot_governor_dot_v1_dot_control__service__pb2.UpdatePolicyResponse.FromString,
                 _registered_method=True)
+        self.ForgetRun = channel.unary_unary(
+                '/tolaria.governor.v1.ControlService/ForgetRun',
+                request_serializer=tolaria_dot_governor_dot_v1_dot_control__service__pb2.ForgetRunRequest.SerializeToString,
+                response_deserializer=tolaria_dot_governor_dot_v1_dot_control__service__pb2.ForgetRunResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -136,6 +141,14 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetRun(self, request, context):
+        """Remove a FINISHED run, or one with no attached trainer, from the daemon's memory (journaled; a
+        restart does not bring it back; the journal keeps its history). FAILED_PRECONDITION otherwise.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +191,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.UpdatePolicy,
                     request_deserializer=tolaria_dot_governor_dot_v1_dot_control__service__pb2.UpdatePolicyRequest.FromString,
                     response_serializer=tolaria_dot_governor_dot_v1_dot_control__service__pb2.UpdatePolicyResponse.SerializeToString,
+            ),
+            'ForgetRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetRun,
+                    request_deserializer=tolaria_dot_governor_dot_v1_dot_control__service__pb2.ForgetRunRequest.FromString,
+                    response_serializer=tolaria_dot_governor_dot_v1_dot_control__service__pb2.ForgetRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -397,6 +415,33 @@ class ControlService:
             '/tolaria.governor.v1.ControlService/UpdatePolicy',
             tolaria_dot_governor_dot_v1_dot_control__service__pb2.UpdatePolicyRequest.SerializeToString,
             tolaria_dot_governor_dot_v1_dot_control__service__pb2.UpdatePolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tolaria.governor.v1.ControlService/ForgetRun',
+            tolaria_dot_governor_dot_v1_dot_control__service__pb2.ForgetRunRequest.SerializeToString,
+            tolaria_dot_governor_dot_v1_dot_control__service__pb2.ForgetRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

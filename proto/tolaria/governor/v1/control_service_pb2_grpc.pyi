@@ -48,6 +48,10 @@ class ControlServiceStub:
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_control_service_pb2.GetPolicyRequest, _control_service_pb2.GetPolicyResponse]
     UpdatePolicy: _grpc.UnaryUnaryMultiCallable[_control_service_pb2.UpdatePolicyRequest, _control_service_pb2.UpdatePolicyResponse]
     """Change policy fields of a run; effective from the next record."""
+    ForgetRun: _grpc.UnaryUnaryMultiCallable[_control_service_pb2.ForgetRunRequest, _control_service_pb2.ForgetRunResponse]
+    """Remove a FINISHED run, or one with no attached trainer, from the daemon's memory (journaled; a
+    restart does not bring it back; the journal keeps its history). FAILED_PRECONDITION otherwise.
+    """
 
 @_typing.type_check_only
 class ControlServiceAsyncStub(ControlServiceStub):
@@ -69,6 +73,10 @@ class ControlServiceAsyncStub(ControlServiceStub):
     GetPolicy: _aio.UnaryUnaryMultiCallable[_control_service_pb2.GetPolicyRequest, _control_service_pb2.GetPolicyResponse]  # type: ignore[assignment]
     UpdatePolicy: _aio.UnaryUnaryMultiCallable[_control_service_pb2.UpdatePolicyRequest, _control_service_pb2.UpdatePolicyResponse]  # type: ignore[assignment]
     """Change policy fields of a run; effective from the next record."""
+    ForgetRun: _aio.UnaryUnaryMultiCallable[_control_service_pb2.ForgetRunRequest, _control_service_pb2.ForgetRunResponse]  # type: ignore[assignment]
+    """Remove a FINISHED run, or one with no attached trainer, from the daemon's memory (journaled; a
+    restart does not bring it back; the journal keeps its history). FAILED_PRECONDITION otherwise.
+    """
 
 class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
     """For external controllers: RL agents, schedulers, operators and the CLI."""
@@ -135,5 +143,15 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_service_pb2.UpdatePolicyResponse, _abc.Awaitable[_control_service_pb2.UpdatePolicyResponse]]:
         """Change policy fields of a run; effective from the next record."""
+
+    @_abc_1.abstractmethod
+    def ForgetRun(
+        self,
+        request: _control_service_pb2.ForgetRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_service_pb2.ForgetRunResponse, _abc.Awaitable[_control_service_pb2.ForgetRunResponse]]:
+        """Remove a FINISHED run, or one with no attached trainer, from the daemon's memory (journaled; a
+        restart does not bring it back; the journal keeps its history). FAILED_PRECONDITION otherwise.
+        """
 
 def add_ControlServiceServicer_to_server(servicer: ControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
