@@ -12,13 +12,19 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
-from governor_daemon.journal.entry import Committed, Entry
-from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
+from governor_daemon.journal.entry import Committed, Entry, EntryError, parse_line
+from governor_daemon.journal.segments import list_segments
 from governor_daemon.journal.writer import Journal
 
 TAIL_ENTRIES = 65536
+TAIL_BYTES = 32 * 1024 * 1024
+"""The in-memory tail keeps at most this many entries and this many payload bytes; older entries are
+read back from the segment files."""
+CATCH_UP_CHUNK = 2048
+"""Entries a watcher catching up from the files holds at once."""
 
 
 class GroupCommitter:
@@ -38,7 +44,8 @@ class GroupCommitter:
         self._uncommitted: list[Committed] = []
         # Plain tuples (the fields of Committed): the collector untracks a tuple of strings and ints, not
         # a tuple subclass, so a full collection never walks this tail.
-        self._tail: deque[tuple[int, str, str, str, str, str]] = deque(maxlen=TAIL_ENTRIES)
+        self._tail: deque[tuple[int, str, str, str, str, str]] = deque()
+        self._tail_bytes = 0
         self._committed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
@@ -128,7 +135,7 @@ class GroupCommitter:
                 return
             if self.on_commit is not None:
                 self.on_commit(time.perf_counter() - started)
-            self._tail.extend((c.seq, c.ts, c.run, c.kind, c.payload_json, c.hash) for c in batch)
+            self._remember(batch)
             if self.on_durable is not None:
                 self.on_durable(durable)
             still: list[tuple[int, asyncio.Future[None]]] = []
@@ -143,6 +150,14 @@ class GroupCommitter:
                 self._wake.set()
             self._committed.set()
             self._committed = asyncio.Event()
+
+    def _remember(self, batch: list[Committed]) -> None:
+        tail = self._tail
+        for c in batch:
+            tail.append((c.seq, c.ts, c.run, c.kind, c.payload_json, c.hash))
+            self._tail_bytes += len(c.payload_json)
+        while tail and (len(tail) > TAIL_ENTRIES or self._tail_bytes > TAIL_BYTES):
+            self._tail_bytes -= len(tail.popleft()[4])
 
     # ----------------------------------------------------------------- reading committed entries
 
@@ -180,9 +195,36 @@ class GroupCommitter:
 
 
 def _read_from_files(journal: Journal, cursor: int, limit: int) -> list[Committed]:
+    """At most CATCH_UP_CHUNK committed entries with cursor < seq <= limit, read line by line from the
+    segments (skipping whole segments that end before the cursor): a watcher never holds more."""
     found: list[Committed] = []
-    for path in list_segments(journal.data_dir):
-        for item in read_segment(path):
-            if isinstance(item, LocatedEntry) and cursor < item.entry.seq <= limit:
-                found.append(Committed.of(item.entry))
+    segments = list_segments(journal.data_dir)
+    firsts = [_first_seq(path) for path in segments]
+    for index, path in enumerate(segments):
+        following = firsts[index + 1] if index + 1 < len(firsts) else None
+        if following is not None and following <= cursor + 1:
+            continue  # this segment ends before the cursor
+        with path.open("rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break  # a torn tail is not committed
+                try:
+                    entry = parse_line(raw.decode("utf-8"))
+                except (EntryError, UnicodeDecodeError):
+                    continue  # start-up verified the journal; a line written since is ours
+                if entry.seq > limit:
+                    return found
+                if entry.seq > cursor:
+                    found.append(Committed.of(entry))
+                    if len(found) >= CATCH_UP_CHUNK:
+                        return found
     return found
+
+
+def _first_seq(path: Path) -> int | None:
+    with path.open("rb") as f:
+        line = f.readline()
+    try:
+        return parse_line(line.decode("utf-8")).seq
+    except (EntryError, UnicodeDecodeError):
+        return None

@@ -186,3 +186,33 @@ def test_daemon_and_replay_agree(tmp_path: Path) -> None:
     replayed = [(d["verdict"], d["action"], d["reason"]) for d in map(json.loads, result.stdout.splitlines())]
     assert daemon_decisions == replayed
     assert {a for _, a, _ in replayed} == {"none", "rollback"}
+
+
+def test_watch_sees_every_entry_checkpoints_included_from_files_and_tail(tmp_path: Path) -> None:
+    """Review finding: WatchEvents skipped the checkpoint entries the running daemon wrote (they never
+    entered the in-memory tail), so live and catch-up readers disagreed. Every seq from 1 on, in order."""
+    with InProcessDaemon(tmp_path / "data", segment_bytes=8192) as daemon:
+        client = AttachClient(daemon.address, "ckpt")
+        client.connect()
+        drive(client, TRACE, train_every=8)
+        client.close()
+        with grpc.insecure_channel(daemon.address) as channel:
+            stub = cgrpc.ControlServiceStub(channel)
+            last = stub.GetPanicState(cpb.GetPanicStateRequest(run_id="ckpt")).run.last_cursor
+            seen = []
+            for event in stub.WatchEvents(cpb.WatchEventsRequest(cursor=0), timeout=20):
+                seen.append((event.cursor, event.kind))
+                if event.cursor >= last:
+                    break
+    assert [cursor for cursor, _ in seen] == list(range(1, last + 1))
+    checkpoints = [cursor for cursor, kind in seen if kind == "checkpoint"]
+    assert len(checkpoints) >= 3, "the journal rotated while the daemon ran"
+    with InProcessDaemon(tmp_path / "data", segment_bytes=8192) as daemon:  # now from the files
+        with grpc.insecure_channel(daemon.address) as channel:
+            stub = cgrpc.ControlServiceStub(channel)
+            again = []
+            for event in stub.WatchEvents(cpb.WatchEventsRequest(cursor=0), timeout=20):
+                again.append((event.cursor, event.kind))
+                if event.cursor >= last:
+                    break
+    assert again == seen

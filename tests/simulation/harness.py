@@ -220,7 +220,7 @@ class World:
 
     def crash_daemon(self) -> None:
         """SIGKILL: lose what is not durable, drop every stream, rebuild from the journal, start."""
-        acked = {(r.run.run_id, r.rank): (r.proto.hello.incarnation_id, r.max_acked) for r in self._ranks()}
+        acked = {(r.run.run_id, r.rank): (_digest(r), r.max_acked) for r in self._ranks()}
         del self.entries[self.durable :]
         for conn in list(self.conns.values()):
             self._close(conn, "UNAVAILABLE", notify_daemon=False)
@@ -313,7 +313,7 @@ class World:
         kind = response.WhichOneof("message")
         if kind == "ack":
             require(
-                response.ack.up_to_seq <= self.durable_seq.get(rank.proto.hello.incarnation_id, 0),
+                response.ack.up_to_seq <= self.durable_seq.get(_digest(rank), 0),
                 f"ack {response.ack.up_to_seq} of {rank.proto.hello.incarnation_id} before it is durable",
             )
             rank.max_acked = max(rank.max_acked, response.ack.up_to_seq)
@@ -558,6 +558,11 @@ class World:
                         f"{rank.proto.hello.incarnation_id} trains on timeline {rank.timeline}, the run is on "
                         f"{policy.timeline}: its records go stale silently",
                     )
+
+
+def _digest(rank: SimRank) -> str:
+    """The incarnation as the daemon keeps it."""
+    return codec.incarnation_digest(rank.proto.hello.incarnation_id)
 
 
 __all__ = ["Action", "Violation", "World", "draw_schedule"]
