@@ -207,12 +207,14 @@ def test_watch_sees_every_entry_checkpoints_included_from_files_and_tail(tmp_pat
     assert [cursor for cursor, _ in seen] == list(range(1, last + 1))
     checkpoints = [cursor for cursor, kind in seen if kind == "checkpoint"]
     assert len(checkpoints) >= 3, "the journal rotated while the daemon ran"
-    with InProcessDaemon(tmp_path / "data", segment_bytes=8192) as daemon:  # now from the files
-        with grpc.insecure_channel(daemon.address) as channel:
-            stub = cgrpc.ControlServiceStub(channel)
-            again = []
-            for event in stub.WatchEvents(cpb.WatchEventsRequest(cursor=0), timeout=20):
-                again.append((event.cursor, event.kind))
-                if event.cursor >= last:
-                    break
+    with (
+        InProcessDaemon(tmp_path / "data", segment_bytes=8192) as daemon,  # now from the files
+        grpc.insecure_channel(daemon.address) as channel,
+    ):
+        stub = cgrpc.ControlServiceStub(channel)
+        again = []
+        for event in stub.WatchEvents(cpb.WatchEventsRequest(cursor=0), timeout=20):
+            again.append((event.cursor, event.kind))
+            if event.cursor >= last:
+                break
     assert again == seen
