@@ -6,6 +6,8 @@ layer maps them to status codes in one helper; the CLI maps them to exit codes.
 
 from __future__ import annotations
 
+import uuid
+
 
 class GovernorError(Exception):
     """Base class of the daemon's own errors."""
@@ -54,6 +56,17 @@ class PermissionDeniedError(GovernorError):
 
 class LimitExceededError(GovernorError):
     """Over a configured limit (active runs, records per batch). Maps to RESOURCE_EXHAUSTED."""
+
+
+class InternalError(GovernorError):
+    """A bug: the caller gets INTERNAL with an id to find in the daemon's log, never Python's text."""
+
+    @classmethod
+    def logged(cls, logger: object, what: str) -> InternalError:
+        """Log the exception being handled under a fresh id; the error names only the id."""
+        incident = uuid.uuid4().hex[:12]
+        logger.exception(what, incident=incident)  # type: ignore[attr-defined]
+        return cls(f"internal error {incident}; the daemon's log has the details")
 
 
 class UnavailableError(GovernorError):

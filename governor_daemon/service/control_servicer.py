@@ -10,7 +10,7 @@ import structlog
 
 from governor_daemon.core import CommandReply
 from governor_daemon.core import events as ev
-from governor_daemon.errors import GovernorError, InvalidInputError
+from governor_daemon.errors import GovernorError, InternalError, InvalidInputError
 from governor_daemon.policy import PolicyConfig
 from governor_daemon.security import CALLER
 from governor_daemon.service import codec
@@ -35,6 +35,10 @@ async def _guard(context: Context, call: Callable[[], Awaitable[T]]) -> T:
         return await call()
     except GovernorError as exc:
         await context.abort(status_for(exc), str(exc))
+        raise  # unreachable: abort raises
+    except Exception:  # a bug: INTERNAL with an incident id, never Python's exception text
+        error = InternalError.logged(log, "control call failed")
+        await context.abort(status_for(error), str(error))
         raise  # unreachable: abort raises
 
 
@@ -92,6 +96,9 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
                 yield codec.entry_to_proto(entry)
         except GovernorError as exc:
             await context.abort(status_for(exc), str(exc))
+        except Exception:  # a bug: INTERNAL with an incident id, never Python's exception text
+            error = InternalError.logged(log, "WatchEvents failed")
+            await context.abort(status_for(error), str(error))
 
     async def RequestRollback(self, request: pb.RequestRollbackRequest, context: Context) -> pb.RequestRollbackResponse:
         """A controller's ROLLBACK."""

@@ -11,7 +11,7 @@ import grpc
 import structlog
 
 from governor_daemon.core import events as ev
-from governor_daemon.errors import GovernorError, InvalidInputError
+from governor_daemon.errors import GovernorError, InternalError, InvalidInputError
 from governor_daemon.security import CALLER
 from governor_daemon.service import codec
 from governor_daemon.service.ingest import VitalsIngest
@@ -87,6 +87,8 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 await governor.settled()  # and answer it before the stream ends
         except GovernorError as exc:
             stream.fail(exc)
+        except Exception:  # a bug: INTERNAL with an incident id, never Python's exception text
+            stream.fail(InternalError.logged(log, "attach stream failed"))
         finally:
             if not stream.closed:
                 stream.close()

@@ -312,3 +312,27 @@ def test_open_command_resent_on_reattach(daemon: InProcessDaemon) -> None:
     resent = again.next("command").command
     assert (resent.command_id, resent.generation) == (first.command_id, 2)
     again.close()
+
+
+def test_list_runs_with_an_unknown_state_is_invalid_argument(
+    connect: Connect, control: cgrpc.ControlServiceStub
+) -> None:
+    """Review finding: an unknown state filter returned every run."""
+    connect()
+    with pytest.raises(grpc.RpcError) as info:
+        control.ListRuns(cpb.ListRunsRequest(states=[99]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown run states [99]" in (info.value.details() or "")
+
+
+def test_an_internal_error_names_an_incident_not_python_text() -> None:
+    import structlog
+
+    from governor_daemon.errors import InternalError
+
+    try:
+        raise KeyError("secret internals")
+    except KeyError:
+        error = InternalError.logged(structlog.get_logger("test"), "failed")
+    assert "secret" not in str(error)
+    assert str(error).startswith("internal error ")
