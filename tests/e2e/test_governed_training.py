@@ -107,13 +107,25 @@ def test_nan_rolls_back_once_and_completes(daemon: DaemonProcess, tmp_path: Path
 
 
 def test_no_injection_no_rollback(daemon: DaemonProcess, tmp_path: Path) -> None:
-    """A healthy run gets no rollback and publishes a snapshot every epoch."""
+    """A healthy run gets no rollback, and its LKG advances with the epochs up to the last one.
+
+    A snapshot waits for its verdict while the next epochs train; at most two wait at once, so when
+    verdicts lag by more than two epochs (a digits epoch here is about 60 ms, and the trainer's torch
+    threads share the 2 cores with the daemon) an older staged snapshot gives way to a newer one. So the
+    count is not exactly one per epoch; the order, the end and every verdict are."""
     result, summary = train(daemon.address, tmp_path, run_id="clean")
     assert result.returncode == 0, result.stderr[-3000:]
     assert (summary["rollbacks"], summary["timeline"]) == (0, 0)
     daemon.terminate()
     assert rollback_decisions(tmp_path / "data", "clean") == []
-    assert len(entries(tmp_path / "data", "clean", "snapshot")) == 16  # the initial LKG and one per epoch
+    snapshots = [s["step"] for s in entries(tmp_path / "data", "clean", "snapshot")]
+    decisions = entries(tmp_path / "data", "clean", "decision")
+    assert len(decisions) == 15
+    assert all(d["decision"]["verdict"] == "healthy" for d in decisions)
+    assert snapshots == sorted(set(snapshots)), "the LKG only moves forward"
+    assert snapshots[0] == 0, "the initial LKG"
+    assert snapshots[-1] == decisions[-1]["decision"]["step"], "the last epoch's snapshot is published"
+    assert len(snapshots) >= 1 + 15 // 2
 
 
 def test_lobotomy_is_caught(daemon: DaemonProcess, tmp_path: Path) -> None:
@@ -156,10 +168,17 @@ def test_nan_in_first_epoch_rolls_back_to_initial_lkg(daemon: DaemonProcess, tmp
 
 
 def test_repeated_nan_halts_then_resume_continues(daemon: DaemonProcess, tmp_path: Path) -> None:
-    """Four NaNs in the window: the fourth is a HALT; `governor resume` lets the run finish."""
+    """Four NaNs in the window: the fourth is a HALT; `governor resume` lets the run finish.
+
+    The faults are three epochs apart, so each one strikes after the previous rollback was executed: a
+    fault on a timeline that an open rollback is already leaving is undone by that rollback and is rightly
+    not a rollback of its own (with faults in consecutive epochs the count depended on timing)."""
     summary_path = tmp_path / "halt-summary.json"
-    injections = [arg for epoch in (12, 13, 14, 15) for arg in ("--inject", f"nan@epoch={epoch}")]
-    cmd = trainer_cmd(daemon.address, summary_path, "--halt-wait-s", "120", *injections, run_id="halty")
+    injections = [arg for epoch in (6, 9, 12, 15) for arg in ("--inject", f"nan@epoch={epoch}")]
+    policy = ["--policy", "rollback_window=20"]
+    cmd = trainer_cmd(
+        daemon.address, summary_path, "--halt-wait-s", "120", "--epochs", "18", *policy, *injections, run_id="halty"
+    )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while True:
