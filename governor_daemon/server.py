@@ -8,6 +8,7 @@ import contextlib
 import faulthandler
 import gc
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -112,7 +113,16 @@ class GovernorServer:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", max(settings.max_message_bytes, 4 * 1024 * 1024)),
             ("grpc.so_reuseport", 0),
+            # Connections cannot pile up: an unfinished handshake and a connection without calls are closed,
+            # keepalive pings find dead peers of open streams, and one connection has a bounded number of calls.
+            ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", int(settings.idle_connection_s * 1000)),
+            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
+        _raise_open_files_limit()
         for warning in settings.warnings:
             log.warning("insecure setting", detail=warning)
         if settings.tls_client_ca is not None and settings.tokens is not None:
@@ -248,6 +258,15 @@ async def _tick_loop(governor: Governor, interval_s: float, stop: asyncio.Event)
             log.exception("tick failed")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), interval_s)
+
+
+def _raise_open_files_limit() -> None:
+    """Use every file descriptor the hard limit allows (the soft default, often 1024, is a few hundred
+    connections)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("open files limit raised", soft=soft, now=hard)
 
 
 def _write_atomically(path: Path, text: str) -> None:

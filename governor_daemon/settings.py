@@ -66,6 +66,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("hmac_key_file", str, "", "file holding a key for HMAC-SHA-256 journal hashes (empty: plain SHA-256)"),
     Setting("log_format", str, "auto", "auto (JSON unless stdout is a TTY), json or console"),
     Setting("shutdown_grace_s", float, 5.0, "seconds open RPCs get to finish on SIGTERM (below 10)"),
+    Setting("handshake_timeout_s", float, 5.0, "a connection that has not completed its TLS/HTTP2 handshake is closed"),
+    Setting("idle_connection_s", float, 300.0, "a connection without an open call this long is closed"),
+    Setting("max_streams_per_connection", int, 64, "concurrent calls on one connection"),
     Setting("port_file", str, "", "write the bound gRPC port to this file once serving"),
     Setting("tick_interval_s", float, 0.25, "how often deadlines, stalls and command timeouts are checked"),
     Setting("tokens_file", str, "", "file of 'name role token' lines; without it auth is off (loopback only)"),
@@ -97,6 +100,9 @@ class ServeSettings:
     hmac_key: bytes | None
     log_format: str
     shutdown_grace_s: float
+    handshake_timeout_s: float
+    idle_connection_s: float
+    max_streams_per_connection: int
     port_file: Path | None
     tick_interval_s: float
     repair: bool = False
@@ -266,6 +272,11 @@ def _validate(
         raise SettingsError("retain_finished_runs must be >= 0")
     if not 0 <= values["group_commit_ms"] <= 1000:
         raise SettingsError(f"group_commit_ms must be in 0..1000, got {values['group_commit_ms']}")
+    for name in ("handshake_timeout_s", "idle_connection_s"):
+        if not 0 < values[name] <= 86400:
+            raise SettingsError(f"{name} must be in (0, 86400], got {values[name]}")
+    if values["max_streams_per_connection"] < 1:
+        raise SettingsError("max_streams_per_connection must be >= 1")
     if not 0 <= values["shutdown_grace_s"] < 10:
         raise SettingsError(f"shutdown_grace_s must be in [0, 10), got {values['shutdown_grace_s']}")
     if not 0 < values["tick_interval_s"] <= 60:
@@ -309,6 +320,9 @@ def _validate(
         max_message_bytes=values["max_message_bytes"],
         hmac_key=key,
         log_format=values["log_format"],
+        handshake_timeout_s=values["handshake_timeout_s"],
+        idle_connection_s=values["idle_connection_s"],
+        max_streams_per_connection=values["max_streams_per_connection"],
         shutdown_grace_s=values["shutdown_grace_s"],
         port_file=Path(values["port_file"]) if values["port_file"] else None,
         tick_interval_s=values["tick_interval_s"],
