@@ -4,7 +4,8 @@
 - every environment variable a service sets is one its program declares it reads, and every declared
   variable without a default is set (the config modules declare ENV_VARS);
 - ${VAR} interpolations carry a default (${VAR:-default}) so `docker compose up` works as is;
-- no two services publish the same host port.
+- no two services publish the same host port, and every published port names its host address (the
+  default is loopback: publishing on every interface must be asked for).
 Run: python docker/check_compose.py [docker/compose.yaml]
 """
 
@@ -19,8 +20,8 @@ from ruamel.yaml import YAML
 
 # What each image's program reads, and which of those have no default (must be set).
 PROGRAM_ENV = {
-    "governor": ("governor_daemon.settings", "ENV_VARS", frozenset()),
-    "tolaria-train": ("tolaria_trainer.cli", "ENV_VARS", frozenset({"TOLARIA_GOVERNOR"})),
+    "governor": (("governor_daemon.settings", "governor_daemon.cli.tokens_cmd"), "ENV_VARS", frozenset()),
+    "tolaria-train": (("tolaria_trainer.cli",), "ENV_VARS", frozenset({"TOLARIA_GOVERNOR"})),
 }
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?-[^}]*)?\}")
 
@@ -49,9 +50,14 @@ def declared_env(program: str) -> tuple[frozenset[str], frozenset[str]]:
     """(variables the program reads, those among them without a default)."""
     import importlib
 
-    module_name, attribute, required = PROGRAM_ENV[program]
-    module = importlib.import_module(module_name)
-    return frozenset(getattr(module, attribute)), required
+    module_names, attribute, required = PROGRAM_ENV[program]
+    declared = {var for name in module_names for var in getattr(importlib.import_module(name), attribute)}
+    return frozenset(declared), required
+
+
+def with_defaults(text: str) -> str:
+    """``text`` with every ${VAR:-default} replaced by its default (what `docker compose up` uses as is)."""
+    return INTERPOLATION.sub(lambda m: (m.group(2) or "").removeprefix(":").removeprefix("-"), text)
 
 
 def check(path: Path) -> list[str]:
@@ -80,7 +86,11 @@ def check(path: Path) -> list[str]:
             for var in sorted(required - env_names):
                 problems.append(f"{name}: {program} needs {var} (it has no default); set it in environment")
         for port in service.get("ports") or []:
-            host = str(port).split(":")[0] if ":" in str(port) else str(port)
+            parts = with_defaults(str(port)).split(":")
+            if len(parts) != 3:
+                problems.append(f"{name}: port {port!r} names no host address; write 127.0.0.1:HOST:CONTAINER")
+                continue
+            host = f"{parts[0]}:{parts[1]}"
             if host in host_ports:
                 problems.append(f"{name}: host port {host} is also published by {host_ports[host]}")
             host_ports[host] = name

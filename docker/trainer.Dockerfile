@@ -8,7 +8,7 @@ FROM ${BASE_IMAGE}
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN useradd --create-home --uid 10002 trainer
+RUN groupadd --gid 10000 tolaria && useradd --create-home --uid 10002 --gid 10000 trainer
 WORKDIR /app
 # torch first and pinned, so the project's range is already satisfied and no other build is pulled.
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"

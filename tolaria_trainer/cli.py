@@ -21,7 +21,14 @@ from tolaria_trainer.faults import parse_fault
 from tolaria_trainer.model import parse_schedule
 from tolaria_trainer.tasks import TASKS
 
-ENV_VARS = ("TOLARIA_GOVERNOR", "TOLARIA_TOKEN", "TOLARIA_TLS_CA", "TOLARIA_TLS_CERT", "TOLARIA_TLS_KEY")
+ENV_VARS = (
+    "TOLARIA_GOVERNOR",
+    "TOLARIA_TOKEN",
+    "TOLARIA_TOKEN_FILE",
+    "TOLARIA_TLS_CA",
+    "TOLARIA_TLS_CERT",
+    "TOLARIA_TLS_KEY",
+)
 """Environment variables `tolaria-train` reads."""
 MIN_HISTORY_DEFAULT = 10
 
@@ -60,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="governor address [TOLARIA_GOVERNOR]; without it training is ungoverned",
     )
     p.add_argument("--token", default=os.environ.get("TOLARIA_TOKEN", ""), help="trainer token [TOLARIA_TOKEN]")
+    p.add_argument(
+        "--token-file",
+        default=os.environ.get("TOLARIA_TOKEN_FILE", ""),
+        help="file holding the trainer token (e.g. trainer.token from `governor tokens init`) [TOLARIA_TOKEN_FILE]",
+    )
     p.add_argument(
         "--tls-ca",
         type=Path,
@@ -200,6 +212,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
         if (args.tls_cert is None) != (args.tls_key is None):
             raise ValueError("--tls-cert and --tls-key go together (mTLS)")
+        token = args.token
+        if args.token_file:
+            if token:
+                raise ValueError("--token and --token-file exclude each other")
+            try:
+                token = Path(args.token_file).read_text().strip()
+            except OSError as exc:
+                raise ValueError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
         if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
             raise ValueError("--epochs and --batch-size must be >= 1 and --lr > 0")
         _warn_warmup(args.inject, policy)
@@ -213,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device=args.device,
             data_dir=args.data_dir,
             governor=args.governor,
-            token=args.token,
+            token=token,
             run_id=args.run_id,
             seed_schedule=args.seed_schedule,
             snapshot_location=args.snapshot_location,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from governor_daemon.cli import audit_cmd, control_cmds, replay_cmd, serve_cmd
+from governor_daemon.cli import audit_cmd, control_cmds, replay_cmd, serve_cmd, tokens_cmd
 from governor_daemon.exit_codes import ExitCode, epilog
 
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd.register(sub)
     audit_cmd.register(sub)
     control_cmds.register(sub)
+    tokens_cmd.register(sub)
     return parser
 
 

@@ -67,21 +67,22 @@ services:
   governor:
     build: {{context: {REPO}, dockerfile: docker/governor.Dockerfile}}
     environment: {{GOVERNOR_LISTN: "0.0.0.0:1"}}
-    ports: ["50051:50051"]
+    ports: ["127.0.0.1:50051:50051"]
   trainer:
     build: {{context: {REPO}, dockerfile: docker/trainer.Dockerfile}}
     depends_on:
       governor: {{condition: service_healthy}}
       database: {{condition: service_started}}
     environment: {{TOLARIA_TOKEN: "${{TOKEN}}"}}
-    ports: ["50051:80"]
+    ports: ["127.0.0.1:50051:80", "9464:9464"]
 """)
     problems = "\n".join(checks().check(bad))
     assert "waits for governor to be healthy, but governor has no healthcheck" in problems
     assert "depends_on 'database', which is not a service" in problems
     assert "sets GOVERNOR_LISTN, which governor does not read" in problems
     assert "tolaria-train needs TOLARIA_GOVERNOR" in problems
-    assert "host port 50051 is also published by governor" in problems
+    assert "host port 127.0.0.1:50051 is also published by governor" in problems
+    assert "port '9464:9464' names no host address" in problems
     assert "${TOKEN} has no default" in problems
 
 
@@ -105,7 +106,7 @@ def test_emulation_runs_the_stack(tmp_path: Path) -> None:
     data = module.load(COMPOSE)
     services: dict[str, Any] = data["services"]
     volume_dir = tmp_path / "governor-journal"
-    secret = (COMPOSE.parent / data["secrets"]["governor_tokens"]["file"]).resolve()
+    secrets_dir = tmp_path / "governor-secrets"
     grpc_port, metrics_port = free_port(), free_port()
     mapping = {
         "0.0.0.0:50051": f"127.0.0.1:{grpc_port}",
@@ -113,7 +114,9 @@ def test_emulation_runs_the_stack(tmp_path: Path) -> None:
         "governor:50051": f"127.0.0.1:{grpc_port}",
         "127.0.0.1:50051": f"127.0.0.1:{grpc_port}",
         "/data": str(volume_dir),
-        "/run/secrets/governor_tokens": str(secret),
+        "/secrets": str(secrets_dir),
+        "/secrets/tokens": str(secrets_dir / "tokens"),
+        "/secrets/trainer.token": str(secrets_dir / "trainer.token"),
     }
 
     def local(value: str) -> str:
@@ -126,18 +129,24 @@ def test_emulation_runs_the_stack(tmp_path: Path) -> None:
         dockerfile = (COMPOSE.parent / service["build"]["context"] / service["build"]["dockerfile"]).read_text()
         entry = json.loads(re.search(r"^ENTRYPOINT\s+(\[.*\])", dockerfile, re.MULTILINE).group(1))  # type: ignore[union-attr]
         env = {k: local(v) for k, v in (service.get("environment") or {}).items()}
-        return [*LOCAL_PROGRAMS[program], *entry[1:], *(local(a) for a in service["command"])], env
+        entry = service.get("entrypoint") or entry  # a service may override the image's entrypoint
+        return [*LOCAL_PROGRAMS[program], *(local(a) for a in [*entry[1:], *service["command"]])], env
+
+    for attempt in range(2):  # the one-shot tokens service: makes the tokens once, keeps them after
+        tokens_cmd, tokens_env = command_of("tokens")
+        made = subprocess.run(tokens_cmd, env={**os.environ, **tokens_env}, capture_output=True, text=True, check=False)
+        assert made.returncode == 0, made.stderr
+        assert ("kept as it is" in made.stdout) == (attempt == 1)
+    assert oct((secrets_dir / "tokens").stat().st_mode & 0o777) == "0o600"
+    assert "change-me" not in (secrets_dir / "tokens").read_text()
 
     governor_cmd, governor_env = command_of("governor")
     log = (tmp_path / "governor.log").open("w")
     governor = subprocess.Popen(governor_cmd, env={**os.environ, **governor_env}, stdout=log, stderr=subprocess.STDOUT)
     try:
         check = services["governor"]["healthcheck"]
-        probe = [
-            sys.executable if check["test"][1] == "python" else check["test"][1],
-            *(local(a) for a in check["test"][2:]),
-        ]
-        probe[-1] = probe[-1].replace("127.0.0.1:50051", f"127.0.0.1:{grpc_port}")
+        assert check["test"][:2] == ["CMD", "governor"]
+        probe = [*LOCAL_PROGRAMS["governor"], *(local(a) for a in check["test"][2:])]
         deadline = time.monotonic() + 60
         while subprocess.run(probe, capture_output=True, check=False).returncode != 0:
             assert governor.poll() is None, (tmp_path / "governor.log").read_text()
