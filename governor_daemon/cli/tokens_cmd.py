@@ -47,7 +47,7 @@ def init(args: argparse.Namespace) -> int:
         return ExitCode.OK
     folder.mkdir(parents=True, exist_ok=True)
     chosen = {name: (role, secrets.token_urlsafe(32)) for name, role in ROLES}
-    for name, (role, token) in chosen.items():
+    for role, token in chosen.values():
         _write(folder / f"{role}.token", token + "\n", 0o640)
     lines = "".join(f"{name} {role} {token}\n" for name, (role, token) in chosen.items())
     _write(tokens, "# name role token (made by `governor tokens init`)\n" + lines, 0o600)
