@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install --quiet -e ".[trainer,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[trainer,plot,dev]"
 	touch $(STAMP)
 
 NODE_INTEROP := tests/interop/node/node_modules/.package-lock.json
@@ -48,6 +48,7 @@ lint: $(STAMP) $(BUF)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd proto && ../$(BUF) lint
+	BUF=$(BUF) tools/buf-breaking.sh
 	$(MAKE) --no-print-directory check-stubs
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
 	$(BIN)/python docker/check_compose.py docker/compose.yaml

@@ -15,6 +15,9 @@ from governor_daemon.journal.segments import LocatedEntry, list_segments, read_s
 from governor_daemon.journal.verify import verify_journal
 from governor_daemon.text import show
 
+# The distribution's name in pyproject.toml, with the extra that brings matplotlib.
+PLOT_INSTALL = "pip install 'tolaria-governor[plot]'"
+
 
 def register(sub: Any) -> None:
     """Add the `audit` command group."""
@@ -168,7 +171,15 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def run_plot(args: argparse.Namespace) -> int:
-    """`governor audit plot RUN -o FILE.png`."""
+    """`governor audit plot RUN -o FILE.png` (needs the `plot` extra: the daemon installs without matplotlib)."""
+    try:
+        import matplotlib  # noqa: F401  (imported here only: no other command needs it)
+    except ImportError:
+        print(
+            f"governor audit plot: matplotlib is not installed; it comes with the plot extra: {PLOT_INSTALL}",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     from governor_daemon.audit_plot import plot
 
     try:
