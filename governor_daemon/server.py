@@ -22,7 +22,7 @@ from governor_daemon.core import Limits
 from governor_daemon.core import events as ev
 from governor_daemon.exit_codes import ExitCode
 from governor_daemon.journal import JournalCorruptError, JournalLockedError
-from governor_daemon.metrics import Gauge, Metrics, serve_metrics
+from governor_daemon.metrics import LabelValues, Metrics, MetricsServer, StateGauge
 from governor_daemon.policy import RunState
 from governor_daemon.security import AuthInterceptor, Tokens, TokensFileError
 from governor_daemon.service.control_servicer import ControlServicer
@@ -68,19 +68,19 @@ def build_governor(settings: ServeSettings) -> Governor:
 
 
 def _register_gauges(metrics: Metrics, governor: Governor) -> None:
-    def runs_by_state() -> dict[tuple[tuple[str, str], ...], float]:
-        counts: dict[tuple[tuple[str, str], ...], float] = {(("state", str(s)),): 0.0 for s in RunState}
+    def runs_by_state() -> LabelValues:
+        counts: LabelValues = {(str(s),): 0.0 for s in RunState}
         for run in governor.core.registry.runs.values():
-            counts[(("state", str(run.policy.state)),)] += 1
+            counts[(str(run.policy.state),)] += 1
         return counts
 
-    def streams() -> dict[tuple[tuple[str, str], ...], float]:
+    def streams() -> LabelValues:
         return {(): float(len(governor.core.streams))}
 
-    metrics.gauges += [
-        Gauge("governor_runs", "Runs known to the daemon, by state.", runs_by_state),
-        Gauge("governor_active_streams", "Open Attach streams.", streams),
-    ]
+    metrics.add_state_gauge(
+        StateGauge("governor_runs", "Runs known to the daemon, by state.", ("state",), runs_by_state)
+    )
+    metrics.add_state_gauge(StateGauge("governor_active_streams", "Open Attach streams.", (), streams))
 
 
 class GovernorServer:
@@ -89,11 +89,11 @@ class GovernorServer:
     def __init__(self, settings: ServeSettings) -> None:
         self.settings = settings
         self.governor = build_governor(settings)
-        self.metrics = Metrics()
+        self.metrics = Metrics(per_run=settings.metrics_per_run)
         self.governor.metrics = self.metrics
         self.health = HealthServicer()
         self.server: grpc.aio.Server | None = None
-        self.metrics_server: asyncio.Server | None = None
+        self.metrics_server: MetricsServer | None = None
         self.port = 0
         self.metrics_port: int | None = None
         self._stop_ticks = asyncio.Event()
@@ -150,8 +150,8 @@ class GovernorServer:
                 self.port = server.add_insecure_port(settings.listen)
             if settings.metrics_listen not in ("off", ""):
                 host, mport = parse_address("metrics_listen", settings.metrics_listen)
-                self.metrics_server = await serve_metrics(self.metrics, host, mport)
-                self.metrics_port = self.metrics_server.sockets[0].getsockname()[1]
+                self.metrics_server = MetricsServer(self.metrics)
+                self.metrics_port = await self.metrics_server.start(host, mport)
         except (RuntimeError, OSError):
             await self.ingest.stop()
             await governor.close("could not listen")

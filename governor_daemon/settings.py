@@ -51,6 +51,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("listen", str, "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 picks a free port)"),
     Setting("data_dir", Path, Path("governor-data"), "journal directory"),
     Setting("metrics_listen", str, "127.0.0.1:9464", "Prometheus metrics address HOST:PORT, or 'off'"),
+    Setting(
+        "metrics_per_run",
+        int,
+        0,
+        "per-run series (governor_run_*, a run label) for at most N runs at once, the rest as run=other (0: off)",
+    ),
     Setting("policy", str, "", "default policy for new runs, comma-separated KEY=VALUE pairs"),
     Setting("lock_policy_fields", str, "", "comma-separated policy fields trainers may not override"),
     Setting("segment_bytes", int, 64 * 1024 * 1024, "journal segment size in bytes"),
@@ -87,6 +93,7 @@ class ServeSettings:
     listen: str
     data_dir: Path
     metrics_listen: str
+    metrics_per_run: int
     policy_defaults: PolicyConfig
     lock_policy_fields: tuple[str, ...]
     segment_bytes: int
@@ -260,6 +267,10 @@ def _validate(
     parse_address("listen", values["listen"])
     if values["metrics_listen"] not in ("off", ""):
         parse_address("metrics_listen", values["metrics_listen"])
+    if not 0 <= values["metrics_per_run"] <= 10000:
+        raise SettingsError(
+            f"metrics_per_run must be in 0..10000 (runs labelled at once), got {values['metrics_per_run']}"
+        )
     if values["idle_run_expiry_s"] < 0:
         raise SettingsError(f"idle_run_expiry_s must be >= 0, got {values['idle_run_expiry_s']}")
     names = ("segment_bytes", "max_active_runs", "max_active_runs_per_principal", "max_records_per_batch")
@@ -308,6 +319,7 @@ def _validate(
         listen=values["listen"],
         data_dir=values["data_dir"],
         metrics_listen=values["metrics_listen"],
+        metrics_per_run=values["metrics_per_run"],
         policy_defaults=defaults,
         lock_policy_fields=locked,
         segment_bytes=values["segment_bytes"],

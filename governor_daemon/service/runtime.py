@@ -135,7 +135,11 @@ class Governor:
         """
         if self.failure is not None:
             raise UnavailableError(f"journal write failed: {self.failure}; the daemon is stopping")
-        return self._apply(self.core.handle(event))
+        effects = self.core.handle(event)
+        after = self._apply(effects)
+        if isinstance(event, ev.Validation) and any(a.kind == EntryKind.DECISION for a in effects.entries):
+            self.metrics.decision_latency.observe(max(0.0, self.clock.monotonic() - event.now))
+        return after
 
     async def call(self, event: ev.Event) -> Any:
         """``handle`` for a controller or start-up: returns the reply once its entries are durable."""
@@ -222,7 +226,7 @@ class Governor:
         client host and code per window (the metric keeps the exact total), so refused calls cannot
         fill the disk."""
         name = str(getattr(code, "name", code))
-        self.metrics.auth_failures.inc(code=name)
+        self.metrics.auth_failures.labels(code=name).inc()
         if self.journal is None or self.stopping.is_set() or self.failure is not None:
             return
         payload = self.refusals.admit(peer, name, self.now())
@@ -268,30 +272,38 @@ class RefusalWindow:
 
 def _count(metrics: Metrics, append: Append) -> None:
     """Metrics follow from the entries: one rule for what each kind counts."""
-    kind, payload = append.kind, append.payload
+    kind, payload, run = append.kind, append.payload, append.run
     if kind == EntryKind.VITALS:
-        metrics.records.inc(payload["num_records"], kind="train")
+        metrics.records.labels(kind="train").inc(payload["num_records"])
+        metrics.count_run("records", run, payload["num_records"], kind="train")
         if payload["num_gaps"]:
             metrics.gaps.inc(payload["num_gaps"])
         decision = payload.get("decision")
         if decision is not None and decision["verdict"] == "panic":
-            metrics.panics.inc(rule=decision["rule"])
+            metrics.panics.labels(rule=decision["rule"]).inc()
+            metrics.count_run("panics", run, rule=decision["rule"])
     elif kind in (EntryKind.REPORT, EntryKind.LATE, EntryKind.DUPLICATE) or (
         kind == EntryKind.DECISION and "record" in payload
     ):
-        metrics.records.inc(kind="validation")
+        metrics.records.labels(kind="validation").inc()
+        metrics.count_run("records", run, kind="validation")
         if kind == EntryKind.LATE:
             metrics.late.inc()
     if kind == EntryKind.DECISION:
         decision = payload["decision"]
-        metrics.verdicts.inc(kind=decision["verdict"])
+        metrics.verdicts.labels(kind=decision["verdict"]).inc()
+        metrics.count_run("verdicts", run, kind=decision["verdict"])
         if decision["verdict"] == "panic":
-            metrics.panics.inc(rule=decision["rule"])
+            metrics.panics.labels(rule=decision["rule"]).inc()
+            metrics.count_run("panics", run, rule=decision["rule"])
     elif kind == EntryKind.STALE:
         metrics.stale.inc()
     elif kind == EntryKind.COMMAND:
-        metrics.commands.inc(type=payload["command"]["kind"], outcome="sent")
-    elif kind == EntryKind.COMMAND_RESULT:
-        metrics.commands.inc(type="any", outcome="succeeded" if payload["succeeded"] else "failed")
-    elif kind == EntryKind.COMMAND_TIMEOUT:
-        metrics.commands.inc(type="any", outcome="timeout")
+        metrics.commands.labels(type=payload["command"]["kind"], outcome="sent").inc()
+        metrics.count_run("commands", run, type=payload["command"]["kind"], outcome="sent")
+    elif kind in (EntryKind.COMMAND_RESULT, EntryKind.COMMAND_TIMEOUT):
+        outcome = "timeout" if kind == EntryKind.COMMAND_TIMEOUT else "succeeded" if payload["succeeded"] else "failed"
+        metrics.commands.labels(type="any", outcome=outcome).inc()
+        metrics.count_run("commands", run, type="any", outcome=outcome)
+    elif kind in (EntryKind.RUN_EVICTED, EntryKind.RUN_EXPIRED, EntryKind.RUN_FORGOTTEN):
+        metrics.forget_run(run)

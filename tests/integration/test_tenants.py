@@ -117,4 +117,4 @@ def test_a_flood_of_refused_calls_does_not_fill_the_journal(daemon: InProcessDae
     assert len(entries) == 1, "one entry per client host and code per window"
     assert entries[0]["code"] == "UNAUTHENTICATED"
     assert daemon.daemon is not None
-    assert daemon.daemon.metrics.auth_failures.values[(("code", "UNAUTHENTICATED"),)] == 300
+    assert daemon.daemon.metrics.value("governor_auth_failures_total", code="UNAUTHENTICATED") == 300

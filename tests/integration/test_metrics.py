@@ -1,0 +1,198 @@
+"""The metrics endpoint of a real daemon, scraped over HTTP: exact values, every series from start, process
+and build-info series, only /metrics served, per-run series bounded."""
+
+from __future__ import annotations
+
+import http.client
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from governor_daemon.testing import AttachClient, InProcessDaemon
+from tolaria.governor.v1 import control_service_pb2
+
+README_METRICS = (
+    "governor_records_received_total",
+    "governor_record_gaps_total",
+    "governor_stale_records_total",
+    "governor_late_records_total",
+    "governor_verdicts_total",
+    "governor_panics_total",
+    "governor_commands_total",
+    "governor_runs",
+    "governor_active_streams",
+    "governor_decision_latency_seconds",
+    "governor_journal_fsync_seconds",
+    "governor_auth_failures_total",
+)
+
+
+def get(port: int, path: str, method: str = "GET", accept: str = "") -> tuple[int, str, str]:
+    """(status, content type, body) of one request."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request(method, path, headers={"Accept": accept} if accept else {})
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type") or "", response.read().decode()
+    finally:
+        conn.close()
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a text exposition, by (name, sorted labels); the parser rejects malformed text."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def scrape(port: int) -> tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    status, content_type, body = get(port, "/metrics")
+    assert status == 200, body
+    assert content_type.startswith("text/plain; version=0.0.4")
+    return body, samples(body)
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[InProcessDaemon]:
+    with InProcessDaemon(tmp_path / "data", metrics_listen="127.0.0.1:0", metrics_per_run=2) as d:
+        yield d
+
+
+def metrics_port(daemon: InProcessDaemon) -> int:
+    assert daemon.daemon is not None
+    assert daemon.daemon.metrics_port is not None
+    return daemon.daemon.metrics_port
+
+
+def test_every_series_is_present_before_any_event(daemon: InProcessDaemon) -> None:
+    """A fresh daemon exposes every README metric, each labelled counter at 0 for every known label value,
+    process, Python and build-info series; nothing has happened yet."""
+    body, values = scrape(metrics_port(daemon))
+    families = {f.name for f in text_string_to_metric_families(body)}
+    for name in README_METRICS:
+        assert name.removesuffix("_total") in families, name
+    zero = {
+        ("governor_records_received_total", (("kind", "train"),)),
+        ("governor_records_received_total", (("kind", "validation"),)),
+        ("governor_record_gaps_total", ()),
+        ("governor_stale_records_total", ()),
+        ("governor_late_records_total", ()),
+        *(("governor_verdicts_total", (("kind", k),)) for k in ("healthy", "anomaly", "panic")),
+        *(("governor_panics_total", (("rule", r),)) for r in ("non_finite", "lobotomy", "divergence")),
+        *(("governor_commands_total", (("outcome", "sent"), ("type", t))) for t in ("rollback", "halt", "resume")),
+        *(("governor_commands_total", (("outcome", o), ("type", "any"))) for o in ("succeeded", "failed", "timeout")),
+        *(("governor_auth_failures_total", (("code", c),)) for c in ("UNAUTHENTICATED", "PERMISSION_DENIED")),
+        *(("governor_runs", (("state", s),)) for s in ("healthy", "anomaly", "rolling_back", "halted", "finished")),
+        ("governor_active_streams", ()),
+        ("governor_decision_latency_seconds_count", ()),
+    }
+    for key in zero:
+        assert values.get(key) == 0, (key, values.get(key))
+    assert ("governor_journal_fsync_seconds_count", ()) in values
+    build = [labels for (name, labels), v in values.items() if name == "governor_build_info" and v == 1]
+    assert len(build) == 1
+    assert dict(build[0])["version"]
+    assert dict(build[0])["python"].count(".") == 2
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
+        assert values[(name, ())] > 0, name
+    assert any(name == "python_info" for name, _ in values)
+    assert any(name == "python_gc_objects_collected_total" for name, _ in values)
+    assert not any(name.startswith("governor_run_") for name, _ in values), "no run yet, no per-run series"
+
+
+def test_only_metrics_is_served(daemon: InProcessDaemon) -> None:
+    """Other paths are 404, other methods 405, HEAD has no body; OpenMetrics when asked for."""
+    port = metrics_port(daemon)
+    for path in ("/", "/metrics/", "/favicon.ico", "/metricsx", "/debug"):
+        status, _, body = get(port, path)
+        assert status == 404, path
+        assert "governor_" not in body
+    assert get(port, "/metrics", method="POST")[0] == 405
+    status, _, body = get(port, "/metrics", method="HEAD")
+    assert (status, body) == (200, "")
+    assert get(port, "/metrics?x=1")[0] == 200
+    status, content_type, body = get(port, "/metrics", accept="application/openmetrics-text; version=1.0.0")
+    assert status == 200
+    assert content_type.startswith("application/openmetrics-text")
+    assert body.endswith("# EOF\n")
+
+
+def promtool_check(body: str) -> None:
+    """`promtool check metrics` finds nothing to lint (where promtool is installed)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        return
+    result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_accepts_the_exposition(daemon: InProcessDaemon) -> None:
+    """`promtool check metrics` accepts a fresh daemon's exposition (the busy one's is checked below)."""
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus); the parser checks the text")
+    promtool_check(scrape(metrics_port(daemon))[0])
+
+
+def test_counts_past_a_million_are_exact_and_per_run_series_are_bounded(daemon: InProcessDaemon) -> None:
+    """1,228,807 train records (300 full batches and one of 7) read back exactly (the hand-written text said
+    1.22881e+06); with --metrics-per-run 2 a third run counts under run="other", and a forgotten run gives
+    its slot to the next one."""
+    port = metrics_port(daemon)
+    big = AttachClient(daemon.address, "big-run")
+    big.connect()
+    batch = 4096
+    step = 0
+    for _ in range(300):
+        steps = list(range(step, step + batch))
+        step += batch
+        big.vitals(steps, [0.5] * batch, [1.0] * batch)
+    last = big.vitals(list(range(step, step + 7)), [0.5] * 7, [1.0] * 7)
+    big.wait_ack(last, timeout_s=120)
+    big.validation(step=step + 7, loss=0.5)
+    big.next("verdict")
+    body, values = scrape(port)
+    total = 300 * batch + 7
+    assert values[("governor_records_received_total", (("kind", "train"),))] == total
+    assert f'governor_records_received_total{{kind="train"}} {total / 1e6}e+06' in body, "exact in the text too"
+    assert values[("governor_run_records_received_total", (("kind", "train"), ("run", "big-run")))] == total
+    assert values[("governor_verdicts_total", (("kind", "healthy"),))] == 1
+    assert values[("governor_decision_latency_seconds_count", ())] == 1
+    assert values[("governor_active_streams", ())] == 1
+
+    others = []
+    for run in ("second", "third", "fourth"):
+        client = AttachClient(daemon.address, run)
+        client.connect()
+        client.validation(step=1, loss=0.5)
+        client.next("verdict")
+        others.append(client)
+    body, values = scrape(port)
+    promtool_check(body)
+    verdicts = {dict(k)["run"]: v for (name, k), v in values.items() if name == "governor_run_verdicts_total"}
+    assert verdicts == {"big-run": 1, "second": 1, "other": 2}, "two runs labelled, the rest summed"
+    assert values[("governor_verdicts_total", (("kind", "healthy"),))] == 4
+    assert values[("governor_runs", (("state", "healthy"),))] == 4
+
+    big.close()
+    deadline = time.monotonic() + 10
+    while scrape(port)[1][("governor_active_streams", ())] != 3:
+        assert time.monotonic() < deadline, "the stream never closed"
+        time.sleep(0.05)
+    others[0].control.ForgetRun(control_service_pb2.ForgetRunRequest(run_id="big-run", reason="test"), timeout=10)
+    fifth = AttachClient(daemon.address, "fifth")
+    fifth.connect()
+    fifth.validation(step=1, loss=0.5)
+    fifth.next("verdict")
+    _, values = scrape(port)
+    runs = {dict(k)["run"] for (name, k), v in values.items() if name.startswith("governor_run_")}
+    assert runs == {"second", "fifth", "other"}, "big-run's series left with it; fifth took its slot"
+    assert values[("governor_records_received_total", (("kind", "train"),))] == total, "aggregates keep counting"
+    for client in (*others, fifth):
+        client.close()
