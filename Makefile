@@ -52,6 +52,7 @@ lint: $(STAMP) $(BUF)
 	$(MAKE) --no-print-directory check-stubs
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
 	$(BIN)/python docker/check_compose.py docker/compose.yaml
+	$(BIN)/python deploy/check_manifests.py
 
 # Regenerate the committed Python stubs (messages, grpc and their .pyi type stubs).
 protos: $(STAMP)
