@@ -1,9 +1,10 @@
 """`make demo`: a governed digits run with a seed lifecycle and two injected faults, told as a story.
 
-Starts `governor serve` on a free port with a fresh data directory, runs `tolaria-train`, narrates
-what happens from the trainer's JSON events, then shows `governor audit show` and `governor audit
-verify` and writes the run's plot to a PNG. The daemon it started is stopped on success, failure and
-Ctrl-C.
+Starts `governor serve` as users run it (its default tick interval and settings, Prometheus metrics
+served, here on a free port) with a fresh data directory, runs `tolaria-train`, narrates what happens
+from the trainer's JSON events, then shows the daemon's metrics, `governor audit show` and `governor
+audit verify`, and writes the run's plot to a PNG. The daemon it started is stopped on success, failure
+and Ctrl-C.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import os
 import subprocess
 import sys
 import tempfile
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
-from governor_daemon.testing import DaemonProcess
+from governor_daemon.daemon_process import DaemonProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = ROOT / "demo-output"
@@ -62,19 +64,43 @@ def narrate(event: dict[str, Any]) -> None:
         say(f"  -- schedule entry skipped: {event['slot']} {event['action']} ({event['reason']})")
 
 
+METRICS_SHOWN = ("governor_verdicts_total", "governor_panics_total", "governor_commands_total")
+
+
+def show_metrics(url: str) -> None:
+    """The daemon's counters of verdicts, panics and commands, as Prometheus scrapes them."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except OSError as exc:
+        say(f"  (metrics not readable: {exc})")
+        return
+    for line in text.splitlines():
+        if line.startswith(METRICS_SHOWN):
+            say("  " + line)
+
+
 def main() -> int:
     OUTPUT.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tolaria-demo-"))
     data_dir = work / "data"
     run_id = f"digits-demo-{uuid.uuid4().hex[:6]}"
+    metrics = f"127.0.0.1:{free_port()}"
     try:
-        daemon = DaemonProcess(data_dir)  # `governor serve` on a free port, as a process of its own
+        # `governor serve` as a process of its own, with the daemon's own defaults (not the tests' 50 ms
+        # tick and metrics off); only the ports are free ones, so that the demo never collides.
+        daemon = DaemonProcess(data_dir, tick_interval_s=None, metrics_listen=metrics)
     except (RuntimeError, TimeoutError) as exc:
         raise SystemExit(f"the governor did not start: {exc}") from None
+    with daemon:
+        return story(daemon, data_dir, run_id, metrics)
+
+
+def story(daemon: DaemonProcess, data_dir: Path, run_id: str, metrics: str) -> int:
     trainer: subprocess.Popen[str] | None = None
     try:
         address = daemon.address
-        say(f"== governor serving on {address}, journal in {data_dir}")
+        say(f"== governor serving on {address} (metrics on http://{metrics}/metrics), journal in {data_dir}")
         say(f"== training run {run_id}: digits, 20 epochs, seed schedule {SCHEDULE}")
         say(f"== injected faults: {', '.join(FAULTS)}")
         cmd = [
@@ -120,6 +146,9 @@ def main() -> int:
             f"(exit code {code})"
         )
         say()
+        say(f"== the governor's metrics (http://{metrics}/metrics):")
+        show_metrics(f"http://{metrics}/metrics")
+        say()
         say("== governor audit show (decisions that ordered something, command results, finish):")
         shown = governor(
             "audit",
@@ -157,11 +186,6 @@ def main() -> int:
         if trainer is not None and trainer.poll() is None:
             trainer.terminate()
             trainer.wait(10)
-        if daemon.proc.poll() is None:
-            try:
-                daemon.terminate()
-            except TimeoutError as exc:
-                say(f"== {exc}")
         os.environ.pop("TOLARIA_GOVERNOR", None)
 
 

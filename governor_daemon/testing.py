@@ -1,4 +1,6 @@
-"""Test helpers, shipped as public API: an in-process daemon, a daemon subprocess, an Attach client.
+"""Test helpers, shipped as public API: an in-process daemon and an Attach client.
+
+(`governor serve` as a subprocess is ``governor_daemon.daemon_process.DaemonProcess``.)
 
 They drive the real daemon over real gRPC on a free loopback port; nothing here fakes the daemon.
 """
@@ -6,12 +8,7 @@ They drive the real daemon over real gRPC on a free loopback port; nothing here 
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
-import resource
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -76,89 +73,6 @@ class InProcessDaemon:
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 30.0) -> T:
         """Run ``coro`` on the daemon's loop and return its result."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-
-class DaemonProcess:
-    """`governor serve` as a subprocess (so it can be SIGKILLed)."""
-
-    def __init__(
-        self, data_dir: Path, *extra_args: str, env: dict[str, str] | None = None, max_file_bytes: int | None = None
-    ) -> None:
-        self.data_dir = data_dir
-        self.port_file = data_dir.parent / f"{data_dir.name}.port"
-        self.port_file.unlink(missing_ok=True)
-        self.log_path = data_dir.parent / f"{data_dir.name}.log"
-        self._log = self.log_path.open("ab")
-        args = [
-            sys.executable,
-            "-m",
-            "governor_daemon.cli.main",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-            "--port-file",
-            str(self.port_file),
-            "--metrics-listen",
-            "off",
-            "--tick-interval-s",
-            "0.05",
-            *extra_args,
-        ]
-
-        def limit_file_size() -> None:  # a full disk, as the process sees it: writes past the limit fail (EFBIG)
-            if max_file_bytes is not None:
-                resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
-
-        self.proc = subprocess.Popen(
-            args,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            preexec_fn=limit_file_size if max_file_bytes is not None else None,
-        )
-        self.port = self._wait_port()
-
-    def _wait_port(self, timeout_s: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.port_file.exists():
-                return int(self.port_file.read_text())
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"governor serve exited with {self.proc.returncode}: {self.log_path.read_text()}")
-            time.sleep(0.02)
-        raise TimeoutError(f"governor serve did not start in {timeout_s} s: {self.log_path.read_text()}")
-
-    @property
-    def address(self) -> str:
-        """host:port of the gRPC server."""
-        return f"127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        """SIGKILL: no flush, no goodbye."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self._log.close()
-
-    def terminate(self, timeout_s: float = 15.0) -> int:
-        """SIGTERM and wait; returns the exit code. A daemon that does not stop in time gets SIGQUIT (its
-        stacks go to the log), then SIGKILL, and the error carries the log's tail."""
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.proc.send_signal(signal.SIGQUIT)
-            time.sleep(1.0)
-            self.proc.kill()
-            self.proc.wait(10)
-            self._log.close()
-            tail = self.log_path.read_text(errors="replace")[-6000:]
-            raise TimeoutError(
-                f"governor serve did not stop within {timeout_s} s after SIGTERM; log tail:\n{tail}"
-            ) from None
-        self._log.close()
-        return code
 
 
 class AttachClient:
@@ -276,8 +190,11 @@ class AttachClient:
         )
         return first + len(steps) - 1
 
-    def result(self, command: trainer_service_pb2.Command, succeeded: bool = True, error: str = "") -> int:
-        """Answer a command as a trainer that executed it (moving the timeline for ROLLBACK/RESUME)."""
+    def result(
+        self, command: trainer_service_pb2.Command, succeeded: bool = True, error: str = "", **extra: Any
+    ) -> int:
+        """Answer a command as a trainer that executed it (moving the timeline for ROLLBACK/RESUME); ``extra``
+        sets more CommandResult fields (e.g. lr_after_restore)."""
         if succeeded and command.type in (common_pb2.COMMAND_TYPE_ROLLBACK, common_pb2.COMMAND_TYPE_RESUME):
             self.timeline = command.timeline + 1
         seq = self.next_seq()
@@ -289,6 +206,7 @@ class AttachClient:
                 new_timeline=self.timeline,
                 restored_step=command.step,
                 error=error,
+                **extra,
             )
         )
         return seq

@@ -598,8 +598,16 @@ class GovernedRun:
     def _report_result(self, command: trainer_service_pb2.Command, outcome: RestoreOutcome) -> None:
         if self.client is None:
             return
+        restored = outcome.succeeded and command.type != common_pb2.COMMAND_TYPE_HALT
         self.client.send_command_result(
-            command, outcome.succeeded, outcome.restored_step, outcome.duration_ms, outcome.error, len(outcome.culled)
+            command,
+            outcome.succeeded,
+            outcome.restored_step,
+            outcome.duration_ms,
+            outcome.error,
+            len(outcome.culled),
+            # The learning rate training continues with: the restored one, times recovery_lr_scale.
+            float(self.state.host_optimizer.param_groups[0]["lr"]) if restored else None,
         )
 
     def _halt(self, command: trainer_service_pb2.Command) -> None:

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from governor_daemon.cli.output import error, validation_summary, warning
 from governor_daemon.exit_codes import ExitCode
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
 from governor_daemon.journal.verify import verify_journal
@@ -57,8 +58,7 @@ def run_verify(args: argparse.Namespace) -> int:
     try:
         report = verify_journal(args.data_dir, _key(args))
     except OSError as exc:
-        print(f"governor audit verify: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        return error(args, str(exc), ExitCode.USAGE)
     if args.json:
         print(
             json.dumps(
@@ -90,8 +90,7 @@ def run_head(args: argparse.Namespace) -> int:
     """`governor audit head`: the last entry's seq and hash."""
     report = verify_journal(args.data_dir, _key(args))
     if report.num_entries == 0 and not report.ok:
-        print(f"governor audit head: {report.problem}", file=sys.stderr)
-        return ExitCode.USAGE
+        return error(args, str(report.problem), ExitCode.USAGE)
     if args.json:
         print(json.dumps({"seq": report.head_seq, "hash": report.head_hash, "verified": report.ok}))
     else:
@@ -111,21 +110,36 @@ def _since(text: str | None) -> str | None:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def lr_text(result: dict[str, Any]) -> str:
+    """'; lr now X' for a journaled command result that carried the trainer's learning rate, else ''."""
+    lr = result.get("lr_after_restore")
+    if lr is None:
+        return ""
+    return f"; lr now {lr:.6g}" if isinstance(lr, int | float) else f"; lr now {lr}"
+
+
 def describe(kind: str, payload: dict[str, Any]) -> str:
     """One human line for an entry's payload."""
     decision = payload.get("decision")
     if decision is not None:
         reward = "" if decision.get("punishment_reward") is None else f" reward {decision['punishment_reward']:g}"
         where = f"epoch {decision['epoch']} " if decision.get("epoch") is not None else ""
+        record = validation_summary(payload.get("record") or {})
         return (
             f"{where}step {decision['step']} tl {decision['timeline']}: {decision['verdict'].upper()} "
-            f"-> {decision['action']}{reward}: {decision['reason']}"
+            f"-> {decision['action']}{reward}: {decision['reason']}{f' [{record}]' if record else ''}"
         )
     if kind == "command_result":
         state = "succeeded" if payload["succeeded"] else f"FAILED ({payload['error']})"
         return (
             f"rank {payload['rank']}: command {payload['command_id']} {state}; timeline {payload['new_timeline']}, "
-            f"restored step {payload['restored_step']} in {payload['duration_ms']:.1f} ms"
+            f"restored step {payload['restored_step']} in {payload['duration_ms']:.1f} ms{lr_text(payload)}"
+        )
+    if kind == "report" and "loss" in payload:  # one rank's validation record of a multi-rank run
+        record = validation_summary(payload)
+        return (
+            f"rank {payload['rank']}: validation epoch {payload['epoch']} step {payload['step']} "
+            f"tl {payload['timeline']} loss {payload['loss']}{f', {record}' if record else ''}"
         )
     if kind == "controller_request":
         command_id = payload["command"]["command_id"]
@@ -144,17 +158,15 @@ def run_show(args: argparse.Namespace) -> int:
     try:
         since = _since(args.since)
     except ValueError as exc:
-        print(f"governor audit show: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        return error(args, str(exc), ExitCode.USAGE)
     segments = list_segments(args.data_dir)
     if not segments:
-        print(f"governor audit show: no journal in {args.data_dir}", file=sys.stderr)
-        return ExitCode.USAGE
+        return error(args, f"no journal in {args.data_dir}", ExitCode.USAGE)
     runs, kinds = set(args.run), set(args.kind)
     for path in segments:
         for item in read_segment(path):
             if not isinstance(item, LocatedEntry):
-                print(f"warning: {item.path.name}:{item.line}: {item.reason}", file=sys.stderr)
+                warning(args, f"{item.path.name}:{item.line}: {item.reason}")
                 continue
             e = item.entry
             if (runs and e.run not in runs) or (kinds and e.kind not in kinds) or (since and e.ts < since):
@@ -175,18 +187,17 @@ def run_plot(args: argparse.Namespace) -> int:
     try:
         import matplotlib  # noqa: F401  (imported here only: no other command needs it)
     except ImportError:
-        print(
-            f"governor audit plot: matplotlib is not installed; it comes with the plot extra: {PLOT_INSTALL}",
-            file=sys.stderr,
-        )
-        return ExitCode.USAGE
+        return error(args, f"matplotlib is not installed; it comes with the plot extra: {PLOT_INSTALL}", ExitCode.USAGE)
     from governor_daemon.audit_plot import plot
 
     try:
         data = plot(args.data_dir, args.run, args.output)
     except ValueError as exc:
-        print(f"governor audit plot: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        return error(args, str(exc), ExitCode.USAGE)
+    if args.json:
+        obj = {"output": str(args.output), "validations": len(data.steps), "rollbacks": len(data.rollback_steps)}
+        print(json.dumps({**obj, "halts": len(data.halt_steps)}))
+        return ExitCode.OK
     print(
         f"wrote {args.output}: {len(data.steps)} validations, {len(data.rollback_steps)} rollback(s), "
         f"{len(data.halt_steps)} halt(s)"

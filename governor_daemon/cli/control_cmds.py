@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
+from governor_daemon.cli.audit_cmd import lr_text
+from governor_daemon.cli.output import error, message_to_dict, validation_summary
 from governor_daemon.errors import PolicyConfigError
 from governor_daemon.exit_codes import ExitCode
 from governor_daemon.policy import parse_assignments
-from governor_daemon.text import printable, show
+from governor_daemon.text import show
 from tolaria.governor.v1 import common_pb2, control_service_pb2_grpc
 from tolaria.governor.v1 import control_service_pb2 as pb
 
@@ -36,14 +37,15 @@ USAGE_CODES = {
 UNREACHABLE_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, timeout_help: str = "deadline of each call, in seconds") -> None:
     p.add_argument(
         "--address",
         default=os.environ.get("GOVERNOR_ADDRESS", "127.0.0.1:50051"),
         help="governor address [GOVERNOR_ADDRESS; default 127.0.0.1:50051]",
     )
     p.add_argument("--token", default=os.environ.get("GOVERNOR_TOKEN", ""), help="bearer token [GOVERNOR_TOKEN]")
-    p.add_argument("--timeout-s", type=float, default=10.0, help="deadline of each call")
+    watch = p.prog.endswith(" watch")
+    p.add_argument("--timeout-s", type=float, default=None if watch else 10.0, help=timeout_help)
     p.add_argument(
         "--tls-ca",
         default=os.environ.get("GOVERNOR_TLS_CA", ""),
@@ -75,7 +77,11 @@ def register(sub: Any) -> None:
     p.add_argument("--kind", action="append", default=[], help="only this entry kind (repeatable)")
     p.add_argument("--from", dest="cursor", type=int, default=0, help="cursor to resume after (default 0)")
     p.add_argument("--limit", type=int, default=0, help="stop after this many events (0: follow forever)")
-    _common(p)
+    _common(
+        p,
+        "stop following after this many seconds and exit 0 (the last cursor printed resumes it); "
+        "default: until --limit or Ctrl-C",
+    )
     p.set_defaults(handler=lambda a: _call(a, watch))
     for name, help_text in (
         ("rollback", "order a ROLLBACK"),
@@ -113,20 +119,20 @@ def _call(args: argparse.Namespace, handler: Handler) -> int:
     try:
         channel = _channel(args)
     except OSError as exc:
-        print(f"governor {args.command}: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        return error(args, str(exc), ExitCode.USAGE)
     stub = _WithMetadata(control_service_pb2_grpc.ControlServiceStub(channel), metadata, args.timeout_s)
     try:
         handler(stub, args)  # type: ignore[arg-type]
     except grpc.RpcError as exc:
         code = exc.code()
-        print(f"governor {args.command}: {code.name}: {printable(exc.details() or '')}", file=sys.stderr)
         if code in UNREACHABLE_CODES:
-            return ExitCode.GOVERNOR_UNREACHABLE
-        return ExitCode.USAGE if code in USAGE_CODES else ExitCode.INTERNAL_ERROR
+            exit_code = ExitCode.GOVERNOR_UNREACHABLE
+        else:
+            exit_code = ExitCode.USAGE if code in USAGE_CODES else ExitCode.INTERNAL_ERROR
+        details = exc.details() or ""
+        return error(args, details if args.json else f"{code.name}: {details}", exit_code, code.name)
     except PolicyConfigError as exc:
-        print(f"governor {args.command}: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        return error(args, str(exc), ExitCode.USAGE)
     except KeyboardInterrupt:
         return ExitCode.OK
     finally:
@@ -144,15 +150,14 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
 
 
 class _WithMetadata:
-    """Adds the token and a deadline to every call of a stub (streams get no deadline)."""
+    """Adds the token and a deadline to every call of a stub (WatchEvents: --timeout-s only when given)."""
 
     def __init__(self, stub: Any, metadata: tuple[tuple[str, str], ...], timeout_s: float) -> None:
         self._stub, self._metadata, self._timeout = stub, metadata, timeout_s
 
     def __getattr__(self, name: str) -> Any:
         method = getattr(self._stub, name)
-        timeout = None if name == "WatchEvents" else self._timeout
-        return lambda request: method(request, metadata=self._metadata, timeout=timeout)
+        return lambda request: method(request, metadata=self._metadata, timeout=self._timeout)
 
 
 def _state_name(value: Any) -> str:
@@ -172,7 +177,7 @@ HEADER = f"{'run':<36} {'state':<13} {'tl':>3} {'rb':>4} {'hlt':>3} {'reward':>8
 
 def _print_runs(args: argparse.Namespace, runs_: list[pb.RunStatus]) -> None:
     if args.json:
-        print(json.dumps([json_format.MessageToDict(r, preserving_proto_field_name=True) for r in runs_]))
+        print(json.dumps([message_to_dict(r) for r in runs_]))
         return
     show(HEADER)
     for run in runs_:
@@ -185,8 +190,10 @@ def status(stub: Any, args: argparse.Namespace) -> None:
         _print_runs(args, list(stub.ListRuns(pb.ListRunsRequest()).runs))
         return
     run = stub.GetPanicState(pb.GetPanicStateRequest(run_id=args.run)).run
+    validation, result = _latest_entries(stub, run)
     if args.json:
-        print(json.dumps(json_format.MessageToDict(run, preserving_proto_field_name=True)))
+        extra = {"latest_validation": validation, "latest_command_result": result}
+        print(json.dumps({**message_to_dict(run), **{k: v for k, v in extra.items() if v is not None}}))
         return
     show(f"run {run.run_id} ({run.task}, {run.world_size} rank(s), profile {run.profile})")
     show(
@@ -203,6 +210,18 @@ def status(stub: Any, args: argparse.Namespace) -> None:
         f"  last verdict {common_pb2.VerdictKind.Name(run.last_verdict).removeprefix('VERDICT_KIND_')}: "
         f"{run.last_reason}"
     )
+    if validation is not None:
+        summary = validation_summary(validation)
+        show(
+            f"  last validation: epoch {validation.get('epoch')} step {validation.get('step')} "
+            f"loss {validation.get('loss')}{f', {summary}' if summary else ''}"
+        )
+    if result is not None:
+        state = "succeeded" if result.get("succeeded") else f"FAILED ({result.get('error')})"
+        show(
+            f"  last command result: command {result.get('command_id')} {state} on rank {result.get('rank')}; "
+            f"timeline {result.get('new_timeline')}, restored step {result.get('restored_step')}{lr_text(result)}"
+        )
     if run.HasField("open_command"):
         oc = run.open_command
         show(f"  open command {oc.command_id} {common_pb2.CommandType.Name(oc.type)} for {oc.age_s:.1f} s: {oc.reason}")
@@ -212,6 +231,42 @@ def status(stub: Any, args: argparse.Namespace) -> None:
             f"step {rank.latest_step}, records {rank.num_records}, gaps {rank.num_record_gaps}, "
             f"seq {rank.last_durable_seq}, generation {rank.generation}"
         )
+
+
+# How far back `status` looks in the run's journal entries for its latest validation record and command
+# result (RunStatus carries neither): entries of other runs are filtered out by the daemon.
+RECENT_ENTRIES = 4096
+
+
+def _latest_entries(stub: Any, run: pb.RunStatus) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The run's latest journaled validation record (accuracy, per-class accuracy) and command result.
+
+    Read with WatchEvents (a viewer's call) up to the run's last cursor; (None, None) when the window
+    holds neither or the call is refused.
+    """
+    validation: dict[str, Any] | None = None
+    result: dict[str, Any] | None = None
+    if run.last_cursor == 0:
+        return None, None
+    request = pb.WatchEventsRequest(cursor=max(0, run.last_cursor - RECENT_ENTRIES), run_ids=[run.run_id])
+    responses = stub.WatchEvents(request)
+    try:
+        for event in responses:
+            payload = json.loads(event.payload_json)
+            payload.pop("effects", None)
+            if event.kind == "decision" and isinstance(payload.get("record"), dict):
+                validation = payload["record"]
+            elif event.kind == "report" and "loss" in payload:
+                validation = payload
+            elif event.kind == "command_result":
+                result = payload
+            if event.cursor >= run.last_cursor:
+                break
+    except grpc.RpcError:
+        pass
+    finally:
+        responses.cancel()
+    return validation, result
 
 
 def runs(stub: Any, args: argparse.Namespace) -> None:
@@ -226,28 +281,32 @@ def _events(stub: Any, args: argparse.Namespace) -> Iterator[pb.WatchEventsRespo
 
 
 def watch(stub: Any, args: argparse.Namespace) -> None:
-    """`governor watch`: one line (or JSON object) per journal entry, with its cursor."""
-    for count, event in enumerate(_events(stub, args), start=1):
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "cursor": event.cursor,
-                        "ts": event.ts,
-                        "run": event.run_id,
-                        "kind": event.kind,
-                        "payload": json.loads(event.payload_json),
-                        "hash": event.hash,
-                    }
-                ),
-                flush=True,
-            )
-        else:
-            payload = json.loads(event.payload_json)
-            payload.pop("effects", None)
-            show(f"{event.cursor:>8} {event.ts} {event.run_id or '-':<28} {event.kind:<18} {json.dumps(payload)[:160]}")
-        if args.limit and count >= args.limit:
-            return
+    """`governor watch`: one line (or JSON object) per journal entry, with its cursor.
+
+    With --timeout-s the stream ends at that deadline: exit 0, whatever --limit said (the events printed
+    and their cursors tell how far it got; --from the last one resumes).
+    """
+    count = 0
+    try:
+        for count, event in enumerate(_events(stub, args), start=1):
+            _print_event(args, event)
+            if args.limit and count >= args.limit:
+                return
+    except grpc.RpcError as exc:
+        if args.timeout_s is None or exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+        if not args.json:
+            print(f"governor watch: --timeout-s {args.timeout_s:g} reached after {count} event(s)", file=sys.stderr)
+
+
+def _print_event(args: argparse.Namespace, event: pb.WatchEventsResponse) -> None:
+    payload = json.loads(event.payload_json)
+    if args.json:
+        obj = {"cursor": event.cursor, "ts": event.ts, "run": event.run_id, "kind": event.kind, "payload": payload}
+        print(json.dumps({**obj, "hash": event.hash}), flush=True)
+    else:
+        payload.pop("effects", None)
+        show(f"{event.cursor:>8} {event.ts} {event.run_id or '-':<28} {event.kind:<18} {json.dumps(payload)[:160]}")
 
 
 def command(stub: Any, args: argparse.Namespace, action: str) -> None:
@@ -274,7 +333,7 @@ def forget(stub: Any, args: argparse.Namespace) -> None:
 
 
 def _print_policy(args: argparse.Namespace, policy: common_pb2.Policy) -> None:
-    values = json_format.MessageToDict(policy, preserving_proto_field_name=True)
+    values = message_to_dict(policy)
     if args.json:
         print(json.dumps(values))
     else:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from governor_daemon.cli import audit_cmd, control_cmds, replay_cmd, serve_cmd, tokens_cmd
+from governor_daemon.cli.output import exits_quietly_on_closed_pipe
 from governor_daemon.exit_codes import ExitCode, epilog
 
 
@@ -32,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        code: int = args.handler(args)
+        code: int = exits_quietly_on_closed_pipe(lambda: args.handler(args))
     except KeyboardInterrupt:
         print("governor: interrupted", file=sys.stderr)
         return ExitCode.INTERNAL_ERROR

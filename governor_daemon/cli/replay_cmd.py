@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
+from governor_daemon.cli.output import error, warning
 from governor_daemon.errors import PolicyConfigError, TraceFormatError
 from governor_daemon.exit_codes import ExitCode
 from governor_daemon.policy import FIELD_NAMES, parse_assignments
@@ -47,16 +47,13 @@ def run(args: argparse.Namespace) -> int:
         trace = read_trace(args.trace, args.format)
         decisions = replay(trace.records, overrides)
     except PolicyConfigError as exc:
-        print(f"governor replay: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        return error(args, str(exc), ExitCode.USAGE)
     except TraceFormatError as exc:
-        print(f"governor replay: {args.trace}: {exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        return error(args, f"{args.trace}: {exc}", ExitCode.USAGE)
     except OSError as exc:
-        print(f"governor replay: cannot read {args.trace}: {exc.strerror or exc}", file=sys.stderr)
-        return ExitCode.USAGE
+        return error(args, f"cannot read {args.trace}: {exc.strerror or exc}", ExitCode.USAGE)
     if trace.unknown_keys:
-        print(f"governor replay: ignoring unknown key(s): {', '.join(trace.unknown_keys)}", file=sys.stderr)
+        warning(args, f"governor replay: ignoring unknown key(s): {', '.join(trace.unknown_keys)}")
     if args.json:
         for rd in decisions:
             print(json.dumps(rd.as_dict(), allow_nan=False, default=str))

@@ -102,6 +102,8 @@ class CommandResult:
     error: str
     num_culled_seeds: int
     now: float
+    # The trainer's learning rate once the command was executed (None: not reported).
+    lr_after_restore: float | None = None
 
 
 @dataclass(frozen=True)

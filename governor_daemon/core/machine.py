@@ -594,6 +594,7 @@ class GovernorCore:
                 "duration_ms": e.duration_ms,
                 "error": e.error,
                 "num_culled_seeds": e.num_culled_seeds,
+                **({} if e.lr_after_restore is None else {"lr_after_restore": float_to_json(e.lr_after_restore)}),
                 "notices": [_notice(n) for n in notices],
                 "superseded_steps": [[g.timeline, g.step] for g in superseded],
                 "effects": effects,

@@ -152,6 +152,7 @@ def decode_request(
             result.error,
             result.num_culled_seeds,
             now,
+            result.lr_after_restore if result.HasField("lr_after_restore") else None,
         )
     if kind == "snapshot_taken":
         snap = request.snapshot_taken

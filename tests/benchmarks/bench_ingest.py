@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from governor_daemon.testing import DaemonProcess
+from governor_daemon.daemon_process import DaemonProcess
 
 
 def loadgen(address: str, num_runs: int, num_batches: int, rate: float = 0.0) -> dict[str, Any]:

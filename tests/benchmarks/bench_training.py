@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from governor_daemon.testing import DaemonProcess
+from governor_daemon.daemon_process import DaemonProcess
 from tolaria_trainer.loop import GovernedRun, RunConfig
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from governor_daemon.daemon_process import DaemonProcess
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
-from governor_daemon.testing import DaemonProcess
 from tests.conftest import governor_cli
 
 pytestmark = pytest.mark.slow
@@ -102,6 +102,7 @@ def test_nan_rolls_back_once_and_completes(daemon: DaemonProcess, tmp_path: Path
     assert decisions[0]["command"]["punishment_reward"] == -10.0
     results = entries(tmp_path / "data", "nan12", "command_result")
     assert [(r["succeeded"], r["new_timeline"]) for r in results] == [(True, 1)]
+    assert 0 < results[0]["lr_after_restore"] <= 1e-3  # the trainer reports the LR it continues with
     (finish,) = entries(tmp_path / "data", "nan12", "finish")
     assert finish["status"] == "FINISH_STATUS_COMPLETED"
 

@@ -6,7 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from governor_daemon.testing import AttachClient, DaemonProcess
+from governor_daemon.daemon_process import DaemonProcess
+from governor_daemon.testing import AttachClient
 from tests.conftest import governor_cli
 from tests.integration.conftest import warm_up
 
@@ -27,7 +28,7 @@ def test_cli_against_a_daemon(tmp_path: Path) -> None:
     assert table.stdout.splitlines()[0].split()[:3] == ["run", "state", "tl"]
     assert "cli-run" in table.stdout
     status = json.loads(governor_cli(["status", "cli-run", *address, "--json"]).stdout)
-    assert (status["state"], status["timeline"], status["num_rollbacks"]) == ("RUN_STATE_HEALTHY", "1", 1)
+    assert (status["state"], status["timeline"], status["num_rollbacks"]) == ("RUN_STATE_HEALTHY", 1, 1)
     human = governor_cli(["status", "cli-run", *address]).stdout
     assert "timeline 1, rollbacks 1" in human
 

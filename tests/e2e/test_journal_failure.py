@@ -6,7 +6,8 @@ from pathlib import Path
 
 import grpc
 
-from governor_daemon.testing import AttachClient, DaemonProcess
+from governor_daemon.daemon_process import DaemonProcess
+from governor_daemon.testing import AttachClient
 from tests.conftest import governor_cli
 from tolaria.governor.v1 import control_service_pb2 as cpb
 from tolaria.governor.v1 import control_service_pb2_grpc as cgrpc

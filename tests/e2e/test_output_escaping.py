@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from governor_daemon.testing import AttachClient, DaemonProcess
+from governor_daemon.daemon_process import DaemonProcess
+from governor_daemon.testing import AttachClient
 from governor_daemon.text import printable
 from tests.conftest import governor_cli
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2

@@ -11,8 +11,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from governor_daemon.daemon_process import DaemonProcess
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
-from governor_daemon.testing import AttachClient, DaemonProcess
+from governor_daemon.testing import AttachClient
 from tests.conftest import governor_cli
 
 

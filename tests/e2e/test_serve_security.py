@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from governor_daemon.testing import DaemonProcess
+from governor_daemon.daemon_process import DaemonProcess
 from tests.conftest import governor_cli
 from tolaria.governor.v1 import control_service_pb2 as cpb
 from tolaria.governor.v1 import control_service_pb2_grpc as cgrpc

@@ -4,6 +4,7 @@ governor Deployment's container, its gRPC probes and metrics port, and the index
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import os
 import re
@@ -162,14 +163,30 @@ def test_pods_run_on_loopback(tmp_path: Path) -> None:
     the run id from the Job's name, rank 0's rendezvous on loopback) against it: both ranks attach with the
     trainer token, train to completion as one run, and the journal verifies. Epochs: 3 instead of 10."""
     module = checks()
-    objects = module.render(DEPLOY / "base")
+    # The README's way to real tokens: `governor tokens init`, and an overlay whose secretGenerator replaces
+    # the placeholder Secret.
+    overlay = tmp_path / "overlay"
+    assert governor_cli(["tokens", "init", str(overlay / "job-secrets")]).returncode == 0
+    files = ", ".join(f"{k}=job-secrets/{k}" for k in ("tokens", "trainer.token", "controller.token"))
+    (overlay / "kustomization.yaml").write_text(
+        f"resources: [{os.path.relpath(DEPLOY / 'base', overlay)}]\n"
+        f"secretGenerator:\n  - {{name: tolaria-governor-tokens, behavior: replace, options: {{disableNameSuffixHash: true}}, "
+        f"files: [{files}]}}\n"
+    )
+    assert module.check(overlay) == []
+    objects = module.render(overlay)
     deployment = next(o for o in objects if o["kind"] == "Deployment")
     job = next(o for o in objects if o["kind"] == "Job")
     governor_service = next(
         o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "tolaria-governor"
     )
-    secrets = tmp_path / "secrets"
-    assert governor_cli(["tokens", "init", str(secrets)]).returncode == 0, "real tokens replace the placeholders"
+    secret = next(o for o in objects if o["kind"] == "Secret")
+    secrets = tmp_path / "secrets"  # the Secret's volume, as the kubelet writes it
+    secrets.mkdir()
+    for key, value in secret["data"].items():
+        (secrets / key).write_bytes(base64.b64decode(value))
+        (secrets / key).chmod(0o600)
+    assert (secrets / "tokens").read_text() == (overlay / "job-secrets" / "tokens").read_text()
     grpc_port, metrics_port, rendezvous_port = free_port(), free_port(), free_port()
     mapping = {
         "0.0.0.0:50051": f"127.0.0.1:{grpc_port}",

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import grpc
 
+from governor_daemon.daemon_process import DaemonProcess
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
-from governor_daemon.testing import AttachClient, DaemonProcess, InProcessDaemon
+from governor_daemon.testing import AttachClient, InProcessDaemon
 from tests.conftest import governor_cli
 from tolaria.governor.v1 import common_pb2
 from tolaria.governor.v1 import control_service_pb2 as cpb

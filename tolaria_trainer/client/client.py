@@ -185,11 +185,12 @@ class GovernorClient:
         duration_ms: float,
         error: str = "",
         num_culled_seeds: int = 0,
+        lr_after_restore: float | None = None,
     ) -> int:
         """Queue the result of executing ``command`` (its new timeline follows from the command); returns the seq."""
         with self._cond:
             seq = self.protocol.send_command_result(
-                command, succeeded, restored_step, duration_ms, error, num_culled_seeds
+                command, succeeded, restored_step, duration_ms, error, num_culled_seeds, lr_after_restore
             )
             self._cond.notify_all()
             return seq

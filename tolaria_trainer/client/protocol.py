@@ -311,9 +311,11 @@ class TrainerProtocol:
         duration_ms: float,
         error: str = "",
         num_culled_seeds: int = 0,
+        lr_after_restore: float | None = None,
     ) -> int:
         """Queue the result of executing ``command``; its new_timeline is ``timeline_after(command,
-        succeeded)``, which also raises ``run_timeline``. Returns the seq."""
+        succeeded)``, which also raises ``run_timeline``. ``lr_after_restore`` is the learning rate the
+        trainer continues with (None: not known). Returns the seq."""
         result = trainer_service_pb2.CommandResult(
             command_id=command.command_id,
             outcome=common_pb2.COMMAND_OUTCOME_SUCCEEDED if succeeded else common_pb2.COMMAND_OUTCOME_FAILED,
@@ -323,6 +325,8 @@ class TrainerProtocol:
             error=error,
             num_culled_seeds=num_culled_seeds,
         )
+        if lr_after_restore is not None:
+            result.lr_after_restore = lr_after_restore
         self.run_timeline = max(self.run_timeline, result.new_timeline)
         return self._queue(trainer_service_pb2.AttachRequest(command_result=result), "command_result")
 

@@ -399,6 +399,7 @@ class CommandResult(_message.Message):
     DURATION_MS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     NUM_CULLED_SEEDS_FIELD_NUMBER: _builtins.int
+    LR_AFTER_RESTORE_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     command_id: _builtins.int
     outcome: _common_pb2.CommandOutcome.ValueType
@@ -413,6 +414,12 @@ class CommandResult(_message.Message):
     """Why it failed, empty on success."""
     num_culled_seeds: _builtins.int
     """Seeds culled by the restore."""
+    lr_after_restore: _builtins.float
+    """The host optimizer's learning rate (its first parameter group) once the command was executed: after a
+    ROLLBACK it includes the restored schedule and the compounded recovery_lr_scale. Unset when the
+    trainer does not know it (older trainers) or the restore failed. The daemon journals it as
+    "lr_after_restore". Added in place, additive: older daemons ignore it.
+    """
     def __init__(
         self,
         *,
@@ -424,12 +431,15 @@ class CommandResult(_message.Message):
         duration_ms: _builtins.float = ...,
         error: _builtins.str = ...,
         num_culled_seeds: _builtins.int = ...,
+        lr_after_restore: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_lr_after_restore", b"_lr_after_restore", "lr_after_restore", b"lr_after_restore"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "duration_ms", b"duration_ms", "error", b"error", "new_timeline", b"new_timeline", "num_culled_seeds", b"num_culled_seeds", "outcome", b"outcome", "restored_step", b"restored_step", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_lr_after_restore", b"_lr_after_restore", "command_id", b"command_id", "duration_ms", b"duration_ms", "error", b"error", "lr_after_restore", b"lr_after_restore", "new_timeline", b"new_timeline", "num_culled_seeds", b"num_culled_seeds", "outcome", b"outcome", "restored_step", b"restored_step", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__lr_after_restore: _TypeAlias = _typing.Literal["lr_after_restore"]  # noqa: Y015
+    _WhichOneofArgType__lr_after_restore: _TypeAlias = _typing.Literal["_lr_after_restore", b"_lr_after_restore"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__lr_after_restore) -> _WhichOneofReturnType__lr_after_restore | None: ...
 
 Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015
 
