@@ -196,3 +196,15 @@ def test_counts_past_a_million_are_exact_and_per_run_series_are_bounded(daemon: 
     assert values[("governor_records_received_total", (("kind", "train"),))] == total, "aggregates keep counting"
     for client in (*others, fifth):
         client.close()
+
+
+@pytest.mark.parametrize("value", ["-1", "10001", "many"])
+def test_a_bad_per_run_bound_stops_start_up(tmp_path: Path, value: str) -> None:
+    """--metrics-per-run outside 0..10000 (or not a number) is exit 2 naming the setting."""
+    from tests.conftest import governor_cli
+
+    result = governor_cli(
+        ["serve", "--data-dir", str(tmp_path / "d"), "--listen", "127.0.0.1:0", "--metrics-per-run", value]
+    )
+    assert result.returncode == 2
+    assert "metrics_per_run" in result.stderr + result.stdout
