@@ -38,6 +38,8 @@ class Attach:
     now: float
     principal: str = ""
     """The authenticated identity (token name or certificate subject); "" without authentication."""
+    timeline: int = 0
+    """The trainer's timeline; a run this Hello creates starts on it."""
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,7 @@ class GovernorCore:
         if run is None:
             meta = RunMeta(e.task, e.world_size, e.overrides, e.random_guess_loss, e.num_classes, ignored, e.principal)
             run = Run.create(e.run_id, meta, config)
+            run.policy.timeline = e.timeline  # a trainer whose run the daemon no longer holds is not "ahead"
             self.registry.runs[run.run_id] = run
             fx.append(
                 run.run_id,
@@ -213,6 +214,7 @@ class GovernorCore:
                 {
                     "task": e.task,
                     "world_size": e.world_size,
+                    "timeline": e.timeline,
                     "overrides": e.overrides,
                     "ignored_policy_fields": ignored,
                     "effective_policy": config.as_dict(),
@@ -360,13 +362,16 @@ class GovernorCore:
         fx.send(rank.stream, Ack(last_seq))
 
     def _progress(self, fx: Effects, run: Run, rank: RankState, timeline: int, step: int, now: float) -> None:
-        """A record at (timeline, step): latest position, stall clock, and a rank marked STALLED recovers.
+        """A record at (timeline, step): if it is later than the rank's latest, that is progress: the
+        position moves, the stall clock restarts and a rank marked STALLED (no progress, or a missed
+        rank deadline) recovers. A record at the latest position again is no progress.
 
         Call before the record's own entry, whose rank effect then holds the new position."""
-        if (timeline, step) > (rank.latest_timeline, rank.latest_step):
-            rank.latest_timeline, rank.latest_step = timeline, step
         if rank.tracker is not None:
             rank.tracker.observe_step(step, now, timeline)
+        if (timeline, step) <= (rank.latest_timeline, rank.latest_step):
+            return
+        rank.latest_timeline, rank.latest_step = timeline, step
         if rank.rank in run.policy.stalled_ranks:
             run.policy.set_stalled(rank.rank, False)
             fx.append(
@@ -454,7 +459,16 @@ class GovernorCore:
             self._decide(fx, run, group, {**src, "record": e.details}, e.now)
         else:
             outcome, ready = run.aggregator.add(
-                binding.rank, e.timeline, e.step, e.loss, e.now, e.epoch, e.record_rgl, e.seq
+                binding.rank,
+                e.timeline,
+                e.step,
+                e.loss,
+                e.now,
+                e.epoch,
+                e.record_rgl,
+                e.seq,
+                binding.incarnation_id,
+                frozenset(run.policy.finished_ranks),
             )
             kind = EntryKind.REPORT if outcome in (AddOutcome.PENDING, AddOutcome.READY) else EntryKind(str(outcome))
             effects = {"ranks": {str(rank.rank): rank.effect()}, "pending": run.aggregator.to_dict()}
@@ -501,7 +515,9 @@ class GovernorCore:
             sync=decision.command is not None,
         )
         for rank_id, seq in group.seqs.items():
-            fx.send(run.rank(rank_id).stream, VerdictOut.of(seq, decision))
+            target = run.rank(rank_id)
+            if group.incarnations.get(rank_id, target.incarnation_id) == target.incarnation_id:
+                fx.send(target.stream, VerdictOut.of(seq, decision))  # never to a later incarnation
         if decision.command is not None:
             self._issue(fx, run, decision.command, "decision")
 
@@ -557,12 +573,33 @@ class GovernorCore:
         binding, run, rank = bound
         policy = run.policy
         command = policy.command(e.command_id)
-        if command is None:
-            raise InvalidInputError(
-                "command_result.command_id", f"command {e.command_id} is neither open nor recent in run {run.run_id}"
+        if e.command_id >= policy.next_command_id:  # never issued here (a forged result, or one of a run
+            rank.accept_seq(e.seq)  # the daemon has forgotten): journaled, and it changes nothing else
+            fx.append(
+                run.run_id,
+                EntryKind.COMMAND_RESULT,
+                {
+                    "rank": binding.rank,
+                    "incarnation_id": binding.incarnation_id,
+                    "seq": e.seq,
+                    "command_id": e.command_id,
+                    "succeeded": e.succeeded,
+                    "new_timeline": e.new_timeline,
+                    "notices": [
+                        {
+                            "kind": "unknown_command",
+                            "reason": f"command {e.command_id} was never issued in "
+                            f"run {run.run_id}; the result changes nothing",
+                            "command": None,
+                        }
+                    ],
+                    "effects": {"ranks": {str(rank.rank): rank.effect()}},
+                },
             )
-        moves = command.kind is not CommandKind.HALT
-        if e.succeeded and moves and e.new_timeline != command.timeline + 1:
+            fx.send(e.stream, Ack(e.seq))
+            return
+        moves = command is not None and command.kind is not CommandKind.HALT
+        if command is not None and e.succeeded and moves and e.new_timeline != command.timeline + 1:
             raise InvalidInputError(
                 "command_result.new_timeline",
                 f"{command.kind} {command.command_id} was made on timeline {command.timeline}, so it moves the "
@@ -716,7 +753,7 @@ class GovernorCore:
                 continue
             if policy.state is RunState.FINISHED:
                 continue
-            for group in run.aggregator.due(now, policy.config.rank_deadline_s):
+            for group in run.aggregator.due(now, policy.config.rank_deadline_s, frozenset(policy.finished_ranks)):
                 if policy.is_stale(group.timeline):
                     fx.append(
                         run.run_id,
@@ -775,7 +812,7 @@ class GovernorCore:
             run.idle_since = e.now
             for rank in run.ranks.values():
                 rank.stream = None
-                rank.tracker = StallTracker(e.now)
+                rank.tracker = StallTracker(e.now) if rank.incarnation_id else None  # never-attached: no clock
         fx.append(
             "",
             EntryKind.DAEMON_START,

@@ -58,16 +58,37 @@ class GroupCommitter:
         """Start the commit loop."""
         self._task = asyncio.create_task(self._loop(), name="journal-group-commit")
 
-    def append(self, run: str, kind: str, payload: dict[str, Any]) -> Entry:
-        """Append an entry (seq and hash assigned now); durable within interval_s."""
+    def append(self, run: str, kind: str, payload: dict[str, Any], rotate: bool = True) -> Entry:
+        """Append an entry (seq and hash assigned now); durable within interval_s. ``rotate``: see
+        ``Journal.append``."""
         if self._closed:
             raise RuntimeError("journal is closed")
         if self.failure is not None:
             raise RuntimeError(f"journal write failed earlier: {self.failure}")
-        entry = self.journal.append(run, kind, payload, time.time())
+        entry = self.journal.append(run, kind, payload, time.time(), rotate)
         self._uncommitted.extend(Committed.of(e) for e in self.journal.appended)  # with a segment's checkpoint
         self._wake.set()
         return entry
+
+    def append_event(self, items: list[tuple[str, str, dict[str, Any]]]) -> list[Entry]:
+        """Append one event's entries together (see ``Journal.append_event``); durable within interval_s."""
+        if self._closed:
+            raise RuntimeError("journal is closed")
+        if self.failure is not None:
+            raise RuntimeError(f"journal write failed earlier: {self.failure}")
+        entries = self.journal.append_event(items, time.time())
+        self._uncommitted.extend(Committed.of(e) for e in entries)
+        self._wake.set()
+        return entries
+
+    def rotate_if_due(self) -> None:
+        """Start a new segment now if the current one is full (call between events: see ``Journal.append``)."""
+        if self._closed or self.failure is not None:
+            return
+        added = self.journal.rotate_if_due(time.time())
+        if added:
+            self._uncommitted.extend(Committed.of(e) for e in added)
+            self._wake.set()
 
     def request_commit(self) -> None:
         """Commit what is appended now rather than after the group interval (does not wait)."""
@@ -124,7 +145,7 @@ class GroupCommitter:
             started = time.perf_counter()
             try:
                 durable = await asyncio.to_thread(self.journal.write_pending)
-            except OSError as exc:  # disk full, I/O error: nothing more can be acknowledged
+            except Exception as exc:  # disk full, I/O error (or a bug): nothing more can be acknowledged
                 self.failure = exc
                 for _, future in self._waiters:
                     if not future.done():

@@ -30,6 +30,10 @@ from governor_daemon.journal.segments import (
 )
 
 CHECKPOINT_KIND = "checkpoint"
+MORE = "more"
+"""Payload key of the entries of a multi-entry event: how many of the event's entries follow this one.
+An event whose last entry did not reach the disk is moved aside whole at start-up (nothing of it was
+acknowledged: messages wait for an event's last entry)."""
 CheckpointProvider = Callable[[], dict[str, Any]]
 
 
@@ -108,6 +112,8 @@ class Journal:
         for index, path in enumerate(segments):
             is_last = index == len(segments) - 1
             entries: list[Entry] = []
+            offsets: list[int] = []
+            before_segment = prev_hash, expected_seq
             for item in read_segment(path):
                 problem: str | None
                 if isinstance(item, BadLine):
@@ -118,6 +124,7 @@ class Journal:
                     line, offset, torn = item.line, item.offset, False
                 if problem is None and isinstance(item, LocatedEntry):
                     entries.append(item.entry)
+                    offsets.append(item.offset)
                     prev_hash, expected_seq = item.entry.hash, item.entry.seq + 1
                     continue
                 where = f"{path.name}:{line}"
@@ -134,6 +141,12 @@ class Journal:
                 recovery.moved_aside.append(self._move_tail_aside(path, offset, "bad-tail", f"{where}: {problem}"))
                 break
             if is_last:
+                start = _incomplete_event_start(entries)
+                if start is not None:
+                    why = f"{path.name}: event from seq {entries[start].seq} has no last entry (torn write)"
+                    recovery.moved_aside.append(self._move_tail_aside(path, offsets[start], "torn", why))
+                    entries = entries[:start]
+                    prev_hash, expected_seq = (entries[-1].hash, entries[-1].seq + 1) if entries else before_segment
                 last_entries = entries
                 self._segment = segment_index(path)
                 self._segment_size = path.stat().st_size
@@ -180,18 +193,43 @@ class Journal:
 
     # ----------------------------------------------------------------- appending
 
-    def append(self, run: str, kind: str, payload: dict[str, Any], now_epoch_s: float) -> Entry:
+    def append(self, run: str, kind: str, payload: dict[str, Any], now_epoch_s: float, rotate: bool = True) -> Entry:
         """Assign seq and hash to a new entry and buffer it (not yet durable).
 
-        A segment's checkpoint entry, when this entry starts a segment, is appended before it; both
-        are in ``appended`` until the next call (readers of the journal see checkpoints too).
+        With ``rotate``, a segment that is full is closed first: the new segment's checkpoint entry is
+        appended before this entry, and both are in ``appended`` until the next call (readers of the
+        journal see checkpoints too). A caller whose state already includes entries it has yet to append
+        (the daemon, between an event and its entries) passes ``rotate=False`` and calls
+        ``rotate_if_due`` before the event instead: a checkpoint never holds state whose entries come
+        after it.
         """
         with self._lock:
             self.appended = []
-            if self._segment == 0 or self._segment_size >= self.segment_bytes:
+            if rotate and self._rotation_due():
                 self._rotate(now_epoch_s)
-            entry = self._append_locked(run, kind, payload, now_epoch_s)
-            return entry
+            return self._append_locked(run, kind, payload, now_epoch_s)
+
+    def append_event(self, items: list[tuple[str, str, dict[str, Any]]], now_epoch_s: float) -> list[Entry]:
+        """Append the entries of one event together: no segment starts inside it, and a concurrent
+        ``write_pending`` takes all of them or none. Entries of a multi-entry event carry ``MORE``."""
+        with self._lock:
+            self.appended = []
+            last = len(items) - 1
+            return [
+                self._append_locked(run, kind, {**payload, MORE: last - i} if last else payload, now_epoch_s)
+                for i, (run, kind, payload) in enumerate(items)
+            ]
+
+    def rotate_if_due(self, now_epoch_s: float) -> list[Entry]:
+        """Start a new segment (with its checkpoint) if the current one is full; returns what was appended."""
+        with self._lock:
+            self.appended = []
+            if self._rotation_due():
+                self._rotate(now_epoch_s)
+            return list(self.appended)
+
+    def _rotation_due(self) -> bool:
+        return self._segment == 0 or self._segment_size >= self.segment_bytes
 
     def _rotate(self, now_epoch_s: float) -> None:
         self._segment += 1
@@ -262,6 +300,16 @@ class Journal:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
+
+
+def _incomplete_event_start(entries: list[Entry]) -> int | None:
+    """Index of the first entry of a trailing multi-entry event whose last entry is missing, or None."""
+    if not entries or not entries[-1].payload.get(MORE):
+        return None
+    start = len(entries) - 1
+    while start > 0 and entries[start - 1].payload.get(MORE) == entries[start].payload.get(MORE, 0) + 1:
+        start -= 1
+    return start
 
 
 def _from_last_checkpoint(segments: list[Path], last: list[Entry]) -> tuple[dict[str, Any] | None, list[Entry]]:

@@ -34,6 +34,8 @@ class StepGroup:
     losses: dict[int, float] = field(default_factory=dict)
     seqs: dict[int, int] = field(default_factory=dict)
     missing: tuple[int, ...] = ()
+    incarnations: dict[int, str] = field(default_factory=dict)
+    """Which incarnation of each rank sent its report (a verdict goes only to that incarnation)."""
 
 
 class AddOutcome(StrEnum):
@@ -63,8 +65,11 @@ class StepAggregator:
         epoch: int | None = None,
         record_rgl: float | None = None,
         seq: int = 0,
+        incarnation: str = "",
+        finished: frozenset[int] = frozenset(),
     ) -> tuple[AddOutcome, StepGroup | None]:
-        """Add one rank's report. Returns (outcome, the group when it became READY)."""
+        """Add one rank's report. Returns (outcome, the group when it became READY): a group is complete
+        when every rank that has not finished reported."""
         key = (timeline, step)
         if key in self._decided:
             return AddOutcome.LATE, None
@@ -76,18 +81,26 @@ class StepAggregator:
             return AddOutcome.DUPLICATE, None
         group.losses[rank] = loss
         group.seqs[rank] = seq
+        group.incarnations[rank] = incarnation
         if group.epoch is None:
             group.epoch = epoch
         if group.record_rgl is None:
             group.record_rgl = record_rgl
-        if len(group.losses) >= self.world_size:
-            return AddOutcome.READY, self._close(key)
+        if not self._expected(finished) - set(group.losses):
+            return AddOutcome.READY, self._close(key, finished)
         return AddOutcome.PENDING, None
 
-    def due(self, now_s: float, deadline_s: float) -> list[StepGroup]:
-        """Groups whose deadline passed, oldest first, each with the ranks still missing."""
-        ready = [k for k, g in self._pending.items() if now_s - g.first_at_s >= deadline_s]
-        return [self._close(k) for k in ready]
+    def due(self, now_s: float, deadline_s: float, finished: frozenset[int] = frozenset()) -> list[StepGroup]:
+        """Groups whose deadline passed, or that every unfinished rank has reported (a rank finished since
+        they opened), oldest first, each with the unfinished ranks still missing."""
+        expected = self._expected(finished)
+        ready = [
+            k for k, g in self._pending.items() if now_s - g.first_at_s >= deadline_s or not expected - set(g.losses)
+        ]
+        return [self._close(k, finished) for k in ready]
+
+    def _expected(self, finished: frozenset[int]) -> set[int]:
+        return set(range(self.world_size)) - finished
 
     def discard_before(self, timeline: int) -> list[StepGroup]:
         """Drop the pending groups of timelines before ``timeline`` (superseded by a rollback)."""
@@ -120,6 +133,7 @@ class StepAggregator:
                     "record_rgl": g.record_rgl,
                     "losses": {str(r): float_to_json(x) for r, x in g.losses.items()},
                     "seqs": {str(r): s for r, s in g.seqs.items()},
+                    "incarnations": {str(r): i for r, i in g.incarnations.items()},
                 }
                 for g in self._pending.values()
             ],
@@ -133,12 +147,13 @@ class StepAggregator:
             group = StepGroup(int(g["timeline"]), int(g["step"]), 0.0, g["epoch"], g["record_rgl"])
             group.losses = {int(r): float_from_json(x) for r, x in g["losses"].items()}
             group.seqs = {int(r): int(s) for r, s in g["seqs"].items()}
+            group.incarnations = {int(r): str(i) for r, i in g.get("incarnations", {}).items()}
             self._pending[(group.timeline, group.step)] = group
         self._decided = OrderedDict(((int(t), int(s)), None) for t, s in data["decided"])
 
-    def _close(self, key: tuple[int, int]) -> StepGroup:
+    def _close(self, key: tuple[int, int], finished: frozenset[int] = frozenset()) -> StepGroup:
         group = self._pending.pop(key)
-        group.missing = tuple(r for r in range(self.world_size) if r not in group.losses)
+        group.missing = tuple(sorted(self._expected(finished) - set(group.losses)))
         self._decided[key] = None
         while len(self._decided) > MAX_REMEMBERED_STEPS:
             self._decided.popitem(last=False)

@@ -439,17 +439,22 @@ class RunPolicy:
         return [Notice("command_timeout", reason + "; run halted", halt)]
 
     def finish(self, rank: int) -> list[Notice]:
-        """Record a rank's Finish. When the last rank finishes, an open command can never be executed:
-        it is closed as abandoned (its punishment stays charged; docs/protocol.md, "Punishment ledger")."""
+        """Record a rank's Finish. An open command no longer waits for a finished rank: it completes when
+        every unfinished rank has answered, and when no rank is left to execute it, it is closed as
+        abandoned (its punishment stays charged; docs/protocol.md, "Punishment ledger")."""
         self.finished_ranks.add(rank)
         self.stalled_ranks.discard(rank)
         open_cmd = self.open
-        if open_cmd is None or self.state is not RunState.FINISHED:
+        if open_cmd is None:
             return []
-        self._close_open()
-        return [
-            Notice("command_abandoned", f"{open_cmd.command.kind} {open_cmd.command.command_id}: every rank finished")
-        ]
+        name = f"{open_cmd.command.kind} {open_cmd.command.command_id}"
+        if self.state is RunState.FINISHED:
+            self._close_open()
+            return [Notice("command_abandoned", f"{name}: every rank finished")]
+        if set(range(self.world_size)) - self.finished_ranks <= open_cmd.ranks_done:
+            self._close_open()
+            return [Notice("command_completed", f"{name} completed (rank {rank} finished); timeline {self.timeline}")]
+        return []
 
     def _close_open(self) -> None:
         if self.open is not None:

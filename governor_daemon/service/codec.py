@@ -102,6 +102,7 @@ def decode_hello(
         caller=caller,
         now=now,
         principal=principal,
+        timeline=hello.timeline if hello.HasField("timeline") else 0,
     )
 
 

@@ -135,6 +135,7 @@ class Governor:
         """
         if self.failure is not None:
             raise UnavailableError(f"journal write failed: {self.failure}; the daemon is stopping")
+        self.committer.rotate_if_due()  # a checkpoint is taken between events, never inside one
         effects = self.core.handle(event)
         after = self._apply(effects)
         if isinstance(event, ev.Validation) and any(a.kind == EntryKind.DECISION for a in effects.entries):
@@ -145,6 +146,7 @@ class Governor:
         """``handle`` for a controller or start-up: returns the reply once its entries are durable."""
         if self.failure is not None:
             raise UnavailableError(f"journal write failed: {self.failure}; the daemon is stopping")
+        self.committer.rotate_if_due()
         effects = self.core.handle(event)
         after = self._apply(effects)
         try:
@@ -162,11 +164,12 @@ class Governor:
 
     def _apply(self, effects: Effects) -> int:
         committer = self.committer
-        for append in effects.entries:
-            entry = committer.append(append.run, append.kind, append.payload)
-            if append.run:
-                self.core.note_appended(append.run, entry.seq)
-            _count(self.metrics, append)
+        if effects.entries:
+            items = [(a.run, a.kind, a.payload) for a in effects.entries]
+            for append, entry in zip(effects.entries, committer.append_event(items), strict=True):
+                if append.run:
+                    self.core.note_appended(append.run, entry.seq)
+                _count(self.metrics, append)
         if effects.sync:
             committer.request_commit()
         after = committer.journal.last_seq

@@ -65,6 +65,7 @@ def validate_hello(hello: trainer_service_pb2.Hello, limits: Limits) -> None:
     if not hello.incarnation_id or len(hello.incarnation_id) > 128:
         raise InvalidInputError("hello.incarnation_id", "must be 1..128 characters")
     check_text("hello.task", hello.task, limits)
+    check_timeline("hello.timeline", hello.timeline)
     check_text("hello.trainer_version", hello.trainer_version, limits)
     if hello.HasField("num_classes") and hello.num_classes < 2:
         raise InvalidInputError("hello.num_classes", f"must be >= 2, got {hello.num_classes}")

@@ -58,6 +58,7 @@ KINDS = (
     ("restart_trainer", 1),
     ("wall_jump", 1),
     ("malformed", 1),
+    ("forget", 1),
 )
 
 
@@ -203,6 +204,12 @@ class World:
     def _on_durable(self, entry: SimEntry) -> None:
         payload = entry.payload
         inc, seq = payload.get("incarnation_id"), payload.get("seq")
+        if entry.kind in (EntryKind.RUN_FORGOTTEN, EntryKind.RUN_EXPIRED, EntryKind.RUN_EVICTED):
+            # the run's history is gone: what it acknowledged is no longer the daemon's to keep
+            for rank in self._ranks():
+                if rank.run.run_id == entry.run:
+                    self.durable_seq.pop(_digest(rank), None)
+                    rank.max_acked = 0
         if isinstance(inc, str) and isinstance(seq, int) and entry.kind != EntryKind.ATTACH:
             first = payload.get("first_seq", seq)
             require(
@@ -220,7 +227,8 @@ class World:
 
     def crash_daemon(self) -> None:
         """SIGKILL: lose what is not durable, drop every stream, rebuild from the journal, start."""
-        acked = {(r.run.run_id, r.rank): (_digest(r), r.max_acked) for r in self._ranks()}
+        held = self.core.registry.runs  # a run a controller forgot is not the crash's to keep
+        acked = {(r.run.run_id, r.rank): (_digest(r), r.max_acked) for r in self._ranks() if r.run.run_id in held}
         del self.entries[self.durable :]
         for conn in list(self.conns.values()):
             self._close(conn, "UNAVAILABLE", notify_daemon=False)
@@ -444,6 +452,16 @@ class World:
             self.wall_offset += (param % 7201) - 3600  # the core never sees wall time: nothing may change
         elif kind == "malformed" and conns:
             self._malformed(conns[target % len(conns)], param)
+        elif kind == "forget":
+            self._forget(self.runs[target % len(self.runs)])
+
+    def _forget(self, run: SimRun) -> None:
+        """A controller forgets a run; refused while a trainer is attached (then nothing may change)."""
+        before = self.core.checkpoint()
+        try:
+            self._apply(self.core.handle(ev.ForgetRun(run.run_id, "sim", "op", self.now)))
+        except GovernorError:
+            require(self.core.checkpoint() == before, "a refused ForgetRun changed the state")
 
     def _malformed(self, conn: Conn, param: int) -> None:
         """One trainer sends a message that must be refused without changing anything."""
@@ -514,38 +532,33 @@ class World:
             if state is None:
                 continue
             policy = state.policy
-            charged = sum(
-                e.payload["command"]["punishment_reward"]
-                for e in self.entries
-                if e.run == run.run_id and e.kind == EntryKind.COMMAND
-            )
+            own = [e for e in self.entries if e.run == run.run_id]
+            since = max((i for i, e in enumerate(own) if e.kind == EntryKind.RUN_CREATED), default=0)
+            charged = sum(e.payload["command"]["punishment_reward"] for e in own[since:] if e.kind == EntryKind.COMMAND)
             require(
                 abs(policy.total_punishment - charged) < 1e-9,
                 f"{run.run_id}: GetPanicState total {policy.total_punishment} != journaled commands {charged}",
             )
-            rollbacks = sum(
+            rollbacks = sum(  # since the run's latest creation: forgetting a run forgets what it judged
                 1
-                for e in self.entries
-                if e.run == run.run_id
-                and e.kind == EntryKind.COMMAND
-                and e.payload["cause"] in ("decision", "train_step")
+                for e in own[since:]
+                if e.kind == EntryKind.COMMAND and e.payload["cause"] in ("decision", "train_step")
             )
             require(
                 rollbacks <= run.faults_fired,
                 f"{run.run_id}: {rollbacks} fault-driven commands for {run.faults_fired} faults",
             )
+            lifetime = own[since:]
             halts = [
                 i
-                for i, e in enumerate(self.entries)
-                if e.run == run.run_id and e.kind == EntryKind.COMMAND and e.payload["command"]["kind"] != "rollback"
+                for i, e in enumerate(lifetime)
+                if e.kind == EntryKind.COMMAND and e.payload["command"]["kind"] != "rollback"
             ]
-            if halts and self.entries[halts[-1]].payload["command"]["kind"] == "halt":
+            if halts and lifetime[halts[-1]].payload["command"]["kind"] == "halt":
                 completed = [
                     e
-                    for e in self.entries[halts[-1] :]
-                    if e.run == run.run_id
-                    and e.kind == EntryKind.FINISH
-                    and e.payload["status"] != "FINISH_STATUS_HALTED"
+                    for e in lifetime[halts[-1] :]
+                    if e.kind == EntryKind.FINISH and e.payload["status"] != "FINISH_STATUS_HALTED"
                 ]
                 require(not completed, f"{run.run_id} was HALTED, yet a trainer trained on to completion")
             live = [r for r in run.ranks if not r.finished and not r.malformed]

@@ -104,6 +104,8 @@ class TrainerProtocol:
         self.run_timeline = 0
         self.num_unjudged_records = 0
         self.num_welcomes = 0
+        self.num_history_losses = 0
+        self._max_acked = 0
         self._refused: GovernorRefused | None = None
         self._welcomed = False  # the current stream got its Welcome
         self._stream_end_reason: str | None = None
@@ -145,7 +147,10 @@ class TrainerProtocol:
         self._stream_end_reason = None
         self._last_record_sent = None
         self._last_transmit_at = now
-        return trainer_service_pb2.AttachRequest(hello=self.hello)
+        hello = trainer_service_pb2.Hello()
+        hello.CopyFrom(self.hello)
+        hello.timeline = self.run_timeline  # a run the daemon creates anew starts where this trainer is
+        return trainer_service_pb2.AttachRequest(hello=hello)
 
     def connection_lost(self, now: float, code: str | None, details: str) -> StreamOutcome:
         """The stream ended: ``code`` is the grpc status code's name, None when it ended without one."""
@@ -187,6 +192,7 @@ class TrainerProtocol:
         if kind == "welcome":
             self._on_welcome(response.welcome, now)
         elif kind == "ack":
+            self._max_acked = max(self._max_acked, response.ack.up_to_seq)
             self.outbox.ack(response.ack.up_to_seq)
             self._prune_records(response.ack.up_to_seq)
         elif kind == "verdict":
@@ -211,6 +217,12 @@ class TrainerProtocol:
         self._welcomed = True
         self._disconnected_since = None
         self._last_transmit_at = now
+        if welcome.last_durable_seq < self._max_acked:
+            # The daemon no longer holds what it acknowledged to this incarnation: the run was forgotten
+            # (or its journal lost) and is new. Its commands are numbered from 1 again.
+            self.num_history_losses += 1
+            self._highest_command_taken = 0
+            self._max_acked = welcome.last_durable_seq
         self.outbox.rewind(welcome.last_durable_seq)
         self._learn_timeline(welcome.timeline)
 

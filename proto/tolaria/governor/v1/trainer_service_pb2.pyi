@@ -126,6 +126,7 @@ class Hello(_message.Message):
     RANDOM_GUESS_LOSS_FIELD_NUMBER: _builtins.int
     POLICY_OVERRIDES_FIELD_NUMBER: _builtins.int
     TRAINER_VERSION_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Names the training run: [A-Za-z0-9._-]{1,128}."""
     rank: _builtins.int
@@ -142,6 +143,11 @@ class Hello(_message.Message):
     """Loss of a uniform random guess, when the task knows it better than ln(num_classes)."""
     trainer_version: _builtins.str
     """Free-form trainer version string, journaled for people."""
+    timeline: _builtins.int
+    """The highest timeline this trainer knows (0 for a fresh process). A run created by this Hello starts
+    on it, so a trainer whose run the daemon no longer holds (forgotten, expired) is not refused for
+    being ahead; for an existing run it is ignored (Welcome.timeline is the run's).
+    """
     @_builtins.property
     def policy_overrides(self) -> _common_pb2.Policy:
         """Policy fields the trainer asks for. Applied at run creation only; a later Hello must match."""
@@ -158,19 +164,24 @@ class Hello(_message.Message):
         random_guess_loss: _builtins.float | None = ...,
         policy_overrides: _common_pb2.Policy | None = ...,
         trainer_version: _builtins.str = ...,
+        timeline: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_num_classes", b"_num_classes", "_random_guess_loss", b"_random_guess_loss", "num_classes", b"num_classes", "policy_overrides", b"policy_overrides", "random_guess_loss", b"random_guess_loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_num_classes", b"_num_classes", "_random_guess_loss", b"_random_guess_loss", "_timeline", b"_timeline", "num_classes", b"num_classes", "policy_overrides", b"policy_overrides", "random_guess_loss", b"random_guess_loss", "timeline", b"timeline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_num_classes", b"_num_classes", "_random_guess_loss", b"_random_guess_loss", "incarnation_id", b"incarnation_id", "num_classes", b"num_classes", "policy_overrides", b"policy_overrides", "random_guess_loss", b"random_guess_loss", "rank", b"rank", "run_id", b"run_id", "task", b"task", "trainer_version", b"trainer_version", "world_size", b"world_size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_num_classes", b"_num_classes", "_random_guess_loss", b"_random_guess_loss", "_timeline", b"_timeline", "incarnation_id", b"incarnation_id", "num_classes", b"num_classes", "policy_overrides", b"policy_overrides", "random_guess_loss", b"random_guess_loss", "rank", b"rank", "run_id", b"run_id", "task", b"task", "timeline", b"timeline", "trainer_version", b"trainer_version", "world_size", b"world_size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__num_classes: _TypeAlias = _typing.Literal["num_classes"]  # noqa: Y015
     _WhichOneofArgType__num_classes: _TypeAlias = _typing.Literal["_num_classes", b"_num_classes"]  # noqa: Y015
     _WhichOneofReturnType__random_guess_loss: _TypeAlias = _typing.Literal["random_guess_loss"]  # noqa: Y015
     _WhichOneofArgType__random_guess_loss: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss"]  # noqa: Y015
+    _WhichOneofReturnType__timeline: _TypeAlias = _typing.Literal["timeline"]  # noqa: Y015
+    _WhichOneofArgType__timeline: _TypeAlias = _typing.Literal["_timeline", b"_timeline"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__num_classes) -> _WhichOneofReturnType__num_classes | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__random_guess_loss) -> _WhichOneofReturnType__random_guess_loss | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__timeline) -> _WhichOneofReturnType__timeline | None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
 
