@@ -50,8 +50,8 @@ class Vitals:
     first_seq: int
     timeline: int
     steps: npt.NDArray[np.int64]
-    losses: Sequence[float]
-    grads: Sequence[float]
+    losses: Sequence[float] | npt.NDArray[np.float64]
+    grads: Sequence[float] | npt.NDArray[np.float64]
     num_dropped: int
     now: float
 
@@ -59,6 +59,34 @@ class Vitals:
     def last_seq(self) -> int:
         """Seq of the batch's last record."""
         return self.first_seq + len(self.steps) - 1
+
+    def follows(self, earlier: Vitals) -> bool:
+        """True if this batch continues ``earlier`` on the same stream and timeline, seq for seq, with the
+        same columns."""
+        return (
+            self.stream == earlier.stream
+            and self.timeline == earlier.timeline
+            and self.first_seq == earlier.last_seq + 1
+            and (len(self.grads) == 0) == (len(earlier.grads) == 0)
+        )
+
+    @staticmethod
+    def joined(batches: Sequence[Vitals]) -> Vitals:
+        """One event for consecutive batches (each ``follows`` the one before): judged and journaled as
+        one, so a daemon that falls behind does less work per record and judges every one of them."""
+        first = batches[0]
+        if len(batches) == 1:
+            return first
+        return Vitals(
+            first.stream,
+            first.first_seq,
+            first.timeline,
+            np.concatenate([b.steps for b in batches]),
+            np.concatenate([np.asarray(b.losses, dtype=np.float64) for b in batches]),
+            np.concatenate([np.asarray(b.grads, dtype=np.float64) for b in batches]),
+            sum(b.num_dropped for b in batches),
+            batches[-1].now,
+        )
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from governor_daemon.core import events as ev
 from governor_daemon.core.effects import (
     Ack,
@@ -512,7 +515,7 @@ class GovernorCore:
                     "pending": run.aggregator.to_dict(),
                 },
             },
-            sync=decision.command is not None,
+            sync=True,  # a verdict never waits for the group-commit window (docs/protocol.md, "Decisions")
         )
         for rank_id, seq in group.seqs.items():
             target = run.rank(rank_id)
@@ -845,9 +848,14 @@ def _check_rejoin(run: Run, e: ev.Attach) -> None:
         raise ConflictError(f"run {run.run_id} has finished; start a new run id")
 
 
-def first_non_finite(losses: Sequence[float], grads: Sequence[float]) -> int | None:
+def first_non_finite(
+    losses: Sequence[float] | npt.NDArray[np.float64], grads: Sequence[float] | npt.NDArray[np.float64]
+) -> int | None:
     """Index of the first record whose loss or gradient norm (when sent) is NaN or infinite."""
     isfinite = math.isfinite
+    if isinstance(losses, np.ndarray):  # joined batches: numpy's own pass
+        ok = np.isfinite(losses) & (np.isfinite(grads) if len(grads) else True)
+        return None if ok.all() else int(np.argmin(ok))
     # A sum is finite only if every term is (or it overflowed): one C-level pass in the common case.
     if isfinite(sum(losses)) and isfinite(sum(grads)):
         return None

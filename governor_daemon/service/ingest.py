@@ -34,6 +34,9 @@ log = structlog.get_logger("governor.ingest")
 
 DEFAULT_SLICE_S = 0.001
 DEFAULT_MAX_PENDING = 8
+JOIN_RECORDS = 8192
+"""When a stream has several batches queued (the daemon is behind), the worker hands up to this many
+consecutive records to the core as one event: less work per record, and every record still judged."""
 
 
 class VitalsIngest:
@@ -90,13 +93,17 @@ class VitalsIngest:
                 stream = self._arrivals.popleft()
                 if not stream.pending:  # drained already by its reader
                     continue
-                batch = stream.pending.popleft()
+                batches = [stream.pending.popleft()]
+                records = len(batches[0].steps)
+                while stream.pending and stream.pending[0].follows(batches[-1]) and records < JOIN_RECORDS:
+                    records += len(stream.pending[0].steps)
+                    batches.append(stream.pending.popleft())
                 if len(stream.pending) < self.max_pending:
                     stream.room.set()
                 if stream.closed:
                     continue
                 try:
-                    self.governor.handle(batch)
+                    self.governor.handle(ev.Vitals.joined(batches))
                 except GovernorError as exc:
                     stream.fail(exc)
                 except Exception:  # a bug must not stop ingest for every other stream

@@ -4,6 +4,7 @@ lives in the daemon has a test here named after it; each failed before its fix."
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -422,3 +423,26 @@ def test_one_principal_cannot_exhaust_the_run_table() -> None:
     with pytest.raises(LimitExceededError, match="per-principal"):
         attach(3, "m3", "mallory")
     attach(4, "a1", "alice")
+
+
+def test_joined_batches_are_judged_as_their_parts() -> None:
+    """The ingest worker joins a behind stream's consecutive batches: every record is still judged (a NaN
+    in the third batch rolls back), counted and acknowledged up to the last seq."""
+    h = Harness()
+    h.attach(1)
+    parts = [
+        ev.Vitals(
+            1, 1 + 4 * i, 0, np.arange(4 * i, 4 * i + 4), [0.5, 0.5, math.nan if i == 2 else 0.5, 0.5], [], 1, h.now
+        )
+        for i in range(4)
+    ]
+    assert all(b.follows(a) for a, b in itertools.pairwise(parts))
+    joined = ev.Vitals.joined(parts)
+    assert (joined.first_seq, joined.last_seq, joined.num_dropped) == (1, 16, 4)
+    fx = h.handle(joined)
+    assert [c.kind for c in commands(fx)] == [CommandKind.ROLLBACK]
+    assert "step 10" in commands(fx)[0].reason
+    assert h.run().ranks[0].num_records == 16
+    assert messages(fx, Ack)[-1].up_to_seq == 16
+    other_timeline = ev.Vitals(1, 17, 1, np.arange(2), [0.5, 0.5], [], 0, h.now)
+    assert not other_timeline.follows(parts[-1])
