@@ -575,32 +575,28 @@ class GovernorCore:
             return
         binding, run, rank = bound
         policy = run.policy
-        command = policy.command(e.command_id)
-        if e.command_id >= policy.next_command_id:  # never issued here (a forged result, or one of a run
-            rank.accept_seq(e.seq)  # the daemon has forgotten): journaled, and it changes nothing else
-            fx.append(
-                run.run_id,
-                EntryKind.COMMAND_RESULT,
-                {
-                    "rank": binding.rank,
-                    "incarnation_id": binding.incarnation_id,
-                    "seq": e.seq,
-                    "command_id": e.command_id,
-                    "succeeded": e.succeeded,
-                    "new_timeline": e.new_timeline,
-                    "notices": [
-                        {
-                            "kind": "unknown_command",
-                            "reason": f"command {e.command_id} was never issued in "
-                            f"run {run.run_id}; the result changes nothing",
-                            "command": None,
-                        }
-                    ],
-                    "effects": {"ranks": {str(rank.rank): rank.effect()}},
-                },
-            )
+        payload: dict[str, Any] = {
+            "rank": binding.rank,
+            "incarnation_id": binding.incarnation_id,
+            "seq": e.seq,
+            "command_id": e.command_id,
+            "succeeded": e.succeeded,
+            "new_timeline": e.new_timeline,
+            "restored_step": e.restored_step,
+            "duration_ms": e.duration_ms,
+            "error": e.error,
+            "num_culled_seeds": e.num_culled_seeds,
+            **({} if e.lr_after_restore is None else {"lr_after_restore": float_to_json(e.lr_after_restore)}),
+        }
+        if e.command_id >= policy.next_command_id:  # never issued here: forged, or a result for a run the
+            rank.accept_seq(e.seq)  # daemon has forgotten. Journaled; it changes nothing else.
+            unknown = f"command {e.command_id} was never issued in run {run.run_id}; the result changes nothing"
+            payload["notices"] = [{"kind": "unknown_command", "reason": unknown, "command": None}]
+            payload["effects"] = {"ranks": {str(rank.rank): rank.effect()}}
+            fx.append(run.run_id, EntryKind.COMMAND_RESULT, payload)
             fx.send(e.stream, Ack(e.seq))
             return
+        command = policy.command(e.command_id)
         moves = command is not None and command.kind is not CommandKind.HALT
         if command is not None and e.succeeded and moves and e.new_timeline != command.timeline + 1:
             raise InvalidInputError(
@@ -620,27 +616,10 @@ class GovernorCore:
         if superseded:
             effects["pending"] = run.aggregator.to_dict()
         follow_up = [n.command for n in notices if n.command is not None]
-        fx.append(
-            run.run_id,
-            EntryKind.COMMAND_RESULT,
-            {
-                "rank": binding.rank,
-                "incarnation_id": binding.incarnation_id,
-                "seq": e.seq,
-                "command_id": e.command_id,
-                "succeeded": e.succeeded,
-                "new_timeline": e.new_timeline,
-                "restored_step": e.restored_step,
-                "duration_ms": e.duration_ms,
-                "error": e.error,
-                "num_culled_seeds": e.num_culled_seeds,
-                **({} if e.lr_after_restore is None else {"lr_after_restore": float_to_json(e.lr_after_restore)}),
-                "notices": [_notice(n) for n in notices],
-                "superseded_steps": [[g.timeline, g.step] for g in superseded],
-                "effects": effects,
-            },
-            sync=bool(follow_up),
-        )
+        payload["notices"] = [_notice(n) for n in notices]
+        payload["superseded_steps"] = [[g.timeline, g.step] for g in superseded]
+        payload["effects"] = effects
+        fx.append(run.run_id, EntryKind.COMMAND_RESULT, payload, sync=bool(follow_up))
         for command in follow_up:
             self._issue(fx, run, command, "command_failed")
         fx.send(e.stream, Ack(e.seq))
