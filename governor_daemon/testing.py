@@ -8,9 +8,12 @@ They drive the real daemon over real gRPC on a free loopback port; nothing here 
 from __future__ import annotations
 
 import asyncio
+import io
 import queue
+import sys
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
@@ -71,8 +74,22 @@ class InProcessDaemon:
         return f"127.0.0.1:{self.daemon.port}"
 
     def call(self, coro: Coroutine[Any, Any, T], timeout_s: float = 30.0) -> T:
-        """Run ``coro`` on the daemon's loop and return its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+        """Run ``coro`` on the daemon's loop and return its result. On a timeout the error carries every
+        task's stack on the loop and every thread's (what a hang needs to be diagnosed)."""
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout_s)
+        except TimeoutError:
+            raise TimeoutError(f"no result within {timeout_s} s; the daemon's loop:\n{self._stacks()}") from None
+
+    def _stacks(self) -> str:
+        out = io.StringIO()
+        for task in asyncio.all_tasks(self.loop):
+            out.write(f"--- {task!r}\n")
+            task.print_stack(limit=12, file=out)
+        for thread_id, frame in sys._current_frames().items():
+            out.write(f"--- thread {thread_id}\n{''.join(traceback.format_stack(frame, limit=12))}")
+        return out.getvalue()
 
 
 class AttachClient:
