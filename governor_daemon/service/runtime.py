@@ -135,6 +135,9 @@ class Governor:
         """
         if self.failure is not None:
             raise UnavailableError(f"journal write failed: {self.failure}; the daemon is stopping")
+        stream = getattr(event, "stream", None)
+        if stream is not None and stream not in self.streams and not isinstance(event, ev.Detach):
+            return self.committer.journal.last_seq  # a closed stream's late message: moot
         self.committer.rotate_if_due()  # a checkpoint is taken between events, never inside one
         effects = self.core.handle(event)
         after = self._apply(effects)

@@ -4,7 +4,6 @@ the runtime releases. One reader task per stream; vitals go through the ingest w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -48,8 +47,10 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 yield message
         finally:
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await reader
+            # Bounded: a read parked inside grpc (e.g. awaiting a Hello while the server shuts down) may not
+            # end at once, and must not hold the handler, and so the server's stop, until it does. Whatever
+            # it reads later belongs to a closed stream, which the runtime ignores.
+            await asyncio.wait({reader}, timeout=1.0)
             self.governor.close_stream(stream)
         if stream.failure is not None:
             exc = stream.failure
