@@ -852,4 +852,4 @@ def _notice(notice: Notice) -> dict[str, Any]:
     }
 
 
-__all__ = ["Binding", "CommandReply", "CoreOptions", "GovernorCore", "Limits", "PolicyStateError", "Verdict"]
+__all__ = ["MAX_SEQ_JUMP", "Binding", "CommandReply", "CoreOptions", "GovernorCore", "Limits", "first_non_finite"]
