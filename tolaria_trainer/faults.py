@@ -3,7 +3,9 @@
 Specs: ``nan@epoch=12`` (weights become NaN), ``spike@epoch=13:x50:epochs=2`` (reported validation
 losses multiplied for that many validations), ``lobotomy@epoch=14`` (uniform outputs),
 ``lr-blowup@step=3000:x1000`` (learning rate multiplied), ``hang@epoch=15[:s=600]`` (the process stops
-making progress for s seconds). ``:rank=R`` limits a fault to one rank of a multi-rank run.
+making progress for s seconds). ``:rank=R`` limits a fault to one rank of a multi-rank run;
+``:timeline=T`` holds it until the trainer is on timeline T (after T rollbacks), so that a chain of faults
+strikes one after another's rollback whatever the governor's latency.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Fault:
     seconds: float = 3600.0
     spec: str = ""
     rank: int | None = None
+    timeline: int | None = None
 
 
 def parse_fault(spec: str) -> Fault:
@@ -54,8 +57,10 @@ def parse_fault(spec: str) -> Fault:
             options["factor"] = float(opt[1:])
         elif "=" in opt:
             name, value = opt.split("=", 1)
-            if name not in ("epochs", "s", "rank"):
-                raise ScheduleError(f"{spec!r}: unknown option {name!r} (epochs=N, s=SECONDS, rank=R, xFACTOR)")
+            if name not in ("epochs", "s", "rank", "timeline"):
+                raise ScheduleError(
+                    f"{spec!r}: unknown option {name!r} (epochs=N, s=SECONDS, rank=R, timeline=T, xFACTOR)"
+                )
             options[name] = float(value)
         else:
             raise ScheduleError(f"{spec!r}: bad option {opt!r}")
@@ -71,6 +76,7 @@ def parse_fault(spec: str) -> Fault:
         options.get("s", 3600.0),
         spec.strip(),
         rank,
+        int(options["timeline"]) if "timeline" in options else None,
     )
 
 
@@ -82,28 +88,36 @@ class FaultInjector:
         self.fired: set[str] = set()
         self._spiking: dict[str, int] = {}
 
-    def _due(self, kind: str, unit: str, at: int) -> list[Fault]:
-        return [f for f in self.faults if f.kind == kind and f.unit == unit and f.at <= at and f.spec not in self.fired]
+    def _due(self, kind: str, unit: str, at: int, timeline: int) -> list[Fault]:
+        return [
+            f
+            for f in self.faults
+            if f.kind == kind
+            and f.unit == unit
+            and f.at <= at
+            and f.spec not in self.fired
+            and (f.timeline is None or f.timeline == timeline)
+        ]
 
     def before_epoch(self, state: TrainingState, epoch: int) -> list[str]:
         """Fire epoch faults due at ``epoch`` (1-based) before it trains; returns their specs."""
         fired = []
-        for fault in self._due("nan", "epoch", epoch):
+        for fault in self._due("nan", "epoch", epoch, state.timeline):
             with torch.no_grad():
                 for param in state.model.head.parameters():
                     param.fill_(float("nan"))
             fired.append(fault.spec)
-        for fault in self._due("lobotomy", "epoch", epoch):
+        for fault in self._due("lobotomy", "epoch", epoch, state.timeline):
             with torch.no_grad():
                 state.model.head.weight.zero_()
                 state.model.head.bias.zero_()
             # The collapse persists: the head stops learning, as a dead network would.
             state.model.head.requires_grad_(False)
             fired.append(fault.spec)
-        for fault in self._due("spike", "epoch", epoch):
+        for fault in self._due("spike", "epoch", epoch, state.timeline):
             self._spiking[fault.spec] = fault.epochs
             fired.append(fault.spec)
-        for fault in self._due("hang", "epoch", epoch):
+        for fault in self._due("hang", "epoch", epoch, state.timeline):
             self.fired.add(fault.spec)
             time.sleep(fault.seconds)
             fired.append(fault.spec)
@@ -113,7 +127,7 @@ class FaultInjector:
     def on_step(self, state: TrainingState) -> list[str]:
         """Fire step faults due at ``state.step``."""
         fired = []
-        for fault in self._due("lr-blowup", "step", state.step):
+        for fault in self._due("lr-blowup", "step", state.step, state.timeline):
             for group in state.host_optimizer.param_groups:
                 group["lr"] = group["lr"] * fault.factor
             fired.append(fault.spec)

@@ -171,11 +171,12 @@ def test_nan_in_first_epoch_rolls_back_to_initial_lkg(daemon: DaemonProcess, tmp
 def test_repeated_nan_halts_then_resume_continues(daemon: DaemonProcess, tmp_path: Path) -> None:
     """Four NaNs in the window: the fourth is a HALT; `governor resume` lets the run finish.
 
-    The faults are three epochs apart, so each one strikes after the previous rollback was executed: a
-    fault on a timeline that an open rollback is already leaving is undone by that rollback and is rightly
-    not a rollback of its own (with faults in consecutive epochs the count depended on timing)."""
+    Each fault waits for the previous rollback (``:timeline=T``): a fault on a timeline that an open rollback
+    is already leaving is undone by that rollback and is rightly not a rollback of its own, so faults at
+    fixed epochs made the count depend on the governor's latency (it failed 1 in 6 under load)."""
     summary_path = tmp_path / "halt-summary.json"
-    injections = [arg for epoch in (6, 9, 12, 15) for arg in ("--inject", f"nan@epoch={epoch}")]
+    faults = ((6, 0), (9, 1), (12, 2), (15, 3))
+    injections = [arg for epoch, tl in faults for arg in ("--inject", f"nan@epoch={epoch}:timeline={tl}")]
     policy = ["--policy", "rollback_window=20"]
     cmd = trainer_cmd(
         daemon.address, summary_path, "--halt-wait-s", "120", "--epochs", "18", *policy, *injections, run_id="halty"

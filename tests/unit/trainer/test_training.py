@@ -178,6 +178,7 @@ def test_parse_faults() -> None:
         "seconds": 3600.0,
         "spec": "spike@epoch=13:x50:epochs=2",
         "rank": None,
+        "timeline": None,
     }
     assert parse_fault("lr-blowup@step=3000:x1000").factor == 1000.0
     assert parse_fault("hang@epoch=15:s=2").seconds == 2.0
@@ -188,6 +189,17 @@ def test_parse_faults() -> None:
     ):
         with pytest.raises(ScheduleError, match=message):
             parse_fault(bad)
+
+
+def test_a_fault_with_a_timeline_waits_for_it() -> None:
+    """nan@epoch=2:timeline=1 does not fire on timeline 0, even past its epoch; it fires once the trainer
+    is on timeline 1 (a chain of faults, each after the previous rollback)."""
+    state = make_state(scheduler=False)
+    injector = FaultInjector([parse_fault("nan@epoch=2:timeline=1")])
+    assert injector.before_epoch(state, 3) == []
+    state.timeline = 1
+    assert injector.before_epoch(state, 3) == ["nan@epoch=2:timeline=1"]
+    assert injector.before_epoch(state, 4) == []
 
 
 def test_faults_fire_once() -> None:
