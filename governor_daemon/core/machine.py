@@ -654,9 +654,7 @@ class GovernorCore:
     def _evict_finished(self, fx: Effects) -> None:
         finished = [r for r in self.registry.runs.values() if r.policy.state is RunState.FINISHED]
         excess = len(finished) - self.options.limits.retain_finished_runs
-        for run in finished[: max(0, excess)]:
-            if any(rank.stream is not None for rank in run.ranks.values()):
-                continue
+        for run in finished[: max(0, excess)]:  # a stream still open on it is moot from now on
             del self.registry.runs[run.run_id]
             fx.append(run.run_id, EntryKind.RUN_EVICTED, {"effects": {"forget": True}})
 
