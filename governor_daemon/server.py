@@ -213,6 +213,13 @@ async def serve(settings: ServeSettings) -> int:
     faulthandler.enable()
     faulthandler.register(signal.SIGQUIT, all_threads=True)
     daemon = GovernorServer(settings)
+    # Handlers first: a SIGTERM that arrives while the daemon starts (its port file may already be written)
+    # stops it cleanly once it has started, instead of killing it mid-start.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload_tokens)
     try:
         await daemon.start()
     except JournalCorruptError as exc:
@@ -233,11 +240,6 @@ async def serve(settings: ServeSettings) -> int:
     # Everything allocated so far (modules, the restored registry) lives as long as the process: out of the
     # collector's sight, a full collection under load pauses the event loop for a few ms instead of ~50 ms.
     gc.freeze()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, daemon.reload_tokens)
     fatal = asyncio.ensure_future(daemon.governor.fatal.wait())
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({fatal, stopped}, return_when=asyncio.FIRST_COMPLETED)
