@@ -1,4 +1,7 @@
-"""The clock seam: wall time for journaled times, monotonic time for stall clocks."""
+"""The clock seam: the runtime reads monotonic time here and hands it to the core with every event.
+
+Wall time decides nothing (the journal stamps entries with it itself); docs/protocol.md, "Clocks".
+"""
 
 from __future__ import annotations
 
@@ -7,23 +10,15 @@ from typing import Protocol
 
 
 class Clock(Protocol):
-    """Where the daemon reads time. Tests may pass their own."""
-
-    def time(self) -> float:
-        """Seconds since the epoch (journaled: command issue times, rank deadlines)."""
-        ...
+    """Where the runtime reads time. Tests may pass their own."""
 
     def monotonic(self) -> float:
-        """Monotonic seconds (stall clocks, never journaled)."""
+        """Monotonic seconds (deadlines, stall clocks, command timeouts; never journaled)."""
         ...
 
 
 class SystemClock:
     """The real clock."""
-
-    def time(self) -> float:
-        """time.time()."""
-        return time.time()
 
     def monotonic(self) -> float:
         """time.monotonic()."""
