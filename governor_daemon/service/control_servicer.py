@@ -90,8 +90,10 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: Context
     ) -> AsyncIterator[pb.WatchEventsResponse]:
-        """Journal entries after the cursor, then live."""
+        """Journal entries after the cursor, then live. The headers go out at once, so that a client knows its
+        watch is established even when no entry comes for a long time (tolaria.controller's reconnection)."""
         try:
+            await context.send_initial_metadata(())
             async for entry in self.governor.watch(request.cursor, request.run_ids, request.kinds):
                 yield codec.entry_to_proto(entry)
         except GovernorError as exc:
