@@ -1,5 +1,6 @@
-"""What every `governor` command prints the same way: errors (JSON with --json), protobuf messages as
-JSON (64-bit integers as numbers), validation summaries, and a reader that went away (`| head`).
+"""What every `governor` command prints the same way: errors (JSON with --json), validation summaries, and
+a reader that went away (`| head`). (Messages of the contract print through ``tolaria.controller``'s typed
+classes' ``to_dict``.)
 
 With ``--json``, stdout carries only data and every error or warning is one JSON object on its own line
 on stderr: ``{"error": MESSAGE, "code": CODE, "exit_code": N}`` (CODE is the gRPC status name when the
@@ -16,18 +17,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from google.protobuf import descriptor, json_format, message
-
 from governor_daemon.exit_codes import ExitCode
 from governor_daemon.text import printable
-
-_INT64_TYPES = {
-    descriptor.FieldDescriptor.TYPE_INT64,
-    descriptor.FieldDescriptor.TYPE_UINT64,
-    descriptor.FieldDescriptor.TYPE_SINT64,
-    descriptor.FieldDescriptor.TYPE_FIXED64,
-    descriptor.FieldDescriptor.TYPE_SFIXED64,
-}
 
 
 def error(args: argparse.Namespace, message_text: str, exit_code: ExitCode, code: str | None = None) -> int:
@@ -51,41 +42,6 @@ def warning(args: argparse.Namespace, message_text: str) -> None:
 def _command(args: argparse.Namespace) -> str:
     words = (getattr(args, name, None) for name in ("command", "audit_command", "policy_command"))
     return " ".join(w for w in words if w)
-
-
-def message_to_dict(msg: message.Message) -> dict[str, Any]:
-    """``MessageToDict`` with the proto field names, and 64-bit integers as JSON numbers, not strings.
-
-    (Proto3's JSON mapping writes int64 and uint64 as strings for JavaScript's sake; every value here
-    is below 2^63 and Python's and most JSON readers' integers hold it.)
-    """
-    return _numbers(msg.DESCRIPTOR, json_format.MessageToDict(msg, preserving_proto_field_name=True))
-
-
-def _numbers(desc: Any, obj: dict[str, Any]) -> dict[str, Any]:
-    for name, value in obj.items():
-        field = desc.fields_by_name.get(name)
-        if field is None:
-            continue
-        entry = field.message_type
-        if entry is not None and entry.GetOptions().map_entry:
-            value_field = entry.fields_by_name["value"]
-            obj[name] = {k: _value(value_field, v) for k, v in value.items()}
-        elif isinstance(value, list):
-            obj[name] = [_value(field, v) for v in value]
-        else:
-            obj[name] = _value(field, value)
-    return obj
-
-
-def _value(field: descriptor.FieldDescriptor, value: Any) -> Any:
-    if field.message_type is not None:
-        if field.message_type.full_name.startswith("google.protobuf."):
-            return value  # well-known types have their own JSON forms
-        return _numbers(field.message_type, value)
-    if field.type in _INT64_TYPES and isinstance(value, str):
-        return int(value)
-    return value
 
 
 def _number(value: Any) -> float | None:
