@@ -20,7 +20,6 @@ from grpc_reflection.v1alpha import reflection
 
 from governor_daemon.core import Limits
 from governor_daemon.core import events as ev
-from governor_daemon.exit_codes import ExitCode
 from governor_daemon.journal import JournalCorruptError, JournalLockedError
 from governor_daemon.metrics import LabelValues, Metrics, MetricsServer, StateGauge
 from governor_daemon.policy import RunState
@@ -30,6 +29,7 @@ from governor_daemon.service.ingest import VitalsIngest
 from governor_daemon.service.runtime import Governor, GovernorOptions
 from governor_daemon.service.trainer_servicer import TrainerServicer
 from governor_daemon.settings import ServeSettings, parse_address
+from tolaria.exit_codes import ExitCode
 from tolaria.governor.v1 import (
     control_service_pb2,
     control_service_pb2_grpc,
@@ -248,7 +248,7 @@ async def serve(settings: ServeSettings) -> int:
     await daemon.stop()
     if daemon.governor.failure is not None:
         log.error("stopped after a journal write failure; restart recovers from the journal")
-        return ExitCode.INTERNAL_ERROR
+        return ExitCode.JOURNAL_FAILED
     return ExitCode.OK
 
 

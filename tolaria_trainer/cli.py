@@ -14,9 +14,9 @@ from typing import Any
 import structlog
 from google.protobuf.descriptor import FieldDescriptor
 
+from tolaria.exit_codes import ExitCode, epilog
 from tolaria.governor.v1 import common_pb2
 from tolaria_trainer.errors import TrainerError
-from tolaria_trainer.exit_codes import EPILOG, ExitCode
 from tolaria_trainer.faults import parse_fault
 from tolaria_trainer.model import parse_schedule
 from tolaria_trainer.tasks import TASKS
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tolaria-train",
         description="Train a morphogenetic model, governed by a Tolaria governor.",
-        epilog=EPILOG,
+        epilog=epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--task", default="digits", choices=sorted(TASKS), help="task to train (default digits)")

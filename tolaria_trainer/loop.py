@@ -27,13 +27,13 @@ import torch
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
+from tolaria.exit_codes import ExitCode
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
 from tolaria_trainer import __version__
 from tolaria_trainer.client import ClientOptions, GovernorClient, timeline_after
 from tolaria_trainer.device import parse_device
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import SnapshotError
-from tolaria_trainer.exit_codes import ExitCode
 from tolaria_trainer.faults import FaultInjector, parse_fault
 from tolaria_trainer.model import SeedStage, create_model, parse_schedule
 from tolaria_trainer.model.schedule import ScheduleEvent
@@ -244,7 +244,7 @@ class GovernedRun:
                 if self.state.epochs_run >= cap:
                     raise _Stop(
                         "failed",
-                        ExitCode.INTERNAL_ERROR,
+                        ExitCode.EPOCH_CAP,
                         f"--max-epochs-total {cap} reached with "
                         f"{self.state.epoch}/{self.cfg.epochs} epochs of progress",
                     )

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from governor_daemon.cli.output import error, validation_summary, warning
-from governor_daemon.exit_codes import ExitCode
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
 from governor_daemon.journal.verify import verify_journal
 from governor_daemon.text import show
+from tolaria.exit_codes import ExitCode
 
 # The distribution's name in pyproject.toml, with the extra that brings matplotlib.
 PLOT_INSTALL = "pip install 'tolaria-governor[plot]'"
@@ -54,7 +54,7 @@ def _key(args: argparse.Namespace) -> bytes | None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    """`governor audit verify`: exit 0 if the chain verifies, 1 otherwise (with the line named)."""
+    """`governor audit verify`: exit 0 if the chain verifies, 7 (CHECK_FAILED) otherwise, naming the line."""
     try:
         report = verify_journal(args.data_dir, _key(args))
     except OSError as exc:
@@ -83,7 +83,7 @@ def run_verify(args: argparse.Namespace) -> int:
             )
         else:
             print(f"FAILED: {report.problem}", file=sys.stderr)
-    return ExitCode.OK if report.ok else ExitCode.INTERNAL_ERROR
+    return ExitCode.OK if report.ok else ExitCode.CHECK_FAILED
 
 
 def run_head(args: argparse.Namespace) -> int:

@@ -19,7 +19,6 @@ import grpc
 from governor_daemon.cli.audit_cmd import lr_text
 from governor_daemon.cli.output import error, validation_summary
 from governor_daemon.errors import PolicyConfigError
-from governor_daemon.exit_codes import ExitCode
 from governor_daemon.policy import parse_assignments
 from governor_daemon.text import show
 from tolaria.controller import (
@@ -32,6 +31,7 @@ from tolaria.controller import (
     TlsConfig,
     Unreachable,
 )
+from tolaria.exit_codes import ExitCode
 
 USAGE_CODES = {
     grpc.StatusCode.INVALID_ARGUMENT,

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from governor_daemon.cli import audit_cmd, control_cmds, replay_cmd, serve_cmd, tokens_cmd
 from governor_daemon.cli.output import exits_quietly_on_closed_pipe
-from governor_daemon.exit_codes import ExitCode, epilog
+from tolaria.exit_codes import ExitCode, epilog
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = exits_quietly_on_closed_pipe(lambda: args.handler(args))
     except KeyboardInterrupt:
         print("governor: interrupted", file=sys.stderr)
-        return ExitCode.INTERNAL_ERROR
+        return ExitCode.INTERRUPTED
     return code
 
 

@@ -17,8 +17,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from governor_daemon.exit_codes import ExitCode
 from governor_daemon.text import printable
+from tolaria.exit_codes import ExitCode
 
 
 def error(args: argparse.Namespace, message_text: str, exit_code: ExitCode, code: str | None = None) -> int:

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from governor_daemon import logs, settings
-from governor_daemon.exit_codes import ExitCode
+from tolaria.exit_codes import ExitCode
 
 
 def register(sub: Any) -> None:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from governor_daemon.exit_codes import ExitCode
+from tolaria.exit_codes import ExitCode
 
 ENV_VARS = ("GOVERNOR_ADDRESS", "GOVERNOR_TLS_CA", "GOVERNOR_CLIENT_CERT", "GOVERNOR_CLIENT_KEY")
 """What `governor health` reads (a compose health check may set them)."""
@@ -63,7 +63,8 @@ def _write(path: Path, text: str, mode: int) -> None:
 
 
 def health(args: argparse.Namespace) -> int:
-    """One health check; exit 0 when SERVING, 1 otherwise (the message says why)."""
+    """One health check: exit 0 when SERVING, 4 when the daemon cannot be reached, 7 (CHECK_FAILED) for any other
+    answer (the message says which)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -83,7 +84,8 @@ def health(args: argparse.Namespace) -> int:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout_s)
         except grpc.RpcError as exc:
             print(f"governor health: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return ExitCode.INTERNAL_ERROR
+            unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            return ExitCode.GOVERNOR_UNREACHABLE if unreachable else ExitCode.CHECK_FAILED
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
-    return ExitCode.OK if serving else ExitCode.INTERNAL_ERROR
+    return ExitCode.OK if serving else ExitCode.CHECK_FAILED

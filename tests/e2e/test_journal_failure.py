@@ -15,7 +15,7 @@ from tolaria.governor.v1 import control_service_pb2_grpc as cgrpc
 
 def test_disk_full_stops_the_daemon_and_restart_recovers(tmp_path: Path) -> None:
     """Review finding: on ENOSPC the daemon stayed up, SERVING, showed state that was not on disk and ended
-    new streams with no status. Now: streams end UNAVAILABLE, one clear error, exit 1; nothing acknowledged
+    new streams with no status. Now: streams end UNAVAILABLE, one clear error, exit 8; nothing acknowledged
     is lost."""
     data = tmp_path / "data"
     daemon = DaemonProcess(data, max_file_bytes=200_000)
@@ -41,7 +41,7 @@ def test_disk_full_stops_the_daemon_and_restart_recovers(tmp_path: Path) -> None
     assert error.code() == grpc.StatusCode.UNAVAILABLE
     code = daemon.proc.wait(20)
     log = daemon.log_path.read_text()
-    assert code == 1, log[-3000:]
+    assert code == 8, log[-3000:]  # JOURNAL_FAILED, not the internal-error code
     assert log.count("journal write failed: no more acknowledgements") == 1
     assert "Traceback" not in log
 

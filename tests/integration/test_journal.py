@@ -58,7 +58,7 @@ def test_one_changed_byte_fails_verify_naming_line(tmp_path: Path) -> None:
     lines[3] = lines[3].replace('"i":2', '"i":7')
     path.write_text("".join(lines))
     result = governor_cli(["audit", "verify", "--data-dir", str(tmp_path)])
-    assert result.returncode == 1
+    assert result.returncode == 7  # CHECK_FAILED, not the internal-error code
     assert "journal-00000001.jsonl:4" in result.stderr
     assert "hash does not match" in result.stderr
 
