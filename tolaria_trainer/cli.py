@@ -1,8 +1,13 @@
-"""`tolaria-train`: train a task under the governor (or without one)."""
+"""`tolaria-train`: train a task under the governor (or without one).
+
+This module imports nothing that needs torch until ``main`` has checked that torch imports, so that an
+install without the trainer extra gets a message naming it instead of a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -16,10 +21,8 @@ from google.protobuf.descriptor import FieldDescriptor
 
 from tolaria.exit_codes import ExitCode, epilog
 from tolaria.governor.v1 import common_pb2
+from tolaria_trainer.address import check_governor_address
 from tolaria_trainer.errors import TrainerError
-from tolaria_trainer.faults import parse_fault
-from tolaria_trainer.model import parse_schedule
-from tolaria_trainer.tasks import TASKS
 
 ENV_VARS = (
     "TOLARIA_GOVERNOR",
@@ -31,6 +34,8 @@ ENV_VARS = (
 )
 """Environment variables `tolaria-train` reads."""
 MIN_HISTORY_DEFAULT = 10
+# The distribution's name in pyproject.toml, with the extra that brings torch.
+TRAINER_INSTALL = "pip install 'tolaria-governor[trainer]'"
 
 
 def _env_path(name: str) -> Path | None:
@@ -39,7 +44,9 @@ def _env_path(name: str) -> Path | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser."""
+    """The argument parser (needs torch: the task list comes from the task registry)."""
+    from tolaria_trainer.tasks import TASKS
+
     p = argparse.ArgumentParser(
         prog="tolaria-train",
         description="Train a morphogenetic model, governed by a Tolaria governor.",
@@ -64,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--governor",
         default=os.environ.get("TOLARIA_GOVERNOR"),
         metavar="HOST:PORT",
-        help="governor address [TOLARIA_GOVERNOR]; without it training is ungoverned",
+        help="governor address, HOST:PORT or [IPV6]:PORT, checked (and resolved) before training "
+        "[TOLARIA_GOVERNOR]; without it training is ungoverned",
     )
     p.add_argument("--token", default=os.environ.get("TOLARIA_TOKEN", ""), help="trainer token [TOLARIA_TOKEN]")
     p.add_argument(
@@ -97,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         const=60.0,
         default=None,
         metavar="DEADLINE_S",
-        help="pause while the governor is unreachable; exit 4 after DEADLINE_S (default 60)",
+        help="no training while the governor is unreachable: exit 4 after DEADLINE_S (default 60); "
+        "exit 2 if it refuses this trainer",
     )
     p.add_argument(
         "--halt-wait-s", type=float, default=3600.0, help="wait this long for Resume after HALT (0: exit at once)"
@@ -185,6 +194,8 @@ def _progress_printer(tty: bool, epochs: int) -> Any:
 
 
 def _warn_warmup(faults: list[str], policy: dict[str, Any]) -> None:
+    from tolaria_trainer.faults import parse_fault
+
     warm = int(policy.get("min_history", MIN_HISTORY_DEFAULT))
     for spec in faults:
         fault = parse_fault(spec)
@@ -198,10 +209,21 @@ def _warn_warmup(faults: list[str], policy: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `tolaria-train`; returns the exit code."""
+    try:
+        importlib.import_module("torch")
+    except ImportError as exc:
+        print(
+            f"tolaria-train: PyTorch cannot be imported ({exc}); it comes with the trainer extra: {TRAINER_INSTALL}",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     args = build_parser().parse_args(argv)
+    from tolaria_trainer.faults import parse_fault
     from tolaria_trainer.loop import GovernedRun, RunConfig
+    from tolaria_trainer.model import parse_schedule
 
     try:
+        governor = check_governor_address(args.governor) if args.governor else None
         policy = parse_policy(args.policy)
         for spec in args.inject:
             parse_fault(spec)
@@ -232,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lr=args.lr,
             device=args.device,
             data_dir=args.data_dir,
-            governor=args.governor,
+            governor=governor,
             token=token,
             run_id=args.run_id,
             seed_schedule=args.seed_schedule,
@@ -257,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = summary.as_dict()
     if args.summary_json is not None:
         target = Path(str(args.summary_json).replace("{rank}", str(summary.rank)))
-        target.write_text(json.dumps(report, indent=2) + "\n")
+        target.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     acc = summary.final_validation_accuracy
     print(
         f"tolaria-train: {summary.status}: run {summary.run_id} rank {summary.rank}, "
@@ -266,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + (f" - {summary.message}" if summary.message else ""),
         file=sys.stderr,
     )
-    print(json.dumps({"summary": report}), flush=True)
+    print(json.dumps({"summary": report}, allow_nan=False), flush=True)
     return summary.exit_code
 
 

@@ -29,3 +29,7 @@ class RestoreError(TrainerError):
 
 class SnapshotError(TrainerError):
     """A snapshot could not be taken or published."""
+
+
+class GovernorAddressError(TrainerError, ValueError):
+    """A --governor address that is malformed or whose host does not resolve."""

@@ -107,18 +107,25 @@ class RunSummary:
     epochs_run: int = 0
     rollbacks: int = 0
     timeline: int = 0
+    # The last validation on the current timeline: None when none ran since the last restore (the restored
+    # weights' metrics are not known here, and the ones before the restore describe weights that are gone).
     final_validation_loss: float | None = None
     final_validation_accuracy: float | None = None
     duration_s: float = 0.0
     message: str = ""
     dropped_records: int = 0
     unjudged_records: int = 0
-    governed: bool = False
+    governed: bool = False  # a governor was given and did not refuse this trainer
     weights_sha256: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return dict(self.__dict__)
+        """JSON-ready dict that strict JSON allows (``allow_nan=False``): a non-finite float is the string
+        "nan", "inf" or "-inf", as the governor's journal writes one, so a diverged run stays visible."""
+        return {key: _json_safe(value) for key, value in self.__dict__.items()}
+
+
+def _json_safe(value: Any) -> Any:
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
 
 
 class _Stop(Exception):
@@ -211,16 +218,33 @@ class GovernedRun:
         )
         self.client = GovernorClient(cfg.governor, hello, options)
         self.client.start()
-        if not self.client.wait_connected(min(10.0, cfg.fail_closed_deadline_s if cfg.fail_closed else 10.0)):
+        if cfg.fail_closed:
+            self._check_reachable()  # not one step before the governor welcomed this trainer
+            return
+        connected = self.client.wait_connected(10.0)
+        if self.client.refused is not None:
+            log.error(
+                "the governor REFUSED this trainer: training continues UNGOVERNED (no verdicts, rollbacks or "
+                "snapshots); fix the token, role or Hello, or pass --fail-closed to stop instead",
+                governor=cfg.governor,
+                error=str(self.client.refused),
+            )
+        elif not connected:
             log.warning(
                 "governor not reachable yet; training continues (fail-open) and keeps retrying", governor=cfg.governor
             )
 
     def _check_reachable(self) -> None:
+        """With --fail-closed: end the run once the governor refused this trainer (exit 2: another attempt
+        would be refused again), and wait while it is unreachable (exit 4 past the deadline). A fail-open
+        run goes on either way."""
         client = self.client
-        if client is None or not self.cfg.fail_closed or client.refused is not None:
+        if client is None or not self.cfg.fail_closed:
             return
         while not client.connected:
+            refused = client.refused
+            if refused is not None:
+                raise _Stop("refused", ExitCode.USAGE, f"{refused} (--fail-closed: no training without the governor)")
             if client.unreachable_for_s() > self.cfg.fail_closed_deadline_s:
                 raise _Stop(
                     "unreachable",
@@ -582,6 +606,7 @@ class GovernedRun:
         if not outcome.succeeded:
             raise _Stop("failed", ExitCode.ROLLBACK_FAILED, f"rollback {command.command_id} failed: {outcome.error}")
         self.num_restores += 1
+        self.last_metrics = None  # they described the weights this restore replaced
         if command.type == common_pb2.COMMAND_TYPE_ROLLBACK:
             self.rollbacks += 1
         self.progress(
@@ -637,6 +662,9 @@ class GovernedRun:
 
     def _finish(self, status: str, code: int, message: str) -> RunSummary:
         metrics = self.last_metrics
+        refused = self.client.refused if self.client is not None else None
+        if refused is not None and not message:
+            message = f"ungoverned: {refused}"
         summary = RunSummary(
             run_id=self.run_id,
             rank=self.dist.rank,
@@ -650,10 +678,11 @@ class GovernedRun:
             final_validation_accuracy=metrics.accuracy if metrics else None,
             duration_s=time.monotonic() - self.started,
             message=message,
-            governed=self.client is not None,
+            governed=self.client is not None and refused is None,
             weights_sha256=_weights_digest(self.state),
         )
         if self.client is not None:
+            gone = status == "unreachable" or refused is not None  # nothing more reaches the governor
             finish = trainer_service_pb2.Finish(
                 status={"completed": common_pb2.FINISH_STATUS_COMPLETED, "halted": common_pb2.FINISH_STATUS_HALTED}.get(
                     status, common_pb2.FINISH_STATUS_FAILED
@@ -667,21 +696,21 @@ class GovernedRun:
                 finish.final_validation_loss = metrics.loss
                 if math.isfinite(metrics.accuracy):
                     finish.final_validation_accuracy = metrics.accuracy
-            if status != "unreachable":
+            if not gone:
                 self.client.send_finish(finish)
             # Deliver what the governor has not acknowledged yet (it may be reconnecting after a restart);
-            # a run that stops because the governor is unreachable does not wait for it.
+            # a run that stops because the governor is unreachable, or that it refused, does not wait for it.
             pending = self.client.pending()
-            if pending and not self.client.connected and status != "unreachable":
+            if pending and not self.client.connected and not gone:
                 log.info(
                     "waiting for the governor to take the last records",
                     pending=pending,
                     timeout_s=self.cfg.final_flush_s,
                 )
-            flushed = self.client.close(flush_timeout_s=0.5 if status == "unreachable" else self.cfg.final_flush_s)
+            flushed = self.client.close(flush_timeout_s=0.5 if gone else self.cfg.final_flush_s)
             summary.dropped_records = self.client.num_dropped_records
             summary.unjudged_records = self.client.num_unjudged_records
-            if not flushed and status != "unreachable":
+            if not flushed and not gone:
                 log.warning("not every record reached the governor before exit", pending=self.client.pending())
         return summary
 

@@ -1,0 +1,58 @@
+"""``--governor`` checked before training starts: a typo is a usage error that names the flag, not a
+run that trains ungoverned while the connection retries.
+
+Accepted: ``HOST:PORT`` and ``[IPV6]:PORT``, with a port in 1..65535 and a host (an IPv4 address or a
+DNS name) that resolves now. Nothing else, because the governor listens on TCP only (`governor serve
+--listen HOST:PORT`): URLs and grpc's other target forms (``dns:``, ``unix:``, ``unix-abstract:``,
+``ipv4:``, ``ipv6:``, ``vsock:``) are refused rather than half supported, and a host spelled like one
+of those schemes would be read by grpc as the scheme.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+
+from tolaria_trainer.errors import GovernorAddressError
+
+GRPC_SCHEMES = frozenset({"dns", "unix", "unix-abstract", "ipv4", "ipv6", "vsock"})
+_LABEL = r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)"  # underscores too: container runtimes' DNS serves such names
+_HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
+EXAMPLE = "expected HOST:PORT or [IPV6]:PORT, e.g. 127.0.0.1:50051"
+
+
+def check_governor_address(value: str) -> str:
+    """``value`` when it is a usable governor address; raises GovernorAddressError naming --governor and
+    what is wrong. Resolving the host may take as long as the system's DNS takes to answer."""
+
+    def bad(why: str) -> GovernorAddressError:
+        return GovernorAddressError(f"--governor {value!r}: {why}")
+
+    if "://" in value or value.partition(":")[0].lower() in GRPC_SCHEMES:
+        raise bad(f"{EXAMPLE}; no URL or grpc target scheme: the governor listens on TCP (governor serve --listen)")
+    host, sep, port_text = value.rpartition(":")
+    if not sep or value.endswith("]"):
+        raise bad(f"no port: {EXAMPLE}")
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
+        raise bad(f"the port {port_text!r} is not a number in 1..65535")
+    if host.startswith("[") and host.endswith("]"):
+        name = host[1:-1]
+        try:
+            ipaddress.IPv6Address(name)
+        except ValueError:
+            raise bad(f"{host} is not an IPv6 address in brackets") from None
+    elif ":" in host:
+        raise bad(f"an IPv6 address goes in brackets: [ADDRESS]:PORT, e.g. [::1]:{port_text}")
+    elif not host:
+        raise bad(f"no host: {EXAMPLE}")
+    elif len(host) > 253 or not _HOST_NAME.fullmatch(host):
+        raise bad(f"{host!r} is not a host name or an IPv4 address")
+    else:
+        name = host
+    try:
+        socket.getaddrinfo(name, int(port_text), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise bad(f"the host {name} does not resolve ({reason})") from None
+    return value
