@@ -1,5 +1,6 @@
-"""``--governor`` checked before training starts: a typo is a usage error that names the flag, not a
-run that trains ungoverned while the connection retries.
+"""The governor address (``--governor``, GovernedTraining's ``governor``) checked before training starts:
+a typo is a usage error that names the setting, not a run that trains ungoverned while the connection
+retries.
 
 Accepted: ``HOST:PORT`` and ``[IPV6]:PORT``, with a port in 1..65535 and a host (an IPv4 address or a
 DNS name) that resolves now. Nothing else, because the governor listens on TCP only (`governor serve
@@ -22,12 +23,13 @@ _HOST_NAME = re.compile(rf"{_LABEL}(\.{_LABEL})*\.?")
 EXAMPLE = "expected HOST:PORT or [IPV6]:PORT, e.g. 127.0.0.1:50051"
 
 
-def check_governor_address(value: str) -> str:
-    """``value`` when it is a usable governor address; raises GovernorAddressError naming --governor and
-    what is wrong. Resolving the host may take as long as the system's DNS takes to answer."""
+def check_governor_address(value: str, setting: str = "--governor") -> str:
+    """``value`` when it is a usable governor address; raises GovernorAddressError naming the setting
+    (``setting``: the CLI flag, or GovernedTraining's ``governor``) and what is wrong. Resolving the host
+    may take as long as the system's DNS takes to answer."""
 
     def bad(why: str) -> GovernorAddressError:
-        return GovernorAddressError(f"--governor {value!r}: {why}")
+        return GovernorAddressError(f"{setting} {value!r}: {why}")
 
     if "://" in value or value.partition(":")[0].lower() in GRPC_SCHEMES:
         raise bad(f"{EXAMPLE}; no URL or grpc target scheme: the governor listens on TCP (governor serve --listen)")

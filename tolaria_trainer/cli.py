@@ -7,6 +7,7 @@ install without the trainer extra gets a message naming it instead of a tracebac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -207,6 +208,18 @@ def _warn_warmup(faults: list[str], policy: dict[str, Any]) -> None:
             )
 
 
+def _token(args: argparse.Namespace) -> str:
+    """--token, or the contents of --token-file (not both)."""
+    if not args.token_file:
+        return str(args.token)
+    if args.token:
+        raise ValueError("--token and --token-file exclude each other")
+    try:
+        return Path(args.token_file).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run `tolaria-train`; returns the exit code."""
     try:
@@ -218,59 +231,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return ExitCode.USAGE
     args = build_parser().parse_args(argv)
-    from tolaria_trainer.faults import parse_fault
-    from tolaria_trainer.loop import GovernedRun, RunConfig
-    from tolaria_trainer.model import parse_schedule
+    from tolaria_trainer.config import RunConfig
+    from tolaria_trainer.loop import GovernedRun
 
     try:
-        governor = check_governor_address(args.governor) if args.governor else None
+        if args.governor:
+            check_governor_address(args.governor)  # names --governor, before anything else is checked
         policy = parse_policy(args.policy)
-        for spec in args.inject:
-            parse_fault(spec)
-        parse_schedule(args.seed_schedule)
-        for name in ("tls_ca", "tls_cert", "tls_key"):
-            path = getattr(args, name)
-            if path is not None and not path.is_file():
-                raise ValueError(f"--{name.replace('_', '-')} {path}: no such file")
-        if (args.tls_cert is None) != (args.tls_key is None):
-            raise ValueError("--tls-cert and --tls-key go together (mTLS)")
-        token = args.token
-        if args.token_file:
-            if token:
-                raise ValueError("--token and --token-file exclude each other")
-            try:
-                token = Path(args.token_file).read_text().strip()
-            except OSError as exc:
-                raise ValueError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
-        if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
-            raise ValueError("--epochs and --batch-size must be >= 1 and --lr > 0")
-        _warn_warmup(args.inject, policy)
-        _configure_logging(args.log_format)
-        cfg = RunConfig(
-            task=args.task,
-            epochs=args.epochs,
-            max_epochs_total=args.max_epochs_total,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            device=args.device,
-            data_dir=args.data_dir,
-            governor=governor,
-            token=token,
-            run_id=args.run_id,
-            seed_schedule=args.seed_schedule,
-            snapshot_location=args.snapshot_location,
+        # The flags carry RunConfig's field names; RunConfig checks them all (__post_init__).
+        options = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
+        options.update(
+            token=_token(args),
+            policy=policy,
             fail_closed=args.fail_closed is not None,
             fail_closed_deadline_s=args.fail_closed or 60.0,
-            halt_wait_s=args.halt_wait_s,
             inject=list(args.inject),
-            compile=args.compile,
-            agree_every_steps=args.agree_every_steps,
-            seed=args.seed,
-            policy=policy,
-            tls_ca=args.tls_ca,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
         )
+        cfg = RunConfig(**options)
+        _warn_warmup(cfg.inject, policy)
+        _configure_logging(args.log_format)
         run = GovernedRun(cfg, _progress_printer(sys.stdout.isatty(), args.epochs))
     except (TrainerError, ValueError) as exc:
         print(f"tolaria-train: {exc}", file=sys.stderr)

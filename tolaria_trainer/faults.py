@@ -104,15 +104,15 @@ class FaultInjector:
         fired = []
         for fault in self._due("nan", "epoch", epoch, state.timeline):
             with torch.no_grad():
-                for param in state.model.head.parameters():
+                for param in state.host.head.parameters():
                     param.fill_(float("nan"))
             fired.append(fault.spec)
         for fault in self._due("lobotomy", "epoch", epoch, state.timeline):
             with torch.no_grad():
-                state.model.head.weight.zero_()
-                state.model.head.bias.zero_()
+                state.host.head.weight.zero_()
+                state.host.head.bias.zero_()
             # The collapse persists: the head stops learning, as a dead network would.
-            state.model.head.requires_grad_(False)
+            state.host.head.requires_grad_(False)
             fired.append(fault.spec)
         for fault in self._due("spike", "epoch", epoch, state.timeline):
             self._spiking[fault.spec] = fault.epochs
@@ -148,4 +148,4 @@ class FaultInjector:
     def on_restore(self, state: TrainingState) -> None:
         """After a rollback: effects end (a lobotomized head learns again); nothing fires again."""
         self._spiking.clear()
-        state.model.head.requires_grad_(True)
+        state.host.head.requires_grad_(True)

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from tolaria_trainer.errors import RestoreError
+from tolaria_trainer.model.seeds import LIVE_STAGES, seed_slots
 from tolaria_trainer.snapshot import LastKnownGood
 from tolaria_trainer.training.state import TrainingState
 
@@ -63,7 +64,7 @@ def execute_restore(
     ``new_timeline`` comes from the command (its timeline + 1, ``client.protocol.timeline_after``), not
     from the rank's own timeline: a rank that was behind catches up, and every rank lands on the same one.
 
-    ``recovery_lr_scale`` compounds across rollbacks: every param group's lr and the scheduler's base
+    ``recovery_lr_scale`` compounds across rollbacks: every param group's lr and the schedulers' base
     lrs end up at the snapshot's value × (cumulative scale now / cumulative scale when the snapshot was
     taken). A command id seen before returns its stored outcome without executing again.
     """
@@ -72,8 +73,8 @@ def execute_restore(
         return RestoreOutcome(**{**known.__dict__, "repeated": True})
     started = time.perf_counter()
     culled: list[str] = []
-    for slot in state.model.seed_slots():
-        if not slot.is_live:
+    for slot in seed_slots(state.model):
+        if slot.stage not in LIVE_STAGES:
             continue
         try:
             slot.cull(f"rollback {command_id}: {reason}")
@@ -99,14 +100,14 @@ def execute_restore(
     state.lr_scale *= recovery_lr_scale
     factor = state.lr_scale / info.lr_scale
     if factor != 1.0:
-        for optimizer in (state.host_optimizer, *state.seed_optimizers.values()):
+        for optimizer in (*state.optimizers, *state.seed_optimizers.values()):
             for group in optimizer.param_groups:
                 group["lr"] = group["lr"] * factor
-        if state.scheduler is not None:
-            state.scheduler.base_lrs = [lr * factor for lr in state.scheduler.base_lrs]
-            last = getattr(state.scheduler, "_last_lr", None)
+        for scheduler in state.schedulers:
+            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+            last = getattr(scheduler, "_last_lr", None)
             if last is not None:
-                state.scheduler._last_lr = [lr * factor for lr in last]
+                scheduler._last_lr = [lr * factor for lr in last]
     state.skip_batches = recovery_skip_batches
     outcome = RestoreOutcome(
         command_id, True, state.timeline, info.step, (time.perf_counter() - started) * 1000.0, "", tuple(culled)

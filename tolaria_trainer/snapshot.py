@@ -1,8 +1,9 @@
 """LastKnownGood: the in-memory snapshot a ROLLBACK restores.
 
-Contents: model state (host and fossilized seeds; live experimental seeds are excluded, so a restore
-never resurrects them), the host optimizer's state, the LR scheduler, the grad scaler, RNG states,
-and the step and epoch counters.
+Contents: model state (for a model with seed slots, the host and fossilized seeds: live experimental
+seeds are excluded, so a restore never resurrects them), every snapshotted optimizer's state, the LR
+schedulers, the grad scaler, the user's extra state, RNG states (torch CPU and CUDA, the data
+generator, Python's and NumPy's), and the step and epoch counters.
 
 Buffers are preallocated and reused: one buffer set for the LKG and up to ``MAX_STAGED`` for staged
 snapshots awaiting their verdicts, each reallocated only when the state's structure changes (a seed
@@ -23,7 +24,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 from tolaria_trainer.errors import RestoreError, SnapshotError
 from tolaria_trainer.training.state import TrainingState
@@ -46,23 +49,40 @@ class SnapshotInfo:
 
 
 @dataclass
+class _OptimizerBuffers:
+    """One optimizer's state: its tensors in preallocated buffers, the rest by value."""
+
+    signature: tuple[Any, ...] = ()  # of the state it was allocated for, without the param-group sizes
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    layout: dict[int, dict[str, Any]] = field(default_factory=dict)
+    param_groups: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class _BufferSet:
     signature: tuple[Any, ...] = ()
     model: dict[str, torch.Tensor] = field(default_factory=dict)
-    optim: list[torch.Tensor] = field(default_factory=list)
-    optim_layout: dict[int, dict[str, Any]] = field(default_factory=dict)
-    param_groups: list[dict[str, Any]] = field(default_factory=list)
+    optimizers: list[_OptimizerBuffers] = field(default_factory=list)
     cpu_rng: torch.Tensor | None = None
     generator: torch.Tensor | None = None
     cuda_rng: torch.Tensor | None = None
-    scheduler: dict[str, Any] | None = None
+    schedulers: list[dict[str, Any]] = field(default_factory=list)
     scaler: dict[str, Any] | None = None
+    extra: Any = None
     python_rng: Any = None
+    numpy_rng: Any = None
     info: SnapshotInfo | None = None
 
     def nbytes(self) -> int:
-        tensors = [*self.model.values(), *self.optim]
+        tensors = [*self.model.values(), *(t for o in self.optimizers for t in o.tensors)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def snapshot_keys(model: nn.Module) -> list[str]:
+    """The state-dict keys a snapshot holds: the model's ``snapshot_keys()`` when it has one (a
+    morphogenetic host leaves its live seeds out), else all of them."""
+    method = getattr(model, "snapshot_keys", None)
+    return list(method()) if callable(method) else list(model.state_dict())
 
 
 def _optimizer_signature(sd: dict[str, Any]) -> tuple[Any, ...]:
@@ -133,37 +153,31 @@ class LastKnownGood:
         location = self._location(state.device)
         non_blocking = location in ("pinned", "device") and state.device.type == "cuda"
         model_sd = state.model.state_dict()
-        keys = state.model.snapshot_keys()
-        optim_sd = state.host_optimizer.state_dict()
+        keys = snapshot_keys(state.model)
+        optim_sds = [optimizer.state_dict() for optimizer in state.optimizers]
         signature = (
             location,
             tuple((k, tuple(model_sd[k].shape), model_sd[k].dtype) for k in keys),
-            _optimizer_signature(optim_sd),
+            tuple(_optimizer_signature(sd) for sd in optim_sds),
         )
         try:
             if target.signature != signature:
-                self._allocate(target, signature, model_sd, keys, optim_sd, location)
+                self._allocate(target, signature, model_sd, keys, optim_sds, location)
             with torch.no_grad():
                 for key in keys:
                     self._copy(target.model[key], model_sd[key], non_blocking)
-                index = 0
-                for pid in sorted(optim_sd["state"]):
-                    for key, value in sorted(optim_sd["state"][pid].items()):
-                        if isinstance(value, torch.Tensor):
-                            self._copy(target.optim[index], value, non_blocking)
-                            index += 1
-                        else:
-                            target.optim_layout[pid][key] = ("value", copy.deepcopy(value))
-            target.param_groups = [{k: copy.deepcopy(v) for k, v in g.items()} for g in optim_sd["param_groups"]]
+                for buffers, optim_sd in zip(target.optimizers, optim_sds, strict=True):
+                    self._stage_optimizer(buffers, optim_sd, non_blocking)
             assert target.cpu_rng is not None
-            assert target.generator is not None
             target.cpu_rng.copy_(torch.get_rng_state())
-            target.generator.copy_(state.generator.get_state())
+            target.generator = state.generator.get_state() if state.generator is not None else None
             if state.device.type == "cuda":
                 target.cuda_rng = torch.cuda.get_rng_state(state.device)
             target.python_rng = random.getstate()
-            target.scheduler = copy.deepcopy(state.scheduler.state_dict()) if state.scheduler else None
+            target.numpy_rng = np.random.get_state()
+            target.schedulers = [copy.deepcopy(s.state_dict()) for s in state.schedulers]
             target.scaler = copy.deepcopy(state.scaler.state_dict()) if state.scaler else None
+            target.extra = _extra_state_of(state.extra_state)
         except (RuntimeError, ValueError, TypeError) as exc:
             raise SnapshotError(f"snapshot at step {state.step} failed: {exc}") from exc
         target.info = SnapshotInfo(
@@ -178,6 +192,17 @@ class LastKnownGood:
         self._staged.append(spare)
         return target.info
 
+    def _stage_optimizer(self, buffers: _OptimizerBuffers, optim_sd: dict[str, Any], non_blocking: bool) -> None:
+        index = 0
+        for pid in sorted(optim_sd["state"]):
+            for key, value in sorted(optim_sd["state"][pid].items()):
+                if isinstance(value, torch.Tensor):
+                    self._copy(buffers.tensors[index], value, non_blocking)
+                    index += 1
+                else:
+                    buffers.layout[pid][key] = ("value", copy.deepcopy(value))
+        buffers.param_groups = [{k: copy.deepcopy(v) for k, v in g.items()} for g in optim_sd["param_groups"]]
+
     def _copy(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
         """One tensor copy (a seam for tests that make a copy fail halfway)."""
         dst.copy_(src, non_blocking=non_blocking)
@@ -188,26 +213,28 @@ class LastKnownGood:
         signature: tuple[Any, ...],
         model_sd: dict[str, torch.Tensor],
         keys: list[str],
-        optim_sd: dict[str, Any],
+        optim_sds: list[dict[str, Any]],
         location: str,
     ) -> None:
         target.signature = ()
         target.model = {k: self._empty_like(model_sd[k], location) for k in keys}
-        target.optim, target.optim_layout = [], {}
-        for pid in sorted(optim_sd["state"]):
-            layout: dict[str, Any] = {}
-            for key, value in sorted(optim_sd["state"][pid].items()):
-                if isinstance(value, torch.Tensor):
-                    layout[key] = ("tensor", len(target.optim))
-                    on_cpu = value.device.type == "cpu"
-                    target.optim.append(
-                        self._empty_like(value, "host" if on_cpu and location == "device" else location)
-                    )
-                else:
-                    layout[key] = ("value", None)
-            target.optim_layout[pid] = layout
+        target.optimizers = []
+        for optim_sd in optim_sds:
+            buffers = _OptimizerBuffers(signature=_optimizer_signature(optim_sd)[:-2])
+            for pid in sorted(optim_sd["state"]):
+                layout: dict[str, Any] = {}
+                for key, value in sorted(optim_sd["state"][pid].items()):
+                    if isinstance(value, torch.Tensor):
+                        layout[key] = ("tensor", len(buffers.tensors))
+                        on_cpu = value.device.type == "cpu"
+                        buffers.tensors.append(
+                            self._empty_like(value, "host" if on_cpu and location == "device" else location)
+                        )
+                    else:
+                        layout[key] = ("value", None)
+                buffers.layout[pid] = layout
+            target.optimizers.append(buffers)
         target.cpu_rng = torch.empty_like(torch.get_rng_state())
-        target.generator = torch.empty_like(torch.Generator().get_state())
         target.signature = signature
 
     def publish(self, timeline: int, step: int) -> bool:
@@ -250,7 +277,7 @@ class LastKnownGood:
         info = source.info
         assert info is not None
         model_sd = state.model.state_dict()
-        keys = state.model.snapshot_keys()
+        keys = snapshot_keys(state.model)
         missing = sorted(set(source.model) - set(keys))
         unexpected = sorted(set(keys) - set(source.model))
         if missing or unexpected:
@@ -267,41 +294,52 @@ class LastKnownGood:
                         f"shape of {key} changed: {tuple(model_sd[key].shape)} vs {tuple(source.model[key].shape)}"
                     )
                 model_sd[key].copy_(source.model[key], non_blocking=non_blocking)
-            self._restore_optimizer(state.host_optimizer, source, non_blocking)
+            if len(state.optimizers) != len(source.optimizers):
+                raise RestoreError(
+                    f"{len(state.optimizers)} optimizers now, "
+                    f"{len(source.optimizers)} in the snapshot of step {info.step}"
+                )
+            for optimizer, buffers in zip(state.optimizers, source.optimizers, strict=True):
+                self._restore_optimizer(optimizer, buffers, non_blocking)
         torch.set_rng_state(source.cpu_rng if source.cpu_rng is not None else torch.get_rng_state())
-        if source.generator is not None:
+        if source.generator is not None and state.generator is not None:
             state.generator.set_state(source.generator.clone())
         if source.cuda_rng is not None:
             torch.cuda.set_rng_state(source.cuda_rng, state.device)
         if source.python_rng is not None:
             random.setstate(source.python_rng)
-        if state.scheduler is not None and source.scheduler is not None:
-            state.scheduler.load_state_dict(copy.deepcopy(source.scheduler))
+        if source.numpy_rng is not None:
+            np.random.set_state(source.numpy_rng)
+        for scheduler, saved in zip(state.schedulers, source.schedulers, strict=True):
+            scheduler.load_state_dict(copy.deepcopy(saved))
         if state.scaler is not None and source.scaler is not None:
             state.scaler.load_state_dict(copy.deepcopy(source.scaler))
+        _restore_extra_state(state.extra_state, source.extra)
         state.step, state.epoch = info.step, info.epoch
         return info
 
-    def _restore_optimizer(self, optimizer: torch.optim.Optimizer, source: _BufferSet, non_blocking: bool) -> None:
+    def _restore_optimizer(
+        self, optimizer: torch.optim.Optimizer, source: _OptimizerBuffers, non_blocking: bool
+    ) -> None:
         current = optimizer.state_dict()
         if len(current["param_groups"]) != len(source.param_groups) or any(
             len(a["params"]) != len(b["params"])
             for a, b in zip(current["param_groups"], source.param_groups, strict=True)
         ):
             raise RestoreError("the optimizer's parameter groups changed since the snapshot")
-        same_layout = _optimizer_signature(current)[:-2] == source.signature[2][:-2]
+        same_layout = _optimizer_signature(current)[:-2] == source.signature
         if same_layout:
-            for pid, layout in source.optim_layout.items():
+            for pid, layout in source.layout.items():
                 for key, (kind, value) in layout.items():
                     if kind == "tensor":
-                        current["state"][pid][key].copy_(source.optim[value], non_blocking=non_blocking)
+                        current["state"][pid][key].copy_(source.tensors[value], non_blocking=non_blocking)
                     else:
                         optimizer.state[_param_of(optimizer, pid)][key] = copy.deepcopy(value)
         else:  # e.g. back to step 0, before the optimizer had any state
             state: dict[int, dict[str, Any]] = {}
-            for pid, layout in source.optim_layout.items():
+            for pid, layout in source.layout.items():
                 state[pid] = {
-                    key: source.optim[value].clone() if kind == "tensor" else copy.deepcopy(value)
+                    key: source.tensors[value].clone() if kind == "tensor" else copy.deepcopy(value)
                     for key, (kind, value) in layout.items()
                 }
             optimizer.load_state_dict({"state": state, "param_groups": copy.deepcopy(source.param_groups)})
@@ -320,3 +358,21 @@ def _param_of(optimizer: torch.optim.Optimizer, pid: int) -> torch.nn.Parameter:
                 return param  # type: ignore[no-any-return]
             index += 1
     raise RestoreError(f"optimizer has no parameter {pid}")
+
+
+def _extra_state_of(extra: Any) -> Any:
+    """A deep copy of the user's extra state (a dict, or an object's ``state_dict()``)."""
+    if extra is None:
+        return None
+    return copy.deepcopy(extra if isinstance(extra, dict) else extra.state_dict())
+
+
+def _restore_extra_state(extra: Any, saved: Any) -> None:
+    """Put a saved extra state back in place (the user's dict object stays the same object)."""
+    if extra is None or saved is None:
+        return
+    if isinstance(extra, dict):
+        extra.clear()
+        extra.update(copy.deepcopy(saved))
+    else:
+        extra.load_state_dict(copy.deepcopy(saved))

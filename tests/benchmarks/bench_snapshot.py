@@ -16,7 +16,7 @@ def big_state(device: torch.device) -> TrainingState:
     """About 8.3 M parameters plus Adam's two moments: 100.1 MB of tensors in all."""
     model = MorphogeneticModel(nn.Flatten(), 1024, 2048, 1000, num_blocks=2).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    state = TrainingState(model, optimizer, device, adam(1e-3))
+    state = TrainingState(model, [optimizer], device, adam(1e-3))
     loss = model(torch.randn(8, 1024, device=device)).sum()
     loss.backward()
     optimizer.step()  # Adam state exists

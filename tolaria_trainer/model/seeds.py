@@ -114,6 +114,14 @@ class SeedSlotProtocol(Protocol):
         ...
 
 
+def seed_slots(model: nn.Module) -> list[SeedSlotProtocol]:
+    """The seed slots of a model that has them (a ``seed_slots()`` method returning SeedSlotProtocol
+    objects, like MorphogeneticModel), else none: any model can be governed; seeds are culled on
+    rollback only where they exist."""
+    method = getattr(model, "seed_slots", None)
+    return list(method()) if callable(method) else []
+
+
 class SeedSlot(nn.Module):
     """A slot in the host network that can hold one seed. Implements SeedSlotProtocol."""
 

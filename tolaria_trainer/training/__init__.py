@@ -9,7 +9,7 @@ from tolaria_trainer.training.epochs import (
     validate_and_get_metrics,
 )
 from tolaria_trainer.training.state import TrainingState, adam, enable_compile
-from tolaria_trainer.training.vitals import StepVitals, VitalsBuffer, VitalsChunk
+from tolaria_trainer.training.vitals import StepVitals, VitalsBuffer, VitalsChunk, record_step, step_recorder
 
 __all__ = [
     "EpochStats",
@@ -20,6 +20,8 @@ __all__ = [
     "VitalsChunk",
     "adam",
     "enable_compile",
+    "record_step",
+    "step_recorder",
     "train_epoch_blended",
     "train_epoch_normal",
     "train_epoch_womb_mode",

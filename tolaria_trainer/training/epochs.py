@@ -1,8 +1,10 @@
 """Epoch functions: normal, womb mode, blended; and validation with one host sync.
 
 Each train function runs one pass over the loader (minus ``state.skip_batches`` after a restore),
-stepping the optimizers its stage trains. Inputs move with non_blocking, gradients are zeroed with
-set_to_none, and per-step vitals go to the device buffer: the loop never calls ``.item()``.
+stepping the optimizers its stage trains, and hands each step's loss and gradient norm (device
+tensors) to a step hook: ``GovernedTraining.step`` under the governor, ``step_recorder`` in tests.
+Inputs move with non_blocking and gradients are zeroed with set_to_none: the loop never calls
+``.item()``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from torch import nn
 
 from tolaria_trainer.model.seeds import SeedStage
 from tolaria_trainer.training.state import TrainingState
-from tolaria_trainer.training.vitals import VitalsBuffer
 
-StepHook = Callable[[TrainingState], None]
+StepHook = Callable[[torch.Tensor, torch.Tensor], object]
+"""Called after each optimizer step with its loss and gradient norm; it counts the step."""
 Batches = Iterable[tuple[torch.Tensor, ...]]
 
 
@@ -42,9 +44,8 @@ def _run_epoch(
     state: TrainingState,
     loader: Batches,
     loss_fn: nn.Module,
-    vitals: VitalsBuffer,
+    on_step: StepHook,
     optimizers: list[torch.optim.Optimizer],
-    on_step: StepHook | None,
 ) -> EpochStats:
     stats = EpochStats()
     state.model.train()
@@ -77,35 +78,26 @@ def _run_epoch(
             grad_norm = _total_norm(params)
             for opt in optimizers:
                 opt.step()
-        state.step += 1
         stats.num_steps += 1
-        vitals.record(state.step, loss, grad_norm, state.learning_rate(), state.timeline)
-        if on_step is not None:
-            on_step(state)
+        on_step(loss, grad_norm)
     return stats
 
 
-def train_epoch_normal(
-    state: TrainingState, loader: Batches, loss_fn: nn.Module, vitals: VitalsBuffer, on_step: StepHook | None = None
-) -> EpochStats:
+def train_epoch_normal(state: TrainingState, loader: Batches, loss_fn: nn.Module, on_step: StepHook) -> EpochStats:
     """One epoch training the host (and fossilized seeds) only."""
-    return _run_epoch(state, loader, loss_fn, vitals, [state.host_optimizer], on_step)
+    return _run_epoch(state, loader, loss_fn, on_step, [state.host_optimizer])
 
 
-def train_epoch_womb_mode(
-    state: TrainingState, loader: Batches, loss_fn: nn.Module, vitals: VitalsBuffer, on_step: StepHook | None = None
-) -> EpochStats:
+def train_epoch_womb_mode(state: TrainingState, loader: Batches, loss_fn: nn.Module, on_step: StepHook) -> EpochStats:
     """One epoch in which the host and every TRAINING seed step (the seeds learn on detached features)."""
     optimizers = state.trainable_optimizers(frozenset({SeedStage.TRAINING}))
-    return _run_epoch(state, loader, loss_fn, vitals, optimizers, on_step)
+    return _run_epoch(state, loader, loss_fn, on_step, optimizers)
 
 
-def train_epoch_blended(
-    state: TrainingState, loader: Batches, loss_fn: nn.Module, vitals: VitalsBuffer, on_step: StepHook | None = None
-) -> EpochStats:
+def train_epoch_blended(state: TrainingState, loader: Batches, loss_fn: nn.Module, on_step: StepHook) -> EpochStats:
     """One epoch in which the host and every BLENDING or PROBATIONARY seed step at the slot's alpha."""
     optimizers = state.trainable_optimizers(frozenset({SeedStage.BLENDING, SeedStage.PROBATIONARY}))
-    return _run_epoch(state, loader, loss_fn, vitals, optimizers, on_step)
+    return _run_epoch(state, loader, loss_fn, on_step, optimizers)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from tolaria_trainer.model.host import MorphogeneticModel
-from tolaria_trainer.model.seeds import SeedStage
+from tolaria_trainer.model.seeds import SeedStage, seed_slots
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 
@@ -22,20 +22,23 @@ def adam(lr: float) -> OptimizerFactory:
 
 @dataclass
 class TrainingState:
-    """Model, optimizers, schedule state, RNG and counters of one rank.
+    """Model, optimizers, schedulers, RNG and counters of one rank: what a last-known-good snapshot holds.
 
-    ``host_optimizer`` covers the host and fossilized seeds; each live seed has its own optimizer in
-    ``seed_optimizers`` (excluded from snapshots with the seed). ``lr_scale`` is the cumulative
-    recovery_lr_scale of all rollbacks so far (never restored: it compounds).
+    ``optimizers`` are the ones snapshotted and restored (for the morphogenetic host, its one host
+    optimizer, which also covers fossilized seeds); each live seed has its own optimizer in
+    ``seed_optimizers``, excluded from snapshots with the seed. ``extra_state`` is the user's own state
+    (an object with ``state_dict``/``load_state_dict``, or a dict), restored with the rest. ``lr_scale``
+    is the cumulative recovery_lr_scale of all rollbacks so far (never restored: it compounds).
     """
 
-    model: MorphogeneticModel
-    host_optimizer: torch.optim.Optimizer
+    model: nn.Module
+    optimizers: list[torch.optim.Optimizer]
     device: torch.device
-    seed_optimizer_factory: OptimizerFactory
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    seed_optimizer_factory: OptimizerFactory | None = None
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler] = field(default_factory=list)
     scaler: torch.amp.GradScaler | None = None
-    generator: torch.Generator = field(default_factory=torch.Generator)
+    generator: torch.Generator | None = None
+    extra_state: Any = None
     seed_optimizers: dict[str, torch.optim.Optimizer] = field(default_factory=dict)
     forward: Callable[[torch.Tensor], torch.Tensor] | None = None
     grad_sync: Callable[[list[nn.Parameter]], None] | None = None
@@ -45,7 +48,28 @@ class TrainingState:
     timeline: int = 0
     lr_scale: float = 1.0
     skip_batches: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.optimizers:
+            raise ValueError("a training state needs at least one optimizer")
+        extra = self.extra_state
+        stateful = hasattr(extra, "state_dict") and hasattr(extra, "load_state_dict")
+        if extra is not None and not isinstance(extra, dict) and not stateful:
+            raise TypeError(
+                f"extra_state must be a dict or have state_dict() and load_state_dict(), got {type(extra).__name__}"
+            )
+
+    @property
+    def host_optimizer(self) -> torch.optim.Optimizer:
+        """The first snapshotted optimizer (the morphogenetic host's)."""
+        return self.optimizers[0]
+
+    @property
+    def host(self) -> MorphogeneticModel:
+        """The model as a morphogenetic host (seed lifecycle operations need one)."""
+        if not isinstance(self.model, MorphogeneticModel):
+            raise TypeError(f"seed lifecycle operations need a MorphogeneticModel, not {type(self.model).__name__}")
+        return self.model
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The model's forward (compiled when torch.compile is on)."""
@@ -54,14 +78,16 @@ class TrainingState:
 
     def germinate(self, slot_name: str, blueprint: str) -> None:
         """Grow a seed in a slot and start womb-mode training (GERMINATED -> TRAINING)."""
-        slot = self.model.slot(slot_name)
+        if self.seed_optimizer_factory is None:
+            raise ValueError("germinating a seed needs a seed_optimizer_factory")
+        slot = self.host.slot(slot_name)
         seed = slot.germinate(blueprint)
         self.seed_optimizers[slot_name] = self.seed_optimizer_factory(list(seed.parameters()))
         slot.advance(SeedStage.TRAINING)
 
     def fossilize(self, slot_name: str) -> None:
         """Make a seed permanent: its parameters join the host optimizer as a new param group."""
-        slot = self.model.slot(slot_name)
+        slot = self.host.slot(slot_name)
         if slot.stage is SeedStage.BLENDING:
             slot.advance(SeedStage.PROBATIONARY)
         slot.advance(SeedStage.FOSSILIZED)
@@ -79,7 +105,7 @@ class TrainingState:
     def trainable_optimizers(self, stages: frozenset[SeedStage]) -> list[torch.optim.Optimizer]:
         """The host optimizer plus the optimizers of seeds in ``stages``."""
         chosen = [self.host_optimizer]
-        for slot in self.model.seed_slots():
+        for slot in seed_slots(self.model):
             if slot.stage in stages and slot.name in self.seed_optimizers:
                 chosen.append(self.seed_optimizers[slot.name])
         return chosen

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from tolaria_trainer.client.outbox import VitalsColumns
+from tolaria_trainer.training.state import TrainingState
 
 
 @dataclass(frozen=True)
@@ -130,3 +131,14 @@ class VitalsBuffer:
         out = [r for chunk in self.chunks for r in chunk.records()]
         self.chunks.clear()
         return out
+
+
+def record_step(state: TrainingState, vitals: VitalsBuffer, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """Count one optimizer step of ``state`` and record its vitals on the state's timeline."""
+    state.step += 1
+    vitals.record(state.step, loss, grad_norm, state.learning_rate(), state.timeline)
+
+
+def step_recorder(state: TrainingState, vitals: VitalsBuffer) -> Callable[[torch.Tensor, torch.Tensor], None]:
+    """A step hook for the epoch functions that only counts and records (ungoverned, and in tests)."""
+    return lambda loss, grad_norm: record_step(state, vitals, loss, grad_norm)

@@ -10,10 +10,12 @@ import torch
 
 from tolaria.governor.v1 import trainer_service_pb2
 from tolaria_trainer.client import GovernorClient
-from tolaria_trainer.loop import GovernedRun, RunConfig
+from tolaria_trainer.client.connection import GovernorConnection
+from tolaria_trainer.config import RunConfig
+from tolaria_trainer.loop import GovernedRun
 from tolaria_trainer.model import create_model
 from tolaria_trainer.tasks import get_task
-from tolaria_trainer.training import TrainingState, VitalsBuffer, adam, train_epoch_normal
+from tolaria_trainer.training import TrainingState, VitalsBuffer, adam, step_recorder, train_epoch_normal
 
 
 def make_state(optimizer: str = "adam", scheduler: bool = True, seed: int = 0) -> TrainingState:
@@ -27,7 +29,12 @@ def make_state(optimizer: str = "adam", scheduler: bool = True, seed: int = 0) -
         opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5) if scheduler else None
     return TrainingState(
-        model, opt, torch.device("cpu"), adam(1e-2), scheduler=sched, generator=torch.Generator().manual_seed(seed)
+        model,
+        [opt],
+        torch.device("cpu"),
+        adam(1e-2),
+        schedulers=[sched] if sched else [],
+        generator=torch.Generator().manual_seed(seed),
     )
 
 
@@ -35,9 +42,9 @@ def train_one_epoch(state: TrainingState) -> None:
     """One real epoch of the synthetic task (and a scheduler step)."""
     task = get_task("synthetic")
     data = task.load(None, 64, state.generator)
-    train_epoch_normal(state, data.train, task.loss_fn(), VitalsBuffer(state.device, 32))
-    if state.scheduler is not None:
-        state.scheduler.step()
+    train_epoch_normal(state, data.train, task.loss_fn(), step_recorder(state, VitalsBuffer(state.device, 32)))
+    for scheduler in state.schedulers:
+        scheduler.step()
     state.epoch += 1
 
 
@@ -50,9 +57,9 @@ def snapshot_of(state: TrainingState) -> dict[str, object]:
             for pid, s in state.host_optimizer.state_dict()["state"].items()
         },
         "groups": [{k: v for k, v in g.items() if k != "params"} for g in state.host_optimizer.param_groups],
-        "scheduler": dict(state.scheduler.state_dict()) if state.scheduler else None,
+        "scheduler": dict(state.schedulers[0].state_dict()) if state.schedulers else None,
         "rng": torch.get_rng_state().clone(),
-        "generator": state.generator.get_state().clone(),
+        "generator": state.generator.get_state().clone() if state.generator else None,
         "step": state.step,
         "epoch": state.epoch,
     }
@@ -130,8 +137,17 @@ class ScriptedGovernor:
         return out
 
 
+class UnstartedConnection(GovernorConnection):
+    """The real connection, whose sender thread never starts: a ScriptedGovernor plays the daemon."""
+
+    def start(self, wait_s: float) -> bool:
+        """Already welcomed by the script."""
+        return True
+
+
 def governed_run(**overrides: Any) -> tuple[GovernedRun, ScriptedGovernor]:
-    """A GovernedRun on the synthetic task with an attached, scripted governor."""
+    """A GovernedRun on the synthetic task with an attached, scripted governor (not started: ``run()``
+    starts it, a test driving epochs itself calls ``run.gov.start()``)."""
     defaults: dict[str, Any] = {
         "task": "synthetic",
         "epochs": 2,
@@ -140,10 +156,10 @@ def governed_run(**overrides: Any) -> tuple[GovernedRun, ScriptedGovernor]:
         "final_flush_s": 0.0,
         "verdict_wait_s": 0.0,
     }
-    run = GovernedRun(RunConfig(**{**defaults, **overrides}))
-    run.client = GovernorClient("unused", HELLO)
-    governor = ScriptedGovernor(run.client)
+    client = GovernorClient("unused", HELLO)
+    governor = ScriptedGovernor(client)
     governor.welcome()
+    run = GovernedRun(RunConfig(**{**defaults, **overrides}), governance=UnstartedConnection(client))
     return run, governor
 
 

@@ -16,11 +16,11 @@ def _rank(rank: int, port: int, holders: list[int], results: Any) -> None:
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1")
     os.environ["MASTER_PORT"] = str(port)
     run, governor = governed_run(epochs=1)
-    run._publish_now("initial")
+    run.gov.start()
     if rank in holders:
         governor.command(3, common_pb2.COMMAND_TYPE_ROLLBACK, timeline=0)
     run.state.step = 17  # trained a little since the LKG
-    run._agreement_point()
+    run.gov.agreement_point()
     results_sent = [m.command_result for m in governor.drain() if m.WhichOneof("message") == "command_result"]
     results.put((rank, run.state.timeline, run.state.step, [(r.command_id, r.new_timeline) for r in results_sent]))
     run.dist.close()

@@ -8,7 +8,7 @@ import torch
 from tolaria_trainer.model import create_model
 from tolaria_trainer.snapshot import LastKnownGood
 from tolaria_trainer.tasks import get_task
-from tolaria_trainer.training import TrainingState, VitalsBuffer, adam, train_epoch_normal
+from tolaria_trainer.training import TrainingState, VitalsBuffer, adam, step_recorder, train_epoch_normal
 
 pytestmark = [
     pytest.mark.gpu,
@@ -19,7 +19,7 @@ pytestmark = [
 def cuda_state() -> tuple[TrainingState, object]:
     task = get_task("synthetic")
     model = create_model(task, "cuda")
-    state = TrainingState(model, torch.optim.Adam(model.parameters(), 1e-2), torch.device("cuda"), adam(1e-2))
+    state = TrainingState(model, [torch.optim.Adam(model.parameters(), 1e-2)], torch.device("cuda"), adam(1e-2))
     return state, task
 
 
@@ -27,11 +27,11 @@ def test_pinned_snapshot_and_restore_on_cuda() -> None:
     """A pinned snapshot restores the CUDA model bit for bit."""
     state, task = cuda_state()
     data = task.load(None, 64, state.generator)  # type: ignore[attr-defined]
-    train_epoch_normal(state, data.train, task.loss_fn(), VitalsBuffer(state.device))  # type: ignore[attr-defined]
+    train_epoch_normal(state, data.train, task.loss_fn(), step_recorder(state, VitalsBuffer(state.device)))  # type: ignore[attr-defined]
     lkg = LastKnownGood("pinned")
     lkg.take(state)
     expected = {k: v.clone() for k, v in state.model.state_dict().items()}
-    train_epoch_normal(state, data.train, task.loss_fn(), VitalsBuffer(state.device))  # type: ignore[attr-defined]
+    train_epoch_normal(state, data.train, task.loss_fn(), step_recorder(state, VitalsBuffer(state.device)))  # type: ignore[attr-defined]
     lkg.restore(state)
     torch.cuda.synchronize()
     for key, value in expected.items():
@@ -45,10 +45,10 @@ def test_training_step_has_no_host_sync() -> None:
     y = torch.randint(0, 4, (256,), device="cuda")
     batches = [(x[i : i + 64], y[i : i + 64]) for i in range(0, 256, 64)]
     vitals = VitalsBuffer(state.device, capacity=1000)
-    train_epoch_normal(state, batches, task.loss_fn(), vitals)  # type: ignore[attr-defined]  # warm-up
+    train_epoch_normal(state, batches, task.loss_fn(), step_recorder(state, vitals))  # type: ignore[attr-defined]  # warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        train_epoch_normal(state, batches, task.loss_fn(), vitals)  # type: ignore[attr-defined]
+        train_epoch_normal(state, batches, task.loss_fn(), step_recorder(state, vitals))  # type: ignore[attr-defined]
     finally:
         torch.cuda.set_sync_debug_mode(0)

@@ -1,19 +1,24 @@
-"""The governed loop against a scripted governor (``helpers.ScriptedGovernor``): the real client and
-protocol, no sockets."""
+"""The `tolaria-train` loop against a scripted governor: ``helpers.ScriptedGovernor`` (the real client and
+protocol, no sockets) or ``FakeGovernance`` (the Governance protocol in plain types)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+from tests.unit.trainer.fake_governance import FakeGovernance
 from tests.unit.trainer.helpers import batches, governed_run, validations
 from tolaria.governor.v1 import common_pb2
+from tolaria_trainer.config import RunConfig
+from tolaria_trainer.governance import CommandType, FinishStatus, VerdictKind
+from tolaria_trainer.governed import Outcome
+from tolaria_trainer.loop import GovernedRun
 
 
 def test_records_before_a_mid_interval_restore_keep_their_timeline() -> None:
     """NaN steps produced on timeline 0 before a ROLLBACK at a step agreement point are sent as timeline 0."""
     run, governor = governed_run(inject=["nan@epoch=1"], epochs=1)
-    run._publish_now("initial")
+    run.gov.start()
     governor.command(1, common_pb2.COMMAND_TYPE_ROLLBACK, timeline=0)
     run._epoch()
     sent = governor.drain()
@@ -27,19 +32,19 @@ def test_pending_snapshot_survives_verdict_latency() -> None:
     """D15: a verdict that arrives after the next validation still publishes its snapshot (the LKG
     advances), and the next one's verdict then publishes the newer snapshot."""
     run, governor = governed_run(epochs=3)
-    run._publish_now("initial")
+    run.gov.start()
     run._epoch()
     step_after_epoch_1 = run.state.step
     (first,) = validations(governor.drain())
     run._epoch()  # epoch 2 validates before epoch 1's verdict arrives
     (second,) = validations(governor.drain())
     governor.verdict(first.seq, first.timeline, first.step, common_pb2.VERDICT_KIND_HEALTHY, True)
-    run._agreement_point()
-    assert run.lkg.info is not None
-    assert run.lkg.info.step == step_after_epoch_1
+    run.gov.agreement_point()
+    assert run.gov.lkg.info is not None
+    assert run.gov.lkg.info.step == step_after_epoch_1
     governor.verdict(second.seq, second.timeline, second.step, common_pb2.VERDICT_KIND_HEALTHY, True)
-    run._agreement_point()
-    assert run.lkg.info.step == run.state.step
+    run.gov.agreement_point()
+    assert run.gov.lkg.info.step == run.state.step
     published = [m.snapshot_taken.step for m in governor.drain() if m.HasField("snapshot_taken")]
     assert published == [step_after_epoch_1, run.state.step]
 
@@ -47,11 +52,11 @@ def test_pending_snapshot_survives_verdict_latency() -> None:
 def test_panic_on_the_last_validation_trains_to_the_end_again() -> None:
     """A ROLLBACK that arrives while the trainer waits for its last verdict restores, then trains the epochs again."""
     run, governor = governed_run(epochs=2, verdict_wait_s=0.2)
-    agreement_point = run._agreement_point
+    agreement_point = run.gov.agreement_point
     answered: list[int] = []
     last_validation_agreements = 0
 
-    def late_answer() -> None:
+    def late_answer() -> Outcome:
         nonlocal last_validation_agreements
         last_validation_agreements += run.state.epoch == 2
         if last_validation_agreements == 2 and not answered:  # after the last validation's own agreement point
@@ -60,9 +65,9 @@ def test_panic_on_the_last_validation_trains_to_the_end_again() -> None:
             answered.append(record.seq)
             governor.verdict(record.seq, record.timeline, record.step, common_pb2.VERDICT_KIND_PANIC, False)
             governor.command(1, common_pb2.COMMAND_TYPE_ROLLBACK, timeline=record.timeline)
-        agreement_point()
+        return agreement_point()
 
-    run._agreement_point = late_answer  # type: ignore[method-assign]
+    run.gov.agreement_point = late_answer  # type: ignore[method-assign]
     summary = run.run()
     assert answered, "the last validation's verdict was awaited"
     assert (summary.status, summary.epochs_completed, summary.rollbacks) == ("completed", 2, 1), summary
@@ -115,3 +120,42 @@ def test_healthy_verdicts_publish_every_epoch_and_the_end_does_not_wait() -> Non
     snapshots = [m.snapshot_taken.step for m in governor.sent if m.HasField("snapshot_taken")]
     assert snapshots == [0, 128, 256, 384], "the initial LKG and one per epoch"
     assert summary.duration_s < 60.0, "the last verdict had arrived: no --verdict-wait-s at the end"
+
+
+def test_rollback_culls_the_live_seed_and_the_run_trains_its_epochs_again() -> None:
+    """With a scripted Governance in plain types: a PANIC and a ROLLBACK after epoch 2 cull the seed germinated
+    at epoch 2, restore the LKG of epoch 1, and the run still ends with every epoch done."""
+    fake = FakeGovernance(auto_verdict=True)
+    run = GovernedRun(
+        RunConfig(task="synthetic", epochs=3, batch_size=8, agree_every_steps=10, seed_schedule="germinate:residual@2"),
+        governance=fake,
+    )
+
+    def rollback_once(event: dict[str, Any]) -> None:
+        if event["event"] == "epoch" and event["epoch"] == 2 and not fake.results:
+            fake.verdict_on(max(fake.validations), VerdictKind.PANIC, allowed=False)
+            fake.order(CommandType.ROLLBACK, skip=3)
+
+    run.progress = rollback_once
+    summary = run.run()
+    assert (summary.status, summary.exit_code, summary.rollbacks, summary.epochs_completed) == ("completed", 0, 1, 3)
+    (result,) = fake.results
+    assert (result.num_culled_seeds, result.restored_step, result.succeeded) == (1, 128, True), "the LKG of epoch 1"
+    assert summary.epochs_run == 4, "epochs 1, 2, then 2 and 3 again"
+    assert fake.finish is not None
+    assert fake.finish.status is FinishStatus.COMPLETED
+    assert summary.final_validation_loss is not None, "validated again after the restore"
+    assert {timeline for timeline, _, _ in fake.steps} == {0, 1}
+
+
+def test_halt_without_resume_ends_the_run_halted() -> None:
+    fake = FakeGovernance(auto_verdict=True)
+    run = GovernedRun(
+        RunConfig(task="synthetic", epochs=3, batch_size=8, agree_every_steps=10, halt_wait_s=0.0), governance=fake
+    )
+    fake.order(CommandType.HALT)
+    summary = run.run()
+    assert (summary.status, summary.exit_code, summary.epochs_completed) == ("halted", 3, 0)
+    assert fake.finish is not None
+    assert fake.finish.status is FinishStatus.HALTED
+    assert [r.command.type for r in fake.results] == [CommandType.HALT]

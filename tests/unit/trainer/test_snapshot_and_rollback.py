@@ -171,10 +171,10 @@ def test_lr_scale_compounds_and_survives_scheduler_step() -> None:
     train_one_epoch(state)
     execute_restore(state, lkg, ledger, 2, "nan", 2, recovery_lr_scale=0.5)
     assert state.host_optimizer.param_groups[0]["lr"] == pytest.approx(base * 0.25)
-    assert state.scheduler is not None
-    assert state.scheduler.base_lrs == [pytest.approx(base * 0.25)]
+    assert state.schedulers[0] is not None
+    assert state.schedulers[0].base_lrs == [pytest.approx(base * 0.25)]
     for _ in range(3):  # StepLR(step_size=3, gamma=0.5): after 3 steps, half of the scaled lr
-        state.scheduler.step()
+        state.schedulers[0].step()
     assert state.host_optimizer.param_groups[0]["lr"] == pytest.approx(base * 0.25 * 0.5)
 
 
@@ -185,11 +185,11 @@ def test_recovery_skip_batches() -> None:
     lkg.take(state)
     execute_restore(state, lkg, ledger, 1, "nan", 1, recovery_skip_batches=3)
     from tolaria_trainer.tasks import get_task
-    from tolaria_trainer.training import VitalsBuffer, train_epoch_normal
+    from tolaria_trainer.training import VitalsBuffer, step_recorder, train_epoch_normal
 
     task = get_task("synthetic")
     data = task.load(None, 64, state.generator)
-    stats = train_epoch_normal(state, data.train, task.loss_fn(), VitalsBuffer(state.device, 8))
+    stats = train_epoch_normal(state, data.train, task.loss_fn(), step_recorder(state, VitalsBuffer(state.device, 8)))
     assert (stats.num_skipped, stats.num_steps) == (3, 16 - 3)
 
 

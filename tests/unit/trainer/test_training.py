@@ -20,6 +20,7 @@ from tolaria_trainer.training import (
     TrainingState,
     VitalsBuffer,
     adam,
+    step_recorder,
     train_epoch_blended,
     train_epoch_normal,
     train_epoch_womb_mode,
@@ -90,7 +91,7 @@ def test_hot_loop_never_reads_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     with monkeypatch.context() as patch:
         for name in ("item", "tolist", "__float__", "__bool__", "cpu", "numpy"):
             patch.setattr(torch.Tensor, name, guard(name))
-        stats = train_epoch_normal(state, batches, task.loss_fn(), vitals)
+        stats = train_epoch_normal(state, batches, task.loss_fn(), step_recorder(state, vitals))
     assert offenders == []
     vitals.flush()
     records = vitals.drain()
@@ -109,7 +110,7 @@ def test_womb_and_blended_epochs_step_the_right_optimizers() -> None:
     assert seed is not None
     before = [p.clone() for p in seed.parameters()]
     host_before = state.model.head.weight.clone()
-    train_epoch_womb_mode(state, data.train, task.loss_fn(), vitals)
+    train_epoch_womb_mode(state, data.train, task.loss_fn(), step_recorder(state, vitals))
     assert any(not torch.equal(a, b) for a, b in zip(before, seed.parameters(), strict=True))
     assert not torch.equal(host_before, state.model.head.weight)
     from tolaria_trainer.model import SeedStage
@@ -117,7 +118,7 @@ def test_womb_and_blended_epochs_step_the_right_optimizers() -> None:
     state.model.slot("slot0").advance(SeedStage.BLENDING)
     state.model.slot("slot0").set_alpha(0.5)
     mid = [p.clone() for p in seed.parameters()]
-    train_epoch_blended(state, data.train, task.loss_fn(), vitals)
+    train_epoch_blended(state, data.train, task.loss_fn(), step_recorder(state, vitals))
     assert any(not torch.equal(a, b) for a, b in zip(mid, seed.parameters(), strict=True))
 
 
@@ -129,8 +130,8 @@ def test_language_model_perplexity(tmp_path: Path) -> None:
     data = task.load(tmp_path, 64, torch.Generator().manual_seed(0))
     assert data.num_outputs == len(set(text))
     model = create_model(task, "cpu", num_outputs=data.num_outputs)
-    state = TrainingState(model, torch.optim.Adam(model.parameters(), 1e-2), torch.device("cpu"), adam(1e-2))
-    train_epoch_normal(state, data.train, task.loss_fn(), VitalsBuffer(state.device))
+    state = TrainingState(model, [torch.optim.Adam(model.parameters(), 1e-2)], torch.device("cpu"), adam(1e-2))
+    train_epoch_normal(state, data.train, task.loss_fn(), step_recorder(state, VitalsBuffer(state.device)))
     metrics = validate_and_get_metrics(state, data.val, task.loss_fn(), data.num_outputs, is_language_model=True)
     assert metrics.perplexity == pytest.approx(math.exp(metrics.loss))
     assert metrics.loss < math.log(data.num_outputs)
@@ -239,7 +240,7 @@ def test_digits_reaches_90_percent_and_recovers_from_nan() -> None:
         data = task.load(None, 32, generator)
         model = create_model(task, "cpu")
         state = TrainingState(
-            model, torch.optim.Adam(model.parameters(), 1e-3), torch.device("cpu"), adam(1e-3), generator=generator
+            model, [torch.optim.Adam(model.parameters(), 1e-3)], torch.device("cpu"), adam(1e-3), generator=generator
         )
         vitals = VitalsBuffer(state.device, 64)
         lkg, ledger = LastKnownGood("host"), CommandLedger()
@@ -250,7 +251,7 @@ def test_digits_reaches_90_percent_and_recovers_from_nan() -> None:
         while state.epoch < 15:
             epoch = state.epoch + 1
             injector.before_epoch(state, epoch)
-            train_epoch_normal(state, data.train, loss_fn, vitals)
+            train_epoch_normal(state, data.train, loss_fn, step_recorder(state, vitals))
             state.epoch = epoch
             metrics = validate_and_get_metrics(state, data.val, loss_fn, 10)
             if not math.isfinite(metrics.loss):  # the test plays the governor: roll back to the LKG
@@ -278,7 +279,7 @@ def test_compiled_forward_trains_like_eager() -> None:
             enable_compile(state, backend="aot_eager")
         x, y = torch.randn(32, 16, generator=torch.Generator().manual_seed(1)), torch.arange(32) % 4
         vitals = VitalsBuffer(state.device, 4)
-        train_epoch_normal(state, [(x, y)] * 2, get_task("synthetic").loss_fn(), vitals)
+        train_epoch_normal(state, [(x, y)] * 2, get_task("synthetic").loss_fn(), step_recorder(state, vitals))
         vitals.flush()
         losses.append([r.loss for r in vitals.drain()])
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
@@ -291,7 +292,7 @@ def test_seed_gradient_checkpointing_gives_same_gradients() -> None:
         torch.manual_seed(5)
         task = get_task("synthetic")
         model = create_model(task, "cpu", checkpoint_seeds=checkpoint)
-        state = TrainingState(model, torch.optim.SGD(model.parameters(), 0.1), torch.device("cpu"), adam(1e-2))
+        state = TrainingState(model, [torch.optim.SGD(model.parameters(), 0.1)], torch.device("cpu"), adam(1e-2))
         state.germinate("slot0", "residual")
         seed = state.model.slot("slot0").seed
         assert seed is not None

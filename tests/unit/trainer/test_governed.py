@@ -1,0 +1,238 @@
+"""GovernedTraining around a plain PyTorch loop (no morphogenetic model), with a scripted Governance:
+what a restore brings back, the outcomes, HALT and RESUME, fail-closed refusals, ungoverned runs."""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.unit.trainer.fake_governance import FakeGovernance
+from tolaria_trainer import GovernedTraining, RunHalted
+from tolaria_trainer.client.errors import GovernorRefused
+from tolaria_trainer.governance import CommandType, FinishStatus, VerdictKind
+
+
+class Position:
+    """A data-loader position with state_dict/load_state_dict (like torchdata's StatefulDataLoader)."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.batches = state["batches"]
+
+
+def plain_setup(seed: int = 0) -> tuple[nn.Module, list[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    body = torch.optim.AdamW(model[0].parameters(), lr=1e-2)
+    head = torch.optim.SGD(model[2].parameters(), lr=5e-2, momentum=0.9)
+    return model, [body, head], torch.optim.lr_scheduler.StepLR(body, step_size=4, gamma=0.5)
+
+
+def train_steps(gov: GovernedTraining, n: int, position: Position | None = None) -> list[object]:
+    model, optimizers = gov.state.model, gov.state.optimizers
+    outcomes = []
+    for _ in range(n):
+        x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        for scheduler in gov.state.schedulers:
+            scheduler.step()
+        if position is not None:
+            position.batches += 1
+        outcomes.append(gov.step(loss))
+    return outcomes
+
+
+def state_of(gov: GovernedTraining) -> dict[str, object]:
+    return {
+        "model": {k: v.clone() for k, v in gov.state.model.state_dict().items()},
+        "optim": [
+            {
+                pid: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+                for pid, s in o.state_dict()["state"].items()
+            }
+            for o in gov.state.optimizers
+        ],
+        "scheduler": dict(gov.state.schedulers[0].state_dict()),
+        "torch_rng": torch.get_rng_state().clone(),
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state()[1].copy(),
+        "step": gov.state.step,
+    }
+
+
+def assert_same(a: object, b: object, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), f"{where} differs"  # type: ignore[arg-type]
+    elif isinstance(a, dict):
+        assert isinstance(b, dict), where
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list), where
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_rollback_restores_everything_in_place_and_says_how() -> None:
+    """Two optimizers, a scheduler, RNGs, the user's extra state: all back at the published LKG, in the same
+    objects; the outcome names the restored step, the new timeline, the recipe and the punishment."""
+    model, optimizers, scheduler = plain_setup()
+    fake = FakeGovernance()
+    position = Position()
+    gov = GovernedTraining(
+        model,
+        optimizers,
+        governor=fake,
+        num_classes=3,
+        schedulers=[scheduler],
+        extra_state=position,
+        agree_every_steps=5,
+    )
+    params = [id(p) for p in model.parameters()]
+    with gov:
+        train_steps(gov, 10, position)
+        seq = gov.report_validation(1.0, 0.5, epoch=1)
+        fake.verdict_on(seq)
+        assert not gov.agreement_point().restored
+        assert gov.lkg.info is not None
+        assert gov.lkg.info.step == 10, "the verdict published the staged snapshot"
+        lkg = state_of(gov)
+        train_steps(gov, 3, position)  # steps 11..13: trained on, to be undone
+        fake.order(CommandType.ROLLBACK, skip=7, lr_scale=0.5, punishment=-10.0)
+        (*_, outcome) = train_steps(gov, 2, position)  # step 15 is an agreement point
+    assert outcome.restored
+    assert not outcome.halted
+    assert (outcome.restored_step, outcome.restored_epoch, outcome.timeline) == (10, 1, 1)
+    assert (outcome.skip_batches, outcome.lr_scale, outcome.punishment_reward) == (7, 0.5, -10.0)
+    restored = state_of(gov)
+    for group_lrs in ("scheduler",):  # the LR scale moved the schedulers' base LRs: compare the rest bit for bit
+        restored[group_lrs] = lkg[group_lrs] = None
+    assert_same(restored, lkg)
+    assert [id(p) for p in model.parameters()] == params, "restored in place"
+    assert position.batches == 10, "the extra state came back"
+    assert optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5 * 1e-2 * 0.5**2), "StepLR at step 10, × 0.5"
+    (result,) = fake.results
+    assert (result.succeeded, result.restored_step, result.command.timeline_after(True)) == (True, 10, 1)
+    assert fake.finish is not None
+    assert fake.finish.status is FinishStatus.COMPLETED
+    assert fake.finish.num_rollbacks == 1
+    assert fake.finish.final_validation_loss is None, "the validation before the restore no longer describes the model"
+
+
+def test_steps_carry_the_timeline_they_were_produced_on() -> None:
+    """Steps before a restore are sent on timeline 0, the ones after on timeline 1; losses are the real ones."""
+    model, optimizers, scheduler = plain_setup()
+    fake = FakeGovernance()
+    with GovernedTraining(model, optimizers, governor=fake, schedulers=[scheduler], agree_every_steps=4) as gov:
+        train_steps(gov, 3)
+        fake.order(CommandType.ROLLBACK)
+        train_steps(gov, 3)
+    timelines = [(timeline, step) for timeline, step, _ in fake.steps]
+    assert timelines == [(0, 1), (0, 2), (0, 3), (0, 4), (1, 1), (1, 2)]
+    assert all(math.isfinite(loss) and loss > 0 for _, _, loss in fake.steps)
+
+
+def test_halt_then_resume_restores_and_halt_without_resume_stops_the_run() -> None:
+    model, optimizers, scheduler = plain_setup()
+    fake = FakeGovernance()
+    with GovernedTraining(
+        model, optimizers, governor=fake, schedulers=[scheduler], agree_every_steps=2, halt_wait_s=0.5
+    ) as gov:
+        train_steps(gov, 1)
+        fake.order(CommandType.HALT)
+        resume = threading.Timer(0.1, fake.order, (CommandType.RESUME,))  # a controller, while the run waits
+        resume.start()
+        outcome = train_steps(gov, 1)[0]
+        resume.join()
+        assert outcome.restored
+        assert outcome.command is not None
+        assert outcome.command.type is CommandType.RESUME
+        assert (outcome.restored_step, outcome.timeline) == (0, 1)
+        fake.order(CommandType.HALT)
+        outcome = train_steps(gov, 2)[-1]
+        assert outcome.halted
+        assert not outcome.restored
+        with pytest.raises(RunHalted, match="scripted HALT"):
+            gov.step(1.0)
+    assert [r.command.type for r in fake.results] == [CommandType.HALT, CommandType.RESUME, CommandType.HALT]
+
+
+def test_a_panic_verdict_never_publishes_its_snapshot() -> None:
+    model, optimizers, scheduler = plain_setup()
+    fake = FakeGovernance()
+    with GovernedTraining(model, optimizers, governor=fake, schedulers=[scheduler], agree_every_steps=0) as gov:
+        train_steps(gov, 4)
+        seq = gov.report_validation(float("nan"), epoch=1)
+        fake.verdict_on(seq, VerdictKind.PANIC, allowed=False)
+        fake.order(CommandType.ROLLBACK)
+        outcome = gov.agreement_point()
+    assert outcome.restored
+    assert outcome.restored_step == 0
+    assert [s.step for s in fake.snapshots] == [0], "only the initial LKG"
+    assert math.isnan(fake.validations[seq].loss), "a NaN loss is reported as it is"
+
+
+def test_fail_closed_refusal_raises_and_fail_open_refusal_trains_ungoverned() -> None:
+    model, optimizers, _ = plain_setup()
+    refused = FakeGovernance(refusal=GovernorRefused("UNAUTHENTICATED", "bad token"), connected=False)
+    with pytest.raises(GovernorRefused, match="bad token"):
+        GovernedTraining(model, optimizers, governor=refused, fail_closed=True).start()
+    refused = FakeGovernance(refusal=GovernorRefused("UNAUTHENTICATED", "bad token"), connected=False)
+    with GovernedTraining(model, optimizers, governor=refused, agree_every_steps=2) as gov:
+        train_steps(gov, 4)
+        gov.validate(1.0)
+        assert not gov.governed
+    assert refused.finish is None, "a governor that refused the trainer is not told anything more"
+
+
+def test_ungoverned_training_stages_nothing() -> None:
+    model, optimizers, scheduler = plain_setup()
+    with GovernedTraining(model, optimizers, governor=None, schedulers=[scheduler], agree_every_steps=2) as gov:
+        train_steps(gov, 6)
+        outcome = gov.validate(0.9, 0.6, epoch=1)
+        assert not outcome.restored
+        assert gov.lkg.staged_info is None
+        assert not gov.governed
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_classes": 1}, "at least 2"),
+        ({"num_classes": 3, "random_guess_loss": 1.0}, "not both"),
+        ({"random_guess_loss": float("nan")}, "positive finite"),
+        ({"agree_every_steps": -1}, ">= 0"),
+        ({"extra_state": object()}, "extra_state must be a dict"),
+        ({"governor": "localhost"}, "governor 'localhost': no port"),
+        ({"governor": "127.0.0.1:99999"}, "not a number in 1..65535"),
+        ({"governor": "http://127.0.0.1:50051"}, "no URL"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs: dict[str, object], message: str) -> None:
+    model, optimizers, _ = plain_setup()
+    arguments: dict[str, object] = {"governor": None, **kwargs}
+    with pytest.raises((ValueError, TypeError), match=message):
+        GovernedTraining(model, optimizers, **arguments)  # type: ignore[arg-type]

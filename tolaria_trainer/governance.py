@@ -1,0 +1,281 @@
+"""What a governed loop asks of the governor, in plain Python types, and the ungoverned null object.
+
+``GovernedTraining`` (``governed.py``) talks to the governor only through the ``Governance`` protocol:
+queue vitals, validation reports, snapshot reports, command results and the finish; read verdicts,
+commands and the run's timeline. ``client/connection.py`` implements it over the Attach stream (the
+only place protobufs are built); ``Ungoverned`` implements it as nothing at all, so the loop never asks
+whether a governor exists; tests drive a loop with a scripted fake.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+from tolaria_trainer.client.errors import GovernorRefused
+from tolaria_trainer.client.outbox import VitalsSource
+
+
+class VerdictKind(enum.StrEnum):
+    """The governor's judgement of one validation record."""
+
+    HEALTHY = "HEALTHY"
+    ANOMALY = "ANOMALY"  # divergent, but not (yet) enough times in a row to act on
+    PANIC = "PANIC"  # a command follows
+
+
+class CommandType(enum.StrEnum):
+    """What a command asks every rank to do at its next agreement point."""
+
+    ROLLBACK = "ROLLBACK"  # cull live seeds, restore the LKG, apply the recovery recipe
+    HALT = "HALT"  # stop and wait for RESUME
+    RESUME = "RESUME"  # restore the LKG and continue
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The governor's answer to one validation record: publish the staged snapshot only when
+    ``snapshot_allowed`` names exactly its (timeline, step)."""
+
+    seq: int
+    kind: VerdictKind
+    timeline: int
+    step: int
+    reason: str
+    snapshot_allowed: bool
+
+
+@dataclass(frozen=True)
+class Command:
+    """A command of the governor (or of a controller through it), executed by every rank at once."""
+
+    command_id: int
+    type: CommandType
+    reason: str
+    punishment_reward: float
+    timeline: int  # the timeline it was issued on
+    step: int
+    recovery_skip_batches: int = 0
+    recovery_lr_scale: float = 1.0
+    generation: int = 0
+
+    def timeline_after(self, succeeded: bool) -> int:
+        """The timeline executing it moves a rank to: its timeline + 1 for a ROLLBACK or RESUME that
+        succeeded (whatever timeline the rank was on), its timeline otherwise."""
+        moves = self.type in (CommandType.ROLLBACK, CommandType.RESUME)
+        return self.timeline + 1 if succeeded and moves else self.timeline
+
+
+@dataclass(frozen=True)
+class SeedReport:
+    """One seed slot's lifecycle state, reported with a validation."""
+
+    slot: str
+    blueprint: str
+    stage: str
+    alpha: float
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """One validation pass, as the governor judges it. Non-finite values are sent as they are: a NaN
+    loss is exactly what the governor must see."""
+
+    timeline: int
+    step: int
+    epoch: int
+    loss: float
+    accuracy: float | None = None
+    per_class_accuracy: tuple[float, ...] = ()
+    perplexity: float | None = None
+    train_loss: float | None = None
+    train_accuracy: float | None = None
+    seeds: tuple[SeedReport, ...] = ()
+
+
+@dataclass(frozen=True)
+class CommandReport:
+    """What executing a command did (the CommandResult)."""
+
+    command: Command
+    succeeded: bool
+    restored_step: int
+    duration_ms: float
+    error: str = ""
+    num_culled_seeds: int = 0
+    lr_after_restore: float | None = None  # the learning rate training continues with
+
+
+@dataclass(frozen=True)
+class SnapshotReport:
+    """A snapshot that became the LKG."""
+
+    timeline: int
+    step: int
+    snapshot_bytes: int
+    duration_ms: float
+    location: str
+
+
+class FinishStatus(enum.StrEnum):
+    """How a run ended, as the governor records it."""
+
+    COMPLETED = "completed"
+    HALTED = "halted"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class FinishReport:
+    """The last message of a run."""
+
+    status: FinishStatus
+    epochs_completed: int
+    num_rollbacks: int
+    message: str
+    duration_s: float
+    final_validation_loss: float | None = None
+    final_validation_accuracy: float | None = None
+
+
+class Governance(Protocol):
+    """One rank's line to the governor. Every ``send_*`` queues and returns at once; nothing here
+    waits on the network except ``verdict`` (up to the bound given) and ``close``."""
+
+    @property
+    def governed(self) -> bool:
+        """False for the null object: verdicts never come, so staged snapshots are never kept."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """A stream is open and welcomed."""
+        ...
+
+    @property
+    def refusal(self) -> GovernorRefused | None:
+        """The permanent refusal, once the governor refused this trainer."""
+        ...
+
+    @property
+    def run_timeline(self) -> int:
+        """The highest timeline the governor named for the run (adopted at an agreement point)."""
+        ...
+
+    @property
+    def num_unjudged_records(self) -> int:
+        """Records the governor journaled as stale and never judged."""
+        ...
+
+    @property
+    def num_dropped_records(self) -> int:
+        """Train-step records dropped under back-pressure (reported to the governor)."""
+        ...
+
+    def start(self, wait_s: float) -> bool:
+        """Start connecting; wait up to ``wait_s`` for the first Welcome. Returns whether connected."""
+        ...
+
+    def unreachable_for_s(self) -> float:
+        """Seconds since the last welcomed stream was lost (0 while connected)."""
+        ...
+
+    def send_vitals(self, chunk: VitalsSource) -> None:
+        """Queue train-step records of one timeline."""
+        ...
+
+    def send_validation(self, report: ValidationReport) -> int:
+        """Queue a validation report; returns the seq its Verdict will name."""
+        ...
+
+    def verdict(self, seq: int, wait_s: float) -> Verdict | None:
+        """The Verdict on validation ``seq``, waiting up to ``wait_s`` (0: just look)."""
+        ...
+
+    def forget_verdict(self, seq: int) -> None:
+        """Stop keeping the Verdict on ``seq`` (received or still to come)."""
+        ...
+
+    def take_commands(self) -> list[Command]:
+        """Commands received since the last call, each once, lowest id first."""
+        ...
+
+    def send_snapshot(self, report: SnapshotReport) -> None:
+        """Queue a report of a snapshot that became the LKG."""
+        ...
+
+    def send_command_result(self, report: CommandReport) -> None:
+        """Queue the result of executing a command (it moves ``run_timeline`` to the command's new one)."""
+        ...
+
+    def close(self, finish: FinishReport | None, flush_timeout_s: float) -> bool:
+        """Queue ``finish`` (None: the governor is not told, e.g. it is unreachable), wait up to
+        ``flush_timeout_s`` for everything to be acknowledged, and stop. Returns True if flushed."""
+        ...
+
+    def pending(self) -> int:
+        """Messages not acknowledged yet."""
+        ...
+
+
+class Ungoverned:
+    """The null ``Governance``: training without a governor. Nothing is sent, no verdict or command ever
+    comes, and a refusal never happens."""
+
+    governed = False
+    connected = False
+    refusal: GovernorRefused | None = None
+    run_timeline = 0
+    num_unjudged_records = 0
+    num_dropped_records = 0
+
+    def __init__(self) -> None:
+        self._seq = 0
+
+    def start(self, wait_s: float) -> bool:
+        """Nothing to connect to."""
+        return False
+
+    def unreachable_for_s(self) -> float:
+        """Never reachable, never waited for."""
+        return 0.0
+
+    def send_vitals(self, chunk: VitalsSource) -> None:
+        """Dropped: nobody judges them."""
+
+    def send_validation(self, report: ValidationReport) -> int:
+        """A seq no verdict will ever name."""
+        self._seq += 1
+        return self._seq
+
+    def verdict(self, seq: int, wait_s: float) -> Verdict | None:
+        """Never."""
+        return None
+
+    def forget_verdict(self, seq: int) -> None:
+        """Nothing kept."""
+
+    def take_commands(self) -> list[Command]:
+        """None ever."""
+        return []
+
+    def send_snapshot(self, report: SnapshotReport) -> None:
+        """Nobody to tell."""
+
+    def send_command_result(self, report: CommandReport) -> None:
+        """No command is ever executed."""
+
+    def close(self, finish: FinishReport | None, flush_timeout_s: float) -> bool:
+        """Nothing pending."""
+        return True
+
+    def pending(self) -> int:
+        """Nothing pending."""
+        return 0
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` when it is a finite number, else None (for JSON summaries and optional proto fields)."""
+    return value if value is not None and math.isfinite(value) else None

@@ -1,0 +1,704 @@
+"""GovernedTraining: put any PyTorch training loop under the governor.
+
+::
+
+    with GovernedTraining(model, [optimizer], governor="127.0.0.1:50051", num_classes=10) as gov:
+        for epoch in range(epochs):
+            for x, y in loader:
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+                gov.step(loss)                       # a device tensor: no host sync
+            gov.validate(val_loss, accuracy=val_acc, epoch=epoch)
+
+``step`` records the step's loss and gradient norm in a device buffer that a background thread sends
+(train-step records: judged for non-finite values, and by the step detectors of the profile);
+``validate`` reports a validation, stages a last-known-good (LKG) snapshot that the governor's
+Verdict publishes, and is an agreement point. Agreement points also come every
+``agree_every_steps`` steps; commands are executed only there, by every rank at the same step. Both
+return an ``Outcome``: whether a restore happened in place (the model, optimizers, schedulers, grad
+scaler, RNG states and ``extra_state`` are back at the LKG; ``restored_step``, the new timeline,
+batches to skip, the LR scale applied and the punishment reward say how) or that the run is halted.
+
+The protocol it follows is docs/protocol.md. Under torchrun every rank constructs one; the agreement
+collectives run on a gloo group of their own (CPU tensors, no device sync).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+
+from tolaria_trainer.client.errors import GovernorRefused
+from tolaria_trainer.distributed import Distributed
+from tolaria_trainer.errors import SnapshotError, TrainerError
+from tolaria_trainer.governance import (
+    Command,
+    CommandReport,
+    CommandType,
+    FinishReport,
+    FinishStatus,
+    Governance,
+    SeedReport,
+    SnapshotReport,
+    Ungoverned,
+    ValidationReport,
+    Verdict,
+    VerdictKind,
+)
+from tolaria_trainer.model.seeds import seed_slots
+from tolaria_trainer.rollback import CommandLedger, RestoreOutcome, execute_restore
+from tolaria_trainer.snapshot import MAX_STAGED, LastKnownGood, SnapshotInfo
+from tolaria_trainer.training.state import OptimizerFactory, TrainingState
+from tolaria_trainer.training.vitals import VitalsBuffer, record_step
+
+log = logging.getLogger("tolaria.governed")
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+class GovernorUnreachable(TrainerError):
+    """The governor stayed unreachable past the fail-closed deadline."""
+
+
+class RollbackFailed(TrainerError):
+    """A ROLLBACK or RESUME could not restore the LKG (the governor then halts the run)."""
+
+
+class RunHalted(TrainerError):
+    """The governor halted the run and no RESUME came within ``halt_wait_s``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"halted by the governor: {reason}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What ``step`` or ``validate`` did beyond recording.
+
+    ``restored``: a ROLLBACK or RESUME restored the LKG in place; the loop goes on from
+    ``restored_step`` (and ``restored_epoch``) on ``timeline``, skips ``skip_batches`` batches (the
+    training loop's job: ``tolaria-train`` does it), with the learning rate scaled by ``lr_scale``
+    (already applied to the optimizers and schedulers). ``halted``: HALT with no RESUME within
+    ``halt_wait_s``; the loop must stop (``step`` and ``validate`` raise RunHalted from then on).
+    """
+
+    restored: bool = False
+    halted: bool = False
+    command: Command | None = None
+    restored_step: int | None = None
+    restored_epoch: int | None = None
+    timeline: int = 0
+    skip_batches: int = 0
+    lr_scale: float = 1.0
+    punishment_reward: float = 0.0
+    culled: tuple[str, ...] = ()
+    duration_ms: float = 0.0
+
+
+class GovernedTraining:
+    """One rank's governed training: a context manager around the user's own loop.
+
+    ``governor`` is the daemon's address (``host:port``), a ``Governance`` object, or None for an
+    ungoverned run (everything works the same; nothing is judged, and the LKG stays the initial one).
+    The snapshotted state is ``model`` (a model with ``seed_slots()``/``snapshot_keys()`` has its live
+    seeds left out and culled on rollback), ``optimizers``, ``schedulers``, ``grad_scaler``, RNG states
+    and ``extra_state`` (a dict, or an object with ``state_dict``/``load_state_dict``: a data loader
+    position, say). ``fail_closed`` pauses at agreement points while the governor is unreachable and
+    raises GovernorUnreachable after ``fail_closed_deadline_s``; a refusal (wrong token or role) then
+    raises GovernorRefused instead of training ungoverned.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        *,
+        governor: str | Governance | None,
+        run_id: str | None = None,
+        token: str | None = None,
+        num_classes: int | None = None,
+        random_guess_loss: float | None = None,
+        schedulers: Sequence[torch.optim.lr_scheduler.LRScheduler] = (),
+        grad_scaler: torch.amp.GradScaler | None = None,
+        extra_state: Any = None,
+        snapshot_location: str = "auto",
+        agree_every_steps: int = 50,
+        fail_closed: bool = False,
+        fail_closed_deadline_s: float = 60.0,
+        halt_wait_s: float = 3600.0,
+        verdict_wait_s: float = 5.0,
+        vitals_flush_s: float = 0.1,
+        connect_wait_s: float = 10.0,
+        final_flush_s: float = 30.0,
+        heartbeat_s: float = 2.0,
+        policy: Mapping[str, Any] | None = None,
+        task: str = "custom",
+        tls_ca: bytes | None = None,
+        tls_cert: bytes | None = None,
+        tls_key: bytes | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+        seed_optimizer_factory: OptimizerFactory | None = None,
+        distributed: Distributed | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        if agree_every_steps < 0:
+            raise ValueError(f"agree_every_steps must be >= 0 (0: only at validations), got {agree_every_steps}")
+        if num_classes is not None and random_guess_loss is not None:
+            raise ValueError("give num_classes (classification) or random_guess_loss (language models), not both")
+        if num_classes is not None and num_classes < 2:
+            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if random_guess_loss is not None and not (math.isfinite(random_guess_loss) and random_guess_loss > 0):
+            raise ValueError(f"random_guess_loss must be a positive finite number, got {random_guess_loss}")
+        if isinstance(optimizers, torch.optim.Optimizer):
+            optimizers = [optimizers]
+        self.device = torch.device(device) if device is not None else _device_of(model)
+        self.dist = distributed if distributed is not None else Distributed(self.device)
+        self.state = TrainingState(
+            model,
+            list(optimizers),
+            self.device,
+            seed_optimizer_factory,
+            schedulers=list(schedulers),
+            scaler=grad_scaler,
+            generator=generator,
+            extra_state=extra_state,
+        )
+        self.run_id = run_id or default_run_id(task)
+        self.agree_every_steps = agree_every_steps
+        self.fail_closed = fail_closed
+        self.fail_closed_deadline_s = fail_closed_deadline_s
+        self.halt_wait_s = halt_wait_s
+        self.verdict_wait_s = verdict_wait_s
+        self.connect_wait_s = connect_wait_s
+        self.final_flush_s = final_flush_s
+        self.progress = progress or (lambda event: None)
+        self.governance = self._governance(
+            governor,
+            task=task,
+            token=token or "",
+            num_classes=num_classes,
+            random_guess_loss=random_guess_loss,
+            policy=policy,
+            heartbeat_s=heartbeat_s,
+            tls=(tls_ca, tls_cert, tls_key),
+        )
+        self.lkg = LastKnownGood(snapshot_location)
+        self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._send_vitals, flush_interval_s=vitals_flush_s)
+        self.ledger = CommandLedger()
+        self.known_commands: dict[int, Command] = {}
+        self.last_command_id = 0  # every rank executed every command up to this id
+        self.pending: list[tuple[int, SnapshotInfo]] = []  # staged snapshots and their validation seqs, oldest first
+        self.verdicts: dict[int, Verdict] = {}  # of the pending and the latest seq
+        self.latest_seq: int | None = None  # the last validation's seq
+        self.last_validation: ValidationReport | None = None  # on the current timeline (None after a restore)
+        self.num_rollbacks = 0
+        self.num_restores = 0  # ROLLBACKs and RESUMEs executed
+        self.halted: str | None = None
+        self.started_at = time.monotonic()
+        self._started = False
+        self._closed = False
+        self._warned_refusal = False
+
+    def _governance(
+        self,
+        governor: str | Governance | None,
+        *,
+        task: str,
+        token: str,
+        num_classes: int | None,
+        random_guess_loss: float | None,
+        policy: Mapping[str, Any] | None,
+        heartbeat_s: float,
+        tls: tuple[bytes | None, bytes | None, bytes | None],
+    ) -> Governance:
+        if governor is None:
+            return Ungoverned()
+        if not isinstance(governor, str):
+            return governor
+        from tolaria_trainer.address import check_governor_address
+        from tolaria_trainer.client.client import ClientOptions, GovernorClient
+        from tolaria_trainer.client.connection import GovernorConnection, build_hello
+
+        check_governor_address(governor, "governor")
+        hello = build_hello(
+            self.run_id,
+            self.dist.rank,
+            self.dist.world_size,
+            task,
+            num_classes=num_classes,
+            random_guess_loss=random_guess_loss,
+            policy=policy,
+        )
+        options = ClientOptions(heartbeat_s=heartbeat_s, token=token, tls_ca=tls[0], tls_cert=tls[1], tls_key=tls[2])
+        return GovernorConnection(GovernorClient(governor, hello, options))
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> GovernedTraining:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc is None:
+            self.close(FinishStatus.COMPLETED)
+        elif isinstance(exc, RunHalted):
+            self.close(FinishStatus.HALTED, str(exc))
+        elif isinstance(exc, GovernorUnreachable):
+            self.close(None, str(exc))
+        else:
+            self.close(FinishStatus.FAILED, f"{type(exc).__name__}: {exc}")
+
+    def start(self) -> None:
+        """Connect (waiting up to ``connect_wait_s`` for the first Welcome), move to the run's timeline
+        if the governor names a later one, and publish the initial LKG."""
+        if self._started:
+            return
+        self._started = True
+        wait = min(self.connect_wait_s, self.fail_closed_deadline_s) if self.fail_closed else self.connect_wait_s
+        if self.governance.governed and not self.governance.start(wait):
+            if self.fail_closed:
+                self._check_reachable()  # not one step before the governor welcomed this trainer
+            else:
+                self._check_refusal()
+                if self.governance.refusal is None:
+                    log.warning("governor not reachable yet; training continues and keeps retrying (fail-open)")
+        self._adopt_run_timeline()
+        self.checkpoint("initial")
+
+    @property
+    def governed(self) -> bool:
+        """True while a governor judges this run (False without one, or once it refused this trainer)."""
+        return self.governance.governed and self.governance.refusal is None
+
+    def close(self, status: FinishStatus | None, message: str = "", flush_timeout_s: float | None = None) -> bool:
+        """Tell the governor how the run ended (None: don't, it is unreachable), wait for it to take the
+        last records, stop the connection. Returns True if every record was acknowledged."""
+        if self._closed:
+            return True
+        self._closed = True
+        self.vitals.flush()
+        if self.governance.refusal is not None:
+            status = None  # a governor that refused this trainer takes nothing more
+        finish: FinishReport | None = None
+        if status is not None:
+            last = self.last_validation
+            finish = FinishReport(
+                status=status,
+                epochs_completed=self.state.epoch,
+                num_rollbacks=self.num_rollbacks,
+                message=message or str(status),
+                duration_s=time.monotonic() - self.started_at,
+                final_validation_loss=last.loss if last else None,
+                final_validation_accuracy=last.accuracy if last else None,
+            )
+        timeout = self.final_flush_s if flush_timeout_s is None else flush_timeout_s
+        if status is None:
+            timeout = min(timeout, 0.5)
+        elif self.governance.pending() and not self.governance.connected:
+            log.info("waiting up to %.0f s for the governor to take the last records", timeout)
+        flushed = self.governance.close(finish, timeout)
+        if not flushed and status is not None:
+            log.warning("not every record reached the governor: %d pending", self.governance.pending())
+        return flushed
+
+    # ----------------------------------------------------------------- the user's calls
+
+    def step(self, loss: torch.Tensor | float, grad_norm: torch.Tensor | float | None = None) -> Outcome:
+        """Record one optimizer step (call it after ``optimizer.step()``). ``grad_norm`` defaults to the
+        total norm of the gradients the optimizers hold (after any clipping). Nothing here reads the
+        device; every ``agree_every_steps`` steps it is an agreement point."""
+        self._check_open()
+        state = self.state
+        if grad_norm is None:
+            grad_norm = _total_grad_norm(state.optimizers, self.device)
+        record_step(state, self.vitals, _as_tensor(loss, self.device), _as_tensor(grad_norm, self.device))
+        if self.agree_every_steps and state.step % self.agree_every_steps == 0:
+            return self.agreement_point()
+        return Outcome(timeline=state.timeline)
+
+    def validate(
+        self,
+        loss: float,
+        accuracy: float | None = None,
+        per_class_accuracy: Sequence[float] = (),
+        *,
+        epoch: int | None = None,
+        perplexity: float | None = None,
+        train_loss: float | None = None,
+        train_accuracy: float | None = None,
+    ) -> Outcome:
+        """Report a validation (host floats: the one sync is the caller's), stage an LKG snapshot for the
+        governor's verdict, and hold an agreement point (``report_validation`` then ``agreement_point``).
+        ``epoch`` (default: unchanged) is kept in the snapshot, so a restore tells the loop where it is."""
+        self.report_validation(
+            loss,
+            accuracy,
+            per_class_accuracy,
+            epoch=epoch,
+            perplexity=perplexity,
+            train_loss=train_loss,
+            train_accuracy=train_accuracy,
+        )
+        return self.agreement_point()
+
+    def report_validation(
+        self,
+        loss: float,
+        accuracy: float | None = None,
+        per_class_accuracy: Sequence[float] = (),
+        *,
+        epoch: int | None = None,
+        perplexity: float | None = None,
+        train_loss: float | None = None,
+        train_accuracy: float | None = None,
+    ) -> int:
+        """The first half of ``validate``: stage the snapshot and queue the report; returns its seq. The
+        caller holds the agreement point when it is ready (``tolaria-train`` reports progress between)."""
+        self._check_open()
+        state = self.state
+        if epoch is not None:
+            state.epoch = epoch
+        self._settle_pending()  # the previous validation's verdict has arrived by now: publish before restaging
+        staged: SnapshotInfo | None = None
+        if self.governed:  # without verdicts, a staged snapshot could never be published
+            if len(self.pending) == MAX_STAGED:
+                self._drop_pending(self.pending[-1])  # the LKG's stage replaces the newest staged one
+            try:
+                staged = self.lkg.stage(state)
+            except SnapshotError as exc:
+                log.error("snapshot staging failed; the previous LKG stays: %s", exc)
+        report = ValidationReport(
+            timeline=state.timeline,
+            step=state.step,
+            epoch=state.epoch,
+            loss=float(loss),
+            accuracy=accuracy,
+            per_class_accuracy=tuple(per_class_accuracy),
+            perplexity=perplexity,
+            train_loss=train_loss,
+            train_accuracy=train_accuracy,
+            seeds=tuple(SeedReport(s.name, s.blueprint, str(s.stage), s.alpha) for s in seed_slots(state.model)),
+        )
+        self.vitals.flush()  # the steps before this validation go out first
+        seq = self.governance.send_validation(report)
+        self.last_validation = report
+        previous, self.latest_seq = self.latest_seq, seq
+        self._release_verdict(previous)  # superseded: only the newest validation's verdict matters at the end
+        if staged is not None:
+            self.pending.append((seq, staged))
+        return seq
+
+    def settle(self, wait_s: float | None = None) -> Outcome:
+        """At the end of training: wait up to ``wait_s`` (default ``verdict_wait_s``, while connected) for
+        the last validation's verdict and, after a PANIC, for its command; then an agreement point. A
+        restored outcome means the last validations were rolled back: train them again."""
+        self._check_open()
+        deadline = time.monotonic() + (self.verdict_wait_s if wait_s is None else wait_s)
+        while True:
+            verdict = self._verdict(self.latest_seq, 0.0)
+            self._collect()
+            judged = not self.governance.connected or verdict is not None or self.latest_seq is None
+            panic = verdict is not None and verdict.kind is VerdictKind.PANIC
+            settled = judged and (not panic or bool(self.known_commands))
+            if self.dist.agree_min(int(settled)) or self.dist.agree_max(int(time.monotonic() >= deadline)):
+                break
+            time.sleep(0.01)
+        self._settle_pending()
+        return self.agreement_point()
+
+    def checkpoint(self, why: str) -> SnapshotInfo:
+        """Make the current state the LKG at once, without a verdict (the initial state; right after a
+        seed was fossilized, when older snapshots no longer fit the model)."""
+        info = self.lkg.take(self.state)
+        log.info("snapshot published (%s) at step %d, %d bytes", why, info.step, info.snapshot_bytes)
+        self._report_snapshot(info)
+        return info
+
+    # ----------------------------------------------------------------- agreement
+
+    def agreement_point(self) -> Outcome:
+        """Send what is buffered, publish snapshots whose verdicts every rank holds, adopt the run's
+        timeline, and execute the command every rank agrees on (if any)."""
+        self._check_reachable()
+        self.vitals.flush()  # buffered records go out before anything decided here
+        self._settle_pending()
+        self._adopt_run_timeline()
+        self._collect()
+        command = self._agree_command()
+        if command is None:
+            return Outcome(timeline=self.state.timeline)
+        return self._execute(command)
+
+    def _check_open(self) -> None:
+        if self.halted is not None:
+            raise RunHalted(self.halted)
+        if not self._started:
+            raise RuntimeError("GovernedTraining is not started: use it as a context manager, or call start()")
+
+    def _check_refusal(self) -> None:
+        refusal = self.governance.refusal
+        if refusal is None:
+            return
+        if self.fail_closed:
+            raise refusal
+        if not self._warned_refusal:
+            self._warned_refusal = True
+            log.error("%s; training continues UNGOVERNED (use fail_closed to stop instead)", refusal)
+
+    def _check_reachable(self) -> None:
+        self._check_refusal()
+        if not self.fail_closed or not self.governance.governed:
+            return
+        while not self.governance.connected:
+            self._check_refusal()
+            if self.governance.unreachable_for_s() > self.fail_closed_deadline_s:
+                raise GovernorUnreachable(
+                    f"governor unreachable for more than {self.fail_closed_deadline_s:g} s (fail-closed)"
+                )
+            time.sleep(0.1)
+
+    def _send_vitals(self, chunk: Any) -> None:
+        self.governance.send_vitals(chunk)
+
+    def _collect(self) -> None:
+        for command in self.governance.take_commands():
+            if command.command_id > self.last_command_id:  # an executed command may still reach a slow rank
+                self.known_commands[command.command_id] = command
+
+    def _adopt_run_timeline(self) -> None:
+        """Move every rank to the run's timeline if the governor named a higher one (Welcome, Resync): a
+        restarted trainer's records would otherwise be stale forever. Records already buffered keep
+        their timeline; a snapshot staged on the old one can no longer be published."""
+        target = self.dist.agree_max(self.governance.run_timeline)
+        if target <= self.state.timeline:
+            return
+        self.vitals.flush()
+        for item in list(self.pending):  # staged on the old timeline: no verdict will publish them
+            self._drop_pending(item)
+        log.warning(
+            "adopting the run's timeline %d from the governor (was %d; %d records unjudged)",
+            target,
+            self.state.timeline,
+            self.governance.num_unjudged_records,
+        )
+        self.state.timeline = target
+
+    def _agree_command(self) -> Command | None:
+        """The command every rank executes now: the highest id any rank holds, as the lowest rank holding
+        it received it (so a rank whose stream never delivered it executes it too and the ranks never
+        diverge). None when no rank holds a new command."""
+        highest = self.dist.agree_max(max(self.known_commands, default=0))
+        if highest == 0:
+            return None
+        holds = highest in self.known_commands
+        holder = self.dist.agree_min(self.dist.rank if holds else self.dist.world_size)
+        assert holder < self.dist.world_size, "the highest id came from a rank that holds it"
+        data = json.dumps(dataclasses.asdict(self.known_commands[highest])).encode() if holds else b""
+        fields = json.loads(self.dist.broadcast_bytes(data, holder))
+        command = Command(**{**fields, "type": CommandType(fields["type"])})
+        self.known_commands = {cid: c for cid, c in self.known_commands.items() if cid > highest}
+        self.last_command_id = highest
+        return command
+
+    # ----------------------------------------------------------------- snapshots and verdicts
+
+    def _settle_pending(self, wait_s: float = 0.0) -> None:
+        """Publish or discard staged snapshots, oldest first, each once every rank holds its Verdict (the
+        newest allowed one ends up the LKG). Stops at the first verdict some rank still lacks. Every rank
+        calls the same collectives in the same order, so all decide at the same step."""
+        for position in range(self.dist.agree_max(len(self.pending))):
+            item = self.pending[0] if self.pending else None
+            verdict = self._verdict(item[0], wait_s if position == 0 else 0.0) if item else None
+            if not self.dist.agree_min(int(verdict is not None)):
+                return
+            assert item is not None
+            assert verdict is not None
+            staged = item[1]
+            allowed = verdict.snapshot_allowed and (verdict.timeline, verdict.step) == (staged.timeline, staged.step)
+            if self.dist.agree_min(int(allowed)) and self.lkg.publish(staged.timeline, staged.step):
+                self._report_snapshot(staged)
+            self._drop_pending(item)
+
+    def _drop_pending(self, item: tuple[int, SnapshotInfo]) -> None:
+        """Forget a staged snapshot (if it was published, the LKG stays) and stop waiting for its verdict."""
+        self.pending.remove(item)
+        self.lkg.discard(item[1])
+        self._release_verdict(item[0])
+
+    def _release_verdict(self, seq: int | None) -> None:
+        """Stop tracking the verdict on ``seq`` unless a staged snapshot or the latest validation needs it."""
+        if seq is None or seq == self.latest_seq or any(seq == pending for pending, _ in self.pending):
+            return
+        if self.verdicts.pop(seq, None) is None:
+            self.governance.forget_verdict(seq)
+
+    def _verdict(self, seq: int | None, wait_s: float) -> Verdict | None:
+        """The Verdict on validation ``seq`` once it arrived (kept until its seq is dropped)."""
+        if seq is None:
+            return None
+        if seq not in self.verdicts:
+            verdict = self.governance.verdict(seq, wait_s)
+            if verdict is None:
+                return None
+            if verdict.kind is VerdictKind.PANIC:
+                log.warning("governor verdict PANIC at step %d: %s", verdict.step, verdict.reason)
+            self.verdicts[seq] = verdict
+        return self.verdicts[seq]
+
+    def _report_snapshot(self, info: SnapshotInfo) -> None:
+        self.governance.send_snapshot(
+            SnapshotReport(info.timeline, info.step, info.snapshot_bytes, info.duration_ms, info.location)
+        )
+
+    # ----------------------------------------------------------------- commands
+
+    def _execute(self, command: Command) -> Outcome:
+        log.warning(
+            "governor command %d %s (punishment %g): %s",
+            command.command_id,
+            command.type,
+            command.punishment_reward,
+            command.reason,
+        )
+        self.progress(
+            {
+                "event": "command",
+                "type": str(command.type),
+                "command_id": command.command_id,
+                "reason": command.reason,
+                "punishment_reward": command.punishment_reward,
+            }
+        )
+        if command.type is CommandType.HALT:
+            self.governance.send_command_result(CommandReport(command, True, self.state.step, 0.0))
+            return self._halt(command)
+        rollback = command.type is CommandType.ROLLBACK
+        scale = command.recovery_lr_scale if rollback else 1.0
+        outcome = execute_restore(
+            self.state,
+            self.lkg,
+            self.ledger,
+            command.command_id,
+            command.reason,
+            command.timeline_after(succeeded=True),
+            scale,
+            command.recovery_skip_batches if rollback else 0,
+        )
+        self._report_result(command, outcome)
+        if not outcome.succeeded:
+            raise RollbackFailed(f"rollback {command.command_id} failed: {outcome.error}")
+        self.num_restores += 1
+        if rollback:
+            self.num_rollbacks += 1
+        self.last_validation = None  # the validations reported since the LKG are undone
+        self.progress(
+            {
+                "event": "restored",
+                "command_id": command.command_id,
+                "timeline": outcome.new_timeline,
+                "restored_step": outcome.restored_step,
+                "culled": list(outcome.culled),
+                "duration_ms": outcome.duration_ms,
+            }
+        )
+        return Outcome(
+            restored=True,
+            command=command,
+            restored_step=outcome.restored_step,
+            restored_epoch=self.state.epoch,
+            timeline=outcome.new_timeline,
+            skip_batches=self.state.skip_batches,
+            lr_scale=scale,
+            punishment_reward=command.punishment_reward,
+            culled=outcome.culled,
+            duration_ms=outcome.duration_ms,
+        )
+
+    def _report_result(self, command: Command, outcome: RestoreOutcome) -> None:
+        self.governance.send_command_result(
+            CommandReport(
+                command,
+                outcome.succeeded,
+                outcome.restored_step,
+                outcome.duration_ms,
+                outcome.error,
+                len(outcome.culled),
+                # The learning rate training continues with: the restored one, times recovery_lr_scale.
+                self.state.learning_rate() if outcome.succeeded else None,
+            )
+        )
+
+    def _halt(self, command: Command) -> Outcome:
+        """Stay alive with the LKG and the stream until RESUME (executed here: it restores the LKG), or
+        give up after ``halt_wait_s``."""
+        self.progress(
+            {
+                "event": "halted",
+                "command_id": command.command_id,
+                "reason": command.reason,
+                "halt_wait_s": self.halt_wait_s,
+            }
+        )
+        deadline = time.monotonic() + self.halt_wait_s
+        while True:
+            self._collect()
+            resume = max((c for c, cmd in self.known_commands.items() if cmd.type is CommandType.RESUME), default=0)
+            if self.dist.agree_max(resume):
+                return self.agreement_point()
+            if self.dist.agree_max(int(time.monotonic() >= deadline)):
+                self.halted = command.reason
+                return Outcome(halted=True, command=command, timeline=self.state.timeline)
+            time.sleep(0.1)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _as_tensor(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    return torch.tensor(float(value), device=device)
+
+
+def _total_grad_norm(optimizers: Sequence[torch.optim.Optimizer], device: torch.device) -> torch.Tensor:
+    grads = [p.grad for opt in optimizers for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def default_run_id(task: str) -> str:
+    """``<task>-<UTC time>-<6 hex>``: two jobs never collide by accident."""
+    return f"{task}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+
+
+__all__ = [
+    "GovernedTraining",
+    "GovernorRefused",
+    "GovernorUnreachable",
+    "Outcome",
+    "Progress",
+    "RollbackFailed",
+    "RunHalted",
+    "default_run_id",
+]
