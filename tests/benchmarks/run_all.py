@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tests.benchmarks import bench_ingest, bench_snapshot, bench_startup, bench_training
+from tests.benchmarks import bench_ingest, bench_snapshot, bench_startup, bench_step_overhead, bench_training
 from tests.benchmarks.common import machine
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -137,6 +137,21 @@ def main() -> int:
             f"{training['governed_steps_per_s']:.1f} vs {training['bare_steps_per_s']:.1f} steps/s",
             f"{training['ratio']:.3f} ({training['ratio_q1']:.3f}-{training['ratio_q3']:.3f})",
             f">= 0.98: {verdict(training['ratio'] >= 0.98)}",
+        )
+    )
+    print("training-thread overhead per step ...", flush=True)
+    overhead = bench_step_overhead.run()
+    medians, thread = overhead["medians_us"], overhead["thread_governed_vs_bare"]
+    rows.append(
+        (
+            "training-thread CPU per optimizer step (`time.thread_time`), GovernedTraining attached to a daemon vs "
+            f"the same loop bare (MLP 64-256-256-10, batch 64, 1 torch thread; median of {overhead['rounds']} "
+            f"rounds of {overhead['block']} steps per arm, interleaved; interquartile range of the round ratios); "
+            f"ungoverned (governor=None) {medians['ungoverned']['thread']:.0f} us, wall governed "
+            f"{medians['governed']['wall']:.0f} vs bare {medians['bare']['wall']:.0f} us",
+            f"{medians['governed']['thread']:.0f} vs {medians['bare']['thread']:.0f} us",
+            f"{thread['median']:.3f} ({thread['q1']:.3f}-{thread['q3']:.3f})",
+            f"<= 1.02: {verdict(thread['median'] <= 1.02)}",
         )
     )
     print("daemon ingest ...", flush=True)
