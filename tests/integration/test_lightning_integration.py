@@ -1,0 +1,129 @@
+"""The Lightning GovernorCallback against a real daemon: a tiny LightningModule whose weights turn NaN
+once mid-fit is rolled back once, in place, and the fit goes on to a finite loss."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("lightning")
+
+import lightning.pytorch as pl
+
+from governor_daemon.testing import InProcessDaemon
+from tolaria.controller import ControllerClient
+from tolaria_trainer.integrations.lightning import GovernorCallback
+
+# Lightning 2.6's own use of a torch pytree API that torch 2.13 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:`isinstance\\(treespec, LeafSpec\\)` is deprecated")
+
+NAN_AT_STEP = 24  # after the second validation (every 10 batches)
+
+
+class TinyClassifier(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.net(x)
+        return out
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.9)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class PoisonOnce(pl.Callback):
+    """Fills the weights with NaN after optimizer step NAN_AT_STEP, once; until the restore, each step
+    waits a little so that the rollback lands mid-fit even on a slow machine."""
+
+    def __init__(self, governor: GovernorCallback) -> None:
+        self.governor = governor
+        self.poisoned_at: int | None = None
+        self.steps_after_restore = 0
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.poisoned_at is None and trainer.global_step == NAN_AT_STEP:
+            self.poisoned_at = trainer.global_step
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.fill_(float("nan"))
+        elif self.poisoned_at is not None and not self.governor.fit.restores:
+            time.sleep(0.02)
+        elif self.governor.fit.restores:
+            self.steps_after_restore += 1
+
+
+def loaders() -> tuple[torch.utils.data.DataLoader[Any], torch.utils.data.DataLoader[Any]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(480, 8, generator=g)
+    y = (x[:, 0] + x[:, 1] > 0).long()  # learnable: the loss falls
+    train = torch.utils.data.TensorDataset(x[:320], y[:320])
+    val = torch.utils.data.TensorDataset(x[320:], y[320:])
+    return (
+        torch.utils.data.DataLoader(train, batch_size=16, shuffle=True, generator=g),
+        torch.utils.data.DataLoader(val, batch_size=80),
+    )
+
+
+def test_nan_mid_fit_is_rolled_back_once_and_training_goes_on(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    run_id = "lightning-nan"
+    with InProcessDaemon(tmp_path / "data") as daemon:
+        governor = GovernorCallback(
+            governor=daemon.address, run_id=run_id, num_classes=2, accuracy_key="val_acc", agree_every_steps=5
+        )
+        poison = PoisonOnce(governor)
+        model = TinyClassifier()
+        train_loader, val_loader = loaders()
+        trainer = pl.Trainer(
+            max_epochs=4,  # 20 batches an epoch: 80 optimizer steps
+            val_check_interval=10,
+            num_sanity_val_steps=1,  # not reported to the governor
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[governor, poison],
+        )
+        trainer.fit(model, train_loader, val_loader)
+
+        assert poison.poisoned_at == NAN_AT_STEP
+        assert len(governor.fit.restores) == 1
+        restore = governor.fit.restores[0]
+        assert restore.restored_step in (10, 20)  # the LKG: a validation's snapshot the governor allowed
+        assert poison.steps_after_restore >= 20  # the fit went on well past the rollback
+        assert trainer.global_step == 80  # Lightning's counters are not rewound: the budget counts every step
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        x, y = next(iter(val_loader))
+        with torch.no_grad():
+            final_loss = nn.functional.cross_entropy(model(x), y).item()
+        assert math.isfinite(final_loss)
+        assert final_loss < math.log(2)  # it learned after the rollback
+        gov = governor.governed
+        assert gov is not None
+        assert gov.num_rollbacks == 1
+        assert gov.state.timeline == 1
+        with ControllerClient(daemon.address) as control:
+            status = control.panic_state(run_id)
+        assert status.num_rollbacks == 1
