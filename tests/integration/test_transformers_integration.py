@@ -1,0 +1,131 @@
+"""The transformers.Trainer GovernorCallback against a real daemon: a tiny GPT-2 built from a config (no
+download) whose weights turn NaN once mid-run is rolled back once, in place, and training goes on to a
+finite loss. The per-step losses it reports are the ones the Trainer logs (gradient accumulation too)."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+import transformers
+
+from governor_daemon.testing import InProcessDaemon
+from tolaria.controller import ControllerClient
+from tolaria_trainer.governed import Outcome
+from tolaria_trainer.integrations.transformers import GovernorCallback
+
+VOCAB = 64
+NAN_AT_STEP = 12  # optimizer steps; evaluations every 5
+
+
+class CountingTokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """Sequences that count up from a random start (mod VOCAB): learnable in a few dozen steps."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        starts = torch.randint(0, VOCAB, (n, 1), generator=torch.Generator().manual_seed(seed))
+        self.ids = (starts + torch.arange(16)) % VOCAB
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class PoisonOnce(transformers.TrainerCallback):
+    """Fills the weights with NaN after optimizer step NAN_AT_STEP, once; until the restore, each step
+    waits a little so that the rollback lands mid-run even on a slow machine. Keeps the Trainer's logs."""
+
+    def __init__(self, governor: GovernorCallback) -> None:
+        self.governor = governor
+        self.poisoned_at: int | None = None
+        self.steps_after_restore = 0
+        self.logs: list[dict[str, float]] = []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.poisoned_at is None and state.global_step == NAN_AT_STEP:
+            self.poisoned_at = state.global_step
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+        elif self.poisoned_at is not None and not self.governor.fit.restores:
+            time.sleep(0.02)
+        elif self.governor.fit.restores:
+            self.steps_after_restore += 1
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        self.logs.append({"step": state.global_step, **(logs or {})})
+
+
+def test_nan_mid_run_is_rolled_back_once_and_training_goes_on(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    run_id = "transformers-nan"
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    with InProcessDaemon(tmp_path / "data") as daemon:
+        governor = GovernorCallback(
+            governor=daemon.address, run_id=run_id, random_guess_loss=math.log(VOCAB), agree_every_steps=5
+        )
+        step_losses: list[float] = []  # what each step() reported (read on the host here: tests only)
+        original_step = governor.fit.step
+
+        def step(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> Outcome:
+            step_losses.append(float(loss))
+            return original_step(loss, grad_norm)
+
+        governor.fit.step = step  # type: ignore[method-assign]
+        poison = PoisonOnce(governor)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "out"),
+            max_steps=40,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=2,
+            per_device_eval_batch_size=32,
+            learning_rate=3e-3,
+            eval_strategy="steps",
+            eval_steps=5,
+            logging_steps=5,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=0,
+        )
+        trainer = transformers.Trainer(
+            model=model,
+            args=args,
+            train_dataset=CountingTokens(256, seed=1),
+            eval_dataset=CountingTokens(32, seed=2),
+            callbacks=[governor, poison],
+        )
+        trainer.train()
+
+        assert poison.poisoned_at == NAN_AT_STEP
+        assert len(governor.fit.restores) == 1
+        assert governor.fit.restores[0].restored_step in (5, 10)  # an evaluation's snapshot the governor allowed
+        assert poison.steps_after_restore >= 15  # training went on well past the rollback
+        assert trainer.state.global_step == 40  # the Trainer's counters are not rewound
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+        final_loss = trainer.evaluate()["eval_loss"]
+        assert math.isfinite(final_loss)
+        assert final_loss < 0.8 * math.log(VOCAB)  # it learned after the rollback
+        assert math.isfinite(step_losses[-1])
+        # Before the NaN, the losses reported each step average to what the Trainer logged (micro-batch
+        # losses normalized by num_items_in_batch: summed, not averaged).
+        first = next(log for log in poison.logs if "loss" in log and log["step"] == 5)
+        assert sum(step_losses[:5]) / 5 == pytest.approx(first["loss"], rel=1e-3, abs=1e-4)
+        gov = governor.governed
+        assert gov is not None
+        assert gov.num_rollbacks == 1
+        with ControllerClient(daemon.address) as control:
+            assert control.panic_state(run_id).num_rollbacks == 1

@@ -1,0 +1,204 @@
+"""Hugging Face ``transformers.Trainer``: a ``TrainerCallback`` that puts ``Trainer.train`` under the governor.
+
+::
+
+    from tolaria_trainer.integrations.transformers import GovernorCallback
+
+    trainer = Trainer(..., callbacks=[GovernorCallback(governor="127.0.0.1:50051", random_guess_loss=10.8)])
+
+``on_train_begin`` builds a ``GovernedTraining`` from the ``model``, ``optimizer`` and ``lr_scheduler`` the
+Trainer hands its callbacks (accelerate's wrappers unwrapped; the grad scaler of fp16 training is the
+wrapped optimizer's). Each optimizer step is one ``step()`` in ``on_step_end`` (after the LR scheduler
+stepped and the gradients were zeroed), with:
+
+* the loss: a callback never sees the loss ``Trainer.training_step`` returns, so a forward hook on the
+  model keeps the ``loss`` of each training forward's output (a device tensor: no host sync), summed over
+  the step's micro-batches when the model normalized it by ``num_items_in_batch`` (models that accept
+  loss kwargs), else averaged. A loss the model does not compute (``compute_loss_func``, label smoothing,
+  an overridden ``compute_loss``) is handed over with ``callback.record_loss(loss)`` from
+  ``compute_loss``; without either, the first step raises ValueError saying so. ``on_log`` is no
+  substitute: its loss is an average over ``logging_steps`` with non-finite steps filtered out.
+* the gradient norm: the total norm of the optimizer's gradients in ``on_optimizer_step`` (after
+  clipping and unscaling, before they are zeroed).
+
+Each evaluation during training is one ``validate()`` (``on_evaluate``, ``metrics[eval_loss_key]``, the
+accuracy ``metrics[accuracy_key]`` if given). ``on_train_end`` settles the last verdict and closes the run;
+``Trainer`` has no exception hook, so a run whose ``train()`` raised is closed as FAILED at the next
+``train()`` or when the process exits.
+
+After a restore the model, optimizer, LR scheduler and RNG states are those of the last-known-good (LKG);
+training goes on from them with the next batch. The Trainer's ``state.global_step`` and ``state.epoch``
+are not rewound: ``max_steps``/``num_train_epochs`` budget the steps run, rolled-back ones included (the
+LR schedule, restored with the weights, may then not reach its end), logging/evaluation/save intervals
+keep counting, and the data loader goes on where it was (the batches trained since the LKG are not seen
+again, which is why ``recovery_skip_batches`` is not supported: it is logged and ignored). A HALT stops
+training (``control.should_training_stop``) unless a RESUME came within ``halt_wait_s``.
+
+Tested single-process on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tolaria_trainer.governance import Governance
+from tolaria_trainer.governed import GovernedTraining
+from tolaria_trainer.integrations._common import GovernedFit, loss_of, total_grad_norm
+
+log = logging.getLogger("tolaria.integrations.transformers")
+
+
+class GovernorCallback(TrainerCallback):
+    """Governs ``Trainer.train``; ``**options`` are GovernedTraining's (``agree_every_steps``, ``fail_closed``,
+    ``policy``, ``snapshot_location``, ``extra_state``, ...). ``fit.governed`` is the run's
+    GovernedTraining, ``fit.restores`` the outcomes of its restores."""
+
+    def __init__(
+        self,
+        governor: str | Governance | None,
+        run_id: str | None = None,
+        token: str | None = None,
+        num_classes: int | None = None,
+        random_guess_loss: float | None = None,
+        *,
+        eval_loss_key: str = "eval_loss",
+        accuracy_key: str | None = None,
+        settle_at_end: bool = True,
+        **options: Any,
+    ) -> None:
+        self.fit = GovernedFit(
+            "transformers", governor, run_id, token, num_classes, random_guess_loss, settle_at_end, options
+        )
+        self.eval_loss_key = eval_loss_key
+        self.accuracy_key = accuracy_key
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
+        self._forward_losses: list[tuple[torch.Tensor, bool]] = []  # (loss, normalized over the whole step)
+        self._recorded: list[torch.Tensor] = []
+        self._grad_norm: torch.Tensor | None = None
+        self._warned_missing_key = False
+        weakref.finalize(self, GovernedFit.abandon, self.fit)
+
+    @property
+    def governed(self) -> GovernedTraining | None:
+        """The GovernedTraining of the run in progress (or of the last one)."""
+        return self.fit.governed
+
+    def record_loss(self, loss: torch.Tensor | float) -> None:
+        """Hand over the training loss of the current step (or of one of its micro-batches: the step reports
+        their mean) when the model's forward does not compute it; call it from ``compute_loss``. It takes
+        precedence over the losses the forward hook saw."""
+        if not self.fit.active:
+            return
+        assert self.fit.governed is not None
+        if not isinstance(loss, torch.Tensor):
+            loss = torch.tensor(float(loss), device=self.fit.governed.device)
+        self._recorded.append(loss.detach())
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        model, optimizer, scheduler = kwargs.get("model"), kwargs.get("optimizer"), kwargs.get("lr_scheduler")
+        if not isinstance(model, nn.Module) or not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError("GovernorCallback needs the Trainer's model and optimizer in on_train_begin")
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's AcceleratedOptimizer under fp16
+        inner = getattr(optimizer, "optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            optimizer = inner
+        inner_scheduler = getattr(scheduler, "scheduler", None)  # accelerate's AcceleratedScheduler
+        if isinstance(inner_scheduler, torch.optim.lr_scheduler.LRScheduler):
+            scheduler = inner_scheduler
+        schedulers = [scheduler] if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler) else []
+        if scheduler is not None and not schedulers:
+            log.warning("LR scheduler %s is not a torch LRScheduler: not snapshotted", type(scheduler))
+        self._remove_hook()
+        self.fit.open(
+            model,
+            [optimizer],
+            schedulers=schedulers,
+            grad_scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None,
+            device=next((p.device for p in model.parameters()), None),
+        )
+        self._optimizer = optimizer
+        self._forward_losses, self._recorded, self._grad_norm = [], [], None
+        self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.fit.active and self._optimizer is not None:
+            self._grad_norm = total_grad_norm([self._optimizer])
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not self.fit.active:
+            return
+        loss = self._step_loss()
+        grad_norm, self._grad_norm = self._grad_norm, None
+        outcome = self.fit.step(loss, grad_norm)
+        if outcome.halted:
+            control.should_training_stop = True
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if not self.fit.active:
+            return  # trainer.evaluate() outside train()
+        metrics: Mapping[str, Any] = kwargs.get("metrics") or {}
+        if self.eval_loss_key not in metrics:
+            if not self._warned_missing_key:
+                self._warned_missing_key = True
+                log.warning(
+                    "no %r in the evaluation metrics (%s): evaluations are not reported; pass eval_loss_key",
+                    self.eval_loss_key,
+                    ", ".join(sorted(metrics)) or "empty",
+                )
+            return
+        accuracy = None
+        if self.accuracy_key is not None and self.accuracy_key in metrics:
+            accuracy = float(metrics[self.accuracy_key])
+        outcome = self.fit.validate(float(metrics[self.eval_loss_key]), accuracy, epoch=int(state.epoch or 0))
+        if outcome.halted:
+            control.should_training_stop = True
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._remove_hook()
+        self.fit.finish()
+
+    # ----------------------------------------------------------------- the loss
+
+    def _on_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
+        if not module.training or not self.fit.active:
+            return  # evaluation, prediction
+        loss = loss_of(output)
+        if loss is not None and loss.dim() == 0:
+            self._forward_losses.append((loss.detach(), kwargs.get("num_items_in_batch") is not None))
+
+    def _step_loss(self) -> torch.Tensor:
+        recorded, forward = self._recorded, self._forward_losses
+        self._recorded, self._forward_losses = [], []
+        if recorded:
+            return torch.stack([loss.float() for loss in recorded]).mean()
+        if not forward:
+            raise ValueError(
+                "GovernorCallback saw no training loss: the model's forward returned none (a compute_loss_func, "
+                "label smoothing or an overridden compute_loss computes it outside the model); call "
+                "callback.record_loss(loss) from compute_loss"
+            )
+        losses = torch.stack([loss.float() for loss, _ in forward])
+        # Normalized by num_items_in_batch, each micro-batch's loss is its share of the step's mean.
+        return losses.sum() if all(normalized for _, normalized in forward) else losses.mean()
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+__all__ = ["GovernorCallback"]
