@@ -3,6 +3,9 @@
 The ``seed`` profile is docs/protocol.md, "Policy", rule for rule. ``default`` adds a relative divergence
 gate, chosen on the tuning half of the detection corpus. A detector never mutates its input state: it returns the state
 to commit, and the engine decides whether to commit it (it does not while a command is open).
+
+Every threshold has one home here (``seed_gates``, ``relative_gate``, ``lobotomy_band``, composed per
+profile by ``gates``): the detectors judge with these functions and `governor audit plot` draws them.
 """
 
 from __future__ import annotations
@@ -37,11 +40,15 @@ class Judgement:
 Detector = Callable[[Sequence[float], DetectorState, PolicyConfig, "float | None"], Judgement]
 
 
+def history_mean(values: Sequence[float]) -> float:
+    """The mean of a loss history (the centre of the seed gates and of the lobotomy rule's premise)."""
+    return math.fsum(values) / len(values)
+
+
 def mean_and_pstdev(values: Sequence[float]) -> tuple[float, float]:
     """Mean and population standard deviation (divides by n, not n - 1)."""
-    n = len(values)
-    mean = math.fsum(values) / n
-    variance = math.fsum((x - mean) ** 2 for x in values) / n
+    mean = history_mean(values)
+    variance = math.fsum((x - mean) ** 2 for x in values) / len(values)
     return mean, math.sqrt(variance)
 
 
@@ -50,10 +57,54 @@ def fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-def in_lobotomy_band(loss: float, history: Sequence[float], config: PolicyConfig, rgl: float) -> bool:
-    """True if the model was learning (mean well below RGL) and ``loss`` sits at the random guess."""
-    mean = math.fsum(history) / len(history)
-    return mean < config.lobotomy_mean_ratio * rgl and abs(loss - rgl) < config.lobotomy_tolerance_ratio * rgl
+def is_warm(history: Sequence[float], config: PolicyConfig) -> bool:
+    """True once the history holds ``min_history`` losses: the lobotomy and divergence rules judge from then."""
+    return len(history) >= config.min_history
+
+
+# Gate names: the keys of ``gates`` (and the audit plot's legend entries).
+ABSOLUTE_GATE = "absolute"
+SIGMA_GATE = "mean + k·σ"
+MULTIPLIER_GATE = "k × mean"
+RELATIVE_GATE = "relative"
+
+GateFunction = Callable[[Sequence[float], PolicyConfig, "float | None"], dict[str, float]]
+
+
+def seed_gates(history: Sequence[float], config: PolicyConfig) -> dict[str, float]:
+    """The seed profile's three divergence gates for a warm ``history``: a loss is divergent above all three."""
+    mean, sigma = mean_and_pstdev(history)
+    return {
+        ABSOLUTE_GATE: config.absolute_threshold,
+        SIGMA_GATE: mean + config.sensitivity * sigma,
+        MULTIPLIER_GATE: config.multiplier * mean,
+    }
+
+
+@dataclass(frozen=True)
+class LobotomyBand:
+    """The losses the lobotomy rule catches: within ``tolerance`` of the random-guess loss ``rgl``."""
+
+    rgl: float
+    tolerance: float
+
+    def contains(self, loss: float) -> bool:
+        """True if ``loss`` sits at the random guess."""
+        return abs(loss - self.rgl) < self.tolerance
+
+
+def lobotomy_band(history: Sequence[float], config: PolicyConfig, rgl: float | None) -> LobotomyBand | None:
+    """The band the lobotomy rule judges the next validation loss against; None while the rule is off.
+
+    The rule is on once the history is warm, the random-guess loss known and the history mean below
+    ``lobotomy_mean_ratio`` × RGL (the model was learning); the band is |loss − RGL| <
+    ``lobotomy_tolerance_ratio`` × RGL.
+    """
+    if rgl is None or not is_warm(history, config):
+        return None
+    if not history_mean(history) < config.lobotomy_mean_ratio * rgl:
+        return None
+    return LobotomyBand(rgl, config.lobotomy_tolerance_ratio * rgl)
 
 
 def seed_profile(
@@ -80,22 +131,21 @@ def seed_profile(
             None,
         )
     history = state.history
-    warm = len(history) >= config.min_history
-    if warm and rgl is not None:
+    band = lobotomy_band(history, config, rgl)
+    if band is not None:
         for loss in losses:
-            if in_lobotomy_band(loss, history, config, rgl):
-                mean = math.fsum(history) / len(history)
+            if band.contains(loss):
                 return Judgement(
                     Verdict.PANIC,
                     Rule.LOBOTOMY,
-                    f"lobotomy: loss {fmt(loss)} within {fmt(config.lobotomy_tolerance_ratio * rgl)} "
-                    f"of random-guess {fmt(rgl)}, history mean {fmt(mean)} < "
-                    f"{fmt(config.lobotomy_mean_ratio)}×RGL ({fmt(config.lobotomy_mean_ratio * rgl)})",
+                    f"lobotomy: loss {fmt(loss)} within {fmt(band.tolerance)} "
+                    f"of random-guess {fmt(band.rgl)}, history mean {fmt(history_mean(history))} < "
+                    f"{fmt(config.lobotomy_mean_ratio)}×RGL ({fmt(config.lobotomy_mean_ratio * band.rgl)})",
                     state,
                     None,
                 )
     loss = max(losses)
-    if not warm:
+    if not is_warm(history, config):
         new_history = _append(history, loss, config.history_window)
         return Judgement(
             Verdict.HEALTHY,
@@ -104,15 +154,14 @@ def seed_profile(
             DetectorState(new_history, 0),
             loss,
         )
-    mean, sigma = mean_and_pstdev(history)
-    sigma_gate = mean + config.sensitivity * sigma
-    mult_gate = config.multiplier * mean
-    if loss > config.absolute_threshold and loss > sigma_gate and loss > mult_gate:
+    seed = seed_gates(history, config)
+    sigma_gate, mult_gate = seed[SIGMA_GATE], seed[MULTIPLIER_GATE]
+    if all(loss > gate for gate in seed.values()):
         consecutive = state.consecutive + 1
         need = config.min_panics_before_rollback
         reason = (
             f"divergence: loss {fmt(loss)} > abs {fmt(config.absolute_threshold)}, "
-            f"> mean {fmt(mean)} + {fmt(config.sensitivity)}σ ({fmt(sigma_gate)}), "
+            f"> mean {fmt(history_mean(history))} + {fmt(config.sensitivity)}σ ({fmt(sigma_gate)}), "
             f"> {fmt(config.multiplier)}×mean ({fmt(mult_gate)}); {consecutive}/{need} consecutive"
         )
         verdict = Verdict.PANIC if consecutive >= need else Verdict.ANOMALY
@@ -141,6 +190,36 @@ RELATIVE_MARGIN_RGL = 0.02
 """The relative gate's margin, as a fraction of the random-guess loss (0 when the RGL is unknown)."""
 
 
+def relative_baseline(history: Sequence[float]) -> float:
+    """The relative gate's baseline: the minimum of the last RELATIVE_RECENT accepted losses."""
+    return min(history[-RELATIVE_RECENT:])
+
+
+def relative_margin(rgl: float | None) -> float:
+    """The relative gate's margin: RELATIVE_MARGIN_RGL × RGL, 0 when the RGL is unknown."""
+    return RELATIVE_MARGIN_RGL * rgl if rgl is not None else 0.0
+
+
+def relative_gate(history: Sequence[float], rgl: float | None) -> float | None:
+    """The default profile's relative gate for a warm ``history``; None while it is off.
+
+    RELATIVE_RATIO × ``relative_baseline`` + ``relative_margin``. It judges only a fresh rise, so it is
+    off while the last accepted loss is itself above it (see ``default_profile``).
+    """
+    gate = RELATIVE_RATIO * relative_baseline(history) + relative_margin(rgl)
+    return None if history[-1] > gate else gate
+
+
+def default_gates(history: Sequence[float], config: PolicyConfig, rgl: float | None) -> dict[str, float]:
+    """The default profile's divergence gates for a warm ``history``: the seed's three, plus the relative
+    gate while it is on (a loss is divergent above all three seed gates, or above the relative gate)."""
+    result = seed_gates(history, config)
+    relative = relative_gate(history, rgl)
+    if relative is not None:
+        result[RELATIVE_GATE] = relative
+    return result
+
+
 def default_profile(
     losses: Sequence[float],
     state: DetectorState,
@@ -164,12 +243,11 @@ def default_profile(
     if judgement.rule is not Rule.NORMAL:
         return judgement
     history = state.history
-    baseline = min(history[-RELATIVE_RECENT:])
-    margin = RELATIVE_MARGIN_RGL * rgl if rgl is not None else 0.0
-    gate = RELATIVE_RATIO * baseline + margin
+    gate = relative_gate(history, rgl)
     loss = max(losses)
-    if loss <= gate or history[-1] > gate:
+    if gate is None or loss <= gate:
         return judgement
+    baseline, margin = relative_baseline(history), relative_margin(rgl)
     consecutive = state.consecutive + 1
     need = config.min_panics_before_rollback
     reason = (
@@ -189,3 +267,18 @@ PROFILE_DETECTORS: dict[str, Detector] = {
 def detector_for(profile: str) -> Detector:
     """The detector of a profile name (already validated by PolicyConfig)."""
     return PROFILE_DETECTORS[profile]
+
+
+PROFILE_GATES: dict[str, GateFunction] = {
+    "seed": lambda history, config, rgl: seed_gates(history, config),
+    "default": default_gates,
+}
+
+
+def gates(history: Sequence[float], config: PolicyConfig, rgl: float | None) -> dict[str, float]:
+    """The divergence gates of ``config.profile`` that judge the next validation loss, by name ({} during
+    warm-up, when no gate judges). Built from the functions the detectors judge with (``seed_gates``,
+    ``relative_gate``), so that `governor audit plot` draws exactly the thresholds that were applied."""
+    if not is_warm(history, config):
+        return {}
+    return PROFILE_GATES[config.profile](history, config, rgl)

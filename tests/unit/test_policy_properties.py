@@ -7,8 +7,17 @@ import math
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from governor_daemon.policy import DetectorState, PolicyConfig, RunPolicy, Verdict, seed_profile
+from governor_daemon.policy import PROFILES, DetectorState, PolicyConfig, RunPolicy, Verdict, seed_profile
 from governor_daemon.policy.decisions import Rule
+from governor_daemon.policy.detectors import (
+    ABSOLUTE_GATE,
+    MULTIPLIER_GATE,
+    RELATIVE_GATE,
+    SIGMA_GATE,
+    detector_for,
+    gates,
+    lobotomy_band,
+)
 
 # Losses that mix healthy values, spikes, collapses to ln(10) and non-finite values.
 losses = st.one_of(
@@ -110,3 +119,43 @@ def test_one_normal_loss_resets_counter(warm: list[float], m: int, k: int, spike
     results = run_trace(trace, config, num_classes=None)
     assert results[len(warm) + k][1].consecutive == 0
     assert all(d.verdict is not Verdict.PANIC for d, _ in results)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    history=st.lists(st.floats(min_value=0.01, max_value=3.0), min_size=10, max_size=20),
+    profile=st.sampled_from(PROFILES),
+    rgl=st.sampled_from([None, math.log(10)]),
+    pick=st.integers(min_value=0, max_value=4),
+    nudge=st.sampled_from([-1, 0, 1]),
+    free=st.floats(min_value=0.01, max_value=1e4),
+)
+def test_gates_are_the_detectors_thresholds(
+    history: list[float], profile: str, rgl: float | None, pick: int, nudge: int, free: float
+) -> None:
+    """``gates`` (what the audit plot draws) is exactly where each profile's detector turns divergent: a loss
+    is divergent above all three seed gates, or above the default profile's relative gate while it is on.
+    Losses are drawn at, just below and just above each gate, or anywhere."""
+    config = PolicyConfig(profile=profile)
+    thresholds = gates(history, config, rgl)
+    expected = {ABSOLUTE_GATE, SIGMA_GATE, MULTIPLIER_GATE}
+    assert set(thresholds) - {RELATIVE_GATE} == expected
+    assert profile == "default" or RELATIVE_GATE not in thresholds
+    values = sorted(thresholds.values())
+    if pick < len(values):
+        loss = math.nextafter(values[pick], nudge * math.inf) if nudge else values[pick]
+    else:
+        loss = free
+    band = lobotomy_band(history, config, rgl)
+    assume(loss > 0 and (band is None or not band.contains(loss)))
+    judgement = detector_for(profile)([loss], DetectorState(tuple(history)), config, rgl)
+    seed = [thresholds[name] for name in expected]
+    divergent = all(loss > x for x in seed) or loss > thresholds.get(RELATIVE_GATE, math.inf)
+    assert (judgement.rule is Rule.DIVERGENCE) == divergent, (thresholds, loss, judgement.reason)
+
+
+def test_no_gates_during_warm_up() -> None:
+    """Before min_history losses no divergence gate judges (the detectors answer warm-up)."""
+    config = PolicyConfig()
+    assert gates([0.5] * (config.min_history - 1), config, math.log(10)) == {}
+    assert lobotomy_band([0.5] * (config.min_history - 1), config, math.log(10)) is None
