@@ -2,7 +2,9 @@
 
 Semantics (same engine as the daemon, so the same verdicts and reasons): after a ROLLBACK the trace
 continues as if the trainer had restored (the next record is on the new timeline); after a HALT as if
-a controller resumed at once. Train records are judged healthy or panic and never enter the history.
+a controller resumed at once. Train records are judged healthy or panic and never enter the history;
+they are judged in batches of up to ``TRAIN_BATCH`` consecutive records of one rank, as a trainer
+sends them (every 64 steps, or sooner: at each validation), by the same train-stream detectors.
 Multi-rank validation records are matched by (step, occurrence) and decided once every rank of that
 step has reported, or at the end of the trace with the missing ranks named.
 """
@@ -11,8 +13,10 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from governor_daemon.policy import CommandKind, Decision, PolicyConfig, RunPolicy
 from governor_daemon.policy.aggregation import AddOutcome, StepAggregator, StepGroup
@@ -44,11 +48,15 @@ class ReplayDecision:
         }
 
 
+TRAIN_BATCH = 64
+
+
 @dataclass
 class _RunReplay:
     policy: RunPolicy
     aggregator: StepAggregator
     occurrences: Counter[tuple[int, int]]
+    train: list[tuple[float, TraceRecord]] = field(default_factory=list)  # (now_s, record) not judged yet
 
 
 def replay(records: list[TraceRecord] | tuple[TraceRecord, ...], overrides: Mapping[str, Any]) -> list[ReplayDecision]:
@@ -71,12 +79,11 @@ def replay(records: list[TraceRecord] | tuple[TraceRecord, ...], overrides: Mapp
         if policy.num_classes is None and rec.num_classes is not None:
             policy.num_classes = rec.num_classes
         if rec.kind == "train":
-            decision = policy.judge_train_step(
-                policy.timeline, rec.step, rec.rank, rec.loss, rec.grad_norm, now_s, rec.epoch
-            )
-            out.append(ReplayDecision(rec.run_id, rec.line, decision))
-            _complete(policy, decision, now_s)
+            if run.train and (run.train[-1][1].rank != rec.rank or len(run.train) == TRAIN_BATCH):
+                out.extend(_judge_train(rec.run_id, run))
+            run.train.append((now_s, rec))
             continue
+        out.extend(_judge_train(rec.run_id, run))
         # The k-th report of a step by a rank belongs with the other ranks' k-th report of that step.
         occurrence = run.occurrences[(rec.rank, rec.step)]
         run.occurrences[(rec.rank, rec.step)] += 1
@@ -86,8 +93,43 @@ def replay(records: list[TraceRecord] | tuple[TraceRecord, ...], overrides: Mapp
         if outcome is AddOutcome.READY and group is not None:
             out.append(_decide(rec.run_id, policy, group, now_s))
     for run_id, run in runs.items():
+        out.extend(_judge_train(run_id, run))
         for group in run.aggregator.flush():
             out.append(_decide(run_id, run.policy, group, float(len(records))))
+    return out
+
+
+def _judge_train(run_id: str, run: _RunReplay) -> list[ReplayDecision]:
+    """Judge the run's pending train records as batches; records after an alarm form the next batch, on
+    the timeline the command moved the run to."""
+    out: list[ReplayDecision] = []
+    policy = run.policy
+    pending, run.train = run.train, []
+    while pending:
+        now_s, first = pending[0][0], pending[0][1]
+        grads = [r.grad_norm for _, r in pending]
+        decision, _ = policy.judge_train_batch(
+            policy.timeline,
+            first.rank,
+            np.array([r.step for _, r in pending], dtype=np.int64),
+            np.array([r.loss for _, r in pending], dtype=np.float64),
+            None if any(g is None for g in grads) else np.array(grads, dtype=np.float64),
+            pending[-1][0],
+            first.epoch,
+        )
+        alarm = (
+            len(pending) if decision is None else next(i for i, (_, r) in enumerate(pending) if r.step == decision.step)
+        )
+        for t, rec in pending[:alarm]:  # the healthy records before the alarm, one decision each
+            healthy = policy.judge_train_step(
+                policy.timeline, rec.step, rec.rank, rec.loss, rec.grad_norm, t, rec.epoch
+            )
+            out.append(ReplayDecision(run_id, rec.line, healthy))
+        if decision is None:
+            break
+        out.append(ReplayDecision(run_id, pending[alarm][1].line, decision))
+        _complete(policy, decision, now_s)
+        pending = pending[alarm + 1 :]
     return out
 
 

@@ -13,7 +13,6 @@ change without its entry.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +47,6 @@ from governor_daemon.policy import (
     AddOutcome,
     Command,
     CommandKind,
-    Decision,
     Notice,
     PolicyConfig,
     RunState,
@@ -408,17 +406,11 @@ class GovernorCore:
         rank.num_records += len(steps)
         max_step = int(steps.max())
         self._progress(fx, run, rank, e.timeline, max_step, e.now)
-        decision: Decision | None = None
-        bad = first_non_finite(losses, grads)
-        if bad is not None:
-            decision = run.policy.judge_train_step(
-                e.timeline,
-                int(steps[bad]),
-                binding.rank,
-                losses[bad],
-                grads[bad] if len(grads) else None,
-                e.now,
-            )
+        loss_array = np.asarray(losses, dtype=np.float64)
+        grad_array = np.asarray(grads, dtype=np.float64) if len(grads) else None
+        decision, step_state = run.policy.judge_train_batch(
+            e.timeline, binding.rank, np.asarray(steps, dtype=np.int64), loss_array, grad_array, e.now
+        )
         payload: dict[str, Any] = {
             "rank": binding.rank,
             "incarnation_id": binding.incarnation_id,
@@ -429,8 +421,11 @@ class GovernorCore:
             "num_dropped": e.num_dropped,
             "max_step": max_step,
             "timeline": e.timeline,
+            "train": train_summary(steps, loss_array, grad_array),
         }
         effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
+        if step_state is not None:
+            effects["steps"] = {str(binding.rank): step_state.as_dict()}
         if decision is not None:
             payload["decision"] = decision.as_dict()
             effects["policy"] = run.policy.to_dict()
@@ -825,21 +820,23 @@ def _check_rejoin(run: Run, e: ev.Attach) -> None:
         raise ConflictError(f"run {run.run_id} has finished; start a new run id")
 
 
-def first_non_finite(
-    losses: Sequence[float] | npt.NDArray[np.float64], grads: Sequence[float] | npt.NDArray[np.float64]
-) -> int | None:
-    """Index of the first record whose loss or gradient norm (when sent) is NaN or infinite."""
-    isfinite = math.isfinite
-    if isinstance(losses, np.ndarray):  # joined batches: numpy's own pass
-        ok = np.isfinite(losses) & (np.isfinite(grads) if len(grads) else True)
-        return None if ok.all() else int(np.argmin(ok))
-    # A sum is finite only if every term is (or it overflowed): one C-level pass in the common case.
-    if isfinite(sum(losses)) and isfinite(sum(grads)):
-        return None
-    for i, loss in enumerate(losses):
-        if not isfinite(loss) or (len(grads) and not isfinite(grads[i])):
-            return i
-    return None
+def train_summary(
+    steps: Sequence[int] | npt.NDArray[np.int64],
+    losses: npt.NDArray[np.float64],
+    grads: npt.NDArray[np.float64] | None,
+) -> dict[str, Any]:
+    """What a VITALS entry keeps of its batch's records for people (the audit plot): the step range, the
+    mean and largest loss and the largest grad norm of the finite records ("nan" if none is finite)."""
+    finite = losses[np.isfinite(losses)]
+    finite_grads = grads[np.isfinite(grads)] if grads is not None else np.empty(0)
+    return {
+        "first_step": int(steps[0]),
+        "last_step": int(steps[-1]),
+        "loss_mean": float_to_json(float(finite.mean())) if len(finite) else "nan",
+        "loss_max": float_to_json(float(finite.max())) if len(finite) else "nan",
+        "grad_norm_max": float(finite_grads.max()) if len(finite_grads) else None,
+        "num_non_finite": int(len(losses) - len(finite)),
+    }
 
 
 def _notice(notice: Notice) -> dict[str, Any]:
@@ -850,4 +847,4 @@ def _notice(notice: Notice) -> dict[str, Any]:
     }
 
 
-__all__ = ["MAX_SEQ_JUMP", "Binding", "CommandReply", "CoreOptions", "GovernorCore", "Limits", "first_non_finite"]
+__all__ = ["MAX_SEQ_JUMP", "Binding", "CommandReply", "CoreOptions", "GovernorCore", "Limits"]

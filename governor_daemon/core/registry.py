@@ -1,7 +1,8 @@
 """The run registry: every run's policy state, ranks and pending multi-rank steps.
 
 State changes are journaled as idempotent "set" effects (``effects`` in an entry's payload): a run's
-metadata, its whole policy state, a rank's counters, the pending steps. Start-up loads the last
+metadata, its whole policy state, a rank's counters, a rank's train-stream detector state, the pending
+steps. Start-up loads the last
 checkpoint and applies the effects of the entries after it; it never re-runs the policy. Runtime
 facts (the stream a rank is attached by, its stall clock, timers) are never journaled.
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 from governor_daemon.journal.entry import Entry
 from governor_daemon.policy import PolicyConfig, RunPolicy, StallTracker, StepAggregator
+from governor_daemon.policy.steps import StepState
 
 MAX_INCARNATIONS_KEPT = 16
 
@@ -193,6 +195,8 @@ class Registry:
             run.policy = RunPolicy.from_dict(effects["policy"])
         for rank, data in effects.get("ranks", {}).items():
             run.rank(int(rank)).apply(data)
+        for rank, data in effects.get("steps", {}).items():
+            run.policy.step_states[int(rank)] = StepState.from_dict(data)
         if "pending" in effects:
             run.aggregator.load(effects["pending"])
         run.last_cursor = max(run.last_cursor, cursor)

@@ -45,6 +45,15 @@ class PolicyConfig:
     shadow_mode: bool = False
     stall_timeout_s: float = 300.0
     rank_deadline_s: float = 60.0
+    # The default profile's train-stream detectors (policy/steps.py); the seed profile judges train records
+    # for non-finite values only.
+    step_warmup_steps: int = 200
+    step_ema_steps: int = 100
+    step_loss_ratio: float = 2.0
+    step_loss_sigma: float = 8.0
+    step_loss_patience: int = 5
+    step_grad_ratio: float = 100.0
+    step_collapse_patience: int = 10
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -98,6 +107,16 @@ class PolicyConfig:
         )
         need(self.stall_timeout_s > 0, f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
         need(self.rank_deadline_s > 0, f"rank_deadline_s must be > 0, got {self.rank_deadline_s}")
+        need(self.step_warmup_steps >= 1, f"step_warmup_steps must be >= 1, got {self.step_warmup_steps}")
+        need(self.step_ema_steps >= 2, f"step_ema_steps must be >= 2, got {self.step_ema_steps}")
+        need(self.step_loss_ratio > 1, f"step_loss_ratio must be > 1, got {self.step_loss_ratio}")
+        need(self.step_loss_sigma > 0, f"step_loss_sigma must be > 0, got {self.step_loss_sigma}")
+        need(self.step_loss_patience >= 1, f"step_loss_patience must be >= 1, got {self.step_loss_patience}")
+        need(self.step_grad_ratio > 1, f"step_grad_ratio must be > 1, got {self.step_grad_ratio}")
+        need(
+            self.step_collapse_patience >= 1,
+            f"step_collapse_patience must be >= 1, got {self.step_collapse_patience}",
+        )
         if problems:
             raise PolicyConfigError("invalid policy: " + "; ".join(problems))
 

@@ -56,6 +56,9 @@ class Rule(enum.StrEnum):
     NORMAL = "normal"
     TRAIN_NON_FINITE = "train_non_finite"
     TRAIN_FINITE = "train_finite"
+    STEP_LOSS_SPIKE = "step_loss_spike"
+    STEP_GRAD_BLOWUP = "step_grad_blowup"
+    STEP_COLLAPSE = "step_collapse"
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,7 @@ class Decision:
     suppressed: str | None = None
     shadow: bool = False
     missing_ranks: tuple[int, ...] = field(default_factory=tuple)
+    onset_step: int | None = None  # a train-stream detector's estimate of where the anomaly began
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict (non-finite losses as the strings "nan", "inf", "-inf")."""
@@ -149,6 +153,7 @@ class Decision:
             "suppressed": self.suppressed,
             "shadow": self.shadow,
             "missing_ranks": list(self.missing_ranks),
+            "onset_step": self.onset_step,
         }
 
 

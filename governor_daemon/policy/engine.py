@@ -18,6 +18,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+
 from governor_daemon.errors import PolicyStateError
 from governor_daemon.policy.config import PolicyConfig
 from governor_daemon.policy.decisions import (
@@ -30,6 +33,7 @@ from governor_daemon.policy.decisions import (
     Verdict,
 )
 from governor_daemon.policy.detectors import DetectorState, detector_for, fmt
+from governor_daemon.policy.steps import StepState, judge_batch
 
 SHADOW_NOTE = "shadow mode: no command sent"
 RECENT_COMMANDS = 8
@@ -89,6 +93,7 @@ class RunPolicy:
         self.last_reason = ""
         self.latest_validation_step = -1
         self.recent_commands: deque[Command] = deque(maxlen=RECENT_COMMANDS)
+        self.step_states: dict[int, StepState] = {}  # the train-stream detectors' state per rank
 
     # ----------------------------------------------------------------- derived views
 
@@ -264,28 +269,80 @@ class RunPolicy:
             )
         name, value = bad[0]
         reason = f"non-finite train {name} {value} at step {step} (rank {rank})"
+        return self._train_panic(Rule.TRAIN_NON_FINITE, reason, timeline, step, epoch, rank, loss, now_s, step)
+
+    def judge_train_batch(
+        self,
+        timeline: int,
+        rank: int,
+        steps: npt.NDArray[np.int64],
+        losses: npt.NDArray[np.float64],
+        grads: npt.NDArray[np.float64] | None,
+        now_s: float,
+        epoch: int | None = None,
+    ) -> tuple[Decision | None, StepState | None]:
+        """Judge a batch of one rank's train-step records, in step order: the first non-finite one is a
+        PANIC at once (every profile); under the default profile the train-stream detectors
+        (``policy/steps.py``) then judge the finite ones. Returns the decision (None: nothing to say)
+        and the rank's new detector state (None: unchanged, which it stays while a command is open or
+        the run is halted: records produced under an open command say nothing about the healthy run).
+        Raises PolicyStateError like ``judge_validation`` for a stale or future timeline."""
+        self._check_timeline(timeline)
+        finite = np.isfinite(losses) & (np.isfinite(grads) if grads is not None else True)
+        if not finite.all():
+            bad = int(np.argmin(finite))
+            grad = None if grads is None else float(grads[bad])
+            return self.judge_train_step(timeline, int(steps[bad]), rank, float(losses[bad]), grad, now_s, epoch), None
+        if self.config.profile != "default" or self._blocked_reason() is not None:
+            return None, None
+        state = self.step_states.get(rank, StepState(timeline=timeline))
+        state, alarm = judge_batch(state, timeline, steps, losses, grads, self.config, self.random_guess_loss(), rank)
+        self.step_states[rank] = state
+        if alarm is None:
+            return None, state
+        decision = self._train_panic(
+            alarm.rule, alarm.reason, timeline, alarm.step, epoch, rank, alarm.loss, now_s, alarm.onset_step
+        )
+        return decision, state
+
+    def _train_panic(
+        self,
+        rule: Rule,
+        reason: str,
+        timeline: int,
+        step: int,
+        epoch: int | None,
+        rank: int,
+        loss: float,
+        now_s: float,
+        onset_step: int,
+    ) -> Decision:
+        """A PANIC from the train stream: a command at once (unless one is open, or the run is halted)."""
         blocked = self._blocked_reason()
         if blocked is not None:
-            return self._decision(
-                "train",
-                timeline,
-                step,
-                epoch,
-                (rank,),
-                (loss,),
-                Verdict.PANIC,
-                Rule.TRAIN_NON_FINITE,
-                self._would_be_action(),
-                reason + f"; not committed: {blocked}",
-                command=None,
-                snapshot_allowed=False,
-                appended=None,
-                suppressed=blocked,
+            return replace(
+                self._decision(
+                    "train",
+                    timeline,
+                    step,
+                    epoch,
+                    (rank,),
+                    (loss,),
+                    Verdict.PANIC,
+                    rule,
+                    self._would_be_action(),
+                    reason + f"; not committed: {blocked}",
+                    command=None,
+                    snapshot_allowed=False,
+                    appended=None,
+                    suppressed=blocked,
+                ),
+                onset_step=onset_step,
             )
         self.last_verdict = Verdict.PANIC
         action, command, suppressed, reason = self._intervene(reason, timeline, step, now_s)
         self.last_reason = reason
-        return self._decision(
+        decision = self._decision(
             "train",
             timeline,
             step,
@@ -293,7 +350,7 @@ class RunPolicy:
             (rank,),
             (loss,),
             Verdict.PANIC,
-            Rule.TRAIN_NON_FINITE,
+            rule,
             action,
             reason,
             command=command,
@@ -301,6 +358,7 @@ class RunPolicy:
             appended=None,
             suppressed=suppressed,
         )
+        return replace(decision, onset_step=onset_step)
 
     # ----------------------------------------------------------------- commands and their results
 
@@ -496,6 +554,7 @@ class RunPolicy:
             "last_reason": self.last_reason,
             "latest_validation_step": self.latest_validation_step,
             "recent_commands": [c.as_dict() for c in self.recent_commands],
+            "steps": {str(rank): state.as_dict() for rank, state in self.step_states.items()},
         }
 
     @classmethod
@@ -533,6 +592,7 @@ class RunPolicy:
         policy.recent_commands = deque(
             (Command.from_dict(c) for c in data.get("recent_commands", [])), maxlen=RECENT_COMMANDS
         )
+        policy.step_states = {int(rank): StepState.from_dict(s) for rank, s in data.get("steps", {}).items()}
         return policy
 
     # ----------------------------------------------------------------- ranks and policy

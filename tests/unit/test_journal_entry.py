@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import gc
-import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from governor_daemon.core.machine import first_non_finite as _first_non_finite
 from governor_daemon.journal.entry import GENESIS_HASH, Committed, Entry, canonical_json, parse_line, verify_link
 
 json_values = st.recursive(
@@ -47,14 +45,3 @@ def test_committed_entries_are_not_tracked_by_the_garbage_collector() -> None:
     kept = tuple(Committed.of(entry))  # as the group committer keeps it
     gc.collect()
     assert not gc.is_tracked(kept)
-
-
-@settings(max_examples=200, deadline=None)
-@given(losses=st.lists(st.floats(), min_size=1, max_size=50), data=st.data())
-def test_first_non_finite_matches_a_plain_scan(losses: list[float], data: st.DataObject) -> None:
-    """The sum-based fast path finds the same first non-finite index as checking each value."""
-    grads = data.draw(st.one_of(st.just([]), st.lists(st.floats(), min_size=len(losses), max_size=len(losses))))
-    expected = next(
-        (i for i, x in enumerate(losses) if not math.isfinite(x) or (grads and not math.isfinite(grads[i]))), None
-    )
-    assert _first_non_finite(losses, grads) == expected

@@ -173,6 +173,13 @@ class Policy(_message.Message):
     SHADOW_MODE_FIELD_NUMBER: _builtins.int
     STALL_TIMEOUT_S_FIELD_NUMBER: _builtins.int
     RANK_DEADLINE_S_FIELD_NUMBER: _builtins.int
+    STEP_WARMUP_STEPS_FIELD_NUMBER: _builtins.int
+    STEP_EMA_STEPS_FIELD_NUMBER: _builtins.int
+    STEP_LOSS_RATIO_FIELD_NUMBER: _builtins.int
+    STEP_LOSS_SIGMA_FIELD_NUMBER: _builtins.int
+    STEP_LOSS_PATIENCE_FIELD_NUMBER: _builtins.int
+    STEP_GRAD_RATIO_FIELD_NUMBER: _builtins.int
+    STEP_COLLAPSE_PATIENCE_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
     """Detector profile: "default" or "seed"."""
     history_window: _builtins.int
@@ -211,6 +218,22 @@ class Policy(_message.Message):
     """Seconds without step progress before a rank is STALLED (300)."""
     rank_deadline_s: _builtins.float
     """Seconds after the first rank's report before a multi-rank decision goes ahead without the rest (60)."""
+    step_warmup_steps: _builtins.int
+    """The default profile's train-stream detectors (docs/protocol.md, "Train-stream detectors").
+    Train records per rank and timeline before they judge (200).
+    """
+    step_ema_steps: _builtins.int
+    """Records the running level and scale of log(loss) and log(grad norm) average over (100)."""
+    step_loss_ratio: _builtins.float
+    """Loss spike gate: at least this ratio to the running loss level (2.0) ..."""
+    step_loss_sigma: _builtins.float
+    """... and at least this many scales above it in log space (8); the grad gate uses the same."""
+    step_loss_patience: _builtins.int
+    """Consecutive records above the loss gate that make a spike (5)."""
+    step_grad_ratio: _builtins.float
+    """One grad norm above this ratio to its running level is a blow-up (100)."""
+    step_collapse_patience: _builtins.int
+    """Consecutive records in the lobotomy band that make a collapse (10)."""
     def __init__(
         self,
         *,
@@ -233,10 +256,17 @@ class Policy(_message.Message):
         shadow_mode: _builtins.bool | None = ...,
         stall_timeout_s: _builtins.float | None = ...,
         rank_deadline_s: _builtins.float | None = ...,
+        step_warmup_steps: _builtins.int | None = ...,
+        step_ema_steps: _builtins.int | None = ...,
+        step_loss_ratio: _builtins.float | None = ...,
+        step_loss_sigma: _builtins.float | None = ...,
+        step_loss_patience: _builtins.int | None = ...,
+        step_grad_ratio: _builtins.float | None = ...,
+        step_collapse_patience: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_absolute_threshold", b"_absolute_threshold", "_command_timeout_s", b"_command_timeout_s", "_death_penalty", b"_death_penalty", "_history_window", b"_history_window", "_lobotomy_mean_ratio", b"_lobotomy_mean_ratio", "_lobotomy_tolerance_ratio", b"_lobotomy_tolerance_ratio", "_max_rollbacks", b"_max_rollbacks", "_min_history", b"_min_history", "_min_panics_before_rollback", b"_min_panics_before_rollback", "_multiplier", b"_multiplier", "_profile", b"_profile", "_random_guess_loss", b"_random_guess_loss", "_rank_deadline_s", b"_rank_deadline_s", "_recovery_lr_scale", b"_recovery_lr_scale", "_recovery_skip_batches", b"_recovery_skip_batches", "_rollback_window", b"_rollback_window", "_sensitivity", b"_sensitivity", "_shadow_mode", b"_shadow_mode", "_stall_timeout_s", b"_stall_timeout_s", "absolute_threshold", b"absolute_threshold", "command_timeout_s", b"command_timeout_s", "death_penalty", b"death_penalty", "history_window", b"history_window", "lobotomy_mean_ratio", b"lobotomy_mean_ratio", "lobotomy_tolerance_ratio", b"lobotomy_tolerance_ratio", "max_rollbacks", b"max_rollbacks", "min_history", b"min_history", "min_panics_before_rollback", b"min_panics_before_rollback", "multiplier", b"multiplier", "profile", b"profile", "random_guess_loss", b"random_guess_loss", "rank_deadline_s", b"rank_deadline_s", "recovery_lr_scale", b"recovery_lr_scale", "recovery_skip_batches", b"recovery_skip_batches", "rollback_window", b"rollback_window", "sensitivity", b"sensitivity", "shadow_mode", b"shadow_mode", "stall_timeout_s", b"stall_timeout_s"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_absolute_threshold", b"_absolute_threshold", "_command_timeout_s", b"_command_timeout_s", "_death_penalty", b"_death_penalty", "_history_window", b"_history_window", "_lobotomy_mean_ratio", b"_lobotomy_mean_ratio", "_lobotomy_tolerance_ratio", b"_lobotomy_tolerance_ratio", "_max_rollbacks", b"_max_rollbacks", "_min_history", b"_min_history", "_min_panics_before_rollback", b"_min_panics_before_rollback", "_multiplier", b"_multiplier", "_profile", b"_profile", "_random_guess_loss", b"_random_guess_loss", "_rank_deadline_s", b"_rank_deadline_s", "_recovery_lr_scale", b"_recovery_lr_scale", "_recovery_skip_batches", b"_recovery_skip_batches", "_rollback_window", b"_rollback_window", "_sensitivity", b"_sensitivity", "_shadow_mode", b"_shadow_mode", "_stall_timeout_s", b"_stall_timeout_s", "_step_collapse_patience", b"_step_collapse_patience", "_step_ema_steps", b"_step_ema_steps", "_step_grad_ratio", b"_step_grad_ratio", "_step_loss_patience", b"_step_loss_patience", "_step_loss_ratio", b"_step_loss_ratio", "_step_loss_sigma", b"_step_loss_sigma", "_step_warmup_steps", b"_step_warmup_steps", "absolute_threshold", b"absolute_threshold", "command_timeout_s", b"command_timeout_s", "death_penalty", b"death_penalty", "history_window", b"history_window", "lobotomy_mean_ratio", b"lobotomy_mean_ratio", "lobotomy_tolerance_ratio", b"lobotomy_tolerance_ratio", "max_rollbacks", b"max_rollbacks", "min_history", b"min_history", "min_panics_before_rollback", b"min_panics_before_rollback", "multiplier", b"multiplier", "profile", b"profile", "random_guess_loss", b"random_guess_loss", "rank_deadline_s", b"rank_deadline_s", "recovery_lr_scale", b"recovery_lr_scale", "recovery_skip_batches", b"recovery_skip_batches", "rollback_window", b"rollback_window", "sensitivity", b"sensitivity", "shadow_mode", b"shadow_mode", "stall_timeout_s", b"stall_timeout_s", "step_collapse_patience", b"step_collapse_patience", "step_ema_steps", b"step_ema_steps", "step_grad_ratio", b"step_grad_ratio", "step_loss_patience", b"step_loss_patience", "step_loss_ratio", b"step_loss_ratio", "step_loss_sigma", b"step_loss_sigma", "step_warmup_steps", b"step_warmup_steps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_absolute_threshold", b"_absolute_threshold", "_command_timeout_s", b"_command_timeout_s", "_death_penalty", b"_death_penalty", "_history_window", b"_history_window", "_lobotomy_mean_ratio", b"_lobotomy_mean_ratio", "_lobotomy_tolerance_ratio", b"_lobotomy_tolerance_ratio", "_max_rollbacks", b"_max_rollbacks", "_min_history", b"_min_history", "_min_panics_before_rollback", b"_min_panics_before_rollback", "_multiplier", b"_multiplier", "_profile", b"_profile", "_random_guess_loss", b"_random_guess_loss", "_rank_deadline_s", b"_rank_deadline_s", "_recovery_lr_scale", b"_recovery_lr_scale", "_recovery_skip_batches", b"_recovery_skip_batches", "_rollback_window", b"_rollback_window", "_sensitivity", b"_sensitivity", "_shadow_mode", b"_shadow_mode", "_stall_timeout_s", b"_stall_timeout_s", "absolute_threshold", b"absolute_threshold", "command_timeout_s", b"command_timeout_s", "death_penalty", b"death_penalty", "history_window", b"history_window", "lobotomy_mean_ratio", b"lobotomy_mean_ratio", "lobotomy_tolerance_ratio", b"lobotomy_tolerance_ratio", "max_rollbacks", b"max_rollbacks", "min_history", b"min_history", "min_panics_before_rollback", b"min_panics_before_rollback", "multiplier", b"multiplier", "profile", b"profile", "random_guess_loss", b"random_guess_loss", "rank_deadline_s", b"rank_deadline_s", "recovery_lr_scale", b"recovery_lr_scale", "recovery_skip_batches", b"recovery_skip_batches", "rollback_window", b"rollback_window", "sensitivity", b"sensitivity", "shadow_mode", b"shadow_mode", "stall_timeout_s", b"stall_timeout_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_absolute_threshold", b"_absolute_threshold", "_command_timeout_s", b"_command_timeout_s", "_death_penalty", b"_death_penalty", "_history_window", b"_history_window", "_lobotomy_mean_ratio", b"_lobotomy_mean_ratio", "_lobotomy_tolerance_ratio", b"_lobotomy_tolerance_ratio", "_max_rollbacks", b"_max_rollbacks", "_min_history", b"_min_history", "_min_panics_before_rollback", b"_min_panics_before_rollback", "_multiplier", b"_multiplier", "_profile", b"_profile", "_random_guess_loss", b"_random_guess_loss", "_rank_deadline_s", b"_rank_deadline_s", "_recovery_lr_scale", b"_recovery_lr_scale", "_recovery_skip_batches", b"_recovery_skip_batches", "_rollback_window", b"_rollback_window", "_sensitivity", b"_sensitivity", "_shadow_mode", b"_shadow_mode", "_stall_timeout_s", b"_stall_timeout_s", "_step_collapse_patience", b"_step_collapse_patience", "_step_ema_steps", b"_step_ema_steps", "_step_grad_ratio", b"_step_grad_ratio", "_step_loss_patience", b"_step_loss_patience", "_step_loss_ratio", b"_step_loss_ratio", "_step_loss_sigma", b"_step_loss_sigma", "_step_warmup_steps", b"_step_warmup_steps", "absolute_threshold", b"absolute_threshold", "command_timeout_s", b"command_timeout_s", "death_penalty", b"death_penalty", "history_window", b"history_window", "lobotomy_mean_ratio", b"lobotomy_mean_ratio", "lobotomy_tolerance_ratio", b"lobotomy_tolerance_ratio", "max_rollbacks", b"max_rollbacks", "min_history", b"min_history", "min_panics_before_rollback", b"min_panics_before_rollback", "multiplier", b"multiplier", "profile", b"profile", "random_guess_loss", b"random_guess_loss", "rank_deadline_s", b"rank_deadline_s", "recovery_lr_scale", b"recovery_lr_scale", "recovery_skip_batches", b"recovery_skip_batches", "rollback_window", b"rollback_window", "sensitivity", b"sensitivity", "shadow_mode", b"shadow_mode", "stall_timeout_s", b"stall_timeout_s", "step_collapse_patience", b"step_collapse_patience", "step_ema_steps", b"step_ema_steps", "step_grad_ratio", b"step_grad_ratio", "step_loss_patience", b"step_loss_patience", "step_loss_ratio", b"step_loss_ratio", "step_loss_sigma", b"step_loss_sigma", "step_warmup_steps", b"step_warmup_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__absolute_threshold: _TypeAlias = _typing.Literal["absolute_threshold"]  # noqa: Y015
     _WhichOneofArgType__absolute_threshold: _TypeAlias = _typing.Literal["_absolute_threshold", b"_absolute_threshold"]  # noqa: Y015
@@ -276,6 +306,20 @@ class Policy(_message.Message):
     _WhichOneofArgType__shadow_mode: _TypeAlias = _typing.Literal["_shadow_mode", b"_shadow_mode"]  # noqa: Y015
     _WhichOneofReturnType__stall_timeout_s: _TypeAlias = _typing.Literal["stall_timeout_s"]  # noqa: Y015
     _WhichOneofArgType__stall_timeout_s: _TypeAlias = _typing.Literal["_stall_timeout_s", b"_stall_timeout_s"]  # noqa: Y015
+    _WhichOneofReturnType__step_collapse_patience: _TypeAlias = _typing.Literal["step_collapse_patience"]  # noqa: Y015
+    _WhichOneofArgType__step_collapse_patience: _TypeAlias = _typing.Literal["_step_collapse_patience", b"_step_collapse_patience"]  # noqa: Y015
+    _WhichOneofReturnType__step_ema_steps: _TypeAlias = _typing.Literal["step_ema_steps"]  # noqa: Y015
+    _WhichOneofArgType__step_ema_steps: _TypeAlias = _typing.Literal["_step_ema_steps", b"_step_ema_steps"]  # noqa: Y015
+    _WhichOneofReturnType__step_grad_ratio: _TypeAlias = _typing.Literal["step_grad_ratio"]  # noqa: Y015
+    _WhichOneofArgType__step_grad_ratio: _TypeAlias = _typing.Literal["_step_grad_ratio", b"_step_grad_ratio"]  # noqa: Y015
+    _WhichOneofReturnType__step_loss_patience: _TypeAlias = _typing.Literal["step_loss_patience"]  # noqa: Y015
+    _WhichOneofArgType__step_loss_patience: _TypeAlias = _typing.Literal["_step_loss_patience", b"_step_loss_patience"]  # noqa: Y015
+    _WhichOneofReturnType__step_loss_ratio: _TypeAlias = _typing.Literal["step_loss_ratio"]  # noqa: Y015
+    _WhichOneofArgType__step_loss_ratio: _TypeAlias = _typing.Literal["_step_loss_ratio", b"_step_loss_ratio"]  # noqa: Y015
+    _WhichOneofReturnType__step_loss_sigma: _TypeAlias = _typing.Literal["step_loss_sigma"]  # noqa: Y015
+    _WhichOneofArgType__step_loss_sigma: _TypeAlias = _typing.Literal["_step_loss_sigma", b"_step_loss_sigma"]  # noqa: Y015
+    _WhichOneofReturnType__step_warmup_steps: _TypeAlias = _typing.Literal["step_warmup_steps"]  # noqa: Y015
+    _WhichOneofArgType__step_warmup_steps: _TypeAlias = _typing.Literal["_step_warmup_steps", b"_step_warmup_steps"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__absolute_threshold) -> _WhichOneofReturnType__absolute_threshold | None: ...
     @_typing.overload
@@ -314,5 +358,19 @@ class Policy(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__shadow_mode) -> _WhichOneofReturnType__shadow_mode | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__stall_timeout_s) -> _WhichOneofReturnType__stall_timeout_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_collapse_patience) -> _WhichOneofReturnType__step_collapse_patience | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_ema_steps) -> _WhichOneofReturnType__step_ema_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_grad_ratio) -> _WhichOneofReturnType__step_grad_ratio | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_loss_patience) -> _WhichOneofReturnType__step_loss_patience | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_loss_ratio) -> _WhichOneofReturnType__step_loss_ratio | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_loss_sigma) -> _WhichOneofReturnType__step_loss_sigma | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_warmup_steps) -> _WhichOneofReturnType__step_warmup_steps | None: ...
 
 Global___Policy: _TypeAlias = Policy  # noqa: Y015
