@@ -17,7 +17,7 @@ pytest.importorskip("lightning")
 import lightning.pytorch as pl
 
 from governor_daemon.testing import InProcessDaemon
-from tolaria.controller import ControllerClient
+from tolaria.controller import ControllerClient, RunFinished, RunState
 from tolaria_trainer.integrations.lightning import GovernorCallback
 
 # Lightning 2.6's own use of a torch pytree API that torch 2.13 deprecates.
@@ -126,4 +126,53 @@ def test_nan_mid_fit_is_rolled_back_once_and_training_goes_on(tmp_path: Path) ->
         assert gov.state.timeline == 1
         with ControllerClient(daemon.address) as control:
             status = control.panic_state(run_id)
+            finish = next(e for e in control.events(runs=[run_id], kinds=["finish"], deadline_s=10))
         assert status.num_rollbacks == 1
+        assert status.state is RunState.FINISHED
+        assert status.task == "lightning"
+        assert isinstance(finish, RunFinished)
+        assert (finish.status, finish.num_rollbacks) == ("COMPLETED", 1)
+
+
+class HaltAt(pl.Callback):
+    """A controller halts the run after optimizer step ``step`` (once)."""
+
+    def __init__(self, address: str, run_id: str, step: int) -> None:
+        self.address, self.run_id, self.step = address, run_id, step
+        self.done = False
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step and not self.done:
+            self.done = True
+            with ControllerClient(self.address) as control:
+                control.halt(self.run_id, "an operator stops it")
+
+
+def test_a_halt_stops_the_fit_and_closes_the_run_halted(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    run_id = "lightning-halt"
+    with InProcessDaemon(tmp_path / "data") as daemon:
+        governor = GovernorCallback(governor=daemon.address, run_id=run_id, agree_every_steps=2, halt_wait_s=0)
+        train_loader, val_loader = loaders()
+        trainer = pl.Trainer(
+            max_epochs=10,
+            accumulate_grad_batches=2,  # 10 optimizer steps an epoch: a step() per optimizer step, not per batch
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[governor, HaltAt(daemon.address, run_id, step=4)],
+        )
+        trainer.fit(TinyClassifier(), train_loader, val_loader)
+
+        assert governor.fit.halt is not None
+        assert trainer.global_step < 30  # stopped at an agreement point soon after the halt, not after 100 steps
+        gov = governor.governed
+        assert gov is not None
+        assert gov.state.step == trainer.global_step
+        with ControllerClient(daemon.address) as control:
+            finish = next(e for e in control.events(runs=[run_id], kinds=["finish"], deadline_s=10))
+        assert isinstance(finish, RunFinished)
+        assert finish.status == "HALTED"

@@ -13,9 +13,9 @@ stepped the schedulers: the loss is ``outputs["loss"]``, summed over the accumul
 tensor; the gradient norm is the total norm of the optimizers' gradients). Each validation of the fit is
 one ``validate()`` (``on_validation_end``, so metrics logged in the module's own
 ``on_validation_epoch_end`` are there too; the sanity check is not one): the loss is
-``trainer.callback_metrics[val_loss_key]``, the accuracy ``[accuracy_key]`` if given. The fit's end
-settles the last verdict and closes the run (COMPLETED); an exception closes it as FAILED (HALTED for
-RunHalted; an unreachable or refusing governor is not told).
+``trainer.callback_metrics[val_loss_key]``, the accuracy ``[accuracy_key]`` if given. The end of
+training (``on_train_end``) settles the last verdict and closes the run (COMPLETED); an exception
+closes it as FAILED (HALTED for RunHalted; an unreachable or refusing governor is not told).
 
 After a restore the model, optimizers, schedulers, grad scaler and RNG states are those of the
 last-known-good (LKG) and training goes on from them with the next batch. Lightning's own counters are
@@ -144,8 +144,11 @@ class GovernorCallback(pl.Callback):
         loss = float(metrics[self.val_loss_key])
         self._react(trainer, self.fit.validate(loss, accuracy, epoch=trainer.current_epoch))
 
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.fit.finish()  # here, not on_fit_end: the strategy's teardown (moving the model off the GPU) is between
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.fit.finish()
+        self.fit.finish()  # a fit whose training loop was skipped (a no-op once closed)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self.fit.fail(exception)
