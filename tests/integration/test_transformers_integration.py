@@ -18,7 +18,7 @@ pytest.importorskip("accelerate")
 import transformers
 
 from governor_daemon.testing import InProcessDaemon
-from tolaria.controller import ControllerClient
+from tolaria.controller import ControllerClient, RunFinished, RunState
 from tolaria_trainer.governed import Outcome
 from tolaria_trainer.integrations.transformers import GovernorCallback
 
@@ -128,4 +128,73 @@ def test_nan_mid_run_is_rolled_back_once_and_training_goes_on(tmp_path: Path) ->
         assert gov is not None
         assert gov.num_rollbacks == 1
         with ControllerClient(daemon.address) as control:
-            assert control.panic_state(run_id).num_rollbacks == 1
+            status = control.panic_state(run_id)
+            finish = next(e for e in control.events(runs=[run_id], kinds=["finish"], deadline_s=10))
+        assert status.num_rollbacks == 1
+        assert status.state is RunState.FINISHED
+        assert status.task == "transformers"
+        assert isinstance(finish, RunFinished)
+        assert (finish.status, finish.num_rollbacks) == ("COMPLETED", 1)
+
+
+def tiny_trainer(tmp_path: Path, callback: GovernorCallback, trainer_class: Any = None, **kwargs: Any) -> Any:
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return (trainer_class or transformers.Trainer)(
+        model=transformers.GPT2LMHeadModel(config),
+        args=args,
+        train_dataset=CountingTokens(64, seed=1),
+        callbacks=[callback],
+        **kwargs,
+    )
+
+
+def shifted_cross_entropy(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+    logits = outputs.logits[:, :-1].reshape(-1, VOCAB)
+    return torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1))
+
+
+def test_a_loss_computed_outside_the_model_needs_record_loss(tmp_path: Path) -> None:
+    callback = GovernorCallback(governor=None)
+    trainer = tiny_trainer(tmp_path, callback, compute_loss_func=shifted_cross_entropy)
+    with pytest.raises(ValueError, match=r"record_loss"):
+        trainer.train()
+
+
+def test_record_loss_from_compute_loss(tmp_path: Path) -> None:
+    callback = GovernorCallback(governor=None)
+    recorded: list[torch.Tensor] = []
+
+    class RecordingTrainer(transformers.Trainer):
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False, **kwargs: Any) -> Any:
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)  # no labels: the model computes no loss
+            loss = shifted_cross_entropy(outputs, labels)
+            callback.record_loss(loss)
+            recorded.append(loss.detach())
+            return (loss, outputs) if return_outputs else loss
+
+    original_step = callback.fit.step
+    reported: list[float] = []
+
+    def step(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> Outcome:
+        reported.append(float(loss))
+        return original_step(loss, grad_norm)
+
+    callback.fit.step = step  # type: ignore[method-assign]
+    tiny_trainer(tmp_path, callback, trainer_class=RecordingTrainer).train()
+    assert reported == pytest.approx([float(loss) for loss in recorded])
+    gov = callback.governed
+    assert gov is not None
+    assert gov.state.step == 4
+    assert not callback.fit.active  # closed at on_train_end
