@@ -28,7 +28,11 @@ def register(sub: Any) -> None:
         ("show", "show journal entries, filtered by run, kind and time", run_show),
         ("verify", "verify every entry's hash chain; names the first bad line", run_verify),
         ("head", "print the last entry's seq and hash (keep it elsewhere to detect truncation)", run_head),
-        ("plot", "plot a run's losses, thresholds, anomalies, panics and rollbacks to a PNG", run_plot),
+        (
+            "plot",
+            "plot a run's losses with its profile's gates, the train stream, decisions and timelines to a PNG",
+            run_plot,
+        ),
     ):
         q = group.add_parser(name, help=help_text)
         q.add_argument(
@@ -194,12 +198,12 @@ def run_plot(args: argparse.Namespace) -> int:
         data = plot(args.data_dir, args.run, args.output)
     except ValueError as exc:
         return error(args, str(exc), ExitCode.USAGE)
+    counts = {"validations": len(data.validations), "rollbacks": data.count("rollback"), "halts": data.count("halt")}
     if args.json:
-        obj = {"output": str(args.output), "validations": len(data.steps), "rollbacks": len(data.rollback_steps)}
-        print(json.dumps({**obj, "halts": len(data.halt_steps)}))
+        print(json.dumps({"output": str(args.output), **counts, "profiles": data.profiles}))
         return ExitCode.OK
     print(
-        f"wrote {args.output}: {len(data.steps)} validations, {len(data.rollback_steps)} rollback(s), "
-        f"{len(data.halt_steps)} halt(s)"
+        f"wrote {args.output}: run {args.run} under profile {' → '.join(data.profiles) or 'unknown'}, "
+        f"{counts['validations']} validations, {counts['rollbacks']} rollback(s), {counts['halts']} halt(s)"
     )
     return ExitCode.OK
