@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 
 from governor_daemon.testing import InProcessDaemon
 from tolaria.controller import ControllerClient, RunFinished, RunState
+from tolaria_trainer.governed import Outcome
 from tolaria_trainer.integrations.lightning import GovernorCallback
 
 # Lightning 2.6's own use of a torch pytree API that torch 2.13 deprecates.
@@ -153,10 +154,20 @@ def test_a_halt_stops_the_fit_and_closes_the_run_halted(tmp_path: Path) -> None:
     run_id = "lightning-halt"
     with InProcessDaemon(tmp_path / "data") as daemon:
         governor = GovernorCallback(governor=daemon.address, run_id=run_id, agree_every_steps=2, halt_wait_s=0)
+        grad_norms: list[float] = []  # what each step() reported (read on the host here: tests only)
+        original_step = governor.fit.step
+
+        def step(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> Outcome:
+            assert grad_norm is not None
+            grad_norms.append(float(grad_norm))
+            return original_step(loss, grad_norm)
+
+        governor.fit.step = step  # type: ignore[method-assign]
         train_loader, val_loader = loaders()
         trainer = pl.Trainer(
             max_epochs=10,
             accumulate_grad_batches=2,  # 10 optimizer steps an epoch: a step() per optimizer step, not per batch
+            gradient_clip_val=1e-3,  # the governor sees the norms before clipping
             accelerator="cpu",
             devices=1,
             logger=False,
@@ -171,7 +182,8 @@ def test_a_halt_stops_the_fit_and_closes_the_run_halted(tmp_path: Path) -> None:
         assert trainer.global_step < 30  # stopped at an agreement point soon after the halt, not after 100 steps
         gov = governor.governed
         assert gov is not None
-        assert gov.state.step == trainer.global_step
+        assert gov.state.step == trainer.global_step == len(grad_norms)
+        assert min(grad_norms) > 1e-2
         with ControllerClient(daemon.address) as control:
             finish = next(e for e in control.events(runs=[run_id], kinds=["finish"], deadline_s=10))
         assert isinstance(finish, RunFinished)

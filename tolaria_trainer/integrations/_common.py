@@ -49,6 +49,7 @@ class GovernedFit:
         self.restores: list[Outcome] = []
         self.halt: Outcome | None = None
         self._open = False
+        self._last_finite_norm: torch.Tensor | None = None
 
     @property
     def active(self) -> bool:
@@ -67,7 +68,7 @@ class GovernedFit:
         """Build and start the GovernedTraining of a new fit (closing one a previous fit left open)."""
         if self._open:
             self.close(FinishStatus.FAILED, "a new fit started before the previous one ended")
-        self.restores, self.halt = [], None
+        self.restores, self.halt, self._last_finite_norm = [], None, None
         governed = GovernedTraining(
             model,
             list(optimizers),
@@ -88,9 +89,19 @@ class GovernedFit:
         return governed
 
     def step(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> Outcome:
-        """``GovernedTraining.step`` (a missing gradient norm is reported as 0)."""
-        assert self.governed is not None
-        return self.react(self.governed.step(loss, grad_norm if grad_norm is not None else 0.0))
+        """``GovernedTraining.step`` (a missing gradient norm is reported as 0).
+
+        With a grad scaler (fp16), non-finite gradients are the scaler's business: it skips that optimizer
+        step (the weights do not change) and lowers its scale. Such a step reports the last finite gradient
+        norm (1 before any), so that an overflow is not a rollback; a diverged model still shows in its loss.
+        """
+        governed = self.governed
+        assert governed is not None
+        if grad_norm is not None and governed.state.scaler is not None:
+            last = self._last_finite_norm if self._last_finite_norm is not None else torch.ones_like(grad_norm)
+            grad_norm = torch.where(torch.isfinite(grad_norm), grad_norm, last)  # on the device: no sync
+            self._last_finite_norm = grad_norm
+        return self.react(governed.step(loss, grad_norm if grad_norm is not None else 0.0))
 
     def validate(self, loss: float, accuracy: float | None, *, epoch: int) -> Outcome:
         """``GovernedTraining.validate``."""

@@ -10,7 +10,8 @@ At fit start it builds a ``GovernedTraining`` from the LightningModule, ``traine
 torch LR schedulers of ``trainer.lr_scheduler_configs`` and the precision plugin's grad scaler (16-mixed).
 Each batch in which an optimizer stepped is one ``step()`` (``on_train_batch_end``, after Lightning
 stepped the schedulers: the loss is ``outputs["loss"]``, summed over the accumulated batches, a device
-tensor; the gradient norm is the total norm of the optimizers' gradients). Each validation of the fit is
+tensor; the gradient norm is the total norm of the gradients in ``on_before_optimizer_step``: unscaled,
+before Lightning clips them). Each validation of the fit is
 one ``validate()`` (``on_validation_end``, so metrics logged in the module's own
 ``on_validation_epoch_end`` are there too; the sanity check is not one): the loss is
 ``trainer.callback_metrics[val_loss_key]``, the accuracy ``[accuracy_key]`` if given. The end of
@@ -73,6 +74,7 @@ class GovernorCallback(pl.Callback):
         self._last_global_step = 0
         self._loss_sum: torch.Tensor | None = None
         self._loss_batches = 0
+        self._grad_sq: torch.Tensor | None = None  # squared gradient norms of the batch's optimizer steps
         self._warned_missing_key = False
 
     @property
@@ -97,7 +99,16 @@ class GovernorCallback(pl.Callback):
             device=pl_module.device,
         )
         self._last_global_step = trainer.global_step
-        self._loss_sum, self._loss_batches = None, 0
+        self._loss_sum, self._loss_batches, self._grad_sq = None, 0, None
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if not self.fit.active:
+            return
+        norm = total_grad_norm([optimizer])  # unscaled (16-mixed), before Lightning clips them
+        if norm is not None:
+            self._grad_sq = norm.square() if self._grad_sq is None else self._grad_sq + norm.square()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
@@ -120,8 +131,9 @@ class GovernorCallback(pl.Callback):
         # Automatic optimization divides each batch's loss by accumulate_grad_batches: their sum is the
         # step's mean loss. Manual optimization hands the losses as returned.
         step_loss = self._loss_sum if pl_module.automatic_optimization else self._loss_sum / self._loss_batches
-        self._loss_sum, self._loss_batches = None, 0
-        self._react(trainer, self.fit.step(step_loss, total_grad_norm(trainer.optimizers)))
+        grad_norm = self._grad_sq.sqrt() if self._grad_sq is not None else None
+        self._loss_sum, self._loss_batches, self._grad_sq = None, 0, None
+        self._react(trainer, self.fit.step(step_loss, grad_norm))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.fit.active or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:

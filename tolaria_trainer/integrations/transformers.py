@@ -18,8 +18,10 @@ stepped and the gradients were zeroed), with:
   an overridden ``compute_loss``) is handed over with ``callback.record_loss(loss)`` from
   ``compute_loss``; without either, the first step raises ValueError saying so. ``on_log`` is no
   substitute: its loss is an average over ``logging_steps`` with non-finite steps filtered out.
-* the gradient norm: the total norm of the optimizer's gradients in ``on_optimizer_step`` (after
-  clipping and unscaling, before they are zeroed).
+* the gradient norm: the total norm of the optimizer's gradients in ``on_optimizer_step`` (unscaled,
+  before they are zeroed). No callback sees them before the Trainer clips them: with ``max_grad_norm``
+  (1.0 by default) the governor sees the clipped norm, so its gradient blow-up rule sees at most
+  ``max_grad_norm`` (a non-finite norm stays non-finite; the Trainer logs the norm before clipping).
 
 Each evaluation during training is one ``validate()`` (``on_evaluate``, ``metrics[eval_loss_key]``, the
 accuracy ``metrics[accuracy_key]`` if given). ``on_train_end`` settles the last verdict and closes the run;
