@@ -11,8 +11,9 @@ What is drawn, and where each value comes from (nothing is re-derived here):
   ``default`` adds its relative gate, drawn only while it is on. The profile is named in the title.
 - **The lobotomy band** (|loss − RGL| < tolerance × RGL), shaded while the rule is on (history warm and its
   mean below lobotomy_mean_ratio × RGL).
-- **Every decision that was not healthy**, validation or train stream, marked and labelled with its
-  verdict, the rule that fired and the action ordered; every command as a vertical line.
+- **Every decision that was not healthy**, validation or train stream, marked, numbered and listed beside
+  the plot with its verdict, the rule that fired (a divergence names the gates it crossed) and the action
+  ordered; every command as a vertical line, named when no drawn decision caused it.
 - **The train-step stream**, when VITALS entries carry their batch summary (``train``: mean and largest
   loss per batch), and the train-stream loss gate when they carry the detector's state (``effects.steps``),
   through ``policy.steps.loss_gate``. Older journals carry neither and plot without them.
@@ -479,12 +480,18 @@ def _draw_train(ax: Axes, data: PlotData, segment: Segment, first: bool) -> None
 MARKERS = {"anomaly": ("tab:orange", "D"), "panic": ("tab:red", "X")}
 
 
+LISTED_DECISIONS = 20
+"""At most this many decisions are listed beside the plot (the rest are counted)."""
+
+
 def _draw_markers(ax: Axes, data: PlotData, top: float) -> None:
-    """Every decision that was not healthy, labelled with its verdict, rule and action; non-finite at the top."""
+    """Every decision that was not healthy as a marker (non-finite losses at the top); the validation ones,
+    and the train-stream ones that sent a command, numbered and listed beside the plot with their verdict,
+    rule and action (a list, not labels on the markers: decisions close together would overwrite each other)."""
     shown: set[str] = set()
-    right = max(s.x1 for s in data.segments.values())
+    listed: list[str] = []
     decisions: list[Validation | TrainAlarm] = [*data.validations, *data.alarms]
-    for n, d in enumerate(d for d in decisions if d.verdict in MARKERS):
+    for d in sorted((d for d in decisions if d.verdict in MARKERS), key=lambda d: data.x(d.timeline, d.step)):
         color, marker = MARKERS[d.verdict]
         validation = isinstance(d, Validation)
         x, y = data.x(d.timeline, d.step), d.loss if math.isfinite(d.loss) else top
@@ -502,18 +509,21 @@ def _draw_markers(ax: Axes, data: PlotData, top: float) -> None:
         )
         shown.add(key)
         if validation or d.ordered:  # a train-stream panic under an open command repeats the one that opened it
-            left = x > 0.8 * right  # labels near the right edge go to the left of their marker
+            listed.append(f"{len(listed) + 1}. {_decision_text(d)} (timeline {d.timeline}, step {d.step})")
             ax.annotate(
-                _decision_text(d),
+                str(len(listed)),
                 (x, y),
-                xytext=(-6 if left else 6, 10 if n % 2 else -14),
+                xytext=(5, 5),
                 textcoords="offset points",
-                ha="right" if left else "left",
-                fontsize=7.5,
+                fontsize=8,
+                fontweight="bold",
                 color=color,
-                bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "alpha": 0.75, "linewidth": 0},
-                gid="decision label",
+                gid="decision number",
             )
+    if listed:
+        more = len(listed) - LISTED_DECISIONS
+        text = "\n".join(listed[:LISTED_DECISIONS]) + (f"\n… and {more} more" if more > 0 else "")
+        ax.text(1.01, 0.0, text, transform=ax.transAxes, va="bottom", fontsize=8, gid="decision list")
 
 
 COMMAND_COLORS = {"rollback": "tab:red", "halt": "black", "resume": "tab:green"}

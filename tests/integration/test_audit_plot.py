@@ -192,10 +192,11 @@ def test_seed_profile_draws_only_its_three_gates(journal: Journal) -> None:
 
 def test_decisions_name_their_rule_and_the_lobotomy_band_is_drawn(journal: Journal) -> None:
     fig = draw(journal.default)
-    assert texts(fig, "decision label") == [
-        f"anomaly · divergence above {RELATIVE_GATE}",
-        f"panic · divergence above {RELATIVE_GATE} → rollback",
-        "panic · lobotomy → rollback",
+    assert texts(fig, "decision number") == ["1", "2", "3"]
+    assert texts(fig, "decision list") == [
+        f"1. anomaly · divergence above {RELATIVE_GATE} (timeline 0, step 260)\n"
+        f"2. panic · divergence above {RELATIVE_GATE} → rollback (timeline 0, step 280)\n"
+        "3. panic · lobotomy → rollback (timeline 1, step 260)"
     ]
     bands = [c for c in fig.axes[0].collections if isinstance(c, PolyCollection) and c.get_gid() == "lobotomy band"]
     assert bands
