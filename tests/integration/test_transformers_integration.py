@@ -169,6 +169,8 @@ def test_a_loss_computed_outside_the_model_needs_record_loss(tmp_path: Path) -> 
     trainer = tiny_trainer(tmp_path, callback, compute_loss_func=shifted_cross_entropy)
     with pytest.raises(ValueError, match=r"record_loss"):
         trainer.train()
+    assert not callback.fit.active  # closed FAILED, its forward hook removed
+    assert callback._hook is None
 
 
 def test_record_loss_from_compute_loss(tmp_path: Path) -> None:

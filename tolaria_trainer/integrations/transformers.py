@@ -132,6 +132,11 @@ class GovernorCallback(TrainerCallback):
         self._forward_losses, self._recorded, self._grad_norm = [], [], None
         self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
 
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._forward_losses, self._recorded = [], []  # a training forward outside the Trainer's steps is not one
+
     def on_optimizer_step(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
@@ -188,11 +193,14 @@ class GovernorCallback(TrainerCallback):
         if recorded:
             return torch.stack([loss.float() for loss in recorded]).mean()
         if not forward:
-            raise ValueError(
+            error = ValueError(
                 "GovernorCallback saw no training loss: the model's forward returned none (a compute_loss_func, "
                 "label smoothing or an overridden compute_loss computes it outside the model); call "
                 "callback.record_loss(loss) from compute_loss"
             )
+            self._remove_hook()
+            self.fit.fail(error)  # the Trainer has no exception hook
+            raise error
         losses = torch.stack([loss.float() for loss, _ in forward])
         # Normalized by num_items_in_batch, each micro-batch's loss is its share of the step's mean.
         return losses.sum() if all(normalized for _, normalized in forward) else losses.mean()
