@@ -61,7 +61,8 @@ class RunConfig:
         if self.agree_every_steps < 0:
             raise ValueError(f"--agree-every-steps must be >= 0, got {self.agree_every_steps}")
         if self.snapshot_location not in LOCATIONS:
-            raise ValueError(f"--snapshot-location must be one of {', '.join(LOCATIONS)}, got {self.snapshot_location!r}")
+            choices = ", ".join(LOCATIONS)
+            raise ValueError(f"--snapshot-location must be one of {choices}, got {self.snapshot_location!r}")
         for spec in self.inject:
             parse_fault(spec)
         parse_schedule(self.seed_schedule)

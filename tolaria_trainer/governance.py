@@ -60,6 +60,7 @@ class Command:
     recovery_skip_batches: int = 0
     recovery_lr_scale: float = 1.0
     generation: int = 0
+    onset_step: int | None = None  # a train-stream alarm's estimate of where the anomaly began
 
     def timeline_after(self, succeeded: bool) -> int:
         """The timeline executing it moves a rank to: its timeline + 1 for a ROLLBACK or RESUME that
@@ -174,6 +175,18 @@ class Governance(Protocol):
         """Train-step records dropped under back-pressure (reported to the governor)."""
         ...
 
+    @property
+    def acked_seq(self) -> int:
+        """The highest seq the governor acknowledged: judged and durable. A command caused by a record is
+        always delivered before that record's Ack (docs/protocol.md, "Train-stream verification")."""
+        ...
+
+    @property
+    def train_verification_steps(self) -> int | None:
+        """How many steps after step S the governor's train-stream detectors must have judged, without a
+        command, to vouch for S (None: the run's profile does not judge the train stream)."""
+        ...
+
     def start(self, wait_s: float) -> bool:
         """Start connecting; wait up to ``wait_s`` for the first Welcome. Returns whether connected."""
         ...
@@ -182,8 +195,8 @@ class Governance(Protocol):
         """Seconds since the last welcomed stream was lost (0 while connected)."""
         ...
 
-    def send_vitals(self, chunk: VitalsSource) -> None:
-        """Queue train-step records of one timeline."""
+    def send_vitals(self, chunk: VitalsSource) -> int:
+        """Queue train-step records of one timeline; returns the seq of the last one."""
         ...
 
     def send_validation(self, report: ValidationReport) -> int:
@@ -230,6 +243,8 @@ class Ungoverned:
     run_timeline = 0
     num_unjudged_records = 0
     num_dropped_records = 0
+    acked_seq = 0
+    train_verification_steps: int | None = None
 
     def __init__(self) -> None:
         self._seq = 0
@@ -242,8 +257,9 @@ class Ungoverned:
         """Never reachable, never waited for."""
         return 0.0
 
-    def send_vitals(self, chunk: VitalsSource) -> None:
+    def send_vitals(self, chunk: VitalsSource) -> int:
         """Dropped: nobody judges them."""
+        return 0
 
     def send_validation(self, report: ValidationReport) -> int:
         """A seq no verdict will ever name."""

@@ -33,6 +33,7 @@ import logging
 import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -62,7 +63,7 @@ from tolaria_trainer.model.seeds import seed_slots
 from tolaria_trainer.rollback import CommandLedger, RestoreOutcome, execute_restore
 from tolaria_trainer.snapshot import MAX_STAGED, LastKnownGood, SnapshotInfo
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
-from tolaria_trainer.training.vitals import VitalsBuffer, record_step
+from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk, record_step
 
 log = logging.getLogger("tolaria.governed")
 
@@ -136,6 +137,9 @@ class GovernedTraining:
         grad_scaler: torch.amp.GradScaler | None = None,
         extra_state: Any = None,
         snapshot_location: str = "auto",
+        step_snapshots: int = 1,
+        step_snapshot_every: int = 200,
+        onset_margin_steps: int = 10,
         agree_every_steps: int = 50,
         fail_closed: bool = False,
         fail_closed_deadline_s: float = 60.0,
@@ -158,6 +162,11 @@ class GovernedTraining:
     ) -> None:
         if agree_every_steps < 0:
             raise ValueError(f"agree_every_steps must be >= 0 (0: only at validations), got {agree_every_steps}")
+        if step_snapshot_every < 1 or onset_margin_steps < 0:
+            raise ValueError(
+                f"step_snapshot_every must be >= 1 and onset_margin_steps >= 0, got {step_snapshot_every} "
+                f"and {onset_margin_steps}"
+            )
         if num_classes is not None and random_guess_loss is not None:
             raise ValueError("give num_classes (classification) or random_guess_loss (language models), not both")
         if num_classes is not None and num_classes < 2:
@@ -197,7 +206,11 @@ class GovernedTraining:
             heartbeat_s=heartbeat_s,
             tls=(tls_ca, tls_cert, tls_key),
         )
-        self.lkg = LastKnownGood(snapshot_location)
+        self.lkg = LastKnownGood(snapshot_location, step_snapshots)
+        self.step_snapshot_every = step_snapshot_every
+        self.onset_margin_steps = onset_margin_steps
+        self.step_pending: SnapshotInfo | None = None  # staged at an agreement point, awaiting the train stream
+        self._sent: deque[tuple[int, int]] = deque()  # (last step, last seq) of each chunk sent, oldest first
         self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._send_vitals, flush_interval_s=vitals_flush_s)
         self.ledger = CommandLedger()
         self.known_commands: dict[int, Command] = {}
@@ -213,6 +226,7 @@ class GovernedTraining:
         self._started = False
         self._closed = False
         self._warned_refusal = False
+        self._last_finite_norm: torch.Tensor | None = None
 
     def _governance(
         self,
@@ -327,11 +341,27 @@ class GovernedTraining:
         self._check_open()
         state = self.state
         if grad_norm is None:
-            grad_norm = _total_grad_norm(state.optimizers, self.device)
+            grad_norm = self._default_grad_norm()
         record_step(state, self.vitals, _as_tensor(loss, self.device), _as_tensor(grad_norm, self.device))
         if self.agree_every_steps and state.step % self.agree_every_steps == 0:
             return self.agreement_point()
         return Outcome(timeline=state.timeline)
+
+    def _default_grad_norm(self) -> torch.Tensor:
+        """The total norm of the optimizers' gradients. With a grad scaler, unscaled by its current scale,
+        and a step whose gradients overflowed (the scaler skips it; that is its normal working) reports
+        the last finite norm: no host sync either way."""
+        norm = _total_grad_norm(self.state.optimizers, self.device)
+        scaler = self.state.scaler
+        scale = getattr(scaler, "_scale", None) if scaler is not None else None
+        if scale is None:
+            return norm
+        norm = norm / scale.to(norm.device)
+        if self._last_finite_norm is None:
+            self._last_finite_norm = torch.ones((), device=norm.device)
+        norm = torch.where(torch.isfinite(norm), norm, self._last_finite_norm)
+        self._last_finite_norm = norm
+        return norm
 
     def validate(
         self,
@@ -438,11 +468,13 @@ class GovernedTraining:
         timeline, and execute the command every rank agrees on (if any)."""
         self._check_reachable()
         self.vitals.flush()  # buffered records go out before anything decided here
+        self._collect()  # first: every verdict the governor sent before a command taken here has arrived
         self._settle_pending()
         self._adopt_run_timeline()
-        self._collect()
+        self._settle_step_pending()
         command = self._agree_command()
         if command is None:
+            self._stage_step_snapshot()
             return Outcome(timeline=self.state.timeline)
         return self._execute(command)
 
@@ -474,8 +506,10 @@ class GovernedTraining:
                 )
             time.sleep(0.1)
 
-    def _send_vitals(self, chunk: Any) -> None:
-        self.governance.send_vitals(chunk)
+    def _send_vitals(self, chunk: VitalsChunk) -> None:
+        last_seq = self.governance.send_vitals(chunk)
+        if self.step_pending is not None:
+            self._sent.append((chunk.steps[-1], last_seq))
 
     def _collect(self) -> None:
         for command in self.governance.take_commands():
@@ -562,6 +596,53 @@ class GovernedTraining:
             self.verdicts[seq] = verdict
         return self.verdicts[seq]
 
+    def _stage_step_snapshot(self) -> None:
+        """Stage a step snapshot every ``step_snapshot_every`` steps when the governor's train-stream
+        detectors can vouch for it (the same decision on every rank: it depends on the step alone, and
+        on the profile every rank was welcomed with)."""
+        newest = self.lkg.info
+        due = self.step_pending is None and self.lkg.step_snapshots > 0
+        if not due or (newest is not None and self.state.step - newest.step < self.step_snapshot_every):
+            return  # the same on every rank: steps and published snapshots are
+        able = self.governed and self.governance.train_verification_steps is not None
+        if not self.dist.agree_min(int(able)):
+            return
+        try:
+            self.step_pending = self.lkg.stage(self.state, kind="step")
+        except SnapshotError as exc:
+            log.error("step snapshot staging failed; the published snapshots stay: %s", exc)
+            return
+        self._sent.clear()
+
+    def _settle_step_pending(self) -> None:
+        """Publish the staged step snapshot at step S once the governor acknowledged the records up to
+        S + ``train_verification_steps`` of its timeline with no command on any rank: a train-stream
+        alarm whose onset is at or before S would have fired by then, and its command would have arrived
+        before those Acks. Discard it once a command or another timeline makes that impossible."""
+        staged = self.step_pending
+        if staged is None:
+            return
+        margin = self.governance.train_verification_steps
+        doomed = margin is None or self.state.timeline != staged.timeline or bool(self.known_commands)
+        if self.dist.agree_max(int(doomed)):
+            self._drop_step_pending()
+            return
+        assert margin is not None
+        needed = next((seq for last_step, seq in self._sent if last_step >= staged.step + margin), None)
+        vouched = needed is not None and self.governance.acked_seq >= needed
+        if not self.dist.agree_min(int(vouched)):
+            return
+        if self.lkg.publish(staged.timeline, staged.step):
+            self._report_snapshot(staged)
+        self.step_pending = None
+        self._sent.clear()
+
+    def _drop_step_pending(self) -> None:
+        if self.step_pending is not None:
+            self.lkg.discard(self.step_pending)
+        self.step_pending = None
+        self._sent.clear()
+
     def _report_snapshot(self, info: SnapshotInfo) -> None:
         self.governance.send_snapshot(
             SnapshotReport(info.timeline, info.step, info.snapshot_bytes, info.duration_ms, info.location)
@@ -591,6 +672,8 @@ class GovernedTraining:
             return self._halt(command)
         rollback = command.type is CommandType.ROLLBACK
         scale = command.recovery_lr_scale if rollback else 1.0
+        self._drop_step_pending()
+        onset = command.onset_step if rollback else None
         outcome = execute_restore(
             self.state,
             self.lkg,
@@ -600,6 +683,8 @@ class GovernedTraining:
             command.timeline_after(succeeded=True),
             scale,
             command.recovery_skip_batches if rollback else 0,
+            onset,
+            self.onset_margin_steps,
         )
         self._report_result(command, outcome)
         if not outcome.succeeded:

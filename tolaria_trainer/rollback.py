@@ -58,6 +58,8 @@ def execute_restore(
     new_timeline: int,
     recovery_lr_scale: float = 1.0,
     recovery_skip_batches: int = 0,
+    onset_step: int | None = None,
+    onset_margin: int = 0,
 ) -> RestoreOutcome:
     """Cull live seeds, restore the LKG in place, move to ``new_timeline``, apply the recipe.
 
@@ -66,7 +68,9 @@ def execute_restore(
 
     ``recovery_lr_scale`` compounds across rollbacks: every param group's lr and the schedulers' base
     lrs end up at the snapshot's value × (cumulative scale now / cumulative scale when the snapshot was
-    taken). A command id seen before returns its stored outcome without executing again.
+    taken). ``onset_step`` (a train-stream alarm's estimate) picks the newest published snapshot older
+    than it by ``onset_margin`` (``LastKnownGood.choose``); without it, the newest validated one. A
+    command id seen before returns its stored outcome without executing again.
     """
     known = ledger.get(command_id)
     if known is not None:
@@ -83,7 +87,7 @@ def execute_restore(
             log.exception("culling seed in %s failed", slot.name)
         state.drop_seed_optimizer(slot.name)
     try:
-        info = lkg.restore(state)
+        info = lkg.restore(state, onset_step, onset_margin)
     except RestoreError as exc:
         outcome = RestoreOutcome(
             command_id,

@@ -32,7 +32,7 @@ from tolaria_trainer.errors import RestoreError, SnapshotError
 from tolaria_trainer.training.state import TrainingState
 
 LOCATIONS = ("device", "pinned", "host", "auto")
-MAX_STAGED = 2  # staged snapshots held at once; staging another replaces the newest
+MAX_STAGED = 2  # staged validation snapshots held at once; staging another replaces the newest
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class SnapshotInfo:
     snapshot_bytes: int
     duration_ms: float
     location: str
+    kind: str = "validation"  # "validation": published by a verdict (or taken at once); "step": by the train stream
 
 
 @dataclass
@@ -96,14 +97,26 @@ def _optimizer_signature(sd: dict[str, Any]) -> tuple[Any, ...]:
 
 
 class LastKnownGood:
-    """Double-buffered snapshot of a TrainingState. Called from the training thread only."""
+    """Snapshots of a TrainingState: the published ones a restore can go back to, and staged ones awaiting
+    their verdicts. Called from the training thread only.
 
-    def __init__(self, location: str = "auto") -> None:
+    Published: the newest validated snapshot (a validation verdict published it, or ``take``), plus up
+    to ``step_snapshots`` newer ones the train-stream detectors vouched for (kind "step"). ``restore``
+    goes back to the newest validated one, or with ``before_step`` to the newest published one older than
+    that step (a train-stream alarm's onset). Staged: up to ``MAX_STAGED`` validation snapshots and one
+    step snapshot.
+    """
+
+    def __init__(self, location: str = "auto", step_snapshots: int = 0) -> None:
         if location not in LOCATIONS:
             raise SnapshotError(f"snapshot location must be one of {', '.join(LOCATIONS)}, got {location!r}")
+        if step_snapshots < 0:
+            raise SnapshotError(f"step_snapshots must be >= 0, got {step_snapshots}")
         self.requested = location
-        self._sets = [_BufferSet() for _ in range(1 + MAX_STAGED)]
-        self._active: int | None = None
+        self.step_snapshots = step_snapshots
+        staged_step = 1 if step_snapshots else 0
+        self._sets = [_BufferSet() for _ in range(1 + step_snapshots + MAX_STAGED + staged_step)]
+        self._published: list[int] = []  # oldest first
         self._staged: list[int] = []  # oldest first
         self.num_allocations = 0
 
@@ -128,8 +141,13 @@ class LastKnownGood:
 
     @property
     def info(self) -> SnapshotInfo | None:
-        """The published LKG's info, or None."""
-        return None if self._active is None else self._sets[self._active].info
+        """The newest published snapshot's info, or None."""
+        return self._sets[self._published[-1]].info if self._published else None
+
+    @property
+    def published(self) -> list[SnapshotInfo]:
+        """Every published snapshot's info, oldest first."""
+        return [info for i in self._published if (info := self._sets[i].info) is not None]
 
     @property
     def staged_info(self) -> SnapshotInfo | None:
@@ -138,16 +156,21 @@ class LastKnownGood:
 
     # ----------------------------------------------------------------- taking
 
-    def stage(self, state: TrainingState) -> SnapshotInfo:
+    def stage(self, state: TrainingState, kind: str = "validation") -> SnapshotInfo:
         """Copy the current state into a spare buffer set, keeping older staged snapshots; with
-        ``MAX_STAGED`` already staged the newest of them is replaced.
+        ``MAX_STAGED`` validation snapshots (or one step snapshot) already staged, the newest of that kind
+        is replaced.
 
-        Raises SnapshotError; the published LKG and the older staged snapshots are untouched either way.
+        Raises SnapshotError; the published snapshots and the other staged ones are untouched either way.
         """
         started = time.perf_counter()
-        if len(self._staged) == MAX_STAGED:
-            self._sets[self._staged.pop()].info = None
-        spare = next(i for i in range(len(self._sets)) if i != self._active and i not in self._staged)
+        if kind == "step" and not self.step_snapshots:
+            raise SnapshotError("step snapshots are off (step_snapshots=0)")
+        same_kind = [i for i in self._staged if (info := self._sets[i].info) is not None and info.kind == kind]
+        if len(same_kind) == (MAX_STAGED if kind == "validation" else 1):
+            self._sets[same_kind[-1]].info = None
+            self._staged.remove(same_kind[-1])
+        spare = next(i for i in range(len(self._sets)) if i not in self._published and i not in self._staged)
         target = self._sets[spare]
         target.info = None
         location = self._location(state.device)
@@ -188,6 +211,7 @@ class LastKnownGood:
             snapshot_bytes=target.nbytes(),
             duration_ms=(time.perf_counter() - started) * 1000.0,
             location=location,
+            kind=kind,
         )
         self._staged.append(spare)
         return target.info
@@ -238,23 +262,51 @@ class LastKnownGood:
         target.signature = signature
 
     def publish(self, timeline: int, step: int) -> bool:
-        """Make the staged snapshot of exactly (timeline, step) the LKG, dropping the staged snapshots older
-        than it; without one, leave everything and return False."""
-        for position, index in enumerate(self._staged):
+        """Publish the staged snapshot of exactly (timeline, step), dropping the older staged snapshots of
+        its kind; without one, leave everything and return False. A validated snapshot supersedes every
+        older published one; step snapshots beyond ``step_snapshots`` drop the oldest of them."""
+        for index in self._staged:
             info = self._sets[index].info
-            if info is not None and (info.timeline, info.step) == (timeline, step):
-                for older in self._staged[:position]:
-                    self._sets[older].info = None
-                self._active, self._staged = index, self._staged[position + 1 :]
-                return True
+            if info is None or (info.timeline, info.step) != (timeline, step):
+                continue
+            for older in list(self._staged):
+                older_info = self._sets[older].info
+                if older_info is not None and older_info.kind == info.kind and older_info.step < info.step:
+                    self._drop(older)
+            self._staged.remove(index)
+            self._published.append(index)
+            self._published.sort(key=lambda i: self._step_of(i))
+            validated = [i for i in self._published if self._kind_of(i) == "validation"]
+            if validated:  # the newest validated snapshot supersedes every one not newer than it
+                newest = validated[-1] if info.kind == "step" else index
+                for older in [i for i in self._published if i != newest and self._step_of(i) <= self._step_of(newest)]:
+                    self._drop(older)
+            steps = [i for i in self._published if self._kind_of(i) == "step"]
+            for extra in steps[: max(0, len(steps) - self.step_snapshots)]:
+                self._drop(extra)
+            return True
         return False
+
+    def _step_of(self, index: int) -> int:
+        info = self._sets[index].info
+        return -1 if info is None else info.step
+
+    def _kind_of(self, index: int) -> str:
+        info = self._sets[index].info
+        return "" if info is None else info.kind
+
+    def _drop(self, index: int) -> None:
+        self._sets[index].info = None
+        if index in self._staged:
+            self._staged.remove(index)
+        if index in self._published:
+            self._published.remove(index)
 
     def discard(self, staged: SnapshotInfo | None = None) -> None:
         """Drop the staged snapshot ``staged`` names, or every staged one (the LKG stays)."""
         for index in list(self._staged):
             if staged is None or self._sets[index].info == staged:
-                self._sets[index].info = None
-                self._staged.remove(index)
+                self._drop(index)
 
     def take(self, state: TrainingState) -> SnapshotInfo:
         """Stage and publish at once (the initial LKG at step 0, and right after a fossilization)."""
@@ -264,16 +316,37 @@ class LastKnownGood:
 
     # ----------------------------------------------------------------- restoring
 
-    def restore(self, state: TrainingState) -> SnapshotInfo:
-        """Restore the LKG into ``state`` in place (live seeds must already be culled).
+    def choose(self, onset_step: int | None = None, margin: int = 0) -> SnapshotInfo | None:
+        """The snapshot ``restore`` would go back to: without ``onset_step``, the newest validated one; with
+        it, the newest published one older than ``onset_step - margin``, else the newest older than the
+        onset itself, else the oldest published."""
+        chosen = self._choose(onset_step, margin)
+        return None if chosen is None else self._sets[chosen].info
 
-        Checks that the model's snapshot keys equal the LKG's; raises RestoreError otherwise (the caller
-        reports the failure; the daemon then HALTs the run). Does not touch ``state.timeline`` or
+    def _choose(self, onset_step: int | None, margin: int) -> int | None:
+        if not self._published:
+            return None
+        if onset_step is None:
+            validated = [i for i in self._published if self._kind_of(i) == "validation"]
+            return validated[-1] if validated else self._published[0]
+        for before in (onset_step - margin, onset_step):
+            older = [i for i in self._published if self._step_of(i) < before]
+            if older:
+                return older[-1]
+        return self._published[0]
+
+    def restore(self, state: TrainingState, onset_step: int | None = None, margin: int = 0) -> SnapshotInfo:
+        """Restore a published snapshot (``choose``) into ``state`` in place (live seeds must already be
+        culled); the published snapshots newer than it belong to the abandoned future and are dropped.
+
+        Checks that the model's snapshot keys equal the snapshot's; raises RestoreError otherwise (the
+        caller reports the failure; the daemon then HALTs the run). Does not touch ``state.timeline`` or
         ``state.lr_scale``.
         """
-        if self._active is None:
+        chosen = self._choose(onset_step, margin)
+        if chosen is None:
             raise RestoreError("no last-known-good snapshot has been published")
-        source = self._sets[self._active]
+        source = self._sets[chosen]
         info = source.info
         assert info is not None
         model_sd = state.model.state_dict()
@@ -316,6 +389,8 @@ class LastKnownGood:
             state.scaler.load_state_dict(copy.deepcopy(source.scaler))
         _restore_extra_state(state.extra_state, source.extra)
         state.step, state.epoch = info.step, info.epoch
+        for newer in [i for i in self._published if self._step_of(i) > info.step]:
+            self._drop(newer)
         return info
 
     def _restore_optimizer(

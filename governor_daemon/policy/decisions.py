@@ -73,6 +73,7 @@ class Command:
     recovery_lr_scale: float
     timeline: int
     step: int
+    onset_step: int | None = None  # where a train-stream detector estimates the anomaly began
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -85,6 +86,7 @@ class Command:
             "recovery_lr_scale": self.recovery_lr_scale,
             "timeline": self.timeline,
             "step": self.step,
+            "onset_step": self.onset_step,
         }
 
     @classmethod
@@ -99,6 +101,7 @@ class Command:
             recovery_lr_scale=float(data["recovery_lr_scale"]),
             timeline=int(data["timeline"]),
             step=int(data["step"]),
+            onset_step=None if data.get("onset_step") is None else int(data["onset_step"]),
         )
 
 

@@ -340,7 +340,7 @@ class RunPolicy:
                 onset_step=onset_step,
             )
         self.last_verdict = Verdict.PANIC
-        action, command, suppressed, reason = self._intervene(reason, timeline, step, now_s)
+        action, command, suppressed, reason = self._intervene(reason, timeline, step, now_s, onset_step)
         self.last_reason = reason
         decision = self._decision(
             "train",
@@ -635,9 +635,10 @@ class RunPolicy:
         return Action.HALT if prior + 1 > self.config.max_rollbacks else Action.ROLLBACK
 
     def _intervene(
-        self, reason: str, timeline: int, step: int, now_s: float
+        self, reason: str, timeline: int, step: int, now_s: float, onset_step: int | None = None
     ) -> tuple[Action, Command | None, str | None, str]:
-        """Turn a committed PANIC into ROLLBACK or HALT (loop breaker), honouring shadow mode."""
+        """Turn a committed PANIC into ROLLBACK or HALT (loop breaker), honouring shadow mode. A train-stream
+        PANIC's ``onset_step`` goes with the command: the trainer restores a snapshot older than it."""
         action = self._would_be_action()
         if action is Action.HALT:
             window = self.config.rollback_window
@@ -651,10 +652,17 @@ class RunPolicy:
         if self.config.shadow_mode:
             return action, None, SHADOW_NOTE, f"{reason}; {SHADOW_NOTE}"
         kind = CommandKind.HALT if action is Action.HALT else CommandKind.ROLLBACK
-        return action, self._issue(kind, reason, timeline, step, now_s), None, reason
+        return action, self._issue(kind, reason, timeline, step, now_s, onset_step=onset_step), None, reason
 
     def _issue(
-        self, kind: CommandKind, reason: str, timeline: int, step: int, now_s: float, punishment: float | None = None
+        self,
+        kind: CommandKind,
+        reason: str,
+        timeline: int,
+        step: int,
+        now_s: float,
+        punishment: float | None = None,
+        onset_step: int | None = None,
     ) -> Command:
         """A new open command (replacing any open one). Its punishment is charged now, once."""
         if punishment is None:
@@ -669,6 +677,7 @@ class RunPolicy:
             recovery_lr_scale=self.config.recovery_lr_scale,
             timeline=timeline,
             step=step,
+            onset_step=onset_step,
         )
         self.next_command_id += 1
         self.open = OpenCommand(command, now_s)

@@ -57,19 +57,20 @@ def overrides_from_proto(policy: common_pb2.Policy) -> dict[str, Any]:
 
 def command_to_proto(command: Command, generation: int) -> trainer_service_pb2.AttachResponse:
     """A Command message for a stream of ``generation``."""
-    return trainer_service_pb2.AttachResponse(
-        command=trainer_service_pb2.Command(
-            command_id=command.command_id,
-            type=COMMAND_TO_PROTO[command.kind],
-            reason=command.reason,
-            punishment_reward=command.punishment_reward,
-            recovery_skip_batches=command.recovery_skip_batches,
-            recovery_lr_scale=command.recovery_lr_scale,
-            generation=generation,
-            timeline=command.timeline,
-            step=command.step,
-        )
+    message = trainer_service_pb2.Command(
+        command_id=command.command_id,
+        type=COMMAND_TO_PROTO[command.kind],
+        reason=command.reason,
+        punishment_reward=command.punishment_reward,
+        recovery_skip_batches=command.recovery_skip_batches,
+        recovery_lr_scale=command.recovery_lr_scale,
+        generation=generation,
+        timeline=command.timeline,
+        step=command.step,
     )
+    if command.onset_step is not None:
+        message.onset_step = command.onset_step
+    return trainer_service_pb2.AttachResponse(command=message)
 
 
 def decode_hello(

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -77,7 +78,10 @@ def test_nan_mid_run_gives_one_rollback_and_training_goes_on(daemon: InProcessDa
     (restore,) = restores
     assert restore.command is not None
     assert str(restore.command.type) == "ROLLBACK"
-    assert (restore.restored_epoch, restore.restored_step) == (4, 4 * 24), "back to the LKG of epoch 4"
+    # The newest snapshot a verdict published before the rollback: epoch 4's, or an earlier one when the
+    # governor's verdicts lagged (never one after the onset, step 100).
+    assert restore.restored_step in (24, 48, 72, 96), restore
+    assert restore.restored_epoch == restore.restored_step // 24
     assert restore.punishment_reward < 0
     assert restore.timeline == 1
     assert math.isfinite(val_loss)
@@ -88,3 +92,68 @@ def test_nan_mid_run_gives_one_rollback_and_training_goes_on(daemon: InProcessDa
     assert run.num_rollbacks == 1
     assert str(run.state) == "FINISHED"
     assert run.total_punishment_reward == restore.punishment_reward
+
+
+def vouched_for(gov: GovernedTraining, timeout_s: float = 10.0) -> None:
+    """Hold agreement points until the governor's Acks vouched for a step snapshot newer than the last
+    validation (a slow machine's Acks may lag ten steps of a tiny model; the test must not race them)."""
+    deadline = time.monotonic() + timeout_s
+    while not any(i.kind == "step" for i in gov.lkg.published):
+        assert time.monotonic() < deadline, f"no step snapshot vouched for: {gov.lkg.published}, {gov.step_pending}"
+        gov.agreement_point()
+        time.sleep(0.01)
+
+
+def test_a_gradient_blow_up_between_validations_goes_back_to_a_step_snapshot(daemon: InProcessDaemon) -> None:
+    """The daemon's train-stream detector catches one step of gradients x 1e4 at once, names its onset, and the
+    trainer restores a snapshot the train stream vouched for after the last validation, not the validation's."""
+    torch.manual_seed(0)
+    x = torch.randn(4096, 20)
+    y = x[:, :4].argmax(dim=1)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    restores = []
+    with GovernedTraining(
+        model,
+        optimizer,
+        governor=daemon.address,
+        run_id="blow-up",
+        num_classes=4,
+        agree_every_steps=10,
+        step_snapshot_every=20,
+        policy={"step_warmup_steps": 50},
+    ) as gov:
+        step = 0
+        while step < 400:
+            for xb, yb in zip(x.split(16), y.split(16), strict=True):
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                if gov.state.step == 249 and not restores:  # the next optimizer step is step 250
+                    vouched_for(gov)
+                    for p in model.parameters():
+                        assert p.grad is not None
+                        p.grad.mul_(1e4)
+                optimizer.step()
+                outcome = gov.step(loss)
+                step = gov.state.step
+                if outcome.restored:
+                    restores.append(outcome)
+                if step % 100 == 0:
+                    with torch.no_grad():
+                        val_loss = loss_fn(model(x[:512]), y[:512]).item()
+                    gov.validate(val_loss, epoch=step // 100)
+                if step >= 400:
+                    break
+    assert len(restores) == 1, restores
+    (restore,) = restores
+    assert restore.command is not None
+    assert restore.command.onset_step == 250
+    assert restore.command.reason.startswith("gradient blow-up: grad norm"), restore.command.reason
+    assert restore.restored_step is not None
+    assert 200 < restore.restored_step < 250, "a step snapshot newer than the last validation (step 200)"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    with ControllerClient(daemon.address) as client:
+        run = client.panic_state("blow-up")
+    assert run.num_rollbacks == 1

@@ -129,6 +129,19 @@ class GovernorClient:
         with self._cond:
             return self.protocol.num_pending
 
+    @property
+    def acked_seq(self) -> int:
+        """The highest seq the daemon acknowledged."""
+        with self._cond:
+            return self.protocol.acked_seq
+
+    @property
+    def effective_policy(self) -> common_pb2.Policy | None:
+        """The policy of the last Welcome (None before the first)."""
+        with self._cond:
+            welcome = self.protocol.welcome
+            return None if welcome is None else welcome.effective_policy
+
     def unreachable_for_s(self) -> float:
         """Seconds since the last welcomed stream was lost (0 while connected)."""
         with self._cond:
@@ -154,11 +167,13 @@ class GovernorClient:
 
     # ----------------------------------------------------------------- trainer-side API
 
-    def send_vitals(self, chunk: VitalsSource) -> None:
-        """Queue a chunk of train-step records of one timeline (never blocks on the network)."""
+    def send_vitals(self, chunk: VitalsSource) -> int:
+        """Queue a chunk of train-step records of one timeline (never blocks on the network); returns the
+        last seq assigned."""
         with self._cond:
-            self.protocol.send_vitals(chunk)
+            last = self.protocol.send_vitals(chunk)
             self._cond.notify_all()
+            return last
 
     def send_validation(self, record: trainer_service_pb2.ValidationRecord) -> int:
         """Queue a validation record; returns its seq."""

@@ -86,6 +86,7 @@ def command_from_proto(command: trainer_service_pb2.Command) -> Command:
         recovery_skip_batches=command.recovery_skip_batches,
         recovery_lr_scale=command.recovery_lr_scale if command.recovery_lr_scale > 0 else 1.0,
         generation=command.generation,
+        onset_step=command.onset_step if command.HasField("onset_step") else None,
     )
 
 
@@ -102,6 +103,7 @@ def command_to_proto(command: Command) -> trainer_service_pb2.Command:
         generation=command.generation,
         timeline=command.timeline,
         step=command.step,
+        onset_step=command.onset_step,
     )
 
 
@@ -138,6 +140,20 @@ class GovernorConnection:
         """Train-step records dropped under back-pressure."""
         return self.client.num_dropped_records
 
+    @property
+    def acked_seq(self) -> int:
+        """The highest seq the governor acknowledged."""
+        return self.client.acked_seq
+
+    @property
+    def train_verification_steps(self) -> int | None:
+        """Steps after which the train-stream detectors vouch for a step: the longest run any of them
+        needs (None when the run's profile does not judge the train stream)."""
+        policy = self.client.effective_policy
+        if policy is None or policy.profile != "default" or not policy.HasField("step_loss_patience"):
+            return None
+        return max(policy.step_loss_patience, policy.step_collapse_patience)
+
     def start(self, wait_s: float) -> bool:
         """Start the sender thread and wait up to ``wait_s`` for the first Welcome."""
         self.client.start()
@@ -147,9 +163,9 @@ class GovernorConnection:
         """Seconds since the last welcomed stream was lost."""
         return self.client.unreachable_for_s()
 
-    def send_vitals(self, chunk: VitalsSource) -> None:
-        """Queue train-step records."""
-        self.client.send_vitals(chunk)
+    def send_vitals(self, chunk: VitalsSource) -> int:
+        """Queue train-step records; returns the last seq."""
+        return self.client.send_vitals(chunk)
 
     def send_validation(self, report: ValidationReport) -> int:
         """Queue a ValidationRecord; returns its seq."""

@@ -374,6 +374,11 @@ class TrainerProtocol:
         return self.outbox.num_pending
 
     @property
+    def acked_seq(self) -> int:
+        """The highest seq the daemon acknowledged (durable and judged) to this incarnation."""
+        return self._max_acked
+
+    @property
     def num_dropped_records(self) -> int:
         """Train-step records dropped under back-pressure so far."""
         return self.outbox.num_dropped_records

@@ -31,7 +31,12 @@ class FakeGovernance:
     governed: bool = True
     num_unjudged_records: int = 0
     num_dropped_records: int = 0
+    train_verification_steps: int | None = None  # None: the profile does not judge the train stream
+    ack_everything: bool = True  # every record acknowledged as soon as it is sent
+    acked_seq: int = 0
+    _next_seq: int = 1
     steps: list[tuple[int, int, float]] = field(default_factory=list)  # (timeline, step, loss)
+    grad_norms: list[float] = field(default_factory=list)
     validations: dict[int, ValidationReport] = field(default_factory=dict)
     snapshots: list[SnapshotReport] = field(default_factory=list)
     results: list[CommandReport] = field(default_factory=list)
@@ -48,7 +53,15 @@ class FakeGovernance:
         report = self.validations[seq]
         self._verdicts[seq] = Verdict(seq, kind, report.timeline, report.step, "scripted", allowed)
 
-    def order(self, kind: CommandType, *, skip: int = 0, lr_scale: float = 1.0, punishment: float = -10.0) -> Command:
+    def order(
+        self,
+        kind: CommandType,
+        *,
+        skip: int = 0,
+        lr_scale: float = 1.0,
+        punishment: float = -10.0,
+        onset_step: int | None = None,
+    ) -> Command:
         """Order a command on the run's current timeline."""
         command = Command(
             command_id=self._next_command,
@@ -59,6 +72,7 @@ class FakeGovernance:
             step=0,
             recovery_skip_batches=skip,
             recovery_lr_scale=lr_scale,
+            onset_step=onset_step,
         )
         self._next_command += 1
         self._commands.append(command)
@@ -72,12 +86,18 @@ class FakeGovernance:
     def unreachable_for_s(self) -> float:
         return 0.0 if self.connected else 1e9
 
-    def send_vitals(self, chunk: VitalsSource) -> None:
+    def send_vitals(self, chunk: VitalsSource) -> int:
         columns = chunk.host()
         self.steps.extend((columns.timeline, s, v) for s, v in zip(columns.steps, columns.losses, strict=True))
+        self.grad_norms.extend(columns.grad_norms)
+        self._next_seq += len(chunk)
+        if self.ack_everything:
+            self.acked_seq = self._next_seq - 1
+        return self._next_seq - 1
 
     def send_validation(self, report: ValidationReport) -> int:
-        seq = len(self.validations) + 1
+        seq = self._next_seq
+        self._next_seq += 1
         self.validations[seq] = report
         if self.auto_verdict:
             self.verdict_on(seq)

@@ -236,3 +236,80 @@ def test_bad_arguments_are_clear_errors(kwargs: dict[str, object], message: str)
     arguments: dict[str, object] = {"governor": None, **kwargs}
     with pytest.raises((ValueError, TypeError), match=message):
         GovernedTraining(model, optimizers, **arguments)  # type: ignore[arg-type]
+
+
+def test_step_snapshots_are_vouched_for_by_the_train_stream_and_an_onset_picks_one() -> None:
+    """Every step_snapshot_every steps a snapshot is staged; it is published once the governor acknowledged
+    the records train_verification_steps past it with no command. A ROLLBACK with an onset goes back to the
+    newest snapshot older than the onset (less the margin); one without goes back to the validated LKG."""
+    model, optimizers, scheduler = plain_setup()
+    fake = FakeGovernance(train_verification_steps=5)
+    with GovernedTraining(
+        model,
+        optimizers,
+        governor=fake,
+        schedulers=[scheduler],
+        agree_every_steps=10,
+        step_snapshot_every=20,
+        onset_margin_steps=3,
+    ) as gov:
+        train_steps(gov, 30)  # staged at step 20, vouched for at 30 (records up to 25 acknowledged)
+        assert [(i.step, i.kind) for i in gov.lkg.published] == [(0, "validation"), (20, "step")]
+        train_steps(gov, 10)  # staged at 40
+        at_40 = {k: v.clone() for k, v in model.state_dict().items()}
+        train_steps(gov, 10)  # published at 50: one step snapshot is kept
+        assert [(i.step, i.kind) for i in gov.lkg.published] == [(0, "validation"), (40, "step")]
+        train_steps(gov, 7)
+        fake.order(CommandType.ROLLBACK, onset_step=52)
+        outcome = train_steps(gov, 3)[-1]
+        assert (outcome.restored, outcome.restored_step) == (True, 40)
+        assert all(torch.equal(at_40[k], v) for k, v in model.state_dict().items())
+        fake.order(CommandType.ROLLBACK)  # no onset: a validation's verdict, or a controller
+        outcome = train_steps(gov, 10)[-1]
+        assert (outcome.restored, outcome.restored_step) == (True, 0)
+    assert [s.step for s in fake.snapshots] == [0, 20, 40]
+
+
+def test_a_step_snapshot_waits_for_the_acks_and_dies_with_a_command() -> None:
+    model, optimizers, _ = plain_setup()
+    fake = FakeGovernance(train_verification_steps=5, ack_everything=False)
+    with GovernedTraining(model, optimizers, governor=fake, agree_every_steps=10, step_snapshot_every=20) as gov:
+        train_steps(gov, 40)
+        assert gov.step_pending is not None
+        assert gov.step_pending.step == 20
+        assert [i.step for i in gov.lkg.published] == [0], "not acknowledged: not vouched for"
+        fake.order(CommandType.ROLLBACK, onset_step=35)
+        outcome = train_steps(gov, 10)[-1]
+        assert (outcome.restored, outcome.restored_step) == (True, 0)
+        assert gov.step_pending is None
+    without = FakeGovernance(train_verification_steps=None)
+    model, optimizers, _ = plain_setup()
+    with GovernedTraining(model, optimizers, governor=without, agree_every_steps=10, step_snapshot_every=20) as gov:
+        train_steps(gov, 60)
+        assert gov.step_pending is None, "the profile does not judge the train stream: no step snapshots"
+
+
+def test_with_a_grad_scaler_the_default_grad_norm_is_unscaled_and_an_overflow_is_not_reported() -> None:
+    """A scaler's overflowed step is its normal working (it skips the step): the governor sees the last finite
+    norm, not inf; other steps report the norm of the unscaled gradients."""
+    model, optimizers, _ = plain_setup()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    fake = FakeGovernance()
+    expected = []
+    with GovernedTraining(model, optimizers, governor=fake, grad_scaler=scaler, agree_every_steps=0) as gov:
+        for i in range(4):
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 3, (16,)))
+            scaler.scale(loss * (math.inf if i == 2 else 1.0)).backward()
+            scale = scaler.get_scale()
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            expected.append(float(torch.nn.utils.get_total_norm(grads)) / scale)
+            gov.step(loss)
+            for opt in optimizers:
+                scaler.step(opt)
+            scaler.update()
+        gov.validate(1.0)
+    assert fake.grad_norms[:2] == pytest.approx(expected[:2], rel=1e-4)
+    assert fake.grad_norms[2] == pytest.approx(expected[1], rel=1e-4), "the overflow reports the last finite norm"
+    assert fake.grad_norms[3] == pytest.approx(expected[3], rel=1e-4)

@@ -133,7 +133,7 @@ def test_live_seed_not_resurrected_fossilized_restored() -> None:
     assert fossil
     state.germinate("slot1", "lowrank")
     train_one_epoch(state)
-    assert "slots.1.seed.0.weight" not in lkg._sets[lkg._active or 0].model
+    assert "slots.1.seed.0.weight" not in lkg._sets[lkg._published[-1]].model
     outcome = execute_restore(state, lkg, ledger, command_id=1, reason="test", new_timeline=1)
     assert outcome.succeeded
     assert outcome.culled == ("slot1",)

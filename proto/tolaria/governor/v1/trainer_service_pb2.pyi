@@ -659,6 +659,7 @@ class Command(_message.Message):
     GENERATION_FIELD_NUMBER: _builtins.int
     TIMELINE_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
+    ONSET_STEP_FIELD_NUMBER: _builtins.int
     command_id: _builtins.int
     """Unique and increasing within a run; a re-sent command keeps its id."""
     type: _common_pb2.CommandType.ValueType
@@ -675,6 +676,11 @@ class Command(_message.Message):
     """
     step: _builtins.int
     """Step the decision was made on."""
+    onset_step: _builtins.int
+    """For a train-stream detector's ROLLBACK: the step where it estimates the anomaly began. The
+    trainer restores the newest last-known-good snapshot older than it (by a margin); without it,
+    the newest snapshot a validation verdict published.
+    """
     def __init__(
         self,
         *,
@@ -687,12 +693,15 @@ class Command(_message.Message):
         generation: _builtins.int = ...,
         timeline: _builtins.int = ...,
         step: _builtins.int = ...,
+        onset_step: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_onset_step", b"_onset_step", "onset_step", b"onset_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_id", b"command_id", "generation", b"generation", "punishment_reward", b"punishment_reward", "reason", b"reason", "recovery_lr_scale", b"recovery_lr_scale", "recovery_skip_batches", b"recovery_skip_batches", "step", b"step", "timeline", b"timeline", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_onset_step", b"_onset_step", "command_id", b"command_id", "generation", b"generation", "onset_step", b"onset_step", "punishment_reward", b"punishment_reward", "reason", b"reason", "recovery_lr_scale", b"recovery_lr_scale", "recovery_skip_batches", b"recovery_skip_batches", "step", b"step", "timeline", b"timeline", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__onset_step: _TypeAlias = _typing.Literal["onset_step"]  # noqa: Y015
+    _WhichOneofArgType__onset_step: _TypeAlias = _typing.Literal["_onset_step", b"_onset_step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__onset_step) -> _WhichOneofReturnType__onset_step | None: ...
 
 Global___Command: _TypeAlias = Command  # noqa: Y015
 
