@@ -100,9 +100,15 @@ def lobotomy_band(history: Sequence[float], config: PolicyConfig, rgl: float | N
     ``lobotomy_mean_ratio`` × RGL (the model was learning); the band is |loss − RGL| <
     ``lobotomy_tolerance_ratio`` × RGL.
     """
-    if rgl is None or not is_warm(history, config):
+    if not is_warm(history, config):
         return None
-    if not history_mean(history) < config.lobotomy_mean_ratio * rgl:
+    return lobotomy_band_below(history_mean(history), config, rgl)
+
+
+def lobotomy_band_below(level: float, config: PolicyConfig, rgl: float | None) -> LobotomyBand | None:
+    """The lobotomy band for a run whose loss ``level`` (a history mean, or the train stream's running
+    level) is below ``lobotomy_mean_ratio`` × RGL; None otherwise or without an RGL."""
+    if rgl is None or not level < config.lobotomy_mean_ratio * rgl:
         return None
     return LobotomyBand(rgl, config.lobotomy_tolerance_ratio * rgl)
 

@@ -39,6 +39,7 @@ import numpy.typing as npt
 
 from governor_daemon.policy.config import PolicyConfig
 from governor_daemon.policy.decisions import Rule
+from governor_daemon.policy.detectors import lobotomy_band_below
 
 _TINY = 1e-12  # floor under a loss or grad norm before its log (a loss of exactly 0 stays judged)
 _SCALE_FLOOR = 0.02  # floor of the log-space scale: a perfectly smooth stream still has a finite gate
@@ -151,8 +152,9 @@ def judge_batch(
     high = log_loss > math.log(gate) if gate is not None else np.zeros(n, dtype=bool)
     high_runs = _run_lengths(high, state.high_run)
     collapse = np.zeros(n, dtype=bool)
-    if warm and rgl is not None and math.exp(state.loss_center) < config.lobotomy_mean_ratio * rgl:
-        collapse = np.abs(losses - rgl) < config.lobotomy_tolerance_ratio * rgl
+    band = lobotomy_band_below(math.exp(state.loss_center), config, rgl) if warm else None
+    if band is not None:  # the validation rule's band, around the running level of the train loss
+        collapse = np.abs(losses - band.rgl) < band.tolerance
     collapse_runs = _run_lengths(collapse, state.collapse_run)
     blowup = np.zeros(n, dtype=bool)
     g_gate = grad_gate(state, config)
