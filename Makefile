@@ -75,7 +75,8 @@ check-stubs: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-# The detection corpus: trains small real models, writes tests/benchmarks/corpus/traces/*.jsonl.gz (minutes).
+# The detection corpora: train small real models, write tests/benchmarks/corpus/traces/*.jsonl.gz (epoch-level
+# faults) and tests/benchmarks/corpus/step_traces/*.jsonl.gz (step-level faults), about 20 minutes.
 corpus: $(STAMP)
 	$(BIN)/python -m tests.benchmarks.corpus.build
 

@@ -6,6 +6,7 @@ optimizer and learning rate. Faults (one per faulty run, onset epoch recorded in
 weights, LR blow-up, dead units (output collapse), a high-LR burst (spike) and slow label noise.
 Traces are gzipped JSON Lines. The split is stratified: within each (task, optimizer, fault) group the
 runs alternate between the tuning half and the evaluation half, so both halves cover every configuration.
+Then the step-level corpus (steps.py: a small transformer LM, faults at a step inside a validation interval).
 """
 
 from __future__ import annotations
@@ -250,7 +251,9 @@ def main() -> int:
     print(
         f"{len(specs)} traces ({faulty} with a fault, {len(specs) - faulty} without) in {time.monotonic() - started:.0f} s"
     )
-    return 0
+    from tests.benchmarks.corpus import steps  # it reads this module's generated_text
+
+    return steps.main()
 
 
 if __name__ == "__main__":
