@@ -1,12 +1,14 @@
-"""The corpus labels (docs/protocol.md, "Benchmark budgets and corpus labels"), computed from traces, never by hand."""
+"""The corpus labels (docs/protocol.md, "Benchmark budgets and corpus labels"; the step-level rule in
+evaluate.py's docstring), computed from traces, never by hand; small synthetic curves, no training."""
 
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
-from tests.benchmarks.corpus.evaluate import Trace, label
+from tests.benchmarks.corpus.evaluate import HEALTHY_AFTER, WINDOW, Trace, label, step_label
 
 RGL = math.log(10)
 
@@ -54,3 +56,81 @@ def test_fault_labels(after: list[float], expected: str) -> None:
 def test_fault_before_learning_is_ambiguous() -> None:
     """If the run was not learning before onset (last loss >= 0.6 x RGL), the fault is ambiguous."""
     assert label(trace([2.3, 2.3, 2.2, math.nan], fault="nan", onset=4)) == "ambiguous"
+
+
+# ----------------------------------------------------------------------------- step level
+
+STEP_RGL = math.log(26)
+
+
+def step_trace(losses: list[float], fault: str = "none", onset: int = 0) -> Trace:
+    """Train records at steps 1.. (epochs of 50 steps) and one validation record carrying the RGL."""
+    records: list[dict[str, object]] = [
+        {"kind": "train", "epoch": (s - 1) // 50 + 1, "step": s, "loss": x, "grad_norm": 1.0}
+        for s, x in enumerate(losses, start=1)
+    ]
+    records.append({"kind": "validation", "epoch": 1, "step": 50, "loss": 2.0, "random_guess_loss": STEP_RGL})
+    return Trace({"trace_id": "t", "fault": fault, "onset_step": onset}, records)
+
+
+def learning(steps: int = 600, floor: float = 0.3) -> list[float]:
+    """A descent from about RGL to ``floor`` with +-15 % batch noise (deterministic)."""
+    noise = random.Random(0)
+    return [(floor + 2.9 * math.exp(-s / 60)) * noise.uniform(0.85, 1.15) for s in range(1, steps + 1)]
+
+
+def with_values(losses: list[float], start: int, values: list[float]) -> list[float]:
+    """``losses`` with the steps from ``start`` (1-based) replaced by ``values``."""
+    out = list(losses)
+    out[start - 1 : start - 1 + len(values)] = values
+    return out
+
+
+def test_step_healthy_despite_single_batch_spikes() -> None:
+    """Spikes of 5x on fewer than half of any SMOOTH batches (a noisy small-batch run) are smoothed away: healthy."""
+    losses = learning()
+    for s in (250, 330, 331, 333, 335, 420, 590):
+        losses[s - 1] *= 5
+    assert step_label(step_trace(losses)) == "healthy"
+
+
+def test_step_excursion_during_warmup_is_ignored() -> None:
+    """Before HEALTHY_AFTER the loss may do anything (warm-up, first descent)."""
+    assert step_label(step_trace(with_values(learning(), HEALTHY_AFTER - 20, [9.0] * 10))) == "healthy"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[1.0] * 10, [math.nan], [0.95 * STEP_RGL] * 10],
+    ids=["doubled", "non-finite", "random-guess"],
+)
+def test_step_excursion_after_warmup_is_ambiguous(values: list[float]) -> None:
+    """A run without a fault with a sustained doubling, a non-finite loss or a collapse is not healthy."""
+    assert step_label(step_trace(with_values(learning(), 400, values))) == "ambiguous"
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([math.nan], "catastrophic"),
+        ([0.7] * 10, "catastrophic"),  # >= 2 x the pre-onset level (about 0.3) for more than half of SMOOTH steps
+        ([0.5] * 10, "ambiguous"),  # about 1.7 x
+        ([3.0] * 4, "ambiguous"),  # a few bad batches
+        ([0.3] * WINDOW + [3.0] * 10, "ambiguous"),  # too late
+    ],
+)
+def test_step_fault_labels(values: list[float], expected: str) -> None:
+    """Catastrophic needs a non-finite loss or an excursion of the smoothed loss within WINDOW steps of onset."""
+    assert step_label(step_trace(with_values(learning(), 400, values), fault="lr_spike", onset=400)) == expected
+
+
+def test_step_collapse_to_random_guess_is_catastrophic() -> None:
+    """From a high level (2 x level above 0.9 x RGL) a collapse to random guessing is enough."""
+    losses = with_values(learning(floor=1.6), 400, [0.92 * STEP_RGL] * 10)
+    assert step_label(step_trace(losses, fault="head_collapse", onset=400)) == "catastrophic"
+
+
+def test_step_fault_before_learning_is_ambiguous() -> None:
+    """A fault while the train loss is still >= 0.6 x RGL says nothing about catastrophe."""
+    losses = with_values(learning(), 30, [math.nan] * 10)
+    assert step_label(step_trace(losses, fault="nan", onset=30)) == "ambiguous"
