@@ -167,7 +167,7 @@ class GroupCommitter:
                 else:
                     still.append((seq, future))
             self._waiters = still
-            if still or self._uncommitted:
+            if still or self._uncommitted or self._closed:  # closed: the next pass returns once nothing is left
                 self._wake.set()
             self._committed.set()
             self._committed = asyncio.Event()

@@ -144,6 +144,31 @@ def test_group_commit_acks_only_durable(tmp_path: Path) -> None:
     assert on_disk >= last
 
 
+def test_close_returns_when_an_entry_lands_between_its_commit_and_its_stop(tmp_path: Path) -> None:
+    """Regression (the one-off 30 s InProcessDaemon stop, caught with its stacks): an entry appended after
+    close()'s commit (a stream's detach during shutdown) left the commit loop writing it and then waiting
+    for a wake-up that never came, and close() waiting for the loop."""
+
+    class LateAppend(GroupCommitter):
+        async def commit(self) -> None:
+            await super().commit()
+            if not self._closed:
+                self.append("r", "note", {"late": True})  # what another task does while close() resumes
+
+    async def scenario() -> int:
+        journal = Journal(tmp_path)
+        journal.open()
+        committer = LateAppend(journal, interval_s=0.01)
+        await committer.start()
+        first = committer.append("r", "note", {"i": 1})
+        await committer.wait_durable(first.seq)
+        await asyncio.sleep(0.05)  # the loop is idle: close()'s own commit has nothing to wait for
+        await asyncio.wait_for(committer.close(), timeout=5)
+        return len((tmp_path / "journal-00000001.jsonl").read_text().splitlines())
+
+    assert asyncio.run(scenario()) >= 2, "the late entry is on disk too"
+
+
 def test_restart_restores_state_from_checkpoint_and_effects(tmp_path: Path) -> None:
     """After a clean restart with small segments, the run's state is what it was."""
     with InProcessDaemon(tmp_path / "data", segment_bytes=4096) as daemon:
