@@ -39,44 +39,62 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def detection_section() -> list[str]:
-    """The detector comparison on the evaluation half of the corpus (if it was built)."""
+def detection_section(split: str = "evaluation") -> list[str]:
+    """The detector comparison on one half (`make bench`: the evaluation half) of each corpus that was built."""
     from tests.benchmarks.corpus import evaluate
 
-    if not (evaluate.HERE / "index.json").exists():
-        return ["The detection corpus is not built (`make corpus`).", ""]
-    print("detector comparison ...", flush=True)
-    result = evaluate.compare("evaluation")
+    out: list[str] = []
+    for corpus, title in (("epochs", "the corpus"), ("steps", "the step-level corpus")):
+        if not evaluate.built(corpus):
+            out += [f"The {corpus} detection corpus is not built (`make corpus`).", ""]
+            continue
+        print(f"detector comparison ({corpus}) ...", flush=True)
+        out += corpus_table(evaluate.compare(split, corpus), f"{split} half of {title}")
+    return out
+
+
+def corpus_table(result: dict[str, Any], where: str) -> list[str]:
+    """One corpus's comparison: its labels, a row per detector, and the default profile against the criteria."""
     faults = sorted(result["catastrophic_by_fault"])
     labels = result["labels"]
+    epochs = result["corpus"] == "epochs"
+    ambiguous_faults = ", ".join(f"{f} {n}" for f, n in result["ambiguous_by_fault"].items() if n and f != "none")
     out = [
-        "## Detection quality (evaluation half of the corpus)",
+        f"## Detection quality{'' if epochs else ' at step level'} ({where})",
         "",
-        f"{sum(labels.values())} traces: {labels.get('catastrophic', 0)} catastrophic "
+        f"{sum(labels.values())} traces: {labels['catastrophic']} catastrophic "
         f"({', '.join(f'{f} {n}' for f, n in sorted(result['catastrophic_by_fault'].items()))}), "
-        f"{labels.get('healthy', 0)} healthy, {labels.get('ambiguous', 0)} ambiguous; labels computed from each trace.",
+        f"{labels['healthy']} healthy, {labels['ambiguous']} ambiguous"
+        f"{f' (faulty: {ambiguous_faults})' if ambiguous_faults else ''}; labels computed from each trace"
+        f"{'' if epochs else ' (the train loss; tests/benchmarks/corpus/evaluate.py)'}. Delays count steps from "
+        f"the fault's {'first step' if epochs else 'onset step'} to the alarm's record.",
         "",
         "| detector | "
         + " | ".join(f"caught {f}" for f in faults)
-        + " | false rollbacks (healthy) | alarms (ambiguous) "
-        "| early alarms | mean delay (epochs) |",
-        "| --- | " + " | ".join("---" for _ in faults) + " | --- | --- | --- | --- |",
+        + " | false rollbacks (healthy) | alarms (ambiguous) | early alarms | delay median / p90 (steps) "
+        + ("| mean delay (epochs) |" if epochs else "| onset estimate off by (median steps) |"),
+        "| --- | " + " | ".join("---" for _ in faults) + " | --- | --- | --- | --- | --- |",
     ]
     for name, r in result.items():
         if not isinstance(r, dict) or "caught" not in r:
             continue
         caught = " | ".join(f"{r['caught'].get(f, 0)}/{result['catastrophic_by_fault'][f]}" for f in faults)
-        delay = "-" if r["mean_delay_epochs"] is None else f"{r['mean_delay_epochs']:.2f}"
+        delay = "-" if r["median_delay_steps"] is None else f"{r['median_delay_steps']:g} / {r['p90_delay_steps']:g}"
+        if epochs:
+            last = "-" if r["mean_delay_epochs"] is None else f"{r['mean_delay_epochs']:.2f}"
+        else:
+            last = "-" if r["median_onset_error_steps"] is None else f"{r['median_onset_error_steps']:g}"
         out.append(
-            f"| {name} | {caught} | {r['false_healthy']} | {r['ambiguous_alarms']} | {r['early_alarms']} | {delay} |"
+            f"| {name} | {caught} | {r['false_healthy']} | {r['ambiguous_alarms']} | {r['early_alarms']} | {delay} "
+            f"| {last} |"
         )
     seed, default = result["seed profile"], result["default profile"]
     total = sum(result["catastrophic_by_fault"].values())
     out += [
         "",
-        "The default profile, designed on the tuning half (the split is stratified by task, optimizer and fault), "
-        "against the three criteria on this half: every catastrophic fault caught "
-        f"({default['caught_total']}/{total}, seed {seed['caught_total']}/{total}): "
+        "The default profile, designed on the tuning half (the split is stratified by "
+        f"{'task, optimizer and fault' if epochs else 'fault and run variant'}), against the three criteria on this "
+        f"half: every catastrophic fault caught ({default['caught_total']}/{total}, seed {seed['caught_total']}/{total}): "
         f"{verdict(default['caught_total'] == total)}; zero false rollbacks on healthy traces "
         f"({default['false_healthy']}): {verdict(default['false_healthy'] == 0)}; alarms on ambiguous traces no more "
         f"than the seed's ({default['ambiguous_alarms']} against {seed['ambiguous_alarms']}): "

@@ -187,7 +187,7 @@ def profile_detector(profile: str) -> Detector:
         for decision in replay(records, {"profile": profile}):
             d = decision.decision
             if d.command is not None and d.command.kind in (CommandKind.ROLLBACK, CommandKind.HALT):
-                return Alarm(int(d.epoch or 0), d.step, getattr(d, "onset_step", None))
+                return Alarm(int(d.epoch or 0), d.step, d.onset_step)
         return None
 
     return detect
