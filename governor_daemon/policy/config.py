@@ -50,7 +50,7 @@ class PolicyConfig:
     step_warmup_steps: int = 200
     step_ema_steps: int = 100
     step_loss_ratio: float = 2.0
-    step_loss_sigma: float = 8.0
+    step_loss_sigma: float = 4.0
     step_loss_patience: int = 5
     step_grad_ratio: float = 100.0
     step_collapse_patience: int = 10

@@ -227,7 +227,7 @@ class Policy(_message.Message):
     step_loss_ratio: _builtins.float
     """Loss spike gate: at least this ratio to the running loss level (2.0) ..."""
     step_loss_sigma: _builtins.float
-    """... and at least this many scales above it in log space (8); the grad gate uses the same."""
+    """... and at least this many scales above it in log space (4); the grad gate uses the same."""
     step_loss_patience: _builtins.int
     """Consecutive records above the loss gate that make a spike (5)."""
     step_grad_ratio: _builtins.float
