@@ -78,6 +78,8 @@ def replay(records: list[TraceRecord] | tuple[TraceRecord, ...], overrides: Mapp
         policy = run.policy
         if policy.num_classes is None and rec.num_classes is not None:
             policy.num_classes = rec.num_classes
+        if policy.task_rgl is None and rec.random_guess_loss is not None:
+            policy.task_rgl = rec.random_guess_loss  # a trace's first records may be train records without it
         if rec.kind == "train":
             if run.train and (run.train[-1][1].rank != rec.rank or len(run.train) == TRAIN_BATCH):
                 out.extend(_judge_train(rec.run_id, run))

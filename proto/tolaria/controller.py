@@ -369,6 +369,13 @@ class Policy(_ProtoJson):
     shadow_mode: bool | None = None
     stall_timeout_s: float | None = None
     rank_deadline_s: float | None = None
+    step_warmup_steps: int | None = None
+    step_ema_steps: int | None = None
+    step_loss_ratio: float | None = None
+    step_loss_sigma: float | None = None
+    step_loss_patience: int | None = None
+    step_grad_ratio: float | None = None
+    step_collapse_patience: int | None = None
 
 
 POLICY_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Policy))
