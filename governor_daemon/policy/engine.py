@@ -319,29 +319,13 @@ class RunPolicy:
     ) -> Decision:
         """A PANIC from the train stream: a command at once (unless one is open, or the run is halted)."""
         blocked = self._blocked_reason()
-        if blocked is not None:
-            return replace(
-                self._decision(
-                    "train",
-                    timeline,
-                    step,
-                    epoch,
-                    (rank,),
-                    (loss,),
-                    Verdict.PANIC,
-                    rule,
-                    self._would_be_action(),
-                    reason + f"; not committed: {blocked}",
-                    command=None,
-                    snapshot_allowed=False,
-                    appended=None,
-                    suppressed=blocked,
-                ),
-                onset_step=onset_step,
-            )
-        self.last_verdict = Verdict.PANIC
-        action, command, suppressed, reason = self._intervene(reason, timeline, step, now_s, onset_step)
-        self.last_reason = reason
+        if blocked is None:
+            self.last_verdict = Verdict.PANIC
+            action, command, suppressed, reason = self._intervene(reason, timeline, step, now_s, onset_step)
+            self.last_reason = reason
+        else:
+            action, command, suppressed = self._would_be_action(), None, blocked
+            reason += f"; not committed: {blocked}"
         decision = self._decision(
             "train",
             timeline,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from tolaria.governor.v1 import trainer_service_pb2
@@ -73,7 +74,9 @@ def assert_bitwise_equal(a: dict[str, object], b: dict[str, object]) -> None:
 
 
 def _equal(x: object, y: object, where: str) -> None:
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, np.ndarray):
+        assert np.array_equal(x, y), f"{where} differs"  # type: ignore[arg-type]
+    elif isinstance(x, torch.Tensor):
         assert isinstance(y, torch.Tensor), where
         assert x.dtype == y.dtype, where
         assert torch.equal(x, y), f"{where} differs"

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tests.unit.trainer.fake_governance import FakeGovernance
+from tests.unit.trainer.helpers import assert_bitwise_equal
 from tolaria_trainer import GovernedTraining, RunHalted
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.governance import CommandType, FinishStatus, VerdictKind
@@ -76,26 +77,6 @@ def state_of(gov: GovernedTraining) -> dict[str, object]:
     }
 
 
-def assert_same(a: object, b: object, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b), f"{where} differs"  # type: ignore[arg-type]
-    elif isinstance(a, dict):
-        assert isinstance(b, dict), where
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, list):
-        assert isinstance(b, list), where
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def test_rollback_restores_everything_in_place_and_says_how() -> None:
     """Two optimizers, a scheduler, RNGs, the user's extra state: all back at the published LKG, in the same
     objects; the outcome names the restored step, the new timeline, the recipe and the punishment."""
@@ -130,7 +111,7 @@ def test_rollback_restores_everything_in_place_and_says_how() -> None:
     restored = state_of(gov)
     for group_lrs in ("scheduler",):  # the LR scale moved the schedulers' base LRs: compare the rest bit for bit
         restored[group_lrs] = lkg[group_lrs] = None
-    assert_same(restored, lkg)
+    assert_bitwise_equal(restored, lkg)
     assert [id(p) for p in model.parameters()] == params, "restored in place"
     assert position.batches == 10, "the extra state came back"
     assert optimizers[0].param_groups[0]["lr"] == pytest.approx(0.5 * 1e-2 * 0.5**2), "StepLR at step 10, × 0.5"
