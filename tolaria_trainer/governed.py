@@ -227,6 +227,7 @@ class GovernedTraining:
         self._closed = False
         self._warned_refusal = False
         self._last_finite_norm: torch.Tensor | None = None
+        self._quiet_outcome = Outcome()
 
     def _governance(
         self,
@@ -345,7 +346,7 @@ class GovernedTraining:
         record_step(state, self.vitals, _as_tensor(loss, self.device), _as_tensor(grad_norm, self.device))
         if self.agree_every_steps and state.step % self.agree_every_steps == 0:
             return self.agreement_point()
-        return Outcome(timeline=state.timeline)
+        return self._quiet(state.timeline)
 
     def _default_grad_norm(self) -> torch.Tensor:
         """The total norm of the optimizers' gradients. With a grad scaler, unscaled by its current scale,
@@ -362,6 +363,12 @@ class GovernedTraining:
         norm = torch.where(torch.isfinite(norm), norm, self._last_finite_norm)
         self._last_finite_norm = norm
         return norm
+
+    def _quiet(self, timeline: int) -> Outcome:
+        """The outcome of a step that only recorded (one object per timeline: nothing allocated per step)."""
+        if self._quiet_outcome.timeline != timeline:
+            self._quiet_outcome = Outcome(timeline=timeline)
+        return self._quiet_outcome
 
     def validate(
         self,
@@ -760,9 +767,8 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def _as_tensor(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    return torch.tensor(float(value), device=device)
+    """A tensor as it is (the vitals buffer detaches it), a number as a 0-d tensor on ``device``."""
+    return value if isinstance(value, torch.Tensor) else torch.tensor(float(value), device=device)
 
 
 def _total_grad_norm(optimizers: Sequence[torch.optim.Optimizer], device: torch.device) -> torch.Tensor:

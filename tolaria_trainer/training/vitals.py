@@ -65,7 +65,8 @@ Sink = Callable[[VitalsChunk], None]
 
 
 class VitalsBuffer:
-    """Device-side buffer of (loss, grad_norm) per step; steps, lrs and the timeline are host values.
+    """Device-side buffer of (loss, grad_norm) per step; steps, lrs and the timeline are host values. A step
+    only keeps references to its (detached) loss and grad-norm tensors; a chunk stacks them in two kernels.
 
     ``clock`` (monotonic seconds) is read once per step for the flush interval.
     """
@@ -82,7 +83,8 @@ class VitalsBuffer:
         self.capacity = capacity
         self.flush_interval_s = flush_interval_s
         self.clock = clock
-        self.values = torch.zeros(capacity, 2, device=device)
+        self._losses: list[torch.Tensor] = []  # detached 0-d device tensors: stacked once per chunk
+        self._grads: list[torch.Tensor] = []
         self.steps: list[int] = []
         self.lrs: list[float] = []
         self.timeline = 0
@@ -98,8 +100,8 @@ class VitalsBuffer:
         now = self.clock()
         if not self.steps:
             self.timeline, self._first_at = timeline, now
-        row = len(self.steps)
-        self.values[row].copy_(torch.stack((loss.detach().float(), grad_norm.detach().float())))
+        self._losses.append(loss.detach())
+        self._grads.append(grad_norm.detach())
         self.steps.append(step)
         self.lrs.append(lr)
         if len(self.steps) == self.capacity or now - self._first_at >= self.flush_interval_s:
@@ -110,16 +112,24 @@ class VitalsBuffer:
         n = len(self.steps)
         if n == 0:
             return None
+        device = self.device
+        values = torch.stack(
+            (
+                torch.stack([t.to(device, non_blocking=True) for t in self._losses]).float(),
+                torch.stack([t.to(device, non_blocking=True) for t in self._grads]).float(),
+            ),
+            dim=1,
+        )
         event: torch.cuda.Event | None = None
-        if self.device.type == "cuda":
-            host = torch.empty((n, 2), dtype=self.values.dtype, pin_memory=True)
-            host.copy_(self.values[:n], non_blocking=True)
+        if device.type == "cuda":
+            host = torch.empty((n, 2), dtype=values.dtype, pin_memory=True)
+            host.copy_(values, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
         else:
-            host = self.values[:n].clone()
+            host = values
         chunk = VitalsChunk(self.timeline, self.steps, self.lrs, host, event)
-        self.steps, self.lrs = [], []
+        self.steps, self.lrs, self._losses, self._grads = [], [], [], []
         if self.sink is not None:
             self.sink(chunk)
         else:
