@@ -30,28 +30,25 @@ ARMS = ("bare", "ungoverned", "governed")
 
 
 class _Loop:
-    """One arm's model, optimizer and data (identical across arms)."""
+    """The one model, optimizer and batch every arm trains (separate instances per arm would measure their
+    memory placement as much as governance); an arm differs only in the GovernedTraining it steps, if any."""
 
-    def __init__(self, gov_address: str | None, arm: str) -> None:
+    def __init__(self) -> None:
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-3)
         self.x = torch.randn(64, 64)
         self.y = self.x[:, :10].argmax(dim=1)
-        self.gov: GovernedTraining | None = None
-        if arm != "bare":
-            self.gov = GovernedTraining(
-                self.model,
-                self.optimizer,
-                governor=gov_address,
-                run_id=f"overhead-{arm}",
-                num_classes=10,
-                agree_every_steps=50,
-            )
-            self.gov.start()
 
-    def steps(self, n: int) -> None:
-        model, optimizer, x, y, gov = self.model, self.optimizer, self.x, self.y, self.gov
+    def governed(self, address: str | None, arm: str) -> GovernedTraining:
+        gov = GovernedTraining(
+            self.model, self.optimizer, governor=address, run_id=f"overhead-{arm}", num_classes=10, agree_every_steps=50
+        )
+        gov.start()
+        return gov
+
+    def steps(self, n: int, gov: GovernedTraining | None) -> None:
+        model, optimizer, x, y = self.model, self.optimizer, self.x, self.y
         for _ in range(n):
             optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x), y)
@@ -60,10 +57,6 @@ class _Loop:
             optimizer.step()
             if gov is not None:
                 gov.step(loss, grad_norm)
-
-    def close(self) -> None:
-        if self.gov is not None:
-            self.gov.close(None)
 
 
 def _process_cpu_s() -> float:
@@ -79,20 +72,23 @@ def run(rounds: int = 15, block: int = 200) -> dict[str, Any]:
     per_step: dict[str, dict[str, list[float]]] = {arm: {"thread": [], "wall": [], "process": []} for arm in ARMS}
     with tempfile.TemporaryDirectory() as tmp:
         daemon = DaemonProcess(Path(tmp) / "data")
-        loops = {arm: _Loop(daemon.address if arm == "governed" else None, arm) for arm in ARMS}
+        loop = _Loop()
+        govs = {"bare": None, "ungoverned": loop.governed(None, "ungoverned"), "governed": None}
         try:
-            for loop in loops.values():
-                loop.steps(block)  # warm-up
+            govs["governed"] = loop.governed(daemon.address, "governed")
+            for arm in ARMS:
+                loop.steps(block, govs[arm])  # warm-up
             for i in range(rounds):
                 for arm in ARMS if i % 2 == 0 else ARMS[::-1]:
                     t0, w0, p0 = time.thread_time(), time.perf_counter(), _process_cpu_s()
-                    loops[arm].steps(block)
+                    loop.steps(block, govs[arm])
                     per_step[arm]["thread"].append((time.thread_time() - t0) / block * 1e6)
                     per_step[arm]["wall"].append((time.perf_counter() - w0) / block * 1e6)
                     per_step[arm]["process"].append((_process_cpu_s() - p0) / block * 1e6)
         finally:
-            for loop in loops.values():
-                loop.close()
+            for gov in govs.values():
+                if gov is not None:
+                    gov.close(None)
             daemon.terminate()
             torch.set_num_threads(threads)
 

@@ -165,8 +165,10 @@ def main() -> int:
             "training-thread CPU per optimizer step (`time.thread_time`), GovernedTraining attached to a daemon vs "
             f"the same loop bare (MLP 64-256-256-10, batch 64, 1 torch thread; median of {overhead['rounds']} "
             f"rounds of {overhead['block']} steps per arm, interleaved; interquartile range of the round ratios); "
-            f"ungoverned (governor=None) {medians['ungoverned']['thread']:.0f} us, wall governed "
-            f"{medians['governed']['wall']:.0f} vs bare {medians['bare']['wall']:.0f} us",
+            f"ungoverned (governor=None) {medians['ungoverned']['thread']:.0f} us (governed vs ungoverned "
+            f"{overhead['thread_governed_vs_ungoverned']['median']:.3f}), wall governed "
+            f"{medians['governed']['wall']:.0f} vs bare {medians['bare']['wall']:.0f} us; one model, the daemon in "
+            "a second process on the same 2 cores",
             f"{medians['governed']['thread']:.0f} vs {medians['bare']['thread']:.0f} us",
             f"{thread['median']:.3f} ({thread['q1']:.3f}-{thread['q3']:.3f})",
             f"<= 1.02: {verdict(thread['median'] <= 1.02)}",

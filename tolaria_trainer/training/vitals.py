@@ -64,6 +64,16 @@ class VitalsChunk:
 Sink = Callable[[VitalsChunk], None]
 
 
+def _stacked(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One float32 tensor of 0-d ``tensors`` on ``device``: one kernel when they are there already (the
+    usual case), a copy of each only when some are elsewhere (a loss on the GPU, a grad norm on the CPU)."""
+    try:
+        stacked = torch.stack(tensors)
+    except RuntimeError:  # tensors on different devices
+        stacked = torch.stack([t.to(device, non_blocking=True) for t in tensors])
+    return stacked.to(device, torch.float32, non_blocking=True)
+
+
 class VitalsBuffer:
     """Device-side buffer of (loss, grad_norm) per step; steps, lrs and the timeline are host values. A step
     only keeps references to its (detached) loss and grad-norm tensors; a chunk stacks them in two kernels.
@@ -113,13 +123,7 @@ class VitalsBuffer:
         if n == 0:
             return None
         device = self.device
-        values = torch.stack(
-            (
-                torch.stack([t.to(device, non_blocking=True) for t in self._losses]).float(),
-                torch.stack([t.to(device, non_blocking=True) for t in self._grads]).float(),
-            ),
-            dim=1,
-        )
+        values = torch.stack((_stacked(self._losses, device), _stacked(self._grads, device)), dim=1)
         event: torch.cuda.Event | None = None
         if device.type == "cuda":
             host = torch.empty((n, 2), dtype=values.dtype, pin_memory=True)
