@@ -81,7 +81,10 @@ def replay(records: list[TraceRecord] | tuple[TraceRecord, ...], overrides: Mapp
         if policy.task_rgl is None and rec.random_guess_loss is not None:
             policy.task_rgl = rec.random_guess_loss  # a trace's first records may be train records without it
         if rec.kind == "train":
-            if run.train and (run.train[-1][1].rank != rec.rank or len(run.train) == TRAIN_BATCH):
+            last = run.train[-1][1] if run.train else None
+            # A batch is one rank's consecutive steps (a step that does not advance starts a new one: the
+            # trace went on from a restore), so an alarm's step names one record.
+            if last is not None and (last.rank != rec.rank or rec.step <= last.step or len(run.train) == TRAIN_BATCH):
                 out.extend(_judge_train(rec.run_id, run))
             run.train.append((now_s, rec))
             continue

@@ -138,7 +138,7 @@ class GovernedTraining:
         extra_state: Any = None,
         snapshot_location: str = "auto",
         step_snapshots: int = 1,
-        step_snapshot_every: int = 200,
+        step_snapshot_every: int = 250,
         onset_margin_steps: int = 10,
         agree_every_steps: int = 50,
         fail_closed: bool = False,
@@ -210,6 +210,7 @@ class GovernedTraining:
         self.step_snapshot_every = step_snapshot_every
         self.onset_margin_steps = onset_margin_steps
         self.step_pending: SnapshotInfo | None = None  # staged at an agreement point, awaiting the train stream
+        self._dropped_at_stage = 0  # records dropped under back-pressure when it was staged
         self._sent: deque[tuple[int, int]] = deque()  # (last step, last seq) of each chunk sent, oldest first
         self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._send_vitals, flush_interval_s=vitals_flush_s)
         self.ledger = CommandLedger()
@@ -337,7 +338,9 @@ class GovernedTraining:
 
     def step(self, loss: torch.Tensor | float, grad_norm: torch.Tensor | float | None = None) -> Outcome:
         """Record one optimizer step (call it after ``optimizer.step()``). ``grad_norm`` defaults to the
-        total norm of the gradients the optimizers hold (after any clipping). Nothing here reads the
+        total norm of the gradients the optimizers hold (after any clipping); with a grad scaler and
+        ``scaler.unscale_`` before clipping, pass the norm you clipped with (the default divides by the
+        scale, which is right only for gradients still scaled). Nothing here reads the
         device; every ``agree_every_steps`` steps it is an agreement point."""
         self._check_open()
         state = self.state
@@ -573,7 +576,7 @@ class GovernedTraining:
             assert verdict is not None
             staged = item[1]
             allowed = verdict.snapshot_allowed and (verdict.timeline, verdict.step) == (staged.timeline, staged.step)
-            if self.dist.agree_min(int(allowed)) and self.lkg.publish(staged.timeline, staged.step):
+            if self.dist.agree_min(int(allowed)) and self.lkg.publish(staged.timeline, staged.step, "validation"):
                 self._report_snapshot(staged)
             self._drop_pending(item)
 
@@ -605,41 +608,51 @@ class GovernedTraining:
 
     def _stage_step_snapshot(self) -> None:
         """Stage a step snapshot every ``step_snapshot_every`` steps when the governor's train-stream
-        detectors can vouch for it (the same decision on every rank: it depends on the step alone, and
-        on the profile every rank was welcomed with)."""
+        detectors can vouch for it. Every rank takes part in the one collective, whatever it holds (a
+        rank whose earlier staging failed must not skip it)."""
         newest = self.lkg.info
         due = self.step_pending is None and self.lkg.step_snapshots > 0
-        if not due or (newest is not None and self.state.step - newest.step < self.step_snapshot_every):
-            return  # the same on every rank: steps and published snapshots are
-        able = self.governed and self.governance.train_verification_steps is not None
+        due = due and (newest is None or self.state.step - newest.step >= self.step_snapshot_every)
+        able = due and self.governed and self.governance.train_verification_steps is not None
         if not self.dist.agree_min(int(able)):
             return
         try:
             self.step_pending = self.lkg.stage(self.state, kind="step")
-        except SnapshotError as exc:
+        except SnapshotError as exc:  # the other ranks learn it at the next settle (nothing staged here)
             log.error("step snapshot staging failed; the published snapshots stay: %s", exc)
             return
         self._sent.clear()
+        self._dropped_at_stage = self.governance.num_dropped_records
 
     def _settle_step_pending(self) -> None:
         """Publish the staged step snapshot at step S once the governor acknowledged the records up to
         S + ``train_verification_steps`` of its timeline with no command on any rank: a train-stream
         alarm whose onset is at or before S would have fired by then, and its command would have arrived
-        before those Acks. Discard it once a command or another timeline makes that impossible."""
+        before those Acks (the Acks are read first, the commands after). Discard it once a command,
+        another timeline, a rank without it, or records dropped unjudged make that impossible."""
         staged = self.step_pending
-        if staged is None:
+        if not self.dist.agree_max(int(staged is not None)):
             return
+        acked = self.governance.acked_seq
+        self._collect()  # every command delivered before those Acks is known now
         margin = self.governance.train_verification_steps
-        doomed = margin is None or self.state.timeline != staged.timeline or bool(self.known_commands)
+        doomed = (
+            staged is None
+            or margin is None
+            or self.state.timeline != staged.timeline
+            or bool(self.known_commands)
+            or self.governance.num_dropped_records != self._dropped_at_stage
+        )
         if self.dist.agree_max(int(doomed)):
             self._drop_step_pending()
             return
+        assert staged is not None
         assert margin is not None
         needed = next((seq for last_step, seq in self._sent if last_step >= staged.step + margin), None)
-        vouched = needed is not None and self.governance.acked_seq >= needed
+        vouched = needed is not None and acked >= needed
         if not self.dist.agree_min(int(vouched)):
             return
-        if self.lkg.publish(staged.timeline, staged.step):
+        if self.lkg.publish(staged.timeline, staged.step, "step"):
             self._report_snapshot(staged)
         self.step_pending = None
         self._sent.clear()

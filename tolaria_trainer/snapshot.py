@@ -261,13 +261,15 @@ class LastKnownGood:
         target.cpu_rng = torch.empty_like(torch.get_rng_state())
         target.signature = signature
 
-    def publish(self, timeline: int, step: int) -> bool:
-        """Publish the staged snapshot of exactly (timeline, step), dropping the older staged snapshots of
-        its kind; without one, leave everything and return False. A validated snapshot supersedes every
-        older published one; step snapshots beyond ``step_snapshots`` drop the oldest of them."""
+    def publish(self, timeline: int, step: int, kind: str = "validation") -> bool:
+        """Publish the staged snapshot of exactly (timeline, step, kind), dropping the older staged snapshots
+        of its kind; without one, leave everything and return False (a validation and a step snapshot of
+        the same step are two snapshots: each is published only by what vouches for it). A validated
+        snapshot supersedes every older published one; step snapshots beyond ``step_snapshots`` drop the
+        oldest of them."""
         for index in self._staged:
             info = self._sets[index].info
-            if info is None or (info.timeline, info.step) != (timeline, step):
+            if info is None or (info.timeline, info.step, info.kind) != (timeline, step, kind):
                 continue
             for older in list(self._staged):
                 older_info = self._sets[older].info
@@ -311,7 +313,7 @@ class LastKnownGood:
     def take(self, state: TrainingState) -> SnapshotInfo:
         """Stage and publish at once (the initial LKG at step 0, and right after a fossilization)."""
         info = self.stage(state)
-        self.publish(info.timeline, info.step)
+        self.publish(info.timeline, info.step, info.kind)
         return info
 
     # ----------------------------------------------------------------- restoring

@@ -207,3 +207,26 @@ def test_pinned_without_cuda_is_a_clear_error() -> None:
         pytest.skip("CUDA present: pinned is valid here")
     with pytest.raises(SnapshotError, match="use --snapshot-location host"):
         LastKnownGood("pinned").take(make_state())
+
+
+def test_a_validation_and_a_step_snapshot_of_the_same_step_are_published_by_their_own_kind() -> None:
+    """Review finding: publish matched (timeline, step) only, so a verdict published the step snapshot staged at
+    the same step (the validated LKG never moved) and a discarded verdict left a validated snapshot nobody
+    vouched for."""
+    state = make_state()
+    lkg = LastKnownGood("host", step_snapshots=1)
+    lkg.take(state)
+    train_one_epoch(state)
+    step_kind = lkg.stage(state, kind="step")
+    validation = lkg.stage(state)
+    assert lkg.publish(validation.timeline, validation.step, "validation")
+    assert [(i.step, i.kind) for i in lkg.published] == [(validation.step, "validation")]
+    assert lkg.choose() == validation
+    lkg.discard(step_kind)
+    train_one_epoch(state)
+    step_kind = lkg.stage(state, kind="step")
+    validation = lkg.stage(state)
+    lkg.discard(validation)  # a PANIC verdict
+    assert lkg.publish(step_kind.timeline, step_kind.step, "step")
+    assert [i.kind for i in lkg.published] == ["validation", "step"]
+    assert lkg.choose().step < step_kind.step, "the validated LKG is still the older one"  # type: ignore[union-attr]
