@@ -32,10 +32,16 @@ class StepVitals:
 
 
 class VitalsChunk:
-    """Records of one timeline copied (perhaps still copying) to the host."""
+    """Records of one timeline: on CUDA copied (perhaps still copying) to pinned host memory; on the CPU the
+    step tensors themselves, stacked by the consumer thread (so the training thread does not)."""
 
     def __init__(
-        self, timeline: int, steps: list[int], lrs: list[float], values: torch.Tensor, event: torch.cuda.Event | None
+        self,
+        timeline: int,
+        steps: list[int],
+        lrs: list[float],
+        values: torch.Tensor | tuple[list[torch.Tensor], list[torch.Tensor]],
+        event: torch.cuda.Event | None,
     ) -> None:
         self.timeline, self.steps, self.lrs, self._values, self._event = timeline, steps, lrs, values, event
         self._host: VitalsColumns | None = None
@@ -46,7 +52,11 @@ class VitalsChunk:
         if self._host is None:
             if self._event is not None:
                 self._event.synchronize()
-            rows = self._values.tolist()
+            values = self._values
+            if isinstance(values, tuple):  # CPU tensors: stacking them here is no device work
+                cpu = torch.device("cpu")
+                values = torch.stack((_stacked(values[0], cpu), _stacked(values[1], cpu)), dim=1)
+            rows = values.tolist()
             self._host = VitalsColumns(
                 self.timeline, self.steps, [row[0] for row in rows], [row[1] for row in rows], self.lrs
             )
@@ -123,15 +133,16 @@ class VitalsBuffer:
         if n == 0:
             return None
         device = self.device
-        values = torch.stack((_stacked(self._losses, device), _stacked(self._grads, device)), dim=1)
         event: torch.cuda.Event | None = None
-        if device.type == "cuda":
+        host: torch.Tensor | tuple[list[torch.Tensor], list[torch.Tensor]]
+        if device.type == "cuda":  # kernels belong on the training thread's stream: stack and copy here
+            values = torch.stack((_stacked(self._losses, device), _stacked(self._grads, device)), dim=1)
             host = torch.empty((n, 2), dtype=values.dtype, pin_memory=True)
             host.copy_(values, non_blocking=True)
             event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             event.record()
         else:
-            host = values
+            host = (self._losses, self._grads)
         chunk = VitalsChunk(self.timeline, self.steps, self.lrs, host, event)
         self.steps, self.lrs, self._losses, self._grads = [], [], [], []
         if self.sink is not None:
