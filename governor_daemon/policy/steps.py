@@ -23,8 +23,11 @@ A batch is judged against the statistics from before it (so a vectorised pass ne
 Python), then the statistics take in the batch's records that were not above the gate: a spike never
 raises the gate that judges it. Warm-up (a falling loss) leaves the centre above the current loss,
 which can only make the loss gate later, never a false alarm; an LR warm restart raises the loss a
-little for many steps, which the ratio absorbs. A new timeline (after a restore) keeps the centre and
-scale of the healthy past and restarts the runs and the warm-up count at half.
+little for many steps, which the ratio absorbs. A new timeline (after a restore), or steps that go
+back (a restarted trainer), start afresh, warm-up included: the restored model's loss is that of an
+older step, often well above the level the run had reached, and judging it against that level would
+call the restore itself a spike (found by the simulation: a second rollback for one fault, and a
+rollback after a trainer restart with none).
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class StepState:
     """One rank's train-stream statistics on its current timeline (journaled with each batch)."""
 
     timeline: int = 0
-    count: int = 0  # records taken into the statistics on this timeline (halved on a new timeline)
+    count: int = 0  # records taken into the statistics on this timeline
     loss_center: float = 0.0  # EWMA of log(loss)
     loss_scale: float = 0.0  # EWMA of |log(loss) - loss_center|
     grad_center: float = 0.0  # EWMA of log(grad norm)
@@ -59,6 +62,7 @@ class StepState:
     high_since: int = -1  # the step where that run began
     collapse_run: int = 0
     collapse_since: int = -1
+    last_step: int = -1  # the last record judged
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -78,6 +82,7 @@ class StepState:
             high_since=int(data["high_since"]),
             collapse_run=int(data["collapse_run"]),
             collapse_since=int(data["collapse_since"]),
+            last_step=int(data.get("last_step", -1)),
         )
 
 
@@ -132,16 +137,10 @@ def judge_batch(
 ) -> tuple[StepState, StepAlarm | None]:
     """Judge one batch of finite records (in step order) against ``state``; returns the state after the
     batch and the first alarm, if any. Pure: ``state`` is not changed."""
-    if timeline != state.timeline:
-        state = replace(
-            state,
-            timeline=timeline,
-            count=state.count // 2,
-            high_run=0,
-            high_since=-1,
-            collapse_run=0,
-            collapse_since=-1,
-        )
+    if timeline != state.timeline or (len(steps) and int(steps[0]) <= state.last_step):
+        # A restore (a new timeline) or a restarted trainer (its steps went back): the level left behind
+        # is not the restored model's.
+        state = StepState(timeline=timeline)
     n = len(losses)
     if n == 0:
         return state, None
@@ -244,6 +243,7 @@ def _updated(
     collapse_run = int(collapse_runs[last])
     new = replace(
         state,
+        last_step=int(steps[last]),
         high_run=high_run,
         high_since=int(steps[last - high_run + 1]) if 0 < high_run <= end else (state.high_since if high_run else -1),
         collapse_run=collapse_run,

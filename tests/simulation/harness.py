@@ -146,7 +146,10 @@ class World:
         self.now = 1000.0
         self.wall_offset = 0.0
         self.options = CoreOptions(
-            defaults=PolicyConfig(command_timeout_s=COMMAND_TIMEOUT_S, rank_deadline_s=RANK_DEADLINE_S)
+            # A short train-stream warm-up, so the step detectors' journaled state takes part in every run.
+            defaults=PolicyConfig(
+                command_timeout_s=COMMAND_TIMEOUT_S, rank_deadline_s=RANK_DEADLINE_S, step_warmup_steps=4
+            )
         )
         self.entries: list[SimEntry] = []
         self.durable = 0

@@ -135,3 +135,27 @@ def test_state_is_frozen_while_a_command_is_open_and_survives_the_journal() -> N
     decision, unchanged = engine.judge_train_batch(0, 0, steps[500:], losses[500:] * 50, grads[500:], 2.0)
     assert (decision, unchanged) == (None, None)
     assert engine.step_states[0] == state
+
+
+def test_a_restore_is_not_a_spike() -> None:
+    """Found by the simulation (a second rollback for one fault; a rollback after a trainer restart): after a
+    restore, or a restart, the loss is an older step's, well above the level the run had reached; the detectors
+    start afresh on a new timeline or when a rank's steps go back."""
+    engine = RunPolicy(PolicyConfig(), random_guess_loss=RGL)
+    losses, grads = stream(3000, 8, 0.1)
+    steps = np.arange(1, 3001, dtype=np.int64)
+    for start in range(0, 2000, 64):
+        part = slice(start, min(start + 64, 2000))
+        decision, _ = engine.judge_train_batch(0, 0, steps[part], losses[part], grads[part], 0.0)
+        assert decision is None
+    engine.timeline = 1  # the run moved on: a rollback to step 300, whose loss is 3 x the level at step 2000
+    restored = slice(300, 1300)
+    for start in range(restored.start, restored.stop, 64):
+        part = slice(start, min(start + 64, restored.stop))
+        decision, _ = engine.judge_train_batch(1, 0, steps[part], losses[part], grads[part], 1.0)
+        assert decision is None, decision
+    assert engine.step_states[0].timeline == 1
+    for start in range(300, 1300, 64):  # a restarted trainer on the same timeline: its steps go back again
+        part = slice(start, min(start + 64, 1300))
+        decision, _ = engine.judge_train_batch(1, 0, steps[part], losses[part], grads[part], 2.0)
+        assert decision is None, decision
