@@ -204,7 +204,7 @@ def _alarm(
         )
         return StepAlarm(rule, step, step, loss, reason)
     if rule is Rule.STEP_LOSS_SPIKE:
-        onset = int(steps[i - int(high_runs[i]) + 1]) if high_runs[i] <= i + 1 else state.high_since
+        onset = _run_start(steps, high_runs, i, state.high_since)
         reason = (
             f"train loss spike: {int(high_runs[i])} consecutive steps above the gate {loss_gate(state, config):.4g} "
             f"({config.step_loss_ratio:g} x the running level {typical:.4g}, or +{config.step_loss_sigma:g} scales "
@@ -212,13 +212,22 @@ def _alarm(
         )
         return StepAlarm(rule, step, onset, loss, reason)
     assert rgl is not None
-    onset = int(steps[i - int(collapse_runs[i]) + 1]) if collapse_runs[i] <= i + 1 else state.collapse_since
+    onset = _run_start(steps, collapse_runs, i, state.collapse_since)
     reason = (
         f"collapse: {int(collapse_runs[i])} consecutive steps at the random-guess loss {rgl:.4g} "
         f"(within {config.lobotomy_tolerance_ratio:g} x) while the running level was {typical:.4g}, "
         f"from step {onset} to {step} (rank {rank})"
     )
     return StepAlarm(rule, step, onset, loss, reason)
+
+
+def _run_start(steps: npt.NDArray[np.int64], runs: npt.NDArray[np.int64], i: int, carried_since: int) -> int:
+    """The step where the run ending at index ``i`` began: in this batch, or ``carried_since`` when it began
+    in an earlier one; -1 without a run."""
+    run = int(runs[i])
+    if run == 0:
+        return -1
+    return int(steps[i - run + 1]) if run <= i + 1 else carried_since
 
 
 def _updated(
@@ -245,11 +254,9 @@ def _updated(
         state,
         last_step=int(steps[last]),
         high_run=high_run,
-        high_since=int(steps[last - high_run + 1]) if 0 < high_run <= end else (state.high_since if high_run else -1),
+        high_since=_run_start(steps, high_runs, last, state.high_since),
         collapse_run=collapse_run,
-        collapse_since=int(steps[last - collapse_run + 1])
-        if 0 < collapse_run <= end
-        else (state.collapse_since if collapse_run else -1),
+        collapse_since=_run_start(steps, collapse_runs, last, state.collapse_since),
     )
     if k == 0:
         return new
