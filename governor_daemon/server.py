@@ -10,6 +10,7 @@ import gc
 import os
 import resource
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 
 import grpc
@@ -18,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from governor_daemon.certs import expiry_warning
 from governor_daemon.core import Limits
 from governor_daemon.core import events as ev
 from governor_daemon.journal import JournalCorruptError, JournalLockedError
@@ -98,7 +100,9 @@ class GovernorServer:
         self.metrics_port: int | None = None
         self._stop_ticks = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
-        self.ingest = VitalsIngest(self.governor)
+        self.ingest = VitalsIngest(
+            self.governor, share=settings.vitals_share, shed_after_s=settings.shed_after_ms / 1000.0
+        )
         self.interceptor: AuthInterceptor | None = None
 
     async def start(self) -> None:
@@ -125,6 +129,8 @@ class GovernorServer:
         _raise_open_files_limit()
         for warning in settings.warnings:
             log.warning("insecure setting", detail=warning)
+        if settings.tls_cert is not None and (expiring := expiry_warning(settings.tls_cert, datetime.now(UTC))):
+            log.warning("server certificate", detail=expiring)
         if settings.tls_client_ca is not None and settings.tokens is not None:
             log.info(
                 "mTLS: a client certificate's subject (CN) takes its role from the tokens file; "
