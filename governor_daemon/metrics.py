@@ -140,6 +140,11 @@ class Metrics:
         self.gaps = Counter(
             "governor_record_gaps_total", "Sequence numbers skipped between accepted records.", registry=registry
         )
+        self.shed = Counter(
+            "governor_records_shed_total",
+            "Train-step records acknowledged without being judged because the daemon was behind.",
+            registry=registry,
+        )
         self.stale = Counter(
             "governor_stale_records_total",
             "Records of an abandoned timeline, journaled, not decided.",

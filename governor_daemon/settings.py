@@ -61,6 +61,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("lock_policy_fields", str, "", "comma-separated policy fields trainers may not override"),
     Setting("segment_bytes", int, 64 * 1024 * 1024, "journal segment size in bytes"),
     Setting("group_commit_ms", float, 2.0, "group commit window for ordinary journal entries (ms)"),
+    Setting("vitals_share", float, 0.5, "largest share of the event loop that judging train-step records takes"),
+    Setting("shed_after_ms", float, 500.0, "a train-step batch waiting longer than this is shed, not judged (ms)"),
     Setting("max_active_runs", int, 1024, "runs not FINISHED that may exist at once"),
     Setting("retain_finished_runs", int, 256, "FINISHED runs kept in memory for queries"),
     Setting("max_active_runs_per_principal", int, 256, "runs not FINISHED that one identity may own at once"),
@@ -98,6 +100,8 @@ class ServeSettings:
     lock_policy_fields: tuple[str, ...]
     segment_bytes: int
     group_commit_ms: float
+    vitals_share: float
+    shed_after_ms: float
     max_active_runs: int
     retain_finished_runs: int
     max_active_runs_per_principal: int
@@ -283,6 +287,10 @@ def _validate(
         raise SettingsError("retain_finished_runs must be >= 0")
     if not 0 <= values["group_commit_ms"] <= 1000:
         raise SettingsError(f"group_commit_ms must be in 0..1000, got {values['group_commit_ms']}")
+    if not 0.05 <= values["vitals_share"] <= 1:
+        raise SettingsError(f"vitals_share must be in [0.05, 1], got {values['vitals_share']}")
+    if not 1 <= values["shed_after_ms"] <= 3_600_000:
+        raise SettingsError(f"shed_after_ms must be in [1, 3600000], got {values['shed_after_ms']}")
     for name in ("handshake_timeout_s", "idle_connection_s"):
         if not 0 < values[name] <= 86400:
             raise SettingsError(f"{name} must be in (0, 86400], got {values[name]}")
@@ -324,6 +332,8 @@ def _validate(
         lock_policy_fields=locked,
         segment_bytes=values["segment_bytes"],
         group_commit_ms=values["group_commit_ms"],
+        vitals_share=values["vitals_share"],
+        shed_after_ms=values["shed_after_ms"],
         max_active_runs=values["max_active_runs"],
         retain_finished_runs=values["retain_finished_runs"],
         max_active_runs_per_principal=values["max_active_runs_per_principal"],

@@ -176,8 +176,15 @@ class Governance(Protocol):
         ...
 
     @property
+    def num_shed_records(self) -> int:
+        """Train-step records the governor acknowledged without judging them, because it was behind
+        (docs/protocol.md, "Shedding")."""
+        ...
+
+    @property
     def acked_seq(self) -> int:
-        """The highest seq the governor acknowledged: judged and durable. A command caused by a record is
+        """The highest seq the governor acknowledged: durable, and judged unless shed (counted in
+        ``num_shed_records``). A command caused by a record is
         always delivered before that record's Ack (docs/protocol.md, "Train-stream verification")."""
         ...
 
@@ -243,6 +250,7 @@ class Ungoverned:
     run_timeline = 0
     num_unjudged_records = 0
     num_dropped_records = 0
+    num_shed_records = 0
     acked_seq = 0
     train_verification_steps: int | None = None
 

@@ -210,7 +210,7 @@ class GovernedTraining:
         self.step_snapshot_every = step_snapshot_every
         self.onset_margin_steps = onset_margin_steps
         self.step_pending: SnapshotInfo | None = None  # staged at an agreement point, awaiting the train stream
-        self._dropped_at_stage = 0  # records dropped under back-pressure when it was staged
+        self._unjudged_at_stage = 0  # records dropped or shed, never judged, when it was staged
         self._sent: deque[tuple[int, int]] = deque()  # (last step, last seq) of each chunk sent, oldest first
         self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._send_vitals, flush_interval_s=vitals_flush_s)
         self.ledger = CommandLedger()
@@ -622,14 +622,19 @@ class GovernedTraining:
             log.error("step snapshot staging failed; the published snapshots stay: %s", exc)
             return
         self._sent.clear()
-        self._dropped_at_stage = self.governance.num_dropped_records
+        self._unjudged_at_stage = self._never_judged()
+
+    def _never_judged(self) -> int:
+        """Train-step records the governor will never judge: dropped here, or shed there."""
+        return self.governance.num_dropped_records + self.governance.num_shed_records
 
     def _settle_step_pending(self) -> None:
         """Publish the staged step snapshot at step S once the governor acknowledged the records up to
         S + ``train_verification_steps`` of its timeline with no command on any rank: a train-stream
         alarm whose onset is at or before S would have fired by then, and its command would have arrived
         before those Acks (the Acks are read first, the commands after). Discard it once a command,
-        another timeline, a rank without it, or records dropped unjudged make that impossible."""
+        another timeline, a rank without it, or records never judged (dropped by the client under
+        back-pressure, or shed by a governor that was behind) make that impossible."""
         staged = self.step_pending
         if not self.dist.agree_max(int(staged is not None)):
             return
@@ -641,7 +646,7 @@ class GovernedTraining:
             or margin is None
             or self.state.timeline != staged.timeline
             or bool(self.known_commands)
-            or self.governance.num_dropped_records != self._dropped_at_stage
+            or self._never_judged() != self._unjudged_at_stage
         )
         if self.dist.agree_max(int(doomed)):
             self._drop_step_pending()

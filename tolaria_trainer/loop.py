@@ -75,6 +75,7 @@ class RunSummary:
     duration_s: float = 0.0
     message: str = ""
     dropped_records: int = 0
+    shed_records: int = 0
     unjudged_records: int = 0
     governed: bool = False  # a governor was given and did not refuse this trainer
     weights_sha256: str = ""
@@ -279,6 +280,7 @@ class GovernedRun:
             duration_s=time.monotonic() - self.started,
             message=message,
             dropped_records=gov.governance.num_dropped_records,
+            shed_records=gov.governance.num_shed_records,
             unjudged_records=gov.governance.num_unjudged_records,
             governed=gov.governed,
             weights_sha256=_weights_digest(self.state.model),

@@ -215,7 +215,8 @@ def status(client: ControllerClient, args: argparse.Namespace) -> None:
         show(
             f"  rank {rank.rank}: {'attached' if rank.attached else 'detached'}{', STALLED' if rank.stalled else ''}, "
             f"step {rank.latest_step}, records {rank.num_records}, gaps {rank.num_record_gaps}, "
-            f"seq {rank.last_durable_seq}, generation {rank.generation}"
+            + (f"shed {rank.num_shed_records}, " if rank.num_shed_records else "")
+            + f"seq {rank.last_durable_seq}, generation {rank.generation}"
         )
 
 

@@ -47,9 +47,11 @@ class Welcome:
 
 @dataclass(frozen=True)
 class Ack:
-    """Everything of the stream's incarnation up to ``up_to_seq`` is durable."""
+    """Everything of the stream's incarnation up to ``up_to_seq`` is durable; ``num_shed`` of the records
+    this Ack newly covers were acknowledged without being judged (the daemon was behind)."""
 
     up_to_seq: int
+    num_shed: int = 0
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,8 @@ class Outbound:
     """Messages waiting for the journal: released, in production order, once their entry is durable.
 
     ``push(after_seq, sends)`` holds ``sends`` until entry ``after_seq`` is durable; ``release(durable)``
-    returns what may go now. Acks of one stream released together collapse into the highest one.
+    returns what may go now. Acks of one stream released together collapse into the highest one, which
+    carries their ``num_shed`` summed.
     """
 
     def __init__(self) -> None:
@@ -164,8 +167,19 @@ class Outbound:
 
 
 def _collapse_acks(sends: list[Send]) -> list[Send]:
+    """Each stream's Acks as its last one, carrying the sum of their ``num_shed`` (no shed record goes
+    untold)."""
     last_ack: dict[int, int] = {}
+    shed: dict[int, int] = {}
     for i, s in enumerate(sends):
         if isinstance(s.message, Ack):
             last_ack[s.stream] = i
-    return [s for i, s in enumerate(sends) if not isinstance(s.message, Ack) or last_ack[s.stream] == i]
+            shed[s.stream] = shed.get(s.stream, 0) + s.message.num_shed
+    out = []
+    for i, s in enumerate(sends):
+        if not isinstance(s.message, Ack):
+            out.append(s)
+        elif last_ack[s.stream] == i:
+            total = shed[s.stream]
+            out.append(s if total == s.message.num_shed else Send(s.stream, Ack(s.message.up_to_seq, total)))
+    return out

@@ -54,6 +54,9 @@ class Vitals:
     grads: Sequence[float] | npt.NDArray[np.float64]
     num_dropped: int
     now: float
+    shed: bool = False
+    """The daemon was behind and acknowledges these records without judging them (service/ingest.py);
+    docs/protocol.md, "Shedding"."""
 
     @property
     def last_seq(self) -> int:
@@ -71,21 +74,28 @@ class Vitals:
         )
 
     @staticmethod
-    def joined(batches: Sequence[Vitals]) -> Vitals:
+    def joined(batches: Sequence[Vitals], shed: bool = False) -> Vitals:
         """One event for consecutive batches (each ``follows`` the one before): judged and journaled as
-        one, so a daemon that falls behind does less work per record and judges every one of them."""
+        one, so a daemon that falls behind does less work per record; ``shed``: acknowledged unjudged."""
         first = batches[0]
-        if len(batches) == 1:
+        if len(batches) == 1 and shed == first.shed:
             return first
+        if shed:  # only the seqs and steps matter
+            empty = np.empty(0, dtype=np.float64)
+            losses, grads = empty, empty
+        else:
+            losses = np.concatenate([np.asarray(b.losses, dtype=np.float64) for b in batches])
+            grads = np.concatenate([np.asarray(b.grads, dtype=np.float64) for b in batches])
         return Vitals(
             first.stream,
             first.first_seq,
             first.timeline,
-            np.concatenate([b.steps for b in batches]),
-            np.concatenate([np.asarray(b.losses, dtype=np.float64) for b in batches]),
-            np.concatenate([np.asarray(b.grads, dtype=np.float64) for b in batches]),
+            np.concatenate([b.steps for b in batches]) if len(batches) > 1 else first.steps,
+            losses,
+            grads,
             sum(b.num_dropped for b in batches),
             batches[-1].now,
+            shed,
         )
 
 

@@ -398,31 +398,36 @@ class GovernorCore:
                 fx, binding, run, rank, "vitals_batch", first, last, e.timeline, {"num_records": len(e.steps) - skip}
             )
             return
-        losses = e.losses[skip:] if skip else e.losses
-        grads = e.grads[skip:] if skip else e.grads
         steps = e.steps[skip:] if skip else e.steps
         gaps_before = rank.num_gaps
         rank.accept_seq(last, first)
-        rank.num_records += len(steps)
         max_step = int(steps.max())
         self._progress(fx, run, rank, e.timeline, max_step, e.now)
-        loss_array = np.asarray(losses, dtype=np.float64)
-        grad_array = np.asarray(grads, dtype=np.float64) if len(grads) else None
-        decision, step_state = run.policy.judge_train_batch(
-            e.timeline, binding.rank, np.asarray(steps, dtype=np.int64), loss_array, grad_array, e.now
-        )
         payload: dict[str, Any] = {
             "rank": binding.rank,
             "incarnation_id": binding.incarnation_id,
             "seq": last,
             "first_seq": first,
-            "num_records": len(steps),
+            "num_records": 0,
             "num_gaps": rank.num_gaps - gaps_before,
             "num_dropped": e.num_dropped,
             "max_step": max_step,
             "timeline": e.timeline,
-            "train": train_summary(steps, loss_array, grad_array),
         }
+        if e.shed:  # acknowledged unjudged: the detectors never see these records (docs/protocol.md, "Shedding")
+            rank.num_shed += len(steps)
+            payload["num_shed"] = len(steps)
+            fx.append(run.run_id, EntryKind.VITALS, {**payload, "effects": {"ranks": {str(rank.rank): rank.effect()}}})
+            fx.send(e.stream, Ack(last, num_shed=len(steps)))
+            return
+        rank.num_records += len(steps)
+        loss_array = np.asarray(e.losses[skip:] if skip else e.losses, dtype=np.float64)
+        grad_array = np.asarray(e.grads[skip:] if skip else e.grads, dtype=np.float64) if len(e.grads) else None
+        decision, step_state = run.policy.judge_train_batch(
+            e.timeline, binding.rank, np.asarray(steps, dtype=np.int64), loss_array, grad_array, e.now
+        )
+        payload["num_records"] = len(steps)
+        payload["train"] = train_summary(steps, loss_array, grad_array)
         effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
         if step_state is not None:
             effects["steps"] = {str(binding.rank): step_state.as_dict()}

@@ -29,6 +29,7 @@ class RankState:
     seqs: dict[str, int] = field(default_factory=dict)
     num_records: int = 0
     num_gaps: int = 0
+    num_shed: int = 0
     latest_step: int = -1
     latest_timeline: int = 0
     stream: int | None = None
@@ -47,6 +48,7 @@ class RankState:
             "seqs": dict(self.seqs),
             "num_records": self.num_records,
             "num_gaps": self.num_gaps,
+            "num_shed": self.num_shed,
             "latest_step": self.latest_step,
             "latest_timeline": self.latest_timeline,
         }
@@ -58,6 +60,7 @@ class RankState:
         self.seqs = {str(k): int(v) for k, v in data["seqs"].items()}
         self.num_records = int(data["num_records"])
         self.num_gaps = int(data["num_gaps"])
+        self.num_shed = int(data.get("num_shed", 0))  # journals written before shedding existed
         self.latest_step = int(data["latest_step"])
         self.latest_timeline = int(data.get("latest_timeline", 0))
 

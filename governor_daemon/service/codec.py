@@ -206,7 +206,9 @@ def validation_details(record: trainer_service_pb2.ValidationRecord) -> dict[str
 def encode_message(message: fx.Message) -> trainer_service_pb2.AttachResponse:
     """A core message for a trainer as the AttachResponse that carries it."""
     if isinstance(message, fx.Ack):
-        return trainer_service_pb2.AttachResponse(ack=trainer_service_pb2.Ack(up_to_seq=message.up_to_seq))
+        return trainer_service_pb2.AttachResponse(
+            ack=trainer_service_pb2.Ack(up_to_seq=message.up_to_seq, num_shed=message.num_shed)
+        )
     if isinstance(message, fx.VerdictOut):
         return trainer_service_pb2.AttachResponse(
             verdict=trainer_service_pb2.Verdict(
@@ -301,6 +303,7 @@ def run_status_to_proto(run: Run, now_s: float, monotonic_s: float) -> control_s
                 last_durable_seq=state.last_durable_seq,
                 num_records=state.num_records,
                 num_record_gaps=state.num_gaps,
+                num_shed_records=state.num_shed,
                 seconds_since_progress_s=state.tracker.seconds_since_progress(monotonic_s) if state.tracker else 0.0,
             )
         )

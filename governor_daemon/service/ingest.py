@@ -1,15 +1,27 @@
-"""Train-step vitals are handled by one worker task, so no stream's validation record waits behind them.
+"""Train-step vitals are handled by one worker task with a share of the event loop, so verdicts never
+wait behind them.
 
 Every Attach stream has a reader task. Were each reader to hand its own VitalsBatch to the core (a few
 hundred microseconds of Python), a validation record would wait in the event loop's FIFO ready queue
 behind one batch from every other busy stream, and its verdict would leave late. So readers only queue
 their decoded batches here, and one worker hands the queued batches of all streams to the core in
-arrival order, in slices of ``slice_s`` between which the event loop serves everyone else.
+arrival order, within a budget: a token bucket that fills at ``share`` seconds per second, up to
+``slice_s``, and that every hand-over (the worker's, and a reader's ``drain``) empties by the time it
+took. When it is empty the worker rests until it refills, so train-step records never take more than
+``share`` of the event loop, which keeps the rest for validation records, command results,
+controller calls and gRPC itself. An idle daemon never rests: the bucket is full.
+
+**Shedding.** When records arrive faster than the worker's share judges them, batches wait. A batch
+that waited longer than ``shed_after_s`` is shed: handed to the core as ``shed``, which acknowledges
+its records without judging them, journals how many, and tells the trainer in the Ack's ``num_shed``
+(docs/protocol.md, "Shedding"). A shed batch costs the core a journal entry, not a judgement, so the
+worker catches up, and the verdict a trainer waits for never queues behind records already too late
+to matter. Validation records are never shed.
 
 Per-stream order is kept: before a reader hands the core any other message of its stream (a
 validation record, a snapshot, a command result, a finish, or the end of the stream) it hands over
-that stream's queued batches itself (``drain``). Handling an event never awaits (service/runtime.py),
-so nothing else of the stream can interleave.
+that stream's queued batches itself (``drain``), shedding those that waited too long. Handling an event
+never awaits (service/runtime.py), so nothing else of the stream can interleave.
 
 A stream may have at most ``max_pending`` batches queued; its reader then waits, so gRPC flow control
 slows that trainer instead of daemon memory growing. A queued batch is not acknowledged: if the daemon
@@ -34,22 +46,37 @@ log = structlog.get_logger("governor.ingest")
 
 DEFAULT_SLICE_S = 0.001
 DEFAULT_MAX_PENDING = 8
-JOIN_RECORDS = 8192
+DEFAULT_SHARE = 0.5
+DEFAULT_SHED_AFTER_S = 0.5
+JOIN_RECORDS = 2048
 """When a stream has several batches queued (the daemon is behind), the worker hands up to this many
-consecutive records to the core as one event: less work per record, and every record still judged."""
+consecutive records to the core as one event: less work per record, and one event still short next to
+a slice."""
 
 
 class VitalsIngest:
     """The queue of vitals between stream readers and the worker. Event-loop only."""
 
     def __init__(
-        self, governor: Governor, slice_s: float = DEFAULT_SLICE_S, max_pending: int = DEFAULT_MAX_PENDING
+        self,
+        governor: Governor,
+        slice_s: float = DEFAULT_SLICE_S,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        share: float = DEFAULT_SHARE,
+        shed_after_s: float = DEFAULT_SHED_AFTER_S,
     ) -> None:
-        if slice_s <= 0 or max_pending < 1:
-            raise ValueError(f"slice_s must be > 0 and max_pending >= 1, got {slice_s} and {max_pending}")
+        if slice_s <= 0 or max_pending < 1 or not 0 < share <= 1 or shed_after_s <= 0:
+            raise ValueError(
+                "slice_s and shed_after_s must be > 0, max_pending >= 1 and share in (0, 1], "
+                f"got {slice_s}, {shed_after_s}, {max_pending} and {share}"
+            )
         self.governor = governor
         self.slice_s = slice_s
         self.max_pending = max_pending
+        self.share = share
+        self.shed_after_s = shed_after_s
+        self._budget = slice_s  # seconds of work the worker may do now (the token bucket)
+        self._refilled = time.perf_counter()
         self._arrivals: deque[StreamHandle] = deque()  # one entry per queued batch, in arrival order
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -81,34 +108,56 @@ class VitalsIngest:
     def drain(self, stream: StreamHandle) -> None:
         """Hand the queued batches of ``stream`` to the core now (before its next message of another kind)."""
         while stream.pending and not stream.closed:
-            self.governor.handle(stream.pending.popleft())
+            self._hand_over(stream)
         stream.room.set()
+
+    def _hand_over(self, stream: StreamHandle) -> None:
+        """Hand the core the stream's oldest queued batch, joined with the consecutive ones queued behind
+        it that share its fate: judged, or shed when it waited longer than shed_after_s."""
+        pending, now = stream.pending, self.governor.now()
+        first = pending.popleft()
+        shed = now - first.now > self.shed_after_s
+        batches, records = [first], len(first.steps)
+        while (
+            pending
+            and pending[0].follows(batches[-1])
+            and (now - pending[0].now > self.shed_after_s) == shed
+            and records < JOIN_RECORDS
+        ):
+            records += len(pending[0].steps)
+            batches.append(pending.popleft())
+        started = time.perf_counter()
+        try:
+            self.governor.handle(ev.Vitals.joined(batches, shed))
+        except GovernorError as exc:
+            stream.fail(exc)
+        except Exception:  # a bug must not stop ingest for every other stream
+            log.exception("vitals batch failed", stream=stream.id)
+            stream.end("internal error while judging vitals; reconnect")
+        self._spend(started)
+
+    def _spend(self, started: float) -> None:
+        """Refill the bucket for the time since the last refill, then take out the work since ``started``."""
+        now = time.perf_counter()
+        self._budget = min(self.slice_s, self._budget + (now - self._refilled) * self.share) - (now - started)
+        self._refilled = now
 
     async def _work(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            deadline = time.perf_counter() + self.slice_s
+            ran_since = time.perf_counter()  # the last time the worker let the loop serve everyone else
             while self._arrivals:
                 stream = self._arrivals.popleft()
-                if not stream.pending:  # drained already by its reader
+                if not stream.pending or stream.closed:  # drained already by its reader, or gone
                     continue
-                batches = [stream.pending.popleft()]
-                records = len(batches[0].steps)
-                while stream.pending and stream.pending[0].follows(batches[-1]) and records < JOIN_RECORDS:
-                    records += len(stream.pending[0].steps)
-                    batches.append(stream.pending.popleft())
+                self._hand_over(stream)
                 if len(stream.pending) < self.max_pending:
                     stream.room.set()
-                if stream.closed:
-                    continue
-                try:
-                    self.governor.handle(ev.Vitals.joined(batches))
-                except GovernorError as exc:
-                    stream.fail(exc)
-                except Exception:  # a bug must not stop ingest for every other stream
-                    log.exception("vitals batch failed", stream=stream.id)
-                    stream.end("internal error while judging vitals; reconnect")
-                if time.perf_counter() >= deadline:
+                if self._budget < 0:  # rest until the bucket is full again: a slice of work per rest
+                    await asyncio.sleep((self.slice_s - self._budget) / self.share)
+                    self._spend(time.perf_counter())
+                    ran_since = time.perf_counter()
+                elif time.perf_counter() - ran_since >= self.slice_s:
                     await asyncio.sleep(0)
-                    deadline = time.perf_counter() + self.slice_s
+                    ran_since = time.perf_counter()

@@ -282,6 +282,8 @@ def _count(metrics: Metrics, append: Append) -> None:
     if kind == EntryKind.VITALS:
         metrics.records.labels(kind="train").inc(payload["num_records"])
         metrics.count_run("records", run, payload["num_records"], kind="train")
+        if payload.get("num_shed"):
+            metrics.shed.inc(payload["num_shed"])
         if payload["num_gaps"]:
             metrics.gaps.inc(payload["num_gaps"])
         decision = payload.get("decision")

@@ -239,6 +239,8 @@ class RankStatus(_ProtoJson):
     num_record_gaps: int
     """Records missing between accepted seqs (dropped by the trainer or lost)."""
     seconds_since_progress_s: float
+    num_shed_records: int = 0
+    """Train-step records acknowledged unjudged because the daemon was behind."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -305,6 +307,7 @@ def _rank_status(r: control_service_pb2.RankStatus) -> RankStatus:
         num_records=r.num_records,
         num_record_gaps=r.num_record_gaps,
         seconds_since_progress_s=r.seconds_since_progress_s,
+        num_shed_records=r.num_shed_records,
     )
 
 

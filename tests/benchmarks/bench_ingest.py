@@ -67,13 +67,14 @@ def daemon(num_runs: int, num_batches: int, rate: float = 0.0) -> dict[str, Any]
             d.terminate()
 
 
-def run(num_runs: int = 64, num_batches: int = 150, paced_seconds: float = 6.0) -> dict[str, Any]:
-    """Both servers under both loads, interleaved twice; the better run of each (by throughput, or by p99)."""
+def run(num_runs: int = 64, num_batches: int = 300, paced_seconds: float = 6.0) -> dict[str, Any]:
+    """Both servers under both loads, interleaved twice; the better run of each (by records judged per
+    second, or by p99). At saturation about 5 s a run, so the p99 rests on some 300 round trips."""
     saturated: dict[str, list[dict[str, Any]]] = {"echo": [], "daemon": []}
     for _ in range(2):
         saturated["echo"].append(echo(num_runs, num_batches))
         saturated["daemon"].append(daemon(num_runs, num_batches))
-    best = {k: max(v, key=lambda r: r["records_per_s"]) for k, v in saturated.items()}
+    best = {k: max(v, key=lambda r: r["judged_records_per_s"]) for k, v in saturated.items()}
     rate = 0.5 * best["echo"]["records_per_s"]
     paced_batches = max(10, round(rate * paced_seconds / (num_runs * 256)))
     paced: dict[str, list[dict[str, Any]]] = {"echo": [], "daemon": []}
@@ -84,7 +85,7 @@ def run(num_runs: int = 64, num_batches: int = 150, paced_seconds: float = 6.0) 
     return {
         "daemon": best["daemon"],
         "echo": best["echo"],
-        "ingest_ratio": best["daemon"]["records_per_s"] / best["echo"]["records_per_s"],
+        "ingest_ratio": best["daemon"]["judged_records_per_s"] / best["echo"]["records_per_s"],
         "rtt_p99_ratio": best["daemon"]["rtt_p99_ms"] / max(best["echo"]["rtt_p99_ms"], 1e-9),
         "paced_rate": rate,
         "paced_daemon": calm["daemon"],

@@ -1,6 +1,6 @@
 """Load generator of the ingest benchmark (a separate process): NUM_RUNS streams sending
 pre-serialized VitalsBatch messages of 256 records, as fast as the server takes them or paced to RATE
-records/s in all, and a probe (a process of its own, like a real trainer) measuring the validation
+records/s in all (counting the records the server acknowledged without judging them, shed), and a probe (a process of its own, like a real trainer) measuring the validation
 verdict round trip every 10 ms. Prints one JSON line.
 Run: python -m tests.benchmarks.loadgen ADDRESS NUM_RUNS BATCHES [RATE]"""
 
@@ -59,7 +59,12 @@ def batches(count: int) -> list[bytes]:
 
 
 def stream(
-    channel: grpc.Channel, messages: list[bytes], run_id: str, done: threading.Barrier, interval_s: float
+    channel: grpc.Channel,
+    messages: list[bytes],
+    run_id: str,
+    done: threading.Barrier,
+    interval_s: float,
+    shed: list[int],
 ) -> None:
     call = channel.stream_stream(
         METHOD, request_serializer=None, response_deserializer=trainer_service_pb2.AttachResponse.FromString
@@ -81,8 +86,10 @@ def stream(
         kind = response.WhichOneof("message")
         if kind == "welcome":
             welcomed.set()
-        elif kind == "ack" and response.ack.up_to_seq >= last:
-            return
+        elif kind == "ack":
+            shed.append(response.ack.num_shed)
+            if response.ack.up_to_seq >= last:
+                return
 
 
 def probe_process(address: str, conn: multiprocessing.connection.Connection) -> None:
@@ -134,8 +141,9 @@ def main(address: str, num_runs: int, num_batches: int, rate: float = 0.0) -> No
     interval_s = num_runs * RECORDS / rate if rate > 0 else 0.0
     channels = [grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]
     barrier = threading.Barrier(num_runs + 1)
+    shed: list[int] = []  # num_shed of every Ack (list.append is atomic)
     threads = [
-        threading.Thread(target=stream, args=(channels[i % 4], messages, f"bench-{i}", barrier, interval_s))
+        threading.Thread(target=stream, args=(channels[i % 4], messages, f"bench-{i}", barrier, interval_s, shed))
         for i in range(num_runs)
     ]
     parent, child = multiprocessing.get_context("spawn").Pipe()
@@ -160,6 +168,8 @@ def main(address: str, num_runs: int, num_batches: int, rate: float = 0.0) -> No
                 "records": num_runs * num_batches * RECORDS,
                 "seconds": elapsed,
                 "records_per_s": num_runs * num_batches * RECORDS / elapsed,
+                "records_shed": sum(shed),
+                "judged_records_per_s": (num_runs * num_batches * RECORDS - sum(shed)) / elapsed,
                 "offered_records_per_s": rate,
                 "rtt_p50_ms": quantiles[49] * 1000,
                 "rtt_p99_ms": quantiles[98] * 1000,

@@ -119,9 +119,8 @@ def causes(training: dict[str, float], ingest: dict[str, Any]) -> list[str]:
             f"(load generator {d['loadgen_cpu_s']:.1f} s, daemon {d['server_cpu_s']:.1f} s in {d['seconds']:.1f} s); "
             f"the daemon spends {1e6 * d['server_cpu_s'] / batches:.0f} us of CPU per batch against the echo's "
             f"{1e6 * e['server_cpu_s'] / (e['records'] / 256):.0f} us (gRPC, the journal entry and its SHA-256, the "
-            "policy). Timestamps in the servicer (a separate measurement) put about 1 ms between reading a record "
-            "and yielding its verdict at p50; the rest is waiting for a CPU. Below saturation (the paced row) the "
-            "same round trip is within budget.",
+            "policy). A busy process waits longer for a CPU than the echo's mostly idle one: with the daemon at "
+            "nice -10 (a separate measurement, before the vitals share existed) its p99 at saturation fell from about 45 to 14-22 ms.",
             "",
         ]
     if training["ratio_q1"] < 0.98 <= training["ratio_q3"]:
@@ -181,10 +180,12 @@ def main() -> int:
     rows.append(
         (
             "daemon ingest, 64 runs x 1 rank, 256 records per batch, pre-serialized, separate process, as fast as "
-            "the server takes them",
-            f"{d['records_per_s'] / 1e3:.0f}k vs echo {e['records_per_s'] / 1e3:.0f}k records/s",
+            "the server takes them; records judged per second (records shed, acknowledged unjudged because the "
+            f"daemon was behind: {d['records_shed'] / d['records']:.1%} of {d['records'] / 1e6:.2f} M)",
+            f"{d['judged_records_per_s'] / 1e3:.0f}k vs echo {e['records_per_s'] / 1e3:.0f}k records/s",
             f"{ingest['ingest_ratio']:.3f}",
-            f">= 100k/s and >= 0.7 x echo: {verdict(d['records_per_s'] >= 1e5 and ingest['ingest_ratio'] >= 0.7)}",
+            ">= 100k/s and >= 0.7 x echo: "
+            + verdict(d["judged_records_per_s"] >= 1e5 and ingest["ingest_ratio"] >= 0.7),
         )
     )
     rows.append(

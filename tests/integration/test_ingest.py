@@ -20,7 +20,7 @@ from governor_daemon.service.runtime import Governor, GovernorOptions
 from governor_daemon.service.streams import StreamHandle
 from governor_daemon.service.trainer_servicer import TrainerServicer
 from governor_daemon.testing import AttachClient, InProcessDaemon
-from tolaria.governor.v1 import common_pb2, trainer_service_pb2
+from tolaria.governor.v1 import common_pb2, control_service_pb2, control_service_pb2_grpc, trainer_service_pb2
 
 Connect = Callable[..., AttachClient]
 
@@ -170,3 +170,81 @@ def test_a_command_leaves_before_the_verdict_of_a_later_message(tmp_path: Path) 
     assert kinds.index("command") < kinds.index("verdict")
     assert acks == sorted(acks)
     assert acks[-1] == 3
+
+
+def test_overdue_batches_are_shed_and_the_next_ones_judged(tmp_path: Path) -> None:
+    """Batches that waited in the queue longer than shed_after_s are acknowledged unjudged (a NaN among them
+    rolls nothing back), joined into one journaled count; a fresh batch behind them is judged, and the
+    stream's validation record still gets its verdict."""
+
+    async def scenario() -> tuple[list[trainer_service_pb2.AttachResponse], list[tuple[str, dict[str, object]]]]:
+        governor = Governor(GovernorOptions(tmp_path / "data"))
+        await governor.start()
+        ingest = VitalsIngest(governor, shed_after_s=0.5)
+        stream = governor.open_stream("test")
+        governor.handle(codec.decode_hello(hello("r"), stream.id, "test", "test", governor.now(), Limits()))
+        ingest.start()
+        for b in range(4):
+            losses = [math.nan if b == 1 else 1.0] * 4
+            batch = trainer_service_pb2.VitalsBatch(first_seq=4 * b + 1, step=range(4 * b, 4 * b + 4), loss=losses)
+            read_at = governor.now() - (1.0 if b < 3 else 0.0)  # the first three waited a second
+            vitals = codec.decode_request(
+                trainer_service_pb2.AttachRequest(vitals_batch=batch), stream.id, read_at, Limits()
+            )
+            assert isinstance(vitals, ev.Vitals)
+            stream.pending.append(vitals)
+        ingest.drain(stream)
+        record = trainer_service_pb2.ValidationRecord(seq=17, step=16, epoch=1, loss=0.9)
+        governor.handle(
+            codec.decode_request(
+                trainer_service_pb2.AttachRequest(validation_record=record), stream.id, governor.now(), Limits()
+            )
+        )
+        await governor.settled()
+        await ingest.stop()
+        await governor.close()
+        sent = []
+        while not stream.out.empty() and (message := stream.out.get_nowait()) is not None:
+            sent.append(message)
+        return sent, journal(tmp_path / "data", "r")
+
+    sent, entries = asyncio.run(scenario())
+    acks = [(m.ack.up_to_seq, m.ack.num_shed) for m in sent if m.WhichOneof("message") == "ack"]
+    assert acks == [(16, 12), (17, 0)], "Acks released together collapse into one carrying their num_shed"
+    assert not [m for m in sent if m.WhichOneof("message") == "command"], "shed records are never judged"
+    assert [m.verdict.seq for m in sent if m.WhichOneof("message") == "verdict"] == [17]
+    vitals = [(p["num_records"], p.get("num_shed", 0)) for kind, p in entries if kind == "vitals"]
+    assert vitals == [(0, 12), (4, 0)]
+
+
+def test_a_daemon_behind_sheds_counts_and_tells_the_trainer(tmp_path: Path) -> None:
+    """Through gRPC, a daemon whose worker may use 5 % of the loop and sheds after 1 ms: a flood of batches
+    is partly shed. Every record is either judged or shed; the Acks' num_shed, GetPanicState and the metric
+    agree on how many; the quiet stream's verdict arrives."""
+    with InProcessDaemon(tmp_path / "data", vitals_share=0.05, shed_after_ms=1.0) as daemon:
+        busy = AttachClient(daemon.address, "busy")
+        quiet = AttachClient(daemon.address, "quiet")
+        try:
+            busy.connect()
+            quiet.connect()
+            for i in range(100):
+                busy.vitals(range(256 * i, 256 * i + 256), [1.0] * 256)
+            quiet.validation(1, 2.0, epoch=1)
+            assert quiet.next("verdict").verdict.kind == common_pb2.VERDICT_KIND_HEALTHY
+            busy.wait_ack(busy.seq, timeout_s=30)
+        finally:
+            busy.close()
+            quiet.close()
+        shed = sum(m.ack.num_shed for m in busy.received if m.WhichOneof("message") == "ack")
+        with grpc.insecure_channel(daemon.address) as channel:
+            stub = control_service_pb2_grpc.ControlServiceStub(channel)
+            rank = stub.GetPanicState(control_service_pb2.GetPanicStateRequest(run_id="busy")).run.ranks[0]
+        metric = daemon.call(_shed_metric(daemon))
+    assert 0 < shed < 100 * 256
+    assert rank.num_shed_records == shed == metric
+    assert rank.num_records + rank.num_shed_records == 100 * 256
+
+
+async def _shed_metric(daemon: InProcessDaemon) -> float | None:
+    assert daemon.daemon is not None
+    return daemon.daemon.metrics.registry.get_sample_value("governor_records_shed_total")

@@ -252,6 +252,8 @@ class World:
                 event: ev.Event = codec.decode_hello(request.hello, conn.id, "sim", "sim", self.now, limits)
             else:
                 event = codec.decode_request(request, conn.id, self.now, limits)
+                if isinstance(event, ev.Vitals) and _overloaded(conn.id, event.first_seq):
+                    event = ev.Vitals.joined([event], shed=True)  # an ingest worker that fell behind sheds it
             before = self.core.checkpoint()
             try:
                 self._apply(self.core.handle(event))
@@ -542,6 +544,26 @@ class World:
                 abs(policy.total_punishment - charged) < 1e-9,
                 f"{run.run_id}: GetPanicState total {policy.total_punishment} != journaled commands {charged}",
             )
+            for rank_id, rank_state in state.ranks.items():
+                journaled = sum(
+                    e.payload.get("num_shed", 0)
+                    for e in own[since:]
+                    if e.kind == EntryKind.VITALS and e.payload["rank"] == rank_id
+                )
+                require(
+                    rank_state.num_shed == journaled,
+                    f"{run.run_id} rank {rank_id}: {rank_state.num_shed} shed in memory, {journaled} journaled",
+                )
+                ever = sum(  # a trainer's count may span a forgotten run's earlier life
+                    e.payload.get("num_shed", 0)
+                    for e in own
+                    if e.kind == EntryKind.VITALS and e.payload["rank"] == rank_id
+                )
+                told = [r.proto.num_shed_records for r in run.ranks if r.rank == rank_id]
+                require(
+                    all(n <= ever for n in told),
+                    f"{run.run_id} rank {rank_id}: the trainer was told {told} records shed, {ever} journaled",
+                )
             rollbacks = sum(  # since the run's latest creation: forgetting a run forgets what it judged
                 1
                 for e in own[since:]
@@ -582,3 +604,9 @@ def _digest(rank: SimRank) -> str:
 
 
 __all__ = ["Action", "Violation", "World", "draw_schedule"]
+
+
+def _overloaded(stream: int, first_seq: int) -> bool:
+    """Whether the simulated daemon is behind when this batch arrives, so it is shed (docs/protocol.md,
+    "Shedding"): about one batch in eight, decided by the batch alone so that shrinking keeps it."""
+    return (first_seq * 2654435761 + stream) % 8 == 0

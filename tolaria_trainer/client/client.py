@@ -119,6 +119,12 @@ class GovernorClient:
             return self.protocol.num_unjudged_records
 
     @property
+    def num_shed_records(self) -> int:
+        """Train-step records the daemon acknowledged without judging them (it was behind)."""
+        with self._cond:
+            return self.protocol.num_shed_records
+
+    @property
     def num_dropped_records(self) -> int:
         """Train-step records dropped under back-pressure."""
         with self._cond:

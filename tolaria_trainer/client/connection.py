@@ -141,6 +141,11 @@ class GovernorConnection:
         return self.client.num_dropped_records
 
     @property
+    def num_shed_records(self) -> int:
+        """Train-step records the governor acknowledged without judging them (it was behind)."""
+        return self.client.num_shed_records
+
+    @property
     def acked_seq(self) -> int:
         """The highest seq the governor acknowledged."""
         return self.client.acked_seq

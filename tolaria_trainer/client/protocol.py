@@ -103,6 +103,7 @@ class TrainerProtocol:
         self.generation = 0
         self.run_timeline = 0
         self.num_unjudged_records = 0
+        self.num_shed_records = 0  # acknowledged without being judged: the daemon was behind
         self.num_welcomes = 0
         self.num_history_losses = 0
         self._max_acked = 0
@@ -193,6 +194,7 @@ class TrainerProtocol:
             self._on_welcome(response.welcome, now)
         elif kind == "ack":
             self._max_acked = max(self._max_acked, response.ack.up_to_seq)
+            self.num_shed_records += response.ack.num_shed
             self.outbox.ack(response.ack.up_to_seq)
             self._prune_records(response.ack.up_to_seq)
         elif kind == "verdict":

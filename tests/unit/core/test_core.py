@@ -446,3 +446,42 @@ def test_joined_batches_are_judged_as_their_parts() -> None:
     assert messages(fx, Ack)[-1].up_to_seq == 16
     other_timeline = ev.Vitals(1, 17, 1, np.arange(2), [0.5, 0.5], [], 0, h.now)
     assert not other_timeline.follows(parts[-1])
+
+
+def test_shed_batches_are_acknowledged_counted_and_journaled_never_judged() -> None:
+    """A daemon that is behind sheds a stream's overdue batches (service/ingest.py): the core acknowledges
+    them without judging (a NaN in them rolls nothing back), says how many in the Ack, journals the count
+    with the rank's new seq, and a rebuild from the entries restores it; the next batch is judged again."""
+    h = Harness()
+    h.attach(1)
+    h.vitals(1, [0, 1], [0.5, 0.5])
+    parts = [
+        ev.Vitals(1, 3 + 4 * i, 0, np.arange(2 + 4 * i, 6 + 4 * i), [math.nan] * 4, [], 0, h.now) for i in range(3)
+    ]
+    fx = h.handle(ev.Vitals.joined(parts, shed=True))
+    assert commands(fx) == []
+    assert [(a.up_to_seq, a.num_shed) for a in messages(fx, Ack)] == [(14, 12)]
+    [entry] = fx.entries
+    assert (entry.kind, entry.payload["num_shed"], entry.payload["num_records"], entry.payload["seq"]) == (
+        EntryKind.VITALS,
+        12,
+        0,
+        14,
+    )
+    rank = h.run().ranks[0]
+    assert (rank.num_shed, rank.num_records, rank.last_durable_seq, rank.latest_step) == (12, 2, 14, 13)
+    assert h.rebuilt() == h.core.checkpoint()
+    h.seqs[1] = 14
+    fx = h.vitals(1, [14], [math.nan])
+    assert [c.kind for c in commands(fx)] == [CommandKind.ROLLBACK], "records after the shed ones are judged"
+    assert [(a.up_to_seq, a.num_shed) for a in messages(fx, Ack)] == [(15, 0)]
+
+
+def test_acks_released_together_keep_their_shed_counts() -> None:
+    """Review of shedding: Acks of one stream released together collapse into the highest, and it carries
+    the sum of their num_shed (the trainer must learn of every shed record)."""
+    outbound = Outbound()
+    outbound.push(1, [Send(7, Ack(12, 12)), Send(8, Ack(3, 1))])
+    outbound.push(2, [Send(7, Ack(16, 0)), Send(7, Ack(20, 4))])
+    released = outbound.release(2)
+    assert [(s.stream, s.message) for s in released] == [(8, Ack(3, 1)), (7, Ack(20, 16))]

@@ -31,6 +31,7 @@ class FakeGovernance:
     governed: bool = True
     num_unjudged_records: int = 0
     num_dropped_records: int = 0
+    num_shed_records: int = 0
     train_verification_steps: int | None = None  # None: the profile does not judge the train stream
     ack_everything: bool = True  # every record acknowledged as soon as it is sent
     acked_seq: int = 0

@@ -296,14 +296,16 @@ def test_with_a_grad_scaler_the_default_grad_norm_is_unscaled_and_an_overflow_is
     assert fake.grad_norms[3] == pytest.approx(expected[3], rel=1e-4)
 
 
-def test_records_dropped_unjudged_doom_a_step_snapshot() -> None:
-    """Review finding: records dropped under back-pressure were never judged, yet a later Ack vouched for them."""
+@pytest.mark.parametrize("never_judged", ["num_dropped_records", "num_shed_records"])
+def test_records_never_judged_doom_a_step_snapshot(never_judged: str) -> None:
+    """Review finding: records dropped under back-pressure were never judged, yet a later Ack vouched for them.
+    Records the governor shed (acknowledged unjudged because it was behind) are the same case."""
     model, optimizers, _ = plain_setup()
     fake = FakeGovernance(train_verification_steps=5, ack_everything=False)
     with GovernedTraining(model, optimizers, governor=fake, agree_every_steps=10, step_snapshot_every=20) as gov:
         train_steps(gov, 20)
         assert gov.step_pending is not None
-        fake.num_dropped_records = 7
+        setattr(fake, never_judged, 7)
         fake.ack_everything = True
         train_steps(gov, 20)  # 30: the one of step 20 is discarded, another staged; 40: that one is vouched for
         assert [(i.step, i.kind) for i in gov.lkg.published] == [(0, "validation"), (30, "step")]

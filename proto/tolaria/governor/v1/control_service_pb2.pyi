@@ -35,6 +35,7 @@ class RankStatus(_message.Message):
     NUM_RECORDS_FIELD_NUMBER: _builtins.int
     NUM_RECORD_GAPS_FIELD_NUMBER: _builtins.int
     SECONDS_SINCE_PROGRESS_S_FIELD_NUMBER: _builtins.int
+    NUM_SHED_RECORDS_FIELD_NUMBER: _builtins.int
     rank: _builtins.int
     attached: _builtins.bool
     """True while an Attach stream of this rank is open."""
@@ -48,6 +49,8 @@ class RankStatus(_message.Message):
     """Records missing between accepted seqs (dropped by the trainer or lost)."""
     seconds_since_progress_s: _builtins.float
     """Seconds since the latest step advance."""
+    num_shed_records: _builtins.int
+    """Train-step records acknowledged without being judged because the daemon was behind (shed)."""
     def __init__(
         self,
         *,
@@ -61,10 +64,11 @@ class RankStatus(_message.Message):
         num_records: _builtins.int = ...,
         num_record_gaps: _builtins.int = ...,
         seconds_since_progress_s: _builtins.float = ...,
+        num_shed_records: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "generation", b"generation", "incarnation_id", b"incarnation_id", "last_durable_seq", b"last_durable_seq", "latest_step", b"latest_step", "num_record_gaps", b"num_record_gaps", "num_records", b"num_records", "rank", b"rank", "seconds_since_progress_s", b"seconds_since_progress_s", "stalled", b"stalled"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attached", b"attached", "generation", b"generation", "incarnation_id", b"incarnation_id", "last_durable_seq", b"last_durable_seq", "latest_step", b"latest_step", "num_record_gaps", b"num_record_gaps", "num_records", b"num_records", "num_shed_records", b"num_shed_records", "rank", b"rank", "seconds_since_progress_s", b"seconds_since_progress_s", "stalled", b"stalled"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

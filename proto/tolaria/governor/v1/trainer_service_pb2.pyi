@@ -589,15 +589,21 @@ class Ack(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     UP_TO_SEQ_FIELD_NUMBER: _builtins.int
+    NUM_SHED_FIELD_NUMBER: _builtins.int
     up_to_seq: _builtins.int
+    num_shed: _builtins.int
+    """How many of the train-step records this Ack newly covers the daemon acknowledged without judging
+    them, because it was behind (docs/protocol.md, "Shedding"). Validation records are never shed.
+    """
     def __init__(
         self,
         *,
         up_to_seq: _builtins.int = ...,
+        num_shed: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["up_to_seq", b"up_to_seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["num_shed", b"num_shed", "up_to_seq", b"up_to_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
