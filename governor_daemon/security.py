@@ -1,10 +1,16 @@
 """Authentication and authorization: the tokens file, roles, and the server interceptor.
 
-A tokens file holds ``name role token`` per line (``#`` starts a comment). The name is the identity
-journaled with every request; with mTLS a client certificate's common name is the identity, and its
-role comes from a tokens-file line of that name. Roles: Attach needs ``trainer``; GetPanicState,
-ListRuns, WatchEvents and GetPolicy need ``viewer`` or ``controller``; RequestRollback, Halt, Resume
-and UpdatePolicy need ``controller``. Health and reflection need nothing.
+A tokens file holds ``name role token [runs=PREFIX[,PREFIX...]]`` per line (``#`` starts a comment).
+The name is the identity journaled with every request; with mTLS a client certificate's common name
+is the identity, and its role (and scope) come from a tokens-file line of that name. Roles: Attach
+needs ``trainer``; GetPanicState, ListRuns, WatchEvents and GetPolicy need ``viewer`` or
+``controller``; RequestRollback, Halt, Resume and UpdatePolicy need ``controller``. Health and
+reflection need nothing.
+
+``runs=`` scopes an identity to the runs whose id starts with one of the prefixes (a tenant): it may
+attach to, see and command only those; ListRuns and WatchEvents show it only those, and never the
+daemon-wide entries (checkpoints hold every run's state). Without ``runs=`` an identity reaches every
+run. The scope of the call in progress is ``caller_scope()``.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import hmac
 import ipaddress
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +26,11 @@ from typing import Any
 
 import grpc
 
-from governor_daemon.errors import GovernorError
+from governor_daemon.errors import GovernorError, PermissionDeniedError
 
 ROLES = ("trainer", "viewer", "controller")
 CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("governor_caller", default="")
+RUN_PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 _TRAINER = "/tolaria.governor.v1.TrainerService/"
 _CONTROL = "/tolaria.governor.v1.ControlService/"
@@ -45,19 +53,47 @@ class TokensFileError(GovernorError):
 
 
 @dataclass(frozen=True)
+class Scope:
+    """The runs an identity may reach: those whose id starts with one of ``prefixes``; every run if none."""
+
+    prefixes: tuple[str, ...] = ()
+
+    def allows(self, run_id: str) -> bool:
+        """Whether ``run_id`` is in scope (daemon-wide entries, run "", are not, for a scoped identity)."""
+        return not self.prefixes or (bool(run_id) and run_id.startswith(self.prefixes))
+
+    def check(self, run_id: str) -> None:
+        """Raise PermissionDeniedError unless ``run_id`` is in scope."""
+        if not self.allows(run_id):
+            raise PermissionDeniedError(
+                f"run {run_id!r} is outside this identity's scope (runs starting with {', '.join(self.prefixes)})"
+            )
+
+
+ALL_RUNS = Scope()
+_SCOPE: contextvars.ContextVar[Scope | None] = contextvars.ContextVar("governor_scope", default=None)
+
+
+def caller_scope() -> Scope:
+    """The scope of the identity whose call is in progress (every run without authentication)."""
+    return _SCOPE.get() or ALL_RUNS
+
+
+@dataclass(frozen=True)
 class Principal:
     """An authenticated caller."""
 
     name: str
     role: str
+    scope: Scope = ALL_RUNS
 
 
 class Tokens:
     """The parsed tokens file."""
 
-    def __init__(self, entries: list[tuple[str, str, bytes]]) -> None:
+    def __init__(self, entries: list[tuple[str, str, bytes, Scope]]) -> None:
         self._entries = entries
-        self._roles_by_name = {name: role for name, role, _ in entries}
+        self._by_name = {name: (role, scope) for name, role, _, scope in entries}
 
     @classmethod
     def load(cls, path: Path) -> Tokens:
@@ -66,7 +102,7 @@ class Tokens:
             lines = path.read_text().splitlines()
         except OSError as exc:
             raise TokensFileError(f"cannot read tokens file {path}: {exc.strerror or exc}") from None
-        entries: list[tuple[str, str, bytes]] = []
+        entries: list[tuple[str, str, bytes, Scope]] = []
         seen_tokens: set[str] = set()
         for number, raw in enumerate(lines, start=1):
             parts = raw.split()
@@ -79,9 +115,12 @@ class Tokens:
                     f"{path}:{number}: '#' inside a field; a comment starts with '#' after whitespace "
                     "(tokens may not contain '#')"
                 )
-            if len(parts) != 3:
-                raise TokensFileError(f"{path}:{number}: expected 'name role token', got {len(parts)} fields")
-            name, role, token = parts
+            if len(parts) not in (3, 4):
+                raise TokensFileError(
+                    f"{path}:{number}: expected 'name role token [runs=PREFIX,...]', got {len(parts)} fields"
+                )
+            name, role, token = parts[:3]
+            scope = _scope(path, number, parts[3]) if len(parts) == 4 else Scope()
             if role not in ROLES:
                 raise TokensFileError(f"{path}:{number}: unknown role {role!r}; roles: {', '.join(ROLES)}")
             if len(token) < 16:
@@ -89,7 +128,7 @@ class Tokens:
             if token in seen_tokens:
                 raise TokensFileError(f"{path}:{number}: token of {name!r} is used twice")
             seen_tokens.add(token)
-            entries.append((name, role, token.encode()))
+            entries.append((name, role, token.encode(), scope))
         if not entries:
             raise TokensFileError(f"{path}: no tokens")
         return cls(entries)
@@ -98,17 +137,28 @@ class Tokens:
         """The principal of ``token``, comparing against every entry in constant time per entry."""
         presented = token.encode()
         found: Principal | None = None
-        for name, role, expected in self._entries:
+        for name, role, expected, scope in self._entries:
             if hmac.compare_digest(presented, expected) and found is None:
-                found = Principal(name, role)
+                found = Principal(name, role, scope)
         return found
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def role_of(self, name: str) -> str | None:
-        """The role of an identity (for mTLS subjects)."""
-        return self._roles_by_name.get(name)
+    def principal_of(self, name: str) -> Principal | None:
+        """The role and scope of an identity (for mTLS subjects), or None when it has no line."""
+        found = self._by_name.get(name)
+        return None if found is None else Principal(name, *found)
+
+
+def _scope(path: Path, number: int, field: str) -> Scope:
+    if not field.startswith("runs="):
+        raise TokensFileError(f"{path}:{number}: the fourth field must be runs=PREFIX[,PREFIX...], got {field!r}")
+    prefixes = tuple(field.removeprefix("runs=").split(","))
+    for prefix in prefixes:
+        if not RUN_PREFIX_RE.fullmatch(prefix):
+            raise TokensFileError(f"{path}:{number}: run prefix {prefix!r} must match [A-Za-z0-9._-]{{1,128}}")
+    return Scope(prefixes)
 
 
 def is_loopback(host: str) -> bool:
@@ -151,18 +201,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _check(
         self, method: str, metadata: dict[str, Any], required: frozenset[str], context: Any
-    ) -> tuple[grpc.StatusCode, str] | str:
+    ) -> tuple[grpc.StatusCode, str] | Principal:
         peer = context.peer()
         principal: Principal | None = None
         if self.mtls:
             subject = _common_name(context)
             if subject:
-                role = self.tokens.role_of(subject) if self.tokens else None
-                if role is None:
+                principal = self.tokens.principal_of(subject) if self.tokens else None
+                if principal is None:
                     why = f"certificate subject {subject!r} has no role in the tokens file"
                     self.on_failure(method, peer, why, grpc.StatusCode.PERMISSION_DENIED)
                     return grpc.StatusCode.PERMISSION_DENIED, why
-                principal = Principal(subject, role)
         if principal is None and self.tokens is not None:
             header = str(metadata.get("authorization", ""))
             token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
@@ -176,7 +225,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 )
         if principal is None:
             if self.tokens is None and not self.mtls:
-                return f"anonymous@{peer}"
+                return Principal(f"anonymous@{peer}", "")
             self.on_failure(method, peer, "no client certificate", grpc.StatusCode.UNAUTHENTICATED)
             return grpc.StatusCode.UNAUTHENTICATED, "no client certificate identity"
         if principal.role not in required and not (principal.role == "controller" and "viewer" in required):
@@ -187,7 +236,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 f"{principal.name} has role {principal.role}; "
                 f"{method.rsplit('/', 1)[-1]} needs {' or '.join(sorted(required))}"
             )
-        return principal.name
+        return principal
 
 
 def _common_name(context: Any) -> str:
@@ -196,7 +245,7 @@ def _common_name(context: Any) -> str:
     return names[0].decode() if names else ""
 
 
-Check = Callable[[Any], "tuple[grpc.StatusCode, str] | str"]
+Check = Callable[[Any], "tuple[grpc.StatusCode, str] | Principal"]
 
 
 def _wrap(handler: grpc.RpcMethodHandler[Any, Any], check: Check) -> grpc.RpcMethodHandler[Any, Any]:
@@ -204,9 +253,11 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], check: Check) -> grpc.RpcMet
 
     async def guard(context: Any) -> None:
         outcome = check(context)
-        if isinstance(outcome, tuple):
+        if not isinstance(outcome, Principal):
             await context.abort(*outcome)
-        CALLER.set(str(outcome))
+            return
+        CALLER.set(outcome.name)
+        _SCOPE.set(outcome.scope)
 
     if handler.unary_unary is not None:
         inner_uu = handler.unary_unary

@@ -12,7 +12,7 @@ from governor_daemon.core import CommandReply
 from governor_daemon.core import events as ev
 from governor_daemon.errors import GovernorError, InternalError, InvalidInputError
 from governor_daemon.policy import PolicyConfig
-from governor_daemon.security import CALLER
+from governor_daemon.security import CALLER, caller_scope
 from governor_daemon.service import codec
 from governor_daemon.service.runtime import Governor
 from governor_daemon.service.status_codes import status_for
@@ -28,6 +28,13 @@ Context = grpc.aio.ServicerContext[Any, Any]
 def caller_of(context: Context) -> str:
     """The caller's identity: the name the auth interceptor attached, else the peer address."""
     return CALLER.get() or f"anonymous@{context.peer()}"
+
+
+def reach(run_id: str) -> str:
+    """``run_id``, once it is well-formed and in the caller's scope (security.Scope); else the error."""
+    check_run_id("run_id", run_id)
+    caller_scope().check(run_id)
+    return run_id
 
 
 async def _guard(context: Context, call: Callable[[], Awaitable[T]]) -> T:
@@ -49,14 +56,13 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
         self.governor = governor
 
     def _status(self, run_id: str) -> pb.RunStatus:
-        return codec.run_status_to_proto(self.governor.run(run_id), 0.0, self.governor.now())
+        return codec.run_status_to_proto(self.governor.run(reach(run_id)), 0.0, self.governor.now())
 
     async def _command(
         self, make: type[ev.RequestRollback | ev.Halt | ev.Resume], run_id: str, reason: str, context: Context
     ) -> CommandReply:
-        check_run_id("run_id", run_id)
         check_text("reason", reason, self.governor.options.limits)
-        reply = await self.governor.call(make(run_id, reason, caller_of(context), self.governor.now()))
+        reply = await self.governor.call(make(reach(run_id), reason, caller_of(context), self.governor.now()))
         assert isinstance(reply, CommandReply)
         return reply
 
@@ -76,12 +82,12 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
             if unknown:
                 raise InvalidInputError("states", f"unknown run states {unknown}")
             wanted = {codec.PROTO_TO_RUN_STATE[s] for s in request.states}
-            now = self.governor.now()
+            now, scope = self.governor.now(), caller_scope()
             return pb.ListRunsResponse(
                 runs=[
                     codec.run_status_to_proto(run, 0.0, now)
                     for run in self.governor.runs()
-                    if not wanted or run.policy.state in wanted
+                    if (not wanted or run.policy.state in wanted) and scope.allows(run.run_id)
                 ]
             )
 
@@ -93,9 +99,13 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
         """Journal entries after the cursor, then live. The headers go out at once, so that a client knows its
         watch is established even when no entry comes for a long time (tolaria.controller's reconnection)."""
         try:
+            scope = caller_scope()
+            for run_id in request.run_ids:
+                reach(run_id)
             await context.send_initial_metadata(())
             async for entry in self.governor.watch(request.cursor, request.run_ids, request.kinds):
-                yield codec.entry_to_proto(entry)
+                if scope.allows(entry.run):
+                    yield codec.entry_to_proto(entry)
         except GovernorError as exc:
             await context.abort(status_for(exc), str(exc))
         except Exception:  # a bug: INTERNAL with an incident id, never Python's exception text
@@ -139,9 +149,8 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
         """Remove a finished or unattached run from memory (journaled)."""
 
         async def call() -> pb.ForgetRunResponse:
-            check_run_id("run_id", request.run_id)
             check_text("reason", request.reason, self.governor.options.limits)
-            event = ev.ForgetRun(request.run_id, request.reason, caller_of(context), self.governor.now())
+            event = ev.ForgetRun(reach(request.run_id), request.reason, caller_of(context), self.governor.now())
             await self.governor.call(event)
             return pb.ForgetRunResponse(cursor=self.governor.committer.journal.last_seq)
 
@@ -151,7 +160,8 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
         """The effective policy of a run."""
 
         async def call() -> pb.GetPolicyResponse:
-            return pb.GetPolicyResponse(policy=codec.policy_to_proto(self.governor.run(request.run_id).policy.config))
+            run = self.governor.run(reach(request.run_id))
+            return pb.GetPolicyResponse(policy=codec.policy_to_proto(run.policy.config))
 
         return await _guard(context, call)
 
@@ -159,9 +169,8 @@ class ControlServicer(control_service_pb2_grpc.ControlServiceServicer):
         """Change policy fields of a run."""
 
         async def call() -> pb.UpdatePolicyResponse:
-            check_run_id("run_id", request.run_id)
             changes = codec.overrides_from_proto(request.changes)
-            event = ev.UpdatePolicy(request.run_id, changes, caller_of(context), self.governor.now())
+            event = ev.UpdatePolicy(reach(request.run_id), changes, caller_of(context), self.governor.now())
             config = await self.governor.call(event)
             assert isinstance(config, PolicyConfig)
             return pb.UpdatePolicyResponse(policy=codec.policy_to_proto(config))

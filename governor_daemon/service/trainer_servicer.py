@@ -11,7 +11,7 @@ import structlog
 
 from governor_daemon.core import events as ev
 from governor_daemon.errors import GovernorError, InternalError, InvalidInputError
-from governor_daemon.security import CALLER
+from governor_daemon.security import CALLER, caller_scope
 from governor_daemon.service import codec
 from governor_daemon.service.ingest import VitalsIngest
 from governor_daemon.service.runtime import Governor
@@ -73,6 +73,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             if principal.startswith("anonymous@"):
                 principal = ""
             attach = codec.decode_hello(first.hello, stream.id, stream.peer, caller, governor.now(), limits, principal)
+            caller_scope().check(attach.run_id)
             governor.handle(attach)
             async for request in iterator:
                 if stream.closed:  # refused or ended while its vitals were queued

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
-from governor_daemon.security import Tokens
+from governor_daemon.security import Tokens, TokensFileError
 from governor_daemon.testing import AttachClient, InProcessDaemon
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
 from tolaria.governor.v1 import control_service_pb2 as cpb
@@ -118,3 +118,82 @@ def test_a_flood_of_refused_calls_does_not_fill_the_journal(daemon: InProcessDae
     assert entries[0]["code"] == "UNAUTHENTICATED"
     assert daemon.daemon is not None
     assert daemon.daemon.metrics.value("governor_auth_failures_total", code="UNAUTHENTICATED") == 300
+
+
+SCOPED = {
+    "team-a-bot": ("trainer", "team-a-bot-token-0123456", "runs=team-a."),
+    "team-a-ops": ("controller", "team-a-ops-token-0123456", "runs=team-a.,shared."),
+    "team-b-bot": ("trainer", "team-b-bot-token-0123456", "runs=team-b."),
+    "root": ("controller", "root-controller-token-0123", ""),
+}
+
+
+def test_tokens_scoped_to_run_prefixes_reach_only_their_runs(tmp_path: Path) -> None:
+    """Tenants by run-id prefix (``runs=`` in the tokens file): a scoped trainer attaches only to its runs; a
+    scoped controller sees, watches and commands only its runs, and never the daemon-wide entries (a
+    checkpoint holds every run's state); an unscoped controller reaches everything."""
+    path = tmp_path / "tokens"
+    path.write_text("".join(f"{name} {role} {token} {scope}\n" for name, (role, token, scope) in SCOPED.items()))
+    path.chmod(0o600)
+
+    def who(name: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {SCOPED[name][1]}"),)
+
+    with InProcessDaemon(tmp_path / "data", tokens=Tokens.load(path)) as daemon:
+        a = AttachClient(daemon.address, "team-a.run1", metadata=who("team-a-bot"))
+        b = AttachClient(daemon.address, "team-b.run1", metadata=who("team-b-bot"))
+        a.connect()
+        b.connect()
+        a.wait_ack(a.vitals([1, 2], [1.0, 0.9]))
+        b.wait_ack(b.vitals([1, 2], [1.0, 0.9]))
+        stray = AttachClient(daemon.address, "team-b.run2", metadata=who("team-a-bot"))
+        with pytest.raises(grpc.RpcError) as info:
+            stray.connect()
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "outside this identity's scope" in (info.value.details() or "")
+        with grpc.insecure_channel(daemon.address) as channel:
+            stub = cgrpc.ControlServiceStub(channel)
+            listed = stub.ListRuns(cpb.ListRunsRequest(), metadata=who("team-a-ops")).runs
+            assert [r.run_id for r in listed] == ["team-a.run1"]
+            everything = stub.ListRuns(cpb.ListRunsRequest(), metadata=who("root")).runs
+            assert sorted(r.run_id for r in everything) == ["team-a.run1", "team-b.run1"]
+            assert stub.GetPanicState(cpb.GetPanicStateRequest(run_id="team-a.run1"), metadata=who("team-a-ops"))
+            for call in (
+                lambda: stub.GetPanicState(cpb.GetPanicStateRequest(run_id="team-b.run1"), metadata=who("team-a-ops")),
+                lambda: stub.GetPanicState(cpb.GetPanicStateRequest(run_id="no-such"), metadata=who("team-a-ops")),
+                lambda: stub.Halt(cpb.HaltRequest(run_id="team-b.run1", reason="x"), metadata=who("team-a-ops")),
+                lambda: stub.GetPolicy(cpb.GetPolicyRequest(run_id="team-b.run1"), metadata=who("team-a-ops")),
+                lambda: list(
+                    stub.WatchEvents(cpb.WatchEventsRequest(run_ids=["team-b.run1"]), metadata=who("team-a-ops"))
+                ),
+            ):
+                with pytest.raises(grpc.RpcError) as info:
+                    call()
+                assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED, "refused before any lookup"
+            watch = stub.WatchEvents(cpb.WatchEventsRequest(), metadata=who("team-a-ops"), timeout=3)
+            seen: list[str] = []
+            with pytest.raises(grpc.RpcError) as info:
+                seen.extend(event.run_id for event in watch)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert seen
+            assert set(seen) == {"team-a.run1"}, "no other tenant's entries, no daemon-wide ones"
+        a.close()
+        b.close()
+    assert no_command_journaled(tmp_path / "data")
+
+
+def no_command_journaled(data_dir: Path) -> bool:
+    """The refused Halt journaled no command."""
+    return '"kind":"command"' not in journal_text(data_dir).replace(" ", "")
+
+
+def test_a_malformed_scope_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "tokens"
+    for line, message in (
+        ("bot trainer bot-token-0123456789 team-a.", "the fourth field must be runs="),
+        ("bot trainer bot-token-0123456789 runs=team/a", "run prefix 'team/a'"),
+        ("bot trainer bot-token-0123456789 runs=", "run prefix ''"),
+    ):
+        path.write_text(line + "\n")
+        with pytest.raises(TokensFileError, match=f"{path}:1: .*{message}"):
+            Tokens.load(path)
