@@ -80,6 +80,7 @@ class Journal:
         self._lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._fd: int | None = None  # the segment being written, opened O_DSYNC
+        self._write_failed: BaseException | None = None
         self._file_segment = 0
         self._lock_fd: int | None = None
 
@@ -255,16 +256,22 @@ class Journal:
         once per commit, not once for the write and again for an fsync.
         """
         with self._write_lock:
+            if self._write_failed is not None:  # what it lost precedes everything appended since: never write past it
+                raise OSError(f"an earlier journal write failed: {self._write_failed}")
             with self._lock:
                 batch, self._pending = self._pending, []
                 target = self.last_seq
             if not batch:
                 return self.durable_seq
             start = 0
-            for i in range(1, len(batch) + 1):
-                if i == len(batch) or batch[i][0] != batch[start][0]:
-                    self._write_durably(batch[start][0], b"".join(line for _, line in batch[start:i]))
-                    start = i
+            try:
+                for i in range(1, len(batch) + 1):
+                    if i == len(batch) or batch[i][0] != batch[start][0]:
+                        self._write_durably(batch[start][0], b"".join(line for _, line in batch[start:i]))
+                        start = i
+            except BaseException as exc:
+                self._write_failed = exc
+                raise
             self.durable_seq = target
             return target
 

@@ -105,11 +105,13 @@ class VitalsIngest:
         self._arrivals.append(stream)
         self._wake.set()
 
-    def drain(self, stream: StreamHandle) -> None:
-        """Hand the queued batches of ``stream`` to the core now (before its next message of another kind)."""
+    def drain(self, stream: StreamHandle) -> bool:
+        """Hand the queued batches of ``stream`` to the core now (before its next message of another kind);
+        False when one of them was refused, which closed the stream: nothing after it may be applied."""
         while stream.pending and not stream.closed:
             self._hand_over(stream)
         stream.room.set()
+        return not stream.closed
 
     def _hand_over(self, stream: StreamHandle) -> None:
         """Hand the core the stream's oldest queued batch, joined with the consecutive ones queued behind

@@ -82,7 +82,8 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 if isinstance(event, ev.Vitals):
                     await ingest.put(stream, event)
                     continue
-                ingest.drain(stream)  # this stream's vitals are handled before its next message
+                if not ingest.drain(stream):  # its vitals before its next message; one was refused
+                    break
                 governor.handle(event)
             if not stream.closed:
                 ingest.drain(stream)  # the trainer closed its side: handle what it sent last,
