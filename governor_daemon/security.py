@@ -125,6 +125,8 @@ class Tokens:
                 raise TokensFileError(f"{path}:{number}: unknown role {role!r}; roles: {', '.join(ROLES)}")
             if len(token) < 16:
                 raise TokensFileError(f"{path}:{number}: token of {name!r} is shorter than 16 characters")
+            if any(name == seen for seen, _, _, _ in entries):
+                raise TokensFileError(f"{path}:{number}: name {name!r} is used twice (a name is one identity)")
             if token in seen_tokens:
                 raise TokensFileError(f"{path}:{number}: token of {name!r} is used twice")
             seen_tokens.add(token)

@@ -188,12 +188,14 @@ def no_command_journaled(data_dir: Path) -> bool:
 
 
 def test_a_malformed_scope_names_its_line(tmp_path: Path) -> None:
+    """Review: a name listed twice gave an mTLS subject whichever role and scope came last."""
     path = tmp_path / "tokens"
     for line, message in (
         ("bot trainer bot-token-0123456789 team-a.", "the fourth field must be runs="),
         ("bot trainer bot-token-0123456789 runs=team/a", "run prefix 'team/a'"),
         ("bot trainer bot-token-0123456789 runs=", "run prefix ''"),
+        ("bot trainer bot-token-0123456789\nbot viewer bot-token-9876543210 runs=a.", "name 'bot' is used twice"),
     ):
         path.write_text(line + "\n")
-        with pytest.raises(TokensFileError, match=f"{path}:1: .*{message}"):
+        with pytest.raises(TokensFileError, match=f"{path}:[12]: .*{message}"):
             Tokens.load(path)
