@@ -46,7 +46,7 @@ log = structlog.get_logger("governor.ingest")
 
 DEFAULT_SLICE_S = 0.001
 DEFAULT_MAX_PENDING = 8
-DEFAULT_SHARE = 0.5
+DEFAULT_SHARE = 0.35
 DEFAULT_SHED_AFTER_S = 0.5
 JOIN_RECORDS = 2048
 """When a stream has several batches queued (the daemon is behind), the worker hands up to this many
