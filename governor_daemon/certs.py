@@ -8,7 +8,6 @@ serialNumber INTEGER, signature SEQUENCE, issuer SEQUENCE, validity SEQUENCE { n
 from __future__ import annotations
 
 import base64
-import binascii
 import re
 from datetime import UTC, datetime
 
@@ -27,7 +26,7 @@ def not_after(pem: bytes) -> datetime:
         raise CertificateError("no BEGIN CERTIFICATE block")
     try:
         der = base64.b64decode(b"".join(found.group(1).split()), validate=True)
-    except (binascii.Error, ValueError):
+    except ValueError:  # binascii.Error is one
         raise CertificateError("the certificate block is not base64") from None
     certificate = _children(der, _value(der, 0, 0x30))
     tbs = _children(der, _value(der, certificate[0], 0x30))
@@ -75,7 +74,7 @@ def _value(der: bytes, at: int, tag: int) -> tuple[int, int]:
 
 
 def _children(der: bytes, span: tuple[int, int]) -> list[int]:
-    """Offsets of the TLVs inside a constructed value (at least the four that are read)."""
+    """Offsets of the TLVs inside a constructed value (at least two: every SEQUENCE read has more)."""
     at, end, out = span[0], span[1], []
     while at < end:
         out.append(at)

@@ -93,7 +93,7 @@ class Tokens:
 
     def __init__(self, entries: list[tuple[str, str, bytes, Scope]]) -> None:
         self._entries = entries
-        self._by_name = {name: (role, scope) for name, role, _, scope in entries}
+        self._by_name = {name: Principal(name, role, scope) for name, role, _, scope in entries}
 
     @classmethod
     def load(cls, path: Path) -> Tokens:
@@ -104,6 +104,7 @@ class Tokens:
             raise TokensFileError(f"cannot read tokens file {path}: {exc.strerror or exc}") from None
         entries: list[tuple[str, str, bytes, Scope]] = []
         seen_tokens: set[str] = set()
+        seen_names: set[str] = set()
         for number, raw in enumerate(lines, start=1):
             parts = raw.split()
             comment = next((i for i, part in enumerate(parts) if part.startswith("#")), len(parts))
@@ -125,11 +126,12 @@ class Tokens:
                 raise TokensFileError(f"{path}:{number}: unknown role {role!r}; roles: {', '.join(ROLES)}")
             if len(token) < 16:
                 raise TokensFileError(f"{path}:{number}: token of {name!r} is shorter than 16 characters")
-            if any(name == seen for seen, _, _, _ in entries):
+            if name in seen_names:
                 raise TokensFileError(f"{path}:{number}: name {name!r} is used twice (a name is one identity)")
             if token in seen_tokens:
                 raise TokensFileError(f"{path}:{number}: token of {name!r} is used twice")
             seen_tokens.add(token)
+            seen_names.add(name)
             entries.append((name, role, token.encode(), scope))
         if not entries:
             raise TokensFileError(f"{path}: no tokens")
@@ -149,8 +151,7 @@ class Tokens:
 
     def principal_of(self, name: str) -> Principal | None:
         """The role and scope of an identity (for mTLS subjects), or None when it has no line."""
-        found = self._by_name.get(name)
-        return None if found is None else Principal(name, *found)
+        return self._by_name.get(name)
 
 
 def _scope(path: Path, number: int, field: str) -> Scope:

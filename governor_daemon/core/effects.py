@@ -16,7 +16,7 @@ A refused event raises ``GovernorError`` from ``handle`` instead, having changed
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from governor_daemon.policy import Command, Decision, PolicyConfig, RunState, Verdict
@@ -169,17 +169,12 @@ class Outbound:
 def _collapse_acks(sends: list[Send]) -> list[Send]:
     """Each stream's Acks as its last one, carrying the sum of their ``num_shed`` (no shed record goes
     untold)."""
-    last_ack: dict[int, int] = {}
-    shed: dict[int, int] = {}
+    last: dict[int, tuple[int, int]] = {}  # stream -> (index of its last Ack, num_shed summed)
     for i, s in enumerate(sends):
         if isinstance(s.message, Ack):
-            last_ack[s.stream] = i
-            shed[s.stream] = shed.get(s.stream, 0) + s.message.num_shed
-    out = []
-    for i, s in enumerate(sends):
-        if not isinstance(s.message, Ack):
-            out.append(s)
-        elif last_ack[s.stream] == i:
-            total = shed[s.stream]
-            out.append(s if total == s.message.num_shed else Send(s.stream, Ack(s.message.up_to_seq, total)))
-    return out
+            last[s.stream] = (i, last.get(s.stream, (0, 0))[1] + s.message.num_shed)
+    return [
+        Send(s.stream, replace(s.message, num_shed=last[s.stream][1])) if isinstance(s.message, Ack) else s
+        for i, s in enumerate(sends)
+        if not isinstance(s.message, Ack) or last[s.stream][0] == i
+    ]

@@ -47,6 +47,7 @@ from governor_daemon.policy import (
     AddOutcome,
     Command,
     CommandKind,
+    Decision,
     Notice,
     PolicyConfig,
     RunState,
@@ -55,6 +56,7 @@ from governor_daemon.policy import (
     Verdict,
 )
 from governor_daemon.policy.decisions import float_to_json
+from governor_daemon.policy.steps import StepState
 
 MAX_SEQ_JUMP = 1 << 32
 """The furthest a message's seq may lie beyond the rank's last accepted seq (gaps stay countable)."""
@@ -403,31 +405,31 @@ class GovernorCore:
         rank.accept_seq(last, first)
         max_step = int(steps.max())
         self._progress(fx, run, rank, e.timeline, max_step, e.now)
+        num = len(steps)
         payload: dict[str, Any] = {
             "rank": binding.rank,
             "incarnation_id": binding.incarnation_id,
             "seq": last,
             "first_seq": first,
-            "num_records": 0,
+            "num_records": 0 if e.shed else num,
             "num_gaps": rank.num_gaps - gaps_before,
             "num_dropped": e.num_dropped,
             "max_step": max_step,
             "timeline": e.timeline,
         }
+        decision: Decision | None = None
+        step_state: StepState | None = None
         if e.shed:  # acknowledged unjudged: the detectors never see these records (docs/protocol.md, "Shedding")
-            rank.num_shed += len(steps)
-            payload["num_shed"] = len(steps)
-            fx.append(run.run_id, EntryKind.VITALS, {**payload, "effects": {"ranks": {str(rank.rank): rank.effect()}}})
-            fx.send(e.stream, Ack(last, num_shed=len(steps)))
-            return
-        rank.num_records += len(steps)
-        loss_array = np.asarray(e.losses[skip:] if skip else e.losses, dtype=np.float64)
-        grad_array = np.asarray(e.grads[skip:] if skip else e.grads, dtype=np.float64) if len(e.grads) else None
-        decision, step_state = run.policy.judge_train_batch(
-            e.timeline, binding.rank, np.asarray(steps, dtype=np.int64), loss_array, grad_array, e.now
-        )
-        payload["num_records"] = len(steps)
-        payload["train"] = train_summary(steps, loss_array, grad_array)
+            rank.num_shed += num
+            payload["num_shed"] = num
+        else:
+            rank.num_records += num
+            loss_array = np.asarray(e.losses[skip:] if skip else e.losses, dtype=np.float64)
+            grad_array = np.asarray(e.grads[skip:] if skip else e.grads, dtype=np.float64) if len(e.grads) else None
+            decision, step_state = run.policy.judge_train_batch(
+                e.timeline, binding.rank, np.asarray(steps, dtype=np.int64), loss_array, grad_array, e.now
+            )
+            payload["train"] = train_summary(steps, loss_array, grad_array)
         effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
         if step_state is not None:
             effects["steps"] = {str(binding.rank): step_state.as_dict()}
@@ -437,7 +439,7 @@ class GovernorCore:
         fx.append(run.run_id, EntryKind.VITALS, {**payload, "effects": effects}, sync=decision is not None)
         if decision is not None and decision.command is not None:
             self._issue(fx, run, decision.command, "train_step")
-        fx.send(e.stream, Ack(last))
+        fx.send(e.stream, Ack(last, num_shed=num if e.shed else 0))
 
     def _validation(self, e: ev.Validation, fx: Effects) -> None:
         bound = self._bound(e.stream)

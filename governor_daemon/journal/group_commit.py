@@ -1,7 +1,7 @@
 """Group commit on asyncio: batch appended entries into one durable write, and publish them.
 
 Ordinary entries are committed by a worker thread within ``interval_s`` of being appended.
-``request_commit()`` writes on the calling (event loop) thread at once, for entries a message waits
+``commit_now()`` writes on the calling (event loop) thread at once, for entries a message waits
 for (a verdict, a command): the message leaves as soon as its write returns, instead of after two
 more trips through a busy event loop (waking the commit task, and the thread's answer); the price is
 that one write's latency (0.2 ms p50 on the benchmark machine's disk) stalls the loop, once per verdict
@@ -94,20 +94,19 @@ class GroupCommitter:
             self._uncommitted.extend(Committed.of(e) for e in added)
             self._wake.set()
 
-    def request_commit(self) -> None:
-        """Write what is appended so far now, on this thread, and publish it (see the module docstring).
-        A write failure is reported through ``on_failure``, as from the commit loop."""
+    def commit_now(self) -> None:
+        """Write what is appended so far on this thread, blocking the event loop for one write (after any
+        write the thread has in flight), and publish it (see the module docstring). A write failure is
+        reported through ``on_failure``, as from the commit loop."""
         if self._closed or self.failure is not None or not self._uncommitted:
             return
         started = time.perf_counter()
         try:
-            durable = self.journal.write_pending()  # waits for a write the thread has in flight
+            durable = self.journal.write_pending()
         except Exception as exc:  # disk full, I/O error (or a bug): nothing more can be acknowledged
             self._fail(exc)
             return
-        if self.on_commit is not None:
-            self.on_commit(time.perf_counter() - started)
-        self._publish(durable)
+        self._written(started, durable)
 
     @property
     def durable_seq(self) -> int:
@@ -127,7 +126,7 @@ class GroupCommitter:
 
     async def commit(self) -> None:
         """Write everything appended so far, now."""
-        self.request_commit()
+        self.commit_now()
         await self.wait_durable(self.journal.last_seq)
 
     async def close(self) -> None:
@@ -154,7 +153,7 @@ class GroupCommitter:
                 return
             if self.interval_s > 0:
                 await asyncio.sleep(self.interval_s)
-            if not self._uncommitted:  # request_commit took them meanwhile
+            if not self._uncommitted:  # commit_now took them meanwhile
                 continue
             started = time.perf_counter()
             try:
@@ -162,11 +161,14 @@ class GroupCommitter:
             except Exception as exc:  # disk full, I/O error (or a bug): nothing more can be acknowledged
                 self._fail(exc)
                 return
-            if self.on_commit is not None:
-                self.on_commit(time.perf_counter() - started)
-            self._publish(durable)
+            self._written(started, durable)
             if self._waiters or self._uncommitted or self._closed:  # closed: returns once nothing is left
                 self._wake.set()
+
+    def _written(self, started: float, durable: int) -> None:
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started)
+        self._publish(durable)
 
     def _publish(self, durable: int) -> None:
         """Entries up to ``durable`` are on disk: into the tail, in seq order; their messages released;

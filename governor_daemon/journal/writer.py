@@ -1,8 +1,9 @@
 """The append side of the journal: sequence and hash assignment, segments, checkpoints, recovery.
 
 ``append`` is called from one thread (the daemon's event loop): it assigns seq and hash at once, so
-the chain order is the order of calls. ``write_pending`` (called from a worker thread by the group
-committer) writes what was appended and fsyncs it. Every segment starts with a ``checkpoint`` entry
+the chain order is the order of calls. ``write_pending`` (from the group committer's thread, or on the
+event loop for a commit a message waits for) writes what was appended, one ``O_DSYNC`` write per
+segment. Every segment starts with a ``checkpoint`` entry
 holding every run's state, so start-up reads only the last segment.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
+import operator
 import os
 import threading
 from collections.abc import Callable
@@ -263,12 +266,9 @@ class Journal:
                 target = self.last_seq
             if not batch:
                 return self.durable_seq
-            start = 0
             try:
-                for i in range(1, len(batch) + 1):
-                    if i == len(batch) or batch[i][0] != batch[start][0]:
-                        self._write_durably(batch[start][0], b"".join(line for _, line in batch[start:i]))
-                        start = i
+                for segment, lines in itertools.groupby(batch, key=operator.itemgetter(0)):
+                    self._write_durably(segment, b"".join(line for _, line in lines))
             except BaseException as exc:
                 self._write_failed = exc
                 raise
@@ -299,7 +299,7 @@ class Journal:
             os.close(fd)
 
     def close(self) -> None:
-        """Flush and close. Safe to call twice."""
+        """Write what is pending and close. Safe to call twice."""
         self.write_pending()
         with self._write_lock:
             self._close_file()

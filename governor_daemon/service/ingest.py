@@ -117,15 +117,14 @@ class VitalsIngest:
         """Hand the core the stream's oldest queued batch, joined with the consecutive ones queued behind
         it that share its fate: judged, or shed when it waited longer than shed_after_s."""
         pending, now = stream.pending, self.governor.now()
+
+        def overdue(batch: ev.Vitals) -> bool:
+            return now - batch.now > self.shed_after_s
+
         first = pending.popleft()
-        shed = now - first.now > self.shed_after_s
+        shed = overdue(first)
         batches, records = [first], len(first.steps)
-        while (
-            pending
-            and pending[0].follows(batches[-1])
-            and (now - pending[0].now > self.shed_after_s) == shed
-            and records < JOIN_RECORDS
-        ):
+        while pending and pending[0].follows(batches[-1]) and overdue(pending[0]) == shed and records < JOIN_RECORDS:
             records += len(pending[0].steps)
             batches.append(pending.popleft())
         started = time.perf_counter()
@@ -136,12 +135,13 @@ class VitalsIngest:
         except Exception:  # a bug must not stop ingest for every other stream
             log.exception("vitals batch failed", stream=stream.id)
             stream.end("internal error while judging vitals; reconnect")
-        self._spend(started)
+        self._refill()
+        self._budget -= self._refilled - started
 
-    def _spend(self, started: float) -> None:
-        """Refill the bucket for the time since the last refill, then take out the work since ``started``."""
+    def _refill(self) -> None:
+        """Add to the bucket what the time since the last refill earned, up to one slice."""
         now = time.perf_counter()
-        self._budget = min(self.slice_s, self._budget + (now - self._refilled) * self.share) - (now - started)
+        self._budget = min(self.slice_s, self._budget + (now - self._refilled) * self.share)
         self._refilled = now
 
     async def _work(self) -> None:
@@ -158,7 +158,7 @@ class VitalsIngest:
                     stream.room.set()
                 if self._budget < 0:  # rest until the bucket is full again: a slice of work per rest
                     await asyncio.sleep((self.slice_s - self._budget) / self.share)
-                    self._spend(time.perf_counter())
+                    self._refill()
                     ran_since = time.perf_counter()
                 elif time.perf_counter() - ran_since >= self.slice_s:
                     await asyncio.sleep(0)

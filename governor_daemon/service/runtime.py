@@ -97,7 +97,7 @@ class Governor:
         self.stopping.set()
         if self.journal is not None and self.failure is None:
             self.handle(ev.Stop(reason, self.clock.monotonic()))
-            self.committer.request_commit()
+            self.committer.commit_now()
 
     async def close(self, reason: str = "daemon shutting down") -> None:
         """``begin_stop``, then flush and close the journal."""
@@ -174,7 +174,7 @@ class Governor:
                     self.core.note_appended(append.run, entry.seq)
                 _count(self.metrics, append)
         if effects.sync:
-            committer.request_commit()
+            committer.commit_now()
         after = committer.journal.last_seq
         if effects.sends:
             self.outbound.push(after, effects.sends)

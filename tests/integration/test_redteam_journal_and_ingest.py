@@ -44,11 +44,11 @@ class _DiskFailsOnce(Journal):
 
 
 def test_a_failed_background_write_is_never_published_by_an_urgent_commit(tmp_path: Path) -> None:
-    """Defect (governor_daemon/journal/group_commit.py ``request_commit`` / writer.py ``write_pending``):
+    """Defect (governor_daemon/journal/group_commit.py ``commit_now`` / writer.py ``write_pending``):
     ``write_pending`` takes the pending lines out of ``_pending`` *before* writing them, and a write that
     raises leaves them gone. When the commit loop's thread write of entry A fails while an urgent
-    ``request_commit`` (a verdict's or command's entry B) is waiting for the write lock on the event loop
-    thread, ``request_commit`` then writes only B, succeeds, sets ``durable_seq`` to B and ``_publish(B)``:
+    ``commit_now`` (a verdict's or command's entry B) is waiting for the write lock on the event loop
+    thread, ``commit_now`` then writes only B, succeeds, sets ``durable_seq`` to B and ``_publish(B)``:
     every message held for A is released and every ``wait_durable(A)`` (a controller's call) returns
     success, although A never reached the disk. Only afterwards does the loop see its thread's exception
     and declare the failure. On disk, B follows a line that is missing, so the restart that docs/protocol.md
@@ -74,8 +74,8 @@ def test_a_failed_background_write_is_never_published_by_an_urgent_commit(tmp_pa
             await asyncio.sleep(0.001)
         assert journal.in_write.is_set(), "the commit loop never started writing A"
         b = committer.append("r", "decision", {"n": 2})  # a verdict's entry: urgent
-        threading.Timer(0.05, journal.gate.set).start()  # A's write fails while request_commit waits for it
-        committer.request_commit()
+        threading.Timer(0.05, journal.gate.set).start()  # A's write fails while commit_now waits for it
+        committer.commit_now()
         await asyncio.sleep(0.1)  # the loop learns of its thread's failure
         outcome: BaseException | None = None
         try:
