@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextvars
 import hmac
 import ipaddress
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +26,10 @@ from typing import Any
 import grpc
 
 from governor_daemon.errors import GovernorError, PermissionDeniedError
+from governor_daemon.text import RUN_ID_RE
 
 ROLES = ("trainer", "viewer", "controller")
 CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("governor_caller", default="")
-RUN_PREFIX_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 _TRAINER = "/tolaria.governor.v1.TrainerService/"
 _CONTROL = "/tolaria.governor.v1.ControlService/"
@@ -159,8 +158,8 @@ def _scope(path: Path, number: int, field: str) -> Scope:
         raise TokensFileError(f"{path}:{number}: the fourth field must be runs=PREFIX[,PREFIX...], got {field!r}")
     prefixes = tuple(field.removeprefix("runs=").split(","))
     for prefix in prefixes:
-        if not RUN_PREFIX_RE.fullmatch(prefix):
-            raise TokensFileError(f"{path}:{number}: run prefix {prefix!r} must match [A-Za-z0-9._-]{{1,128}}")
+        if not RUN_ID_RE.fullmatch(prefix):  # a prefix is a run id's beginning
+            raise TokensFileError(f"{path}:{number}: run prefix {prefix!r} must match {RUN_ID_RE.pattern}")
     return Scope(prefixes)
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import re
 
+RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+"""What a run id is (fullmatch): checked on every wire field that names a run, and every run-id prefix
+of a tokens file, so neither can carry anything ``printable`` would have to escape."""
+
 _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 

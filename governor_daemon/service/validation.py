@@ -8,16 +8,15 @@ the journal's JSON has no NaN, and an entry that cannot be encoded must never fo
 from __future__ import annotations
 
 import math
-import re
 
 import numpy as np
 import numpy.typing as npt
 
 from governor_daemon.core.machine import Limits
 from governor_daemon.errors import InvalidInputError, LimitExceededError
+from governor_daemon.text import RUN_ID_RE
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
 
-RUN_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 MAX_WORLD_SIZE = 4096
 
 
