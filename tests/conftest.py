@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -27,6 +28,16 @@ def governor_cli(
         cwd=cwd,
         check=False,
     )
+
+
+def openssl(folder: Path, *args: str) -> str:
+    """Run ``openssl ARGS`` in ``folder`` and return its stdout. Where openssl is missing the test is
+    skipped, except in CI, where the certificate tests must run."""
+    if shutil.which("openssl") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("openssl is needed for the TLS tests")
+        pytest.skip("openssl not installed")
+    return subprocess.run(["openssl", *args], check=True, capture_output=True, text=True, cwd=folder).stdout
 
 
 @pytest.fixture

@@ -131,15 +131,15 @@ def test_a_full_stream_waits_and_nothing_is_lost(tmp_path: Path) -> None:
     assert (records, last_seq) == (200, 200)
 
 
-def test_streams_progress_independently(daemon: InProcessDaemon) -> None:
-    """One stream sends 200 batches of 256 records, another a validation record: the verdict arrives and
-    every batch is acknowledged."""
-    busy = AttachClient(daemon.address, "busy")
-    quiet = AttachClient(daemon.address, "quiet")
+def flood_beside_a_validation(address: str, num_batches: int) -> AttachClient:
+    """Run "busy" sends ``num_batches`` batches of 256 records while run "quiet" sends a validation record:
+    the verdict arrives and every batch is acknowledged. Returns busy's (closed) client, with what it got."""
+    busy = AttachClient(address, "busy")
+    quiet = AttachClient(address, "quiet")
     try:
         busy.connect()
         quiet.connect()
-        for i in range(200):
+        for i in range(num_batches):
             busy.vitals(range(256 * i, 256 * i + 256), [1.0] * 256)
         quiet.validation(1, 2.0, epoch=1)
         assert quiet.next("verdict").verdict.kind == common_pb2.VERDICT_KIND_HEALTHY
@@ -147,6 +147,13 @@ def test_streams_progress_independently(daemon: InProcessDaemon) -> None:
     finally:
         busy.close()
         quiet.close()
+    return busy
+
+
+def test_streams_progress_independently(daemon: InProcessDaemon) -> None:
+    """One stream sends 200 batches of 256 records, another a validation record: the verdict arrives and
+    every batch is acknowledged."""
+    flood_beside_a_validation(daemon.address, 200)
 
 
 def test_a_command_leaves_before_the_verdict_of_a_later_message(tmp_path: Path) -> None:
@@ -222,19 +229,7 @@ def test_a_daemon_behind_sheds_counts_and_tells_the_trainer(tmp_path: Path) -> N
     is partly shed. Every record is either judged or shed; the Acks' num_shed, GetPanicState and the metric
     agree on how many; the quiet stream's verdict arrives."""
     with InProcessDaemon(tmp_path / "data", vitals_share=0.05, shed_after_ms=1.0) as daemon:
-        busy = AttachClient(daemon.address, "busy")
-        quiet = AttachClient(daemon.address, "quiet")
-        try:
-            busy.connect()
-            quiet.connect()
-            for i in range(100):
-                busy.vitals(range(256 * i, 256 * i + 256), [1.0] * 256)
-            quiet.validation(1, 2.0, epoch=1)
-            assert quiet.next("verdict").verdict.kind == common_pb2.VERDICT_KIND_HEALTHY
-            busy.wait_ack(busy.seq, timeout_s=30)
-        finally:
-            busy.close()
-            quiet.close()
+        busy = flood_beside_a_validation(daemon.address, 100)
         shed = sum(m.ack.num_shed for m in busy.received if m.WhichOneof("message") == "ack")
         with grpc.insecure_channel(daemon.address) as channel:
             stub = control_service_pb2_grpc.ControlServiceStub(channel)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from hypothesis import strategies as st
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
 from governor_daemon.security import Tokens
 from governor_daemon.testing import AttachClient, InProcessDaemon
-from tests.conftest import governor_cli
+from tests.conftest import governor_cli, openssl
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
 from tolaria.governor.v1 import control_service_pb2 as cpb
 from tolaria.governor.v1 import control_service_pb2_grpc as cgrpc
@@ -138,13 +135,9 @@ def test_non_loopback_without_tokens_exits_2(tmp_path: Path) -> None:
 
 def make_certs(folder: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1 and a client certificate with CN ops-bot, via openssl."""
-    if shutil.which("openssl") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("openssl is needed for the TLS tests")
-        pytest.skip("openssl not installed")
 
     def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+        openssl(folder, *args)
 
     run(
         "req",

@@ -2,51 +2,23 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from governor_daemon.certs import CertificateError, expiry_warning, not_after
+from tests.conftest import openssl
 
 
 def self_signed(folder: Path, days: int) -> bytes:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not installed")
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "k.pem",
-            "-out",
-            "c.pem",
-            "-days",
-            str(days),
-            "-subj",
-            "/CN=governor",
-        ],
-        check=True,
-        capture_output=True,
-        cwd=folder,
-    )
+    args = ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "k.pem", "-out", "c.pem"]
+    openssl(folder, *args, "-days", str(days), "-subj", "/CN=governor")
     return (folder / "c.pem").read_bytes()
 
 
 def openssl_end_date(folder: Path) -> datetime:
-    out = subprocess.run(
-        ["openssl", "x509", "-in", "c.pem", "-noout", "-enddate"],
-        check=True,
-        capture_output=True,
-        text=True,
-        cwd=folder,
-    ).stdout
+    out = openssl(folder, "x509", "-in", "c.pem", "-noout", "-enddate")
     return datetime.strptime(out.strip().split("=", 1)[1], "%b %d %H:%M:%S %Y %Z").replace(tzinfo=UTC)
 
 
