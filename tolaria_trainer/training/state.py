@@ -112,7 +112,7 @@ class TrainingState:
 
     def learning_rate(self) -> float:
         """Learning rate of the host optimizer's first group (a Python float: no device sync)."""
-        return float(self.host_optimizer.param_groups[0]["lr"])
+        return float(self.optimizers[0].param_groups[0]["lr"])  # not through the property: once per step
 
 
 def enable_compile(state: TrainingState, backend: str = "inductor") -> None:

@@ -1,7 +1,9 @@
 """Per-step vitals gathered on the device without host syncs, handed to a sink in chunks.
 
-The hot loop calls ``record`` with device tensors; nothing there reads a tensor on the host. The
-buffer is copied to the host asynchronously and handed to the sink as a VitalsChunk when it holds
+The hot loop calls ``record`` with device tensors; nothing there reads an accelerator's tensor on the
+host. (A CPU tensor is read at once: ``item()`` is cheaper than keeping a detached tensor, and the sender
+thread then builds its message with no tensor work, which would hand the GIL back and forth with the
+training thread.) The buffer is copied to the host asynchronously and handed to the sink as a VitalsChunk when it holds
 ``capacity`` steps, when ``flush_interval_s`` has passed since its first step (so a NaN step reaches
 the governor within about that time, not only when the buffer fills; reading the host clock is no
 device sync), when a step of another timeline arrives (a chunk never mixes timelines: every record
@@ -14,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -31,17 +34,17 @@ class StepVitals:
     lr: float
 
 
+# Pinned host copy (CUDA), or per-step columns: host floats (CPU) or detached tensors (another device).
+Values = torch.Tensor | tuple[list[Any], list[Any]]
+
+
 class VitalsChunk:
-    """Records of one timeline: on CUDA copied (perhaps still copying) to pinned host memory; on the CPU the
-    step tensors themselves, stacked by the consumer thread (so the training thread does not)."""
+    """Records of one timeline: on CUDA copied (perhaps still copying) to pinned host memory; on the CPU
+    host floats already; on another device the step tensors themselves, stacked by the consumer thread (so
+    the training thread does not)."""
 
     def __init__(
-        self,
-        timeline: int,
-        steps: list[int],
-        lrs: list[float],
-        values: torch.Tensor | tuple[list[torch.Tensor], list[torch.Tensor]],
-        event: torch.cuda.Event | None,
+        self, timeline: int, steps: list[int], lrs: list[float], values: Values, event: torch.cuda.Event | None
     ) -> None:
         self.timeline, self.steps, self.lrs, self._values, self._event = timeline, steps, lrs, values, event
         self._host: VitalsColumns | None = None
@@ -52,14 +55,8 @@ class VitalsChunk:
         if self._host is None:
             if self._event is not None:
                 self._event.synchronize()
-            values = self._values
-            if isinstance(values, tuple):  # CPU tensors: stacking them here is no device work
-                cpu = torch.device("cpu")
-                values = torch.stack((_stacked(values[0], cpu), _stacked(values[1], cpu)), dim=1)
-            rows = values.tolist()
-            self._host = VitalsColumns(
-                self.timeline, self.steps, [row[0] for row in rows], [row[1] for row in rows], self.lrs
-            )
+            losses, grads = _host_columns(self._values)
+            self._host = VitalsColumns(self.timeline, self.steps, losses, grads, self.lrs)
         return self._host
 
     def records(self) -> list[StepVitals]:
@@ -72,6 +69,18 @@ class VitalsChunk:
 
 
 Sink = Callable[[VitalsChunk], None]
+
+
+def _host_columns(values: Values) -> tuple[list[float], list[float]]:
+    """The loss and grad-norm columns as host floats."""
+    if isinstance(values, torch.Tensor):  # pinned (n, 2), copied from CUDA
+        rows = values.tolist()
+        return [row[0] for row in rows], [row[1] for row in rows]
+    losses, grads = values
+    if losses and isinstance(losses[0], torch.Tensor):  # another device's tensors: stacked here, not in training
+        cpu = torch.device("cpu")
+        return _stacked(losses, cpu).tolist(), _stacked(grads, cpu).tolist()
+    return losses, grads
 
 
 def _stacked(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -87,6 +96,7 @@ def _stacked(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
 class VitalsBuffer:
     """Device-side buffer of (loss, grad_norm) per step; steps, lrs and the timeline are host values. A step
     only keeps references to its (detached) loss and grad-norm tensors; a chunk stacks them in two kernels.
+    On the CPU a step keeps their values (``item()`` reads no accelerator).
 
     ``clock`` (monotonic seconds) is read once per step for the flush interval.
     """
@@ -103,8 +113,9 @@ class VitalsBuffer:
         self.capacity = capacity
         self.flush_interval_s = flush_interval_s
         self.clock = clock
-        self._losses: list[torch.Tensor] = []  # detached 0-d device tensors: stacked once per chunk
-        self._grads: list[torch.Tensor] = []
+        self._on_host = device.type == "cpu"
+        self._losses: list[Any] = []  # host floats, or detached 0-d device tensors stacked once per chunk
+        self._grads: list[Any] = []
         self.steps: list[int] = []
         self.lrs: list[float] = []
         self.timeline = 0
@@ -115,16 +126,22 @@ class VitalsBuffer:
     def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, timeline: int) -> None:
         """Store one step's vitals, produced on ``timeline`` (device copies only); flush when full, when the
         flush interval has passed, or first when ``timeline`` differs from the buffered steps'."""
-        if self.steps and timeline != self.timeline:
+        steps = self.steps
+        if steps and timeline != self.timeline:
             self.flush()
+            steps = self.steps
         now = self.clock()
-        if not self.steps:
+        if not steps:
             self.timeline, self._first_at = timeline, now
-        self._losses.append(loss.detach())
-        self._grads.append(grad_norm.detach())
-        self.steps.append(step)
+        if self._on_host:
+            self._losses.append(loss.item())
+            self._grads.append(grad_norm.item())
+        else:  # detached only when part of a graph (a grad norm seldom is): detach shares the storage anyway
+            self._losses.append(loss.detach() if loss.requires_grad else loss)
+            self._grads.append(grad_norm.detach() if grad_norm.requires_grad else grad_norm)
+        steps.append(step)
         self.lrs.append(lr)
-        if len(self.steps) == self.capacity or now - self._first_at >= self.flush_interval_s:
+        if len(steps) == self.capacity or now - self._first_at >= self.flush_interval_s:
             self.flush()
 
     def flush(self) -> VitalsChunk | None:
@@ -134,7 +151,7 @@ class VitalsBuffer:
             return None
         device = self.device
         event: torch.cuda.Event | None = None
-        host: torch.Tensor | tuple[list[torch.Tensor], list[torch.Tensor]]
+        host: Values
         if device.type == "cuda":  # kernels belong on the training thread's stream: stack and copy here
             values = torch.stack((_stacked(self._losses, device), _stacked(self._grads, device)), dim=1)
             host = torch.empty((n, 2), dtype=values.dtype, pin_memory=True)

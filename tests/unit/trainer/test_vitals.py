@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tolaria_trainer.training import VitalsBuffer, VitalsChunk
@@ -62,3 +63,22 @@ def test_flushes_when_full() -> None:
         record(buffer, step, 0)
     assert [len(c) for c in chunks] == [4, 4]
     assert [r.step for r in chunks[1].records()] == [5, 6, 7, 8]
+
+
+def test_a_cpu_chunk_holds_host_floats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the CPU the values are read at record time (no device to wait for), so the sender thread builds
+    its message without a tensor operation (each would hand the GIL to the training thread and back), and
+    an in-place change to the loss tensor after the step does not rewrite its record."""
+    buffer, chunks, _ = recorder()
+    loss = torch.tensor(2.5, requires_grad=True) * 1.0
+    buffer.record(1, loss, torch.tensor(0.5), 0.1, 0)
+    with torch.no_grad():
+        loss.fill_(9.0)
+    buffer.flush()
+
+    def no_tensor_work(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a tensor operation while building the columns")
+
+    monkeypatch.setattr(torch, "stack", no_tensor_work)
+    columns = chunks[0].host()
+    assert (columns.losses, columns.grad_norms, columns.lrs) == ([2.5], [0.5], [0.1])
