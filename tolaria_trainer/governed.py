@@ -378,7 +378,8 @@ class GovernedTraining:
         return norm
 
     def _quiet(self, timeline: int) -> Outcome:
-        """The outcome of a step that only recorded (one object per timeline: nothing allocated per step)."""
+        """The outcome of a step or agreement point that only recorded (one object per timeline: nothing
+        allocated per step)."""
         if self._quiet_outcome.timeline != timeline:
             self._quiet_outcome = Outcome(timeline=timeline)
         return self._quiet_outcome
@@ -495,7 +496,7 @@ class GovernedTraining:
         command = self._agree_command()
         if command is None:
             self._stage_step_snapshot()
-            return Outcome(timeline=self.state.timeline)
+            return self._quiet(self.state.timeline)
         return self._execute(command)
 
     def _check_open(self) -> None:

@@ -28,6 +28,8 @@ from tolaria_trainer.client.protocol import EndKind, ProtocolOptions, TrainerPro
 
 log = structlog.get_logger("tolaria.client")
 
+_NOTHING_TO_SEND = frozenset({"ack", "verdict", "command"})  # responses after which the sender has nothing new
+
 
 @dataclass(frozen=True)
 class ClientOptions:
@@ -77,7 +79,12 @@ class GovernorClient:
         self.options = options or ClientOptions()
         self._clock = clock
         self.protocol = TrainerProtocol(hello, self.options.protocol_options(), clock())
-        self._cond = threading.Condition()
+        # One lock, two conditions: the training thread's waits (verdicts, connection, flush) and the
+        # sender's. Acks, verdicts and commands never make anything sendable, so they do not wake the
+        # sender: every needless wake takes the GIL from the training thread.
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._sendable = threading.Condition(self._lock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"governor-client-{hello.rank}", daemon=True)
         self._channel: grpc.Channel | None = None
@@ -165,6 +172,7 @@ class GovernorClient:
             flushed = self.protocol.num_pending == 0
             self._stop.set()
             self._cond.notify_all()
+            self._sendable.notify()
         if self._channel is not None:
             self._channel.close()
         if self._thread.is_alive():
@@ -178,14 +186,14 @@ class GovernorClient:
         last seq assigned."""
         with self._cond:
             last = self.protocol.send_vitals(chunk)
-            self._cond.notify_all()
+            self._sendable.notify()
             return last
 
     def send_validation(self, record: trainer_service_pb2.ValidationRecord) -> int:
         """Queue a validation record; returns its seq."""
         with self._cond:
             seq = self.protocol.send_validation(record)
-            self._cond.notify_all()
+            self._sendable.notify()
             return seq
 
     def send_snapshot(self, timeline: int, step: int, snapshot_bytes: int, duration_ms: float, location: str) -> int:
@@ -195,7 +203,7 @@ class GovernorClient:
         )
         with self._cond:
             seq = self.protocol.send_snapshot(snapshot)
-            self._cond.notify_all()
+            self._sendable.notify()
             return seq
 
     def send_command_result(
@@ -213,14 +221,14 @@ class GovernorClient:
             seq = self.protocol.send_command_result(
                 command, succeeded, restored_step, duration_ms, error, num_culled_seeds, lr_after_restore
             )
-            self._cond.notify_all()
+            self._sendable.notify()
             return seq
 
     def send_finish(self, finish: trainer_service_pb2.Finish) -> int:
         """Queue the Finish message; returns its seq."""
         with self._cond:
             seq = self.protocol.send_finish(finish)
-            self._cond.notify_all()
+            self._sendable.notify()
             return seq
 
     def wait_verdict(self, seq: int, timeout_s: float) -> trainer_service_pb2.Verdict | None:
@@ -290,6 +298,8 @@ class GovernorClient:
                     self.protocol.receive(response, self._clock())
                     ending = self.protocol.stream_ending
                     self._cond.notify_all()
+                    if response.WhichOneof("message") not in _NOTHING_TO_SEND:
+                        self._sendable.notify()
                 self._log_response(response)
                 if ending:
                     break
@@ -297,6 +307,7 @@ class GovernorClient:
             alive.clear()
             with self._cond:
                 self._cond.notify_all()
+                self._sendable.notify()
             channel.close()
 
     def _requests(
@@ -314,7 +325,7 @@ class GovernorClient:
                 message = self.protocol.next_message(self._clock())
                 if message is None:
                     due = self.protocol.send_due_at()
-                    self._cond.wait(None if due is None else max(0.0, due - self._clock()))
+                    self._sendable.wait(None if due is None else max(0.0, due - self._clock()))
                     continue
             yield message
 
