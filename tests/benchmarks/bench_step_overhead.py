@@ -13,19 +13,27 @@ sender thread (serialization, gRPC) runs beside the training thread: it counts i
 column, never in the thread column, and what it leaves running at the end of a governed block spills
 into a governed or an ungoverned block, never into a bare one.
 
+The thread time is split into the ``step`` call (what governance does on the training thread) and the
+training operations, which governance does not touch but which run slower beside the client's threads
+and the daemon (shared caches and memory bandwidth). ``own_core`` pins the training thread to one core
+and everything else to the others, as a machine with cores to spare would place them; without it the OS
+places every thread on the same cores.
+
 The workload must stay an ordinary training run for as long as the bench lasts: one batch learnt over and
 over reaches a loss of 1e-8 after a few thousand steps, where Adam blows up (the loss jumps to 14) and
 the governor rightly rolls back, then halts on the recurrence. So the batches come from a teacher with
-label noise (the loss levels off near 1), and any restore or halt fails the bench instead of comparing
+label noise (the loss stays above 0.1), and any restore or halt fails the bench instead of comparing
 different work.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import resource
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -69,22 +77,37 @@ class _Loop:
         gov.start()
         return gov
 
-    def steps(self, n: int, gov: GovernedTraining | None) -> None:
+    def steps(self, n: int, gov: GovernedTraining | None) -> tuple[float, float]:
+        """``n`` steps; returns the training thread's seconds in the training operations and in ``gov.step``
+        (the clock is read in every arm alike, so its cost cancels)."""
         model, optimizer, x, y = self.model, self.optimizer, self.x, self.y
+        clock = time.thread_time_ns
+        ops = call = 0
         for i in range(self.next, self.next + n):
+            t0 = clock()
             optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x[i % BATCHES]), y[i % BATCHES])
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), 1e3)
             optimizer.step()
+            t1 = clock()
             if gov is not None and gov.step(loss, grad_norm).restored:
                 raise RuntimeError(f"the governor restored the bench's run at step {gov.state.step}: see its log")
+            t2 = clock()
+            ops, call = ops + t1 - t0, call + t2 - t1
         self.next += n
+        return ops / 1e9, call / 1e9
 
 
 def _process_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_s(pid: int) -> float:
+    """User and system CPU seconds of process ``pid`` (clock ticks: 10 ms each, so summed over many blocks)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -98,44 +121,71 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": median, "q1": q1, "q3": q3, "ci_low": ordered[low], "ci_high": ordered[high]}
 
 
-def run(rounds: int = 300, block: int = 20) -> dict[str, Any]:
-    """Per-step medians per arm (thread CPU µs, wall µs, process CPU µs) and the spread of the per-round
-    ratios: governed/bare and governed/ungoverned of the thread time, governed/bare of wall and process."""
+def _place(daemon_pid: int, own_core: bool) -> None:
+    """With ``own_core``, the training thread (the caller) alone on the first CPU and every other thread of
+    this process and of the daemon on the rest: the placement a machine with spare cores gives, where the
+    client's threads and the daemon never share the training thread's core. Otherwise the OS places them."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not own_core or len(cpus) < 2:
+        return
+    me = threading.get_native_id()
+    for where in ("self", str(daemon_pid)):
+        for tid in os.listdir(f"/proc/{where}/task"):
+            os.sched_setaffinity(int(tid), {cpus[0]} if int(tid) == me else set(cpus[1:]))
+
+
+def run(rounds: int = 300, block: int = 20, own_core: bool = True) -> dict[str, Any]:
+    """Per-step medians per arm (thread CPU µs, wall µs, process CPU µs; the thread time split into the
+    training operations and the ``step`` call), the spread of the per-round ratios, and the daemon's CPU
+    per governed step. ``own_core``: see ``_place``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    per_step: dict[str, dict[str, list[float]]] = {arm: {"thread": [], "wall": [], "process": []} for arm in ARMS}
+    what = ("thread", "wall", "process", "ops", "call")
+    per_step: dict[str, dict[str, list[float]]] = {arm: {k: [] for k in what} for arm in ARMS}
+    affinity = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory() as tmp:
         daemon = DaemonProcess(Path(tmp) / "data")
         loop = _Loop()
         govs = {"bare": None, "ungoverned": loop.governed(None, "ungoverned"), "governed": None}
         try:
             govs["governed"] = loop.governed(daemon.address, "governed")
+            _place(daemon.proc.pid, own_core)
             for arm in ARMS:
                 loop.steps(10 * block, govs[arm])  # warm-up
+            daemon_cpu = 0.0
             for i in range(rounds):
                 for arm in ARMS if i % 2 == 0 else ARMS[::-1]:
+                    d0 = _cpu_s(daemon.proc.pid) if arm == "governed" else 0.0
                     t0, w0, p0 = time.thread_time(), time.perf_counter(), _process_cpu_s()
-                    loop.steps(block, govs[arm])
-                    per_step[arm]["thread"].append((time.thread_time() - t0) / block * 1e6)
-                    per_step[arm]["wall"].append((time.perf_counter() - w0) / block * 1e6)
-                    per_step[arm]["process"].append((_process_cpu_s() - p0) / block * 1e6)
+                    ops, call = loop.steps(block, govs[arm])
+                    t1, w1, p1 = time.thread_time(), time.perf_counter(), _process_cpu_s()
+                    if arm == "governed":
+                        daemon_cpu += _cpu_s(daemon.proc.pid) - d0
+                    for k, v in zip(what, (t1 - t0, w1 - w0, p1 - p0, ops, call), strict=True):
+                        per_step[arm][k].append(v / block * 1e6)
         finally:
             for gov in govs.values():
                 if gov is not None:
                     gov.close(None)
             daemon.terminate()
             torch.set_num_threads(threads)
+            os.sched_setaffinity(0, affinity)
 
-    def ratios(a: str, b: str, what: str) -> dict[str, float]:
-        return spread([x / y for x, y in zip(per_step[a][what], per_step[b][what], strict=True)])
+    def ratios(a: str, b: str, k: str) -> dict[str, float]:
+        return spread([x / y for x, y in zip(per_step[a][k], per_step[b][k], strict=True)])
 
     return {
         "medians_us": {arm: {k: statistics.median(v) for k, v in per_step[arm].items()} for arm in ARMS},
-        "thread_governed_vs_bare": ratios("governed", "bare", "thread"),
+        "call_mean_us": {arm: statistics.mean(per_step[arm]["call"]) for arm in ARMS},
         "thread_governed_vs_ungoverned": ratios("governed", "ungoverned", "thread"),
+        "thread_governed_vs_bare": ratios("governed", "bare", "thread"),
         "thread_ungoverned_vs_bare": ratios("ungoverned", "bare", "thread"),
+        "ops_governed_vs_bare": ratios("governed", "bare", "ops"),
+        "wall_governed_vs_ungoverned": ratios("governed", "ungoverned", "wall"),
         "wall_governed_vs_bare": ratios("governed", "bare", "wall"),
         "process_governed_vs_bare": ratios("governed", "bare", "process"),
+        "daemon_cpu_us_per_step": daemon_cpu / (rounds * block) * 1e6,
+        "own_core": own_core and len(affinity) > 1,
         "rounds": rounds,
         "block": block,
     }
@@ -144,4 +194,4 @@ def run(rounds: int = 300, block: int = 20) -> dict[str, Any]:
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(run(), indent=2))
+    print(json.dumps({"own core": run(own_core=True), "shared cores": run(own_core=False)}, indent=2))
