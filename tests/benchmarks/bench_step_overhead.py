@@ -17,7 +17,9 @@ The thread time is split into the ``step`` call (what governance does on the tra
 training operations, which governance does not touch but which run slower beside the client's threads
 and the daemon (shared caches and memory bandwidth). ``own_core`` pins the training thread to one core
 and everything else to the others, as a machine with cores to spare would place them; without it the OS
-places every thread on the same cores.
+places every thread on the same cores. ``pause_daemon`` takes the daemon's CPU work off the measured
+time, which is what a daemon on another machine would do: on a 2-core box the daemon on the other core
+still slows the training operations through the shared caches and memory bandwidth.
 
 The workload must stay an ordinary training run for as long as the bench lasts: one batch learnt over and
 over reaches a loss of 1e-8 after a few thousand steps, where Adam blows up (the loss jumps to 14) and
@@ -31,6 +33,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+import signal
 import statistics
 import tempfile
 import threading
@@ -134,10 +137,13 @@ def _place(daemon_pid: int, own_core: bool) -> None:
             os.sched_setaffinity(int(tid), {cpus[0]} if int(tid) == me else set(cpus[1:]))
 
 
-def run(rounds: int = 300, block: int = 20, own_core: bool = True) -> dict[str, Any]:
+def run(rounds: int = 300, block: int = 20, own_core: bool = True, pause_daemon: bool = False) -> dict[str, Any]:
     """Per-step medians per arm (thread CPU µs, wall µs, process CPU µs; the thread time split into the
     training operations and the ``step`` call), the spread of the per-round ratios, and the daemon's CPU
-    per governed step. ``own_core``: see ``_place``."""
+    per governed step. ``own_core``: see ``_place``. ``pause_daemon``: the daemon is stopped (SIGSTOP)
+    during every block of every arm and catches up in a 10 ms gap after each, so its CPU work happens off
+    the measured time, as on another machine; the trainer's sending happens in the block, while handling
+    the acknowledgements moves to the gap."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     what = ("thread", "wall", "process", "ops", "call")
@@ -156,14 +162,20 @@ def run(rounds: int = 300, block: int = 20, own_core: bool = True) -> dict[str, 
             for i in range(rounds):
                 for arm in ARMS if i % 2 == 0 else ARMS[::-1]:
                     d0 = _cpu_s(daemon.proc.pid) if arm == "governed" else 0.0
+                    if pause_daemon:
+                        os.kill(daemon.proc.pid, signal.SIGSTOP)
                     t0, w0, p0 = time.thread_time(), time.perf_counter(), _process_cpu_s()
                     ops, call = loop.steps(block, govs[arm])
                     t1, w1, p1 = time.thread_time(), time.perf_counter(), _process_cpu_s()
+                    if pause_daemon:
+                        os.kill(daemon.proc.pid, signal.SIGCONT)
+                        time.sleep(0.01)
                     if arm == "governed":
                         daemon_cpu += _cpu_s(daemon.proc.pid) - d0
                     for k, v in zip(what, (t1 - t0, w1 - w0, p1 - p0, ops, call), strict=True):
                         per_step[arm][k].append(v / block * 1e6)
         finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
             for gov in govs.values():
                 if gov is not None:
                     gov.close(None)
@@ -186,6 +198,7 @@ def run(rounds: int = 300, block: int = 20, own_core: bool = True) -> dict[str, 
         "process_governed_vs_bare": ratios("governed", "bare", "process"),
         "daemon_cpu_us_per_step": daemon_cpu / (rounds * block) * 1e6,
         "own_core": own_core and len(affinity) > 1,
+        "pause_daemon": pause_daemon,
         "rounds": rounds,
         "block": block,
     }
@@ -194,4 +207,5 @@ def run(rounds: int = 300, block: int = 20, own_core: bool = True) -> dict[str, 
 if __name__ == "__main__":
     import json
 
-    print(json.dumps({"own core": run(own_core=True), "shared cores": run(own_core=False)}, indent=2))
+    placements = {"daemon paused": {"pause_daemon": True}, "own core": {}, "shared cores": {"own_core": False}}
+    print(json.dumps({name: run(**kwargs) for name, kwargs in placements.items()}, indent=2))
