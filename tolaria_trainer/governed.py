@@ -353,9 +353,9 @@ class GovernedTraining:
             grad_norm = _as_tensor(grad_norm, self.device)
         if type(loss) is not torch.Tensor:
             loss = _as_tensor(loss, self.device)
-        state.step = step = state.step + 1
-        timeline = state.timeline
-        self.vitals.record(step, loss, grad_norm, state.learning_rate(), timeline)
+        step, timeline = state.step + 1, state.timeline
+        self.vitals.record(step, loss, grad_norm, state.learning_rate(), timeline)  # raises on a bad loss
+        state.step = step
         if self.agree_every_steps and step % self.agree_every_steps == 0:
             return self.agreement_point()
         quiet = self._quiet_outcome

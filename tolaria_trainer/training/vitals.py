@@ -83,6 +83,13 @@ def _host_columns(values: Values) -> tuple[list[float], list[float]]:
     return losses, grads
 
 
+def _not_scalar(loss: torch.Tensor, grad_norm: torch.Tensor) -> str:
+    return (
+        "a step's loss and gradient norm must each be one number (reduce a per-sample loss first); got shapes "
+        f"{tuple(loss.shape)} and {tuple(grad_norm.shape)}"
+    )
+
+
 def _stacked(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """One float32 tensor of 0-d ``tensors`` on ``device``: one kernel when they are there already (the
     usual case), a copy of each only when some are elsewhere (a loss on the GPU, a grad norm on the CPU)."""
@@ -126,6 +133,18 @@ class VitalsBuffer:
     def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, timeline: int) -> None:
         """Store one step's vitals, produced on ``timeline`` (device copies only); flush when full, when the
         flush interval has passed, or first when ``timeline`` differs from the buffered steps'."""
+        loss_value: Any
+        grad_value: Any
+        if self._on_host:
+            try:
+                loss_value, grad_value = loss.item(), grad_norm.item()
+            except RuntimeError:
+                raise ValueError(_not_scalar(loss, grad_norm)) from None
+        else:  # detached only when part of a graph (a grad norm seldom is): detach shares the storage anyway
+            if loss.numel() != 1 or grad_norm.numel() != 1:
+                raise ValueError(_not_scalar(loss, grad_norm))
+            loss_value = loss.detach() if loss.requires_grad else loss
+            grad_value = grad_norm.detach() if grad_norm.requires_grad else grad_norm
         steps = self.steps
         if steps and timeline != self.timeline:
             self.flush()
@@ -133,12 +152,8 @@ class VitalsBuffer:
         now = self.clock()
         if not steps:
             self.timeline, self._first_at = timeline, now
-        if self._on_host:
-            self._losses.append(loss.item())
-            self._grads.append(grad_norm.item())
-        else:  # detached only when part of a graph (a grad norm seldom is): detach shares the storage anyway
-            self._losses.append(loss.detach() if loss.requires_grad else loss)
-            self._grads.append(grad_norm.detach() if grad_norm.requires_grad else grad_norm)
+        self._losses.append(loss_value)
+        self._grads.append(grad_value)
         steps.append(step)
         self.lrs.append(lr)
         if len(steps) == self.capacity or now - self._first_at >= self.flush_interval_s:

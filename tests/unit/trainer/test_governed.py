@@ -17,6 +17,7 @@ from tests.unit.trainer.helpers import assert_bitwise_equal
 from tolaria_trainer import GovernedTraining, RunHalted
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.governance import CommandType, FinishStatus, VerdictKind
+from tolaria_trainer.training import VitalsBuffer
 
 
 class Position:
@@ -217,6 +218,24 @@ def test_bad_arguments_are_clear_errors(kwargs: dict[str, object], message: str)
     arguments: dict[str, object] = {"governor": None, **kwargs}
     with pytest.raises((ValueError, TypeError), match=message):
         GovernedTraining(model, optimizers, **arguments)  # type: ignore[arg-type]
+
+
+def test_a_per_sample_loss_is_a_clear_error_that_changes_nothing() -> None:
+    """step() takes one number: a loss left unreduced (or a grad norm per parameter) is refused before the
+    step is counted or recorded, on the CPU (values read at once) as on an accelerator (tensors kept)."""
+    model, optimizers, _ = plain_setup()
+    with GovernedTraining(model, optimizers, governor=None) as gov:
+        train_steps(gov, 2)
+        with pytest.raises(ValueError, match=r"must each be one number .*got shapes \(4,\) and \(\)"):
+            gov.step(torch.ones(4), torch.tensor(1.0))
+        with pytest.raises(ValueError, match=r"got shapes \(\) and \(2,\)"):
+            gov.step(torch.tensor(1.0), torch.ones(2))
+        assert gov.state.step == 2
+        assert gov.vitals.steps == [1, 2]
+    accelerator = VitalsBuffer(torch.device("meta"))
+    with pytest.raises(ValueError, match=r"got shapes \(4,\) and \(\)"):
+        accelerator.record(1, torch.ones(4), torch.tensor(1.0), 0.1, 0)
+    assert accelerator.steps == []
 
 
 def test_step_snapshots_are_vouched_for_by_the_train_stream_and_an_onset_picks_one() -> None:
