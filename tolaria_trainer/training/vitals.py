@@ -141,8 +141,10 @@ class VitalsBuffer:
             except RuntimeError:
                 raise ValueError(_not_scalar(loss, grad_norm)) from None
         else:  # detached only when part of a graph (a grad norm seldom is): detach shares the storage anyway
-            if loss.numel() != 1 or grad_norm.numel() != 1:
-                raise ValueError(_not_scalar(loss, grad_norm))
+            if loss.dim() or grad_norm.dim():  # one number of shape (1,) is one too (item() takes it on the CPU)
+                if loss.numel() != 1 or grad_norm.numel() != 1:
+                    raise ValueError(_not_scalar(loss, grad_norm))
+                loss, grad_norm = loss.reshape(()), grad_norm.reshape(())
             loss_value = loss.detach() if loss.requires_grad else loss
             grad_value = grad_norm.detach() if grad_norm.requires_grad else grad_norm
         steps = self.steps

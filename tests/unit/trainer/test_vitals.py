@@ -82,3 +82,16 @@ def test_a_cpu_chunk_holds_host_floats(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "stack", no_tensor_work)
     columns = chunks[0].host()
     assert (columns.losses, columns.grad_norms, columns.lrs) == ([2.5], [0.5], [0.1])
+
+
+def test_a_one_element_loss_is_one_number_on_every_device() -> None:
+    """A loss of shape (1,) is recorded like a 0-d one whether the buffer reads values (CPU) or keeps
+    tensors (an accelerator: a mix of shapes used to break the stacking at the flush)."""
+    for device in ("cpu", "meta"):  # "meta": a buffer for an accelerator, here holding CPU tensors
+        chunks: list[VitalsChunk] = []
+        buffer = VitalsBuffer(torch.device(device), 4, chunks.append)
+        buffer.record(1, torch.tensor([2.0]), torch.tensor(0.5), 0.1, 0)
+        buffer.record(2, torch.tensor(3.0), torch.tensor([0.25]), 0.1, 0)
+        buffer.flush()
+        columns = chunks[0].host()
+        assert (columns.losses, columns.grad_norms) == ([2.0, 3.0], [0.5, 0.25]), device
