@@ -1,0 +1,32 @@
+"""The step-overhead bench still runs (`make bench` is not part of `make test`): a few rounds of each
+placement against a real daemon, its row rendered. It asserts the shape of the result, not a speed."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.benchmarks import bench_step_overhead
+from tests.benchmarks.run_all import step_overhead_row
+
+
+@pytest.mark.parametrize("placement", [{"pause_daemon": True}, {}, {"own_core": False}])
+def test_step_overhead_bench_runs(placement: dict[str, bool]) -> None:
+    result = bench_step_overhead.run(rounds=3, block=4, **placement)
+    for arm in bench_step_overhead.ARMS:
+        medians = result["medians_us"][arm]
+        assert min(medians["thread"], medians["wall"], medians["ops"]) > 0, (arm, medians)
+    spread = result["thread_governed_vs_ungoverned"]
+    assert spread["ci_low"] <= spread["median"] <= spread["ci_high"]
+    what, measured, ratio, budget = step_overhead_row(result)
+    assert ("<= 1.02" in budget) == bool(placement.get("pause_daemon")), budget
+    assert measured.endswith(" us")
+    assert ratio.count("(") == 1
+    assert "daemon" in what
+
+
+def test_spread_gives_the_median_and_a_confidence_interval_around_it() -> None:
+    values = [float(v) for v in range(1, 101)]
+    spread = bench_step_overhead.spread(values)
+    assert spread["median"] == 50.5
+    # the 41st and 61st of the sorted values: ranks 50 -+ 0.98 sqrt(100), rounded outwards
+    assert (spread["ci_low"], spread["ci_high"]) == (41.0, 61.0)
