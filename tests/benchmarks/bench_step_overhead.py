@@ -30,6 +30,7 @@ different work.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import resource
@@ -124,17 +125,27 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": median, "q1": q1, "q3": q3, "ci_low": ordered[low], "ci_high": ordered[high]}
 
 
-def _place(daemon_pid: int, own_core: bool) -> None:
+def _place(daemon_pid: int, own_core: bool) -> dict[int, set[int]]:
     """With ``own_core``, the training thread (the caller) alone on the first CPU and every other thread of
-    this process and of the daemon on the rest: the placement a machine with spare cores gives, where the
-    client's threads and the daemon never share the training thread's core. Otherwise the OS places them."""
+    this process and of the daemon on the rest: the placement a machine with cores to spare gives, where the
+    client's threads and the daemon never share the training thread's core. Otherwise the OS places them.
+    Returns this process's threads' previous affinities, for ``_restore``."""
     cpus = sorted(os.sched_getaffinity(0))
     if not own_core or len(cpus) < 2:
-        return
+        return {}
     me = threading.get_native_id()
+    before = {int(tid): os.sched_getaffinity(int(tid)) for tid in os.listdir("/proc/self/task")}
     for where in ("self", str(daemon_pid)):
         for tid in os.listdir(f"/proc/{where}/task"):
             os.sched_setaffinity(int(tid), {cpus[0]} if int(tid) == me else set(cpus[1:]))
+    return before
+
+
+def _restore(before: dict[int, set[int]]) -> None:
+    """Give this process's threads back the affinities ``_place`` found (gRPC's threads outlive the bench)."""
+    for tid, cpus in before.items():
+        with contextlib.suppress(OSError):  # the thread has ended
+            os.sched_setaffinity(tid, cpus)
 
 
 def run(rounds: int = 300, block: int = 20, own_core: bool = True, pause_daemon: bool = False) -> dict[str, Any]:
@@ -149,13 +160,14 @@ def run(rounds: int = 300, block: int = 20, own_core: bool = True, pause_daemon:
     what = ("thread", "wall", "process", "ops", "call")
     per_step: dict[str, dict[str, list[float]]] = {arm: {k: [] for k in what} for arm in ARMS}
     affinity = os.sched_getaffinity(0)
+    placed: dict[int, set[int]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         daemon = DaemonProcess(Path(tmp) / "data")
         loop = _Loop()
         govs = {"bare": None, "ungoverned": loop.governed(None, "ungoverned"), "governed": None}
         try:
             govs["governed"] = loop.governed(daemon.address, "governed")
-            _place(daemon.proc.pid, own_core)
+            placed = _place(daemon.proc.pid, own_core)
             for arm in ARMS:
                 loop.steps(10 * block, govs[arm])  # warm-up
             daemon_cpu = 0.0
@@ -181,7 +193,7 @@ def run(rounds: int = 300, block: int = 20, own_core: bool = True, pause_daemon:
                     gov.close(None)
             daemon.terminate()
             torch.set_num_threads(threads)
-            os.sched_setaffinity(0, affinity)
+            _restore(placed)
 
     def ratios(a: str, b: str, k: str) -> dict[str, float]:
         return spread([x / y for x, y in zip(per_step[a][k], per_step[b][k], strict=True)])

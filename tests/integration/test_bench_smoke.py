@@ -3,15 +3,26 @@ placement against a real daemon, its row rendered. It asserts the shape of the r
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.benchmarks import bench_step_overhead
 from tests.benchmarks.run_all import step_overhead_row
 
 
+def affinities() -> dict[int, set[int]]:
+    return {int(tid): os.sched_getaffinity(int(tid)) for tid in os.listdir("/proc/self/task")}
+
+
 @pytest.mark.parametrize("placement", [{"pause_daemon": True}, {}, {"own_core": False}])
 def test_step_overhead_bench_runs(placement: dict[str, bool]) -> None:
+    before = affinities()
     result = bench_step_overhead.run(rounds=3, block=4, **placement)
+    after = affinities()
+    assert {tid: after[tid] for tid in before if tid in after} == {
+        tid: before[tid] for tid in before if tid in after
+    }, "the bench leaves every thread of the process where it found it (it pins them to measure)"
     for arm in bench_step_overhead.ARMS:
         medians = result["medians_us"][arm]
         assert min(medians["thread"], medians["wall"], medians["ops"]) > 0, (arm, medians)
