@@ -47,11 +47,15 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
                 yield message
         finally:
             reader.cancel()
-            # Bounded: a read parked inside grpc (e.g. awaiting a Hello while the server shuts down) may not
-            # end at once, and must not hold the handler, and so the server's stop, until it does. Whatever
-            # it reads later belongs to a closed stream, which the runtime ignores.
-            await asyncio.wait({reader}, timeout=1.0)
-            self.governor.close_stream(stream)
+            try:
+                # Bounded: a read parked inside grpc (e.g. awaiting a Hello while the server shuts down) may
+                # not end at once, and must not hold the handler, and so the server's stop, until it does.
+                # Whatever it reads later belongs to a closed stream, which the runtime ignores.
+                await asyncio.wait({reader}, timeout=1.0)
+            finally:
+                # Even when this wait is cancelled: a trainer that half-closes and then cancels (closing its
+                # channel) cancels the handler here, and the core kept the attachment forever.
+                self.governor.close_stream(stream)
         if stream.failure is not None:
             exc = stream.failure
             log.warning("attach stream refused", stream=stream.id, peer=stream.peer, error=str(exc))

@@ -336,3 +336,27 @@ def test_an_internal_error_names_an_incident_not_python_text() -> None:
         error = InternalError.logged(structlog.get_logger("test"), "failed")
     assert "secret" not in str(error)
     assert str(error).startswith("internal error ")
+
+
+def test_a_trainer_that_half_closes_then_cancels_is_always_detached(
+    daemon: InProcessDaemon, control: cgrpc.ControlServiceStub
+) -> None:
+    """AttachClient.close() half-closes, then closes its channel (cancelling the call). When the cancel landed
+    while the handler was waiting for its reader to end, the handler stopped before detaching: the rank
+    stayed attached for good (about 1 stream in 40), and its restarted trainer got ALREADY_EXISTS."""
+    runs = [f"detach-{i}" for i in range(200)]
+    for run in runs:
+        client = AttachClient(daemon.address, run)
+        client.connect()
+        client.validation(step=1, loss=0.5)
+        client.next("verdict")
+        client.close()
+    deadline = time.monotonic() + 5
+    while attached := [
+        run.run_id for run in control.ListRuns(cpb.ListRunsRequest()).runs if any(r.attached for r in run.ranks)
+    ]:
+        assert time.monotonic() < deadline, f"{len(attached)} of {len(runs)} closed ranks still attached: {attached}"
+        time.sleep(0.05)
+    restarted = AttachClient(daemon.address, runs[-1], incarnation_id="restarted")
+    restarted.connect()  # welcomed, not ALREADY_EXISTS
+    restarted.close()
