@@ -6,7 +6,6 @@ paced at half the echo's saturation rate measured in the same run (the round tri
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from governor_daemon.daemon_process import DaemonProcess
+from tests.benchmarks.common import cpu_seconds
 
 
 def loadgen(address: str, num_runs: int, num_batches: int, rate: float = 0.0) -> dict[str, Any]:
@@ -26,15 +26,6 @@ def loadgen(address: str, num_runs: int, num_batches: int, rate: float = 0.0) ->
         check=True,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc; 0 elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measured(pid: int, address: str, num_runs: int, num_batches: int, rate: float) -> dict[str, Any]:

@@ -200,7 +200,7 @@ def main() -> int:
         )
     )
     print("training-thread overhead per step ...", flush=True)
-    for placement in ({"pause_daemon": True}, {}, {"own_core": False}):
+    for placement in bench_step_overhead.PLACEMENTS.values():
         rows.append(step_overhead_row(bench_step_overhead.run(**placement)))
     print("daemon ingest ...", flush=True)
     ingest = bench_ingest.run()

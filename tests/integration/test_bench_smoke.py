@@ -15,7 +15,7 @@ def affinities() -> dict[int, set[int]]:
     return {int(tid): os.sched_getaffinity(int(tid)) for tid in os.listdir("/proc/self/task")}
 
 
-@pytest.mark.parametrize("placement", [{"pause_daemon": True}, {}, {"own_core": False}])
+@pytest.mark.parametrize("placement", bench_step_overhead.PLACEMENTS.values(), ids=bench_step_overhead.PLACEMENTS)
 def test_step_overhead_bench_runs(placement: dict[str, bool]) -> None:
     before = affinities()
     result = bench_step_overhead.run(rounds=3, block=4, **placement)
