@@ -82,9 +82,9 @@ class GovernorClient:
         # One lock, two conditions: the training thread's waits (verdicts, connection, flush) and the
         # sender's. Acks, verdicts and commands never make anything sendable, so they do not wake the
         # sender: every needless wake takes the GIL from the training thread.
-        self._lock = threading.RLock()
-        self._cond = threading.Condition(self._lock)
-        self._sendable = threading.Condition(self._lock)
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        self._sendable = threading.Condition(lock)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"governor-client-{hello.rank}", daemon=True)
         self._channel: grpc.Channel | None = None

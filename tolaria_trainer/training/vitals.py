@@ -3,10 +3,10 @@
 The hot loop calls ``record`` with device tensors; nothing there reads an accelerator's tensor on the
 host. (A CPU tensor is read at once: ``item()`` is cheaper than keeping a detached tensor, and the sender
 thread then builds its message with no tensor work, which would hand the GIL back and forth with the
-training thread.) The buffer is copied to the host asynchronously and handed to the sink as a VitalsChunk when it holds
-``capacity`` steps, when ``flush_interval_s`` has passed since its first step (so a NaN step reaches
-the governor within about that time, not only when the buffer fills; reading the host clock is no
-device sync), when a step of another timeline arrives (a chunk never mixes timelines: every record
+training thread.) The buffer is copied to the host asynchronously and handed to the sink as a VitalsChunk
+when it holds ``capacity`` steps, when ``flush_interval_s`` has passed since its first step (so a NaN step
+reaches the governor within about that time, not only when the buffer fills; reading the host clock is
+no device sync), when a step of another timeline arrives (a chunk never mixes timelines: every record
 keeps the timeline it was produced on), and on ``flush``. The sink's consumer (a background thread)
 calls ``host()``, which is where the only wait happens.
 """
@@ -193,9 +193,10 @@ class VitalsBuffer:
 
 
 def record_step(state: TrainingState, vitals: VitalsBuffer, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-    """Count one optimizer step of ``state`` and record its vitals on the state's timeline."""
+    """Record one optimizer step's vitals on the state's timeline, then count it (a refused loss counts
+    nothing), as ``GovernedTraining.step`` does inline."""
+    vitals.record(state.step + 1, loss, grad_norm, state.learning_rate(), state.timeline)
     state.step += 1
-    vitals.record(state.step, loss, grad_norm, state.learning_rate(), state.timeline)
 
 
 def step_recorder(state: TrainingState, vitals: VitalsBuffer) -> Callable[[torch.Tensor, torch.Tensor], None]:
