@@ -39,7 +39,19 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 # Label values known in advance: each of their series exists from start.
 RECORD_KINDS = ("train", "validation")
 VERDICT_KINDS = ("healthy", "anomaly", "panic")
-PANIC_RULES = ("non_finite", "lobotomy", "divergence", "train_non_finite")
+PANIC_RULES = (
+    "non_finite",
+    "lobotomy",
+    "divergence",
+    "train_non_finite",
+    "step_loss_spike",
+    "step_grad_blowup",
+    "step_collapse",
+    "step_rise",
+    "step_lr_jump",
+    "step_zero",
+)
+"""Every rule that can PANIC (policy/decisions.py ``Rule``; a unit test keeps the two in step)."""
 COMMANDS = (
     ("rollback", "sent"),
     ("halt", "sent"),

@@ -61,6 +61,10 @@ class Command:
     recovery_lr_scale: float = 1.0
     generation: int = 0
     onset_step: int | None = None  # a train-stream alarm's estimate of where the anomaly began
+    recovery_rung: int = 0  # the recovery ladder's rung (0: a first occurrence)
+    restore_before_step: int | None = None  # a recurrence: restore a snapshot older than this, if one is held
+    skip_through_step: int | None = None  # and skip the batches of the steps after the restored one through this
+
 
     def timeline_after(self, succeeded: bool) -> int:
         """The timeline executing it moves a rank to: its timeline + 1 for a ROLLBACK or RESUME that
@@ -194,6 +198,11 @@ class Governance(Protocol):
         command, to vouch for S (None: the run's profile does not judge the train stream)."""
         ...
 
+    @property
+    def commands_waiting(self) -> bool:
+        """A command arrived that ``take_commands`` has not taken yet (cheap: called every step)."""
+        ...
+
     def start(self, wait_s: float) -> bool:
         """Start connecting; wait up to ``wait_s`` for the first Welcome. Returns whether connected."""
         ...
@@ -253,6 +262,7 @@ class Ungoverned:
     num_shed_records = 0
     acked_seq = 0
     train_verification_steps: int | None = None
+    commands_waiting = False
 
     def __init__(self) -> None:
         self._seq = 0

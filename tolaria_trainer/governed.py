@@ -45,6 +45,7 @@ from torch import nn
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import SnapshotError, TrainerError
+from tolaria_trainer.guard import StepGuard
 from tolaria_trainer.governance import (
     Command,
     CommandReport,
@@ -84,6 +85,16 @@ class RunHalted(TrainerError):
     def __init__(self, reason: str) -> None:
         super().__init__(f"halted by the governor: {reason}")
         self.reason = reason
+
+
+@dataclass
+class Staged:
+    """A staged snapshot awaiting what publishes it: a validation's (``seq``) verdict and the train stream
+    (validation snapshots), or the train stream alone (step snapshots, ``seq`` None)."""
+
+    info: SnapshotInfo
+    seq: int | None
+    unjudged: int  # train-step records never judged (dropped here or shed there) when it was staged
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,7 @@ class GovernedTraining:
         step_snapshot_every: int = 250,
         onset_margin_steps: int = 10,
         agree_every_steps: int = 50,
+        guard_steps: bool = True,
         fail_closed: bool = False,
         fail_closed_deadline_s: float = 60.0,
         halt_wait_s: float = 3600.0,
@@ -177,11 +189,12 @@ class GovernedTraining:
             optimizers = [optimizers]
         self.device = torch.device(device) if device is not None else _device_of(model)
         self.dist = distributed if distributed is not None else Distributed(self.device)
+        self.guard: StepGuard | None = None
         self.state = TrainingState(
             model,
             list(optimizers),
             self.device,
-            seed_optimizer_factory,
+            self._guarded_factory(seed_optimizer_factory),
             schedulers=list(schedulers),
             scaler=grad_scaler,
             generator=generator,
@@ -206,17 +219,23 @@ class GovernedTraining:
             heartbeat_s=heartbeat_s,
             tls=(tls_ca, tls_cert, tls_key),
         )
+        if guard_steps and grad_scaler is None:  # a grad scaler already skips non-finite steps
+            self.guard = StepGuard(self.state)
+            for optimizer in self.state.optimizers:
+                self.guard.install(optimizer)
         self.lkg = LastKnownGood(snapshot_location, step_snapshots)
         self.step_snapshot_every = step_snapshot_every
         self.onset_margin_steps = onset_margin_steps
-        self.step_pending: SnapshotInfo | None = None  # staged at an agreement point, awaiting the train stream
-        self._unjudged_at_stage = 0  # records dropped or shed, never judged, when it was staged
-        self._sent: deque[tuple[int, int]] = deque()  # (last step, last seq) of each chunk sent, oldest first
+        self.step_pending: Staged | None = None  # staged at an agreement point, awaiting the train stream
+        # (timeline, last step, last seq) of each chunk sent while a snapshot is staged, oldest first
+        self._sent: deque[tuple[int, int, int]] = deque()
+        self._single = self.dist.world_size == 1
+        self._non_finite_at_restore = 0  # the guard's count of non-finite steps when the LKG was last restored
         self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._send_vitals, flush_interval_s=vitals_flush_s)
         self.ledger = CommandLedger()
         self.known_commands: dict[int, Command] = {}
         self.last_command_id = 0  # every rank executed every command up to this id
-        self.pending: list[tuple[int, SnapshotInfo]] = []  # staged snapshots and their validation seqs, oldest first
+        self.pending: list[Staged] = []  # staged validation snapshots, oldest first
         self.verdicts: dict[int, Verdict] = {}  # of the pending and the latest seq
         self.latest_seq: int | None = None  # the last validation's seq
         self.last_validation: ValidationReport | None = None  # on the current timeline (None after a restore)
@@ -262,6 +281,19 @@ class GovernedTraining:
         )
         options = ClientOptions(heartbeat_s=heartbeat_s, token=token, tls_ca=tls[0], tls_cert=tls[1], tls_key=tls[2])
         return GovernorConnection(GovernorClient(governor, hello, options))
+
+    def _guarded_factory(self, factory: OptimizerFactory | None) -> OptimizerFactory | None:
+        """The seed optimizer factory, with the step guard on every optimizer it makes."""
+        if factory is None:
+            return None
+
+        def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            optimizer = factory(params)
+            if self.guard is not None:
+                self.guard.install(optimizer)
+            return optimizer
+
+        return make
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -309,6 +341,8 @@ class GovernedTraining:
         if self._closed:
             return True
         self._closed = True
+        if self.guard is not None:
+            self.guard.uninstall()
         self.vitals.flush()
         if self.governance.refusal is not None:
             status = None  # a governor that refused this trainer takes nothing more
@@ -347,6 +381,8 @@ class GovernedTraining:
         if self.halted is not None or not self._started:
             self._check_open()
         state = self.state
+        if state.skip_batches:  # a batch the restore asked to skip, and the loop did not skip in its data
+            return self._skipped()
         if grad_norm is None:
             grad_norm = self._default_grad_norm()
         elif type(grad_norm) is not torch.Tensor:
@@ -358,14 +394,34 @@ class GovernedTraining:
         state.step = step
         if self.agree_every_steps and step % self.agree_every_steps == 0:
             return self.agreement_point()
+        if self._single and self.governance.commands_waiting:  # one rank needs no agreement: act at once
+            return self.agreement_point()
         quiet = self._quiet_outcome
         return quiet if quiet.timeline == timeline else self._quiet(timeline)
+
+    def _skipped(self) -> Outcome:
+        """One batch of a restore's skip: its update was not applied (the step guard), so it is neither
+        recorded nor counted."""
+        state = self.state
+        state.skip_batches -= 1
+        if self.guard is None:
+            log.warning("a skipped batch was trained: without the step guard (a grad scaler, guard_steps=False) "
+                        "the loop must skip it itself (take_skip)")
+        return self._quiet(state.timeline)
+
+    def take_skip(self) -> int:
+        """The batches a restore asked to skip that are still to skip, handed to a loop that skips them in
+        its data (and not computed at all); without this call each of them is computed and not applied."""
+        skip, self.state.skip_batches = self.state.skip_batches, 0
+        return skip
 
     def _default_grad_norm(self) -> torch.Tensor:
         """The total norm of the optimizers' gradients. With a grad scaler, unscaled by its current scale,
         and a step whose gradients overflowed (the scaler skips it; that is its normal working) reports
         the last finite norm: no host sync either way."""
-        norm = _total_grad_norm(self.state.optimizers, self.device)
+        norm = self.guard.take_norm(self.state.optimizers) if self.guard is not None else None
+        if norm is None:
+            norm = _total_grad_norm(self.state.optimizers, self.device)
         scaler = self.state.scaler
         scale = getattr(scaler, "_scale", None) if scaler is not None else None
         if scale is None:
@@ -433,6 +489,7 @@ class GovernedTraining:
                 self._drop_pending(self.pending[-1])  # the LKG's stage replaces the newest staged one
             try:
                 staged = self.lkg.stage(state)
+                self.vitals.pin(state.step, state.timeline)  # the detectors' state as of it, kept for a restore
             except SnapshotError as exc:
                 log.error("snapshot staging failed; the previous LKG stays: %s", exc)
         report = ValidationReport(
@@ -453,8 +510,35 @@ class GovernedTraining:
         previous, self.latest_seq = self.latest_seq, seq
         self._release_verdict(previous)  # superseded: only the newest validation's verdict matters at the end
         if staged is not None:
-            self.pending.append((seq, staged))
+            self.pending.append(Staged(staged, seq, self._never_judged()))
         return seq
+
+    @property
+    def condemned(self) -> bool:
+        """True when this rank saw a non-finite step since the LKG was last restored (its update was not
+        applied) or holds a command not yet executed: the governor's ROLLBACK is on its way, and the
+        weights are not worth validating."""
+        seen = self.guard.num_non_finite_skipped if self.guard is not None else 0
+        return seen > self._non_finite_at_restore or bool(self.known_commands) or self.governance.commands_waiting
+
+    def before_validation(self) -> Outcome:
+        """Call before validating: when the run is condemned (``condemned``), wait up to ``verdict_wait_s``
+        for the command and execute it, so that a validation never runs on weights the governor already
+        condemned. A restored outcome means the restore happened here: validate the restored weights (or
+        skip the validation). A quiet outcome otherwise; every rank takes part."""
+        self._check_open()
+        self._collect()
+        if not self.dist.agree_max(int(self.condemned)):
+            return self._quiet(self.state.timeline)
+        deadline = time.monotonic() + self.verdict_wait_s
+        while True:
+            self.vitals.flush()
+            self._collect()
+            waiting = not self.known_commands and self.governance.connected
+            if not self.dist.agree_max(int(waiting)) or self.dist.agree_max(int(time.monotonic() >= deadline)):
+                break
+            time.sleep(0.01)
+        return self.agreement_point()
 
     def settle(self, wait_s: float | None = None) -> Outcome:
         """At the end of training: wait up to ``wait_s`` (default ``verdict_wait_s``, while connected) for
@@ -488,6 +572,7 @@ class GovernedTraining:
         """Send what is buffered, publish snapshots whose verdicts every rank holds, adopt the run's
         timeline, and execute the command every rank agrees on (if any)."""
         self._check_reachable()
+        self.vitals.pin(self.state.step, self.state.timeline)  # a step snapshot may be staged here
         self.vitals.flush()  # buffered records go out before anything decided here
         self._collect()  # first: every verdict the governor sent before a command taken here has arrived
         self._settle_pending()
@@ -529,8 +614,8 @@ class GovernedTraining:
 
     def _send_vitals(self, chunk: VitalsChunk) -> None:
         last_seq = self.governance.send_vitals(chunk)
-        if self.step_pending is not None:
-            self._sent.append((chunk.steps[-1], last_seq))
+        self._sent.append((chunk.timeline, chunk.steps[-1], last_seq))  # what vouching for a snapshot needs
+        self._prune_sent()
 
     def _collect(self) -> None:
         for command in self.governance.take_commands():
@@ -547,6 +632,7 @@ class GovernedTraining:
         self.vitals.flush()
         for item in list(self.pending):  # staged on the old timeline: no verdict will publish them
             self._drop_pending(item)
+        self._drop_step_pending()
         log.warning(
             "adopting the run's timeline %d from the governor (was %d; %d records unjudged)",
             target,
@@ -575,34 +661,73 @@ class GovernedTraining:
     # ----------------------------------------------------------------- snapshots and verdicts
 
     def _settle_pending(self, wait_s: float = 0.0) -> None:
-        """Publish or discard staged snapshots, oldest first, each once every rank holds its Verdict (the
-        newest allowed one ends up the LKG). Stops at the first verdict some rank still lacks. Every rank
-        calls the same collectives in the same order, so all decide at the same step."""
+        """Publish or discard staged validation snapshots, oldest first. A snapshot is published once every
+        rank holds a Verdict allowing exactly its (timeline, step) and the train stream vouches for it on
+        every rank (``_vouch``: no anomaly whose onset is at or before its step can still be reported), so
+        the LKG never holds a fault that a healthy-looking validation came too early to see. It is
+        discarded when a verdict does not allow it or the vouching became impossible; this stops at the
+        first one still waiting. Every rank calls the same collectives in the same order."""
         for position in range(self.dist.agree_max(len(self.pending))):
             item = self.pending[0] if self.pending else None
-            verdict = self._verdict(item[0], wait_s if position == 0 else 0.0) if item else None
+            verdict = self._verdict(item.seq, wait_s if position == 0 else 0.0) if item else None
             if not self.dist.agree_min(int(verdict is not None)):
                 return
             assert item is not None
             assert verdict is not None
-            staged = item[1]
+            staged = item.info
             allowed = verdict.snapshot_allowed and (verdict.timeline, verdict.step) == (staged.timeline, staged.step)
-            if self.dist.agree_min(int(allowed)) and self.lkg.publish(staged.timeline, staged.step, "validation"):
+            vouch = self._vouch(item) if allowed else "doomed"
+            if self.dist.agree_max(int(vouch == "doomed")):
+                self._drop_pending(item)
+                continue
+            if not self.dist.agree_min(int(vouch == "vouched")):
+                return
+            if self.lkg.publish(staged.timeline, staged.step, "validation"):
                 self._report_snapshot(staged)
             self._drop_pending(item)
 
-    def _drop_pending(self, item: tuple[int, SnapshotInfo]) -> None:
+    def _vouch(self, item: Staged) -> str:
+        """Whether the train stream vouches for a staged snapshot at step S: "vouched" once the governor
+        acknowledged the records up to S + ``train_verification_steps`` of its timeline with no command here
+        (a train-stream alarm whose onset is at or before S would have fired by then, and its command would
+        have arrived before those Acks: the Acks are read first, the commands after); "doomed" once a
+        command, another timeline, or records never judged (dropped by the client under back-pressure, or
+        shed by a governor that was behind) make that impossible; "waiting" otherwise."""
+        acked = self.governance.acked_seq
+        self._collect()  # every command delivered before those Acks is known now
+        margin = self.governance.train_verification_steps
+        if (
+            self.state.timeline != item.info.timeline
+            or bool(self.known_commands)
+            or self._never_judged() != item.unjudged
+        ):
+            return "doomed"
+        if margin is None:
+            return "waiting"
+        target = item.info.step + margin
+        needed = next((seq for tl, last, seq in self._sent if tl == item.info.timeline and last >= target), None)
+        return "vouched" if needed is not None and acked >= needed else "waiting"
+
+    def _drop_pending(self, item: Staged) -> None:
         """Forget a staged snapshot (if it was published, the LKG stays) and stop waiting for its verdict."""
         self.pending.remove(item)
-        self.lkg.discard(item[1])
-        self._release_verdict(item[0])
+        self.lkg.discard(item.info)
+        self._release_verdict(item.seq)
+        self._prune_sent()
 
     def _release_verdict(self, seq: int | None) -> None:
         """Stop tracking the verdict on ``seq`` unless a staged snapshot or the latest validation needs it."""
-        if seq is None or seq == self.latest_seq or any(seq == pending for pending, _ in self.pending):
+        if seq is None or seq == self.latest_seq or any(seq == item.seq for item in self.pending):
             return
         if self.verdicts.pop(seq, None) is None:
             self.governance.forget_verdict(seq)
+
+    def _prune_sent(self) -> None:
+        """Forget the chunks no staged snapshot can still need (those before the oldest staged step)."""
+        staged = [item.info for item in self.pending] + ([self.step_pending.info] if self.step_pending else [])
+        oldest = min((info.step for info in staged), default=None)
+        while len(self._sent) > 1 and (oldest is None or self._sent[0][1] < oldest):
+            self._sent.popleft()  # the newest stays: it may end at the step a snapshot is staged at next
 
     def _verdict(self, seq: int | None, wait_s: float) -> Verdict | None:
         """The Verdict on validation ``seq`` once it arrived (kept until its seq is dropped)."""
@@ -618,9 +743,10 @@ class GovernedTraining:
         return self.verdicts[seq]
 
     def _stage_step_snapshot(self) -> None:
-        """Stage a step snapshot every ``step_snapshot_every`` steps when the governor's train-stream
-        detectors can vouch for it. Every rank takes part in the one collective, whatever it holds (a
-        rank whose earlier staging failed must not skip it)."""
+        """Stage a step snapshot every ``step_snapshot_every`` steps once the governor says how long its
+        train-stream detectors take to vouch for a step. Every rank takes part in the one collective,
+        whatever it holds (a rank whose earlier staging failed must not skip it). The agreement point pinned
+        this step before its flush, so the governor keeps its detectors' state as of it."""
         newest = self.lkg.info
         due = self.step_pending is None and self.lkg.step_snapshots > 0
         due = due and (newest is None or self.state.step - newest.step >= self.step_snapshot_every)
@@ -628,56 +754,39 @@ class GovernedTraining:
         if not self.dist.agree_min(int(able)):
             return
         try:
-            self.step_pending = self.lkg.stage(self.state, kind="step")
+            info = self.lkg.stage(self.state, kind="step")
         except SnapshotError as exc:  # the other ranks learn it at the next settle (nothing staged here)
             log.error("step snapshot staging failed; the published snapshots stay: %s", exc)
             return
-        self._sent.clear()
-        self._unjudged_at_stage = self._never_judged()
+        self.step_pending = Staged(info, None, self._never_judged())
 
     def _never_judged(self) -> int:
         """Train-step records the governor will never judge: dropped here, or shed there."""
         return self.governance.num_dropped_records + self.governance.num_shed_records
 
     def _settle_step_pending(self) -> None:
-        """Publish the staged step snapshot at step S once the governor acknowledged the records up to
-        S + ``train_verification_steps`` of its timeline with no command on any rank: a train-stream
-        alarm whose onset is at or before S would have fired by then, and its command would have arrived
-        before those Acks (the Acks are read first, the commands after). Discard it once a command,
-        another timeline, a rank without it, or records never judged (dropped by the client under
-        back-pressure, or shed by a governor that was behind) make that impossible."""
+        """Publish the staged step snapshot once the train stream vouches for it on every rank (``_vouch``),
+        or discard it once some rank finds that impossible."""
         staged = self.step_pending
         if not self.dist.agree_max(int(staged is not None)):
             return
-        acked = self.governance.acked_seq
-        self._collect()  # every command delivered before those Acks is known now
-        margin = self.governance.train_verification_steps
-        doomed = (
-            staged is None
-            or margin is None
-            or self.state.timeline != staged.timeline
-            or bool(self.known_commands)
-            or self._never_judged() != self._unjudged_at_stage
-        )
-        if self.dist.agree_max(int(doomed)):
+        vouch = self._vouch(staged) if staged is not None else "doomed"
+        if self.dist.agree_max(int(vouch == "doomed")):
             self._drop_step_pending()
             return
-        assert staged is not None
-        assert margin is not None
-        needed = next((seq for last_step, seq in self._sent if last_step >= staged.step + margin), None)
-        vouched = needed is not None and acked >= needed
-        if not self.dist.agree_min(int(vouched)):
+        if not self.dist.agree_min(int(vouch == "vouched")):
             return
-        if self.lkg.publish(staged.timeline, staged.step, "step"):
-            self._report_snapshot(staged)
+        assert staged is not None
+        if self.lkg.publish(staged.info.timeline, staged.info.step, "step"):
+            self._report_snapshot(staged.info)
         self.step_pending = None
-        self._sent.clear()
+        self._prune_sent()
 
     def _drop_step_pending(self) -> None:
         if self.step_pending is not None:
-            self.lkg.discard(self.step_pending)
+            self.lkg.discard(self.step_pending.info)
         self.step_pending = None
-        self._sent.clear()
+        self._prune_sent()
 
     def _report_snapshot(self, info: SnapshotInfo) -> None:
         self.governance.send_snapshot(
@@ -710,6 +819,8 @@ class GovernedTraining:
         scale = command.recovery_lr_scale if rollback else 1.0
         self._drop_step_pending()
         onset = command.onset_step if rollback else None
+        for item in list(self.pending):  # staged on the timeline being left: nothing can publish them now
+            self._drop_pending(item)
         outcome = execute_restore(
             self.state,
             self.lkg,
@@ -721,6 +832,8 @@ class GovernedTraining:
             command.recovery_skip_batches if rollback else 0,
             onset,
             self.onset_margin_steps,
+            before_step=command.restore_before_step if rollback else None,
+            skip_through_step=command.skip_through_step if rollback else None,
         )
         self._report_result(command, outcome)
         if not outcome.succeeded:
@@ -728,6 +841,8 @@ class GovernedTraining:
         self.num_restores += 1
         if rollback:
             self.num_rollbacks += 1
+        if self.guard is not None:
+            self._non_finite_at_restore = self.guard.num_non_finite_skipped
         self.last_validation = None  # the validations reported since the LKG are undone
         self.progress(
             {

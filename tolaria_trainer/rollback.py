@@ -60,6 +60,9 @@ def execute_restore(
     recovery_skip_batches: int = 0,
     onset_step: int | None = None,
     onset_margin: int = 0,
+    *,
+    before_step: int | None = None,
+    skip_through_step: int | None = None,
 ) -> RestoreOutcome:
     """Cull live seeds, restore the LKG in place, move to ``new_timeline``, apply the recipe.
 
@@ -69,8 +72,10 @@ def execute_restore(
     ``recovery_lr_scale`` compounds across rollbacks: every param group's lr and the schedulers' base
     lrs end up at the snapshot's value × (cumulative scale now / cumulative scale when the snapshot was
     taken). ``onset_step`` (a train-stream alarm's estimate) picks the newest published snapshot older
-    than it by ``onset_margin`` (``LastKnownGood.choose``); without it, the newest validated one. A
-    command id seen before returns its stored outcome without executing again.
+    than it by ``onset_margin`` (``LastKnownGood.choose``); without it, the newest validated one; a
+    recurrence's ``before_step`` asks for one older than that too. ``skip_through_step`` adds the batches of
+    the steps after the restored one through it to the batches to skip (the recurring fault's data window).
+    A command id seen before returns its stored outcome without executing again.
     """
     known = ledger.get(command_id)
     if known is not None:
@@ -87,7 +92,7 @@ def execute_restore(
             log.exception("culling seed in %s failed", slot.name)
         state.drop_seed_optimizer(slot.name)
     try:
-        info = lkg.restore(state, onset_step, onset_margin)
+        info = lkg.restore(state, onset_step, onset_margin, before_step)
     except RestoreError as exc:
         outcome = RestoreOutcome(
             command_id,
@@ -112,7 +117,8 @@ def execute_restore(
             last = getattr(scheduler, "_last_lr", None)
             if last is not None:
                 scheduler._last_lr = [lr * factor for lr in last]
-    state.skip_batches = recovery_skip_batches
+    window = 0 if skip_through_step is None else max(0, skip_through_step - info.step)
+    state.skip_batches = window + recovery_skip_batches
     outcome = RestoreOutcome(
         command_id, True, state.timeline, info.step, (time.perf_counter() - started) * 1000.0, "", tuple(culled)
     )

@@ -19,6 +19,7 @@ newer one is staged is what lets a slow daemon delay the LKG instead of preventi
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from tolaria_trainer.training.state import TrainingState
 
 LOCATIONS = ("device", "pinned", "host", "auto")
 MAX_STAGED = 2  # staged validation snapshots held at once; staging another replaces the newest
+KEEP_VALIDATED = 2  # published validated snapshots kept: the newest, and an older one for a recurrence
 
 
 @dataclass(frozen=True)
@@ -100,11 +102,19 @@ class LastKnownGood:
     """Snapshots of a TrainingState: the published ones a restore can go back to, and staged ones awaiting
     their verdicts. Called from the training thread only.
 
-    Published: the newest validated snapshot (a validation verdict published it, or ``take``), plus up
-    to ``step_snapshots`` newer ones the train-stream detectors vouched for (kind "step"). ``restore``
-    goes back to the newest validated one, or with ``before_step`` to the newest published one older than
-    that step (a train-stream alarm's onset). Staged: up to ``MAX_STAGED`` validation snapshots and one
-    step snapshot.
+    Published (each rests on a verdict and on the train stream vouching for it, except the base):
+
+    - the **base**: the snapshot ``take`` published without a verdict (the initial state, or the state
+      right after a seed fossilized, when older snapshots no longer fit the model); kept until the next
+      ``take``, so a restore always has a snapshot older than any anomaly;
+    - the newest ``KEEP_VALIDATED`` validated snapshots (a validation verdict published them): a ROLLBACK
+      without an onset restores the newest, a recurrence an older one;
+    - up to ``step_snapshots`` step snapshots newer than the newest validated one (kind "step").
+
+    ``restore`` goes back to the newest validated one, or with ``before_step`` to the newest published
+    one older than that step (a train-stream alarm's onset; a recurrence's earlier restore point), never
+    to one taken at or after it; the base always qualifies. Staged: up to ``MAX_STAGED`` validation
+    snapshots and one step snapshot.
     """
 
     def __init__(self, location: str = "auto", step_snapshots: int = 0) -> None:
@@ -115,9 +125,10 @@ class LastKnownGood:
         self.requested = location
         self.step_snapshots = step_snapshots
         staged_step = 1 if step_snapshots else 0
-        self._sets = [_BufferSet() for _ in range(1 + step_snapshots + MAX_STAGED + staged_step)]
+        self._sets = [_BufferSet() for _ in range(1 + KEEP_VALIDATED + step_snapshots + MAX_STAGED + staged_step)]
         self._published: list[int] = []  # oldest first
         self._staged: list[int] = []  # oldest first
+        self._base: int | None = None
         self.num_allocations = 0
 
     # ----------------------------------------------------------------- locations
@@ -264,9 +275,9 @@ class LastKnownGood:
     def publish(self, timeline: int, step: int, kind: str = "validation") -> bool:
         """Publish the staged snapshot of exactly (timeline, step, kind), dropping the older staged snapshots
         of its kind; without one, leave everything and return False (a validation and a step snapshot of
-        the same step are two snapshots: each is published only by what vouches for it). A validated
-        snapshot supersedes every older published one; step snapshots beyond ``step_snapshots`` drop the
-        oldest of them."""
+        the same step are two snapshots: each is published only by what vouches for it). Then only the
+        base, the newest ``KEEP_VALIDATED`` validated and the ``step_snapshots`` newest step snapshots
+        newer than them stay published."""
         for index in self._staged:
             info = self._sets[index].info
             if info is None or (info.timeline, info.step, info.kind) != (timeline, step, kind):
@@ -278,16 +289,21 @@ class LastKnownGood:
             self._staged.remove(index)
             self._published.append(index)
             self._published.sort(key=lambda i: self._step_of(i))
-            validated = [i for i in self._published if self._kind_of(i) == "validation"]
-            if validated:  # the newest validated snapshot supersedes every one not newer than it
-                newest = validated[-1] if info.kind == "step" else index
-                for older in [i for i in self._published if i != newest and self._step_of(i) <= self._step_of(newest)]:
-                    self._drop(older)
-            steps = [i for i in self._published if self._kind_of(i) == "step"]
-            for extra in steps[: max(0, len(steps) - self.step_snapshots)]:
-                self._drop(extra)
+            self._retain()
             return True
         return False
+
+    def _retain(self) -> None:
+        validated = [i for i in self._published if i != self._base and self._kind_of(i) == "validation"]
+        for extra in validated[: max(0, len(validated) - KEEP_VALIDATED)]:
+            self._drop(extra)
+        newest = max((self._step_of(i) for i in self._published if self._kind_of(i) == "validation"), default=-1)
+        steps = [i for i in self._published if self._kind_of(i) == "step"]
+        for old in [i for i in steps if self._step_of(i) <= newest]:
+            self._drop(old)  # a validated snapshot at least as new supersedes it
+        steps = [i for i in self._published if self._kind_of(i) == "step"]
+        for extra in steps[: max(0, len(steps) - self.step_snapshots)]:
+            self._drop(extra)
 
     def _step_of(self, index: int) -> int:
         info = self._sets[index].info
@@ -303,6 +319,8 @@ class LastKnownGood:
             self._staged.remove(index)
         if index in self._published:
             self._published.remove(index)
+        if index == self._base:
+            self._base = None
 
     def discard(self, staged: SnapshotInfo | None = None) -> None:
         """Drop the staged snapshot ``staged`` names, or every staged one (the LKG stays)."""
@@ -311,33 +329,51 @@ class LastKnownGood:
                 self._drop(index)
 
     def take(self, state: TrainingState) -> SnapshotInfo:
-        """Stage and publish at once (the initial LKG at step 0, and right after a fossilization)."""
+        """Stage and publish at once, as the new base: every older published snapshot is dropped (the
+        initial LKG at step 0, and right after a fossilization, when older snapshots no longer fit)."""
         info = self.stage(state)
+        for older in list(self._published):
+            self._drop(older)
         self.publish(info.timeline, info.step, info.kind)
+        self._base = self._published[-1]
         return info
 
     # ----------------------------------------------------------------- restoring
 
-    def choose(self, onset_step: int | None = None, margin: int = 0) -> SnapshotInfo | None:
-        """The snapshot ``restore`` would go back to: without ``onset_step``, the newest validated one; with
-        it, the newest published one older than ``onset_step - margin``, else the newest older than the
-        onset itself, else the oldest published."""
-        chosen = self._choose(onset_step, margin)
+    def choose(
+        self, onset_step: int | None = None, margin: int = 0, before_step: int | None = None
+    ) -> SnapshotInfo | None:
+        """The snapshot ``restore`` would go back to (``_choose``)."""
+        chosen = self._choose(onset_step, margin, before_step)
         return None if chosen is None else self._sets[chosen].info
 
-    def _choose(self, onset_step: int | None, margin: int) -> int | None:
+    def _choose(self, onset_step: int | None, margin: int, before_step: int | None = None) -> int | None:
+        """Without ``onset_step``: the newest validated snapshot (older than ``before_step`` when one is).
+        With it: the newest published one older than ``onset_step - margin``, else older than the onset;
+        each also older than ``before_step`` (a recurrence) when one is. Never one taken at or after the
+        onset: the base is the last resort (it always predates what it is the base of)."""
         if not self._published:
             return None
+        bound = before_step if before_step is not None else math.inf
         if onset_step is None:
             validated = [i for i in self._published if self._kind_of(i) == "validation"]
-            return validated[-1] if validated else self._published[0]
-        for before in (onset_step - margin, onset_step):
-            older = [i for i in self._published if self._step_of(i) < before]
+            older = [i for i in validated if self._step_of(i) < bound]
             if older:
                 return older[-1]
-        return self._published[0]
+            return validated[-1] if validated else self._published[0]
+        for limits in ((onset_step - margin, bound), (onset_step, bound), (onset_step - margin,), (onset_step,)):
+            older = [i for i in self._published if self._step_of(i) < min(limits)]
+            if older:
+                return older[-1]
+        return self._base if self._base is not None else self._published[0]
 
-    def restore(self, state: TrainingState, onset_step: int | None = None, margin: int = 0) -> SnapshotInfo:
+    def restore(
+        self,
+        state: TrainingState,
+        onset_step: int | None = None,
+        margin: int = 0,
+        before_step: int | None = None,
+    ) -> SnapshotInfo:
         """Restore a published snapshot (``choose``) into ``state`` in place (live seeds must already be
         culled); the published snapshots newer than it belong to the abandoned future and are dropped.
 
@@ -345,7 +381,7 @@ class LastKnownGood:
         caller reports the failure; the daemon then HALTs the run). Does not touch ``state.timeline`` or
         ``state.lr_scale``.
         """
-        chosen = self._choose(onset_step, margin)
+        chosen = self._choose(onset_step, margin, before_step)
         if chosen is None:
             raise RestoreError("no last-known-good snapshot has been published")
         source = self._sets[chosen]

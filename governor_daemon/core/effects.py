@@ -43,6 +43,8 @@ class Welcome:
     run_state: RunState
     random_guess_loss: float | None
     ignored_policy_fields: tuple[str, ...]
+    train_verification_steps: int = 0
+    """The train-stream detectors' longest onset-to-alarm delay (``policy.steps.verification_steps``)."""
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,10 @@ class Vitals:
     shed: bool = False
     """The daemon was behind and acknowledges these records without judging them (service/ingest.py);
     docs/protocol.md, "Shedding"."""
+    lrs: Sequence[float] | npt.NDArray[np.float64] = ()
+    """The learning rate of each record (empty: the trainer sent none)."""
+    pins: tuple[int, ...] = ()
+    """Steps the trainer may stage a snapshot at: the detector state as of each is kept."""
 
     @property
     def last_seq(self) -> int:
@@ -71,6 +75,7 @@ class Vitals:
             and self.timeline == earlier.timeline
             and self.first_seq == earlier.last_seq + 1
             and (len(self.grads) == 0) == (len(earlier.grads) == 0)
+            and (len(self.lrs) == 0) == (len(earlier.lrs) == 0)
         )
 
     @staticmethod
@@ -80,12 +85,13 @@ class Vitals:
         first = batches[0]
         if len(batches) == 1 and shed == first.shed:
             return first
-        if shed:  # only the seqs and steps matter
+        if shed:  # only the seqs, steps and pins matter
             empty = np.empty(0, dtype=np.float64)
-            losses, grads = empty, empty
+            losses, grads, lrs = empty, empty, empty
         else:
             losses = np.concatenate([np.asarray(b.losses, dtype=np.float64) for b in batches])
             grads = np.concatenate([np.asarray(b.grads, dtype=np.float64) for b in batches])
+            lrs = np.concatenate([np.asarray(b.lrs, dtype=np.float64) for b in batches])
         return Vitals(
             first.stream,
             first.first_seq,
@@ -96,6 +102,8 @@ class Vitals:
             sum(b.num_dropped for b in batches),
             batches[-1].now,
             shed,
+            lrs,
+            tuple(p for b in batches for p in b.pins),
         )
 
 

@@ -56,7 +56,7 @@ from governor_daemon.policy import (
     Verdict,
 )
 from governor_daemon.policy.decisions import float_to_json
-from governor_daemon.policy.steps import StepState
+from governor_daemon.policy.steps import StepState, pinned_states_to_json, verification_steps
 
 MAX_SEQ_JUMP = 1 << 32
 """The furthest a message's seq may lie beyond the rank's last accepted seq (gaps stay countable)."""
@@ -265,6 +265,7 @@ class GovernorCore:
                 policy.state,
                 policy.random_guess_loss(),
                 tuple(run.meta.ignored_fields),
+                verification_steps(policy.config),
             ),
         )
         resend = policy.open.command if policy.open is not None else policy.halting_command()
@@ -422,12 +423,21 @@ class GovernorCore:
         if e.shed:  # acknowledged unjudged: the detectors never see these records (docs/protocol.md, "Shedding")
             rank.num_shed += num
             payload["num_shed"] = num
+            run.policy.keep_candidates(binding.rank, e.timeline, e.pins)
         else:
             rank.num_records += num
             loss_array = np.asarray(e.losses[skip:] if skip else e.losses, dtype=np.float64)
             grad_array = np.asarray(e.grads[skip:] if skip else e.grads, dtype=np.float64) if len(e.grads) else None
+            lr_array = np.asarray(e.lrs[skip:] if skip else e.lrs, dtype=np.float64) if len(e.lrs) else None
             decision, step_state = run.policy.judge_train_batch(
-                e.timeline, binding.rank, np.asarray(steps, dtype=np.int64), loss_array, grad_array, e.now
+                e.timeline,
+                binding.rank,
+                np.asarray(steps, dtype=np.int64),
+                loss_array,
+                grad_array,
+                e.now,
+                lrs=lr_array,
+                pins=e.pins,
             )
             payload["train"] = train_summary(steps, loss_array, grad_array)
         effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
@@ -554,6 +564,10 @@ class GovernorCore:
             return
         binding, run, rank = bound
         rank.accept_seq(e.seq)
+        pinned = run.policy.pin(binding.rank, e.timeline, e.step)
+        effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
+        if pinned is not None:
+            effects["pins"] = {str(binding.rank): pinned_states_to_json(run.policy.pins[binding.rank])}
         fx.append(
             run.run_id,
             EntryKind.SNAPSHOT,
@@ -566,7 +580,9 @@ class GovernorCore:
                 "snapshot_bytes": e.snapshot_bytes,
                 "duration_ms": e.duration_ms,
                 "location": e.location,
-                "effects": {"ranks": {str(rank.rank): rank.effect()}},
+                # The detectors resume from here after a restore to this snapshot (policy/steps.py).
+                "detector_state": "pinned" if pinned is not None else "none: a restore to it re-warms the detectors",
+                "effects": effects,
             },
         )
         fx.send(e.stream, Ack(e.seq))
@@ -612,7 +628,9 @@ class GovernorCore:
             )
         rank.accept_seq(e.seq)
         timeline_before = policy.timeline
-        notices = policy.on_command_result(e.command_id, binding.rank, e.succeeded, e.new_timeline, e.error, e.now)
+        notices = policy.on_command_result(
+            e.command_id, binding.rank, e.succeeded, e.new_timeline, e.error, e.now, e.restored_step
+        )
         effects: dict[str, Any] = {"policy": policy.to_dict(), "ranks": {str(rank.rank): rank.effect()}}
         superseded = run.aggregator.discard_before(policy.timeline) if policy.timeline != timeline_before else []
         if superseded:

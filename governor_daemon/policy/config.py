@@ -54,6 +54,15 @@ class PolicyConfig:
     step_loss_patience: int = 5
     step_grad_ratio: float = 100.0
     step_collapse_patience: int = 10
+    step_lr_ratio: float = 3.0
+    step_zero_patience: int = 5
+    step_rise_ratio: float = 1.25
+    step_rise_patience: int = 60
+    # The recovery ladder (policy/recovery.py): how a recurring fault escalates instead of replaying.
+    recurrence_steps: int = 100
+    escalation: bool = True
+    escalation_skip_margin: int = 100
+    escalation_lr_scale: float = 0.5
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -116,6 +125,19 @@ class PolicyConfig:
         need(
             self.step_collapse_patience >= 1,
             f"step_collapse_patience must be >= 1, got {self.step_collapse_patience}",
+        )
+        need(self.step_lr_ratio > 1, f"step_lr_ratio must be > 1, got {self.step_lr_ratio}")
+        need(self.step_zero_patience >= 1, f"step_zero_patience must be >= 1, got {self.step_zero_patience}")
+        need(self.step_rise_ratio > 1, f"step_rise_ratio must be > 1, got {self.step_rise_ratio}")
+        need(self.step_rise_patience >= 1, f"step_rise_patience must be >= 1, got {self.step_rise_patience}")
+        need(self.recurrence_steps >= 0, f"recurrence_steps must be >= 0, got {self.recurrence_steps}")
+        need(
+            self.escalation_skip_margin >= 0,
+            f"escalation_skip_margin must be >= 0, got {self.escalation_skip_margin}",
+        )
+        need(
+            0 < self.escalation_lr_scale <= 1,
+            f"escalation_lr_scale must be in (0, 1], got {self.escalation_lr_scale}",
         )
         if problems:
             raise PolicyConfigError("invalid policy: " + "; ".join(problems))

@@ -59,6 +59,9 @@ class Rule(enum.StrEnum):
     STEP_LOSS_SPIKE = "step_loss_spike"
     STEP_GRAD_BLOWUP = "step_grad_blowup"
     STEP_COLLAPSE = "step_collapse"
+    STEP_RISE = "step_rise"
+    STEP_LR_JUMP = "step_lr_jump"
+    STEP_ZERO = "step_zero"
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,9 @@ class Command:
     timeline: int
     step: int
     onset_step: int | None = None  # where a train-stream detector estimates the anomaly began
+    recovery_rung: int = 0  # the recovery ladder's rung (policy/recovery.py)
+    restore_before_step: int | None = None  # restore a snapshot older than this (a recurrence)
+    skip_through_step: int | None = None  # and skip the data through this step
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -87,6 +93,9 @@ class Command:
             "timeline": self.timeline,
             "step": self.step,
             "onset_step": self.onset_step,
+            "recovery_rung": self.recovery_rung,
+            "restore_before_step": self.restore_before_step,
+            "skip_through_step": self.skip_through_step,
         }
 
     @classmethod
@@ -101,8 +110,15 @@ class Command:
             recovery_lr_scale=float(data["recovery_lr_scale"]),
             timeline=int(data["timeline"]),
             step=int(data["step"]),
-            onset_step=None if data.get("onset_step") is None else int(data["onset_step"]),
+            onset_step=_optional_int(data.get("onset_step")),
+            recovery_rung=int(data.get("recovery_rung", 0)),
+            restore_before_step=_optional_int(data.get("restore_before_step")),
+            skip_through_step=_optional_int(data.get("skip_through_step")),
         )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,25 @@ from governor_daemon.policy.decisions import (
     RunState,
     Verdict,
 )
-from governor_daemon.policy.detectors import DetectorState, detector_for, fmt
-from governor_daemon.policy.steps import StepState, judge_batch
+from governor_daemon.policy.detectors import DetectorState, detector_for, fmt, lobotomy_band_below
+from governor_daemon.policy.recovery import Recovery, next_rung, recovery_of
+from governor_daemon.policy.steps import (
+    StepState,
+    judge_pinned,
+    pinned_states_from_json,
+    pinned_states_to_json,
+)
 
 SHADOW_NOTE = "shadow mode: no command sent"
 RECENT_COMMANDS = 8
 """Closed commands remembered to judge a late CommandResult."""
+PINS_KEPT = 8
+"""Detector states kept per rank for published snapshots (a trainer keeps at most about four)."""
+CANDIDATES_KEPT = 32
+"""Detector states kept per rank for snapshots a trainer may still publish (runtime only)."""
+FAR_ABOVE_TRAIN = 0.5
+"""A validation loss more than this fraction of the way from the train stream's level up to the random-guess
+loss publishes no snapshot (a collapsed or broken model that a young history cannot judge yet)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,11 @@ class RunPolicy:
         self.latest_validation_step = -1
         self.recent_commands: deque[Command] = deque(maxlen=RECENT_COMMANDS)
         self.step_states: dict[int, StepState] = {}  # the train-stream detectors' state per rank
+        # Per rank, the detector state as of each published snapshot: (timeline, step, state), oldest first.
+        self.pins: dict[int, list[tuple[int, int, StepState]]] = {}
+        # Runtime only: the state as of each step a trainer may stage a snapshot at, until it publishes one.
+        self.candidates: dict[int, dict[tuple[int, int], StepState]] = {}
+        self.recovery: Recovery | None = None  # the recovery ladder (policy/recovery.py)
 
     # ----------------------------------------------------------------- derived views
 
@@ -207,6 +225,11 @@ class RunPolicy:
                 f"; no snapshot: loss {fmt(max(losses))} > {fmt(self.config.multiplier)}× lowest "
                 f"accepted {fmt(lowest_before or 0.0)}"
             )
+        if snapshot_allowed:
+            broken = self._broken_validation(max(losses), rgl)
+            if broken is not None:
+                snapshot_allowed = False
+                reason += f"; no snapshot: {broken}"
         if judgement.verdict is Verdict.PANIC:
             action, command, suppressed, reason = self._intervene(reason, timeline, step, now_s)
         else:
@@ -280,12 +303,15 @@ class RunPolicy:
         grads: npt.NDArray[np.float64] | None,
         now_s: float,
         epoch: int | None = None,
+        lrs: npt.NDArray[np.float64] | None = None,
+        pins: Sequence[int] = (),
     ) -> tuple[Decision | None, StepState | None]:
         """Judge a batch of one rank's train-step records, in step order: the first non-finite one is a
         PANIC at once (every profile); under the default profile the train-stream detectors
         (``policy/steps.py``) then judge the finite ones. Returns the decision (None: nothing to say)
         and the rank's new detector state (None: unchanged, which it stays while a command is open or
         the run is halted: records produced under an open command say nothing about the healthy run).
+        ``pins`` are steps a trainer may stage a snapshot at: the state as of each is kept (``pin``).
         Raises PolicyStateError like ``judge_validation`` for a stale or future timeline."""
         self._check_timeline(timeline)
         finite = np.isfinite(losses) & (np.isfinite(grads) if grads is not None else True)
@@ -296,8 +322,15 @@ class RunPolicy:
         if self.config.profile != "default" or self._blocked_reason() is not None:
             return None, None
         state = self.step_states.get(rank, StepState(timeline=timeline))
-        state, alarm = judge_batch(state, timeline, steps, losses, grads, self.config, self.random_guess_loss(), rank)
+        state, alarm, pinned = judge_pinned(
+            state, timeline, steps, losses, grads, self.config, self.random_guess_loss(), rank, lrs, pins
+        )
         self.step_states[rank] = state
+        candidates = self.candidates.setdefault(rank, {})
+        for step, pinned_state in pinned:
+            candidates[(timeline, step)] = pinned_state
+        while len(candidates) > CANDIDATES_KEPT:
+            del candidates[next(iter(candidates))]
         if alarm is None:
             return None, state
         decision = self._train_panic(
@@ -387,6 +420,7 @@ class RunPolicy:
             raise PolicyStateError(f"run is {self.state}, not halted; only a halted run can be resumed")
         self.halted = False
         self.recent.clear()
+        self.recovery = None  # a controller judged the fault handled: a recurrence starts the ladder afresh
         self.detector = replace(self.detector, consecutive=0)
         self.judged = RunState.HEALTHY
         return self._issue(
@@ -405,6 +439,7 @@ class RunPolicy:
         new_timeline: int,
         error: str,
         now_s: float,
+        restored_step: int | None = None,
     ) -> list[Notice]:
         """Record one rank's CommandResult (the caller checked it against ``command``). Returns notices.
 
@@ -413,6 +448,10 @@ class RunPolicy:
         from then on). This holds for a late result too (the command was replaced by a HALT or timed
         out), as long as the command was made on the run's timeline. The command closes when every
         unfinished rank has answered. A failure HALTs the run with a HALT command.
+
+        A rank that restored ``restored_step`` onto the run's timeline resumes its train-stream detectors
+        from the state pinned for that snapshot (``restore_detectors``); the recovery ladder learns what the
+        fault's rollback restored.
         """
         command = self.command(command_id)
         moved = False
@@ -420,6 +459,13 @@ class RunPolicy:
         if succeeded and moves and new_timeline == self.timeline + 1:
             self.timeline, moved = new_timeline, True
             self.judged = RunState.HEALTHY
+        restores = command is not None and command.kind is not CommandKind.HALT
+        if succeeded and restores and restored_step is not None and new_timeline == self.timeline:
+            assert command is not None
+            self.restore_detectors(rank, restored_step, new_timeline)
+            recovery = self.recovery
+            if recovery is not None and recovery.command_id == command_id and recovery.restored_step is None:
+                self.recovery = recovery.restored(restored_step)
         open_cmd = self.open
         if open_cmd is None or open_cmd.command.command_id != command_id:
             return [
@@ -539,6 +585,8 @@ class RunPolicy:
             "latest_validation_step": self.latest_validation_step,
             "recent_commands": [c.as_dict() for c in self.recent_commands],
             "steps": {str(rank): state.as_dict() for rank, state in self.step_states.items()},
+            "pins": {str(rank): pinned_states_to_json(pins) for rank, pins in self.pins.items()},
+            "recovery": None if self.recovery is None else self.recovery.as_dict(),
         }
 
     @classmethod
@@ -577,7 +625,82 @@ class RunPolicy:
             (Command.from_dict(c) for c in data.get("recent_commands", [])), maxlen=RECENT_COMMANDS
         )
         policy.step_states = {int(rank): StepState.from_dict(s) for rank, s in data.get("steps", {}).items()}
+        policy.pins = {int(rank): pinned_states_from_json(p) for rank, p in data.get("pins", {}).items()}
+        raw_recovery = data.get("recovery")
+        policy.recovery = None if raw_recovery is None else Recovery.from_dict(raw_recovery)
         return policy
+
+    # ----------------------------------------------------------------- detector states of snapshots
+
+    def pin(self, rank: int, timeline: int, step: int) -> StepState | None:
+        """A rank published a snapshot of (timeline, step): keep its detector state as of that step (the
+        candidate its vitals pinned), to resume from after a restore to it. Returns the state kept, or
+        None when no candidate exists (the daemon restarted since, or the profile judges no train stream)."""
+        state = self.candidates.get(rank, {}).pop((timeline, step), None)
+        if state is None and step == 0:
+            state = StepState(timeline=timeline)  # the initial snapshot: nothing learnt yet
+        if state is None:
+            return None
+        pins = [p for p in self.pins.get(rank, []) if (p[0], p[1]) != (timeline, step)]
+        pins.append((timeline, step, state))
+        self.pins[rank] = pins[-PINS_KEPT:]
+        return state
+
+    def keep_candidates(self, rank: int, timeline: int, pins: Sequence[int]) -> None:
+        """Pins of records that were not judged (shed): the state as it stands is the best one for them."""
+        if not pins or timeline != self.timeline:
+            return
+        state = self.step_states.get(rank)
+        if state is None or state.timeline != timeline:
+            state = StepState(timeline=timeline)
+        candidates = self.candidates.setdefault(rank, {})
+        for step in pins:
+            candidates[(timeline, step)] = state
+        while len(candidates) > CANDIDATES_KEPT:
+            del candidates[next(iter(candidates))]
+
+    def restore_detectors(self, rank: int, restored_step: int, timeline: int) -> StepState:
+        """A rank restored the snapshot of ``restored_step`` and goes on on ``timeline``: its detectors resume
+        from the state pinned for that snapshot (the newest pin of that step), or start afresh without one.
+        Pins of steps after it belong to the abandoned future and are dropped."""
+        kept = [p for p in self.pins.get(rank, []) if p[1] <= restored_step]
+        pinned = [p for p in kept if p[1] == restored_step]
+        if kept or rank in self.pins:
+            self.pins[rank] = kept
+        state = pinned[-1][2].resumed(timeline, restored_step) if pinned else StepState(timeline=timeline)
+        self.step_states[rank] = state
+        self.candidates.pop(rank, None)
+        return state
+
+    def train_level(self) -> float | None:
+        """The lowest running level of the train loss among the ranks warm on the run's timeline (None
+        without one)."""
+        levels = [
+            math.exp(min(s.loss_center, s.loss_fast))
+            for s in self.step_states.values()
+            if s.timeline == self.timeline and s.count >= self.config.step_warmup_steps
+        ]
+        return min(levels) if levels else None
+
+    def _broken_validation(self, loss: float, rgl: float | None) -> str | None:
+        """Why a healthy-judged validation loss still must not become the last-known-good: it sits in the
+        collapse band, or far above the train stream's level (None when neither)."""
+        level = self.train_level()
+        if level is None or rgl is None:
+            return None
+        band = lobotomy_band_below(level, self.config, rgl)
+        if band is not None and band.contains(loss):
+            return (
+                f"loss {fmt(loss)} is at the random-guess loss {fmt(rgl)} while the train stream's level is "
+                f"{fmt(level)} (a collapse)"
+            )
+        gate = level + FAR_ABOVE_TRAIN * (rgl - level)
+        if level < rgl and loss > gate:
+            return (
+                f"loss {fmt(loss)} is far above the train stream's level {fmt(level)} (more than "
+                f"{fmt(FAR_ABOVE_TRAIN)} of the way to the random-guess loss {fmt(rgl)}: {fmt(gate)})"
+            )
+        return None
 
     # ----------------------------------------------------------------- ranks and policy
 
@@ -623,8 +746,12 @@ class RunPolicy:
     ) -> tuple[Action, Command | None, str | None, str]:
         """Turn a committed PANIC into ROLLBACK or HALT (loop breaker), honouring shadow mode. A train-stream
         PANIC's ``onset_step`` goes with the command: the trainer restores a snapshot older than it."""
-        action = self._would_be_action()
-        if action is Action.HALT:
+        fault_step = step if onset_step is None else onset_step
+        rung = next_rung(self.recovery, fault_step, step, timeline, self.config)
+        action = Action.HALT if rung.halt else self._would_be_action()
+        if rung.note:
+            reason += f"; {rung.note}"
+        if action is Action.HALT and not rung.halt:
             window = self.config.rollback_window
             reason += (
                 f"; loop breaker: rollback {sum(list(self.recent)[-(window - 1) :]) + 1} within the last "
@@ -635,8 +762,22 @@ class RunPolicy:
         self.judged = RunState.HEALTHY
         if self.config.shadow_mode:
             return action, None, SHADOW_NOTE, f"{reason}; {SHADOW_NOTE}"
-        kind = CommandKind.HALT if action is Action.HALT else CommandKind.ROLLBACK
-        return action, self._issue(kind, reason, timeline, step, now_s, onset_step=onset_step), None, reason
+        if action is Action.HALT:
+            return action, self._issue(CommandKind.HALT, reason, timeline, step, now_s), None, reason
+        command = self._issue(
+            CommandKind.ROLLBACK,
+            reason,
+            timeline,
+            step,
+            now_s,
+            onset_step=onset_step,
+            lr_scale=rung.lr_scale,
+            rung=rung.number,
+            restore_before_step=rung.restore_before_step,
+            skip_through_step=rung.skip_through_step,
+        )
+        self.recovery = recovery_of(command.command_id, rung, fault_step, step, timeline, self.recovery)
+        return action, command, None, reason
 
     def _issue(
         self,
@@ -647,6 +788,10 @@ class RunPolicy:
         now_s: float,
         punishment: float | None = None,
         onset_step: int | None = None,
+        lr_scale: float | None = None,
+        rung: int = 0,
+        restore_before_step: int | None = None,
+        skip_through_step: int | None = None,
     ) -> Command:
         """A new open command (replacing any open one). Its punishment is charged now, once."""
         if punishment is None:
@@ -658,10 +803,13 @@ class RunPolicy:
             reason=reason,
             punishment_reward=punishment,
             recovery_skip_batches=self.config.recovery_skip_batches,
-            recovery_lr_scale=self.config.recovery_lr_scale,
+            recovery_lr_scale=self.config.recovery_lr_scale if lr_scale is None else lr_scale,
             timeline=timeline,
             step=step,
             onset_step=onset_step,
+            recovery_rung=rung,
+            restore_before_step=restore_before_step,
+            skip_through_step=skip_through_step,
         )
         self.next_command_id += 1
         self.open = OpenCommand(command, now_s)

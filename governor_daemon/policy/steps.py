@@ -1,40 +1,66 @@
-"""Train-stream detectors of the default profile: a loss spike, a gradient blow-up or a collapse to the
-random-guess loss, caught within steps instead of at the next validation.
+"""Train-stream detectors of the default profile: a loss spike, a persistent rise, a gradient blow-up, a
+learning-rate jump, a dead stream and a collapse to the random-guess loss, caught within steps instead of
+at the next validation.
 
-Each rank's stream keeps exponentially weighted statistics of log(loss) and log(grad norm): a centre
-and a scale (the mean absolute deviation from the centre), over about ``step_ema_steps`` records.
-Logs make the rules scale-free (a loss of 0.1 and one of 5 are judged alike) and the scale makes them
-as tolerant as the run is noisy: a batch-size-1 run, whose per-step loss varies tenfold, gets a gate
-far above a smooth run's. Three rules, each judged only after ``step_warmup_steps`` records on the
-timeline:
+Each rank's stream keeps exponentially weighted statistics of log(loss) and log(grad norm). Logs make
+the rules scale-free (a loss of 0.1 and one of 5 are judged alike). The statistics:
 
-- **loss spike**: ``step_loss_patience`` consecutive records above the loss gate, which is the larger
-  of ``step_loss_ratio`` × the centre's loss and the centre + ``step_loss_sigma`` scales (in log
-  space). Consecutive, because one bad batch is noise; a learning rate ×100 or a run of corrupt
-  batches lifts every following step. Onset: the first record of the run.
-- **gradient blow-up**: one record whose grad norm is more than ``step_grad_ratio`` × the centre's
-  (and above its centre + ``step_loss_sigma`` scales): one step with gradients ×1e4 wrecks the weights
-  before any loss shows it. Onset: that record.
+- the **level**: a slow centre (over about ``step_ema_steps`` records) and a fast one (over about
+  ``FAST_STEPS``); the gates stand on the lower of the two, so that the level follows a falling loss
+  (early training) within tens of records instead of hundreds;
+- the **scale**: the typical step-to-step change of log(loss) (the mean absolute difference between
+  consecutive records, over √2), which is the batch noise and not the trend: a falling loss does not
+  widen the gates, and a batch-size-1 run, whose per-step loss varies tenfold, gets gates far above a
+  smooth run's;
+- the **floor**: the lowest the slow centre reached, rising back by at most ``log(step_rise_ratio)``
+  per ``FLOOR_RELAX_EMAS`` × ``step_ema_steps`` records (a reference that a slow rise cannot drag up);
+- the highest learning rate the run used.
+
+Rules, each judged only after ``step_warmup_steps`` records (the learning-rate rule from the first):
+
+- **loss spike**: ``step_loss_patience`` consecutive records above the loss gate, the larger of
+  ``step_loss_ratio`` × the level and the level + ``step_loss_sigma`` scales. Consecutive, because one
+  bad batch is noise; a learning rate ×100 or a run of corrupt batches lifts every following step.
+  Onset: the first record of the run.
+- **persistent rise**: the fast centre above the rise gate (``step_rise_ratio`` × the floor, or more
+  when the stream is so noisy that the fast centre itself wanders that far) for ``step_rise_patience``
+  consecutive records: a learning rate ×10, a slow LR ramp or slow label noise that lifts the loss by a
+  third for hundreds of steps, below every spike gate. Onset: the first record of the run, less the
+  fast centre's lag (``FAST_STEPS``).
+- **gradient blow-up**: one record whose grad norm is more than ``step_grad_ratio`` × its level (and
+  above its level + ``step_loss_sigma`` scales): one step with gradients ×1e4 wrecks the weights before
+  any loss shows it. Onset: that record.
+- **learning-rate jump**: one record whose learning rate is more than ``step_lr_ratio`` × the highest
+  the run used before it. Warm-ups rise by at most ×2 per step, warm restarts return to a peak already
+  used, decays fall: a jump past every earlier peak is a bug (a schedule computed from the wrong step,
+  a unit error). Onset: that record.
+- **dead stream**: ``step_zero_patience`` consecutive records whose loss or grad norm is exactly 0 while
+  its level was not: logs cannot see a zero (a frozen or zeroed network, a loss that underflows after a
+  blow-up).
 - **collapse**: ``step_collapse_patience`` consecutive records within the lobotomy band
-  (|loss − RGL| < ``lobotomy_tolerance_ratio`` × RGL) while the centre was well below it
+  (|loss − RGL| < ``lobotomy_tolerance_ratio`` × RGL) while the level was well below it
   (< ``lobotomy_mean_ratio`` × RGL). Onset: the first record of the run.
 
 A batch is judged against the statistics from before it (so a vectorised pass needs no per-record
-Python), then the statistics take in the batch's records that were not above the gate: a spike never
-raises the gate that judges it. Warm-up (a falling loss) leaves the centre above the current loss,
-which can only make the loss gate later, never a false alarm; an LR warm restart raises the loss a
-little for many steps, which the ratio absorbs. A new timeline (after a restore), or steps that go
-back (a restarted trainer), start afresh, warm-up included: the restored model's loss is that of an
-older step, often well above the level the run had reached, and judging it against that level would
-call the restore itself a spike (found by the simulation: a second rollback for one fault, and a
-rollback after a trainer restart with none).
+Python; the fast centre of the rise rule is computed per record in closed form), then the statistics
+take in the batch's records that were neither above the loss gate nor far below the level: a spike
+never raises the gate that judges it, and a stretch of trivially easy batches (a loss far below the
+level) never drags the level down and leaves the spike gate blind after it. Lows that last longer than
+``LOW_REBASE_EMAS`` × ``step_ema_steps`` records are a new level and are taken in.
+
+The state is journaled, and the daemon keeps it as of every snapshot a trainer may restore ("pins"): a
+restore resumes the detectors from the state at the restored step (``RunPolicy.restore_detectors``), so a
+fault that recurs right after a restore is caught as fast as the first time. A stream without such a
+state (the initial snapshot, a restarted trainer whose steps went back) starts afresh, warm-up included.
+Every rule's alarm comes at most ``verification_steps`` records after the onset it names, which is what
+lets a trainer vouch for a snapshot (docs/protocol.md, "Train-stream verification").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -44,18 +70,31 @@ from governor_daemon.policy.config import PolicyConfig
 from governor_daemon.policy.decisions import Rule
 from governor_daemon.policy.detectors import lobotomy_band_below
 
-_TINY = 1e-12  # floor under a loss or grad norm before its log (a loss of exactly 0 stays judged)
+_TINY = 1e-12  # floor under a loss or grad norm before its log
 _SCALE_FLOOR = 0.02  # floor of the log-space scale: a perfectly smooth stream still has a finite gate
+_MAD_PER_DIFF = 1.0 / math.sqrt(2.0)  # E|x - y| = √2 × E|x - centre| for independent noise
+FAST_STEPS = 16
+"""Records the fast centre averages over: it follows a falling loss and shows a rise within tens of steps."""
+_FAST_ALPHA = 1.0 / FAST_STEPS
+_FAST_NOISE = math.sqrt(_FAST_ALPHA / (2.0 - _FAST_ALPHA)) * 1.25
+"""The fast centre's own wander, in scales (its standard deviation over a record's, times σ per MAD)."""
+FLOOR_RELAX_EMAS = 4
+LOW_REBASE_EMAS = 4
+LOW_RATIO_POWER = 2.0
+"""A record is far below the level when under level − ``LOW_RATIO_POWER`` × the spike gate's margin."""
+ZERO_LOSS_LEVEL = 1e-4
+ZERO_GRAD_LEVEL = 1e-8
+"""The dead-stream rule judges a zero only while its level is above these (a converged loss may reach 0)."""
 
 
 @dataclass(frozen=True)
 class StepState:
-    """One rank's train-stream statistics on its current timeline (journaled with each batch)."""
+    """One rank's train-stream statistics (journaled with each batch, and pinned for snapshots)."""
 
     timeline: int = 0
-    count: int = 0  # records taken into the statistics on this timeline
-    loss_center: float = 0.0  # EWMA of log(loss)
-    loss_scale: float = 0.0  # EWMA of |log(loss) - loss_center|
+    count: int = 0  # records taken into the statistics
+    loss_center: float = 0.0  # slow EWMA of log(loss)
+    loss_scale: float = 0.0  # EWMA of |Δ log(loss)| / √2 between consecutive kept records
     grad_center: float = 0.0  # EWMA of log(grad norm)
     grad_scale: float = 0.0
     high_run: int = 0  # consecutive records above the loss gate, up to the last judged one
@@ -63,6 +102,16 @@ class StepState:
     collapse_run: int = 0
     collapse_since: int = -1
     last_step: int = -1  # the last record judged
+    loss_fast: float = 0.0  # fast EWMA of log(loss), over about FAST_STEPS records
+    loss_floor: float = 0.0  # the lowest the slow centre reached, relaxing slowly
+    last_kept: float | None = None  # log(loss) of the last record taken in (for the next difference)
+    grad_last_kept: float | None = None
+    lr_max: float = 0.0  # the highest learning rate seen (0: none yet)
+    rise_run: int = 0
+    rise_since: int = -1
+    zero_run: int = 0
+    zero_since: int = -1
+    low_run: int = 0  # consecutive records far below the level, not taken in
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -70,19 +119,37 @@ class StepState:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StepState:
-        """Inverse of ``as_dict``."""
-        return cls(
-            timeline=int(data["timeline"]),
-            count=int(data["count"]),
-            loss_center=float(data["loss_center"]),
-            loss_scale=float(data["loss_scale"]),
-            grad_center=float(data["grad_center"]),
-            grad_scale=float(data["grad_scale"]),
-            high_run=int(data["high_run"]),
-            high_since=int(data["high_since"]),
-            collapse_run=int(data["collapse_run"]),
-            collapse_since=int(data["collapse_since"]),
-            last_step=int(data.get("last_step", -1)),
+        """Inverse of ``as_dict`` (fields a journal written before them lacks take their defaults)."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            raw = data[f.name]
+            default = f.default
+            if raw is None:
+                values[f.name] = None
+            elif isinstance(default, int) and not isinstance(default, bool):
+                values[f.name] = int(raw)
+            else:
+                values[f.name] = float(raw)
+        return cls(**values)
+
+    def resumed(self, timeline: int, step: int) -> StepState:
+        """This state (pinned at ``step``) as the start of ``timeline``: the statistics and the highest
+        learning rate carry over, every run of records starts afresh."""
+        return replace(
+            self,
+            timeline=timeline,
+            last_step=step,
+            high_run=0,
+            high_since=-1,
+            collapse_run=0,
+            collapse_since=-1,
+            rise_run=0,
+            rise_since=-1,
+            zero_run=0,
+            zero_since=-1,
+            low_run=0,
         )
 
 
@@ -97,17 +164,59 @@ class StepAlarm:
     reason: str
 
 
+def verification_steps(config: PolicyConfig) -> int:
+    """The longest delay between an alarm's onset and the alarm (0 under the seed profile, whose only
+    train rule judges each record on its own): a snapshot at step S is vouched for once the records up to
+    S + this were judged without an alarm."""
+    if config.profile != "default":
+        return 0
+    return max(
+        config.step_loss_patience,
+        config.step_collapse_patience,
+        config.step_zero_patience,
+        config.step_rise_patience + FAST_STEPS,
+    )
+
+
+def _warm(state: StepState, config: PolicyConfig) -> bool:
+    return state.count >= config.step_warmup_steps
+
+
+def _level(state: StepState) -> float:
+    """The log level the gates stand on: the lower of the slow and the fast centre."""
+    return min(state.loss_center, state.loss_fast)
+
+
+def _margin(state: StepState, config: PolicyConfig) -> float:
+    return max(math.log(config.step_loss_ratio), config.step_loss_sigma * max(state.loss_scale, _SCALE_FLOOR))
+
+
 def loss_gate(state: StepState, config: PolicyConfig) -> float | None:
     """The loss above which a record counts toward a spike (None during warm-up)."""
-    if state.count < config.step_warmup_steps:
+    if not _warm(state, config):
         return None
-    scale = max(state.loss_scale, _SCALE_FLOOR)
-    return math.exp(state.loss_center + max(math.log(config.step_loss_ratio), config.step_loss_sigma * scale))
+    return math.exp(_level(state) + _margin(state, config))
+
+
+def low_gate(state: StepState, config: PolicyConfig) -> float | None:
+    """The loss below which a record is far below the level and not taken into the statistics (None
+    during warm-up)."""
+    if not _warm(state, config):
+        return None
+    return math.exp(_level(state) - LOW_RATIO_POWER * _margin(state, config))
+
+
+def rise_gate(state: StepState, config: PolicyConfig) -> float | None:
+    """The loss above which the fast centre counts toward a persistent rise (None during warm-up)."""
+    if not _warm(state, config):
+        return None
+    wander = config.step_loss_sigma * _FAST_NOISE * max(state.loss_scale, _SCALE_FLOOR)
+    return math.exp(state.loss_floor + max(math.log(config.step_rise_ratio), wander))
 
 
 def grad_gate(state: StepState, config: PolicyConfig) -> float | None:
     """The grad norm above which one record is a blow-up (None during warm-up)."""
-    if state.count < config.step_warmup_steps:
+    if not _warm(state, config):
         return None
     scale = max(state.grad_scale, _SCALE_FLOOR)
     return math.exp(state.grad_center + max(math.log(config.step_grad_ratio), config.step_loss_sigma * scale))
@@ -125,6 +234,99 @@ def _run_lengths(flags: npt.NDArray[np.bool_], carry: int) -> npt.NDArray[np.int
     return runs.astype(np.int64)
 
 
+def _ewma_path(x: npt.NDArray[np.float64], start: float, alpha: float) -> npt.NDArray[np.float64]:
+    """y_i = (1 − alpha) y_{i−1} + alpha x_i with y_{−1} = ``start``, in closed form over blocks short
+    enough that the weights stay well inside float64."""
+    out = np.empty(len(x), dtype=np.float64)
+    decay = 1.0 - alpha
+    block = 256
+    powers = decay ** np.arange(1, block + 1, dtype=np.float64)  # decay^(i+1)
+    inverse = decay ** -np.arange(block, dtype=np.float64)  # decay^(-j)
+    prev = start
+    for lo in range(0, len(x), block):
+        part = x[lo : lo + block]
+        n = len(part)
+        acc = np.cumsum(part * inverse[:n])
+        # y_i = decay^(i+1) prev + alpha Σ_{j<=i} decay^(i-j) x_j = decay^(i+1) prev + alpha decay^i Σ x_j decay^-j
+        out[lo : lo + n] = powers[:n] * prev + alpha * (powers[:n] / decay) * acc
+        prev = float(out[lo + n - 1])
+    return out
+
+
+@dataclass(frozen=True)
+class _Flags:
+    """Per-record facts of one batch, against the state from before it."""
+
+    log_loss: npt.NDArray[np.float64]
+    log_grad: npt.NDArray[np.float64] | None
+    high: npt.NDArray[np.bool_]
+    low: npt.NDArray[np.bool_]
+    collapse: npt.NDArray[np.bool_]
+    zero: npt.NDArray[np.bool_]
+    rise: npt.NDArray[np.bool_]
+    blowup: npt.NDArray[np.bool_]
+    lr_jump: npt.NDArray[np.bool_]
+    high_runs: npt.NDArray[np.int64]
+    collapse_runs: npt.NDArray[np.int64]
+    zero_runs: npt.NDArray[np.int64]
+    rise_runs: npt.NDArray[np.int64]
+    low_runs: npt.NDArray[np.int64]
+
+
+def _flags(
+    state: StepState,
+    losses: npt.NDArray[np.float64],
+    grads: npt.NDArray[np.float64] | None,
+    lrs: npt.NDArray[np.float64] | None,
+    config: PolicyConfig,
+    rgl: float | None,
+) -> _Flags:
+    n = len(losses)
+    none = np.zeros(n, dtype=bool)
+    log_loss = np.log(np.maximum(losses, _TINY))
+    log_grad = np.log(np.maximum(grads, _TINY)) if grads is not None else None
+    warm = _warm(state, config)
+    high = low = collapse = zero = rise = blowup = none
+    if warm:
+        margin = _margin(state, config)
+        level = _level(state)
+        high = log_loss > level + margin
+        low = log_loss < level - LOW_RATIO_POWER * margin
+        band = lobotomy_band_below(math.exp(level), config, rgl)
+        if band is not None:  # the validation rule's band, around the running level of the train loss
+            collapse = np.abs(losses - band.rgl) < band.tolerance
+        zero = (losses == 0.0) & (state.loss_center > math.log(ZERO_LOSS_LEVEL))
+        if grads is not None and state.grad_center > math.log(ZERO_GRAD_LEVEL):
+            zero = zero | (grads == 0.0)
+        gate = rise_gate(state, config)
+        assert gate is not None
+        fast = _ewma_path(np.minimum(log_loss, level + margin), state.loss_fast, _FAST_ALPHA)
+        rise = fast > math.log(gate)
+        g_gate = grad_gate(state, config)
+        if log_grad is not None and g_gate is not None:
+            blowup = log_grad > math.log(g_gate)
+    lr_jump = none
+    if lrs is not None:
+        earlier = np.maximum.accumulate(np.concatenate(([state.lr_max], lrs[:-1])))
+        lr_jump = (earlier > 0) & (lrs > config.step_lr_ratio * earlier) & np.isfinite(lrs)
+    return _Flags(
+        log_loss,
+        log_grad,
+        high,
+        low & ~zero,
+        collapse,
+        zero,
+        rise,
+        blowup,
+        lr_jump,
+        _run_lengths(high, state.high_run),
+        _run_lengths(collapse, state.collapse_run),
+        _run_lengths(zero, state.zero_run),
+        _run_lengths(rise, state.rise_run),
+        _run_lengths(low & ~zero, state.low_run),
+    )
+
+
 def judge_batch(
     state: StepState,
     timeline: int,
@@ -134,49 +336,92 @@ def judge_batch(
     config: PolicyConfig,
     rgl: float | None,
     rank: int,
+    lrs: npt.NDArray[np.float64] | None = None,
 ) -> tuple[StepState, StepAlarm | None]:
     """Judge one batch of finite records (in step order) against ``state``; returns the state after the
-    batch and the first alarm, if any. Pure: ``state`` is not changed."""
+    batch (up to and including the alarm's record) and the first alarm, if any. Pure: ``state`` is not
+    changed."""
     if timeline != state.timeline or (len(steps) and int(steps[0]) <= state.last_step):
-        # A restore (a new timeline) or a restarted trainer (its steps went back): the level left behind
-        # is not the restored model's.
+        # A new timeline without a pinned state, or a restarted trainer (its steps went back): the level
+        # left behind is not the restored model's.
         state = StepState(timeline=timeline)
     n = len(losses)
     if n == 0:
         return state, None
-    log_loss = np.log(np.maximum(losses, _TINY))
-    log_grad = np.log(np.maximum(grads, _TINY)) if grads is not None and len(grads) == n else None
-    warm = state.count >= config.step_warmup_steps
-    gate = loss_gate(state, config)
-    high = log_loss > math.log(gate) if gate is not None else np.zeros(n, dtype=bool)
-    high_runs = _run_lengths(high, state.high_run)
-    collapse = np.zeros(n, dtype=bool)
-    band = lobotomy_band_below(math.exp(state.loss_center), config, rgl) if warm else None
-    if band is not None:  # the validation rule's band, around the running level of the train loss
-        collapse = np.abs(losses - band.rgl) < band.tolerance
-    collapse_runs = _run_lengths(collapse, state.collapse_run)
-    blowup = np.zeros(n, dtype=bool)
-    g_gate = grad_gate(state, config)
-    if log_grad is not None and g_gate is not None:
-        blowup = log_grad > math.log(g_gate)
-
+    f = _flags(state, losses, grads, lrs, config, rgl)
+    patience = (
+        (f.high_runs, config.step_loss_patience, Rule.STEP_LOSS_SPIKE),
+        (f.collapse_runs, config.step_collapse_patience, Rule.STEP_COLLAPSE),
+        (f.zero_runs, config.step_zero_patience, Rule.STEP_ZERO),
+        (f.rise_runs, config.step_rise_patience, Rule.STEP_RISE),
+    )
     candidates = [
-        (int(np.argmax(blowup)), Rule.STEP_GRAD_BLOWUP) if blowup.any() else None,
-        (int(np.argmax(high_runs >= config.step_loss_patience)), Rule.STEP_LOSS_SPIKE)
-        if warm and (high_runs >= config.step_loss_patience).any()
-        else None,
-        (int(np.argmax(collapse_runs >= config.step_collapse_patience)), Rule.STEP_COLLAPSE)
-        if (collapse_runs >= config.step_collapse_patience).any()
-        else None,
+        (int(np.argmax(f.lr_jump)), 0, Rule.STEP_LR_JUMP) if f.lr_jump.any() else None,
+        (int(np.argmax(f.blowup)), 1, Rule.STEP_GRAD_BLOWUP) if f.blowup.any() else None,
+        *(
+            (int(np.argmax(runs >= need)), 2 + k, rule) if (runs >= need).any() else None
+            for k, (runs, need, rule) in enumerate(patience)
+        ),
     ]
     fired = min((c for c in candidates if c is not None), default=None)
     alarm = None
     end = n  # records taken into the state: all, or those up to and including the alarm's
     if fired is not None:
-        i, rule = fired
-        alarm = _alarm(rule, i, state, steps, losses, grads, high_runs, collapse_runs, config, rgl, rank)
+        i, _, rule = fired
+        alarm = _alarm(rule, i, state, steps, losses, grads, lrs, f, config, rgl, rank)
         end = i + 1
-    return _updated(state, steps, log_loss, log_grad, high, high_runs, collapse, collapse_runs, end, config), alarm
+    return _updated(state, steps, f, lrs, end, config), alarm
+
+
+def judge_pinned(
+    state: StepState,
+    timeline: int,
+    steps: npt.NDArray[np.int64],
+    losses: npt.NDArray[np.float64],
+    grads: npt.NDArray[np.float64] | None,
+    config: PolicyConfig,
+    rgl: float | None,
+    rank: int,
+    lrs: npt.NDArray[np.float64] | None,
+    pins: Sequence[int],
+) -> tuple[StepState, StepAlarm | None, list[tuple[int, StepState]]]:
+    """``judge_batch`` split at the ``pins`` (steps): also returns the state as of each pin (after the
+    record of that step, or the state before the batch for a pin before its first record), up to the
+    alarm."""
+    pinned: list[tuple[int, StepState]] = []
+    lo = 0
+    for pin in sorted(set(pins)):
+        cut = int(np.searchsorted(steps, pin, side="right"))
+        if cut > lo:
+            state, alarm = judge_batch(
+                state,
+                timeline,
+                steps[lo:cut],
+                losses[lo:cut],
+                None if grads is None else grads[lo:cut],
+                config,
+                rgl,
+                rank,
+                None if lrs is None else lrs[lo:cut],
+            )
+            lo = cut
+            if alarm is not None:
+                return state, alarm, pinned
+        pinned.append((pin, state if state.timeline == timeline else StepState(timeline=timeline)))
+    if lo < len(steps):
+        state, alarm = judge_batch(
+            state,
+            timeline,
+            steps[lo:],
+            losses[lo:],
+            None if grads is None else grads[lo:],
+            config,
+            rgl,
+            rank,
+            None if lrs is None else lrs[lo:],
+        )
+        return state, alarm, pinned
+    return state, None, pinned
 
 
 def _alarm(
@@ -186,14 +431,23 @@ def _alarm(
     steps: npt.NDArray[np.int64],
     losses: npt.NDArray[np.float64],
     grads: npt.NDArray[np.float64] | None,
-    high_runs: npt.NDArray[np.int64],
-    collapse_runs: npt.NDArray[np.int64],
+    lrs: npt.NDArray[np.float64] | None,
+    f: _Flags,
     config: PolicyConfig,
     rgl: float | None,
     rank: int,
 ) -> StepAlarm:
     step, loss = int(steps[i]), float(losses[i])
-    typical = math.exp(state.loss_center)
+    typical = math.exp(_level(state))
+    if rule is Rule.STEP_LR_JUMP:
+        assert lrs is not None
+        lr = float(lrs[i])
+        before = max(state.lr_max, float(lrs[:i].max()) if i else 0.0)
+        reason = (
+            f"learning-rate jump: lr {lr:.4g} at step {step} is {lr / before:.3g} x the highest the run used "
+            f"before ({before:.4g}; gate {config.step_lr_ratio:g} x): no schedule explains it (rank {rank})"
+        )
+        return StepAlarm(rule, step, step, loss, reason)
     if rule is Rule.STEP_GRAD_BLOWUP:
         assert grads is not None
         grad, center = float(grads[i]), math.exp(state.grad_center)
@@ -204,17 +458,35 @@ def _alarm(
         )
         return StepAlarm(rule, step, step, loss, reason)
     if rule is Rule.STEP_LOSS_SPIKE:
-        onset = _run_start(steps, high_runs, i, state.high_since)
+        onset = _run_start(steps, f.high_runs, i, state.high_since)
         reason = (
-            f"train loss spike: {int(high_runs[i])} consecutive steps above the gate {loss_gate(state, config):.4g} "
+            f"train loss spike: {int(f.high_runs[i])} consecutive steps above the gate {loss_gate(state, config):.4g} "
             f"({config.step_loss_ratio:g} x the running level {typical:.4g}, or +{config.step_loss_sigma:g} scales "
             f"in log space), from step {onset} to {step}, loss now {loss:.4g} (rank {rank})"
         )
         return StepAlarm(rule, step, onset, loss, reason)
+    if rule is Rule.STEP_RISE:
+        start = _run_start(steps, f.rise_runs, i, state.rise_since)
+        onset = max(start - FAST_STEPS, step - verification_steps(config), 0)
+        reason = (
+            f"persistent rise: the short-term train loss level stayed above {rise_gate(state, config):.4g} "
+            f"({config.step_rise_ratio:g} x the lowest level reached, {math.exp(state.loss_floor):.4g}) for "
+            f"{int(f.rise_runs[i])} consecutive steps, from step {start} to {step}, loss now {loss:.4g}; "
+            f"onset estimated at step {onset} (rank {rank})"
+        )
+        return StepAlarm(rule, step, onset, loss, reason)
+    if rule is Rule.STEP_ZERO:
+        onset = _run_start(steps, f.zero_runs, i, state.zero_since)
+        what = "loss" if loss == 0.0 else "grad norm"
+        reason = (
+            f"dead stream: {int(f.zero_runs[i])} consecutive steps with a {what} of exactly 0 while the running "
+            f"level was {typical:.4g}, from step {onset} to {step} (rank {rank})"
+        )
+        return StepAlarm(rule, step, onset, loss, reason)
     assert rgl is not None
-    onset = _run_start(steps, collapse_runs, i, state.collapse_since)
+    onset = _run_start(steps, f.collapse_runs, i, state.collapse_since)
     reason = (
-        f"collapse: {int(collapse_runs[i])} consecutive steps at the random-guess loss {rgl:.4g} "
+        f"collapse: {int(f.collapse_runs[i])} consecutive steps at the random-guess loss {rgl:.4g} "
         f"(within {config.lobotomy_tolerance_ratio:g} x) while the running level was {typical:.4g}, "
         f"from step {onset} to {step} (rank {rank})"
     )
@@ -230,52 +502,93 @@ def _run_start(steps: npt.NDArray[np.int64], runs: npt.NDArray[np.int64], i: int
     return int(steps[i - run + 1]) if run <= i + 1 else carried_since
 
 
+def _ewma(old: float, values: npt.NDArray[np.float64], weight: float) -> float:
+    return old + weight * (float(values.mean()) - old)
+
+
 def _updated(
     state: StepState,
     steps: npt.NDArray[np.int64],
-    log_loss: npt.NDArray[np.float64],
-    log_grad: npt.NDArray[np.float64] | None,
-    high: npt.NDArray[np.bool_],
-    high_runs: npt.NDArray[np.int64],
-    collapse: npt.NDArray[np.bool_],
-    collapse_runs: npt.NDArray[np.int64],
+    f: _Flags,
+    lrs: npt.NDArray[np.float64] | None,
     end: int,
     config: PolicyConfig,
 ) -> StepState:
     """The state after the first ``end`` records: runs carried over, statistics fed the records that were
-    not above the gate (all of them before warm-up)."""
+    neither above the gate, far below the level nor zero (all of them before warm-up)."""
     last = end - 1
-    keep = ~high[:end] & ~collapse[:end]
-    x = log_loss[:end][keep]
-    k = len(x)
-    high_run = int(high_runs[last])
-    collapse_run = int(collapse_runs[last])
+    lows = f.low[:end]
+    rebase = int(f.low_runs[last]) >= LOW_REBASE_EMAS * config.step_ema_steps
+    keep = ~f.high[:end] & ~f.zero[:end] & (~lows | rebase)
     new = replace(
         state,
         last_step=int(steps[last]),
-        high_run=high_run,
-        high_since=_run_start(steps, high_runs, last, state.high_since),
-        collapse_run=collapse_run,
-        collapse_since=_run_start(steps, collapse_runs, last, state.collapse_since),
+        high_run=int(f.high_runs[last]),
+        high_since=_run_start(steps, f.high_runs, last, state.high_since),
+        collapse_run=int(f.collapse_runs[last]),
+        collapse_since=_run_start(steps, f.collapse_runs, last, state.collapse_since),
+        zero_run=int(f.zero_runs[last]),
+        zero_since=_run_start(steps, f.zero_runs, last, state.zero_since),
+        rise_run=int(f.rise_runs[last]),
+        rise_since=_run_start(steps, f.rise_runs, last, state.rise_since),
+        low_run=0 if rebase else int(f.low_runs[last]),
     )
+    if lrs is not None:
+        clean = lrs[:end][~f.lr_jump[:end] & np.isfinite(lrs[:end])]
+        if len(clean):
+            new = replace(new, lr_max=max(state.lr_max, float(clean.max())))
+    x = f.log_loss[:end][keep]
+    k = len(x)
     if k == 0:
         return new
     # Early on, a plain running mean (the first records set the level); then an EWMA over about
     # step_ema_steps records. k records at once weigh as k single updates would.
     alpha = 1.0 - (1.0 - 1.0 / config.step_ema_steps) ** k
     weight = max(alpha, k / (state.count + k))
-    loss_center = state.loss_center + weight * (float(x.mean()) - state.loss_center)
-    loss_scale = state.loss_scale + weight * (float(np.abs(x - loss_center).mean()) - state.loss_scale)
-    grad_center, grad_scale = state.grad_center, state.grad_scale
-    if log_grad is not None:
-        g = log_grad[:end][keep]
-        grad_center = grad_center + weight * (float(g.mean()) - grad_center)
-        grad_scale = grad_scale + weight * (float(np.abs(g - grad_center).mean()) - grad_scale)
+    fast_weight = max(1.0 - (1.0 - _FAST_ALPHA) ** k, k / (state.count + k))
+    loss_center = _ewma(state.loss_center, x, weight)
+    loss_fast = _ewma(state.loss_fast, x, fast_weight)
+    loss_scale, last_kept = _scale(state.loss_scale, state.last_kept, x, weight, state.count)
+    grad_center, grad_scale, grad_last = state.grad_center, state.grad_scale, state.grad_last_kept
+    if f.log_grad is not None:
+        g = f.log_grad[:end][keep]
+        grad_center = _ewma(grad_center, g, weight)
+        grad_scale, grad_last = _scale(grad_scale, grad_last, g, weight, state.count)
+    relax = math.log(config.step_rise_ratio) * k / (FLOOR_RELAX_EMAS * config.step_ema_steps)
+    floor = loss_center if state.count == 0 else min(loss_center, state.loss_floor + relax)
+    if rebase:
+        loss_center, loss_fast, floor = float(x[-1]), float(x[-1]), float(x[-1])
     return replace(
         new,
         count=state.count + k,
         loss_center=loss_center,
+        loss_fast=loss_fast,
         loss_scale=loss_scale,
+        loss_floor=floor,
+        last_kept=last_kept,
         grad_center=grad_center,
         grad_scale=grad_scale,
+        grad_last_kept=grad_last,
     )
+
+
+def _scale(
+    scale: float, last: float | None, x: npt.NDArray[np.float64], weight: float, count: int
+) -> tuple[float, float]:
+    """The noise scale after the kept values ``x`` (weighed as the centre is): the EWMA of their
+    step-to-step differences (from the last kept value before them), and the new last kept value."""
+    chain = x if last is None else np.concatenate(([last], x))
+    if len(chain) < 2:
+        return scale, float(x[-1])
+    diffs = float(np.abs(np.diff(chain)).mean()) * _MAD_PER_DIFF
+    return (diffs if count == 0 else scale + weight * (diffs - scale)), float(x[-1])
+
+
+def pinned_states_to_json(pins: Sequence[tuple[int, int, StepState]]) -> list[dict[str, Any]]:
+    """Pinned detector states (timeline, step, state) as journaled."""
+    return [{"timeline": t, "step": s, "state": state.as_dict()} for t, s, state in pins]
+
+
+def pinned_states_from_json(items: Sequence[Mapping[str, Any]]) -> list[tuple[int, int, StepState]]:
+    """Inverse of ``pinned_states_to_json``."""
+    return [(int(i["timeline"]), int(i["step"]), StepState.from_dict(i["state"])) for i in items]

@@ -70,6 +70,11 @@ def command_to_proto(command: Command, generation: int) -> trainer_service_pb2.A
     )
     if command.onset_step is not None:
         message.onset_step = command.onset_step
+    message.recovery_rung = command.recovery_rung
+    if command.restore_before_step is not None:
+        message.restore_before_step = command.restore_before_step
+    if command.skip_through_step is not None:
+        message.skip_through_step = command.skip_through_step
     return trainer_service_pb2.AttachResponse(command=message)
 
 
@@ -121,7 +126,16 @@ def decode_request(
         batch = request.vitals_batch
         steps = check.validate_vitals(batch, limits)
         return ev.Vitals(
-            stream, batch.first_seq, batch.timeline, steps, batch.loss, batch.grad_norm, batch.num_dropped_records, now
+            stream,
+            batch.first_seq,
+            batch.timeline,
+            steps,
+            batch.loss,
+            batch.grad_norm,
+            batch.num_dropped_records,
+            now,
+            lrs=batch.lr,
+            pins=tuple(batch.pin_steps),
         )
     if kind == "validation_record":
         record = request.validation_record
@@ -234,6 +248,7 @@ def encode_message(message: fx.Message) -> trainer_service_pb2.AttachResponse:
         )
         if message.random_guess_loss is not None:
             welcome.random_guess_loss = message.random_guess_loss
+        welcome.train_verification_steps = message.train_verification_steps
         return trainer_service_pb2.AttachResponse(welcome=welcome)
     if isinstance(message, fx.Resync):
         return trainer_service_pb2.AttachResponse(

@@ -74,6 +74,10 @@ def validate_hello(hello: trainer_service_pb2.Hello, limits: Limits) -> None:
         raise InvalidInputError("hello.random_guess_loss", f"must be a positive number, got {hello.random_guess_loss}")
 
 
+MAX_PINS_PER_BATCH = 64
+"""Pinned steps one VitalsBatch may carry (a trainer pins one per agreement point and validation)."""
+
+
 def validate_vitals(batch: trainer_service_pb2.VitalsBatch, limits: Limits) -> npt.NDArray[np.int64]:
     """Columns of equal length, within the batch limit, seqs from 1, steps >= 0; returns the step column."""
     n = len(batch.step)
@@ -94,6 +98,12 @@ def validate_vitals(batch: trainer_service_pb2.VitalsBatch, limits: Limits) -> n
     check_timeline("vitals_batch.timeline", batch.timeline)
     if batch.num_dropped_records > MAX_SEQ:
         raise InvalidInputError("vitals_batch.num_dropped_records", f"must be <= {MAX_SEQ}")
+    if len(batch.pin_steps) > MAX_PINS_PER_BATCH:
+        raise InvalidInputError(
+            "vitals_batch.pin_steps", f"{len(batch.pin_steps)} pins exceed the limit of {MAX_PINS_PER_BATCH} per batch"
+        )
+    if any(p < 0 for p in batch.pin_steps):
+        raise InvalidInputError("vitals_batch.pin_steps", "steps must be >= 0")
     steps = np.array(batch.step, dtype=np.int64)  # one C-level copy; min() over the field boxes each value
     if steps.min() < 0:
         raise InvalidInputError("vitals_batch.step", "steps must be >= 0")

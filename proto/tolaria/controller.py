@@ -379,6 +379,14 @@ class Policy(_ProtoJson):
     step_loss_patience: int | None = None
     step_grad_ratio: float | None = None
     step_collapse_patience: int | None = None
+    step_lr_ratio: float | None = None
+    step_zero_patience: int | None = None
+    step_rise_ratio: float | None = None
+    step_rise_patience: int | None = None
+    recurrence_steps: int | None = None
+    escalation: bool | None = None
+    escalation_skip_margin: int | None = None
+    escalation_lr_scale: float | None = None
 
 
 POLICY_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Policy))

@@ -5,10 +5,21 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 
 import pytest
 
-from tests.benchmarks.corpus.evaluate import HEALTHY_AFTER, WINDOW, Trace, label, step_label
+from tests.benchmarks.corpus.evaluate import (
+    HEALTHY_AFTER,
+    LEVEL,
+    PERSIST,
+    PERSIST_WITHIN,
+    RISE,
+    WINDOW,
+    Trace,
+    label,
+    step_label,
+)
 
 RGL = math.log(10)
 
@@ -134,3 +145,52 @@ def test_step_fault_before_learning_is_ambiguous() -> None:
     """A fault while the train loss is still >= 0.6 x RGL says nothing about catastrophe."""
     losses = with_values(learning(), 30, [math.nan] * 10)
     assert step_label(step_trace(losses, fault="nan", onset=30)) == "ambiguous"
+
+
+@pytest.mark.parametrize(
+    ("start", "steps", "factor", "expected"),
+    [
+        (50, PERSIST + 20, 1.35, "catastrophic"),  # a moderate rise (below 2 x), long enough
+        (PERSIST_WITHIN - 10, PERSIST + 5, 1.35, "catastrophic"),  # starts within PERSIST_WITHIN, ends later
+        (50, PERSIST - 20, 1.35, "ambiguous"),  # too short
+        (50, 2 * PERSIST, 1.15, "ambiguous"),  # too small
+        (PERSIST_WITHIN + 20, PERSIST + 20, 1.35, "ambiguous"),  # starts too late
+    ],
+)
+def test_step_persistent_rise(start: int, steps: int, factor: float, expected: str) -> None:
+    """Catastrophic too: the smoothed loss >= RISE x the pre-onset level for PERSIST consecutive steps, starting
+    within PERSIST_WITHIN steps of onset (a persistent LR bug that never doubles the loss)."""
+    assert 1.15 < RISE < 1.35 < 2  # the factors below: one under RISE, one between RISE and 2
+    onset = 300
+    losses = learning(steps=900)
+    level = statistics.median(losses[onset - 1 - LEVEL : onset - 1])
+    noise = random.Random(1)
+    rise = [factor * level * noise.uniform(0.95, 1.05) for _ in range(steps)]
+    assert step_label(step_trace(with_values(losses, onset + start, rise), fault="lr_x10", onset=onset)) == expected
+
+
+def easy_trace(fault: str, onset: int = 0, after: list[float] | None = None) -> Trace:
+    """A learning run with 150 easy batches (loss about 0.02) from step 300, then normal data again (first
+    half a dozen batches at 1.5 x the old level, as a model returning from easy data shows), then ``after``."""
+    noise = random.Random(2)
+    easy = [0.02 * noise.uniform(0.5, 1.5) for _ in range(150)]
+    losses = with_values(learning(steps=700), 300, [*easy, *[0.45] * 6, *(after or [])])
+    t = step_trace(losses, fault=fault, onset=onset)
+    t.meta.update(easy_start=300, easy_steps=150)
+    return t
+
+
+def test_step_easy_stretch_is_no_fault_and_no_level() -> None:
+    """An easy stretch is no fault: the return to normal data is measured against the level before the stretch
+    (healthy), not against the easy batches' losses (which it is many times above)."""
+    assert step_label(easy_trace("easy_stretch")) == "healthy"
+    without_meta = easy_trace("none")
+    del without_meta.meta["easy_start"]
+    assert step_label(without_meta) == "ambiguous"
+
+
+def test_step_fault_after_easy_stretch() -> None:
+    """A fault after an easy stretch is judged against the level of normal data (the easy losses left out)."""
+    onset = 300 + 150 + 30
+    assert step_label(easy_trace("easy_then_spike", onset, [0.3] * 24 + [2.5] * 30)) == "catastrophic"
+    assert step_label(easy_trace("easy_then_spike", onset, [0.3] * 24 + [0.35] * 30)) == "ambiguous"

@@ -155,6 +155,18 @@ class GovernorClient:
             welcome = self.protocol.welcome
             return None if welcome is None else welcome.effective_policy
 
+    @property
+    def welcome(self) -> trainer_service_pb2.Welcome | None:
+        """The last Welcome (None before the first)."""
+        with self._cond:
+            return self.protocol.welcome
+
+    @property
+    def commands_waiting(self) -> bool:
+        """True when a command arrived that ``take_commands`` has not taken yet. Lock-free: the training
+        thread may call it every step (a stale False only delays the command to the next call)."""
+        return self.protocol.has_commands
+
     def unreachable_for_s(self) -> float:
         """Seconds since the last welcomed stream was lost (0 while connected)."""
         with self._cond:

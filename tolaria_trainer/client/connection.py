@@ -87,6 +87,9 @@ def command_from_proto(command: trainer_service_pb2.Command) -> Command:
         recovery_lr_scale=command.recovery_lr_scale if command.recovery_lr_scale > 0 else 1.0,
         generation=command.generation,
         onset_step=command.onset_step if command.HasField("onset_step") else None,
+        recovery_rung=command.recovery_rung,
+        restore_before_step=command.restore_before_step if command.HasField("restore_before_step") else None,
+        skip_through_step=command.skip_through_step if command.HasField("skip_through_step") else None,
     )
 
 
@@ -104,6 +107,9 @@ def command_to_proto(command: Command) -> trainer_service_pb2.Command:
         timeline=command.timeline,
         step=command.step,
         onset_step=command.onset_step,
+        recovery_rung=command.recovery_rung,
+        restore_before_step=command.restore_before_step,
+        skip_through_step=command.skip_through_step,
     )
 
 
@@ -152,12 +158,23 @@ class GovernorConnection:
 
     @property
     def train_verification_steps(self) -> int | None:
-        """Steps after which the train-stream detectors vouch for a step: the longest run any of them
-        needs (None when the run's profile does not judge the train stream)."""
-        policy = self.client.effective_policy
-        if policy is None or policy.profile != "default" or not policy.HasField("step_loss_patience"):
+        """Steps after which the train-stream detectors vouch for a step: the longest delay between an
+        alarm's onset and the alarm, as the Welcome names it (0 when only non-finite records are judged;
+        None before a Welcome)."""
+        welcome = self.client.welcome
+        if welcome is None:
             return None
+        if welcome.HasField("train_verification_steps"):
+            return welcome.train_verification_steps
+        policy = welcome.effective_policy  # a daemon from before the field: its three patience-based rules
+        if policy.profile != "default" or not policy.HasField("step_loss_patience"):
+            return 0
         return max(policy.step_loss_patience, policy.step_collapse_patience)
+
+    @property
+    def commands_waiting(self) -> bool:
+        """A command arrived that ``take_commands`` has not taken yet (lock-free)."""
+        return self.client.commands_waiting
 
     def start(self, wait_s: float) -> bool:
         """Start the sender thread and wait up to ``wait_s`` for the first Welcome."""

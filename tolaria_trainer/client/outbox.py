@@ -32,6 +32,7 @@ class VitalsColumns:
     losses: Sequence[float]
     grad_norms: Sequence[float]
     lrs: Sequence[float]
+    pins: Sequence[int] = ()  # steps the governor keeps its detector state as of (a snapshot may be staged)
 
     def host(self) -> VitalsColumns:
         """Itself: already on the host."""
@@ -165,6 +166,7 @@ class Outbox:
                     grad_norm=columns.grad_norms,
                     lr=columns.lrs,
                     num_dropped_records=item.num_dropped_reported,
+                    pin_steps=columns.pins,
                 )
             )
         return item.message

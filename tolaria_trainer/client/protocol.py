@@ -362,6 +362,11 @@ class TrainerProtocol:
         if self._verdicts.pop(seq, None) is None and seq > self._counted_up_to:
             self._forgotten.add(seq)
 
+    @property
+    def has_commands(self) -> bool:
+        """True when commands are waiting for ``take_commands``."""
+        return bool(self._commands)
+
     def take_commands(self) -> list[trainer_service_pb2.Command]:
         """Commands received since the last call, lowest id first; each id is handed out once."""
         commands = [self._commands[k] for k in sorted(self._commands)]

@@ -44,9 +44,16 @@ class VitalsChunk:
     the training thread does not)."""
 
     def __init__(
-        self, timeline: int, steps: list[int], lrs: list[float], values: Values, event: torch.cuda.Event | None
+        self,
+        timeline: int,
+        steps: list[int],
+        lrs: list[float],
+        values: Values,
+        event: torch.cuda.Event | None,
+        pins: tuple[int, ...] = (),
     ) -> None:
         self.timeline, self.steps, self.lrs, self._values, self._event = timeline, steps, lrs, values, event
+        self.pins = pins
         self._host: VitalsColumns | None = None
 
     def host(self) -> VitalsColumns:
@@ -56,7 +63,7 @@ class VitalsChunk:
             if self._event is not None:
                 self._event.synchronize()
             losses, grads = _host_columns(self._values)
-            self._host = VitalsColumns(self.timeline, self.steps, losses, grads, self.lrs)
+            self._host = VitalsColumns(self.timeline, self.steps, losses, grads, self.lrs, self.pins)
         return self._host
 
     def records(self) -> list[StepVitals]:
@@ -129,6 +136,7 @@ class VitalsBuffer:
         self.sink = sink
         self.chunks: list[VitalsChunk] = []
         self._first_at = 0.0
+        self._pins: list[tuple[int, int]] = []  # (timeline, step) pinned, for the next chunk
 
     def record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float, timeline: int) -> None:
         """Store one step's vitals, produced on ``timeline`` (device copies only); flush when full, when the
@@ -161,6 +169,11 @@ class VitalsBuffer:
         if len(steps) == self.capacity or now - self._first_at >= self.flush_interval_s:
             self.flush()
 
+    def pin(self, step: int, timeline: int) -> None:
+        """Ask the governor to keep its detector state as of ``step`` (a snapshot may be staged there); the
+        pin travels with the next chunk of ``timeline`` (and is dropped if the next chunk is of another)."""
+        self._pins.append((timeline, step))
+
     def flush(self) -> VitalsChunk | None:
         """Start the host copy of what is buffered and hand it to the sink (or keep it in ``chunks``)."""
         n = len(self.steps)
@@ -177,8 +190,9 @@ class VitalsBuffer:
             event.record()
         else:
             host = (self._losses, self._grads)
-        chunk = VitalsChunk(self.timeline, self.steps, self.lrs, host, event)
-        self.steps, self.lrs, self._losses, self._grads = [], [], [], []
+        pins = tuple(step for timeline, step in self._pins if timeline == self.timeline)
+        chunk = VitalsChunk(self.timeline, self.steps, self.lrs, host, event, pins)
+        self.steps, self.lrs, self._losses, self._grads, self._pins = [], [], [], [], []
         if self.sink is not None:
             self.sink(chunk)
         else:

@@ -10,9 +10,15 @@ Step-level labels, from the train loss. The smoothed loss at a step is the media
 train losses (a single noisy batch is no excursion); an excursion at a step against a level L is a
 non-finite train loss there, or a smoothed loss >= min(2 x L, 0.9 x RGL) (doubled, or collapsed to about
 random guessing). Catastrophic: a fault, the run was learning before onset (L, the median of the LEVEL
-train losses before the onset step, < 0.6 x RGL) and an excursion against L within WINDOW steps from
-the onset step. Healthy: no fault and no excursion after step HEALTHY_AFTER (past the LR warm-up and
-the first descent), each step against the median of the LEVEL train losses before its smoothing window.
+train losses before the onset step, < 0.6 x RGL) and either an excursion against L within WINDOW steps
+from the onset step, or a persistent rise: the smoothed loss (a non-finite loss counting as above) >=
+RISE x L for at least PERSIST consecutive steps, starting within PERSIST_WITHIN steps from the onset
+step. Healthy: no fault and no excursion after step HEALTHY_AFTER (past the LR warm-up and the first
+descent), each step against the median of the LEVEL train losses before its smoothing window.
+A stretch of easy batches (steps.py's easy_stretch and easy_then_spike: the index's easy_start and
+easy_steps) is no fault, and its losses, on other data, are no level: they are left out of every
+level (the LEVEL losses are the last LEVEL outside the stretch) and its steps are not checked for
+excursions. easy_stretch runs are runs without a fault.
 
 Everything else is ambiguous: its alarms are reported, not judged. A catastrophic trace is caught iff
 the first ROLLBACK or HALT comes at or after onset (earlier is an early alarm, a false one); delays are
@@ -43,6 +49,11 @@ SMOOTH = 9
 LEVEL = 50
 WINDOW = 100
 HEALTHY_AFTER = 200
+RISE = 1.25
+PERSIST = 100
+PERSIST_WITHIN = 300
+NO_FAULT = ("none", "easy_stretch")
+"""Step-level runs without a fault: healthy, and easy_stretch (easy batches, then normal data again)."""
 
 
 @dataclass
@@ -135,28 +146,46 @@ def step_label(trace: Trace) -> str:
     losses = [loss for _, _, loss, _ in trace.train_steps]
     steps = [step for _, step, _, _ in trace.train_steps]
     rgl = trace.rgl
+    easy_start = int(trace.meta.get("easy_start", 0))
+    easy = range(easy_start, easy_start + int(trace.meta.get("easy_steps", 0)))
+
+    def smoothed(i: int) -> float:
+        return statistics.median(x if math.isfinite(x) else math.inf for x in losses[max(0, i - SMOOTH + 1) : i + 1])
 
     def excursion(i: int, level: float) -> bool:
-        window = [x if math.isfinite(x) else math.inf for x in losses[max(0, i - SMOOTH + 1) : i + 1]]
-        return not math.isfinite(losses[i]) or statistics.median(window) >= min(2 * level, 0.9 * rgl)
+        return not math.isfinite(losses[i]) or smoothed(i) >= min(2 * level, 0.9 * rgl)
 
-    if trace.meta["fault"] != "none":
+    def level_before(i: int) -> list[float]:
+        """The last LEVEL train losses before index i, outside the easy stretch."""
+        if not easy:
+            return losses[max(0, i - LEVEL) : i]
+        return [x for j, x in enumerate(losses[:i]) if steps[j] not in easy][-LEVEL:]
+
+    if trace.meta["fault"] not in NO_FAULT:
         start = steps.index(trace.onset_step)
-        before = losses[max(0, start - LEVEL) : start]
+        before = level_before(start)
         if not before or not all(math.isfinite(x) for x in before):
             return "ambiguous"
         level = statistics.median(before)
         if level >= 0.6 * rgl:
             return "ambiguous"
-        return (
-            "catastrophic"
-            if any(excursion(i, level) for i in range(start, min(start + WINDOW, len(losses))))
-            else "ambiguous"
-        )
+        if any(excursion(i, level) for i in range(start, min(start + WINDOW, len(losses)))):
+            return "catastrophic"
+        run = 0
+        for i in range(start, len(losses)):
+            if smoothed(i) >= RISE * level:
+                run += 1
+                if run >= PERSIST and i - run + 1 < start + PERSIST_WITHIN:
+                    return "catastrophic"
+            else:
+                run = 0
+                if i >= start + PERSIST_WITHIN:
+                    break
+        return "ambiguous"
     for i, step in enumerate(steps):
-        if step <= HEALTHY_AFTER:
+        if step <= HEALTHY_AFTER or step in easy:
             continue
-        before = [x if math.isfinite(x) else math.inf for x in losses[max(0, i - SMOOTH + 1 - LEVEL) : i - SMOOTH + 1]]
+        before = [x if math.isfinite(x) else math.inf for x in level_before(max(0, i - SMOOTH + 1))]
         if excursion(i, statistics.median(before)):
             return "ambiguous"
     return "healthy"

@@ -17,10 +17,32 @@ strike normal, batch-2 and restarts runs (batch-1 runs learn too slowly to have 
 stratified: healthy runs alternate between the halves within each variant, and each half holds a normal run of
 every fault and, over the faults, faulty batch-2 and restarts runs. Traces: step_traces/*.jsonl.gz; index:
 steps_index.json.
+
+Every train record also carries ``lr``, the learning rate the optimizer used at that step (the schedule times
+any fault's factor). After those runs (drawn after them, so that they stay as they were) come four runs of
+each of NEW_KINDS, the regimes a held-out evaluation found the train-stream detectors blind to:
+``early_lr_spike`` and ``early_corrupt`` (an LR spike or corrupt batches as above, with the onset in the
+first 200 steps: EARLY_ONSETS), ``lr_x10`` (the LR times LR_X10_FACTOR from the onset to the end: a schedule
+bug), ``lr_ramp`` (the LR times LR_RAMP_GROWTH ** (steps since onset + 1) to the end: the loss creeps up,
+then explodes), ``easy_stretch`` (EASY_STEPS trivially easy batches from ``easy_start``, then normal data
+again: no fault, its spec has onset_step 0) and ``easy_then_spike`` (an easy stretch, then within
+SPIKE_AFTER_EASY steps of normal data an LR spike, whose first step is the onset_step). Easy batches are
+``easy_data`` "repeat" (every sequence one character repeated) or "memorize" (the stretch's first batch of
+text, again and again), alternating. lr_x10 has EXTRA_RUNS.
+
+``model`` tells the two model families apart (``variant`` keeps naming batch size, LR and schedule):
+"tinygpt", the model above on characters, and "gpt2bytes", transformers' GPT2LMHeadModel (GPT2Bytes) on the
+UTF-8 bytes of the same text (vocabulary 256, so RGL ln 256), with the same optimizer, schedule and faults
+but its own batch sizes and LRs (GPT2_VARIANTS): GPT2_HEALTHY runs without a fault, one run of each of
+FAULTS and two of each of NEW_KINDS (one per half). Its trace ids read ``sNN-gpt2bytes-<variant>-<kind>``.
+
+``python -m tests.benchmarks.corpus.steps`` builds every trace (one torch thread; `make corpus` runs it
+after build.py); ``--missing`` builds only those whose file is missing. Both write the whole index.
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import math
@@ -47,7 +69,45 @@ CORRUPT_STEPS = 40
 """Enough random batches to make the model forget: the first clean batches after them cost most of ln(V)."""
 GARBLE_EVERY = 40
 FAULTS = ("lr_spike", "grad_blowup", "corrupt_batches", "head_collapse", "nan")
+NEW_KINDS = ("early_lr_spike", "early_corrupt", "lr_x10", "lr_ramp", "easy_stretch", "easy_then_spike")
+"""The regimes added after FAULTS (their runs come after FAULTS' in plan(), so the old runs stay as they were).
+easy_stretch is no fault: its spec has fault "easy_stretch", onset_step 0 and fault_steps 0."""
+KINDS = FAULTS + NEW_KINDS
 SEED_BASE = 500
+SPIKE = 100
+"""An LR spike's factor (lr_spike, early_lr_spike, easy_then_spike)."""
+EARLY_ONSETS = {"tinygpt": (110, 160), "gpt2bytes": (60, 160)}
+"""early_*: the onset step, drawn in this range: past the warm-up, while the loss still falls fast (TinyGPT's
+train loss is above 0.6 x RGL, not yet learning by the labels, until about step 110)."""
+LR_X10_FACTOR = {"normal": 10.0, "batch2": 10.0, "restarts": 10.0, "gpt2bytes": 20.0}
+"""lr_x10's factor per variant (TinyGPT) or for gpt2bytes: a moderate, persistent rise of the loss."""
+LR_RAMP_GROWTH = 1.02
+"""lr_ramp: the LR factor grows by this much per step from the onset (x 52 after 200 steps)."""
+EASY_STEPS = (100, 200)
+"""easy_stretch, easy_then_spike: how many easy batches, drawn in this range."""
+SPIKE_AFTER_EASY = (20, 60)
+"""easy_then_spike: the spike strikes after this many steps of normal data (drawn) past the easy stretch."""
+EXTRA_RUNS = {"lr_x10": ("batch2", "batch2")}
+"""Runs of a kind beyond its four (after them): a persistent LR x 10 raises TinyGPT's loss moderately and
+persistently only in noisy (batch-2) runs."""
+GPT2_WIDTH = 64
+GPT2_VARIANTS: dict[str, list[tuple[int, float]]] = {
+    # (batch size, peak LR): at a peak LR of 2e-3 or more, GPT-2 sits on the unigram plateau (loss about 2.85)
+    # for hundreds of steps, some seeds for the whole run; at 1e-3 it learns steadily
+    "normal": [(8, 1e-3), (16, 1e-3)],
+    "batch2": [(2, 1e-3)],
+    "restarts": [(8, 1e-3), (16, 1e-3)],
+}
+GPT2_HEALTHY = ("normal", "normal", "batch2", "batch2", "restarts", "restarts")
+GPT2_NEW_VARIANTS = {
+    "early_lr_spike": ("normal", "batch2"),
+    "early_corrupt": ("normal", "restarts"),
+    "lr_x10": ("normal", "normal"),
+    "lr_ramp": ("normal", "batch2"),
+    "easy_stretch": ("normal", "batch2"),
+    "easy_then_spike": ("normal", "restarts"),
+}
+"""gpt2bytes: the variants of the two runs of each kind of NEW_KINDS."""
 
 
 @dataclass(frozen=True)
@@ -55,16 +115,21 @@ class StepSpec:
     """One step-level corpus run."""
 
     trace_id: str
-    variant: str  # "normal", "batch1", "batch2" or "restarts"
+    variant: str  # "normal", "batch1", "batch2" or "restarts" (batch size, LR and schedule; see VARIANTS)
     seed: int
     width: int
     batch_size: int
     lr: float
     restarts: bool
-    fault: str  # "none" or one of FAULTS
-    onset_step: int  # 0 without a fault
-    fault_steps: int  # how many steps the fault lasts (0 without a fault; head_collapse and nan stay)
+    fault: str  # "none" or one of KINDS ("easy_stretch" is no fault: onset_step and fault_steps 0)
+    onset_step: int  # the fault's first step; 0 without a fault
+    fault_steps: int  # how many steps the fault lasts (0 without a fault; head_collapse, nan, lr_x10, lr_ramp stay)
     split: str  # "tuning" or "evaluation"
+    model: str = "tinygpt"  # "tinygpt" (TinyGPT on characters) or "gpt2bytes" (GPT2LMHeadModel on UTF-8 bytes)
+    easy_start: int = 0  # easy_stretch, easy_then_spike: the first easy batch's step (0: none)
+    easy_steps: int = 0  # how many easy batches
+    easy_data: str = ""  # "repeat" (each sequence one character repeated) or "memorize" (one batch, again and again)
+    lr_factor: float = 1.0  # lr_x10: the LR factor from the onset on; lr_ramp: the factor's growth per step
 
 
 VARIANTS: dict[str, list[tuple[int, int, float]]] = {
@@ -81,28 +146,50 @@ each half holds one normal run per fault and, over the faults, faulty batch-2 an
 
 
 def plan() -> list[StepSpec]:
-    """Healthy runs per variant, then four runs per fault; the split alternates within each group."""
+    """Healthy runs per variant, then four runs per fault; the split alternates within each group. Then (drawn
+    after them, so the runs before stay as they were) four runs per kind of NEW_KINDS, and the gpt2bytes runs:
+    GPT2_HEALTHY, one run per fault and two per kind of NEW_KINDS (one per half)."""
     specs: list[StepSpec] = []
     seen: dict[str, int] = {}
     phase: dict[str, int] = {}
     rng = random.Random("steps")
 
-    def add(variant: str, k: int, seed: int, fault: str, group: str) -> None:
+    def add(variant: str, k: int, seed: int, fault: str, group: str, model: str = "tinygpt") -> None:
         width, batch, lr = VARIANTS[variant][k % len(VARIANTS[variant])]
+        if model == "gpt2bytes":
+            width, (batch, lr) = GPT2_WIDTH, GPT2_VARIANTS[variant][k % len(GPT2_VARIANTS[variant])]
         phase.setdefault(group, len(phase) % 2)  # groups of odd size: their extra run goes to each half in turn
         count = seen.get(group, 0)
         seen[group] = count + 1
         split = "tuning" if (count + phase[group]) % 2 == 0 else "evaluation"
         onset, duration = 0, 0
-        if fault != "none":
+        easy_start, easy_steps, easy_data, lr_factor = 0, 0, "", 1.0
+        if fault in FAULTS:
             onset = VAL_EVERY * rng.randint(6, 11) + rng.randint(10, 40)
             duration = {"lr_spike": rng.randint(20, 50), "grad_blowup": 1, "corrupt_batches": CORRUPT_STEPS}.get(
                 fault, STEPS - onset + 1
             )
+        elif fault in ("early_lr_spike", "early_corrupt"):
+            onset = rng.randint(*EARLY_ONSETS[model])
+            duration = rng.randint(20, 50) if fault == "early_lr_spike" else CORRUPT_STEPS
+        elif fault in ("lr_x10", "lr_ramp"):
+            onset = VAL_EVERY * rng.randint(4, 8) + rng.randint(10, 40)
+            duration = STEPS - onset + 1
+            lr_factor = (
+                LR_RAMP_GROWTH if fault == "lr_ramp" else LR_X10_FACTOR[variant if model == "tinygpt" else model]
+            )
+        elif fault in ("easy_stretch", "easy_then_spike"):
+            easy_start = VAL_EVERY * rng.randint(4, 8 if fault == "easy_stretch" else 6) + rng.randint(10, 40)
+            easy_steps = rng.randint(*EASY_STEPS)
+            easy_data = ("repeat", "memorize")[count % 2]
+            if fault == "easy_then_spike":
+                onset = easy_start + easy_steps + rng.randint(*SPIKE_AFTER_EASY)
+                duration = rng.randint(20, 50)
         name = fault if fault != "none" else "healthy"
+        tag = variant if model == "tinygpt" else f"{model}-{variant}"
         specs.append(
             StepSpec(
-                f"s{len(specs):02d}-{variant}-{name}",
+                f"s{len(specs):02d}-{tag}-{name}",
                 variant,
                 seed,
                 width,
@@ -113,17 +200,32 @@ def plan() -> list[StepSpec]:
                 onset,
                 duration,
                 split,
+                model,
+                easy_start,
+                easy_steps,
+                easy_data,
+                lr_factor,
             )
         )
 
     for variant, count in HEALTHY_RUNS.items():
         for k in range(count):
             add(variant, k, SEED_BASE + len(specs), "none", variant)
-    for f, fault in enumerate(FAULTS):
+    for f, fault in enumerate(KINDS):
         phase[fault] = 0  # each fault's first run (a normal one) to the tuning half, its second to evaluation
         variants = FAULT_VARIANTS if f % 2 == 0 else (*FAULT_VARIANTS[:2], *FAULT_VARIANTS[:1:-1])
-        for k, variant in enumerate(variants):
+        for k, variant in enumerate((*variants, *EXTRA_RUNS.get(fault, ()))):
             add(variant, k + f, SEED_BASE * 10 + len(specs), fault, fault)
+    for k, variant in enumerate(GPT2_HEALTHY):
+        phase[f"gpt2bytes-{variant}"] = 0
+        add(variant, k, SEED_BASE + len(specs), "none", f"gpt2bytes-{variant}", "gpt2bytes")
+    phase["gpt2bytes-faults"] = 0
+    for f, fault in enumerate(FAULTS):
+        add(FAULT_VARIANTS[f % 4], f, SEED_BASE * 10 + len(specs), fault, "gpt2bytes-faults", "gpt2bytes")
+    for f, fault in enumerate(NEW_KINDS):
+        phase[f"gpt2bytes-{fault}"] = f % 2
+        for k, variant in enumerate(GPT2_NEW_VARIANTS[fault]):
+            add(variant, 2 * f + k + 2, SEED_BASE * 10 + len(specs), fault, f"gpt2bytes-{fault}", "gpt2bytes")
     return specs
 
 
@@ -163,6 +265,40 @@ class TinyGPT(nn.Module):
         return out
 
 
+class GPT2Bytes(nn.Module):
+    """transformers' GPT2LMHeadModel (2 layers, 4 heads, width GPT2_WIDTH, context CONTEXT, 256 byte tokens;
+    GPT2Config's defaults otherwise: dropout 0.1, the output head tied to the token embedding), built from its
+    config (nothing downloaded); forward gives the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            n_layer=2,
+            n_head=4,
+            n_embd=GPT2_WIDTH,
+            n_positions=CONTEXT,
+            vocab_size=256,
+            bos_token_id=None,
+            eos_token_id=None,
+        )
+        self.gpt = GPT2LMHeadModel(config)
+
+    @property
+    def head(self) -> nn.Linear:
+        head: nn.Linear = self.gpt.lm_head
+        return head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.gpt(input_ids=x).logits
+        return out
+
+
+def make_model(spec: StepSpec, vocab: int) -> TinyGPT | GPT2Bytes:
+    return GPT2Bytes() if spec.model == "gpt2bytes" else TinyGPT(vocab, spec.width)
+
+
 def lr_at(spec: StepSpec, step: int) -> float:
     """Linear warm-up to the peak, then cosine to a tenth of it: once, or in RESTART_CYCLE cycles."""
     if step <= WARMUP:
@@ -172,28 +308,53 @@ def lr_at(spec: StepSpec, step: int) -> float:
     return spec.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 
+def fault_lr_factor(spec: StepSpec, step: int) -> float:
+    """The factor a fault puts on the scheduled LR at a step: SPIKE during an LR spike, lr_factor from lr_x10's
+    onset on, lr_factor ** (steps since lr_ramp's onset + 1) from its onset on; 1 otherwise."""
+    if not spec.onset_step <= step < spec.onset_step + spec.fault_steps:
+        return 1.0
+    if spec.fault in ("lr_spike", "early_lr_spike", "easy_then_spike"):
+        return SPIKE
+    if spec.fault == "lr_x10":
+        return spec.lr_factor
+    if spec.fault == "lr_ramp":
+        return float(spec.lr_factor ** (step - spec.onset_step + 1))
+    return 1.0
+
+
 def record_trace(spec: StepSpec, ids: torch.Tensor, val: torch.Tensor, vocab: int) -> list[dict[str, object]]:
     """Train one run for STEPS steps; return its train records (every step) and validation records."""
     torch.manual_seed(spec.seed)
     generator = torch.Generator().manual_seed(spec.seed)
-    model = TinyGPT(vocab, spec.width)
+    model = make_model(spec, vocab)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.01)
     loss_fn = nn.CrossEntropyLoss()
     rgl = math.log(vocab)
     faulty = range(spec.onset_step, spec.onset_step + spec.fault_steps)
+    easy = range(spec.easy_start, spec.easy_start + spec.easy_steps)
+    alphabet = ids.unique()
+    memorized: torch.Tensor | None = None
     records: list[dict[str, object]] = []
     for step in range(1, STEPS + 1):
         in_fault = step in faulty
         if step == spec.onset_step:
             strike(spec, model)
-        lr = lr_at(spec, step) * (100 if spec.fault == "lr_spike" and in_fault else 1)
+        lr = lr_at(spec, step) * fault_lr_factor(spec, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if spec.fault == "corrupt_batches" and in_fault:
+        if spec.fault in ("corrupt_batches", "early_corrupt") and in_fault:
             batch = torch.randint(0, vocab, (spec.batch_size, CONTEXT + 1), generator=generator)
+        elif step in easy and spec.easy_data == "repeat":
+            chars = alphabet[torch.randint(0, len(alphabet), (spec.batch_size, 1), generator=generator)]
+            batch = chars.expand(spec.batch_size, CONTEXT + 1)
         else:
-            starts = torch.randint(0, len(ids) - CONTEXT - 1, (spec.batch_size,), generator=generator)
-            batch = torch.stack([ids[s : s + CONTEXT + 1] for s in starts.tolist()])
+            if memorized is not None and step in easy:
+                batch = memorized
+            else:
+                starts = torch.randint(0, len(ids) - CONTEXT - 1, (spec.batch_size,), generator=generator)
+                batch = torch.stack([ids[s : s + CONTEXT + 1] for s in starts.tolist()])
+                if step in easy:
+                    memorized = batch
         model.train()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(batch[:, :-1]).reshape(-1, vocab), batch[:, 1:].reshape(-1))
@@ -213,6 +374,7 @@ def record_trace(spec: StepSpec, ids: torch.Tensor, val: torch.Tensor, vocab: in
                 "step": step,
                 "loss": _num(float(loss.detach())),
                 "grad_norm": _num(grad_norm),
+                "lr": lr,
             }
         )
         if step % VAL_EVERY == 0:
@@ -232,8 +394,9 @@ def record_trace(spec: StepSpec, ids: torch.Tensor, val: torch.Tensor, vocab: in
     return records
 
 
-def strike(spec: StepSpec, model: TinyGPT) -> None:
-    """The faults that change the model itself, at the onset step (the others act in the training loop)."""
+def strike(spec: StepSpec, model: TinyGPT | GPT2Bytes) -> None:
+    """The faults that change the model itself, at the onset step (the others act in the training loop).
+    GPT2Bytes ties its head to the token embedding: zeroing or NaN-filling the head does both."""
     if spec.fault == "head_collapse":
         with torch.no_grad():
             model.head.weight.zero_()
@@ -263,39 +426,56 @@ def corpus_text(length: int = 40000) -> str:
     return "".join(out)[:length]
 
 
-def text_ids() -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Training ids (the first 90 % of the text), 64 fixed held-out windows, and the vocabulary size."""
+def text_ids(model: str = "tinygpt") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Training ids (the first 90 % of the text), 64 fixed held-out windows, and the vocabulary size: the
+    text's characters (tinygpt) or its UTF-8 bytes, a vocabulary of 256 (gpt2bytes)."""
     text = corpus_text()
-    vocab = sorted(set(text))
-    index = {c: i for i, c in enumerate(vocab)}
-    ids = torch.tensor([index[c] for c in text], dtype=torch.long)
+    if model == "gpt2bytes":
+        ids = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+        vocab_size = 256
+    else:
+        vocab = sorted(set(text))
+        index = {c: i for i, c in enumerate(vocab)}
+        ids = torch.tensor([index[c] for c in text], dtype=torch.long)
+        vocab_size = len(vocab)
     cut = int(0.9 * len(ids))
     held_out = ids[cut:]
     stride = (len(held_out) - CONTEXT - 1) // 64
     val = torch.stack([held_out[i * stride : i * stride + CONTEXT + 1] for i in range(64)])
-    return ids[:cut], val, len(vocab)
+    return ids[:cut], val, vocab_size
 
 
-def main() -> int:
-    """Build every run of plan() (one torch thread), write the traces and steps_index.json."""
+def trace_path(spec: StepSpec) -> Path:
+    return TRACES / f"{spec.trace_id}.jsonl.gz"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build every run of plan() (one torch thread), or with --missing only those whose trace file is missing;
+    write the traces and steps_index.json (every run of plan())."""
+    parser = argparse.ArgumentParser(description="Build the step-level corpus (step_traces/, steps_index.json).")
+    parser.add_argument("--missing", action="store_true", help="build only the traces whose file is missing")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
     TRACES.mkdir(parents=True, exist_ok=True)
-    ids, val, vocab = text_ids()
+    data = {model: text_ids(model) for model in ("tinygpt", "gpt2bytes")}
     specs = plan()
-    index = []
+    todo = [spec for spec in specs if not (args.missing and trace_path(spec).exists())]
     started = time.monotonic()
-    for i, spec in enumerate(specs):
-        records = record_trace(spec, ids, val, vocab)
-        path = TRACES / f"{spec.trace_id}.jsonl.gz"
-        with gzip.open(path, "wt") as f:
+    for i, spec in enumerate(todo):
+        began = time.monotonic()
+        records = record_trace(spec, *data[spec.model])
+        with gzip.open(trace_path(spec), "wt") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        index.append({**asdict(spec), "file": path.name})
-        print(f"[{i + 1}/{len(specs)}] {spec.trace_id} ({time.monotonic() - started:.0f} s)", flush=True)
-    INDEX.write_text(json.dumps(index, indent=1) + "\n")
-    faulty = sum(1 for s in specs if s.fault != "none")
+        print(
+            f"[{i + 1}/{len(todo)}] {spec.trace_id} {time.monotonic() - began:.1f} s "
+            f"({time.monotonic() - started:.0f} s)",
+            flush=True,
+        )
+    INDEX.write_text(json.dumps([{**asdict(spec), "file": trace_path(spec).name} for spec in specs], indent=1) + "\n")
+    faulty = sum(1 for s in specs if s.fault not in ("none", "easy_stretch"))
     print(
-        f"{len(specs)} step-level traces ({faulty} with a fault, {len(specs) - faulty} without) "
-        f"in {time.monotonic() - started:.0f} s"
+        f"{len(specs)} step-level traces ({faulty} with a fault, {len(specs) - faulty} without), "
+        f"{len(todo)} built in {time.monotonic() - started:.0f} s"
     )
     return 0
 

@@ -32,7 +32,7 @@ class FakeGovernance:
     num_unjudged_records: int = 0
     num_dropped_records: int = 0
     num_shed_records: int = 0
-    train_verification_steps: int | None = None  # None: the profile does not judge the train stream
+    train_verification_steps: int | None = 0  # 0: only non-finite records are judged; None: not welcomed yet
     ack_everything: bool = True  # every record acknowledged as soon as it is sent
     acked_seq: int = 0
     _next_seq: int = 1
@@ -80,6 +80,10 @@ class FakeGovernance:
         return command
 
     # ----------------------------------------------------------------- Governance
+
+    @property
+    def commands_waiting(self) -> bool:
+        return bool(self._commands)
 
     def start(self, wait_s: float) -> bool:
         return self.connected

@@ -131,6 +131,18 @@ class ScriptedGovernor:
         resync = trainer_service_pb2.Resync(timeline=timeline, up_to_seq=up_to_seq, reason="test")
         self.protocol.receive(trainer_service_pb2.AttachResponse(resync=resync), 0.0)
 
+    def ack(self) -> None:
+        """Acknowledge everything drained so far (durable, and judged without a command: it vouches for the
+        snapshots staged up to there)."""
+        up_to = 0
+        for message in self.sent:
+            kind = message.WhichOneof("message")
+            if kind == "vitals_batch":
+                up_to = max(up_to, message.vitals_batch.first_seq + len(message.vitals_batch.step) - 1)
+            elif kind != "hello":
+                up_to = max(up_to, getattr(message, str(kind)).seq)
+        self.protocol.receive(trainer_service_pb2.AttachResponse(ack=trainer_service_pb2.Ack(up_to_seq=up_to)), 0.0)
+
     def drain(self) -> list[trainer_service_pb2.AttachRequest]:
         """Everything the client would transmit now (kept in ``sent`` too)."""
         out = []

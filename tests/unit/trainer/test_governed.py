@@ -104,7 +104,7 @@ def test_rollback_restores_everything_in_place_and_says_how() -> None:
         lkg = state_of(gov)
         train_steps(gov, 3, position)  # steps 11..13: trained on, to be undone
         fake.order(CommandType.ROLLBACK, skip=7, lr_scale=0.5, punishment=-10.0)
-        (*_, outcome) = train_steps(gov, 2, position)  # step 15 is an agreement point
+        (outcome,) = train_steps(gov, 1, position)  # one rank executes a command at its next step
     assert outcome.restored
     assert not outcome.halted
     assert (outcome.restored_step, outcome.restored_epoch, outcome.timeline) == (10, 1, 1)
@@ -154,7 +154,7 @@ def test_halt_then_resume_restores_and_halt_without_resume_stops_the_run() -> No
         assert outcome.command.type is CommandType.RESUME
         assert (outcome.restored_step, outcome.timeline) == (0, 1)
         fake.order(CommandType.HALT)
-        outcome = train_steps(gov, 2)[-1]
+        outcome = train_steps(gov, 1)[-1]  # executed at the next step: one rank needs no agreement point
         assert outcome.halted
         assert not outcome.restored
         with pytest.raises(RunHalted, match="scripted HALT"):
@@ -261,11 +261,11 @@ def test_step_snapshots_are_vouched_for_by_the_train_stream_and_an_onset_picks_o
         assert [(i.step, i.kind) for i in gov.lkg.published] == [(0, "validation"), (40, "step")]
         train_steps(gov, 7)
         fake.order(CommandType.ROLLBACK, onset_step=52)
-        outcome = train_steps(gov, 3)[-1]
+        outcome = train_steps(gov, 1)[0]
         assert (outcome.restored, outcome.restored_step) == (True, 40)
         assert all(torch.equal(at_40[k], v) for k, v in model.state_dict().items())
         fake.order(CommandType.ROLLBACK)  # no onset: a validation's verdict, or a controller
-        outcome = train_steps(gov, 10)[-1]
+        outcome = train_steps(gov, 1)[0]
         assert (outcome.restored, outcome.restored_step) == (True, 0)
     assert [s.step for s in fake.snapshots] == [0, 20, 40]
 
@@ -276,17 +276,17 @@ def test_a_step_snapshot_waits_for_the_acks_and_dies_with_a_command() -> None:
     with GovernedTraining(model, optimizers, governor=fake, agree_every_steps=10, step_snapshot_every=20) as gov:
         train_steps(gov, 40)
         assert gov.step_pending is not None
-        assert gov.step_pending.step == 20
+        assert gov.step_pending.info.step == 20
         assert [i.step for i in gov.lkg.published] == [0], "not acknowledged: not vouched for"
         fake.order(CommandType.ROLLBACK, onset_step=35)
-        outcome = train_steps(gov, 10)[-1]
+        outcome = train_steps(gov, 1)[0]
         assert (outcome.restored, outcome.restored_step) == (True, 0)
         assert gov.step_pending is None
     without = FakeGovernance(train_verification_steps=None)
     model, optimizers, _ = plain_setup()
     with GovernedTraining(model, optimizers, governor=without, agree_every_steps=10, step_snapshot_every=20) as gov:
         train_steps(gov, 60)
-        assert gov.step_pending is None, "the profile does not judge the train stream: no step snapshots"
+        assert gov.step_pending is None, "no Welcome has said how the train stream vouches: no step snapshots"
 
 
 def test_with_a_grad_scaler_the_default_grad_norm_is_unscaled_and_an_overflow_is_not_reported() -> None:

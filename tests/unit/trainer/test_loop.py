@@ -38,15 +38,19 @@ def test_pending_snapshot_survives_verdict_latency() -> None:
     (first,) = validations(governor.drain())
     run._epoch()  # epoch 2 validates before epoch 1's verdict arrives
     (second,) = validations(governor.drain())
+    governor.ack()  # the train stream vouches for both (every record judged, no command)
     governor.verdict(first.seq, first.timeline, first.step, common_pb2.VERDICT_KIND_HEALTHY, True)
     run.gov.agreement_point()
-    assert run.gov.lkg.info is not None
-    assert run.gov.lkg.info.step == step_after_epoch_1
+    validated = run.gov.lkg.choose()  # the newest validated snapshot (step snapshots come and go beside them)
+    assert validated is not None
+    assert validated.step == step_after_epoch_1
     governor.verdict(second.seq, second.timeline, second.step, common_pb2.VERDICT_KIND_HEALTHY, True)
     run.gov.agreement_point()
-    assert run.gov.lkg.info.step == run.state.step
+    validated = run.gov.lkg.choose()
+    assert validated is not None
+    assert validated.step == run.state.step
     published = [m.snapshot_taken.step for m in governor.drain() if m.HasField("snapshot_taken")]
-    assert published == [step_after_epoch_1, run.state.step]
+    assert [s for s in published if s % 250] == [step_after_epoch_1, run.state.step]
 
 
 def test_panic_on_the_last_validation_trains_to_the_end_again() -> None:
@@ -111,6 +115,7 @@ def test_healthy_verdicts_publish_every_epoch_and_the_end_does_not_wait() -> Non
     def answer(event: dict[str, Any]) -> None:
         if event["event"] == "epoch":
             governor.drain()
+            governor.ack()
             record = validations(governor.sent)[-1]
             governor.verdict(record.seq, record.timeline, record.step, common_pb2.VERDICT_KIND_HEALTHY, True)
 

@@ -220,7 +220,7 @@ def test_a_validation_and_a_step_snapshot_of_the_same_step_are_published_by_thei
     step_kind = lkg.stage(state, kind="step")
     validation = lkg.stage(state)
     assert lkg.publish(validation.timeline, validation.step, "validation")
-    assert [(i.step, i.kind) for i in lkg.published] == [(validation.step, "validation")]
+    assert [(i.step, i.kind) for i in lkg.published] == [(0, "validation"), (validation.step, "validation")]
     assert lkg.choose() == validation
     lkg.discard(step_kind)
     train_one_epoch(state)
@@ -228,5 +228,5 @@ def test_a_validation_and_a_step_snapshot_of_the_same_step_are_published_by_thei
     validation = lkg.stage(state)
     lkg.discard(validation)  # a PANIC verdict
     assert lkg.publish(step_kind.timeline, step_kind.step, "step")
-    assert [i.kind for i in lkg.published] == ["validation", "step"]
+    assert [i.kind for i in lkg.published] == ["validation", "validation", "step"]
     assert lkg.choose().step < step_kind.step, "the validated LKG is still the older one"  # type: ignore[union-attr]

@@ -180,6 +180,14 @@ class Policy(_message.Message):
     STEP_LOSS_PATIENCE_FIELD_NUMBER: _builtins.int
     STEP_GRAD_RATIO_FIELD_NUMBER: _builtins.int
     STEP_COLLAPSE_PATIENCE_FIELD_NUMBER: _builtins.int
+    STEP_LR_RATIO_FIELD_NUMBER: _builtins.int
+    STEP_ZERO_PATIENCE_FIELD_NUMBER: _builtins.int
+    STEP_RISE_RATIO_FIELD_NUMBER: _builtins.int
+    STEP_RISE_PATIENCE_FIELD_NUMBER: _builtins.int
+    RECURRENCE_STEPS_FIELD_NUMBER: _builtins.int
+    ESCALATION_FIELD_NUMBER: _builtins.int
+    ESCALATION_SKIP_MARGIN_FIELD_NUMBER: _builtins.int
+    ESCALATION_LR_SCALE_FIELD_NUMBER: _builtins.int
     profile: _builtins.str
     """Detector profile: "default" or "seed"."""
     history_window: _builtins.int
@@ -234,6 +242,32 @@ class Policy(_message.Message):
     """One grad norm above this ratio to its running level is a blow-up (100)."""
     step_collapse_patience: _builtins.int
     """Consecutive records in the lobotomy band that make a collapse (10)."""
+    step_lr_ratio: _builtins.float
+    """One learning rate above this ratio to the highest the run used before is a jump no schedule
+    explains (3).
+    """
+    step_zero_patience: _builtins.int
+    """Consecutive records with a loss or gradient norm of exactly 0, while the running level was not,
+    that make a dead-stream alarm (5).
+    """
+    step_rise_ratio: _builtins.float
+    """A persistent rise: the short-term loss level above this ratio to the lowest the running level
+    reached (1.25) ...
+    """
+    step_rise_patience: _builtins.int
+    """... for this many consecutive records (60)."""
+    recurrence_steps: _builtins.int
+    """The recovery ladder (docs/protocol.md, "Recovery ladder"): a panic whose fault step is at most
+    this many steps past the previous fault's, after a restore to before it, is a recurrence (100).
+    """
+    escalation: _builtins.bool
+    """Escalate on recurrences (true): restore, then an older snapshot and skip the fault's data, then
+    also scale the learning rate, then HALT with a diagnosis. Off: every rollback uses the recipe.
+    """
+    escalation_skip_margin: _builtins.int
+    """Batches skipped past the recurring fault's alarm step on the second rung (100; twice that on the third)."""
+    escalation_lr_scale: _builtins.float
+    """Learning-rate factor of the third rung, in (0, 1] (0.5)."""
     def __init__(
         self,
         *,
@@ -263,10 +297,18 @@ class Policy(_message.Message):
         step_loss_patience: _builtins.int | None = ...,
         step_grad_ratio: _builtins.float | None = ...,
         step_collapse_patience: _builtins.int | None = ...,
+        step_lr_ratio: _builtins.float | None = ...,
+        step_zero_patience: _builtins.int | None = ...,
+        step_rise_ratio: _builtins.float | None = ...,
+        step_rise_patience: _builtins.int | None = ...,
+        recurrence_steps: _builtins.int | None = ...,
+        escalation: _builtins.bool | None = ...,
+        escalation_skip_margin: _builtins.int | None = ...,
+        escalation_lr_scale: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_absolute_threshold", b"_absolute_threshold", "_command_timeout_s", b"_command_timeout_s", "_death_penalty", b"_death_penalty", "_history_window", b"_history_window", "_lobotomy_mean_ratio", b"_lobotomy_mean_ratio", "_lobotomy_tolerance_ratio", b"_lobotomy_tolerance_ratio", "_max_rollbacks", b"_max_rollbacks", "_min_history", b"_min_history", "_min_panics_before_rollback", b"_min_panics_before_rollback", "_multiplier", b"_multiplier", "_profile", b"_profile", "_random_guess_loss", b"_random_guess_loss", "_rank_deadline_s", b"_rank_deadline_s", "_recovery_lr_scale", b"_recovery_lr_scale", "_recovery_skip_batches", b"_recovery_skip_batches", "_rollback_window", b"_rollback_window", "_sensitivity", b"_sensitivity", "_shadow_mode", b"_shadow_mode", "_stall_timeout_s", b"_stall_timeout_s", "_step_collapse_patience", b"_step_collapse_patience", "_step_ema_steps", b"_step_ema_steps", "_step_grad_ratio", b"_step_grad_ratio", "_step_loss_patience", b"_step_loss_patience", "_step_loss_ratio", b"_step_loss_ratio", "_step_loss_sigma", b"_step_loss_sigma", "_step_warmup_steps", b"_step_warmup_steps", "absolute_threshold", b"absolute_threshold", "command_timeout_s", b"command_timeout_s", "death_penalty", b"death_penalty", "history_window", b"history_window", "lobotomy_mean_ratio", b"lobotomy_mean_ratio", "lobotomy_tolerance_ratio", b"lobotomy_tolerance_ratio", "max_rollbacks", b"max_rollbacks", "min_history", b"min_history", "min_panics_before_rollback", b"min_panics_before_rollback", "multiplier", b"multiplier", "profile", b"profile", "random_guess_loss", b"random_guess_loss", "rank_deadline_s", b"rank_deadline_s", "recovery_lr_scale", b"recovery_lr_scale", "recovery_skip_batches", b"recovery_skip_batches", "rollback_window", b"rollback_window", "sensitivity", b"sensitivity", "shadow_mode", b"shadow_mode", "stall_timeout_s", b"stall_timeout_s", "step_collapse_patience", b"step_collapse_patience", "step_ema_steps", b"step_ema_steps", "step_grad_ratio", b"step_grad_ratio", "step_loss_patience", b"step_loss_patience", "step_loss_ratio", b"step_loss_ratio", "step_loss_sigma", b"step_loss_sigma", "step_warmup_steps", b"step_warmup_steps"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_absolute_threshold", b"_absolute_threshold", "_command_timeout_s", b"_command_timeout_s", "_death_penalty", b"_death_penalty", "_escalation", b"_escalation", "_escalation_lr_scale", b"_escalation_lr_scale", "_escalation_skip_margin", b"_escalation_skip_margin", "_history_window", b"_history_window", "_lobotomy_mean_ratio", b"_lobotomy_mean_ratio", "_lobotomy_tolerance_ratio", b"_lobotomy_tolerance_ratio", "_max_rollbacks", b"_max_rollbacks", "_min_history", b"_min_history", "_min_panics_before_rollback", b"_min_panics_before_rollback", "_multiplier", b"_multiplier", "_profile", b"_profile", "_random_guess_loss", b"_random_guess_loss", "_rank_deadline_s", b"_rank_deadline_s", "_recovery_lr_scale", b"_recovery_lr_scale", "_recovery_skip_batches", b"_recovery_skip_batches", "_recurrence_steps", b"_recurrence_steps", "_rollback_window", b"_rollback_window", "_sensitivity", b"_sensitivity", "_shadow_mode", b"_shadow_mode", "_stall_timeout_s", b"_stall_timeout_s", "_step_collapse_patience", b"_step_collapse_patience", "_step_ema_steps", b"_step_ema_steps", "_step_grad_ratio", b"_step_grad_ratio", "_step_loss_patience", b"_step_loss_patience", "_step_loss_ratio", b"_step_loss_ratio", "_step_loss_sigma", b"_step_loss_sigma", "_step_lr_ratio", b"_step_lr_ratio", "_step_rise_patience", b"_step_rise_patience", "_step_rise_ratio", b"_step_rise_ratio", "_step_warmup_steps", b"_step_warmup_steps", "_step_zero_patience", b"_step_zero_patience", "absolute_threshold", b"absolute_threshold", "command_timeout_s", b"command_timeout_s", "death_penalty", b"death_penalty", "escalation", b"escalation", "escalation_lr_scale", b"escalation_lr_scale", "escalation_skip_margin", b"escalation_skip_margin", "history_window", b"history_window", "lobotomy_mean_ratio", b"lobotomy_mean_ratio", "lobotomy_tolerance_ratio", b"lobotomy_tolerance_ratio", "max_rollbacks", b"max_rollbacks", "min_history", b"min_history", "min_panics_before_rollback", b"min_panics_before_rollback", "multiplier", b"multiplier", "profile", b"profile", "random_guess_loss", b"random_guess_loss", "rank_deadline_s", b"rank_deadline_s", "recovery_lr_scale", b"recovery_lr_scale", "recovery_skip_batches", b"recovery_skip_batches", "recurrence_steps", b"recurrence_steps", "rollback_window", b"rollback_window", "sensitivity", b"sensitivity", "shadow_mode", b"shadow_mode", "stall_timeout_s", b"stall_timeout_s", "step_collapse_patience", b"step_collapse_patience", "step_ema_steps", b"step_ema_steps", "step_grad_ratio", b"step_grad_ratio", "step_loss_patience", b"step_loss_patience", "step_loss_ratio", b"step_loss_ratio", "step_loss_sigma", b"step_loss_sigma", "step_lr_ratio", b"step_lr_ratio", "step_rise_patience", b"step_rise_patience", "step_rise_ratio", b"step_rise_ratio", "step_warmup_steps", b"step_warmup_steps", "step_zero_patience", b"step_zero_patience"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_absolute_threshold", b"_absolute_threshold", "_command_timeout_s", b"_command_timeout_s", "_death_penalty", b"_death_penalty", "_history_window", b"_history_window", "_lobotomy_mean_ratio", b"_lobotomy_mean_ratio", "_lobotomy_tolerance_ratio", b"_lobotomy_tolerance_ratio", "_max_rollbacks", b"_max_rollbacks", "_min_history", b"_min_history", "_min_panics_before_rollback", b"_min_panics_before_rollback", "_multiplier", b"_multiplier", "_profile", b"_profile", "_random_guess_loss", b"_random_guess_loss", "_rank_deadline_s", b"_rank_deadline_s", "_recovery_lr_scale", b"_recovery_lr_scale", "_recovery_skip_batches", b"_recovery_skip_batches", "_rollback_window", b"_rollback_window", "_sensitivity", b"_sensitivity", "_shadow_mode", b"_shadow_mode", "_stall_timeout_s", b"_stall_timeout_s", "_step_collapse_patience", b"_step_collapse_patience", "_step_ema_steps", b"_step_ema_steps", "_step_grad_ratio", b"_step_grad_ratio", "_step_loss_patience", b"_step_loss_patience", "_step_loss_ratio", b"_step_loss_ratio", "_step_loss_sigma", b"_step_loss_sigma", "_step_warmup_steps", b"_step_warmup_steps", "absolute_threshold", b"absolute_threshold", "command_timeout_s", b"command_timeout_s", "death_penalty", b"death_penalty", "history_window", b"history_window", "lobotomy_mean_ratio", b"lobotomy_mean_ratio", "lobotomy_tolerance_ratio", b"lobotomy_tolerance_ratio", "max_rollbacks", b"max_rollbacks", "min_history", b"min_history", "min_panics_before_rollback", b"min_panics_before_rollback", "multiplier", b"multiplier", "profile", b"profile", "random_guess_loss", b"random_guess_loss", "rank_deadline_s", b"rank_deadline_s", "recovery_lr_scale", b"recovery_lr_scale", "recovery_skip_batches", b"recovery_skip_batches", "rollback_window", b"rollback_window", "sensitivity", b"sensitivity", "shadow_mode", b"shadow_mode", "stall_timeout_s", b"stall_timeout_s", "step_collapse_patience", b"step_collapse_patience", "step_ema_steps", b"step_ema_steps", "step_grad_ratio", b"step_grad_ratio", "step_loss_patience", b"step_loss_patience", "step_loss_ratio", b"step_loss_ratio", "step_loss_sigma", b"step_loss_sigma", "step_warmup_steps", b"step_warmup_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_absolute_threshold", b"_absolute_threshold", "_command_timeout_s", b"_command_timeout_s", "_death_penalty", b"_death_penalty", "_escalation", b"_escalation", "_escalation_lr_scale", b"_escalation_lr_scale", "_escalation_skip_margin", b"_escalation_skip_margin", "_history_window", b"_history_window", "_lobotomy_mean_ratio", b"_lobotomy_mean_ratio", "_lobotomy_tolerance_ratio", b"_lobotomy_tolerance_ratio", "_max_rollbacks", b"_max_rollbacks", "_min_history", b"_min_history", "_min_panics_before_rollback", b"_min_panics_before_rollback", "_multiplier", b"_multiplier", "_profile", b"_profile", "_random_guess_loss", b"_random_guess_loss", "_rank_deadline_s", b"_rank_deadline_s", "_recovery_lr_scale", b"_recovery_lr_scale", "_recovery_skip_batches", b"_recovery_skip_batches", "_recurrence_steps", b"_recurrence_steps", "_rollback_window", b"_rollback_window", "_sensitivity", b"_sensitivity", "_shadow_mode", b"_shadow_mode", "_stall_timeout_s", b"_stall_timeout_s", "_step_collapse_patience", b"_step_collapse_patience", "_step_ema_steps", b"_step_ema_steps", "_step_grad_ratio", b"_step_grad_ratio", "_step_loss_patience", b"_step_loss_patience", "_step_loss_ratio", b"_step_loss_ratio", "_step_loss_sigma", b"_step_loss_sigma", "_step_lr_ratio", b"_step_lr_ratio", "_step_rise_patience", b"_step_rise_patience", "_step_rise_ratio", b"_step_rise_ratio", "_step_warmup_steps", b"_step_warmup_steps", "_step_zero_patience", b"_step_zero_patience", "absolute_threshold", b"absolute_threshold", "command_timeout_s", b"command_timeout_s", "death_penalty", b"death_penalty", "escalation", b"escalation", "escalation_lr_scale", b"escalation_lr_scale", "escalation_skip_margin", b"escalation_skip_margin", "history_window", b"history_window", "lobotomy_mean_ratio", b"lobotomy_mean_ratio", "lobotomy_tolerance_ratio", b"lobotomy_tolerance_ratio", "max_rollbacks", b"max_rollbacks", "min_history", b"min_history", "min_panics_before_rollback", b"min_panics_before_rollback", "multiplier", b"multiplier", "profile", b"profile", "random_guess_loss", b"random_guess_loss", "rank_deadline_s", b"rank_deadline_s", "recovery_lr_scale", b"recovery_lr_scale", "recovery_skip_batches", b"recovery_skip_batches", "recurrence_steps", b"recurrence_steps", "rollback_window", b"rollback_window", "sensitivity", b"sensitivity", "shadow_mode", b"shadow_mode", "stall_timeout_s", b"stall_timeout_s", "step_collapse_patience", b"step_collapse_patience", "step_ema_steps", b"step_ema_steps", "step_grad_ratio", b"step_grad_ratio", "step_loss_patience", b"step_loss_patience", "step_loss_ratio", b"step_loss_ratio", "step_loss_sigma", b"step_loss_sigma", "step_lr_ratio", b"step_lr_ratio", "step_rise_patience", b"step_rise_patience", "step_rise_ratio", b"step_rise_ratio", "step_warmup_steps", b"step_warmup_steps", "step_zero_patience", b"step_zero_patience"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__absolute_threshold: _TypeAlias = _typing.Literal["absolute_threshold"]  # noqa: Y015
     _WhichOneofArgType__absolute_threshold: _TypeAlias = _typing.Literal["_absolute_threshold", b"_absolute_threshold"]  # noqa: Y015
@@ -274,6 +316,12 @@ class Policy(_message.Message):
     _WhichOneofArgType__command_timeout_s: _TypeAlias = _typing.Literal["_command_timeout_s", b"_command_timeout_s"]  # noqa: Y015
     _WhichOneofReturnType__death_penalty: _TypeAlias = _typing.Literal["death_penalty"]  # noqa: Y015
     _WhichOneofArgType__death_penalty: _TypeAlias = _typing.Literal["_death_penalty", b"_death_penalty"]  # noqa: Y015
+    _WhichOneofReturnType__escalation: _TypeAlias = _typing.Literal["escalation"]  # noqa: Y015
+    _WhichOneofArgType__escalation: _TypeAlias = _typing.Literal["_escalation", b"_escalation"]  # noqa: Y015
+    _WhichOneofReturnType__escalation_lr_scale: _TypeAlias = _typing.Literal["escalation_lr_scale"]  # noqa: Y015
+    _WhichOneofArgType__escalation_lr_scale: _TypeAlias = _typing.Literal["_escalation_lr_scale", b"_escalation_lr_scale"]  # noqa: Y015
+    _WhichOneofReturnType__escalation_skip_margin: _TypeAlias = _typing.Literal["escalation_skip_margin"]  # noqa: Y015
+    _WhichOneofArgType__escalation_skip_margin: _TypeAlias = _typing.Literal["_escalation_skip_margin", b"_escalation_skip_margin"]  # noqa: Y015
     _WhichOneofReturnType__history_window: _TypeAlias = _typing.Literal["history_window"]  # noqa: Y015
     _WhichOneofArgType__history_window: _TypeAlias = _typing.Literal["_history_window", b"_history_window"]  # noqa: Y015
     _WhichOneofReturnType__lobotomy_mean_ratio: _TypeAlias = _typing.Literal["lobotomy_mean_ratio"]  # noqa: Y015
@@ -298,6 +346,8 @@ class Policy(_message.Message):
     _WhichOneofArgType__recovery_lr_scale: _TypeAlias = _typing.Literal["_recovery_lr_scale", b"_recovery_lr_scale"]  # noqa: Y015
     _WhichOneofReturnType__recovery_skip_batches: _TypeAlias = _typing.Literal["recovery_skip_batches"]  # noqa: Y015
     _WhichOneofArgType__recovery_skip_batches: _TypeAlias = _typing.Literal["_recovery_skip_batches", b"_recovery_skip_batches"]  # noqa: Y015
+    _WhichOneofReturnType__recurrence_steps: _TypeAlias = _typing.Literal["recurrence_steps"]  # noqa: Y015
+    _WhichOneofArgType__recurrence_steps: _TypeAlias = _typing.Literal["_recurrence_steps", b"_recurrence_steps"]  # noqa: Y015
     _WhichOneofReturnType__rollback_window: _TypeAlias = _typing.Literal["rollback_window"]  # noqa: Y015
     _WhichOneofArgType__rollback_window: _TypeAlias = _typing.Literal["_rollback_window", b"_rollback_window"]  # noqa: Y015
     _WhichOneofReturnType__sensitivity: _TypeAlias = _typing.Literal["sensitivity"]  # noqa: Y015
@@ -318,14 +368,28 @@ class Policy(_message.Message):
     _WhichOneofArgType__step_loss_ratio: _TypeAlias = _typing.Literal["_step_loss_ratio", b"_step_loss_ratio"]  # noqa: Y015
     _WhichOneofReturnType__step_loss_sigma: _TypeAlias = _typing.Literal["step_loss_sigma"]  # noqa: Y015
     _WhichOneofArgType__step_loss_sigma: _TypeAlias = _typing.Literal["_step_loss_sigma", b"_step_loss_sigma"]  # noqa: Y015
+    _WhichOneofReturnType__step_lr_ratio: _TypeAlias = _typing.Literal["step_lr_ratio"]  # noqa: Y015
+    _WhichOneofArgType__step_lr_ratio: _TypeAlias = _typing.Literal["_step_lr_ratio", b"_step_lr_ratio"]  # noqa: Y015
+    _WhichOneofReturnType__step_rise_patience: _TypeAlias = _typing.Literal["step_rise_patience"]  # noqa: Y015
+    _WhichOneofArgType__step_rise_patience: _TypeAlias = _typing.Literal["_step_rise_patience", b"_step_rise_patience"]  # noqa: Y015
+    _WhichOneofReturnType__step_rise_ratio: _TypeAlias = _typing.Literal["step_rise_ratio"]  # noqa: Y015
+    _WhichOneofArgType__step_rise_ratio: _TypeAlias = _typing.Literal["_step_rise_ratio", b"_step_rise_ratio"]  # noqa: Y015
     _WhichOneofReturnType__step_warmup_steps: _TypeAlias = _typing.Literal["step_warmup_steps"]  # noqa: Y015
     _WhichOneofArgType__step_warmup_steps: _TypeAlias = _typing.Literal["_step_warmup_steps", b"_step_warmup_steps"]  # noqa: Y015
+    _WhichOneofReturnType__step_zero_patience: _TypeAlias = _typing.Literal["step_zero_patience"]  # noqa: Y015
+    _WhichOneofArgType__step_zero_patience: _TypeAlias = _typing.Literal["_step_zero_patience", b"_step_zero_patience"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__absolute_threshold) -> _WhichOneofReturnType__absolute_threshold | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__command_timeout_s) -> _WhichOneofReturnType__command_timeout_s | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__death_penalty) -> _WhichOneofReturnType__death_penalty | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__escalation) -> _WhichOneofReturnType__escalation | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__escalation_lr_scale) -> _WhichOneofReturnType__escalation_lr_scale | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__escalation_skip_margin) -> _WhichOneofReturnType__escalation_skip_margin | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__history_window) -> _WhichOneofReturnType__history_window | None: ...
     @_typing.overload
@@ -351,6 +415,8 @@ class Policy(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__recovery_skip_batches) -> _WhichOneofReturnType__recovery_skip_batches | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__recurrence_steps) -> _WhichOneofReturnType__recurrence_steps | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__rollback_window) -> _WhichOneofReturnType__rollback_window | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sensitivity) -> _WhichOneofReturnType__sensitivity | None: ...
@@ -371,6 +437,14 @@ class Policy(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__step_loss_sigma) -> _WhichOneofReturnType__step_loss_sigma | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_lr_ratio) -> _WhichOneofReturnType__step_lr_ratio | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_rise_patience) -> _WhichOneofReturnType__step_rise_patience | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_rise_ratio) -> _WhichOneofReturnType__step_rise_ratio | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__step_warmup_steps) -> _WhichOneofReturnType__step_warmup_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__step_zero_patience) -> _WhichOneofReturnType__step_zero_patience | None: ...
 
 Global___Policy: _TypeAlias = Policy  # noqa: Y015

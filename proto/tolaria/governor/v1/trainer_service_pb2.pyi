@@ -198,6 +198,7 @@ class VitalsBatch(_message.Message):
     GRAD_NORM_FIELD_NUMBER: _builtins.int
     LR_FIELD_NUMBER: _builtins.int
     NUM_DROPPED_RECORDS_FIELD_NUMBER: _builtins.int
+    PIN_STEPS_FIELD_NUMBER: _builtins.int
     first_seq: _builtins.int
     """seq of the first record; later records follow without gaps inside one batch."""
     timeline: _builtins.int
@@ -220,6 +221,14 @@ class VitalsBatch(_message.Message):
     def lr(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Learning rate of the first param group at each step."""
 
+    @_builtins.property
+    def pin_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Steps at which the trainer may have staged a last-known-good snapshot (its agreement points and
+        validations): the daemon keeps its train-stream detector state as of each (after that step's
+        record; a step before this batch's first names the state before it), so that a restore to such a
+        snapshot resumes the detectors from there instead of re-warming them. Added, additive.
+        """
+
     def __init__(
         self,
         *,
@@ -230,10 +239,11 @@ class VitalsBatch(_message.Message):
         grad_norm: _abc.Iterable[_builtins.float] | None = ...,
         lr: _abc.Iterable[_builtins.float] | None = ...,
         num_dropped_records: _builtins.int = ...,
+        pin_steps: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_seq", b"first_seq", "grad_norm", b"grad_norm", "loss", b"loss", "lr", b"lr", "num_dropped_records", b"num_dropped_records", "step", b"step", "timeline", b"timeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["first_seq", b"first_seq", "grad_norm", b"grad_norm", "loss", b"loss", "lr", b"lr", "num_dropped_records", b"num_dropped_records", "pin_steps", b"pin_steps", "step", b"step", "timeline", b"timeline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -544,6 +554,7 @@ class Welcome(_message.Message):
     RUN_STATE_FIELD_NUMBER: _builtins.int
     RANDOM_GUESS_LOSS_FIELD_NUMBER: _builtins.int
     IGNORED_POLICY_FIELDS_FIELD_NUMBER: _builtins.int
+    TRAIN_VERIFICATION_STEPS_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
     """Attachment count of this (run, rank); commands carry it."""
     last_durable_seq: _builtins.int
@@ -553,6 +564,12 @@ class Welcome(_message.Message):
     run_state: _common_pb2.RunState.ValueType
     random_guess_loss: _builtins.float
     """Random-guess loss in force, if known."""
+    train_verification_steps: _builtins.int
+    """The longest delay, in train steps, between an anomaly's estimated onset and the train-stream alarm
+    that names it: a snapshot of step S is vouched for (no alarm with an onset at or before S can still
+    come) once the records up to S + this are acknowledged with no command. 0 when only non-finite
+    records are judged (the seed profile). Added, additive: unset from older daemons.
+    """
     @_builtins.property
     def effective_policy(self) -> _common_pb2.Policy:
         """Policy in force for the run."""
@@ -571,14 +588,20 @@ class Welcome(_message.Message):
         run_state: _common_pb2.RunState.ValueType = ...,
         random_guess_loss: _builtins.float | None = ...,
         ignored_policy_fields: _abc.Iterable[_builtins.str] | None = ...,
+        train_verification_steps: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss", "effective_policy", b"effective_policy", "random_guess_loss", b"random_guess_loss"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss", "_train_verification_steps", b"_train_verification_steps", "effective_policy", b"effective_policy", "random_guess_loss", b"random_guess_loss", "train_verification_steps", b"train_verification_steps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss", "effective_policy", b"effective_policy", "generation", b"generation", "ignored_policy_fields", b"ignored_policy_fields", "last_durable_seq", b"last_durable_seq", "random_guess_loss", b"random_guess_loss", "run_state", b"run_state", "timeline", b"timeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss", "_train_verification_steps", b"_train_verification_steps", "effective_policy", b"effective_policy", "generation", b"generation", "ignored_policy_fields", b"ignored_policy_fields", "last_durable_seq", b"last_durable_seq", "random_guess_loss", b"random_guess_loss", "run_state", b"run_state", "timeline", b"timeline", "train_verification_steps", b"train_verification_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__random_guess_loss: _TypeAlias = _typing.Literal["random_guess_loss"]  # noqa: Y015
     _WhichOneofArgType__random_guess_loss: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss"]  # noqa: Y015
+    _WhichOneofReturnType__train_verification_steps: _TypeAlias = _typing.Literal["train_verification_steps"]  # noqa: Y015
+    _WhichOneofArgType__train_verification_steps: _TypeAlias = _typing.Literal["_train_verification_steps", b"_train_verification_steps"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__random_guess_loss) -> _WhichOneofReturnType__random_guess_loss | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__train_verification_steps) -> _WhichOneofReturnType__train_verification_steps | None: ...
 
 Global___Welcome: _TypeAlias = Welcome  # noqa: Y015
 
@@ -666,6 +689,9 @@ class Command(_message.Message):
     TIMELINE_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     ONSET_STEP_FIELD_NUMBER: _builtins.int
+    RECOVERY_RUNG_FIELD_NUMBER: _builtins.int
+    RESTORE_BEFORE_STEP_FIELD_NUMBER: _builtins.int
+    SKIP_THROUGH_STEP_FIELD_NUMBER: _builtins.int
     command_id: _builtins.int
     """Unique and increasing within a run; a re-sent command keeps its id."""
     type: _common_pb2.CommandType.ValueType
@@ -687,6 +713,18 @@ class Command(_message.Message):
     trainer restores the newest last-known-good snapshot older than it (by a margin); without it,
     the newest snapshot a validation verdict published.
     """
+    recovery_rung: _builtins.int
+    """The rung of the recovery ladder this ROLLBACK is on (0: a first occurrence; docs/protocol.md,
+    "Recovery ladder").
+    """
+    restore_before_step: _builtins.int
+    """Restore a snapshot older than this step (a recurrence: older than the one restored last time),
+    when the trainer holds one.
+    """
+    skip_through_step: _builtins.int
+    """After restoring step R, also skip the batches of steps R+1 .. skip_through_step (the data window
+    where the fault recurred), before recovery_skip_batches.
+    """
     def __init__(
         self,
         *,
@@ -700,14 +738,26 @@ class Command(_message.Message):
         timeline: _builtins.int = ...,
         step: _builtins.int = ...,
         onset_step: _builtins.int | None = ...,
+        recovery_rung: _builtins.int = ...,
+        restore_before_step: _builtins.int | None = ...,
+        skip_through_step: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_onset_step", b"_onset_step", "onset_step", b"onset_step"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_onset_step", b"_onset_step", "_restore_before_step", b"_restore_before_step", "_skip_through_step", b"_skip_through_step", "onset_step", b"onset_step", "restore_before_step", b"restore_before_step", "skip_through_step", b"skip_through_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_onset_step", b"_onset_step", "command_id", b"command_id", "generation", b"generation", "onset_step", b"onset_step", "punishment_reward", b"punishment_reward", "reason", b"reason", "recovery_lr_scale", b"recovery_lr_scale", "recovery_skip_batches", b"recovery_skip_batches", "step", b"step", "timeline", b"timeline", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_onset_step", b"_onset_step", "_restore_before_step", b"_restore_before_step", "_skip_through_step", b"_skip_through_step", "command_id", b"command_id", "generation", b"generation", "onset_step", b"onset_step", "punishment_reward", b"punishment_reward", "reason", b"reason", "recovery_lr_scale", b"recovery_lr_scale", "recovery_rung", b"recovery_rung", "recovery_skip_batches", b"recovery_skip_batches", "restore_before_step", b"restore_before_step", "skip_through_step", b"skip_through_step", "step", b"step", "timeline", b"timeline", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__onset_step: _TypeAlias = _typing.Literal["onset_step"]  # noqa: Y015
     _WhichOneofArgType__onset_step: _TypeAlias = _typing.Literal["_onset_step", b"_onset_step"]  # noqa: Y015
+    _WhichOneofReturnType__restore_before_step: _TypeAlias = _typing.Literal["restore_before_step"]  # noqa: Y015
+    _WhichOneofArgType__restore_before_step: _TypeAlias = _typing.Literal["_restore_before_step", b"_restore_before_step"]  # noqa: Y015
+    _WhichOneofReturnType__skip_through_step: _TypeAlias = _typing.Literal["skip_through_step"]  # noqa: Y015
+    _WhichOneofArgType__skip_through_step: _TypeAlias = _typing.Literal["_skip_through_step", b"_skip_through_step"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__onset_step) -> _WhichOneofReturnType__onset_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__restore_before_step) -> _WhichOneofReturnType__restore_before_step | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__skip_through_step) -> _WhichOneofReturnType__skip_through_step | None: ...
 
 Global___Command: _TypeAlias = Command  # noqa: Y015
 
