@@ -113,6 +113,7 @@ def _judge_train(run_id: str, run: _RunReplay) -> list[ReplayDecision]:
     while pending:
         now_s, first = pending[0][0], pending[0][1]
         grads = [r.grad_norm for _, r in pending]
+        lrs = [r.lr for _, r in pending]
         decision, _ = policy.judge_train_batch(
             policy.timeline,
             first.rank,
@@ -121,6 +122,7 @@ def _judge_train(run_id: str, run: _RunReplay) -> list[ReplayDecision]:
             None if any(g is None for g in grads) else np.array(grads, dtype=np.float64),
             pending[-1][0],
             first.epoch,
+            lrs=None if any(lr is None for lr in lrs) else np.array(lrs, dtype=np.float64),
         )
         alarm = (
             len(pending) if decision is None else next(i for i, (_, r) in enumerate(pending) if r.step == decision.step)

@@ -2,8 +2,8 @@
 
 One record per line (JSONL) or row (CSV with a header of the same names): ``run_id`` (default
 "run"), ``kind`` ("validation" or "train", default "validation"), ``epoch``, ``step``, ``loss`` (a number
-or "nan", "inf", "-inf"), optional ``rank``, ``world_size``, ``grad_norm``, ``num_classes``,
-``random_guess_loss``. Unknown keys are collected for one warning. Any malformed record raises
+or "nan", "inf", "-inf"), optional ``rank``, ``world_size``, ``grad_norm``, ``lr`` (train records: the
+learning rate of that step), ``num_classes``, ``random_guess_loss``. Unknown keys are collected for one warning. Any malformed record raises
 TraceFormatError naming its line, before anything is decided.
 """
 
@@ -32,6 +32,7 @@ KNOWN_KEYS = frozenset(
         "rank",
         "world_size",
         "grad_norm",
+        "lr",
         "num_classes",
         "random_guess_loss",
     }
@@ -52,6 +53,7 @@ class TraceRecord:
     rank: int = 0
     world_size: int = 1
     grad_norm: float | None = None
+    lr: float | None = None
     num_classes: int | None = None
     random_guess_loss: float | None = None
 
@@ -138,6 +140,9 @@ def parse_record(line: int, row: Mapping[str, Any]) -> TraceRecord:
         raise TraceFormatError(line, f"random_guess_loss must be a positive number, got {rgl}")
     loss = _number(line, row, "loss", None)
     assert loss is not None  # required above
+    lr = _number(line, row, "lr", None)
+    if lr is not None and not (math.isfinite(lr) and lr >= 0):
+        raise TraceFormatError(line, f"lr must be a number >= 0, got {lr}")
     return TraceRecord(
         line=line,
         run_id=run_id,
@@ -148,6 +153,7 @@ def parse_record(line: int, row: Mapping[str, Any]) -> TraceRecord:
         rank=rank,
         world_size=world_size,
         grad_norm=_number(line, row, "grad_norm", None),
+        lr=lr,
         num_classes=num_classes,
         random_guess_loss=rgl,
     )

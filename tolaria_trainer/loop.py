@@ -203,6 +203,9 @@ class GovernedRun:
         state.epochs_run += 1
         if self.gov.num_restores != restores_before:  # a rollback happened mid-epoch: that epoch does not count
             return
+        self._react(self.gov.before_validation())  # never validate weights the governor already condemned
+        if self.gov.num_restores != restores_before:
+            return
         metrics = validate_and_get_metrics(
             state,
             self.data.val,
@@ -238,11 +241,14 @@ class GovernedRun:
         )
         self._react(self.gov.agreement_point())
 
-    def _on_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    def _on_step(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+        """Record the step; True after a restore: the epoch stops there (the next one starts from the restored
+        epoch, skipping the batches the restore asked to skip)."""
         outcome = self.gov.step(loss, grad_norm)
         for spec in self.faults.on_step(self.state):
             log.warning("fault injected", fault=spec, step=self.state.step, rank=self.dist.rank)
         self._react(outcome)
+        return outcome.restored
 
     def _react(self, outcome: Outcome) -> None:
         """After a restore: injected faults are spent and culled seeds leave the blend plan."""

@@ -763,7 +763,8 @@ class RunPolicy:
         if self.config.shadow_mode:
             return action, None, SHADOW_NOTE, f"{reason}; {SHADOW_NOTE}"
         if action is Action.HALT:
-            return action, self._issue(CommandKind.HALT, reason, timeline, step, now_s), None, reason
+            halt = self._issue(CommandKind.HALT, reason, timeline, step, now_s, rung=rung.number if rung.halt else 0)
+            return action, halt, None, reason
         command = self._issue(
             CommandKind.ROLLBACK,
             reason,

@@ -28,6 +28,7 @@ from governor_daemon.core.kinds import EntryKind
 from governor_daemon.errors import GovernorError
 from governor_daemon.journal.entry import canonical_json
 from governor_daemon.policy import PolicyConfig, RunState
+from governor_daemon.policy.steps import StepState
 from governor_daemon.service import codec
 from governor_daemon.service.status_codes import status_for
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
@@ -40,6 +41,8 @@ AGREE_EVERY = 6
 STEPS_PER_RUN = 72
 COMMAND_TIMEOUT_S = 30.0
 RANK_DEADLINE_S = 5.0
+SKIP_MARGIN = 3
+"""escalation_skip_margin: a recurring fault's data window is skipped through its alarm + this."""
 
 Action = tuple[str, int, int]
 """(kind, target, parameter): the target picks a run, rank or stream modulo what exists."""
@@ -111,13 +114,16 @@ class SimRank:
     incarnation: int
     proto: TrainerProtocol
     step: int = 0
+    position: int = 0  # the data position: a trained step consumes one batch; a skip consumes more
     timeline: int = 0
     lkg_step: int = 0
+    published: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])  # (step, position), oldest first
     halted: bool = False
     finished: bool = False
     malformed: bool = False
     buffer: list[tuple[int, float]] = field(default_factory=list)
-    pending: tuple[int, int, int] | None = None  # (seq, timeline, step) of the staged snapshot
+    pins: list[int] = field(default_factory=list)
+    pending: tuple[int, int, int, int] | None = None  # (seq, timeline, step, position) of the staged snapshot
     conn: Conn | None = None
     retry_at: float = 0.0
     max_acked: int = 0
@@ -131,6 +137,7 @@ class SimRun:
     run_id: str
     world_size: int
     nan_steps: set[int]
+    bad_positions: set[int] = field(default_factory=set)  # a bad batch: NaN whenever its position is trained
     ranks: list[SimRank] = field(default_factory=list)
     done_commands: int = 0
     faults_fired: int = 0
@@ -148,13 +155,17 @@ class World:
         self.options = CoreOptions(
             # A short train-stream warm-up, so the step detectors' journaled state takes part in every run.
             defaults=PolicyConfig(
-                command_timeout_s=COMMAND_TIMEOUT_S, rank_deadline_s=RANK_DEADLINE_S, step_warmup_steps=4
+                command_timeout_s=COMMAND_TIMEOUT_S,
+                rank_deadline_s=RANK_DEADLINE_S,
+                step_warmup_steps=4,
+                escalation_skip_margin=SKIP_MARGIN,
             )
         )
         self.entries: list[SimEntry] = []
         self.durable = 0
         self.core = GovernorCore(self.options)
         self.shadow = Registry()
+        self.ladder: dict[str, dict[str, Any]] = {}  # per run: the last fault-driven ROLLBACK, as the checker sees it
         self.outbound = Outbound()
         self.conns: dict[int, Conn] = {}
         self.next_conn = 0
@@ -166,7 +177,8 @@ class World:
         for i in range(rng.randint(1, 4)):
             world_size = rng.randint(1, 4) if i == 0 else rng.choice((1, 1, 2, 3))
             nan_steps = {rng.randrange(3, STEPS_PER_RUN)} if rng.random() < 0.7 else set()
-            run = SimRun(f"run-{i}", world_size, nan_steps)
+            bad = {rng.randrange(3, STEPS_PER_RUN)} if rng.random() < 0.4 else set()
+            run = SimRun(f"run-{i}", world_size, nan_steps, bad)
             self.runs.append(run)
             self._new_incarnations(run)
         self._daemon_start()
@@ -213,6 +225,13 @@ class World:
                 if rank.run.run_id == entry.run:
                     self.durable_seq.pop(_digest(rank), None)
                     rank.max_acked = 0
+        if entry.kind == EntryKind.COMMAND_RESULT:
+            self._check_detector_resume(entry)
+            self._note_restored(entry)
+        if entry.kind == EntryKind.COMMAND:
+            self._check_ladder(entry)
+        if entry.kind in (EntryKind.RUN_CREATED, EntryKind.RUN_FORGOTTEN, EntryKind.RUN_EXPIRED, EntryKind.RUN_EVICTED):
+            self.ladder.pop(entry.run, None)
         if isinstance(inc, str) and isinstance(seq, int) and entry.kind != EntryKind.ATTACH:
             first = payload.get("first_seq", seq)
             require(
@@ -221,6 +240,75 @@ class World:
             )
             self.durable_seq[inc] = seq
         self.shadow.apply_entry(entry)  # type: ignore[arg-type]
+
+    def _check_detector_resume(self, entry: SimEntry) -> None:
+        """A rank that restored a snapshot resumes its train-stream detectors from the state pinned for that
+        snapshot (journaled by its ``snapshot`` entry), or afresh without one."""
+        payload = entry.payload
+        run = self.shadow.runs.get(entry.run)
+        policy_after = payload.get("effects", {}).get("policy")
+        if run is None or not payload["succeeded"] or policy_after is None:
+            return
+        rank = payload["rank"]
+        after = policy_after.get("steps", {}).get(str(rank))
+        if after is None or after["timeline"] != payload["new_timeline"] or after["last_step"] != payload["restored_step"]:
+            return  # not a restore onto the run's timeline (a late or a HALT result)
+        pins = [p for p in run.policy.pins.get(rank, []) if p[1] == payload["restored_step"]]
+        expected = (
+            pins[-1][2].resumed(payload["new_timeline"], payload["restored_step"])
+            if pins
+            else StepState(timeline=payload["new_timeline"])
+        )
+        require(
+            StepState.from_dict(after) == expected,
+            f"{entry.run} rank {rank} restored step {payload['restored_step']}: detectors resumed from "
+            f"{after}, not from the pinned {expected}",
+        )
+
+    def _check_ladder(self, entry: SimEntry) -> None:
+        """The recovery ladder, checked against its rule as docs/protocol.md states it: a fault-driven
+        ROLLBACK is on rung 0 unless it recurs (its fault step at most recurrence_steps past the previous
+        fault-driven ROLLBACK's, after that one was executed, on a later timeline), then one rung up; rung 3
+        is a HALT that names the fault deterministic."""
+        command = entry.payload["command"]
+        if entry.payload["cause"] not in ("decision", "train_step"):
+            return
+        previous = self.ladder.get(entry.run)
+        fault = command["onset_step"] if command["onset_step"] is not None else command["step"]
+        recurs = (
+            previous is not None
+            and previous["restored_step"] is not None
+            and command["timeline"] > previous["timeline"]
+            and fault <= previous["fault"] + self.options.defaults.recurrence_steps
+        )
+        want = previous["rung"] + 1 if recurs and previous is not None else 0
+        if command["kind"] == "halt":
+            deterministic = "deterministic fault" in command["reason"]
+            require(deterministic == (want >= 3), f"{entry.run}: HALT {command['reason']!r} at rung {want}")
+            return
+        require(
+            command["recovery_rung"] == want,
+            f"{entry.run}: command {command['command_id']} on rung {command['recovery_rung']}, expected {want}",
+        )
+        require(
+            (command["skip_through_step"] is not None) == (want > 0),
+            f"{entry.run}: rung {want} with skip_through_step {command['skip_through_step']}",
+        )
+        self.ladder[entry.run] = {
+            "id": command["command_id"],
+            "rung": want,
+            "fault": fault,
+            "timeline": command["timeline"],
+            "restored_step": None,
+        }
+
+    def _note_restored(self, entry: SimEntry) -> None:
+        """The ladder learns what a fault-driven ROLLBACK restored from its first successful result."""
+        previous = self.ladder.get(entry.run)
+        payload = entry.payload
+        if previous is not None and previous["id"] == payload["command_id"] and payload["succeeded"]:
+            if previous["restored_step"] is None:
+                previous["restored_step"] = payload["restored_step"]
 
     def _release(self) -> None:
         for send in self.outbound.release(len(self.entries) if self.durable == len(self.entries) else self.durable):
@@ -334,13 +422,20 @@ class World:
         if rank.proto.stream_ending:
             self._close(conn, None, notify_daemon=True)
 
-    def _flush(self, rank: SimRank) -> None:
+    def _flush(self, rank: SimRank, pin: bool = False) -> None:
+        """Send the buffered records; ``pin``: a snapshot may be staged at the rank's step (validations and
+        agreement points), so the governor keeps its detectors' state as of it."""
+        if pin:
+            rank.pins.append(rank.step)
         if rank.buffer:
             steps = [s for s, _ in rank.buffer]
             losses = [x for _, x in rank.buffer]
-            columns = VitalsColumns(rank.timeline, steps, losses, [1.0] * len(steps), [0.1] * len(steps))
+            columns = VitalsColumns(
+                rank.timeline, steps, losses, [1.0] * len(steps), [0.1] * len(steps), tuple(rank.pins)
+            )
             rank.proto.send_vitals(columns)
             rank.buffer = []
+            rank.pins = []
 
     def train(self, run: SimRun) -> None:
         """Every rank of ``run`` takes one step (lockstep); validation and agreement points follow."""
@@ -351,10 +446,14 @@ class World:
             return
         for rank in live:
             rank.step += 1
+            rank.position += 1
             loss = 1.0 / rank.step
             if rank.step in run.nan_steps and rank.rank == 0:
                 run.nan_steps.discard(rank.step)  # a fault strikes once
                 run.faults_fired += 1
+                loss = float("nan")
+            if rank.position in run.bad_positions and rank.rank == 0:
+                run.faults_fired += 1  # a bad batch strikes whenever its position is trained
                 loss = float("nan")
             rank.buffer.append((rank.step, loss))
             if len(rank.buffer) >= BATCH:
@@ -362,14 +461,14 @@ class World:
         step = live[0].step
         if step % VALIDATE_EVERY == 0:
             for rank in live:
-                self._flush(rank)
+                self._flush(rank, pin=True)
                 record = trainer_service_pb2.ValidationRecord(
                     timeline=rank.timeline, step=rank.step, epoch=rank.step // VALIDATE_EVERY, loss=2.0 / rank.step
                 )
                 seq = rank.proto.send_validation(record)
                 if rank.pending is not None:
                     rank.proto.forget_verdict(rank.pending[0])
-                rank.pending = (seq, rank.timeline, rank.step)
+                rank.pending = (seq, rank.timeline, rank.step, rank.position)
         if step % AGREE_EVERY == 0:
             self.agreement_point(run)
         if step >= STEPS_PER_RUN and not any(r.halted for r in live):
@@ -390,8 +489,9 @@ class World:
             if rank.pending is not None:
                 verdict = rank.proto.verdict(rank.pending[0])
                 if verdict is not None:
-                    if verdict.snapshot_allowed and (verdict.timeline, verdict.step) == rank.pending[1:]:
+                    if verdict.snapshot_allowed and (verdict.timeline, verdict.step) == rank.pending[1:3]:
                         rank.lkg_step = rank.pending[2]
+                        rank.published = [*rank.published[-2:], (rank.pending[2], rank.pending[3])]
                         rank.proto.send_snapshot(
                             trainer_service_pb2.SnapshotTaken(
                                 timeline=rank.timeline, step=rank.lkg_step, location="host"
@@ -407,15 +507,20 @@ class World:
         run.done_commands = highest
         for rank in live:
             rank.held = {}
-            self._flush(rank)
+            self._flush(rank, pin=True)
             if command.type == common_pb2.COMMAND_TYPE_HALT:
                 rank.halted = True
                 rank.proto.send_command_result(command, True, rank.step, 0.0)
                 continue
             rank.halted = False
-            rank.step = rank.lkg_step
+            rank.step, rank.position = _choose(rank.published, command)
+            rank.published = [p for p in rank.published if p[0] <= rank.step]
+            if command.HasField("skip_through_step"):  # the recurring fault's data window is not trained
+                rank.position += max(0, command.skip_through_step - rank.step)
+            rank.position += command.recovery_skip_batches
             rank.pending = None
-            rank.proto.send_command_result(command, True, rank.lkg_step, 0.1)
+            rank.pins = []
+            rank.proto.send_command_result(command, True, rank.step, 0.1)
             rank.timeline = command.timeline + 1
 
     # ----------------------------------------------------------------- one action
@@ -596,6 +701,17 @@ class World:
                         f"{rank.proto.hello.incarnation_id} trains on timeline {rank.timeline}, the run is on "
                         f"{policy.timeline}: its records go stale silently",
                     )
+
+
+def _choose(published: list[tuple[int, int]], command: trainer_service_pb2.Command) -> tuple[int, int]:
+    """The (step, position) a trainer restores for ``command``: the newest published snapshot older than its
+    onset and its restore_before_step (when set), else the oldest (the base)."""
+    bound = min(
+        command.onset_step if command.HasField("onset_step") else STEPS_PER_RUN * 10,
+        command.restore_before_step if command.HasField("restore_before_step") else STEPS_PER_RUN * 10,
+    )
+    older = [p for p in published if p[0] < bound]
+    return older[-1] if older else published[0]
 
 
 def _digest(rank: SimRank) -> str:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from governor_daemon.policy import PolicyConfig, Rule, RunPolicy, Verdict
-from governor_daemon.policy.steps import StepState, loss_gate
+from governor_daemon.policy.steps import StepState, loss_gate, verification_steps
 
 RGL = math.log(50)
 
@@ -159,3 +159,146 @@ def test_a_restore_is_not_a_spike() -> None:
         part = slice(start, min(start + 64, 1300))
         decision, _ = engine.judge_train_batch(1, 0, steps[part], losses[part], grads[part], 2.0)
         assert decision is None, decision
+
+
+def feed(
+    engine: RunPolicy,
+    losses: np.ndarray,
+    grads: np.ndarray | None,
+    *,
+    first_step: int = 1,
+    timeline: int = 0,
+    lrs: np.ndarray | None = None,
+    batch: int = 64,
+    pins: tuple[int, ...] = (),
+) -> tuple[int, int, Rule] | None:
+    """Feed a stream to ``engine`` as a trainer sends it; (step, onset, rule) of its first command, or None."""
+    steps = np.arange(first_step, first_step + len(losses), dtype=np.int64)
+    for start in range(0, len(losses), batch):
+        part = slice(start, start + batch)
+        here = tuple(p for p in pins if steps[part][0] <= p <= steps[part][-1])
+        decision, _ = engine.judge_train_batch(
+            timeline,
+            0,
+            steps[part],
+            losses[part],
+            None if grads is None else grads[part],
+            float(start),
+            lrs=None if lrs is None else lrs[part],
+            pins=here,
+        )
+        if decision is not None and decision.command is not None:
+            assert decision.onset_step is not None
+            return decision.step, decision.onset_step, decision.rule
+    return None
+
+
+def test_a_learning_rate_jump_no_schedule_explains_is_caught_at_its_step() -> None:
+    """A warm-up (at most x2 per step), a cosine decay and a warm restart back to the peak are schedules;
+    the learning rate x 30 past every peak it had is not."""
+    losses, grads = stream(2000, 9, 0.1)
+    t = np.arange(2000)
+    lrs = np.where(t < 100, 1e-3 * (t + 1) / 100, 1e-3 * (0.55 + 0.45 * np.cos(np.pi * ((t - 100) % 600) / 600)))
+    assert first_alarm_lr(losses, grads, lrs) is None
+    lrs[1500:] *= 30
+    assert first_alarm_lr(losses, grads, lrs) == (1501, 1501, Rule.STEP_LR_JUMP)
+
+
+def first_alarm_lr(losses: np.ndarray, grads: np.ndarray, lrs: np.ndarray) -> tuple[int, int, Rule] | None:
+    return feed(RunPolicy(PolicyConfig(), random_guess_loss=RGL), losses, grads, lrs=lrs)
+
+
+def test_a_loss_or_grad_norm_of_exactly_zero_is_a_dead_stream() -> None:
+    """Logs cannot see a zero: a frozen or zeroed network's gradients, a loss that underflowed."""
+    losses, grads = stream(2000, 10, 0.1)
+    grads[1200:] = 0.0
+    patience = PolicyConfig().step_zero_patience
+    assert first_alarm(losses, grads) == (1201 + patience - 1, 1201, Rule.STEP_ZERO)
+    losses, grads = stream(2000, 10, 0.1)
+    losses[1500:] = 0.0
+    assert first_alarm(losses, grads) == (1501 + patience - 1, 1501, Rule.STEP_ZERO)
+
+
+def test_a_moderate_persistent_rise_is_caught_with_an_onset_before_it() -> None:
+    """The loss at 1.4 x its level for good (an LR x 10 that does not explode): below every spike gate, caught
+    by the persistent-rise rule within its patience and the fast level's lag, onset named before the alarm."""
+    losses, grads = stream(3000, 11, 0.15)
+    losses[1800:] *= 1.4
+    alarm = first_alarm(losses, grads)
+    assert alarm is not None
+    step, onset, rule = alarm
+    assert rule is Rule.STEP_RISE
+    config = PolicyConfig()
+    assert step - onset <= verification_steps(config), "within the lag a trainer waits to vouch for a snapshot"
+    assert abs(onset - 1801) <= config.step_loss_patience, "within the margin a restore keeps before the onset"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_stretch_of_easy_batches_neither_alarms_nor_blinds_the_spike_gate(seed: int) -> None:
+    """200 trivially easy batches (a loss 100 x below the level) are left out of the level: the return to the
+    real data is no spike, and a real spike after them is caught as fast as without them."""
+    losses, grads = stream(3000, seed, 0.15)
+    losses[1500:1700] = 0.01 * losses[1500:1700]
+    assert first_alarm(losses, grads) is None
+    losses[1750:] *= 6
+    alarm = first_alarm(losses, grads)
+    assert alarm is not None
+    assert alarm[1:] == (1751, Rule.STEP_LOSS_SPIKE)
+    assert alarm[0] == 1751 + PolicyConfig().step_loss_patience - 1
+
+
+def test_a_fault_in_the_first_hundred_steps_is_caught() -> None:
+    """The level follows a falling loss within tens of records: an LR x 100 at step 80, while the loss still
+    falls fast, is caught within its patience."""
+    losses, grads = stream(1000, 12, 0.1, start=6.0, end=1.0)
+    losses[79:] *= 5
+    alarm = first_alarm(losses, grads)
+    assert alarm is not None
+    assert alarm[1:] == (80, Rule.STEP_LOSS_SPIKE)
+
+
+def test_pins_keep_the_state_as_of_their_step_and_a_restore_resumes_from_it() -> None:
+    """A trainer pins the steps it may stage a snapshot at; publishing one keeps the detectors' state as of it,
+    and a restore to it resumes from there: a fault that recurs right after the restore is caught as fast as
+    the first time (no warm-up blind window)."""
+    engine = RunPolicy(PolicyConfig(), random_guess_loss=RGL)
+    losses, grads = stream(3000, 13, 0.1)
+    assert feed(engine, losses[:1000], grads[:1000], pins=(500, 1000)) is None
+    reference = RunPolicy(PolicyConfig(), random_guess_loss=RGL)
+    feed(reference, losses[:500], grads[:500])
+    assert engine.pin(0, 0, 500) == reference.step_states[0], "the pin is the state after the record of step 500"
+    bad = losses[500:1000] * 6
+    first = feed(engine, bad, grads[500:1000], first_step=501 + 500)  # on to step 1500: the fault at 1001
+    assert first is not None
+    delay = first[0] - first[1]
+    assert engine.open is not None
+    engine.on_command_result(engine.open.command.command_id, 0, True, 1, "", 1.0, restored_step=500)
+    resumed = engine.step_states[0]
+    assert (resumed.timeline, resumed.last_step, resumed.count) == (1, 500, reference.step_states[0].count), (
+        "resumed from the pin, not re-warming"
+    )
+    again = feed(engine, bad, grads[500:1000], first_step=501, timeline=1)  # the fault recurs at once
+    assert again is not None
+    assert again[1] == 501
+    assert again[0] - again[1] <= delay, "caught as fast as the first occurrence"
+    fresh = RunPolicy(PolicyConfig(), random_guess_loss=RGL)
+    fresh.restore_detectors(0, 500, 1)  # no pin for step 500 here: afresh, warm-up included
+    assert fresh.step_states[0].count == 0
+
+
+def test_pins_and_the_ladder_survive_the_journal() -> None:
+    engine = RunPolicy(PolicyConfig(), random_guess_loss=RGL)
+    losses, grads = stream(600, 14, 0.1)
+    feed(engine, losses, grads, pins=(250,))
+    assert engine.pin(0, 0, 250) is not None
+    again = RunPolicy.from_dict(engine.to_dict())
+    assert again.pins == engine.pins
+    assert again.candidates == {}, "candidates are runtime only"
+
+
+def test_verification_steps_cover_every_rule_and_are_zero_for_the_seed_profile() -> None:
+    config = PolicyConfig()
+    assert verification_steps(config) >= max(
+        config.step_loss_patience, config.step_collapse_patience, config.step_zero_patience, config.step_rise_patience
+    )
+    assert verification_steps(PolicyConfig(profile="seed")) == 0

@@ -103,6 +103,11 @@ class GovernedFit:
             self._last_finite_norm = grad_norm
         return self.react(governed.step(loss, grad_norm if grad_norm is not None else 0.0))
 
+    def before_validation(self) -> Outcome:
+        """``GovernedTraining.before_validation``: execute a command the run is condemned to first."""
+        assert self.governed is not None
+        return self.react(self.governed.before_validation())
+
     def validate(self, loss: float, accuracy: float | None, *, epoch: int) -> Outcome:
         """``GovernedTraining.validate``."""
         assert self.governed is not None
@@ -121,10 +126,9 @@ class GovernedFit:
             )
             if outcome.skip_batches:
                 log.warning(
-                    "recovery_skip_batches=%d is not supported by the %s callback: the data loader is not "
-                    "rewound, so the batches trained since the last-known-good are not seen again anyway",
+                    "the next %d batches are skipped (run, but their optimizer steps not applied): %s",
                     outcome.skip_batches,
-                    self.framework,
+                    outcome.command.reason if outcome.command else "the recovery recipe",
                 )
         if outcome.halted:
             self.halt = outcome

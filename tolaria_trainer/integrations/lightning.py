@@ -22,9 +22,12 @@ After a restore the model, optimizers, schedulers, grad scaler and RNG states ar
 last-known-good (LKG) and training goes on from them with the next batch. Lightning's own counters are
 not rewound: ``global_step`` and ``current_epoch`` go on counting, so ``max_steps``/``max_epochs``
 budget the steps run, rolled-back ones included, and the data loader goes on where it was (the batches
-trained since the LKG are not seen again, which is why ``recovery_skip_batches`` is not supported: it is
-logged and ignored). Loggers and checkpoints keep the global step. A HALT stops the fit
-(``trainer.should_stop``) unless a RESUME came within ``halt_wait_s``.
+trained since the LKG are not seen again). Batches a restore asks to skip (a recurring fault's data window
+on the recovery ladder, ``recovery_skip_batches``) are run but not applied: the step guard skips their
+optimizer steps. Before each validation of the fit (``on_validation_start``) a rank that saw a non-finite
+step waits for the governor's command and executes it, so a validation never runs on condemned weights.
+Loggers and checkpoints keep the global step. A HALT stops the fit (``trainer.should_stop``) unless a
+RESUME came within ``halt_wait_s``.
 
 Tested single-process on CPU. ``pytorch_lightning`` (the old package name) is not supported: its
 ``Callback`` is another class.
@@ -134,6 +137,11 @@ class GovernorCallback(pl.Callback):
         grad_norm = self._grad_sq.sqrt() if self._grad_sq is not None else None
         self._loss_sum, self._loss_batches, self._grad_sq = None, 0, None
         self._react(trainer, self.fit.step(step_loss, grad_norm))
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.fit.active or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self._react(trainer, self.fit.before_validation())
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.fit.active or trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:

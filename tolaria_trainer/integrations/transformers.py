@@ -33,8 +33,10 @@ training goes on from them with the next batch. The Trainer's ``state.global_ste
 are not rewound: ``max_steps``/``num_train_epochs`` budget the steps run, rolled-back ones included (the
 LR schedule, restored with the weights, may then not reach its end), logging/evaluation/save intervals
 keep counting, and the data loader goes on where it was (the batches trained since the LKG are not seen
-again, which is why ``recovery_skip_batches`` is not supported: it is logged and ignored). A HALT stops
-training (``control.should_training_stop``) unless a RESUME came within ``halt_wait_s``.
+again). Batches a restore asks to skip (a recurring fault's data window on the recovery ladder,
+``recovery_skip_batches``) are run but not applied: the step guard skips their optimizer steps. One rank
+executes a command at its next step (``on_step_end``), before the Trainer's evaluation of that step. A HALT
+stops training (``control.should_training_stop``) unless a RESUME came within ``halt_wait_s``.
 
 Tested single-process on CPU.
 """

@@ -21,7 +21,8 @@ from tolaria_trainer.model.seeds import SeedStage
 from tolaria_trainer.training.state import TrainingState
 
 StepHook = Callable[[torch.Tensor, torch.Tensor], object]
-"""Called after each optimizer step with its loss and gradient norm; it counts the step."""
+"""Called after each optimizer step with its loss and gradient norm; it counts the step. A true result ends
+the epoch there (a restore happened: the loop starts again from the restored epoch)."""
 Batches = Iterable[tuple[torch.Tensor, ...]]
 
 
@@ -50,7 +51,7 @@ def _run_epoch(
     stats = EpochStats()
     state.model.train()
     batches = iter(loader)
-    if state.skip_batches:
+    if state.skip_batches:  # a restore's skip, in the data: these batches are not even computed
         stats.num_skipped = sum(1 for _ in islice(batches, state.skip_batches))
         state.skip_batches = 0
     params = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
@@ -79,7 +80,8 @@ def _run_epoch(
             for opt in optimizers:
                 opt.step()
         stats.num_steps += 1
-        on_step(loss, grad_norm)
+        if on_step(loss, grad_norm) is True:
+            break
     return stats
 
 

@@ -485,3 +485,42 @@ def test_acks_released_together_keep_their_shed_counts() -> None:
     outbound.push(2, [Send(7, Ack(16, 0)), Send(7, Ack(20, 4))])
     released = outbound.release(2)
     assert [(s.stream, s.message) for s in released] == [(8, Ack(3, 1)), (7, Ack(20, 16))]
+
+
+def test_welcome_says_how_long_the_train_stream_takes_to_vouch() -> None:
+    """Trainers wait this long past a staged snapshot's step before publishing it (0 under the seed profile)."""
+    h = Harness()
+    (welcome,) = [s.message for s in h.attach(1).sends if isinstance(s.message, Welcome)]
+    from governor_daemon.policy.steps import verification_steps
+
+    assert welcome.train_verification_steps == verification_steps(PolicyConfig()) > 0
+    seed = Harness(profile="seed")
+    (welcome,) = [s.message for s in seed.attach(1).sends if isinstance(s.message, Welcome)]
+    assert welcome.train_verification_steps == 0
+    encoded = codec.encode_message(welcome)
+    assert encoded.welcome.HasField("train_verification_steps")
+
+
+def test_a_restore_resumes_the_detectors_from_the_snapshots_pinned_state_and_it_is_journaled() -> None:
+    """The vitals pin the steps a snapshot may be staged at; the snapshot entry journals the state as of its
+    step; the restore's result resumes the rank's detectors from it (journaled too: a rebuilt daemon agrees)."""
+    h = Harness(step_warmup_steps=10)
+    h.attach(1)
+    steps = list(range(1, 101))
+    losses = [2.0 / (1 + 0.01 * s) for s in steps]
+    first = h.seq(1, 100)
+    h.handle(ev.Vitals(1, first, 0, np.array(steps), losses, [], 0, h.now, pins=(60,)))
+    seq = h.seq(1)
+    h.handle(ev.SnapshotTaken(1, seq, 0, 60, 1000, 1.0, "host", h.now))
+    run = h.run()
+    pinned = run.policy.pins[0][-1]
+    assert (pinned[0], pinned[1], pinned[2].last_step) == (0, 60, 60)
+    (snapshot_entry,) = [p for _, kind, p in h.entries if kind == EntryKind.SNAPSHOT]
+    assert snapshot_entry["detector_state"] == "pinned"
+    (command,) = commands(h.handle(ev.RequestRollback("r", "test", "operator", h.now)))
+    h.handle(
+        ev.CommandResult(1, h.seq(1), command.command_id, True, command.timeline + 1, 60, 1.0, "", 0, h.now)
+    )
+    state = run.policy.step_states[0]
+    assert state == pinned[2].resumed(1, 60)
+    assert h.rebuilt() == h.core.checkpoint()

@@ -328,3 +328,88 @@ def test_records_never_judged_doom_a_step_snapshot(never_judged: str) -> None:
         fake.ack_everything = True
         train_steps(gov, 20)  # 30: the one of step 20 is discarded, another staged; 40: that one is vouched for
         assert [(i.step, i.kind) for i in gov.lkg.published] == [(0, "validation"), (30, "step")]
+
+
+def test_no_optimizer_step_is_applied_on_a_nan_loss() -> None:
+    """The step guard: a step whose gradients are not finite leaves the weights and the optimizer state as
+    they were (as GradScaler skips inf steps), at once, while the governor's ROLLBACK is on its way; the
+    run is then condemned (a validation waits for the command)."""
+    model, optimizers, _ = plain_setup()
+    fake = FakeGovernance()
+    with GovernedTraining(model, optimizers, governor=fake, agree_every_steps=0) as gov:
+        train_steps(gov, 3)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        moments = {k: v.clone() for k, v in optimizers[0].state_dict()["state"][0].items()}
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 3, (16,))) * math.nan
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        gov.step(loss)
+        assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "no NaN reached the weights"
+        after = optimizers[0].state_dict()["state"][0]
+        assert all(torch.equal(moments[k], after[k]) for k in moments), "the optimizer state did not move"
+        assert gov.guard is not None
+        assert gov.guard.num_non_finite_skipped == 2
+        gov.vitals.flush()
+        assert math.isnan(fake.steps[-1][2]), "the governor still sees the NaN"
+        assert gov.condemned
+        fake.order(CommandType.ROLLBACK)
+        outcome = gov.before_validation()
+        assert outcome.restored, "the condemned weights are restored before anything validates them"
+        assert not gov.condemned
+
+
+def test_a_restore_skips_its_batches_in_the_data_or_in_the_updates() -> None:
+    """The recipe's skip: a loop that skips in its data takes it (take_skip); one that does not has that many
+    batches computed but not applied (the step guard), nor recorded."""
+    model, optimizers, _ = plain_setup()
+    fake = FakeGovernance()
+    with GovernedTraining(model, optimizers, governor=fake, agree_every_steps=0) as gov:
+        train_steps(gov, 5)
+        fake.order(CommandType.ROLLBACK, skip=3)
+        (outcome,) = train_steps(gov, 1)
+        assert (outcome.restored, outcome.skip_batches) == (True, 3)
+        assert gov.take_skip() == 3
+        assert gov.take_skip() == 0
+        fake.order(CommandType.ROLLBACK, skip=2)
+        train_steps(gov, 1)
+        recorded = len(fake.steps)
+        weights = {k: v.clone() for k, v in model.state_dict().items()}
+        train_steps(gov, 2)  # the two skipped batches: not applied, not recorded, not counted
+        assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+        assert (len(fake.steps), gov.state.step) == (recorded, 0)
+        assert gov.guard is not None
+        assert gov.guard.num_skipped_updates == 4  # two optimizers, two batches
+        train_steps(gov, 1)
+        assert gov.state.step == 1
+
+
+def test_a_rollback_with_an_onset_never_restores_a_snapshot_taken_at_or_after_it() -> None:
+    """Review finding (onset 898): corrupt batches from step 898 and a healthy-looking validation at 900; the
+    validation's snapshot waits for the train stream to vouch for it (900 + the detectors' lag), the alarm
+    with onset 898 comes first and discards it, and the restore goes back before the onset. Before, the
+    verdict alone published step 900's snapshot, it replaced every older one, and the ROLLBACK restored it."""
+    model, optimizers, _ = plain_setup()
+    fake = FakeGovernance(train_verification_steps=10)
+    with GovernedTraining(
+        model, optimizers, governor=fake, agree_every_steps=0, step_snapshot_every=10**6
+    ) as gov:
+        train_steps(gov, 850)
+        seq = gov.report_validation(1.0, epoch=1)
+        fake.verdict_on(seq)
+        train_steps(gov, 20)
+        gov.agreement_point()
+        assert [i.step for i in gov.lkg.published] == [0, 850], "850 vouched for by the records up to 860"
+        train_steps(gov, 30)  # to step 900; corrupt batches from 898 (the governor has not said so yet)
+        seq = gov.report_validation(1.1, epoch=2)
+        fake.verdict_on(seq)  # the validation looks healthy
+        gov.agreement_point()
+        assert [i.step for i in gov.lkg.published] == [0, 850], "900 waits for the records up to 910"
+        train_steps(gov, 3)
+        fake.order(CommandType.ROLLBACK, onset_step=898)
+        (outcome,) = train_steps(gov, 1)
+    assert outcome.restored
+    assert outcome.restored_step == 850
+    assert [s.step for s in fake.snapshots] == [0, 850]
