@@ -47,7 +47,7 @@ class PolicyConfig:
     rank_deadline_s: float = 60.0
     # The default profile's train-stream detectors (policy/steps.py); the seed profile judges train records
     # for non-finite values only.
-    step_warmup_steps: int = 200
+    step_warmup_steps: int = 30
     step_ema_steps: int = 100
     step_loss_ratio: float = 2.0
     step_loss_sigma: float = 4.0
@@ -57,7 +57,7 @@ class PolicyConfig:
     step_lr_ratio: float = 3.0
     step_zero_patience: int = 5
     step_rise_ratio: float = 1.25
-    step_rise_patience: int = 60
+    step_rise_patience: int = 30
     # The recovery ladder (policy/recovery.py): how a recurring fault escalates instead of replaying.
     recurrence_steps: int = 100
     escalation: bool = True

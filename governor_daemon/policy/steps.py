@@ -43,10 +43,12 @@ Rules, each judged only after ``step_warmup_steps`` records (the learning-rate r
 
 A batch is judged against the statistics from before it (so a vectorised pass needs no per-record
 Python; the fast centre of the rise rule is computed per record in closed form), then the statistics
-take in the batch's records that were neither above the loss gate nor far below the level: a spike
-never raises the gate that judges it, and a stretch of trivially easy batches (a loss far below the
-level) never drags the level down and leaves the spike gate blind after it. Lows that last longer than
-``LOW_REBASE_EMAS`` × ``step_ema_steps`` records are a new level and are taken in.
+take in the batch's records that were neither above the loss gate nor far below the level (by the same
+margin): a spike never raises the gate that judges it, and a stretch of trivially easy batches (a loss far
+below the level) never drags the level down and leaves the gates blind after it, nor makes the return to
+the real data look like a spike. Lows that last longer than the stream is old (at least ``2 × FAST_STEPS``,
+at most ``LOW_REBASE_EMAS`` × ``step_ema_steps`` records) are a new level and are taken in: a young run that
+learns fast follows itself soon.
 
 The state is journaled, and the daemon keeps it as of every snapshot a trainer may restore ("pins"): a
 restore resumes the detectors from the state at the restored step (``RunPolicy.restore_detectors``), so a
@@ -80,8 +82,16 @@ _FAST_NOISE = math.sqrt(_FAST_ALPHA / (2.0 - _FAST_ALPHA)) * 1.25
 """The fast centre's own wander, in scales (its standard deviation over a record's, times σ per MAD)."""
 FLOOR_RELAX_EMAS = 4
 LOW_REBASE_EMAS = 4
-LOW_RATIO_POWER = 2.0
-"""A record is far below the level when under level − ``LOW_RATIO_POWER`` × the spike gate's margin."""
+EARLY_WINDOW_FRACTION = 4
+"""Until a stream has seen ``EARLY_WINDOW_FRACTION`` × ``step_ema_steps`` records, its slow centre averages over
+the last quarter of them."""
+MATURE_EMAS = 2
+"""A stream is mature after ``MATURE_EMAS`` × ``step_ema_steps`` records: its level is then the slow centre
+alone. Before, it is the lower of the slow and the fast centre: early training falls fast, and the gates
+follow it."""
+RISE_MARGIN_RGL = 0.05
+"""The rise gate is at least the floor + this fraction of the random-guess loss: a train loss of 0.03 that
+climbs to 0.1 late in a run (overfitting's noise) is judged no rise."""
 ZERO_LOSS_LEVEL = 1e-4
 ZERO_GRAD_LEVEL = 1e-8
 """The dead-stream rule judges a zero only while its level is above these (a converged loss may reach 0)."""
@@ -182,9 +192,21 @@ def _warm(state: StepState, config: PolicyConfig) -> bool:
     return state.count >= config.step_warmup_steps
 
 
-def _level(state: StepState) -> float:
-    """The log level the gates stand on: the lower of the slow and the fast centre."""
-    return min(state.loss_center, state.loss_fast)
+def _rebase_after(state: StepState, config: PolicyConfig) -> int:
+    """Consecutive records far below the level after which they are the new level: as many as the stream
+    has seen (at least ``2 × FAST_STEPS``, at most ``LOW_REBASE_EMAS`` × ``step_ema_steps``). A young run that
+    learns fast rebases soon; a mature one keeps its level through hundreds of easy batches."""
+    return int(min(LOW_REBASE_EMAS * config.step_ema_steps, max(2 * FAST_STEPS, state.count)))
+
+
+def _mature(state: StepState, config: PolicyConfig) -> bool:
+    return state.count >= MATURE_EMAS * config.step_ema_steps
+
+
+def _level(state: StepState, config: PolicyConfig) -> float:
+    """The log level the gates stand on: the slow centre of a mature stream; before, the lower of the slow
+    and the fast centre (which follows a falling loss)."""
+    return state.loss_center if _mature(state, config) else min(state.loss_center, state.loss_fast)
 
 
 def _margin(state: StepState, config: PolicyConfig) -> float:
@@ -195,7 +217,7 @@ def loss_gate(state: StepState, config: PolicyConfig) -> float | None:
     """The loss above which a record counts toward a spike (None during warm-up)."""
     if not _warm(state, config):
         return None
-    return math.exp(_level(state) + _margin(state, config))
+    return math.exp(_level(state, config) + _margin(state, config))
 
 
 def low_gate(state: StepState, config: PolicyConfig) -> float | None:
@@ -203,15 +225,18 @@ def low_gate(state: StepState, config: PolicyConfig) -> float | None:
     during warm-up)."""
     if not _warm(state, config):
         return None
-    return math.exp(_level(state) - LOW_RATIO_POWER * _margin(state, config))
+    return math.exp(_level(state, config) - _margin(state, config))
 
 
-def rise_gate(state: StepState, config: PolicyConfig) -> float | None:
-    """The loss above which the fast centre counts toward a persistent rise (None during warm-up)."""
+def rise_gate(state: StepState, config: PolicyConfig, rgl: float | None = None) -> float | None:
+    """The loss above which the fast centre counts toward a persistent rise (None during warm-up): the
+    floor times ``step_rise_ratio`` (or more, as far as the fast centre wanders on its own), and at least the
+    floor + ``RISE_MARGIN_RGL`` × RGL (a tiny loss tripling is no rise worth a rollback)."""
     if not _warm(state, config):
         return None
     wander = config.step_loss_sigma * _FAST_NOISE * max(state.loss_scale, _SCALE_FLOOR)
-    return math.exp(state.loss_floor + max(math.log(config.step_rise_ratio), wander))
+    gate = math.exp(state.loss_floor + max(math.log(config.step_rise_ratio), wander))
+    return max(gate, math.exp(state.loss_floor) + (0.0 if rgl is None else RISE_MARGIN_RGL * rgl))
 
 
 def grad_gate(state: StepState, config: PolicyConfig) -> float | None:
@@ -289,16 +314,16 @@ def _flags(
     high = low = collapse = zero = rise = blowup = none
     if warm:
         margin = _margin(state, config)
-        level = _level(state)
+        level = _level(state, config)
         high = log_loss > level + margin
-        low = log_loss < level - LOW_RATIO_POWER * margin
+        low = log_loss < level - margin
         band = lobotomy_band_below(math.exp(level), config, rgl)
         if band is not None:  # the validation rule's band, around the running level of the train loss
             collapse = np.abs(losses - band.rgl) < band.tolerance
         zero = (losses == 0.0) & (state.loss_center > math.log(ZERO_LOSS_LEVEL))
         if grads is not None and state.grad_center > math.log(ZERO_GRAD_LEVEL):
             zero = zero | (grads == 0.0)
-        gate = rise_gate(state, config)
+        gate = rise_gate(state, config, rgl)
         assert gate is not None
         fast = _ewma_path(np.minimum(log_loss, level + margin), state.loss_fast, _FAST_ALPHA)
         rise = fast > math.log(gate)
@@ -438,7 +463,7 @@ def _alarm(
     rank: int,
 ) -> StepAlarm:
     step, loss = int(steps[i]), float(losses[i])
-    typical = math.exp(_level(state))
+    typical = math.exp(_level(state, config))
     if rule is Rule.STEP_LR_JUMP:
         assert lrs is not None
         lr = float(lrs[i])
@@ -469,7 +494,7 @@ def _alarm(
         start = _run_start(steps, f.rise_runs, i, state.rise_since)
         onset = max(start - FAST_STEPS, step - verification_steps(config), 0)
         reason = (
-            f"persistent rise: the short-term train loss level stayed above {rise_gate(state, config):.4g} "
+            f"persistent rise: the short-term train loss level stayed above {rise_gate(state, config, rgl):.4g} "
             f"({config.step_rise_ratio:g} x the lowest level reached, {math.exp(state.loss_floor):.4g}) for "
             f"{int(f.rise_runs[i])} consecutive steps, from step {start} to {step}, loss now {loss:.4g}; "
             f"onset estimated at step {onset} (rank {rank})"
@@ -518,7 +543,7 @@ def _updated(
     neither above the gate, far below the level nor zero (all of them before warm-up)."""
     last = end - 1
     lows = f.low[:end]
-    rebase = int(f.low_runs[last]) >= LOW_REBASE_EMAS * config.step_ema_steps
+    rebase = int(f.low_runs[last]) >= _rebase_after(state, config)
     keep = ~f.high[:end] & ~f.zero[:end] & (~lows | rebase)
     new = replace(
         state,
@@ -541,11 +566,12 @@ def _updated(
     k = len(x)
     if k == 0:
         return new
-    # Early on, a plain running mean (the first records set the level); then an EWMA over about
-    # step_ema_steps records. k records at once weigh as k single updates would.
-    alpha = 1.0 - (1.0 - 1.0 / config.step_ema_steps) ** k
-    weight = max(alpha, k / (state.count + k))
-    fast_weight = max(1.0 - (1.0 - _FAST_ALPHA) ** k, k / (state.count + k))
+    # An EWMA over a window that grows with the records seen (a quarter of them: the first records set the
+    # level, and a falling loss is followed closely while the run is young) up to step_ema_steps. k records
+    # at once weigh as k single updates would.
+    window = min(float(config.step_ema_steps), max(1.0, (state.count + k) / EARLY_WINDOW_FRACTION))
+    weight = 1.0 if state.count == 0 else 1.0 - (1.0 - 1.0 / window) ** k
+    fast_weight = 1.0 if state.count == 0 else 1.0 - (1.0 - 1.0 / min(window, FAST_STEPS)) ** k
     loss_center = _ewma(state.loss_center, x, weight)
     loss_fast = _ewma(state.loss_fast, x, fast_weight)
     loss_scale, last_kept = _scale(state.loss_scale, state.last_kept, x, weight, state.count)
@@ -555,7 +581,12 @@ def _updated(
         grad_center = _ewma(grad_center, g, weight)
         grad_scale, grad_last = _scale(grad_scale, grad_last, g, weight, state.count)
     relax = math.log(config.step_rise_ratio) * k / (FLOOR_RELAX_EMAS * config.step_ema_steps)
-    floor = loss_center if state.count == 0 else min(loss_center, state.loss_floor + relax)
+    # The lowest level reached: the slow centre's, or the fast centre's once the stream is warm (it shows the
+    # real minimum of a falling loss that the slow centre lags above).
+    wander = config.step_loss_sigma * _FAST_NOISE * max(loss_scale, _SCALE_FLOOR)  # a dip of the fast centre
+    lowest = min(loss_center, loss_fast + wander) if state.count + k >= config.step_warmup_steps else loss_center
+    young = state.count == 0 or state.count + k < config.step_warmup_steps
+    floor = lowest if young else min(lowest, state.loss_floor + relax)
     if rebase:
         loss_center, loss_fast, floor = float(x[-1]), float(x[-1]), float(x[-1])
     return replace(

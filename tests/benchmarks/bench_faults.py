@@ -6,8 +6,8 @@ a data position (so a bad batch comes back whenever its position is trained agai
 at a step after the run has learnt something; every (fault, seed) is trained by each arm, and compared with
 the healthy twin of its seed (no fault, no governor):
 
-- **governed**: ``GovernedTraining`` against a real ``governor serve`` (in-process, on a loopback port), with
-  the default policy; the data position lives in ``extra_state``, the loop skips what a restore asks it to
+- **governed**: ``GovernedTraining`` against a real ``governor serve`` (a process of its own, on a loopback
+  port), with the default policy; the data position lives in ``extra_state``, the loop skips what a restore asks it to
   (``take_skip``);
 - **ungoverned**: the same loop with ``governor=None``;
 - **stop on spike**: Lightning's SpikeDetection and LLM Foundry's KillLossSpike rules on the ungoverned run's
@@ -22,7 +22,8 @@ Per fault kind and arm it reports the runs that finish within ``WITHIN`` (2 %) o
 validation loss, the runs that stop or halt (with a diagnosis of a deterministic fault, for the governor),
 the runs that finish worse silently, the optimizer steps trained and then thrown away (median and worst),
 and the wall time against the twin; on healthy runs, the false rollbacks (restarts, stops). Goodput is the
-share of the optimizer steps an arm ran that went into a run that finished as well as its twin.
+time a fault-free run would have needed for the runs that finished as well as their twin, over the time the
+arm spent on all faulty runs: overheads, replays, restarts and runs that end badly all count against it.
 """
 
 from __future__ import annotations
@@ -419,7 +420,7 @@ def run_campaign(
     faults: tuple[Fault, ...] = FAULTS, seeds: tuple[int, ...] = SEEDS, progress: Callable[[str], None] = print
 ) -> Campaign:
     """Train every (fault, seed) with every arm, and the healthy runs; ``progress`` gets a line per run."""
-    from governor_daemon.testing import InProcessDaemon
+    from governor_daemon.daemon_process import DaemonProcess
 
     torch.set_num_threads(1)
     data = setup()
@@ -427,7 +428,8 @@ def run_campaign(
     restart_s = process_start_s()
     results: dict[str, dict[tuple[str, int], RunResult]] = {arm: {} for arm in ARMS}
     twins: dict[int, RunResult] = {}
-    with tempfile.TemporaryDirectory() as tmp, InProcessDaemon(Path(tmp) / "journal") as daemon:
+    # The daemon in a process of its own, as deployed (an in-process one would share the GIL with training).
+    with tempfile.TemporaryDirectory() as tmp, DaemonProcess(Path(tmp) / "journal", tick_interval_s=None) as daemon:
         for fault in (HEALTHY, *faults):
             for seed in seeds:
                 key = (fault.name, seed)
@@ -463,7 +465,7 @@ def summary(campaign: Campaign) -> dict[str, dict[str, Any]]:
     for arm, runs in campaign.results.items():
         per_fault: dict[str, dict[str, int]] = {}
         lost: list[int] = []
-        useful = spent = 0
+        useful = spent = 0.0
         wall = []
         deterministic_halts = 0
         for fault in campaign.faults:
@@ -474,8 +476,8 @@ def summary(campaign: Campaign) -> dict[str, dict[str, Any]]:
                 verdict = outcome(result, twin)
                 counts[verdict] += 1
                 deterministic_halts += verdict == "halted" and "deterministic" in result.reason
-                spent += result.steps_run
-                useful += STEPS if verdict == "saved" else 0
+                spent += result.wall_s
+                useful += twin.wall_s if verdict == "saved" else 0.0
                 lost.append(result.steps_lost)
                 if verdict == "saved" and twin.wall_s > 0:
                     wall.append(result.wall_s / twin.wall_s)
@@ -504,7 +506,8 @@ def table(campaign: Campaign) -> list[str]:
         f"A decoder-only transformer LM ({WIDTH} wide, 2 blocks, batch {BATCH}, context {CONTEXT}) trained for {STEPS} "
         f"steps under {len(campaign.faults)} fault kinds at step {FAULT_AT} (+10 per seed), {n} seeds each, against its "
         f"healthy twin (same seed, no fault). A run is saved when its final validation loss is within {WITHIN:.0%} of "
-        f"its twin's. Goodput: the share of all optimizer steps an arm ran that went into saved runs. A restart costs "
+        f"its twin's. Goodput: the healthy twins' wall time of the saved runs over the wall time the arm spent on every "
+        f"faulty run (overheads, replays and restarts included). A restart costs "
         f"{campaign.restart_s:.1f} s of process start (measured) plus the checkpoint load. "
         f"{campaign.wall_s:.0f} s in all.",
         "",

@@ -302,3 +302,34 @@ def test_two_ranks_roll_back_together(daemon: DaemonProcess, tmp_path: Path) -> 
     assert {r["rank"] for r in results} == {0, 1}
     assert len({r["command_id"] for r in results}) == 1
     assert len({r["restored_step"] for r in results}) == 1
+
+
+def test_an_lr_blowup_is_rolled_back_to_its_pre_fault_lr_and_the_run_completes(
+    daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """Review finding (lr-blowup@step=300:x1000, fired once): the train loss fell towards 0 as the weights
+    went chaotic, no train rule fired, the next validation looked healthy and published a snapshot holding
+    lr = 1, and three ROLLBACKs restored it, replaying the fault until the loop breaker halted the run (exit
+    3). Now the learning-rate jump is caught at its step, no snapshot after it is published, and every
+    restore comes back with the learning rate the run had before the fault."""
+    result, summary = train(
+        daemon.address, tmp_path, "--epochs", "12", "--inject", "lr-blowup@step=300:x1000", run_id="lr1000"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert summary["status"] == "completed"
+    assert summary["rollbacks"] >= 1
+    assert summary["final_validation_accuracy"] >= 0.90
+    daemon.terminate()
+    decisions = rollback_decisions(tmp_path / "data", "lr1000")
+    assert decisions[0]["rule"] == "step_lr_jump", decisions[0]["reason"]
+    assert decisions[0]["onset_step"] in (300, 301), "the first step trained with the blown-up LR"
+    results = entries(tmp_path / "data", "lr1000", "command_result")
+    assert results, "the rollback was executed"
+    assert all(r["lr_after_restore"] == 1e-3 for r in results), [r["lr_after_restore"] for r in results]
+    assert all(r["restored_step"] < 300 for r in results)
+    snapshots = [s["step"] for s in entries(tmp_path / "data", "lr1000", "snapshot")]
+    restores = [e["seq"] for e in entries(tmp_path / "data", "lr1000", "command_result")]
+    published_before = [
+        s["step"] for s in entries(tmp_path / "data", "lr1000", "snapshot") if s["seq"] < min(restores)
+    ]
+    assert all(step < 300 for step in published_before), f"a snapshot after the fault was published: {snapshots}"

@@ -176,3 +176,57 @@ def test_a_gradient_blow_up_between_validations_goes_back_to_a_step_snapshot(dae
     with ControllerClient(daemon.address) as client:
         run = client.panic_state("blow-up")
     assert run.num_rollbacks == 1
+
+
+def test_a_fault_that_recurs_right_after_a_restore_is_caught_as_fast_as_the_first_time(
+    daemon: InProcessDaemon,
+) -> None:
+    """Review finding (blind after every restore): the train-stream detectors started afresh, warm-up
+    included, on every new timeline, so a fault that recurred right after a restore became the new
+    baseline: in a loop without validations it was never caught. Now they resume from the state pinned for
+    the restored snapshot: the recurrence is caught within the first occurrence's delay, and the recovery
+    ladder escalates (the data window is skipped) instead of replaying it."""
+    torch.manual_seed(0)
+    x = torch.randn(4096, 20)
+    y = x[:, :4].argmax(dim=1)
+    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    position = {"batch": 0}
+    bad = range(300, 340)  # data positions whose labels are garbage: they come back whenever replayed
+    restores: list[Outcome] = []
+    with GovernedTraining(
+        model,
+        optimizer,
+        governor=daemon.address,
+        run_id="recurs",
+        num_classes=4,
+        extra_state=position,
+        agree_every_steps=10,
+        step_snapshot_every=20,
+    ) as gov:
+        while gov.state.step < 600:
+            position["batch"] += gov.take_skip()
+            k = position["batch"] % 256
+            xb, yb = x[16 * k : 16 * (k + 1)], y[16 * k : 16 * (k + 1)]
+            if position["batch"] in bad:
+                yb = (yb + 1 + position["batch"] % 3) % 4  # every label wrong
+            position["batch"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            outcome = gov.step(loss)
+            if outcome.restored:
+                restores.append(outcome)
+            assert not outcome.halted
+        gov.settle()
+    assert len(restores) == 2, [r.command.reason if r.command else r for r in restores]
+    first, second = (r.command for r in restores)
+    assert first is not None and second is not None
+    assert first.onset_step is not None and second.onset_step is not None
+    assert first.onset_step == second.onset_step == 301, "the same data position, replayed"
+    assert second.step - second.onset_step <= first.step - first.onset_step, "no warm-up blind window"
+    assert (first.recovery_rung, second.recovery_rung) == (0, 1), "the recurrence escalates"
+    assert second.skip_through_step is not None
+    assert position["batch"] > bad.stop, "the second restore skipped the bad data"

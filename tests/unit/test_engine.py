@@ -278,3 +278,25 @@ def test_finish_and_stall_states() -> None:
     assert policy.state is RunState.HEALTHY
     policy.finish(1)
     assert policy.state is RunState.FINISHED
+
+
+def test_a_validation_at_the_random_guess_or_far_above_the_train_stream_publishes_nothing() -> None:
+    """Review finding (a zeroed head): a validation loss of 5.44 next to ln 256 = 5.55, early in the run
+    (the history not warm yet), was judged healthy and its snapshot, taken after the fault, was published.
+    Against the train stream's own level, a validation in the collapse band or far above it is no LKG."""
+    import numpy as np
+
+    rgl = math.log(256)
+    policy = RunPolicy(PolicyConfig(step_warmup_steps=10), random_guess_loss=rgl)
+    steps = np.arange(1, 201, dtype=np.int64)
+    losses = 2.0 * np.exp(np.random.default_rng(0).normal(0, 0.05, 200))
+    policy.judge_train_batch(0, 0, steps, losses, None, 0.0)
+    healthy = policy.judge_validation(0, 200, {0: 2.1}, 1.0)
+    assert healthy.snapshot_allowed
+    collapsed = policy.judge_validation(0, 250, {0: 5.44}, 2.0)
+    assert collapsed.verdict is Verdict.HEALTHY, "the history is too young to judge it: warm-up"
+    assert not collapsed.snapshot_allowed
+    assert "random-guess loss" in collapsed.reason
+    broken = policy.judge_validation(0, 300, {0: 4.2}, 3.0)
+    assert not broken.snapshot_allowed
+    assert "far above the train stream's level" in broken.reason

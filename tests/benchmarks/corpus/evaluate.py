@@ -161,6 +161,16 @@ def step_label(trace: Trace) -> str:
             return losses[max(0, i - LEVEL) : i]
         return [x for j, x in enumerate(losses[:i]) if steps[j] not in easy][-LEVEL:]
 
+    if easy:
+        # Easy data that the model first finds hard (a repeated character is nothing like text: its first
+        # batches cost more than the random-guess loss) is an excursion of its own, before any fault: whether a
+        # detector alarms there is not judged.
+        first = next((i for i, step in enumerate(steps) if step in easy), None)
+        before = level_before(first) if first is not None else []
+        if first is not None and before and all(math.isfinite(x) for x in before):
+            level = statistics.median(before)
+            if any(excursion(i, level) for i in range(first, min(first + SMOOTH * 2, len(losses)))):
+                return "ambiguous"
     if trace.meta["fault"] not in NO_FAULT:
         start = steps.index(trace.onset_step)
         before = level_before(start)

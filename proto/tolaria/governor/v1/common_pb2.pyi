@@ -228,7 +228,7 @@ class Policy(_message.Message):
     """Seconds after the first rank's report before a multi-rank decision goes ahead without the rest (60)."""
     step_warmup_steps: _builtins.int
     """The default profile's train-stream detectors (docs/protocol.md, "Train-stream detectors").
-    Train records per rank and timeline before they judge (200).
+    Train records per rank before they judge (30).
     """
     step_ema_steps: _builtins.int
     """Records the running level and scale of log(loss) and log(grad norm) average over (100)."""
@@ -255,7 +255,7 @@ class Policy(_message.Message):
     reached (1.25) ...
     """
     step_rise_patience: _builtins.int
-    """... for this many consecutive records (60)."""
+    """... for this many consecutive records (30)."""
     recurrence_steps: _builtins.int
     """The recovery ladder (docs/protocol.md, "Recovery ladder"): a panic whose fault step is at most
     this many steps past the previous fault's, after a restore to before it, is a recurrence (100).
