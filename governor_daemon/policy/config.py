@@ -57,7 +57,7 @@ class PolicyConfig:
     step_lr_ratio: float = 3.0
     step_zero_patience: int = 5
     step_rise_ratio: float = 1.25
-    step_rise_patience: int = 30
+    step_rise_patience: int = 15
     # The recovery ladder (policy/recovery.py): how a recurring fault escalates instead of replaying.
     recurrence_steps: int = 100
     escalation: bool = True

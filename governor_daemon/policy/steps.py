@@ -75,7 +75,7 @@ from governor_daemon.policy.detectors import lobotomy_band_below
 _TINY = 1e-12  # floor under a loss or grad norm before its log
 _SCALE_FLOOR = 0.02  # floor of the log-space scale: a perfectly smooth stream still has a finite gate
 _MAD_PER_DIFF = 1.0 / math.sqrt(2.0)  # E|x - y| = √2 × E|x - centre| for independent noise
-FAST_STEPS = 16
+FAST_STEPS = 8
 """Records the fast centre averages over: it follows a falling loss and shows a rise within tens of steps."""
 _FAST_ALPHA = 1.0 / FAST_STEPS
 _FAST_NOISE = math.sqrt(_FAST_ALPHA / (2.0 - _FAST_ALPHA)) * 1.25

@@ -255,7 +255,7 @@ class Policy(_message.Message):
     reached (1.25) ...
     """
     step_rise_patience: _builtins.int
-    """... for this many consecutive records (30)."""
+    """... for this many consecutive records (15)."""
     recurrence_steps: _builtins.int
     """The recovery ladder (docs/protocol.md, "Recovery ladder"): a panic whose fault step is at most
     this many steps past the previous fault's, after a restore to before it, is a recurrence (100).
