@@ -1,8 +1,9 @@
 """Offline replay: run the policy engine over a recorded trace.
 
 Semantics (same engine as the daemon, so the same verdicts and reasons): after a ROLLBACK the trace
-continues as if the trainer had restored (the next record is on the new timeline); after a HALT as if
-a controller resumed at once. Train records are judged healthy or panic and never enter the history;
+continues as if the trainer had restored the decision's step (the next record is on the new timeline, and
+a fault again within ``recurrence_steps`` climbs the recovery ladder); after a HALT as if a controller
+resumed at once (which starts the ladder afresh). Train records are judged healthy or panic and never enter the history;
 they are judged in batches of up to ``TRAIN_BATCH`` consecutive records of one rank, as a trainer
 sends them (every 64 steps, or sooner: at each validation), by the same train-stream detectors.
 Multi-rank validation records are matched by (step, occurrence) and decided once every rank of that
@@ -159,8 +160,8 @@ def _complete(policy: RunPolicy, decision: Decision, now_s: float) -> None:
             policy.on_command_result(command.command_id, rank, True, policy.timeline, "", now_s)
         command = policy.resume("replay: resumed at once", now_s)
     new_timeline = policy.timeline + 1
-    for rank in ranks:
-        policy.on_command_result(command.command_id, rank, True, new_timeline, "", now_s)
+    for rank in ranks:  # restored where the trace goes on: at the decision's step
+        policy.on_command_result(command.command_id, rank, True, new_timeline, "", now_s, command.step)
 
 
 def summarize(decisions: list[ReplayDecision]) -> dict[str, dict[str, Any]]:

@@ -3,8 +3,8 @@
 One record per line (JSONL) or row (CSV with a header of the same names): ``run_id`` (default
 "run"), ``kind`` ("validation" or "train", default "validation"), ``epoch``, ``step``, ``loss`` (a number
 or "nan", "inf", "-inf"), optional ``rank``, ``world_size``, ``grad_norm``, ``lr`` (train records: the
-learning rate of that step), ``num_classes``, ``random_guess_loss``. Unknown keys are collected for one warning. Any malformed record raises
-TraceFormatError naming its line, before anything is decided.
+learning rate of that step), ``num_classes``, ``random_guess_loss``. Unknown keys are collected for one
+warning. Any malformed record raises TraceFormatError naming its line, before anything is decided.
 """
 
 from __future__ import annotations

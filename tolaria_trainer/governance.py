@@ -65,7 +65,6 @@ class Command:
     restore_before_step: int | None = None  # a recurrence: restore a snapshot older than this, if one is held
     skip_through_step: int | None = None  # and skip the batches of the steps after the restored one through this
 
-
     def timeline_after(self, succeeded: bool) -> int:
         """The timeline executing it moves a rank to: its timeline + 1 for a ROLLBACK or RESUME that
         succeeded (whatever timeline the rank was on), its timeline otherwise."""
@@ -199,6 +198,12 @@ class Governance(Protocol):
         ...
 
     @property
+    def num_history_losses(self) -> int:
+        """Times the governor turned out no longer to hold the run (forgotten, expired): its command ids
+        start at 1 again, and the commands of the run's previous life are void."""
+        ...
+
+    @property
     def commands_waiting(self) -> bool:
         """A command arrived that ``take_commands`` has not taken yet (cheap: called every step)."""
         ...
@@ -263,6 +268,7 @@ class Ungoverned:
     acked_seq = 0
     train_verification_steps: int | None = None
     commands_waiting = False
+    num_history_losses = 0
 
     def __init__(self) -> None:
         self._seq = 0

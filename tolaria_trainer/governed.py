@@ -45,7 +45,6 @@ from torch import nn
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import SnapshotError, TrainerError
-from tolaria_trainer.guard import StepGuard
 from tolaria_trainer.governance import (
     Command,
     CommandReport,
@@ -60,6 +59,7 @@ from tolaria_trainer.governance import (
     Verdict,
     VerdictKind,
 )
+from tolaria_trainer.guard import StepGuard
 from tolaria_trainer.model.seeds import seed_slots
 from tolaria_trainer.rollback import CommandLedger, RestoreOutcome, execute_restore
 from tolaria_trainer.snapshot import MAX_STAGED, LastKnownGood, SnapshotInfo
@@ -230,6 +230,7 @@ class GovernedTraining:
         # (timeline, last step, last seq) of each chunk sent while a snapshot is staged, oldest first
         self._sent: deque[tuple[int, int, int]] = deque()
         self._single = self.dist.world_size == 1
+        self._history_losses = 0  # the governor lost the run's history this many times (its commands restart at 1)
         self._non_finite_at_restore = 0  # the guard's count of non-finite steps when the LKG was last restored
         self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._send_vitals, flush_interval_s=vitals_flush_s)
         self.ledger = CommandLedger()
@@ -405,8 +406,10 @@ class GovernedTraining:
         state = self.state
         state.skip_batches -= 1
         if self.guard is None:
-            log.warning("a skipped batch was trained: without the step guard (a grad scaler, guard_steps=False) "
-                        "the loop must skip it itself (take_skip)")
+            log.warning(
+                "a skipped batch was trained: without the step guard (a grad scaler, guard_steps=False) "
+                "the loop must skip it itself (take_skip)"
+            )
         return self._quiet(state.timeline)
 
     def take_skip(self) -> int:
@@ -618,6 +621,11 @@ class GovernedTraining:
         self._prune_sent()
 
     def _collect(self) -> None:
+        losses = self.governance.num_history_losses
+        if losses != self._history_losses:  # the governor no longer holds the run: its old orders are void
+            self._history_losses = losses
+            self.known_commands.clear()
+            self.last_command_id = 0
         for command in self.governance.take_commands():
             if command.command_id > self.last_command_id:  # an executed command may still reach a slow rank
                 self.known_commands[command.command_id] = command

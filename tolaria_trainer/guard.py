@@ -74,13 +74,12 @@ class StepGuard:
     def take_norm(self, optimizers: list[torch.optim.Optimizer]) -> torch.Tensor | None:
         """The total gradient norm of ``optimizers`` as their guarded steps measured it this step, or None if
         one of them did not step through the guard since the last call."""
-        norms = [self.norms.get(id(opt)) for opt in optimizers]
+        found = [self.norms.get(id(opt)) for opt in optimizers]
         self.norms.clear()
-        if any(n is None for n in norms):
+        norms = [n for n in found if n is not None]
+        if len(norms) != len(found):
             return None
-        if len(norms) == 1:
-            return norms[0]
-        return torch.linalg.vector_norm(torch.stack([n for n in norms if n is not None]))
+        return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
     # ----------------------------------------------------------------- the guarded step
 

@@ -731,6 +731,14 @@ class GovernorCore:
         attached = sorted(r.rank for r in run.ranks.values() if r.stream is not None)
         if attached:
             raise PolicyStateError(f"run {e.run_id} has trainers attached (ranks {attached}); stop them first")
+        open_cmd = run.policy.open
+        if open_cmd is not None and open_cmd.command.kind is not CommandKind.HALT:
+            # A trainer that received it may execute it while disconnected and come back on a timeline a
+            # run created anew never reached (found by the simulation): let it finish or time out first.
+            raise PolicyStateError(
+                f"run {e.run_id} has {open_cmd.command.kind} {open_cmd.command.command_id} open; wait for its "
+                "result or its timeout (the run is then HALTED), then forget it"
+            )
         del self.registry.runs[run.run_id]
         entry = {"reason": e.reason, "caller": e.caller, "state": str(run.policy.state), "effects": {"forget": True}}
         fx.append(run.run_id, EntryKind.RUN_FORGOTTEN, entry)

@@ -95,9 +95,7 @@ class Rung:
     note: str  # for the command's reason ("" at rung 0)
 
 
-def next_rung(
-    previous: Recovery | None, fault_step: int, alarm_step: int, timeline: int, config: PolicyConfig
-) -> Rung:
+def next_rung(previous: Recovery | None, fault_step: int, alarm_step: int, timeline: int, config: PolicyConfig) -> Rung:
     """The rung of a fault at ``fault_step`` (alarm at ``alarm_step``) on ``timeline``, after ``previous``."""
     plain = Rung(0, False, config.recovery_lr_scale, None, None, "")
     if not config.escalation or previous is None or previous.restored_step is None:
@@ -125,7 +123,9 @@ def next_rung(
     recipe = f"restore a snapshot older than step {origin} and skip the data through step {skip_through}"
     if number >= 2:
         recipe += f", LR x{lr_scale:g}"
-    return Rung(number, False, lr_scale, origin, skip_through, f"{recurs}; rung {number} of the recovery ladder: {recipe}")
+    return Rung(
+        number, False, lr_scale, origin, skip_through, f"{recurs}; rung {number} of the recovery ladder: {recipe}"
+    )
 
 
 def recovery_of(

@@ -253,8 +253,8 @@ def governed_run(data: Setup, fault: Fault, seed: int, address: str, run_id: str
             random_guess_loss=math.log(data.vocab),
             schedulers=[scheduler],
             extra_state=position,
-            agree_every_steps=25,
-            step_snapshot_every=50,
+            agree_every_steps=10,
+            step_snapshot_every=25,  # an in-memory copy of a small model: cheap enough every 25 steps
             halt_wait_s=0.0,
             verdict_wait_s=10.0,
             task="fault-campaign",
@@ -263,7 +263,9 @@ def governed_run(data: Setup, fault: Fault, seed: int, address: str, run_id: str
                 while gov.state.step < STEPS:
                     position["position"] += gov.take_skip()
                     step = gov.state.step + 1
-                    batch, poison = injector.batch(position["position"], batch_at(data, seed, position["position"]), seed)
+                    batch, poison = injector.batch(
+                        position["position"], batch_at(data, seed, position["position"]), seed
+                    )
                     position["position"] += 1
                     poison = injector.before_step(step, model) or poison
                     loss = train_step(model, optimizer, scheduler, batch, poison, data.vocab)
@@ -308,7 +310,7 @@ def plain_run(data: Setup, fault: Fault, seed: int) -> RunResult:
         injector.after_backward(step, model)
         optimizer.step()
         scheduler.step()
-        result.losses.append(float(loss))
+        result.losses.append(float(loss.detach()))
         if step % VAL_EVERY == 0:
             val_loss(model, data)  # as the other arms do (the same cost)
     result.steps_run = STEPS
@@ -364,7 +366,7 @@ def checkpoint_run(data: Setup, fault: Fault, seed: int, folder: Path, skip: int
         optimizer.step()
         scheduler.step()
         result.steps_run += 1
-        value = float(loss)
+        value = float(loss.detach())
         if not math.isfinite(value) or megatron(seen, value):
             if restarts == MAX_RESTARTS:
                 result.status, result.reason = "stopped", f"{MAX_RESTARTS} restarts did not get past step {step}"
@@ -453,7 +455,7 @@ def run_campaign(
 
 
 def outcome(result: RunResult, twin: RunResult) -> str:
-    """"saved" (within WITHIN of the twin), "halted", "stopped", or "worse" (finished worse, silently)."""
+    """ "saved" (within WITHIN of the twin), "halted", "stopped", or "worse" (finished worse, silently)."""
     if result.status != "finished" or result.final_val is None or twin.final_val is None:
         return result.status
     return "saved" if result.final_val <= twin.final_val * (1 + WITHIN) else "worse"
@@ -516,6 +518,9 @@ def table(campaign: Campaign) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     total = len(campaign.faults) * n
+    healthy = [
+        campaign.results["governed"][("healthy", seed)].wall_s / campaign.twins[seed].wall_s for seed in campaign.seeds
+    ]
     for arm in ARMS:
         s = stats[arm]
         t = s["totals"]
@@ -524,7 +529,14 @@ def table(campaign: Campaign) -> list[str]:
             f"| {arm} | {t['saved']}/{total} | {s['deterministic_halts']} | {t['stopped'] + t['halted'] - s['deterministic_halts']} "
             f"| {t['worse']} | {s['false_alarms']} | {s['goodput']:.2f} | {s['steps_lost_median']:g} / {s['steps_lost_worst']} | {wall} |"
         )
-    lines += ["", "Per fault kind (saved / halted or stopped / finished worse, of " + str(n) + " seeds):", ""]
+    lines += [
+        "",
+        f"On the healthy runs the governed arm took {statistics.median(healthy):.2f} x the ungoverned wall time "
+        "(median; the daemon in a process of its own on the same 2 cores, snapshots every 25 steps).",
+        "",
+        "Per fault kind (saved / halted or stopped / finished worse, of " + str(n) + " seeds):",
+        "",
+    ]
     lines.append("| fault | " + " | ".join(ARMS) + " |")
     lines.append("| --- |" + " --- |" * len(ARMS))
     for fault in campaign.faults:

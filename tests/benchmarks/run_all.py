@@ -12,7 +12,14 @@ from typing import Any
 
 import torch
 
-from tests.benchmarks import bench_ingest, bench_snapshot, bench_startup, bench_step_overhead, bench_training
+from tests.benchmarks import (
+    bench_faults,
+    bench_ingest,
+    bench_snapshot,
+    bench_startup,
+    bench_step_overhead,
+    bench_training,
+)
 from tests.benchmarks.common import machine
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -286,6 +293,8 @@ def main() -> int:
             )
         )
     detection = detection_section()
+    print("fault campaign ...", flush=True)
+    campaign = bench_faults.run_campaign()
     lines = [
         "# Benchmark results",
         "",
@@ -300,6 +309,10 @@ def main() -> int:
         "",
         *causes(training, ingest),
         *detection,
+        "## Recovery under faults (the fault campaign)",
+        "",
+        *bench_faults.table(campaign),
+        "",
     ]
     RESULTS.write_text("\n".join(lines))
     update_readme(RESULTS.read_text())

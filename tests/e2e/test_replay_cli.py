@@ -166,10 +166,10 @@ def test_malformed_csv_names_line(tmp_path: Path) -> None:
 
 def test_unknown_keys_named_once(tmp_path: Path) -> None:
     """Unknown keys are ignored and named once on stderr."""
-    rows = [{**r, "wandb_id": "x", "lr": 0.1} for r in records(healthy_losses(3))]
+    rows = [{**r, "wandb_id": "x", "comment": "hi"} for r in records(healthy_losses(3))]
     result = governor_cli(["replay", str(write_jsonl(tmp_path / "t.jsonl", rows)), "--json"])
     assert result.returncode == 0
-    assert result.stderr.count("ignoring unknown key(s): lr, wandb_id") == 1
+    assert result.stderr.count("ignoring unknown key(s): comment, wandb_id") == 1
     assert len(decisions(result.stdout)) == 3
 
 

@@ -41,3 +41,25 @@ def test_spread_gives_the_median_and_a_confidence_interval_around_it() -> None:
     assert spread["median"] == 50.5
     # the 41st and 61st of the sorted values: ranks 50 -+ 0.98 sqrt(100), rounded outwards
     assert (spread["ci_low"], spread["ci_high"]) == (41.0, 61.0)
+
+
+def test_the_fault_campaign_runs_and_the_governor_saves_a_run_with_a_recurring_bad_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A short campaign (one seed, a bad batch whose NaN comes back whenever its data position is trained):
+    the governor climbs the ladder past it and the run finishes as its healthy twin; the ungoverned run ends
+    on NaN; the table renders. Shape and that one outcome, not the numbers of `make bench`."""
+    from tests.benchmarks import bench_faults
+
+    for name, value in {"STEPS": 160, "WARMUP": 10, "VAL_EVERY": 20, "FAULT_AT": 100, "CHECKPOINT_EVERY": 40}.items():
+        monkeypatch.setattr(bench_faults, name, value)
+    (bad,) = [f for f in bench_faults.FAULTS if f.name == "bad_batch"]
+    campaign = bench_faults.run_campaign((bad,), (0,), progress=lambda line: None)
+    governed = campaign.results["governed"][("bad_batch", 0)]
+    assert bench_faults.outcome(governed, campaign.twins[0]) == "saved", governed
+    assert governed.restores == 2, "the replay recurred once, then the ladder skipped the bad batch"
+    assert governed.steps_lost > 0
+    assert campaign.results["ungoverned"][("bad_batch", 0)].final_val != campaign.twins[0].final_val
+    assert campaign.results["governed"][("healthy", 0)].restores == 0
+    lines = bench_faults.table(campaign)
+    assert any(line.startswith("| governed | 1/1 |") for line in lines), lines

@@ -97,9 +97,9 @@ def test_nan_mid_run_gives_one_rollback_and_training_goes_on(daemon: InProcessDa
     (restore,) = restores
     assert restore.command is not None
     assert str(restore.command.type) == "ROLLBACK"
-    # The newest snapshot a verdict published before the rollback: epoch 4's, or an earlier one when the
-    # governor's verdicts lagged (never one after the onset, step 100).
-    assert restore.restored_step in (24, 48, 72, 96), restore
+    # The newest snapshot a verdict and the train stream (23 steps past it) vouched for before the rollback:
+    # epoch 3's or 4's, or an earlier one when the governor lagged (never one after the onset, step 100).
+    assert restore.restored_step in (0, 24, 48, 72, 96), restore
     assert restore.restored_epoch == restore.restored_step // 24
     assert restore.punishment_reward < 0
     assert restore.timeline == 1
@@ -223,9 +223,11 @@ def test_a_fault_that_recurs_right_after_a_restore_is_caught_as_fast_as_the_firs
         gov.settle()
     assert len(restores) == 2, [r.command.reason if r.command else r for r in restores]
     first, second = (r.command for r in restores)
-    assert first is not None and second is not None
-    assert first.onset_step is not None and second.onset_step is not None
+    assert first is not None
+    assert second is not None
     assert first.onset_step == second.onset_step == 301, "the same data position, replayed"
+    assert second.onset_step is not None
+    assert first.onset_step is not None
     assert second.step - second.onset_step <= first.step - first.onset_step, "no warm-up blind window"
     assert (first.recovery_rung, second.recovery_rung) == (0, 1), "the recurrence escalates"
     assert second.skip_through_step is not None

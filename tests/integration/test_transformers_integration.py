@@ -23,7 +23,7 @@ from tolaria_trainer.governed import Outcome
 from tolaria_trainer.integrations.transformers import GovernorCallback
 
 VOCAB = 64
-NAN_AT_STEP = 12  # optimizer steps; evaluations every 5
+NAN_AT_STEP = 32  # optimizer steps; evaluations every 5, each vouched for by the 23 train steps after it
 
 
 class CountingTokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
@@ -87,7 +87,7 @@ def test_nan_mid_run_is_rolled_back_once_and_training_goes_on(tmp_path: Path) ->
         poison = PoisonOnce(governor)
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path / "out"),
-            max_steps=30,
+            max_steps=50,
             per_device_train_batch_size=8,
             gradient_accumulation_steps=2,
             per_device_eval_batch_size=32,
@@ -112,9 +112,9 @@ def test_nan_mid_run_is_rolled_back_once_and_training_goes_on(tmp_path: Path) ->
 
         assert poison.poisoned_at == NAN_AT_STEP
         assert len(governor.fit.restores) == 1
-        assert governor.fit.restores[0].restored_step in (5, 10)  # an evaluation's snapshot the governor allowed
+        assert governor.fit.restores[0].restored_step in (5, 10)  # an evaluation's snapshot allowed and vouched for
         assert poison.steps_after_restore >= 8  # training went on well past the rollback
-        assert trainer.state.global_step == 30  # the Trainer's counters are not rewound
+        assert trainer.state.global_step == 50  # the Trainer's counters are not rewound
         assert all(torch.isfinite(p).all() for p in model.parameters())
         final_loss = trainer.evaluate()["eval_loss"]
         assert math.isfinite(final_loss)

@@ -27,7 +27,7 @@ from governor_daemon.core import events as ev
 from governor_daemon.core.kinds import EntryKind
 from governor_daemon.errors import GovernorError
 from governor_daemon.journal.entry import canonical_json
-from governor_daemon.policy import PolicyConfig, RunState
+from governor_daemon.policy import CommandKind, PolicyConfig, RunState
 from governor_daemon.policy.steps import StepState
 from governor_daemon.service import codec
 from governor_daemon.service.status_codes import status_for
@@ -128,6 +128,8 @@ class SimRank:
     retry_at: float = 0.0
     max_acked: int = 0
     held: dict[int, trainer_service_pb2.Command] = field(default_factory=dict)
+    halts_received: set[int] = field(default_factory=set)
+    history_losses: int = 0  # HALT command ids delivered to this trainer
 
 
 @dataclass
@@ -165,7 +167,10 @@ class World:
         self.durable = 0
         self.core = GovernorCore(self.options)
         self.shadow = Registry()
-        self.ladder: dict[str, dict[str, Any]] = {}  # per run: the last fault-driven ROLLBACK, as the checker sees it
+        self.ladder: dict[str, dict[str, Any]] = {}
+        self.halts_known_at_finish: dict[
+            str, set[int]
+        ] = {}  # incarnation digest -> HALTs it had received  # per run: the last fault-driven ROLLBACK, as the checker sees it
         self.outbound = Outbound()
         self.conns: dict[int, Conn] = {}
         self.next_conn = 0
@@ -250,9 +255,12 @@ class World:
         if run is None or not payload["succeeded"] or policy_after is None:
             return
         rank = payload["rank"]
+        command = run.policy.command(payload["command_id"])
         after = policy_after.get("steps", {}).get(str(rank))
-        if after is None or after["timeline"] != payload["new_timeline"] or after["last_step"] != payload["restored_step"]:
-            return  # not a restore onto the run's timeline (a late or a HALT result)
+        if command is None or command.kind is CommandKind.HALT or after is None:
+            return
+        if after["timeline"] != payload["new_timeline"] or after["last_step"] != payload["restored_step"]:
+            return  # not a restore onto the run's timeline (a late result)
         pins = [p for p in run.policy.pins.get(rank, []) if p[1] == payload["restored_step"]]
         expected = (
             pins[-1][2].resumed(payload["new_timeline"], payload["restored_step"])
@@ -306,9 +314,10 @@ class World:
         """The ladder learns what a fault-driven ROLLBACK restored from its first successful result."""
         previous = self.ladder.get(entry.run)
         payload = entry.payload
-        if previous is not None and previous["id"] == payload["command_id"] and payload["succeeded"]:
-            if previous["restored_step"] is None:
-                previous["restored_step"] = payload["restored_step"]
+        first = previous is not None and previous["id"] == payload["command_id"] and previous["restored_step"] is None
+        if first and payload["succeeded"]:
+            assert previous is not None
+            previous["restored_step"] = payload["restored_step"]
 
     def _release(self) -> None:
         for send in self.outbound.release(len(self.entries) if self.durable == len(self.entries) else self.durable):
@@ -418,6 +427,8 @@ class World:
                 f"ack {response.ack.up_to_seq} of {rank.proto.hello.incarnation_id} before it is durable",
             )
             rank.max_acked = max(rank.max_acked, response.ack.up_to_seq)
+        if kind == "command" and response.command.type == common_pb2.COMMAND_TYPE_HALT:
+            rank.halts_received.add(response.command.command_id)
         rank.proto.receive(response, self.now)
         if rank.proto.stream_ending:
             self._close(conn, None, notify_daemon=True)
@@ -480,6 +491,7 @@ class World:
                         trainer_service_pb2.Finish(status=common_pb2.FINISH_STATUS_COMPLETED, duration_s=1.0)
                     )
                     rank.finished = True
+                    self.halts_known_at_finish[_digest(rank)] = set(rank.halts_received)
 
     def agreement_point(self, run: SimRun) -> None:
         """What the training loop does at an agreement point, with the collectives done directly."""
@@ -499,6 +511,10 @@ class World:
                         )
                     rank.pending = None
         for rank in live:
+            if rank.proto.num_history_losses != rank.history_losses:  # the run was forgotten: void its orders
+                rank.history_losses = rank.proto.num_history_losses
+                rank.held = {}
+                run.done_commands = 0
             rank.held.update((c.command_id, c) for c in rank.proto.take_commands())
         highest = max((max(r.held, default=0) for r in live), default=0)
         if highest <= run.done_commands:
@@ -685,12 +701,15 @@ class World:
                 if e.kind == EntryKind.COMMAND and e.payload["command"]["kind"] != "rollback"
             ]
             if halts and lifetime[halts[-1]].payload["command"]["kind"] == "halt":
-                completed = [
+                halt_id = lifetime[halts[-1]].payload["command"]["command_id"]
+                completed = [  # by a trainer that had the HALT: one that finished before it arrived did not know
                     e
                     for e in lifetime[halts[-1] :]
-                    if e.kind == EntryKind.FINISH and e.payload["status"] != "FINISH_STATUS_HALTED"
+                    if e.kind == EntryKind.FINISH
+                    and e.payload["status"] != "FINISH_STATUS_HALTED"
+                    and halt_id in self.halts_known_at_finish.get(e.payload["incarnation_id"], set())
                 ]
-                require(not completed, f"{run.run_id} was HALTED, yet a trainer trained on to completion")
+                require(not completed, f"{run.run_id} was HALTED, yet a trainer that knew it trained on to completion")
             live = [r for r in run.ranks if not r.finished and not r.malformed]
             if policy.state is RunState.HALTED:
                 require(all(r.halted for r in live), f"{run.run_id} is HALTED but a trainer does not know it")

@@ -162,6 +162,12 @@ class GovernorClient:
             return self.protocol.welcome
 
     @property
+    def num_history_losses(self) -> int:
+        """Times a Welcome showed the daemon no longer held the run (forgotten, expired, journal lost)."""
+        with self._cond:
+            return self.protocol.num_history_losses
+
+    @property
     def commands_waiting(self) -> bool:
         """True when a command arrived that ``take_commands`` has not taken yet. Lock-free: the training
         thread may call it every step (a stale False only delays the command to the next call)."""

@@ -172,6 +172,11 @@ class GovernorConnection:
         return max(policy.step_loss_patience, policy.step_collapse_patience)
 
     @property
+    def num_history_losses(self) -> int:
+        """Times the governor no longer held the run's history (its commands start at 1 again)."""
+        return self.client.num_history_losses
+
+    @property
     def commands_waiting(self) -> bool:
         """A command arrived that ``take_commands`` has not taken yet (lock-free)."""
         return self.client.commands_waiting

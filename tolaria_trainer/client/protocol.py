@@ -221,9 +221,11 @@ class TrainerProtocol:
         self._last_transmit_at = now
         if welcome.last_durable_seq < self._max_acked:
             # The daemon no longer holds what it acknowledged to this incarnation: the run was forgotten
-            # (or its journal lost) and is new. Its commands are numbered from 1 again.
+            # (or its journal lost) and is new. Its commands are numbered from 1 again, and the ones held
+            # from the run's previous life are void.
             self.num_history_losses += 1
             self._highest_command_taken = 0
+            self._commands.clear()
             self._max_acked = welcome.last_durable_seq
         self.outbox.rewind(welcome.last_durable_seq)
         self._learn_timeline(welcome.timeline)

@@ -408,6 +408,21 @@ def test_forget_and_expiry_are_journaled_and_survive_a_rebuild() -> None:
     assert h.rebuilt() == h.core.checkpoint() == {"runs": {}}
 
 
+def test_a_run_with_a_rollback_open_cannot_be_forgotten() -> None:
+    """Found by the simulation: a trainer that had received a ROLLBACK lost its stream, a controller forgot the
+    run, and the trainer executed the command while reconnecting: it came back on timeline 1 of a run created
+    anew on 0, and every record it sent was refused (the run was ungoverned from then on)."""
+    h = Harness()
+    h.attach(1)
+    (command,) = commands(h.vitals(1, [1, 2], [1.0, math.nan]))
+    h.handle(ev.Detach(1, h.now))
+    with pytest.raises(PolicyStateError, match=f"rollback {command.command_id} open"):
+        h.handle(ev.ForgetRun("r", "cleanup", "op", h.now))
+    h.handle(ev.Tick(h.now + h.run().policy.config.command_timeout_s + 1))  # no result: the run is HALTED
+    h.handle(ev.ForgetRun("r", "cleanup", "op", h.now))
+    assert h.core.registry.runs == {}
+
+
 def test_one_principal_cannot_exhaust_the_run_table() -> None:
     h = Harness()
     h.core.options = CoreOptions(defaults=h.core.options.defaults, limits=Limits(max_active_runs_per_principal=2))
@@ -518,9 +533,7 @@ def test_a_restore_resumes_the_detectors_from_the_snapshots_pinned_state_and_it_
     (snapshot_entry,) = [p for _, kind, p in h.entries if kind == EntryKind.SNAPSHOT]
     assert snapshot_entry["detector_state"] == "pinned"
     (command,) = commands(h.handle(ev.RequestRollback("r", "test", "operator", h.now)))
-    h.handle(
-        ev.CommandResult(1, h.seq(1), command.command_id, True, command.timeline + 1, 60, 1.0, "", 0, h.now)
-    )
+    h.handle(ev.CommandResult(1, h.seq(1), command.command_id, True, command.timeline + 1, 60, 1.0, "", 0, h.now))
     state = run.policy.step_states[0]
     assert state == pinned[2].resumed(1, 60)
     assert h.rebuilt() == h.core.checkpoint()

@@ -32,6 +32,7 @@ class FakeGovernance:
     num_unjudged_records: int = 0
     num_dropped_records: int = 0
     num_shed_records: int = 0
+    num_history_losses: int = 0
     train_verification_steps: int | None = 0  # 0: only non-finite records are judged; None: not welcomed yet
     ack_everything: bool = True  # every record acknowledged as soon as it is sent
     acked_seq: int = 0

@@ -393,9 +393,7 @@ def test_a_rollback_with_an_onset_never_restores_a_snapshot_taken_at_or_after_it
     verdict alone published step 900's snapshot, it replaced every older one, and the ROLLBACK restored it."""
     model, optimizers, _ = plain_setup()
     fake = FakeGovernance(train_verification_steps=10)
-    with GovernedTraining(
-        model, optimizers, governor=fake, agree_every_steps=0, step_snapshot_every=10**6
-    ) as gov:
+    with GovernedTraining(model, optimizers, governor=fake, agree_every_steps=0, step_snapshot_every=10**6) as gov:
         train_steps(gov, 850)
         seq = gov.report_validation(1.0, epoch=1)
         fake.verdict_on(seq)

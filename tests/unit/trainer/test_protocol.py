@@ -335,3 +335,18 @@ class ProtocolMachine(RuleBasedStateMachine):
 
 TestProtocolMachine = ProtocolMachine.TestCase
 TestProtocolMachine.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+
+
+def test_commands_of_a_run_the_governor_forgot_are_void() -> None:
+    """Found by the simulation: a command received on the run's previous life, still held when a Welcome shows
+    the governor no longer holds the run (commands numbered from 1 again), must not be executed: it would move
+    the rank to a timeline the run, created anew, never reached, and every later record would be refused."""
+    proto = attached()
+    proto.send_vitals(chunk(1, 4))
+    transmit(proto)
+    proto.receive(Response(ack=trainer_service_pb2.Ack(up_to_seq=4)), 0.0)
+    proto.receive(command(1), 0.0)
+    proto.connection_lost(1.0, "UNAVAILABLE", "")
+    welcome(proto, generation=1, last_durable_seq=0, now=2.0)  # the run was forgotten and created again
+    assert proto.num_history_losses == 1
+    assert proto.take_commands() == []
