@@ -143,6 +143,7 @@ def test_the_journal_ledger_of_a_reused_run_id_matches_its_total() -> None:
     h.attach(1)
     h.vitals(1, [1], [math.nan])  # ROLLBACK, -10
     h.handle(ev.Detach(1, h.now))
+    h.handle(ev.Tick(h.now + h.run().policy.config.command_timeout_s + 1))  # never answered: HALT, 0
     h.handle(ev.ForgetRun("r", "cleanup", "op", h.now))
     h.attach(2, inc="i1")
     own = [(kind, p) for run, kind, p in h.entries if run == "r"]
