@@ -45,6 +45,8 @@ class Welcome:
     ignored_policy_fields: tuple[str, ...]
     train_verification_steps: int = 0
     """The train-stream detectors' longest onset-to-alarm delay (``policy.steps.verification_steps``)."""
+    run_life: int = 0
+    """Which life of its run id the run is (a run forgotten and created again is another)."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ change without its entry.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from governor_daemon.core.effects import (
 )
 from governor_daemon.core.kinds import EntryKind
 from governor_daemon.core.registry import RankState, Registry, Run, RunMeta
+from governor_daemon.core.undo import undo_point
 from governor_daemon.errors import (
     AlreadyExistsError,
     ConflictError,
@@ -137,8 +139,25 @@ class GovernorCore:
 
     # ----------------------------------------------------------------- dispatch
 
+    @contextmanager
+    def transaction(self, event: ev.Event) -> Iterator[Effects]:
+        """Apply one event and yield its effects for the caller to journal; if anything raises, in the
+        handler or in the caller's block (the journal refusing an entry), the state is put back as it was
+        (core/undo.py) and the exception goes on: an event changes nothing unless its entries are appended."""
+        undo = undo_point(self, event)
+        try:
+            yield self._dispatch(event)
+        except BaseException:
+            undo()
+            raise
+
     def handle(self, event: ev.Event) -> Effects:
-        """Apply one event. Raises GovernorError for a refused event, which then changed nothing."""
+        """Apply one event. Raises GovernorError for a refused event, or whatever else raised inside it; either
+        way it changed nothing (``transaction``)."""
+        with self.transaction(event) as fx:
+            return fx
+
+    def _dispatch(self, event: ev.Event) -> Effects:
         fx = Effects()
         match event:
             case ev.Vitals():
@@ -207,8 +226,12 @@ class GovernorCore:
                     )
                 replaced = current.stream
         if run is None:
-            meta = RunMeta(e.task, e.world_size, e.overrides, e.random_guess_loss, e.num_classes, ignored, e.principal)
+            life = self.registry.lives + 1
+            meta = RunMeta(
+                e.task, e.world_size, e.overrides, e.random_guess_loss, e.num_classes, ignored, e.principal, life
+            )
             run = Run.create(e.run_id, meta, config)
+            self.registry.lives = life
             run.policy.timeline = e.timeline  # a trainer whose run the daemon no longer holds is not "ahead"
             self.registry.runs[run.run_id] = run
             fx.append(
@@ -266,6 +289,7 @@ class GovernorCore:
                 policy.random_guess_loss(),
                 tuple(run.meta.ignored_fields),
                 verification_steps(policy.config),
+                run.meta.life,
             ),
         )
         resend = policy.open.command if policy.open is not None else policy.halting_command()
@@ -606,22 +630,26 @@ class GovernorCore:
             "num_culled_seeds": e.num_culled_seeds,
             **({} if e.lr_after_restore is None else {"lr_after_restore": float_to_json(e.lr_after_restore)}),
         }
+        command = policy.command(e.command_id)
+        moves = command is not None and command.kind is not CommandKind.HALT
+        other = None
         if e.command_id >= policy.next_command_id:  # never issued here: forged, or a result for a run the
-            rank.accept_seq(e.seq)  # daemon has forgotten. Journaled; it changes nothing else.
-            unknown = f"command {e.command_id} was never issued in run {run.run_id}; the result changes nothing"
+            other = f"command {e.command_id} was never issued in run {run.run_id}"  # daemon has forgotten
+        elif command is not None and e.succeeded and moves and e.new_timeline != command.timeline + 1:
+            # Not this command's result: one of an earlier life of the run (forgotten and created again),
+            # executed by a trainer that had not heard yet, whose ids start at 1 again (found by the simulation).
+            other = (
+                f"{command.kind} {command.command_id} was made on timeline {command.timeline}, so it moves a rank "
+                f"to {command.timeline + 1}, not {e.new_timeline}: the result is of another command"
+            )
+        if other is not None:  # journaled; it changes nothing else
+            rank.accept_seq(e.seq)
+            unknown = f"{other}; the result changes nothing"
             payload["notices"] = [{"kind": "unknown_command", "reason": unknown, "command": None}]
             payload["effects"] = {"ranks": {str(rank.rank): rank.effect()}}
             fx.append(run.run_id, EntryKind.COMMAND_RESULT, payload)
             fx.send(e.stream, Ack(e.seq))
             return
-        command = policy.command(e.command_id)
-        moves = command is not None and command.kind is not CommandKind.HALT
-        if command is not None and e.succeeded and moves and e.new_timeline != command.timeline + 1:
-            raise InvalidInputError(
-                "command_result.new_timeline",
-                f"{command.kind} {command.command_id} was made on timeline {command.timeline}, so it moves the "
-                f"rank to {command.timeline + 1}, not {e.new_timeline}",
-            )
         if (not e.succeeded or not moves) and e.new_timeline > policy.timeline + 1:
             raise InvalidInputError(
                 "command_result.new_timeline", f"{e.new_timeline} is ahead of the run's timeline {policy.timeline}"

@@ -88,6 +88,9 @@ class RunMeta:
     ignored_fields: list[str]
     owner: str = ""
     """The principal that created the run; only it may attach to the run."""
+    life: int = 0
+    """Which life of its run id this run is: a run forgotten (evicted, expired) and created again is another
+    life, told to trainers in every Welcome so that they void the commands of an earlier one."""
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -99,6 +102,7 @@ class RunMeta:
             "num_classes": self.num_classes,
             "ignored_fields": list(self.ignored_fields),
             "owner": self.owner,
+            "life": self.life,
         }
 
     @classmethod
@@ -112,6 +116,7 @@ class RunMeta:
             data["num_classes"],
             list(data["ignored_fields"]),
             str(data.get("owner", "")),
+            int(data.get("life", 0)),
         )
 
 
@@ -158,15 +163,18 @@ class Registry:
 
     def __init__(self) -> None:
         self.runs: dict[str, Run] = {}
+        self.lives = 0  # runs created so far, across every run id (a new run's ``life``)
 
     def checkpoint(self) -> dict[str, Any]:
         """Payload of a checkpoint entry: every run's journaled state."""
-        return {"runs": {run_id: run.to_dict() for run_id, run in self.runs.items()}}
+        return {"runs": {run_id: run.to_dict() for run_id, run in self.runs.items()}, "lives": self.lives}
 
     def restore(self, checkpoint: dict[str, Any] | None, entries: list[Entry]) -> None:
         """Load a checkpoint, then apply the effects of the entries after it."""
         self.runs.clear()
+        self.lives = 0
         if checkpoint is not None:
+            self.lives = int(checkpoint.get("lives", 0))
             for run_id, data in checkpoint.get("runs", {}).items():
                 self._apply_effects(run_id, {**data, "policy": data["policy"]}, cursor=int(data["last_cursor"]))
         for entry in entries:
@@ -187,6 +195,7 @@ class Registry:
         run = self.runs.get(run_id)
         if "meta" in effects:
             meta = RunMeta.from_dict(effects["meta"])
+            self.lives = max(self.lives, meta.life)
             if run is None:
                 policy = RunPolicy.from_dict(effects["policy"])
                 run = Run(run_id, meta, policy, {}, StepAggregator(meta.world_size))

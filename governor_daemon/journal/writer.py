@@ -219,10 +219,19 @@ class Journal:
         with self._lock:
             self.appended = []
             last = len(items) - 1
-            return [
-                self._append_locked(run, kind, {**payload, MORE: last - i} if last else payload, now_epoch_s)
-                for i, (run, kind, payload) in enumerate(items)
-            ]
+            ts = utc_now_iso(now_epoch_s)
+            built: list[tuple[Entry, str]] = []
+            seq, prev_hash = self.last_seq, self.last_hash
+            for i, (run, kind, payload) in enumerate(items):  # every entry encoded before any is appended
+                seq += 1
+                entry, line = Entry.create_with_line(
+                    seq, ts, run, kind, {**payload, MORE: last - i} if last else payload, prev_hash, self.key
+                )
+                built.append((entry, line))
+                prev_hash = entry.hash
+            for entry, line in built:
+                self._add_locked(entry, line)
+            return [entry for entry, _ in built]
 
     def rotate_if_due(self, now_epoch_s: float) -> list[Entry]:
         """Start a new segment (with its checkpoint) if the current one is full; returns what was appended."""
@@ -244,12 +253,15 @@ class Journal:
         entry, line = Entry.create_with_line(
             self.last_seq + 1, utc_now_iso(now_epoch_s), run, kind, payload, self.last_hash, self.key
         )
+        self._add_locked(entry, line)
+        return entry
+
+    def _add_locked(self, entry: Entry, line: str) -> None:
         data = line.encode("utf-8")
         self._pending.append((self._segment, data))
         self.appended.append(entry)
         self._segment_size += len(data)
         self.last_seq, self.last_hash = entry.seq, entry.hash
-        return entry
 
     def write_pending(self) -> int:
         """Write everything appended so far, durably; returns the durable seq. Worker-thread safe.

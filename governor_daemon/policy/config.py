@@ -15,6 +15,8 @@ from typing import Any
 
 from governor_daemon.errors import PolicyConfigError
 
+MAX_FIELD_VALUE = 1e6
+"""The upper bound of a policy number unless ``_UPPER_BOUNDS`` says otherwise (counts, ratios, penalties)."""
 PROFILES = ("default", "seed")
 """Detector profiles: ``seed`` is docs/protocol.md, "Policy"; ``default`` adds a relative divergence gate."""
 
@@ -67,7 +69,11 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name))
-        problems: list[str] = []
+        problems: list[str] = [
+            f"{name} must be <= {bound:g}, got {value:g}"
+            for name, bound in _UPPER_BOUNDS.items()
+            if (value := getattr(self, name)) is not None and value > bound
+        ]
 
         def need(ok: bool, message: str) -> None:
             if not ok:
@@ -163,6 +169,20 @@ class PolicyConfig:
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PolicyConfig))
+_UPPER_BOUNDS: dict[str, float] = {
+    f.name: {
+        "absolute_threshold": 1e15,  # the blow-up ceiling (policy/detectors.py)
+        "step_grad_ratio": 1e12,
+        "command_timeout_s": 1e7,
+        "stall_timeout_s": 1e7,
+        "rank_deadline_s": 1e7,
+    }.get(f.name, MAX_FIELD_VALUE)
+    for f in dataclasses.fields(PolicyConfig)
+    if str(f.type) in ("int", "float", "float | None")
+}
+"""Every number of the policy has an upper bound, so that nothing derived from it (a total of punishments,
+a deadline) can overflow, and the error names it (an UpdatePolicy of death_penalty=1e308 made the total
+-inf and the journal refuse the entry after the state had changed)."""
 _FIELD_TYPES: dict[str, str] = {f.name: str(f.type) for f in dataclasses.fields(PolicyConfig)}
 
 

@@ -39,6 +39,16 @@ class Judgement:
 
 Detector = Callable[[Sequence[float], DetectorState, PolicyConfig, "float | None"], Judgement]
 
+BLOW_UP_CEILING = 1e15
+"""A loss or gradient norm whose magnitude is above this is judged as non-finite ones are: a blow-up (a PANIC
+at once), never a number to average. So every statistic stays far inside a float (a history of 1.7e308
+overflowed its sum, and every later validation of the run ended its stream INTERNAL)."""
+
+
+def blown_up(value: float) -> bool:
+    """Non-finite, or beyond ``BLOW_UP_CEILING``."""
+    return not math.isfinite(value) or abs(value) > BLOW_UP_CEILING
+
 
 def history_mean(values: Sequence[float]) -> float:
     """The mean of a loss history (the centre of the seed gates and of the lobotomy rule's premise)."""
@@ -127,12 +137,13 @@ def seed_profile(
     """
     if not losses:
         raise ValueError("seed_profile needs at least one loss")
-    bad = [x for x in losses if not math.isfinite(x)]
+    bad = [x for x in losses if blown_up(x)]
     if bad:
+        beyond = "" if not math.isfinite(bad[0]) else f" (beyond the ceiling {BLOW_UP_CEILING:g}: a blow-up)"
         return Judgement(
             Verdict.PANIC,
             Rule.NON_FINITE,
-            f"non-finite: validation loss {bad[0]}",
+            f"non-finite: validation loss {bad[0]}{beyond}",
             state,
             None,
         )

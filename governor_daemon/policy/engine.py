@@ -32,7 +32,14 @@ from governor_daemon.policy.decisions import (
     RunState,
     Verdict,
 )
-from governor_daemon.policy.detectors import DetectorState, detector_for, fmt, lobotomy_band_below
+from governor_daemon.policy.detectors import (
+    BLOW_UP_CEILING,
+    DetectorState,
+    blown_up,
+    detector_for,
+    fmt,
+    lobotomy_band_below,
+)
 from governor_daemon.policy.recovery import Recovery, next_rung, recovery_of
 from governor_daemon.policy.steps import (
     StepState,
@@ -272,7 +279,7 @@ class RunPolicy:
         """
         self._check_timeline(timeline)
         values = [("loss", loss)] + ([("grad_norm", grad_norm)] if grad_norm is not None else [])
-        bad = [(name, v) for name, v in values if not math.isfinite(v)]
+        bad = [(name, v) for name, v in values if blown_up(v)]
         if not bad:
             return self._decision(
                 "train",
@@ -291,7 +298,8 @@ class RunPolicy:
                 suppressed=None,
             )
         name, value = bad[0]
-        reason = f"non-finite train {name} {value} at step {step} (rank {rank})"
+        beyond = "" if not math.isfinite(value) else f" (beyond the ceiling {BLOW_UP_CEILING:g}: a blow-up)"
+        reason = f"non-finite train {name} {value}{beyond} at step {step} (rank {rank})"
         return self._train_panic(Rule.TRAIN_NON_FINITE, reason, timeline, step, epoch, rank, loss, now_s, step)
 
     def judge_train_batch(
@@ -314,7 +322,7 @@ class RunPolicy:
         ``pins`` are steps a trainer may stage a snapshot at: the state as of each is kept (``pin``).
         Raises PolicyStateError like ``judge_validation`` for a stale or future timeline."""
         self._check_timeline(timeline)
-        finite = np.isfinite(losses) & (np.isfinite(grads) if grads is not None else True)
+        finite = _sane(losses) & (_sane(grads) if grads is not None else True)
         if not finite.all():
             bad = int(np.argmin(finite))
             grad = None if grads is None else float(grads[bad])
@@ -548,6 +556,26 @@ class RunPolicy:
         if self.open is not None:
             self.recent_commands.append(self.open.command)
             self.open = None
+
+    # ----------------------------------------------------------------- undo points
+
+    def memento(self) -> dict[str, Any]:
+        """The whole state, its mutable parts copied (cheap: a few containers): ``restore_memento`` puts it
+        back after an event that raised (core/undo.py)."""
+        state = dict(self.__dict__)
+        state["recent"] = deque(self.recent, maxlen=self.recent.maxlen)
+        state["recent_commands"] = deque(self.recent_commands, maxlen=self.recent_commands.maxlen)
+        state["stalled_ranks"] = set(self.stalled_ranks)
+        state["finished_ranks"] = set(self.finished_ranks)
+        state["step_states"] = dict(self.step_states)
+        state["pins"] = {rank: list(pins) for rank, pins in self.pins.items()}
+        state["candidates"] = {rank: dict(c) for rank, c in self.candidates.items()}
+        return state
+
+    def restore_memento(self, state: dict[str, Any]) -> None:
+        """Put back a ``memento``."""
+        self.__dict__.clear()
+        self.__dict__.update(state)
 
     # ----------------------------------------------------------------- persistence
 
@@ -863,3 +891,9 @@ class RunPolicy:
             shadow=suppressed == SHADOW_NOTE,
             missing_ranks=missing_ranks,
         )
+
+
+def _sane(values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
+    """Finite and within the blow-up ceiling, elementwise (``detectors.blown_up``'s negation)."""
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(values) & (np.abs(values) <= BLOW_UP_CEILING)

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -124,8 +124,8 @@ class StepState:
     low_run: int = 0  # consecutive records far below the level, not taken in
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
+        """JSON-ready dict (journaled with every batch: built by hand, ``dataclasses.asdict`` is slow)."""
+        return {name: getattr(self, name) for name in _STEP_STATE_FIELDS}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> StepState:
@@ -161,6 +161,9 @@ class StepState:
             zero_since=-1,
             low_run=0,
         )
+
+
+_STEP_STATE_FIELDS = tuple(f.name for f in fields(StepState))
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,8 @@ def grad_gate(state: StepState, config: PolicyConfig) -> float | None:
 def _run_lengths(flags: npt.NDArray[np.bool_], carry: int) -> npt.NDArray[np.int64]:
     """Length of the run of True ending at each index (``carry`` True records before index 0)."""
     n = len(flags)
+    if not flags.any():
+        return np.zeros(n, dtype=np.int64)
     index = np.arange(n)
     last_false = np.where(flags, -1, index)
     np.maximum.accumulate(last_false, out=last_false)
@@ -527,10 +532,6 @@ def _run_start(steps: npt.NDArray[np.int64], runs: npt.NDArray[np.int64], i: int
     return int(steps[i - run + 1]) if run <= i + 1 else carried_since
 
 
-def _ewma(old: float, values: npt.NDArray[np.float64], weight: float) -> float:
-    return old + weight * (float(values.mean()) - old)
-
-
 def _updated(
     state: StepState,
     steps: npt.NDArray[np.int64],
@@ -545,8 +546,8 @@ def _updated(
     lows = f.low[:end]
     rebase = int(f.low_runs[last]) >= _rebase_after(state, config)
     keep = ~f.high[:end] & ~f.zero[:end] & (~lows | rebase)
-    new = replace(
-        state,
+    values = dict(state.__dict__)  # one constructor call at the end: dataclasses.replace is slow per batch
+    values.update(
         last_step=int(steps[last]),
         high_run=int(f.high_runs[last]),
         high_since=_run_start(steps, f.high_runs, last, state.high_since),
@@ -561,24 +562,25 @@ def _updated(
     if lrs is not None:
         clean = lrs[:end][~f.lr_jump[:end] & np.isfinite(lrs[:end])]
         if len(clean):
-            new = replace(new, lr_max=max(state.lr_max, float(clean.max())))
+            values["lr_max"] = max(state.lr_max, float(clean.max()))
     x = f.log_loss[:end][keep]
     k = len(x)
     if k == 0:
-        return new
+        return StepState(**values)
     # An EWMA over a window that grows with the records seen (a quarter of them: the first records set the
     # level, and a falling loss is followed closely while the run is young) up to step_ema_steps. k records
     # at once weigh as k single updates would.
     window = min(float(config.step_ema_steps), max(1.0, (state.count + k) / EARLY_WINDOW_FRACTION))
     weight = 1.0 if state.count == 0 else 1.0 - (1.0 - 1.0 / window) ** k
     fast_weight = 1.0 if state.count == 0 else 1.0 - (1.0 - 1.0 / min(window, FAST_STEPS)) ** k
-    loss_center = _ewma(state.loss_center, x, weight)
-    loss_fast = _ewma(state.loss_fast, x, fast_weight)
+    mean = float(x.mean())
+    loss_center = state.loss_center + weight * (mean - state.loss_center)
+    loss_fast = state.loss_fast + fast_weight * (mean - state.loss_fast)
     loss_scale, last_kept = _scale(state.loss_scale, state.last_kept, x, weight, state.count)
     grad_center, grad_scale, grad_last = state.grad_center, state.grad_scale, state.grad_last_kept
     if f.log_grad is not None:
         g = f.log_grad[:end][keep]
-        grad_center = _ewma(grad_center, g, weight)
+        grad_center = grad_center + weight * (float(g.mean()) - grad_center)
         grad_scale, grad_last = _scale(grad_scale, grad_last, g, weight, state.count)
     relax = math.log(config.step_rise_ratio) * k / (FLOOR_RELAX_EMAS * config.step_ema_steps)
     # The lowest level reached: the slow centre's, or the fast centre's once the stream is warm (it shows the
@@ -589,8 +591,7 @@ def _updated(
     floor = lowest if young else min(lowest, state.loss_floor + relax)
     if rebase:
         loss_center, loss_fast, floor = float(x[-1]), float(x[-1]), float(x[-1])
-    return replace(
-        new,
+    values.update(
         count=state.count + k,
         loss_center=loss_center,
         loss_fast=loss_fast,
@@ -601,6 +602,7 @@ def _updated(
         grad_scale=grad_scale,
         grad_last_kept=grad_last,
     )
+    return StepState(**values)
 
 
 def _scale(

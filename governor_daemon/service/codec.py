@@ -7,7 +7,6 @@ message into an AttachResponse. Both the gRPC servicers and the simulation use t
 from __future__ import annotations
 
 import hashlib
-import math
 from typing import Any
 
 from governor_daemon.core import effects as fx
@@ -19,6 +18,7 @@ from governor_daemon.journal.entry import Committed
 from governor_daemon.policy import Command, CommandKind, PolicyConfig, RunState, Verdict
 from governor_daemon.policy.config import FIELD_NAMES
 from governor_daemon.policy.decisions import float_to_json
+from governor_daemon.policy.detectors import mean_and_pstdev
 from governor_daemon.service import validation as check
 from tolaria.governor.v1 import common_pb2, control_service_pb2, trainer_service_pb2
 
@@ -249,6 +249,7 @@ def encode_message(message: fx.Message) -> trainer_service_pb2.AttachResponse:
         if message.random_guess_loss is not None:
             welcome.random_guess_loss = message.random_guess_loss
         welcome.train_verification_steps = message.train_verification_steps
+        welcome.run_life = message.run_life
         return trainer_service_pb2.AttachResponse(welcome=welcome)
     if isinstance(message, fx.Resync):
         return trainer_service_pb2.AttachResponse(
@@ -287,9 +288,7 @@ def run_status_to_proto(run: Run, now_s: float, monotonic_s: float) -> control_s
         last_cursor=run.last_cursor,
     )
     if history:
-        mean = math.fsum(history) / len(history)
-        status.history_mean = mean
-        status.history_std = math.sqrt(math.fsum((x - mean) ** 2 for x in history) / len(history))
+        status.history_mean, status.history_std = mean_and_pstdev(history)
     rgl = policy.random_guess_loss()
     if rgl is not None:
         status.random_guess_loss = rgl

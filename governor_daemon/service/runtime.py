@@ -27,6 +27,7 @@ from governor_daemon.core.effects import Append, EndStream
 from governor_daemon.core.kinds import EntryKind
 from governor_daemon.errors import UnavailableError
 from governor_daemon.journal import Committed, Journal, Recovery
+from governor_daemon.journal.entry import Entry
 from governor_daemon.journal.group_commit import GroupCommitter
 from governor_daemon.journal.segments import DEFAULT_SEGMENT_BYTES
 from governor_daemon.metrics import Metrics
@@ -139,8 +140,9 @@ class Governor:
         if stream is not None and stream not in self.streams and not isinstance(event, ev.Detach):
             return self.committer.journal.last_seq  # a closed stream's late message: moot
         self.committer.rotate_if_due()  # a checkpoint is taken between events, never inside one
-        effects = self.core.handle(event)
-        after = self._apply(effects)
+        with self.core.transaction(event) as effects:  # an entry the journal refuses undoes the event
+            entries = self._append(effects)
+        after = self._publish(effects, entries)
         if isinstance(event, ev.Validation) and any(a.kind == EntryKind.DECISION for a in effects.entries):
             self.metrics.decision_latency.observe(max(0.0, self.clock.monotonic() - event.now))
         return after
@@ -150,8 +152,9 @@ class Governor:
         if self.failure is not None:
             raise UnavailableError(f"journal write failed: {self.failure}; the daemon is stopping")
         self.committer.rotate_if_due()
-        effects = self.core.handle(event)
-        after = self._apply(effects)
+        with self.core.transaction(event) as effects:
+            entries = self._append(effects)
+        after = self._publish(effects, entries)
         try:
             await self.committer.wait_durable(after)
         except RuntimeError as exc:
@@ -165,14 +168,19 @@ class Governor:
         except RuntimeError as exc:
             raise UnavailableError(str(exc)) from None
 
-    def _apply(self, effects: Effects) -> int:
+    def _append(self, effects: Effects) -> list[Entry]:
+        """Append the event's entries (all or none: the journal encodes every one first)."""
+        if not effects.entries:
+            return []
+        return self.committer.append_event([(a.run, a.kind, a.payload) for a in effects.entries])
+
+    def _publish(self, effects: Effects, entries: list[Entry]) -> int:
+        """After the append: cursors, metrics, the commit a message waits for, and the messages held for it."""
         committer = self.committer
-        if effects.entries:
-            items = [(a.run, a.kind, a.payload) for a in effects.entries]
-            for append, entry in zip(effects.entries, committer.append_event(items), strict=True):
-                if append.run:
-                    self.core.note_appended(append.run, entry.seq)
-                _count(self.metrics, append)
+        for append, entry in zip(effects.entries, entries, strict=True):
+            if append.run:
+                self.core.note_appended(append.run, entry.seq)
+            _count(self.metrics, append)
         if effects.sync:
             committer.commit_now()
         after = committer.journal.last_seq

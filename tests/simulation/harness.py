@@ -28,6 +28,7 @@ from governor_daemon.core.kinds import EntryKind
 from governor_daemon.errors import GovernorError
 from governor_daemon.journal.entry import canonical_json
 from governor_daemon.policy import CommandKind, PolicyConfig, RunState
+from governor_daemon.policy.detectors import blown_up
 from governor_daemon.policy.steps import StepState
 from governor_daemon.service import codec
 from governor_daemon.service.status_codes import status_for
@@ -41,6 +42,8 @@ AGREE_EVERY = 6
 STEPS_PER_RUN = 72
 COMMAND_TIMEOUT_S = 30.0
 RANK_DEADLINE_S = 5.0
+EXTREMES = (1.7e308, -1.7e308, 5e-324, 1e15, 1.0000001e15, -0.0, 1e-300)
+"""Finite losses at the edges of a float (one beyond the blow-up ceiling of 1e15 is a blow-up, a PANIC)."""
 SKIP_MARGIN = 3
 """escalation_skip_margin: a recurring fault's data window is skipped through its alarm + this."""
 
@@ -62,6 +65,8 @@ KINDS = (
     ("wall_jump", 1),
     ("malformed", 1),
     ("forget", 1),
+    ("controller", 2),
+    ("extreme", 1),
 )
 
 
@@ -140,6 +145,8 @@ class SimRun:
     world_size: int
     nan_steps: set[int]
     bad_positions: set[int] = field(default_factory=set)  # a bad batch: NaN whenever its position is trained
+    extreme: float | None = None  # the next train loss rank 0 reports: an extreme finite value
+    extreme_validation: float | None = None  # and the next validation loss
     ranks: list[SimRank] = field(default_factory=list)
     done_commands: int = 0
     faults_fired: int = 0
@@ -192,11 +199,17 @@ class World:
 
     def _daemon_start(self) -> None:
         self.started_at = self.now
-        self._apply(self.core.handle(ev.Start(self.now, len(self.core.registry.runs), self.durable)))
+        self._handle(ev.Start(self.now, len(self.core.registry.runs), self.durable))
 
-    def _apply(self, effects: Effects) -> None:
-        for append in effects.entries:
-            payload = json.loads(canonical_json(append.payload))  # what the journal keeps (raises for NaN)
+    def _handle(self, event: ev.Event) -> None:
+        """As the runtime does: the event and the append of its entries in one transaction (an entry the
+        journal cannot encode undoes the event), then what follows the append."""
+        with self.core.transaction(event) as effects:
+            payloads = [json.loads(canonical_json(a.payload)) for a in effects.entries]  # raises for NaN
+        self._apply(effects, payloads)
+
+    def _apply(self, effects: Effects, payloads: list[dict[str, Any]]) -> None:
+        for append, payload in zip(effects.entries, payloads, strict=True):
             entry = SimEntry(len(self.entries) + 1, append.run, append.kind, payload)
             self.entries.append(entry)
             if append.run:
@@ -353,7 +366,7 @@ class World:
                     event = ev.Vitals.joined([event], shed=True)  # an ingest worker that fell behind sheds it
             before = self.core.checkpoint()
             try:
-                self._apply(self.core.handle(event))
+                self._handle(event)
             except GovernorError:
                 require(self.core.checkpoint() == before, f"a refused {type(event).__name__} changed the state")
                 raise
@@ -397,7 +410,7 @@ class World:
             if code not in (None, "UNAVAILABLE", "CANCELLED") and not rank.malformed:
                 raise Violation(f"{rank.proto.hello.incarnation_id} refused: {code} {details} ({outcome.kind})")
         if notify_daemon:
-            self._apply(self.core.handle(ev.Detach(conn.id, self.now)))
+            self._handle(ev.Detach(conn.id, self.now))
 
     def connect(self, rank: SimRank) -> None:
         """Open a stream for ``rank`` if it has none and may retry now."""
@@ -466,6 +479,9 @@ class World:
             if rank.position in run.bad_positions and rank.rank == 0:
                 run.faults_fired += 1  # a bad batch strikes whenever its position is trained
                 loss = float("nan")
+            if run.extreme is not None and rank.rank == 0:
+                loss, run.extreme = run.extreme, None  # an extreme finite value: never an error
+                run.faults_fired += blown_up(loss)
             rank.buffer.append((rank.step, loss))
             if len(rank.buffer) >= BATCH:
                 self._flush(rank)
@@ -473,8 +489,12 @@ class World:
         if step % VALIDATE_EVERY == 0:
             for rank in live:
                 self._flush(rank, pin=True)
+                loss = 2.0 / rank.step
+                if run.extreme_validation is not None and rank.rank == 0:
+                    loss, run.extreme_validation = run.extreme_validation, None
+                    run.faults_fired += blown_up(loss)
                 record = trainer_service_pb2.ValidationRecord(
-                    timeline=rank.timeline, step=rank.step, epoch=rank.step // VALIDATE_EVERY, loss=2.0 / rank.step
+                    timeline=rank.timeline, step=rank.step, epoch=rank.step // VALIDATE_EVERY, loss=loss
                 )
                 seq = rank.proto.send_validation(record)
                 if rank.pending is not None:
@@ -563,7 +583,7 @@ class World:
             self.commit()
         elif kind == "tick":
             self.now += (param % 100) / 100.0
-            self._apply(self.core.handle(ev.Tick(self.now)))
+            self._handle(ev.Tick(self.now))
         elif kind == "advance":
             self.now += 1 + param % 40
         elif kind == "connect" and ranks:
@@ -580,12 +600,32 @@ class World:
             self._malformed(conns[target % len(conns)], param)
         elif kind == "forget":
             self._forget(self.runs[target % len(self.runs)])
+        elif kind == "controller":
+            self._controller(self.runs[target % len(self.runs)], param)
+        elif kind == "extreme":
+            run = self.runs[target % len(self.runs)]
+            run.extreme = run.extreme_validation = EXTREMES[param % len(EXTREMES)]
+
+    def _controller(self, run: SimRun, param: int) -> None:
+        """A controller's RequestRollback, Halt, Resume or UpdatePolicy; a refused one changes nothing."""
+        calls: list[ev.Event] = [
+            ev.RequestRollback(run.run_id, "sim", "op", self.now),
+            ev.Halt(run.run_id, "sim", "op", self.now),
+            ev.Resume(run.run_id, "sim", "op", self.now),
+            ev.UpdatePolicy(run.run_id, {"death_penalty": float(param % 7)}, "op", self.now),
+            ev.UpdatePolicy(run.run_id, {"death_penalty": 1e308}, "op", self.now),  # refused: beyond its bound
+        ]
+        before = self.core.checkpoint()
+        try:
+            self._handle(calls[param % len(calls)])
+        except GovernorError:
+            require(self.core.checkpoint() == before, "a refused controller call changed the state")
 
     def _forget(self, run: SimRun) -> None:
         """A controller forgets a run; refused while a trainer is attached (then nothing may change)."""
         before = self.core.checkpoint()
         try:
-            self._apply(self.core.handle(ev.ForgetRun(run.run_id, "sim", "op", self.now)))
+            self._handle(ev.ForgetRun(run.run_id, "sim", "op", self.now))
         except GovernorError:
             require(self.core.checkpoint() == before, "a refused ForgetRun changed the state")
 
@@ -646,7 +686,7 @@ class World:
                 elif any(r.halted for r in run.ranks):
                     self.agreement_point(run)
             self.now += 0.5
-            self._apply(self.core.handle(ev.Tick(self.now)))
+            self._handle(ev.Tick(self.now))
             if not progressed and all(not c.to_daemon and not c.to_trainer for c in self.conns.values()):
                 break
 

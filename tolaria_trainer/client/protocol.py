@@ -106,6 +106,7 @@ class TrainerProtocol:
         self.num_shed_records = 0  # acknowledged without being judged: the daemon was behind
         self.num_welcomes = 0
         self.num_history_losses = 0
+        self._run_life = 0  # the run's life the last Welcome named (0: none yet, or an older daemon)
         self._max_acked = 0
         self._refused: GovernorRefused | None = None
         self._welcomed = False  # the current stream got its Welcome
@@ -219,10 +220,12 @@ class TrainerProtocol:
         self._welcomed = True
         self._disconnected_since = None
         self._last_transmit_at = now
-        if welcome.last_durable_seq < self._max_acked:
-            # The daemon no longer holds what it acknowledged to this incarnation: the run was forgotten
-            # (or its journal lost) and is new. Its commands are numbered from 1 again, and the ones held
-            # from the run's previous life are void.
+        another_life = bool(self._run_life and welcome.run_life and welcome.run_life != self._run_life)
+        self._run_life = welcome.run_life or self._run_life
+        if welcome.last_durable_seq < self._max_acked or another_life:
+            # The daemon no longer holds what it acknowledged to this incarnation, or names another life of
+            # the run: the run was forgotten (or its journal lost) and is new. Its commands are numbered from
+            # 1 again, and the ones held from the run's previous life are void (found by the simulation).
             self.num_history_losses += 1
             self._highest_command_taken = 0
             self._commands.clear()

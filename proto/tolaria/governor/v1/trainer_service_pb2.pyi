@@ -555,6 +555,7 @@ class Welcome(_message.Message):
     RANDOM_GUESS_LOSS_FIELD_NUMBER: _builtins.int
     IGNORED_POLICY_FIELDS_FIELD_NUMBER: _builtins.int
     TRAIN_VERIFICATION_STEPS_FIELD_NUMBER: _builtins.int
+    RUN_LIFE_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
     """Attachment count of this (run, rank); commands carry it."""
     last_durable_seq: _builtins.int
@@ -569,6 +570,11 @@ class Welcome(_message.Message):
     that names it: a snapshot of step S is vouched for (no alarm with an onset at or before S can still
     come) once the records up to S + this are acknowledged with no command. 0 when only non-finite
     records are judged (the seed profile). Added, additive: unset from older daemons.
+    """
+    run_life: _builtins.int
+    """Which life of its run id the run is: a run the daemon forgot (or evicted, or expired) and created
+    again has another. A trainer that held commands of an earlier life voids them: executing one would
+    move it to a timeline the new run never reached. Added, additive: 0 from older daemons.
     """
     @_builtins.property
     def effective_policy(self) -> _common_pb2.Policy:
@@ -589,10 +595,11 @@ class Welcome(_message.Message):
         random_guess_loss: _builtins.float | None = ...,
         ignored_policy_fields: _abc.Iterable[_builtins.str] | None = ...,
         train_verification_steps: _builtins.int | None = ...,
+        run_life: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss", "_train_verification_steps", b"_train_verification_steps", "effective_policy", b"effective_policy", "random_guess_loss", b"random_guess_loss", "train_verification_steps", b"train_verification_steps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss", "_train_verification_steps", b"_train_verification_steps", "effective_policy", b"effective_policy", "generation", b"generation", "ignored_policy_fields", b"ignored_policy_fields", "last_durable_seq", b"last_durable_seq", "random_guess_loss", b"random_guess_loss", "run_state", b"run_state", "timeline", b"timeline", "train_verification_steps", b"train_verification_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss", "_train_verification_steps", b"_train_verification_steps", "effective_policy", b"effective_policy", "generation", b"generation", "ignored_policy_fields", b"ignored_policy_fields", "last_durable_seq", b"last_durable_seq", "random_guess_loss", b"random_guess_loss", "run_life", b"run_life", "run_state", b"run_state", "timeline", b"timeline", "train_verification_steps", b"train_verification_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__random_guess_loss: _TypeAlias = _typing.Literal["random_guess_loss"]  # noqa: Y015
     _WhichOneofArgType__random_guess_loss: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss"]  # noqa: Y015
