@@ -176,3 +176,45 @@ def test_a_rank_that_never_attached_is_not_stalled_after_a_restart() -> None:
     fx = restarted.handle(ev.Tick(100.0))
     stalled = [e.payload["rank"] for e in fx.entries if e.kind == EntryKind.STALL]
     assert stalled == [0], "only the rank that was attached can stall"
+
+
+def test_huge_finite_losses_are_blow_ups_and_never_break_the_statistics() -> None:
+    """Red-team finding (high): twelve validations of 1.7e308 overflowed math.fsum; every later validation of the
+    run ended its stream INTERNAL, ListRuns and GetPanicState failed for every caller (after a restart too),
+    and the seq was accepted before the decision raised, so a record was lost. A loss beyond the blow-up
+    ceiling is now a PANIC, like a non-finite one, and never enters the history."""
+    from governor_daemon.service import codec
+
+    h = Harness()
+    h.attach(1)
+    step = h.warm(1)
+    for i in range(12):
+        step += 10
+        fx = h.handle(ev.Validation(1, h.seq(1), h.run().policy.timeline, step, i, 1.7e308, None, {}, h.now))
+        (decision,) = [a.payload["decision"] for a in fx.entries if a.kind == EntryKind.DECISION]
+        assert decision["rule"] == "non_finite"
+        assert "beyond the ceiling" in decision["reason"]
+        for command in commands(fx):
+            h.result(1, command)
+    assert max(h.run().policy.detector.history) < 10
+    status = codec.run_status_to_proto(h.run(), 0.0, h.now)
+    assert math.isfinite(status.history_mean)
+    assert h.rebuilt() == h.core.checkpoint()
+
+
+def test_a_death_penalty_beyond_its_bound_is_refused_from_update_policy_and_hello() -> None:
+    """Red-team finding (medium): death_penalty=1e308 was accepted; the second punished command made the total
+    -inf, the journal refused the entry after the state changed, and every later batch ended its stream."""
+    import pytest
+
+    from governor_daemon.errors import InvalidInputError
+
+    h = Harness()
+    h.attach(1)
+    before = h.core.checkpoint()
+    with pytest.raises(InvalidInputError, match=r"death_penalty must be <= 1e\+06, got 1e\+308"):
+        h.handle(ev.UpdatePolicy("r", {"death_penalty": 1e308}, "op", h.now))
+    assert h.core.checkpoint() == before
+    with pytest.raises(InvalidInputError, match="death_penalty must be <= 1e"):
+        h.handle(ev.Attach(9, "r2", 0, 1, "i9", "t", {"death_penalty": 1e308}, None, 10, "", "p", "c", h.now))
+    assert h.core.checkpoint() == before
