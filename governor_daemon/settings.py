@@ -62,7 +62,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("segment_bytes", int, 64 * 1024 * 1024, "journal segment size in bytes"),
     Setting("group_commit_ms", float, 2.0, "group commit window for ordinary journal entries (ms)"),
     Setting("vitals_share", float, 0.35, "largest share of the event loop that judging train-step records takes"),
-    Setting("shed_after_ms", float, 500.0, "a train-step batch waiting longer than this is shed, not judged (ms)"),
+    Setting(
+        "shed_after_ms",
+        float,
+        500.0,
+        "a train-step batch waiting longer than this is shed: non-finite check only, no statistical detectors (ms)",
+    ),
     Setting("max_active_runs", int, 1024, "runs not FINISHED that may exist at once"),
     Setting("retain_finished_runs", int, 256, "FINISHED runs kept in memory for queries"),
     Setting("max_active_runs_per_principal", int, 256, "runs not FINISHED that one identity may own at once"),

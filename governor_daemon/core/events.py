@@ -55,8 +55,8 @@ class Vitals:
     num_dropped: int
     now: float
     shed: bool = False
-    """The daemon was behind and acknowledges these records without judging them (service/ingest.py);
-    docs/protocol.md, "Shedding"."""
+    """The daemon was behind: these records get the non-finite check only, not the statistical detectors
+    (service/ingest.py; docs/protocol.md, "Shedding")."""
     lrs: Sequence[float] | npt.NDArray[np.float64] = ()
     """The learning rate of each record (empty: the trainer sent none)."""
     pins: tuple[int, ...] = ()
@@ -81,17 +81,14 @@ class Vitals:
     @staticmethod
     def joined(batches: Sequence[Vitals], shed: bool = False) -> Vitals:
         """One event for consecutive batches (each ``follows`` the one before): judged and journaled as
-        one, so a daemon that falls behind does less work per record; ``shed``: acknowledged unjudged."""
+        one, so a daemon that falls behind does less work per record; ``shed``: the statistical detectors
+        skip them."""
         first = batches[0]
         if len(batches) == 1 and shed == first.shed:
             return first
-        if shed:  # only the seqs, steps and pins matter
-            empty = np.empty(0, dtype=np.float64)
-            losses, grads, lrs = empty, empty, empty
-        else:
-            losses = np.concatenate([np.asarray(b.losses, dtype=np.float64) for b in batches])
-            grads = np.concatenate([np.asarray(b.grads, dtype=np.float64) for b in batches])
-            lrs = np.concatenate([np.asarray(b.lrs, dtype=np.float64) for b in batches])
+        losses = np.concatenate([np.asarray(b.losses, dtype=np.float64) for b in batches])
+        grads = np.concatenate([np.asarray(b.grads, dtype=np.float64) for b in batches])
+        lrs = np.concatenate([np.asarray(b.lrs, dtype=np.float64) for b in batches])
         return Vitals(
             first.stream,
             first.first_seq,

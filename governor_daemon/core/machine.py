@@ -49,7 +49,6 @@ from governor_daemon.policy import (
     AddOutcome,
     Command,
     CommandKind,
-    Decision,
     Notice,
     PolicyConfig,
     RunState,
@@ -58,7 +57,7 @@ from governor_daemon.policy import (
     Verdict,
 )
 from governor_daemon.policy.decisions import float_to_json
-from governor_daemon.policy.steps import StepState, pinned_states_to_json, verification_steps
+from governor_daemon.policy.steps import pinned_states_to_json, verification_steps
 
 MAX_SEQ_JUMP = 1 << 32
 """The furthest a message's seq may lie beyond the rank's last accepted seq (gaps stay countable)."""
@@ -442,27 +441,26 @@ class GovernorCore:
             "max_step": max_step,
             "timeline": e.timeline,
         }
-        decision: Decision | None = None
-        step_state: StepState | None = None
-        if e.shed:  # acknowledged unjudged: the detectors never see these records (docs/protocol.md, "Shedding")
+        loss_array = np.asarray(e.losses[skip:] if skip else e.losses, dtype=np.float64)
+        grad_array = np.asarray(e.grads[skip:] if skip else e.grads, dtype=np.float64) if len(e.grads) else None
+        lr_array = np.asarray(e.lrs[skip:] if skip else e.lrs, dtype=np.float64) if len(e.lrs) else None
+        # A shed batch gets the non-finite check only (docs/protocol.md, "Shedding")
+        decision, step_state = run.policy.judge_train_batch(
+            e.timeline,
+            binding.rank,
+            np.asarray(steps, dtype=np.int64),
+            loss_array,
+            grad_array,
+            e.now,
+            lrs=lr_array,
+            pins=e.pins,
+            shed=e.shed,
+        )
+        if e.shed:
             rank.num_shed += num
             payload["num_shed"] = num
-            run.policy.keep_candidates(binding.rank, e.timeline, e.pins)
         else:
             rank.num_records += num
-            loss_array = np.asarray(e.losses[skip:] if skip else e.losses, dtype=np.float64)
-            grad_array = np.asarray(e.grads[skip:] if skip else e.grads, dtype=np.float64) if len(e.grads) else None
-            lr_array = np.asarray(e.lrs[skip:] if skip else e.lrs, dtype=np.float64) if len(e.lrs) else None
-            decision, step_state = run.policy.judge_train_batch(
-                e.timeline,
-                binding.rank,
-                np.asarray(steps, dtype=np.int64),
-                loss_array,
-                grad_array,
-                e.now,
-                lrs=lr_array,
-                pins=e.pins,
-            )
             payload["train"] = train_summary(steps, loss_array, grad_array)
         effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
         if step_state is not None:

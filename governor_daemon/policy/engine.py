@@ -271,11 +271,13 @@ class RunPolicy:
         grad_norm: float | None,
         now_s: float,
         epoch: int | None = None,
+        shed: bool = False,
     ) -> Decision:
         """Judge one train-step record: a non-finite loss or grad norm is a PANIC at once.
 
-        Train records never enter the validation history. Raises PolicyStateError like
-        ``judge_validation`` for a stale or future timeline.
+        Train records never enter the validation history. ``shed``: the record came in a shed batch,
+        which the reason says. Raises PolicyStateError like ``judge_validation`` for a stale or future
+        timeline.
         """
         self._check_timeline(timeline)
         values = [("loss", loss)] + ([("grad_norm", grad_norm)] if grad_norm is not None else [])
@@ -300,6 +302,8 @@ class RunPolicy:
         name, value = bad[0]
         beyond = "" if not math.isfinite(value) else f" (beyond the ceiling {BLOW_UP_CEILING:g}: a blow-up)"
         reason = f"non-finite train {name} {value}{beyond} at step {step} (rank {rank})"
+        if shed:
+            reason += "; in a shed batch: the daemon was behind, so only the statistical detectors skipped it"
         return self._train_panic(Rule.TRAIN_NON_FINITE, reason, timeline, step, epoch, rank, loss, now_s, step)
 
     def judge_train_batch(
@@ -313,10 +317,13 @@ class RunPolicy:
         epoch: int | None = None,
         lrs: npt.NDArray[np.float64] | None = None,
         pins: Sequence[int] = (),
+        shed: bool = False,
     ) -> tuple[Decision | None, StepState | None]:
         """Judge a batch of one rank's train-step records, in step order: the first non-finite one is a
         PANIC at once (every profile); under the default profile the train-stream detectors
-        (``policy/steps.py``) then judge the finite ones. Returns the decision (None: nothing to say)
+        (``policy/steps.py``) then judge the finite ones. A ``shed`` batch (the daemon was behind,
+        docs/protocol.md "Shedding") gets the non-finite check only, which is vectorised and cheap: its
+        pins keep the detector state as it stands. Returns the decision (None: nothing to say)
         and the rank's new detector state (None: unchanged, which it stays while a command is open or
         the run is halted: records produced under an open command say nothing about the healthy run).
         ``pins`` are steps a trainer may stage a snapshot at: the state as of each is kept (``pin``).
@@ -326,7 +333,13 @@ class RunPolicy:
         if not finite.all():
             bad = int(np.argmin(finite))
             grad = None if grads is None else float(grads[bad])
-            return self.judge_train_step(timeline, int(steps[bad]), rank, float(losses[bad]), grad, now_s, epoch), None
+            decision = self.judge_train_step(
+                timeline, int(steps[bad]), rank, float(losses[bad]), grad, now_s, epoch, shed
+            )
+            return decision, None
+        if shed:
+            self.keep_candidates(rank, timeline, pins)
+            return None, None
         if self.config.profile != "default" or self._blocked_reason() is not None:
             return None, None
         state = self.step_states.get(rank, StepState(timeline=timeline))

@@ -1,22 +1,30 @@
 """Train-step vitals are handled by one worker task with a share of the event loop, so verdicts never
-wait behind them.
+wait behind them, and in turns, so no principal's flood delays another's.
 
 Every Attach stream has a reader task. Were each reader to hand its own VitalsBatch to the core (a few
 hundred microseconds of Python), a validation record would wait in the event loop's FIFO ready queue
 behind one batch from every other busy stream, and its verdict would leave late. So readers only queue
-their decoded batches here, and one worker hands the queued batches of all streams to the core in
-arrival order, within a budget: a token bucket that fills at ``share`` seconds per second, up to
-``slice_s``, and that every hand-over (the worker's, and a reader's ``drain``) empties by the time it
-took. When it is empty the worker rests until it refills, so train-step records never take more than
-``share`` of the event loop, which keeps the rest for validation records, command results,
-controller calls and gRPC itself. An idle daemon never rests: the bucket is full.
+their decoded batches here, and one worker hands the queued batches to the core within a budget: a
+token bucket that fills at ``share`` seconds per second, up to ``slice_s``, and that every hand-over
+(the worker's, and a reader's ``drain``) empties by the time it took. When it is empty the worker rests
+until it refills, so train-step records never take more than ``share`` of the event loop, which keeps
+the rest for validation records, command results, controller calls and gRPC itself. An idle daemon never
+rests: the bucket is full.
+
+**Turns.** The worker serves principals (the authenticated identity; every unauthenticated trainer is
+one) in round robin, within a principal its runs in round robin, and within a run its streams: one
+hand-over per turn. A batch therefore waits for at most one hand-over of every other principal with
+batches queued, however many runs or streams they flood with, and a quiet tenant's batch is judged
+while a flooding one's wait and are shed.
 
 **Shedding.** When records arrive faster than the worker's share judges them, batches wait. A batch
-that waited longer than ``shed_after_s`` is shed: handed to the core as ``shed``, which acknowledges
-its records without judging them, journals how many, and tells the trainer in the Ack's ``num_shed``
-(docs/protocol.md, "Shedding"). A shed batch costs the core a journal entry, not a judgement, so the
-worker catches up, and the verdict a trainer waits for never queues behind records already too late
-to matter. Validation records are never shed.
+that waited longer than ``shed_after_s`` is shed: handed to the core as ``shed``, which gives its records
+the non-finite check only (a NaN in it is still a PANIC), journals how many, and tells the trainer in the
+Ack's ``num_shed`` (docs/protocol.md, "Shedding"). A shed hand-over takes every overdue batch the stream
+has queued, and a stream is shed at most once every ``shed_every_s``: in between, its overdue batches are
+judged like the others. So shedding journals at most one entry per stream per ``shed_every_s``, and the
+judged hand-overs are bounded by the worker's share; a stream is never left shedding everything while
+the worker has time to judge. Validation records are never shed.
 
 Per-stream order is kept: before a reader hands the core any other message of its stream (a
 validation record, a snapshot, a command result, a finish, or the end of the stream) it hands over
@@ -33,7 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 import structlog
 
@@ -48,6 +56,7 @@ DEFAULT_SLICE_S = 0.001
 DEFAULT_MAX_PENDING = 8
 DEFAULT_SHARE = 0.35
 DEFAULT_SHED_AFTER_S = 0.5
+DEFAULT_SHED_EVERY_S = 1.0
 JOIN_RECORDS = 2048
 """When a stream has several batches queued (the daemon is behind), the worker hands up to this many
 consecutive records to the core as one event: less work per record, and one event still short next to
@@ -64,20 +73,23 @@ class VitalsIngest:
         max_pending: int = DEFAULT_MAX_PENDING,
         share: float = DEFAULT_SHARE,
         shed_after_s: float = DEFAULT_SHED_AFTER_S,
+        shed_every_s: float = DEFAULT_SHED_EVERY_S,
     ) -> None:
-        if slice_s <= 0 or max_pending < 1 or not 0 < share <= 1 or shed_after_s <= 0:
+        if slice_s <= 0 or max_pending < 1 or not 0 < share <= 1 or shed_after_s <= 0 or shed_every_s < 0:
             raise ValueError(
-                "slice_s and shed_after_s must be > 0, max_pending >= 1 and share in (0, 1], "
-                f"got {slice_s}, {shed_after_s}, {max_pending} and {share}"
+                "slice_s and shed_after_s must be > 0, shed_every_s >= 0, max_pending >= 1 and share in (0, 1], "
+                f"got {slice_s}, {shed_after_s}, {shed_every_s}, {max_pending} and {share}"
             )
         self.governor = governor
         self.slice_s = slice_s
         self.max_pending = max_pending
         self.share = share
         self.shed_after_s = shed_after_s
+        self.shed_every_s = shed_every_s
         self._budget = slice_s  # seconds of work the worker may do now (the token bucket)
         self._refilled = time.perf_counter()
-        self._arrivals: deque[StreamHandle] = deque()  # one entry per queued batch, in arrival order
+        # The turns: principal -> run -> streams with batches queued, each level in round-robin order.
+        self._turns: OrderedDict[str, OrderedDict[str, deque[StreamHandle]]] = OrderedDict()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -102,7 +114,9 @@ class VitalsIngest:
             stream.room.clear()
             await stream.room.wait()
         stream.pending.append(batch)
-        self._arrivals.append(stream)
+        if not stream.scheduled:
+            stream.scheduled = True
+            self._take_turn(stream)
         self._wake.set()
 
     def drain(self, stream: StreamHandle) -> bool:
@@ -113,20 +127,50 @@ class VitalsIngest:
         stream.room.set()
         return not stream.closed
 
+    def _take_turn(self, stream: StreamHandle) -> None:
+        """Queue ``stream`` behind the other streams of its run (its run and principal joining the rounds
+        last when they had nothing queued)."""
+        runs = self._turns.setdefault(stream.principal, OrderedDict())
+        runs.setdefault(stream.run_id, deque()).append(stream)
+
+    def _next_turn(self) -> StreamHandle | None:
+        """The stream whose turn it is: the first principal's first run's first stream. The principal and the
+        run go to the back of their rounds; the stream leaves the turns (``_work`` queues it again while it
+        has batches left)."""
+        while self._turns:
+            principal, runs = next(iter(self._turns.items()))
+            run_id, streams = next(iter(runs.items()))
+            stream = streams.popleft()
+            if streams:
+                runs.move_to_end(run_id)
+            else:
+                del runs[run_id]
+            if runs:
+                self._turns.move_to_end(principal)
+            else:
+                del self._turns[principal]
+            if stream.pending and not stream.closed:
+                return stream
+            stream.scheduled = False  # drained by its reader meanwhile, or gone
+        return None
+
     def _hand_over(self, stream: StreamHandle) -> None:
-        """Hand the core the stream's oldest queued batch, joined with the consecutive ones queued behind
-        it that share its fate: judged, or shed when it waited longer than shed_after_s."""
+        """Hand the core the stream's oldest queued batch, joined with the consecutive ones queued behind it:
+        shed when it waited longer than shed_after_s and the stream was not shed in the last shed_every_s
+        (every overdue one joined), else judged (up to JOIN_RECORDS)."""
         pending, now = stream.pending, self.governor.now()
 
         def overdue(batch: ev.Vitals) -> bool:
             return now - batch.now > self.shed_after_s
 
-        first = pending.popleft()
-        shed = overdue(first)
-        batches, records = [first], len(first.steps)
-        while pending and pending[0].follows(batches[-1]) and overdue(pending[0]) == shed and records < JOIN_RECORDS:
+        shed = overdue(pending[0]) and now - stream.shed_at >= self.shed_every_s
+        batches = [pending.popleft()]
+        records = len(batches[0].steps)
+        while pending and pending[0].follows(batches[-1]) and (overdue(pending[0]) if shed else records < JOIN_RECORDS):
             records += len(pending[0].steps)
             batches.append(pending.popleft())
+        if shed:
+            stream.shed_at = now
         started = time.perf_counter()
         try:
             self.governor.handle(ev.Vitals.joined(batches, shed))
@@ -149,11 +193,12 @@ class VitalsIngest:
             await self._wake.wait()
             self._wake.clear()
             ran_since = time.perf_counter()  # the last time the worker let the loop serve everyone else
-            while self._arrivals:
-                stream = self._arrivals.popleft()
-                if not stream.pending or stream.closed:  # drained already by its reader, or gone
-                    continue
+            while (stream := self._next_turn()) is not None:
                 self._hand_over(stream)
+                if stream.pending and not stream.closed:
+                    self._take_turn(stream)
+                else:
+                    stream.scheduled = False
                 if len(stream.pending) < self.max_pending:
                     stream.room.set()
                 if self._budget < 0:  # rest until the bucket is full again: a slice of work per rest

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import deque
 
 from governor_daemon.core import events as ev
@@ -25,6 +26,16 @@ class StreamHandle:
         self.pending: deque[ev.Vitals] = deque()
         self.room = asyncio.Event()
         self.room.set()
+        # Whose batches these are, for fair ingest (set once the Hello is accepted); whether the stream is
+        # in the ingest worker's turns; and when (governor clock) a batch of it was last shed.
+        self.principal = ""
+        self.run_id = ""
+        self.scheduled = False
+        self.shed_at = -math.inf
+
+    def bind(self, principal: str, run_id: str) -> None:
+        """The stream's Hello was accepted: its batches take turns with those of ``principal``'s other runs."""
+        self.principal, self.run_id = principal, run_id
 
     def deliver(self, message: Message) -> None:
         """Queue a core message for the trainer; an EndStream closes the stream after it."""

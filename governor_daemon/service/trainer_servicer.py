@@ -79,6 +79,7 @@ class TrainerServicer(trainer_service_pb2_grpc.TrainerServiceServicer):
             attach = codec.decode_hello(first.hello, stream.id, stream.peer, caller, governor.now(), limits, principal)
             caller_scope().check(attach.run_id)
             governor.handle(attach)
+            stream.bind(principal, attach.run_id)
             async for request in iterator:
                 if stream.closed:  # refused or ended while its vitals were queued
                     break

@@ -65,6 +65,7 @@ def stream(
     done: threading.Barrier,
     interval_s: float,
     shed: list[int],
+    metadata: tuple[tuple[str, str], ...] = (),
 ) -> None:
     call = channel.stream_stream(
         METHOD, request_serializer=None, response_deserializer=trainer_service_pb2.AttachResponse.FromString
@@ -82,7 +83,7 @@ def stream(
             yield message
 
     last = len(messages) * RECORDS
-    for response in call(requests()):
+    for response in call(requests(), metadata=metadata):
         kind = response.WhichOneof("message")
         if kind == "welcome":
             welcomed.set()

@@ -18,6 +18,7 @@ from tests.benchmarks import (
     bench_snapshot,
     bench_startup,
     bench_step_overhead,
+    bench_tenants,
     bench_training,
 )
 from tests.benchmarks.common import machine
@@ -216,7 +217,7 @@ def main() -> int:
     rows.append(
         (
             "daemon ingest, 64 runs x 1 rank, 256 records per batch, pre-serialized, separate process, as fast as "
-            "the server takes them; records judged per second (records shed, acknowledged unjudged because the "
+            "the server takes them; records judged per second (records shed, given the non-finite check only because the "
             f"daemon was behind: {d['records_shed'] / d['records']:.1%} of {d['records'] / 1e6:.2f} M)",
             f"{d['judged_records_per_s'] / 1e3:.0f}k vs echo {e['records_per_s'] / 1e3:.0f}k records/s",
             f"{ingest['ingest_ratio']:.3f}",
@@ -240,6 +241,32 @@ def main() -> int:
             f"{pe['rtt_p99_ms']:.1f} ms",
             f"{ingest['paced_rtt_p99_ratio']:.2f} (p99)",
             f"p99 <= 3 x echo: {verdict(ingest['paced_rtt_p99_ratio'] <= 3)}",
+        )
+    )
+    print("one tenant's flood beside another's fault ...", flush=True)
+    tenants = bench_tenants.run()
+    quiet, flooded = tenants["quiet"], tenants["flooded"]
+    rows.append(
+        (
+            f"tenant B's NaN batch to B's ROLLBACK (median / max of {tenants['trials']}) while tenant A floods "
+            f"{tenants['flood_runs']} runs (4 load processes beside the daemon; A judged "
+            f"{flooded['flood_judged_per_s'] / 1e3:.0f}k and shed {flooded['flood_shed_per_s'] / 1e3:.0f}k "
+            "records/s), against the same trials without the flood",
+            f"{1e3 * flooded['delay_median_s']:.1f} / {1e3 * flooded['delay_max_s']:.1f} ms vs "
+            f"{1e3 * quiet['delay_median_s']:.1f} / {1e3 * quiet['delay_max_s']:.1f} ms; ROLLBACKs "
+            f"{flooded['rollbacks']} and {quiet['rollbacks']} of {tenants['trials']}",
+            f"{tenants['delay_ratio']:.1f} (median)",
+            f"every NaN rolled back: {verdict(flooded['rollbacks'] == quiet['rollbacks'] == tenants['trials'])}",
+        )
+    )
+    rows.append(
+        (
+            "journal growth under that flood (all entries; the shed ones separately, at most one per stream "
+            "per second)",
+            f"{flooded['journal_bytes_per_s'] / 1e3:.0f} kB/s; shed {flooded['shed_entries_per_s']:.0f} entries, "
+            f"{flooded['shed_bytes_per_s'] / 1e3:.0f} kB/s",
+            f"{flooded['shed_entries_per_s'] / tenants['flood_runs']:.2f} shed entries per stream per s",
+            f"<= 1 per stream per s: {verdict(flooded['shed_entries_per_s'] <= tenants['flood_runs'] * 1.05)}",
         )
     )
     print("snapshot bandwidth ...", flush=True)

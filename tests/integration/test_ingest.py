@@ -131,6 +131,103 @@ def test_a_full_stream_waits_and_nothing_is_lost(tmp_path: Path) -> None:
     assert (records, last_seq) == (200, 200)
 
 
+def test_principals_and_runs_take_turns(tmp_path: Path) -> None:
+    """Hardening 2, defect 1: one FIFO served every stream, so a batch's fate depended on its age alone and
+    principal A's 32 flooding runs pushed principal B's batch past --shed-after-ms. The worker serves
+    principals in turn, then runs, then streams: B's batch, queued after A's 256, is the second hand-over
+    (each of A's streams hands over its 8 batches joined), not the 33rd."""
+
+    async def scenario() -> list[str]:
+        governor = Governor(GovernorOptions(tmp_path / "data"))
+        await governor.start()
+        ingest = VitalsIngest(governor)
+        ingest.start()
+        streams = []
+        for principal, run_id in [("a", f"a.{i}") for i in range(32)] + [("b", "b.0")]:
+            stream = governor.open_stream("test")
+            governor.handle(codec.decode_hello(hello(run_id), stream.id, "test", principal, governor.now(), Limits()))
+            stream.bind(principal, run_id)
+            streams.append(stream)
+        for stream in streams:
+            for b in range(1 if stream.principal == "b" else 8):
+                batch = trainer_service_pb2.VitalsBatch(
+                    first_seq=4 * b + 1, step=range(4 * b, 4 * b + 4), loss=[1.0] * 4
+                )
+                vitals = codec.decode_request(
+                    trainer_service_pb2.AttachRequest(vitals_batch=batch), stream.id, governor.now(), Limits()
+                )
+                assert isinstance(vitals, ev.Vitals)
+                await ingest.put(stream, vitals)  # never waits: no stream is full
+        while any(stream.pending for stream in streams):
+            await asyncio.sleep(0.01)
+        await governor.settled()
+        await ingest.stop()
+        await governor.close()
+        return [
+            item.entry.run
+            for path in list_segments(tmp_path / "data")
+            for item in read_segment(path)
+            if isinstance(item, LocatedEntry) and item.entry.kind == "vitals"
+        ]
+
+    order = asyncio.run(scenario())
+    assert order == ["a.0", "b.0"] + [f"a.{i}" for i in range(1, 32)], order
+
+
+class SetClock:
+    """A monotonic clock the test sets."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_stream_is_shed_at_most_once_per_shed_every_s(tmp_path: Path) -> None:
+    """Hardening 2, defect 1: every shed hand-over was a journal entry, so a flood grew the journal by about
+    0.5 MB/s. A stream's overdue batches are shed together, at most once every shed_every_s; in between,
+    overdue batches are judged (so shedding never starves a stream while the worker has time)."""
+
+    async def scenario() -> list[tuple[int, int]]:
+        clock = SetClock(10.0)
+        governor = Governor(GovernorOptions(tmp_path / "data"), clock)
+        await governor.start()
+        ingest = VitalsIngest(governor, shed_after_s=0.5, shed_every_s=1.0)
+        stream = governor.open_stream("test")
+        governor.handle(codec.decode_hello(hello("r"), stream.id, "test", "test", clock.now, Limits()))
+        ingest.start()
+
+        async def put(b: int, read_at: float) -> None:
+            batch = trainer_service_pb2.VitalsBatch(first_seq=4 * b + 1, step=range(4 * b, 4 * b + 4), loss=[1.0] * 4)
+            request = trainer_service_pb2.AttachRequest(vitals_batch=batch)
+            vitals = codec.decode_request(request, stream.id, read_at, Limits())
+            assert isinstance(vitals, ev.Vitals)
+            await ingest.put(stream, vitals)
+
+        async def handed_over() -> None:
+            while stream.pending:
+                await asyncio.sleep(0.005)
+
+        for when, batches in (
+            (10.0, [(0, 8.0), (1, 8.0)]),
+            (10.2, [(2, 9.0), (3, 9.0)]),
+            (11.0, [(4, 9.0), (5, 10.9)]),
+        ):
+            clock.now = when
+            for b, read_at in batches:
+                await put(b, read_at)
+            await handed_over()
+        await governor.settled()
+        await ingest.stop()
+        await governor.close()
+        entries = journal(tmp_path / "data", "r")
+        return [(p["num_records"], p.get("num_shed", 0)) for kind, p in entries if kind == "vitals"]
+
+    # shed at 10.0; at 10.2 overdue but shed 0.2 s ago: judged; at 11.0 shed again (only the overdue one)
+    assert asyncio.run(scenario()) == [(0, 8), (8, 0), (0, 4), (4, 0)]
+
+
 def flood_beside_a_validation(address: str, num_batches: int) -> AttachClient:
     """Run "busy" sends ``num_batches`` batches of 256 records while run "quiet" sends a validation record:
     the verdict arrives and every batch is acknowledged. Returns busy's (closed) client, with what it got."""
@@ -180,9 +277,9 @@ def test_a_command_leaves_before_the_verdict_of_a_later_message(tmp_path: Path) 
 
 
 def test_overdue_batches_are_shed_and_the_next_ones_judged(tmp_path: Path) -> None:
-    """Batches that waited in the queue longer than shed_after_s are acknowledged unjudged (a NaN among them
-    rolls nothing back), joined into one journaled count; a fresh batch behind them is judged, and the
-    stream's validation record still gets its verdict."""
+    """Batches that waited in the queue longer than shed_after_s skip the statistical detectors, joined into
+    one journaled count, but a NaN among them is still a ROLLBACK (hardening 2: it was acknowledged
+    unjudged); a fresh batch behind them is judged, and the stream's validation record gets its verdict."""
 
     async def scenario() -> tuple[list[trainer_service_pb2.AttachResponse], list[tuple[str, dict[str, object]]]]:
         governor = Governor(GovernorOptions(tmp_path / "data"))
@@ -217,8 +314,12 @@ def test_overdue_batches_are_shed_and_the_next_ones_judged(tmp_path: Path) -> No
 
     sent, entries = asyncio.run(scenario())
     acks = [(m.ack.up_to_seq, m.ack.num_shed) for m in sent if m.WhichOneof("message") == "ack"]
-    assert acks == [(16, 12), (17, 0)], "Acks released together collapse into one carrying their num_shed"
-    assert not [m for m in sent if m.WhichOneof("message") == "command"], "shed records are never judged"
+    assert acks[-1] == (17, 0)
+    assert sum(shed for _, shed in acks) == 12
+    [command] = [m.command for m in sent if m.WhichOneof("message") == "command"]
+    assert command.type == common_pb2.COMMAND_TYPE_ROLLBACK
+    assert "step 4" in command.reason
+    assert "shed" in command.reason
     assert [m.verdict.seq for m in sent if m.WhichOneof("message") == "verdict"] == [17]
     vitals = [(p["num_records"], p.get("num_shed", 0)) for kind, p in entries if kind == "vitals"]
     assert vitals == [(0, 12), (4, 0)]

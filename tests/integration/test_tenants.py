@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,10 +41,11 @@ def connect(daemon: InProcessDaemon, who: str, run_id: str, incarnation_id: str 
     return client
 
 
-def status(daemon: InProcessDaemon, run_id: str) -> cpb.RunStatus:
+def status(daemon: InProcessDaemon, run_id: str, metadata: tuple[tuple[str, str], ...] | None = None) -> cpb.RunStatus:
     with grpc.insecure_channel(daemon.address) as channel:
         stub = cgrpc.ControlServiceStub(channel)
-        return stub.GetPanicState(cpb.GetPanicStateRequest(run_id=run_id), metadata=as_("ops")).run
+        request = cpb.GetPanicStateRequest(run_id=run_id)
+        return stub.GetPanicState(request, metadata=as_("ops") if metadata is None else metadata).run
 
 
 def journal_text(data_dir: Path) -> str:
@@ -199,3 +201,59 @@ def test_a_malformed_scope_names_its_line(tmp_path: Path) -> None:
         path.write_text(line + "\n")
         with pytest.raises(TokensFileError, match=f"{path}:[12]: .*{message}"):
             Tokens.load(path)
+
+
+FLOOD_TOKENS = {
+    "tenant-a": ("trainer", "tenant-a-token-0123456789", "runs=a."),
+    "tenant-b": ("trainer", "tenant-b-token-0123456789", "runs=b."),
+    "root": ("controller", "root-controller-token-0123", ""),
+}
+
+
+def test_one_tenants_flood_cannot_get_anothers_nan_shed_unjudged(tmp_path: Path) -> None:
+    """Hardening 2, defect 1: tenant A flooding 32 runs got tenant B's NaN batch shed, unjudged, in 1 of 2
+    runs (one FIFO for every stream; a shed batch skipped every check). With the worker's share cut to 5 %
+    so that A's flood certainly overloads it: A's records are shed, B's NaN gets its ROLLBACK in 10 runs of
+    10, and A's shedding journals at most one entry per stream per second."""
+    path = tmp_path / "tokens"
+    path.write_text("".join(f"{name} {role} {token} {scope}\n" for name, (role, token, scope) in FLOOD_TOKENS.items()))
+    path.chmod(0o600)
+
+    def who(name: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {FLOOD_TOKENS[name][1]}"),)
+
+    with InProcessDaemon(tmp_path / "data", tokens=Tokens.load(path), vitals_share=0.05, shed_after_ms=50.0) as daemon:
+        flood = [AttachClient(daemon.address, f"a.flood-{i}", metadata=who("tenant-a")) for i in range(32)]
+        started = time.monotonic()
+        try:
+            for client in flood:
+                client.connect()
+            for b in range(300):
+                for client in flood:
+                    client.vitals(range(256 * b, 256 * b + 256), [1.0] * 256)
+            for i in range(10):
+                victim = AttachClient(daemon.address, f"b.run-{i}", metadata=who("tenant-b"))
+                try:
+                    victim.connect()
+                    for b in range(4):
+                        victim.vitals(range(32 * b, 32 * b + 32), [1.0] * 32)
+                    victim.vitals(range(128, 160), [1.0] * 16 + [math.nan] + [1.0] * 15)
+                    command = victim.next("command", timeout_s=120).command
+                finally:
+                    victim.close()
+                assert command.type == common_pb2.COMMAND_TYPE_ROLLBACK, f"b.run-{i}"
+                assert "non-finite train loss nan at step 144" in command.reason
+            shed = [status(daemon, f"a.flood-{i}", who("root")).ranks[0].num_shed_records for i in range(32)]
+        finally:
+            for client in flood:
+                client.close()
+        elapsed = time.monotonic() - started
+    assert sum(shed) > 0, "the flood overloaded the worker"
+    entries = [
+        item.entry
+        for path in list_segments(tmp_path / "data")
+        for item in read_segment(path)
+        if isinstance(item, LocatedEntry) and item.entry.kind == "vitals" and item.entry.payload.get("num_shed")
+    ]
+    per_run = {run: sum(1 for e in entries if e.run == run) for run in {e.run for e in entries}}
+    assert max(per_run.values()) <= elapsed + 2, f"shed entries per run in {elapsed:.1f} s: {per_run}"

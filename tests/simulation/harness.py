@@ -22,13 +22,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from governor_daemon.core import CoreOptions, Effects, GovernorCore, Outbound, Registry
 from governor_daemon.core import events as ev
 from governor_daemon.core.kinds import EntryKind
 from governor_daemon.errors import GovernorError
 from governor_daemon.journal.entry import canonical_json
 from governor_daemon.policy import CommandKind, PolicyConfig, RunState
-from governor_daemon.policy.detectors import blown_up
+from governor_daemon.policy.detectors import BLOW_UP_CEILING, blown_up
 from governor_daemon.policy.steps import StepState
 from governor_daemon.service import codec
 from governor_daemon.service.status_codes import status_for
@@ -360,16 +362,19 @@ class World:
             if not conn.hello_done:
                 conn.hello_done = True
                 event: ev.Event = codec.decode_hello(request.hello, conn.id, "sim", "sim", self.now, limits)
+                sent: ev.Event = event
             else:
-                event = codec.decode_request(request, conn.id, self.now, limits)
+                event = sent = codec.decode_request(request, conn.id, self.now, limits)
                 if isinstance(event, ev.Vitals) and _overloaded(conn.id, event.first_seq):
                     event = ev.Vitals.joined([event], shed=True)  # an ingest worker that fell behind sheds it
-            before = self.core.checkpoint()
+            before, appended = self.core.checkpoint(), len(self.entries)
             try:
                 self._handle(event)
             except GovernorError:
                 require(self.core.checkpoint() == before, f"a refused {type(event).__name__} changed the state")
                 raise
+            if isinstance(sent, ev.Vitals):
+                _check_judged(sent, self.entries[appended:])
         except GovernorError as exc:
             self._close(conn, status_for(exc).name, notify_daemon=True, details=str(exc))
 
@@ -760,6 +765,23 @@ class World:
                         f"{rank.proto.hello.incarnation_id} trains on timeline {rank.timeline}, the run is on "
                         f"{policy.timeline}: its records go stale silently",
                     )
+
+
+def _check_judged(event: ev.Vitals, entries: list[SimEntry]) -> None:
+    """Nothing non-finite is acknowledged unjudged: a VITALS entry that accepts a batch's non-finite
+    record carries a decision, whether the batch was judged or shed (docs/protocol.md, "Shedding")."""
+    values = np.asarray(event.losses, dtype=np.float64)
+    if len(event.grads):
+        values = np.maximum(np.abs(values), np.abs(np.asarray(event.grads, dtype=np.float64)))
+    bad = [event.first_seq + int(i) for i in np.flatnonzero(~(np.abs(values) <= BLOW_UP_CEILING))]
+    for entry in entries:
+        if entry.kind != EntryKind.VITALS or "first_seq" not in entry.payload:
+            continue
+        accepted = range(entry.payload["first_seq"], entry.payload["seq"] + 1)
+        require(
+            not any(seq in accepted for seq in bad) or "decision" in entry.payload,
+            f"a non-finite record (seqs {bad}) was acknowledged unjudged (shed: {entry.payload.get('num_shed', 0) > 0})",
+        )
 
 
 def _choose(published: list[tuple[int, int]], command: trainer_service_pb2.Command) -> tuple[int, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import itertools
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -467,33 +468,53 @@ def test_joined_batches_are_judged_as_their_parts() -> None:
     assert not other_timeline.follows(parts[-1])
 
 
-def test_shed_batches_are_acknowledged_counted_and_journaled_never_judged() -> None:
+def test_shed_batches_skip_only_the_statistical_detectors() -> None:
     """A daemon that is behind sheds a stream's overdue batches (service/ingest.py): the core acknowledges
-    them without judging (a NaN in them rolls nothing back), says how many in the Ack, journals the count
-    with the rank's new seq, and a rebuild from the entries restores it; the next batch is judged again."""
+    them without the statistical detectors (a loss spike in them rolls nothing back), says how many in the
+    Ack, journals the count with the rank's new seq, and a rebuild from the entries restores it."""
     h = Harness()
     h.attach(1)
-    h.vitals(1, [0, 1], [0.5, 0.5])
+    h.vitals(1, list(range(40)), [0.5] * 40)
     parts = [
-        ev.Vitals(1, 3 + 4 * i, 0, np.arange(2 + 4 * i, 6 + 4 * i), [math.nan] * 4, [], 0, h.now) for i in range(3)
+        ev.Vitals(1, 41 + 4 * i, 0, np.arange(40 + 4 * i, 44 + 4 * i), [0.5, 0.5, 50.0, 0.5], [], 0, h.now)
+        for i in range(3)
     ]
     fx = h.handle(ev.Vitals.joined(parts, shed=True))
     assert commands(fx) == []
-    assert [(a.up_to_seq, a.num_shed) for a in messages(fx, Ack)] == [(14, 12)]
+    assert [(a.up_to_seq, a.num_shed) for a in messages(fx, Ack)] == [(52, 12)]
     [entry] = fx.entries
     assert (entry.kind, entry.payload["num_shed"], entry.payload["num_records"], entry.payload["seq"]) == (
         EntryKind.VITALS,
         12,
         0,
-        14,
+        52,
     )
     rank = h.run().ranks[0]
-    assert (rank.num_shed, rank.num_records, rank.last_durable_seq, rank.latest_step) == (12, 2, 14, 13)
+    assert (rank.num_shed, rank.num_records, rank.last_durable_seq, rank.latest_step) == (12, 40, 52, 51)
     assert h.rebuilt() == h.core.checkpoint()
-    h.seqs[1] = 14
-    fx = h.vitals(1, [14], [math.nan])
-    assert [c.kind for c in commands(fx)] == [CommandKind.ROLLBACK], "records after the shed ones are judged"
-    assert [(a.up_to_seq, a.num_shed) for a in messages(fx, Ack)] == [(15, 0)]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 1e300])
+def test_a_non_finite_record_in_a_shed_batch_is_still_a_rollback(bad: float) -> None:
+    """Review (hardening 2, defect 1): a shed batch skipped every check, so a NaN that waited too long in a
+    flooded daemon was acknowledged and never judged. Shedding drops only the statistical detectors: the
+    non-finite check (and the blow-up ceiling) judges every record, and the reason says the batch was shed."""
+    h = Harness()
+    h.attach(1)
+    h.vitals(1, [0, 1], [0.5, 0.5])
+    parts = [ev.Vitals(1, 3 + 4 * i, 0, np.arange(2 + 4 * i, 6 + 4 * i), [0.5] * 4, [], 0, h.now) for i in range(3)]
+    parts[1] = replace(parts[1], losses=[0.5, bad, 0.5, 0.5])
+    fx = h.handle(ev.Vitals.joined(parts, shed=True))
+    [command] = commands(fx)
+    assert command.kind is CommandKind.ROLLBACK
+    assert "step 7" in command.reason
+    assert "shed" in command.reason
+    entry = fx.entries[0]
+    assert entry.kind is EntryKind.VITALS
+    assert entry.payload["num_shed"] == 12
+    assert entry.payload["decision"]["verdict"] == "panic"
+    assert [(a.up_to_seq, a.num_shed) for a in messages(fx, Ack)] == [(14, 12)]
+    assert h.rebuilt() == h.core.checkpoint()
 
 
 def test_acks_released_together_keep_their_shed_counts() -> None:
