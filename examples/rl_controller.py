@@ -5,9 +5,10 @@ and optionally HALT a run that keeps rolling back.
         [--until-finished] [--max-events N] [--from CURSOR]
 
 Every command the governor issues carries the punishment reward an RL agent learns from: -death_penalty for a
-ROLLBACK or HALT (after a NaN, a divergence, the loop breaker, a controller), 0 for a RESUME. The controller sums
-them per run from the ``command`` events, prints each with the decision that caused it and the trainer's result,
-and, when a run finishes, checks its sum against the daemon's own ledger (``panic_state``'s total). It follows
+ROLLBACK or HALT (after a NaN, a divergence, the loop breaker, a controller), 0 for a RESUME, charged when a
+trainer executes it (a command no trainer ran costs nothing). The controller sums the charges per run from the
+``command_result`` events, prints each command with the decision that caused it and the trainer's result, and,
+when a run finishes, checks its sum against the daemon's own ledger (``panic_state``'s total). It follows
 the journal across daemon restarts without losing or repeating an event (``events`` resumes from its cursor).
 
 It imports nothing but ``tolaria.controller``: no torch, none of the daemon's code.
@@ -33,8 +34,8 @@ from tolaria.controller import (
     VerdictKind,
 )
 
-# What the controller reads: validation decisions (why), commands (the reward; a non-finite train step's has cause
-# "train_step"), results (what the trainer did), finishes (the end of a run), and run_created (a run id can be
+# What the controller reads: validation decisions (why), commands (a non-finite train step's has cause
+# "train_step"), results (what the trainer did, and the reward it charged), finishes (the end of a run), and run_created (a run id can be
 # created again after it was forgotten: a fresh ledger). The daemon filters by kind, so vitals never travel.
 KINDS = ("run_created", "decision", "command", "command_result", "finish")
 
@@ -103,10 +104,9 @@ def follow(client: ControllerClient, args: argparse.Namespace) -> Ledger:
                 )
             elif isinstance(event, CommandIssued):
                 command = event.command
-                ledger.reward[event.run_id] += command.punishment_reward
                 print(
                     f"[{event.cursor}] {event.run_id}: {command.type} command {command.command_id} ({event.cause}), "
-                    f"punishment reward {command.punishment_reward:g}, run total {ledger.reward[event.run_id]:g}",
+                    f"punishment reward {command.punishment_reward:g} once executed",
                     flush=True,
                 )
                 if command.type is CommandType.ROLLBACK:
@@ -114,9 +114,12 @@ def follow(client: ControllerClient, args: argparse.Namespace) -> Ledger:
                     halt_if_looping(client, ledger, event.run_id, args.halt_after)
             elif isinstance(event, CommandResult):
                 outcome = "succeeded" if event.succeeded else f"FAILED: {event.error}"
+                if event.charged is not None:  # the command's first result: a trainer executed it
+                    ledger.reward[event.run_id] += event.charged
                 print(
                     f"[{event.cursor}] {event.run_id}: command {event.command_id} {outcome} on rank {event.rank}; "
-                    f"restored step {event.restored_step}, timeline {event.new_timeline}",
+                    f"restored step {event.restored_step}, timeline {event.new_timeline}, "
+                    f"run total {ledger.reward[event.run_id]:g}",
                     flush=True,
                 )
             elif isinstance(event, RunFinished):

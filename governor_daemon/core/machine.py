@@ -899,11 +899,14 @@ def train_summary(
 
 
 def _notice(notice: Notice) -> dict[str, Any]:
-    return {
+    out = {
         "kind": notice.kind,
         "reason": notice.reason,
         "command": notice.command.as_dict() if notice.command else None,
     }
+    if notice.charged is not None:
+        out["charged"] = notice.charged
+    return out
 
 
 __all__ = ["MAX_SEQ_JUMP", "Binding", "CommandReply", "CoreOptions", "GovernorCore", "Limits"]

@@ -77,6 +77,7 @@ class Notice:
     kind: str
     reason: str
     command: Command | None = None
+    charged: float | None = None  # a punishment charged (kind "punishment_charged")
 
 
 class RunPolicy:
@@ -107,8 +108,9 @@ class RunPolicy:
         self.finished_ranks: set[int] = set()
         self.num_rollbacks = 0
         self.num_halts = 0
-        self.total_punishment = 0.0
+        self.total_punishment = 0.0  # charged when a trainer executes a command (``_charge``)
         self.last_punishment = 0.0
+        self.charged: deque[int] = deque(maxlen=RECENT_COMMANDS)  # ids of the commands charged
         self.last_verdict: Verdict | None = None
         self.last_reason = ""
         self.latest_validation_step = -1
@@ -475,6 +477,8 @@ class RunPolicy:
         fault's rollback restored.
         """
         command = self.command(command_id)
+        charge = None if command is None else self._charge(command)
+        charged = [] if charge is None else [charge]
         moved = False
         moves = command is not None and command.kind is not CommandKind.HALT and command.timeline == self.timeline
         if succeeded and moves and new_timeline == self.timeline + 1:
@@ -489,7 +493,7 @@ class RunPolicy:
                 self.recovery = recovery.restored(restored_step)
         open_cmd = self.open
         if open_cmd is None or open_cmd.command.command_id != command_id:
-            return [
+            return charged + [
                 Notice(
                     "late_command_result",
                     f"result of command {command_id} from rank {rank} arrived after it closed"
@@ -500,7 +504,7 @@ class RunPolicy:
         if not succeeded:
             kind = open_cmd.command.kind
             self._close_open()
-            notices = [Notice("command_failed", f"{kind} {command_id} failed on rank {rank}: {error}")]
+            notices = [*charged, Notice("command_failed", f"{kind} {command_id} failed on rank {rank}: {error}")]
             if kind is not CommandKind.HALT:
                 halt = self._issue(
                     CommandKind.HALT,
@@ -517,14 +521,14 @@ class RunPolicy:
         expected = set(range(self.world_size)) - self.finished_ranks
         if not expected <= done:
             self.open = replace(open_cmd, ranks_done=done, new_timeline=reached)
-            return [
+            return charged + [
                 Notice(
                     "command_progress",
                     f"{open_cmd.command.kind} {command_id}: {len(done & expected)}/{len(expected)} ranks done",
                 )
             ]
         self._close_open()
-        return [
+        return charged + [
             Notice(
                 "command_completed",
                 f"{open_cmd.command.kind} {command_id} completed; timeline {self.timeline}",
@@ -550,7 +554,7 @@ class RunPolicy:
     def finish(self, rank: int) -> list[Notice]:
         """Record a rank's Finish. An open command no longer waits for a finished rank: it completes when
         every unfinished rank has answered, and when no rank is left to execute it, it is closed as
-        abandoned (its punishment stays charged; docs/protocol.md, "Punishment ledger")."""
+        abandoned (no trainer executed it, so it charges nothing; docs/protocol.md, "Punishment ledger")."""
         self.finished_ranks.add(rank)
         self.stalled_ranks.discard(rank)
         open_cmd = self.open
@@ -578,6 +582,7 @@ class RunPolicy:
         state = dict(self.__dict__)
         state["recent"] = deque(self.recent, maxlen=self.recent.maxlen)
         state["recent_commands"] = deque(self.recent_commands, maxlen=self.recent_commands.maxlen)
+        state["charged"] = deque(self.charged, maxlen=self.charged.maxlen)
         state["stalled_ranks"] = set(self.stalled_ranks)
         state["finished_ranks"] = set(self.finished_ranks)
         state["step_states"] = dict(self.step_states)
@@ -621,6 +626,7 @@ class RunPolicy:
             "num_halts": self.num_halts,
             "total_punishment": self.total_punishment,
             "last_punishment": self.last_punishment,
+            "charged": list(self.charged),
             "last_verdict": None if self.last_verdict is None else str(self.last_verdict),
             "last_reason": self.last_reason,
             "latest_validation_step": self.latest_validation_step,
@@ -659,6 +665,7 @@ class RunPolicy:
         policy.num_halts = int(data["num_halts"])
         policy.total_punishment = float(data["total_punishment"])
         policy.last_punishment = float(data["last_punishment"])
+        policy.charged = deque((int(x) for x in data.get("charged", [])), maxlen=RECENT_COMMANDS)
         policy.last_verdict = None if data["last_verdict"] is None else Verdict(data["last_verdict"])
         policy.last_reason = str(data["last_reason"])
         policy.latest_validation_step = int(data["latest_validation_step"])
@@ -835,7 +842,8 @@ class RunPolicy:
         restore_before_step: int | None = None,
         skip_through_step: int | None = None,
     ) -> Command:
-        """A new open command (replacing any open one). Its punishment is charged now, once."""
+        """A new open command (replacing any open one). Its punishment is charged when a trainer executes
+        it (``_charge``), not now."""
         if punishment is None:
             punishment = 0.0 if kind is CommandKind.RESUME else -self.config.death_penalty
         self._close_open()
@@ -860,9 +868,18 @@ class RunPolicy:
         elif kind is CommandKind.HALT:
             self.num_halts += 1
             self.halted = True
-        self.total_punishment += punishment
-        self.last_punishment = punishment
         return command
+
+    def _charge(self, command: Command) -> Notice | None:
+        """A trainer executed ``command`` (its first CommandResult, of any outcome): charge its punishment,
+        once (docs/protocol.md, "Punishment ledger"). Returns the notice that journals the charge."""
+        if command.command_id in self.charged:
+            return None
+        self.charged.append(command.command_id)
+        self.total_punishment += command.punishment_reward
+        self.last_punishment = command.punishment_reward
+        reason = f"{command.kind} {command.command_id} executed: punishment {fmt(command.punishment_reward)} charged"
+        return Notice("punishment_charged", reason, charged=command.punishment_reward)
 
     def _decision(
         self,

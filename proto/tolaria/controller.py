@@ -450,18 +450,26 @@ def _command_or_none(data: Any) -> Command | None:
 
 @dataclass(frozen=True, kw_only=True)
 class Notice:
-    """What a command result or a finish did to the open command: ``kind`` "command_progress" (some ranks still
-    to report), "command_completed", "command_failed", "command_abandoned" (every rank finished first) or
-    "unknown_command"; ``command`` is the follow-up the daemon issued (the HALT after a failure), if any."""
+    """What a command result or a finish did to the open command: ``kind`` "punishment_charged" (a trainer
+    executed the command: ``charged`` is its punishment reward, charged once), "command_progress" (some ranks
+    still to report), "command_completed", "command_failed", "command_abandoned" (every rank finished first:
+    never executed, never charged) or "unknown_command"; ``command`` is the follow-up the daemon issued (the
+    HALT after a failure), if any."""
 
     kind: str
     reason: str
     command: Command | None
+    charged: float | None = None
 
     @classmethod
     def _list(cls, items: Any) -> tuple[Notice, ...]:
         return tuple(
-            cls(kind=str(n["kind"]), reason=str(n["reason"]), command=_command_or_none(n.get("command")))
+            cls(
+                kind=str(n["kind"]),
+                reason=str(n["reason"]),
+                command=_command_or_none(n.get("command")),
+                charged=_optional_float(n.get("charged")),
+            )
             for n in items or ()
         )
 
@@ -513,8 +521,8 @@ class Decision(Event):
 
 @dataclass(frozen=True, kw_only=True)
 class CommandIssued(Event):
-    """A ``command`` entry: every command the daemon issues, whatever caused it. Summing their
-    ``command.punishment_reward`` since the run's latest ``run_created`` gives its total punishment."""
+    """A ``command`` entry: every command the daemon issues, whatever caused it. ``command.punishment_reward``
+    is what executing it will charge; the run is charged when a trainer executes it (``CommandResult.charged``)."""
 
     cause: str
     """"decision", "train_step", "controller", "command_failed" or "command_timeout"."""
@@ -537,6 +545,14 @@ class CommandResult(Event):
     lr_after_restore: float | None
     """The learning rate the rank continues with after a restore, when it reported one."""
     notices: tuple[Notice, ...]
+
+    @property
+    def charged(self) -> float | None:
+        """The punishment this result charged the run (the command's first result: a trainer executed it),
+        None when it charged nothing. Summing them since the run's latest ``run_created`` gives the run's
+        total punishment (``panic_state(run).total_punishment_reward``)."""
+        charges = [n.charged for n in self.notices if n.charged is not None]
+        return sum(charges) if charges else None
 
 
 @dataclass(frozen=True, kw_only=True)

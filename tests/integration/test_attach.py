@@ -167,7 +167,7 @@ def test_command_without_result_times_out_to_halted(connect: Connect, control: c
     assert "had no result" in halt.reason
     status = state(control)
     assert status.state == common_pb2.RUN_STATE_HALTED
-    assert status.total_punishment_reward == -10.0, "the timeout's HALT charges nothing more"
+    assert status.total_punishment_reward == 0.0, "no trainer executed the ROLLBACK; the timeout's HALT costs 0"
 
 
 def test_reconnect_resends_after_welcome_seq_without_double_counting(

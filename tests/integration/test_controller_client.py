@@ -189,13 +189,15 @@ def test_events_are_typed_with_the_punishment_of_a_nan_rollback(daemon: InProces
             1,
         )
         assert rollback_result.restored_step == panic.command.step
-        assert [n.kind for n in rollback_result.notices] == ["command_completed"]
+        assert [n.kind for n in rollback_result.notices] == ["punishment_charged", "command_completed"]
+        assert rollback_result.charged == -10.0, "charged when the trainer executed it"
         end = events[-1]
         assert isinstance(end, RunFinished)
         assert (end.rank, end.status, end.epochs_completed) == (0, "HALTED", 3)
         status = client.panic_state("rl-run")
         assert status.state is RunState.FINISHED
-        assert sum(c.command.punishment_reward for c in commands) == status.total_punishment_reward == -20.0
+        charged = [e.charged for e in events if isinstance(e, CommandResult) and e.charged is not None]
+        assert sum(charged) == status.total_punishment_reward == -20.0
 
         # The cursor is exclusive: events(cursor=C) starts with the first entry after C.
         middle = events[len(events) // 2]
@@ -356,9 +358,11 @@ def test_rl_controller_example_halts_after_a_rollback(daemon: InProcessDaemon, c
     finally:
         proc.kill()
     assert proc.returncode == 0, err
-    assert "ROLLBACK command 1 (decision), punishment reward -10, run total -10" in out
+    assert "ROLLBACK command 1 (decision), punishment reward -10 once executed" in out
+    assert "command 1 succeeded on rank 0; restored step 130, timeline 1, run total -10" in out
     assert ">> halted example-run after 1 rollbacks: command 2" in out
-    assert "HALT command 2 (controller), punishment reward -10, run total -20" in out
+    assert "HALT command 2 (controller), punishment reward -10 once executed" in out
+    assert "command 2 succeeded on rank 0; restored step 130, timeline 1, run total -20" in out
     assert "total reward -20 matches the daemon's -20" in out
     assert "ledger example-run: 1 rollback(s), total reward -20" in out
     short = subprocess.run([*example, "--max-events", "2"], capture_output=True, text=True, timeout=60, check=False)

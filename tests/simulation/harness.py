@@ -705,10 +705,18 @@ class World:
             policy = state.policy
             own = [e for e in self.entries if e.run == run.run_id]
             since = max((i for i, e in enumerate(own) if e.kind == EntryKind.RUN_CREATED), default=0)
-            charged = sum(e.payload["command"]["punishment_reward"] for e in own[since:] if e.kind == EntryKind.COMMAND)
+            results = [e for e in own[since:] if e.kind == EntryKind.COMMAND_RESULT]
+            charges = [n for e in results for n in e.payload["notices"] if "charged" in n]
             require(
-                abs(policy.total_punishment - charged) < 1e-9,
-                f"{run.run_id}: GetPanicState total {policy.total_punishment} != journaled commands {charged}",
+                abs(policy.total_punishment - sum(n["charged"] for n in charges)) < 1e-9,
+                f"{run.run_id}: GetPanicState total {policy.total_punishment} != the journaled charges {charges}",
+            )
+            executed = {e.payload["command_id"] for e in results}  # a result of any outcome: it was executed
+            charged_ids = [int(n["reason"].split()[1]) for n in charges]
+            require(
+                len(charged_ids) == len(set(charged_ids)) and set(charged_ids) <= executed,
+                f"{run.run_id}: commands charged {charged_ids}, executed {sorted(executed)}: each executed one "
+                "is charged once, and nothing else",
             )
             for rank_id, rank_state in state.ranks.items():
                 journaled = sum(

@@ -63,9 +63,11 @@ def test_result_moves_timeline_and_clears_state() -> None:
     policy = warm_policy()
     cmd = judge(policy, NAN, 20).command
     assert cmd is not None
+    assert policy.total_punishment == 0.0, "charged when executed, not when issued"
     notices = policy.on_command_result(cmd.command_id, 0, True, 1, "", 101.0)
-    assert [n.kind for n in notices] == ["command_completed"]
+    assert [n.kind for n in notices] == ["punishment_charged", "command_completed"]
     assert (policy.timeline, policy.state, policy.open) == (1, RunState.HEALTHY, None)
+    assert (policy.total_punishment, policy.last_punishment, notices[0].charged) == (-10.0, -10.0, -10.0)
 
 
 def test_stale_and_future_timelines_are_refused() -> None:
@@ -163,9 +165,11 @@ def test_command_timeout_halts() -> None:
     notices = policy.check_timeouts(1120.5)
     assert [n.kind for n in notices] == ["command_timeout"]
     assert policy.state is RunState.HALTED
+    assert policy.total_punishment == 0.0, "neither the ROLLBACK nor the timeout's HALT was executed yet"
     late = policy.on_command_result(cmd.command_id, 0, True, 1, "", 1130.0)
-    assert [n.kind for n in late] == ["late_command_result"]
+    assert [n.kind for n in late] == ["punishment_charged", "late_command_result"]
     assert (policy.timeline, policy.state) == (1, RunState.HALTED)
+    assert policy.total_punishment == -10.0, "a late result: the trainer did execute it"
 
 
 def test_failed_rollback_halts_with_command() -> None:
@@ -174,8 +178,8 @@ def test_failed_rollback_halts_with_command() -> None:
     cmd = judge(policy, NAN, 20).command
     assert cmd is not None
     notices = policy.on_command_result(cmd.command_id, 0, False, 0, "missing key host.fc1.weight", 101.0)
-    assert [n.kind for n in notices] == ["command_failed", "halt"]
-    halt = notices[1].command
+    assert [n.kind for n in notices] == ["punishment_charged", "command_failed", "halt"]
+    halt = notices[2].command
     assert halt is not None
     assert halt.kind is CommandKind.HALT
     assert halt.command_id == 2
@@ -240,10 +244,11 @@ def test_multi_rank_command_closes_after_every_rank() -> None:
     assert cmd is not None
     assert decision.ranks == (0, 1)
     notices = policy.on_command_result(cmd.command_id, 1, True, 1, "", 101.0)
-    assert [n.kind for n in notices] == ["command_progress"]
+    assert [n.kind for n in notices] == ["punishment_charged", "command_progress"]
     assert (policy.timeline, policy.state) == (1, RunState.ROLLING_BACK)
-    policy.on_command_result(cmd.command_id, 0, True, 1, "", 101.0)
-    assert (policy.timeline, policy.state) == (1, RunState.HEALTHY)
+    notices = policy.on_command_result(cmd.command_id, 0, True, 1, "", 101.0)
+    assert [n.kind for n in notices] == ["command_completed"], "charged once, by the first rank's result"
+    assert (policy.timeline, policy.state, policy.total_punishment) == (1, RunState.HEALTHY, -10.0)
 
 
 def test_random_guess_loss_precedence() -> None:

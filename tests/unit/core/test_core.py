@@ -188,7 +188,35 @@ def test_defect_4_command_timeout_sends_halt_to_the_trainer() -> None:
     assert [c.kind for c in halt] == [CommandKind.HALT]
     assert halt[0].punishment_reward == 0.0
     assert h.run().policy.state is RunState.HALTED
-    assert h.run().policy.total_punishment == -10.0
+    assert h.run().policy.total_punishment == 0.0, "the ROLLBACK was never executed: nothing is charged"
+
+
+def test_the_ledger_charges_only_commands_a_trainer_executed() -> None:
+    """Hardening 2, defect 4: two ranks finished without executing a ROLLBACK (their daemon was killed right
+    after journaling it) and the run was charged -10 for a rollback that never ran. A command is charged at
+    its first CommandResult, once; one abandoned because every rank finished charges nothing."""
+    h = Harness()
+    h.attach(1, world_size=2, rank=0)
+    h.attach(2, world_size=2, rank=1, inc="i1")
+    h.vitals(1, [1], [math.nan])
+    assert h.run().policy.open is not None and h.run().policy.total_punishment == 0.0
+    for stream in (1, 2):
+        fx = h.handle(ev.Finish(stream, h.seq(stream), "FINISH_STATUS_COMPLETED", 1, 0, "", 1.0, None, None, h.now))
+    [finish] = [e for e in fx.entries if e.kind == EntryKind.FINISH]
+    assert [n["kind"] for n in finish.payload["notices"]] == ["command_abandoned"]
+    assert (h.run().policy.total_punishment, h.run().policy.last_punishment) == (0.0, 0.0)
+    assert h.rebuilt() == h.core.checkpoint()
+
+    executed = Harness()
+    executed.attach(1, world_size=2, rank=0)
+    executed.attach(2, world_size=2, rank=1, inc="i1")
+    command = commands(executed.vitals(1, [1], [math.nan]))[0]
+    first = executed.result(1, command)
+    [entry] = [e for e in first.entries if e.kind == EntryKind.COMMAND_RESULT]
+    assert [n.get("charged") for n in entry.payload["notices"]] == [-10.0, None]
+    executed.result(2, command)
+    assert executed.run().policy.total_punishment == -10.0, "charged once, by the first rank's result"
+    assert executed.rebuilt() == executed.core.checkpoint()
 
 
 def test_defect_6_a_missed_rank_deadline_does_not_latch_stalled() -> None:

@@ -149,7 +149,9 @@ class RunStatus(_message.Message):
     num_rollbacks: _builtins.int
     num_halts: _builtins.int
     total_punishment_reward: _builtins.float
-    """Sum of the punishment rewards of all commands so far."""
+    """Sum of the punishment rewards of the commands a trainer executed so far (charged at a command's first
+    CommandResult; docs/protocol.md, "Punishment ledger").
+    """
     latest_validation_step: _builtins.int
     """Step of the latest judged validation record."""
     last_verdict: _common_pb2.VerdictKind.ValueType
@@ -160,7 +162,7 @@ class RunStatus(_message.Message):
     lowest_accepted_loss: _builtins.float
     """Lowest loss accepted so far (bounds snapshot_allowed)."""
     last_punishment_reward: _builtins.float
-    """Punishment of the latest command, for RL controllers polling the state."""
+    """Punishment of the latest command a trainer executed, for RL controllers polling the state."""
     @_builtins.property
     def open_command(self) -> Global___OpenCommand: ...
     @_builtins.property

@@ -704,7 +704,9 @@ class Command(_message.Message):
     type: _common_pb2.CommandType.ValueType
     reason: _builtins.str
     punishment_reward: _builtins.float
-    """Reward for RL controllers: minus death_penalty for ROLLBACK and HALT, 0 for RESUME."""
+    """Reward for RL controllers: minus death_penalty for ROLLBACK and HALT, 0 for RESUME; charged when a
+    trainer executes the command.
+    """
     recovery_skip_batches: _builtins.int
     recovery_lr_scale: _builtins.float
     generation: _builtins.int
