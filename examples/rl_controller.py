@@ -35,8 +35,9 @@ from tolaria.controller import (
 )
 
 # What the controller reads: validation decisions (why), commands (a non-finite train step's has cause
-# "train_step"), results (what the trainer did, and the reward it charged), finishes (the end of a run), and run_created (a run id can be
-# created again after it was forgotten: a fresh ledger). The daemon filters by kind, so vitals never travel.
+# "train_step"), results (what the trainer did, and the reward it charged), finishes (the end of a run), and
+# run_created (a run id can be created again after it was forgotten: a fresh ledger). The daemon filters by
+# kind, so vitals never travel.
 KINDS = ("run_created", "decision", "command", "command_result", "finish")
 
 

@@ -493,13 +493,14 @@ class RunPolicy:
                 self.recovery = recovery.restored(restored_step)
         open_cmd = self.open
         if open_cmd is None or open_cmd.command.command_id != command_id:
-            return charged + [
+            return [
+                *charged,
                 Notice(
                     "late_command_result",
                     f"result of command {command_id} from rank {rank} arrived after it closed"
                     + ("" if succeeded else f": failed: {error}")
                     + (f"; run now on timeline {self.timeline}" if moved else ""),
-                )
+                ),
             ]
         if not succeeded:
             kind = open_cmd.command.kind
@@ -521,18 +522,17 @@ class RunPolicy:
         expected = set(range(self.world_size)) - self.finished_ranks
         if not expected <= done:
             self.open = replace(open_cmd, ranks_done=done, new_timeline=reached)
-            return charged + [
+            return [
+                *charged,
                 Notice(
                     "command_progress",
                     f"{open_cmd.command.kind} {command_id}: {len(done & expected)}/{len(expected)} ranks done",
-                )
+                ),
             ]
         self._close_open()
-        return charged + [
-            Notice(
-                "command_completed",
-                f"{open_cmd.command.kind} {command_id} completed; timeline {self.timeline}",
-            )
+        return [
+            *charged,
+            Notice("command_completed", f"{open_cmd.command.kind} {command_id} completed; timeline {self.timeline}"),
         ]
 
     def check_timeouts(self, now_s: float) -> list[Notice]:

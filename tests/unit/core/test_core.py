@@ -199,7 +199,8 @@ def test_the_ledger_charges_only_commands_a_trainer_executed() -> None:
     h.attach(1, world_size=2, rank=0)
     h.attach(2, world_size=2, rank=1, inc="i1")
     h.vitals(1, [1], [math.nan])
-    assert h.run().policy.open is not None and h.run().policy.total_punishment == 0.0
+    assert h.run().policy.open is not None
+    assert h.run().policy.total_punishment == 0.0
     for stream in (1, 2):
         fx = h.handle(ev.Finish(stream, h.seq(stream), "FINISH_STATUS_COMPLETED", 1, 0, "", 1.0, None, None, h.now))
     [finish] = [e for e in fx.entries if e.kind == EntryKind.FINISH]
