@@ -899,7 +899,7 @@ def train_summary(
 
 
 def _notice(notice: Notice) -> dict[str, Any]:
-    out = {
+    out: dict[str, Any] = {
         "kind": notice.kind,
         "reason": notice.reason,
         "command": notice.command.as_dict() if notice.command else None,
