@@ -144,6 +144,42 @@ class FinishReport:
     final_validation_accuracy: float | None = None
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """How governed a run was: what its summary, exit message and final log line say (fail-open runs train
+    on without a governor, and must not claim one)."""
+
+    governor: str
+    """The governor's address ("" without one)."""
+    judged_any: bool
+    """The governor acknowledged at least one record: something was judged."""
+    never_judged: int
+    """Records the governor did not judge, as far as the trainer knows: stale, dropped, shed (the non-finite
+    check only) and never acknowledged."""
+    seconds_without: float
+    """Seconds without a welcomed stream, all gaps together (the first connection's included)."""
+    streams_lost: int
+    """Welcomed streams that ended (the governor restarted, or the network failed)."""
+
+    def describe(self) -> str:
+        """One line for the run's end ("" for a run governed throughout, or one without a governor)."""
+        if not self.governor:
+            return ""
+        where = f"the governor at {self.governor}"
+        if not self.judged_any:
+            return (
+                f"ungoverned: {where} never judged a record ({self.seconds_without:.1f} s without it; training "
+                "went on fail-open)"
+            )
+        if self.never_judged or self.streams_lost:
+            lost = f", its stream lost {self.streams_lost} time(s)" if self.streams_lost else ""
+            return (
+                f"partly governed: {self.never_judged} record(s) never judged by {where}, "
+                f"{self.seconds_without:.1f} s without it{lost}"
+            )
+        return ""
+
+
 class Governance(Protocol):
     """One rank's line to the governor. Every ``send_*`` queues and returns at once; nothing here
     waits on the network except ``verdict`` (up to the bound given) and ``close``."""
@@ -216,6 +252,10 @@ class Governance(Protocol):
         """Seconds since the last welcomed stream was lost (0 while connected)."""
         ...
 
+    def coverage(self) -> Coverage:
+        """How governed the run was so far (``Coverage``)."""
+        ...
+
     def send_vitals(self, chunk: VitalsSource) -> int:
         """Queue train-step records of one timeline; returns the seq of the last one."""
         ...
@@ -280,6 +320,10 @@ class Ungoverned:
     def unreachable_for_s(self) -> float:
         """Never reachable, never waited for."""
         return 0.0
+
+    def coverage(self) -> Coverage:
+        """No governor: nothing to claim."""
+        return Coverage(governor="", judged_any=False, never_judged=0, seconds_without=0.0, streams_lost=0)
 
     def send_vitals(self, chunk: VitalsSource) -> int:
         """Dropped: nobody judges them."""

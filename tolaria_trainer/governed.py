@@ -49,6 +49,7 @@ from tolaria_trainer.governance import (
     Command,
     CommandReport,
     CommandType,
+    Coverage,
     FinishReport,
     FinishStatus,
     Governance,
@@ -336,6 +337,12 @@ class GovernedTraining:
         """True while a governor judges this run (False without one, or once it refused this trainer)."""
         return self.governance.governed and self.governance.refusal is None
 
+    def coverage(self) -> Coverage:
+        """How governed this run has been so far: whether the governor judged anything, the records it never
+        judged, the seconds without it (``Coverage.describe()`` says it in one line). Call it after ``close``
+        for the final account."""
+        return self.governance.coverage()
+
     def close(self, status: FinishStatus | None, message: str = "", flush_timeout_s: float | None = None) -> bool:
         """Tell the governor how the run ended (None: don't, it is unreachable), wait for it to take the
         last records, stop the connection. Returns True if every record was acknowledged."""
@@ -544,18 +551,31 @@ class GovernedTraining:
         return self.agreement_point()
 
     def settle(self, wait_s: float | None = None) -> Outcome:
-        """At the end of training: wait up to ``wait_s`` (default ``verdict_wait_s``, while connected) for
-        the last validation's verdict and, after a PANIC, for its command; then an agreement point. A
-        restored outcome means the last validations were rolled back: train them again."""
+        """At the end of training: wait up to ``wait_s`` (default ``verdict_wait_s``) for the last validation's
+        verdict and, after a PANIC, for its command; then an agreement point. A restored outcome means the
+        last validations were rolled back: train them again.
+
+        While no governor is attached it waits only when a command is known to be coming (a PANIC verdict, or
+        a non-finite step this rank skipped: ``condemned``), and then up to ``connect_wait_s`` at least, for
+        the governor to come back and send it: a run must not finish on weights its governor already
+        condemned because the governor restarted at the wrong moment (fail-open trains on, and says so)."""
         self._check_open()
-        deadline = time.monotonic() + (self.verdict_wait_s if wait_s is None else wait_s)
+        started = time.monotonic()
+        wait = self.verdict_wait_s if wait_s is None else wait_s
         while True:
             verdict = self._verdict(self.latest_seq, 0.0)
             self._collect()
-            judged = not self.governance.connected or verdict is not None or self.latest_seq is None
             panic = verdict is not None and verdict.kind is VerdictKind.PANIC
-            settled = judged and (not panic or bool(self.known_commands))
-            if self.dist.agree_min(int(settled)) or self.dist.agree_max(int(time.monotonic() >= deadline)):
+            if self.governance.connected:
+                judged = verdict is not None or self.latest_seq is None
+                settled = judged and (not panic or bool(self.known_commands))
+                bound = wait
+            else:  # the governor is away: wait for it only for a command known to be on its way
+                in_hand = bool(self.known_commands) or self.governance.commands_waiting
+                settled = in_hand or not (panic or self.condemned)
+                bound = max(wait, self.connect_wait_s)
+            timed_out = time.monotonic() - started >= bound
+            if self.dist.agree_min(int(settled)) or self.dist.agree_max(int(timed_out)):
                 break
             time.sleep(0.01)
         self._settle_pending()

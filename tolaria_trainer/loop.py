@@ -76,8 +76,14 @@ class RunSummary:
     message: str = ""
     dropped_records: int = 0
     shed_records: int = 0
-    unjudged_records: int = 0
-    governed: bool = False  # a governor was given and did not refuse this trainer
+    unjudged_records: int = 0  # journaled stale by the governor (a Resync)
+    # How governed the run was (governance.Coverage): a governor was given, did not refuse this trainer and
+    # judged at least one record; the records it never judged (stale, dropped, shed, never acknowledged)
+    # and the seconds without it. A fail-open run says so in ``message`` too.
+    governed: bool = False
+    governor: str = ""
+    never_judged_records: int = 0
+    seconds_without_governor: float = 0.0
     weights_sha256: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -271,6 +277,11 @@ class GovernedRun:
         finish = {"completed": FinishStatus.COMPLETED, "halted": FinishStatus.HALTED}.get(status, FinishStatus.FAILED)
         # A governor that is unreachable, or that refused this trainer, is not told (nor waited for).
         gov.close(None if status == "unreachable" or refused is not None else finish, message)
+        coverage = gov.coverage()
+        told = coverage.describe() if refused is None else ""
+        if told:
+            log.warning(told, run_id=gov.run_id, rank=self.dist.rank)
+            message = f"{message}; {told}" if message else told
         last = gov.last_validation
         return RunSummary(
             run_id=gov.run_id,
@@ -288,7 +299,10 @@ class GovernedRun:
             dropped_records=gov.governance.num_dropped_records,
             shed_records=gov.governance.num_shed_records,
             unjudged_records=gov.governance.num_unjudged_records,
-            governed=gov.governed,
+            governed=gov.governed and coverage.judged_any,
+            governor=coverage.governor,
+            never_judged_records=coverage.never_judged,
+            seconds_without_governor=round(coverage.seconds_without, 3),
             weights_sha256=_weights_digest(self.state.model),
         )
 

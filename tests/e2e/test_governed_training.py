@@ -242,6 +242,13 @@ def test_daemon_killed_mid_run_training_continues(tmp_path: Path) -> None:
     assert proc.returncode == 0, output[-3000:]
     summary = json.loads(summary_path.read_text())
     assert summary["epochs_completed"] == 30
+    # governed, every record judged once the daemon was back, and the gap said (hardening 2, defect 4)
+    assert (summary["governed"], summary["never_judged_records"]) == (True, 0)
+    assert summary["seconds_without_governor"] >= 1.5
+    assert summary["message"].startswith(
+        f"partly governed: 0 record(s) never judged by the governor at {daemon.address}"
+    )
+    assert summary["message"].endswith("its stream lost 1 time(s)")
     status = json.loads(governor_cli(["status", "killed", "--address", restarted.address, "--json"]).stdout)
     rank = status["ranks"][0]
     steps_per_epoch = 45

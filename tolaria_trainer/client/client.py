@@ -178,6 +178,12 @@ class GovernorClient:
         with self._cond:
             return self.protocol.unreachable_for_s(self._clock())
 
+    def coverage(self) -> tuple[bool, int, float, int]:
+        """(acknowledged a record once, records never judged, seconds without a welcomed stream, streams lost)."""
+        with self._cond:
+            p = self.protocol
+            return p.ever_acked, p.num_never_judged, p.seconds_without_governor(self._clock()), p.num_streams_lost
+
     def close(self, flush_timeout_s: float = 10.0) -> bool:
         """Wait up to ``flush_timeout_s`` for everything to be acknowledged, then stop. Returns True if flushed."""
         deadline = self._clock() + flush_timeout_s
@@ -285,7 +291,7 @@ class GovernorClient:
                 code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
                 details = (exc.details() if hasattr(exc, "details") else str(exc)) or ""
             with self._cond:
-                outcome = self.protocol.connection_lost(self._clock(), code, details)
+                outcome = self.protocol.connection_lost(self._clock(), code, details, self._stop.is_set())
                 delay = self.protocol.reconnect_delay(random.random())
                 self._cond.notify_all()
             if outcome.kind is EndKind.REFUSED:

@@ -22,6 +22,7 @@ from tolaria_trainer.governance import (
     Command,
     CommandReport,
     CommandType,
+    Coverage,
     FinishReport,
     FinishStatus,
     SnapshotReport,
@@ -189,6 +190,11 @@ class GovernorConnection:
     def unreachable_for_s(self) -> float:
         """Seconds since the last welcomed stream was lost."""
         return self.client.unreachable_for_s()
+
+    def coverage(self) -> Coverage:
+        """How governed the run was so far."""
+        judged_any, never_judged, seconds_without, streams_lost = self.client.coverage()
+        return Coverage(self.client.address, judged_any, never_judged, seconds_without, streams_lost)
 
     def send_vitals(self, chunk: VitalsSource) -> int:
         """Queue train-step records; returns the last seq."""

@@ -96,6 +96,13 @@ class Outbox:
         return len(self._items)
 
     @property
+    def num_unacked_records(self) -> int:
+        """Train-step and validation records not yet acknowledged (never judged, should it stay so)."""
+        return self._num_vitals_records + sum(
+            1 for item in self._items if item.message is not None and item.message.HasField("validation_record")
+        )
+
+    @property
     def has_unsent(self) -> bool:
         """True when ``take_next`` would return a message."""
         return self._send_index < len(self._items)

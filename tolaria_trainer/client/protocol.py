@@ -33,6 +33,8 @@ What it owns:
   retried after ``reconnect_delay``, a jittered exponential backoff over the attempts since the last
   Welcome (a welcomed session resets it).
 - ``unreachable_for_s``: time since the last welcomed stream was lost (for --fail-closed).
+- ``coverage``: how governed the run was, for its summary: whether the daemon ever acknowledged a record,
+  the records it never judged, the seconds without a welcomed stream and the streams lost.
 """
 
 from __future__ import annotations
@@ -113,6 +115,9 @@ class TrainerProtocol:
         self._stream_end_reason: str | None = None
         self._failures = 0  # attempts since the last Welcome that ended without one
         self._disconnected_since: float | None = now
+        self._disconnected_s = 0.0  # seconds without a welcomed stream before _disconnected_since
+        self.num_streams_lost = 0  # welcomed streams that ended
+        self.ever_acked = False  # the daemon acknowledged a record of this incarnation once
         self._last_transmit_at = now
         self._last_record_sent: tuple[int, int] | None = None  # (step, timeline) on this stream
         self._verdicts: dict[int, trainer_service_pb2.Verdict] = {}
@@ -154,8 +159,9 @@ class TrainerProtocol:
         hello.timeline = self.run_timeline  # a run the daemon creates anew starts where this trainer is
         return trainer_service_pb2.AttachRequest(hello=hello)
 
-    def connection_lost(self, now: float, code: str | None, details: str) -> StreamOutcome:
-        """The stream ended: ``code`` is the grpc status code's name, None when it ended without one."""
+    def connection_lost(self, now: float, code: str | None, details: str, closing: bool = False) -> StreamOutcome:
+        """The stream ended: ``code`` is the grpc status code's name, None when it ended without one;
+        ``closing``: this trainer ended it (``close``), so it was not lost."""
         welcomed = self._welcomed
         if self._stream_end_reason is not None:
             kind, details = EndKind.STREAM_END, details or self._stream_end_reason
@@ -171,6 +177,7 @@ class TrainerProtocol:
         self._failures = 0 if welcomed else self._failures + 1
         if welcomed:
             self._disconnected_since = now
+            self.num_streams_lost += not closing
         self._welcomed = False
         self._stream_end_reason = None
         return StreamOutcome(kind, code, details, welcomed)
@@ -186,6 +193,22 @@ class TrainerProtocol:
         since = self._disconnected_since
         return 0.0 if since is None else max(0.0, now - since)
 
+    def seconds_without_governor(self, now: float) -> float:
+        """Seconds without a welcomed stream since construction, all gaps together (the first connection's
+        included)."""
+        return self._disconnected_s + self.unreachable_for_s(now)
+
+    @property
+    def num_never_judged(self) -> int:
+        """Records the daemon has not judged, as far as this trainer knows: stale (a Resync), dropped
+        under back-pressure, shed (the daemon was behind: only the non-finite check), and not acknowledged."""
+        return (
+            self.num_unjudged_records
+            + self.outbox.num_dropped_records
+            + self.num_shed_records
+            + self.outbox.num_unacked_records
+        )
+
     # ----------------------------------------------------------------- receiving
 
     def receive(self, response: trainer_service_pb2.AttachResponse, now: float) -> None:
@@ -194,6 +217,7 @@ class TrainerProtocol:
         if kind == "welcome":
             self._on_welcome(response.welcome, now)
         elif kind == "ack":
+            self.ever_acked = self.ever_acked or response.ack.up_to_seq > 0
             self._max_acked = max(self._max_acked, response.ack.up_to_seq)
             self.num_shed_records += response.ack.num_shed
             self.outbox.ack(response.ack.up_to_seq)
@@ -218,6 +242,7 @@ class TrainerProtocol:
         self.generation = welcome.generation
         self.num_welcomes += 1
         self._welcomed = True
+        self._disconnected_s = self.seconds_without_governor(now)
         self._disconnected_since = None
         self._last_transmit_at = now
         another_life = bool(self._run_life and welcome.run_life and welcome.run_life != self._run_life)

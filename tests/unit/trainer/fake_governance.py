@@ -12,6 +12,7 @@ from tolaria_trainer.governance import (
     Command,
     CommandReport,
     CommandType,
+    Coverage,
     FinishReport,
     SnapshotReport,
     ValidationReport,
@@ -91,6 +92,10 @@ class FakeGovernance:
 
     def unreachable_for_s(self) -> float:
         return 0.0 if self.connected else 1e9
+
+    def coverage(self) -> Coverage:
+        never = self.num_unjudged_records + self.num_dropped_records + self.num_shed_records
+        return Coverage("fake:0", self.acked_seq > 0, never, 0.0 if self.connected else 1e9, 0)
 
     def send_vitals(self, chunk: VitalsSource) -> int:
         columns = chunk.host()

@@ -4,11 +4,14 @@ protocol, no sockets) or ``FakeGovernance`` (the Governance protocol in plain ty
 from __future__ import annotations
 
 import math
+import threading
+import time
 from typing import Any
 
 from tests.unit.trainer.fake_governance import FakeGovernance
-from tests.unit.trainer.helpers import batches, governed_run, validations
+from tests.unit.trainer.helpers import HELLO, UnstartedConnection, batches, governed_run, validations
 from tolaria.governor.v1 import common_pb2
+from tolaria_trainer.client import GovernorClient
 from tolaria_trainer.config import RunConfig
 from tolaria_trainer.governance import CommandType, FinishStatus, VerdictKind
 from tolaria_trainer.governed import Outcome
@@ -164,3 +167,68 @@ def test_halt_without_resume_ends_the_run_halted() -> None:
     assert fake.finish is not None
     assert fake.finish.status is FinishStatus.HALTED
     assert [r.command.type for r in fake.results] == [CommandType.HALT]
+
+
+def test_a_governor_that_never_judged_a_record_is_not_claimed() -> None:
+    """Hardening 2, defect 4: with --governor naming a dead port, tolaria-train exited 0 with "governed": true,
+    unjudged_records 0 and an empty message. A run whose governor never acknowledged a record is ungoverned and
+    says so, naming the governor; every record it sent counts as never judged."""
+    client = GovernorClient("127.0.0.1:1", HELLO)  # never welcomed: nothing listens there
+    config = RunConfig(task="synthetic", epochs=2, batch_size=8, agree_every_steps=10, final_flush_s=0.0)
+    run = GovernedRun(RunConfig(**{**config.__dict__, "verdict_wait_s": 0.0}), governance=UnstartedConnection(client))
+    summary = run.run()
+    assert (summary.status, summary.exit_code, summary.epochs_completed) == ("completed", 0, 2)
+    assert summary.governed is False
+    assert summary.governor == "127.0.0.1:1"
+    assert summary.message.startswith("ungoverned: the governor at 127.0.0.1:1 never judged a record (")
+    assert summary.never_judged_records == run.state.step + 2, "every train step and both validations"
+    assert summary.seconds_without_governor > 0
+
+
+def test_a_governor_lost_mid_run_is_reported_with_what_it_never_judged() -> None:
+    """The daemon killed mid-run (hardening 2, defect 4): the records it acknowledged were judged, the ones after
+    its stream was lost never were. The summary stays governed, counts them, and the message names the
+    governor, the seconds without it and the lost stream."""
+    run, governor = governed_run(epochs=3)
+    acked: list[int] = []
+
+    def on_progress(event: dict[str, Any]) -> None:
+        if event["event"] == "epoch" and event["epoch"] == 1:
+            governor.drain()
+            governor.ack()
+            acked.append(run.state.step + 1)  # the steps and the one validation so far
+            governor.protocol.connection_lost(time.monotonic(), "UNAVAILABLE", "daemon killed")
+
+    run.progress = on_progress
+    summary = run.run()
+    assert (summary.status, summary.epochs_completed, summary.governed) == ("completed", 3, True)
+    assert summary.never_judged_records == run.state.step + 3 - acked[0]
+    assert summary.message.startswith(
+        f"partly governed: {summary.never_judged_records} record(s) never judged by the governor at unused, "
+    )
+    assert summary.message.endswith("without it, its stream lost 1 time(s)")
+
+
+def test_settle_waits_for_a_reconnecting_governor_when_a_command_is_known_to_be_coming() -> None:
+    """Hardening 2, defect 4: a daemon killed right after journaling its ROLLBACK, and both ranks finished on the
+    condemned weights: settle() did not wait while disconnected. A rank that skipped a non-finite step knows a
+    command is coming; settle waits (bounded by connect_wait_s) for the governor to return and executes it."""
+    run, governor = governed_run(inject=["nan@epoch=1"], epochs=1)
+    run.gov.start()
+    run._epoch()
+    assert run.gov.condemned, "the NaN step was skipped: a ROLLBACK is on its way"
+    client = run.gov.governance.client  # type: ignore[attr-defined]
+    with client._cond:
+        governor.protocol.connection_lost(time.monotonic(), "UNAVAILABLE", "daemon killed")
+
+    def daemon_comes_back() -> None:
+        time.sleep(0.3)
+        with client._cond:
+            governor.welcome()
+            governor.command(1, common_pb2.COMMAND_TYPE_ROLLBACK, timeline=0)
+
+    thread = threading.Thread(target=daemon_comes_back)
+    thread.start()
+    outcome = run.gov.settle()
+    thread.join()
+    assert (outcome.restored, run.state.timeline) == (True, 1), "the ROLLBACK was executed before the run ended"
