@@ -117,10 +117,10 @@ def follow(client: ControllerClient, args: argparse.Namespace) -> Ledger:
                 outcome = "succeeded" if event.succeeded else f"FAILED: {event.error}"
                 if event.charged is not None:  # the command's first result: a trainer executed it
                     ledger.reward[event.run_id] += event.charged
+                did = "halted" if event.command_kind == "halt" else f"restored step {event.restored_step}"
                 print(
                     f"[{event.cursor}] {event.run_id}: command {event.command_id} {outcome} on rank {event.rank}; "
-                    f"restored step {event.restored_step}, timeline {event.new_timeline}, "
-                    f"run total {ledger.reward[event.run_id]:g}",
+                    f"{did}, timeline {event.new_timeline}, run total {ledger.reward[event.run_id]:g}",
                     flush=True,
                 )
             elif isinstance(event, RunFinished):

@@ -235,6 +235,12 @@ def _security(settings: ServeSettings, values: dict[str, Any], insecure: bool) -
     ]
     if insecure and not is_loopback(host) and tokens is None and client_ca is None:
         warnings.append(f"--insecure: {values['listen']} is reachable without authentication; anyone can halt runs")
+    if values["metrics_per_run"] and values["metrics_listen"] not in ("off", ""):
+        # /metrics has no authentication: labelled series name every tenant's run ids to whoever reaches it
+        warnings.append(
+            f"--metrics-per-run {values['metrics_per_run']}: the run ids of every tenant are labels on "
+            f"{values['metrics_listen']}/metrics, which has no authentication; keep that address private"
+        )
     return dataclasses.replace(
         settings,
         tokens=tokens,

@@ -224,6 +224,10 @@ class GovernedTraining:
             self.guard = StepGuard(self.state)
             for optimizer in self.state.optimizers:
                 self.guard.install(optimizer)
+        # Optimizers whose gradients the scaler unscaled since the last step (``_watch_unscale``).
+        self._unscaled: set[int] = set()
+        if grad_scaler is not None:
+            self._watch_unscale(grad_scaler)
         self.lkg = LastKnownGood(snapshot_location, step_snapshots)
         self.step_snapshot_every = step_snapshot_every
         self.onset_margin_steps = onset_margin_steps
@@ -351,6 +355,9 @@ class GovernedTraining:
         self._closed = True
         if self.guard is not None:
             self.guard.uninstall()
+        if self.state.scaler is not None:
+            vars(self.state.scaler).pop("unscale_", None)
+            vars(self.state.scaler).pop("scale", None)
         self.vitals.flush()
         if self.governance.refusal is not None:
             status = None  # a governor that refused this trainer takes nothing more
@@ -379,10 +386,10 @@ class GovernedTraining:
     # ----------------------------------------------------------------- the user's calls
 
     def step(self, loss: torch.Tensor | float, grad_norm: torch.Tensor | float | None = None) -> Outcome:
-        """Record one optimizer step (call it after ``optimizer.step()``). ``grad_norm`` defaults to the
-        total norm of the gradients the optimizers hold (after any clipping); with a grad scaler and
-        ``scaler.unscale_`` before clipping, pass the norm you clipped with (the default divides by the
-        scale, which is right only for gradients still scaled). Nothing here reads the
+        """Record one optimizer step (call it after ``optimizer.step()``, or with a grad scaler after
+        ``scaler.step`` and ``scaler.update``). ``grad_norm`` defaults to the total norm of the gradients the
+        optimizers hold (after any clipping); with a grad scaler it is the unscaled norm, whether the scaler
+        unscaled the gradients already (``scaler.unscale_``, ``scaler.step``) or not. Nothing here reads the
         device; every ``agree_every_steps`` steps it is an agreement point."""
         # The hot path: after a training step the caches are cold and each call or lookup here costs
         # about a microsecond (tests/benchmarks/bench_step_overhead.py), so it is spelled out inline.
@@ -395,6 +402,7 @@ class GovernedTraining:
             grad_norm = self._default_grad_norm()
         elif type(grad_norm) is not torch.Tensor:
             grad_norm = _as_tensor(grad_norm, self.device)
+
         if type(loss) is not torch.Tensor:
             loss = _as_tensor(loss, self.device)
         step, timeline = state.step + 1, state.timeline
@@ -426,9 +434,10 @@ class GovernedTraining:
         return skip
 
     def _default_grad_norm(self) -> torch.Tensor:
-        """The total norm of the optimizers' gradients. With a grad scaler, unscaled by its current scale,
-        and a step whose gradients overflowed (the scaler skips it; that is its normal working) reports
-        the last finite norm: no host sync either way."""
+        """The total norm of the optimizers' gradients. With a grad scaler, of the unscaled gradients (divided
+        by the scale only when the scaler has not unscaled them since the last step: hardening 2 found the
+        documented order, ``scaler.step`` then ``step``, divided twice), and a step whose gradients overflowed
+        (the scaler skips it; that is its normal working) reports the last finite norm: no host sync either way."""
         norm = self.guard.take_norm(self.state.optimizers) if self.guard is not None else None
         if norm is None:
             norm = _total_grad_norm(self.state.optimizers, self.device)
@@ -436,12 +445,31 @@ class GovernedTraining:
         scale = getattr(scaler, "_scale", None) if scaler is not None else None
         if scale is None:
             return norm
-        norm = norm / scale.to(norm.device)
+        if not all(id(opt) in self._unscaled for opt in self.state.optimizers):
+            norm = norm / scale.to(norm.device)
         if self._last_finite_norm is None:
             self._last_finite_norm = torch.ones((), device=norm.device)
         norm = torch.where(torch.isfinite(norm), norm, self._last_finite_norm)
         self._last_finite_norm = norm
         return norm
+
+    def _watch_unscale(self, scaler: torch.amp.GradScaler) -> None:
+        """Note each optimizer whose gradients ``scaler.unscale_`` divided by the scale (called by the user
+        before clipping, or by ``scaler.step``), until ``scaler.scale`` scales a loss for the next backward:
+        instance attributes over the two methods, removed at ``close``."""
+        unscale_original, scale_original = scaler.unscale_, scaler.scale
+        unscaled = self._unscaled
+
+        def unscale_(optimizer: torch.optim.Optimizer) -> None:
+            unscale_original(optimizer)
+            unscaled.add(id(optimizer))
+
+        def scale(outputs: Any) -> Any:
+            unscaled.clear()  # the gradients of the backward that follows are scaled
+            return scale_original(outputs)
+
+        scaler.unscale_ = unscale_  # type: ignore[method-assign]
+        scaler.scale = scale  # type: ignore[method-assign]
 
     def _quiet(self, timeline: int) -> Outcome:
         """The outcome of a step or agreement point that only recorded (one object per timeline: nothing

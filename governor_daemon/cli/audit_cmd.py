@@ -122,6 +122,21 @@ def lr_text(result: dict[str, Any]) -> str:
     return f"; lr now {lr:.6g}" if isinstance(lr, int | float) else f"; lr now {lr}"
 
 
+def result_text(result: dict[str, Any]) -> str:
+    """What a journaled command result did: the restore of a ROLLBACK or RESUME, or the stop of a HALT (which
+    restores nothing: hardening 2 found "restored step 150 in 0.0 ms" for one). Journals written before
+    ``command_kind`` existed say the restore."""
+    state = "succeeded" if result.get("succeeded") else f"FAILED ({result.get('error')})"
+    kind = result.get("command_kind")
+    what = f"command {result.get('command_id')}{f' ({kind})' if kind else ''} {state}"
+    if kind == "halt":
+        return f"{what}; halted on timeline {result.get('new_timeline')}"
+    duration = result.get("duration_ms")
+    took = f" in {duration:.1f} ms" if isinstance(duration, int | float) else ""
+    restore = f"restored step {result.get('restored_step')}{took}" if result.get("succeeded") else "nothing restored"
+    return f"{what}; timeline {result.get('new_timeline')}, {restore}{lr_text(result)}"
+
+
 def describe(kind: str, payload: dict[str, Any]) -> str:
     """One human line for an entry's payload."""
     decision = payload.get("decision")
@@ -134,11 +149,7 @@ def describe(kind: str, payload: dict[str, Any]) -> str:
             f"-> {decision['action']}{reward}: {decision['reason']}{f' [{record}]' if record else ''}"
         )
     if kind == "command_result":
-        state = "succeeded" if payload["succeeded"] else f"FAILED ({payload['error']})"
-        return (
-            f"rank {payload['rank']}: command {payload['command_id']} {state}; timeline {payload['new_timeline']}, "
-            f"restored step {payload['restored_step']} in {payload['duration_ms']:.1f} ms{lr_text(payload)}"
-        )
+        return f"rank {payload['rank']}: {result_text(payload)}"
     if kind == "report" and "loss" in payload:  # one rank's validation record of a multi-rank run
         record = validation_summary(payload)
         return (

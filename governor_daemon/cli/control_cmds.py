@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from governor_daemon.cli.audit_cmd import lr_text
+from governor_daemon.cli.audit_cmd import result_text
 from governor_daemon.cli.output import error, validation_summary
 from governor_daemon.errors import PolicyConfigError
 from governor_daemon.policy import parse_assignments
@@ -203,11 +203,7 @@ def status(client: ControllerClient, args: argparse.Namespace) -> None:
             f"loss {validation.get('loss')}{f', {summary}' if summary else ''}"
         )
     if result is not None:
-        state = "succeeded" if result.get("succeeded") else f"FAILED ({result.get('error')})"
-        show(
-            f"  last command result: command {result.get('command_id')} {state} on rank {result.get('rank')}; "
-            f"timeline {result.get('new_timeline')}, restored step {result.get('restored_step')}{lr_text(result)}"
-        )
+        show(f"  last command result, rank {result.get('rank')}: {result_text(result)}")
     if run.open_command is not None:
         oc = run.open_command
         show(f"  open command {oc.command_id} COMMAND_TYPE_{oc.type} for {oc.age_s:.1f} s: {oc.reason}")

@@ -629,6 +629,8 @@ class GovernorCore:
             **({} if e.lr_after_restore is None else {"lr_after_restore": float_to_json(e.lr_after_restore)}),
         }
         command = policy.command(e.command_id)
+        if command is not None:
+            payload["command_kind"] = str(command.kind)
         moves = command is not None and command.kind is not CommandKind.HALT
         other = None
         if e.command_id >= policy.next_command_id:  # never issued here: forged, or a result for a run the

@@ -536,6 +536,9 @@ class CommandResult(Event):
     rank: int
     incarnation_id: str
     command_id: int
+    command_kind: str
+    """"rollback", "halt" or "resume" ("" in journals written before it was recorded). A HALT restores
+    nothing: its ``restored_step`` and ``duration_ms`` say nothing."""
     succeeded: bool
     new_timeline: int
     restored_step: int
@@ -616,6 +619,7 @@ def _typed_event(base: dict[str, Any], kind: str, p: Mapping[str, Any]) -> Event
             rank=int(p["rank"]),
             incarnation_id=str(p["incarnation_id"]),
             command_id=int(p["command_id"]),
+            command_kind=str(p.get("command_kind", "")),
             succeeded=bool(p["succeeded"]),
             new_timeline=int(p["new_timeline"]),
             restored_step=int(p["restored_step"]),

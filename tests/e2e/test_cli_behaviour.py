@@ -85,7 +85,7 @@ def test_status_shows_per_class_accuracy_and_the_lr_after_restore(journal: tuple
     assert isinstance(text, subprocess.CompletedProcess)
     assert text.returncode == 0, text.stderr
     assert "acc 0.788, per-class 0:0.99 1:0.5 2:0.875" in text.stdout
-    assert "last command result: command 1 succeeded" in text.stdout
+    assert "last command result, rank 0: command 1 (rollback) succeeded" in text.stdout
     assert "lr now 0.00025" in text.stdout
 
 

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from governor_daemon.daemon_process import DaemonProcess
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
 from tests.conftest import governor_cli
+from tolaria.controller import CommandIssued, CommandType, ControllerClient
 
 pytestmark = pytest.mark.slow
 
@@ -188,14 +190,12 @@ def test_repeated_nan_halts_then_resume_continues(daemon: DaemonProcess, tmp_pat
         daemon.address, summary_path, "--halt-wait-s", "120", "--epochs", "18", *policy, *injections, run_id="halty"
     )
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while True:
-        status = governor_cli(["status", "halty", "--address", daemon.address, "--json"])
-        if status.returncode == 0 and json.loads(status.stdout)["state"] == "RUN_STATE_HALTED":
-            break
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "the run never halted"
-        time.sleep(0.2)
+    # Wait for the HALT as an event (it failed under load against a 180 s wall-clock deadline): the journal's
+    # HALT command, or the trainer's end, which closes the stream.
+    with ControllerClient(daemon.address) as client, client.events(runs=["halty"], kinds=["command"]) as stream:
+        threading.Thread(target=lambda: (proc.wait(), stream.close()), daemon=True).start()
+        halt = next((e for e in stream if isinstance(e, CommandIssued) and e.command.type is CommandType.HALT), None)
+    assert halt is not None, f"the trainer ended before its HALT: {proc.communicate()[1][-3000:]}"
     resumed = governor_cli(["resume", "halty", "--address", daemon.address, "--reason", "checked"])
     assert resumed.returncode == 0, resumed.stderr
     _, stderr = proc.communicate(timeout=180)

@@ -362,7 +362,7 @@ def test_rl_controller_example_halts_after_a_rollback(daemon: InProcessDaemon, c
     assert "command 1 succeeded on rank 0; restored step 130, timeline 1, run total -10" in out
     assert ">> halted example-run after 1 rollbacks: command 2" in out
     assert "HALT command 2 (controller), punishment reward -10 once executed" in out
-    assert "command 2 succeeded on rank 0; restored step 130, timeline 1, run total -20" in out
+    assert "command 2 succeeded on rank 0; halted, timeline 1, run total -20" in out
     assert "total reward -20 matches the daemon's -20" in out
     assert "ledger example-run: 1 rollback(s), total reward -20" in out
     short = subprocess.run([*example, "--max-events", "2"], capture_output=True, text=True, timeout=60, check=False)

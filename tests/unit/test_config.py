@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import pytest
 
 from governor_daemon.errors import PolicyConfigError
 from governor_daemon.policy import FIELD_NAMES, PolicyConfig, parse_assignments
+from governor_daemon.settings import add_arguments, resolve
 
 
 def test_defaults_match_design() -> None:
@@ -114,3 +118,21 @@ def test_field_names_cover_the_proto_policy() -> None:
 
     proto_fields = {f.name for f in common_pb2.Policy.DESCRIPTOR.fields}
     assert proto_fields == set(FIELD_NAMES)
+
+
+@pytest.mark.parametrize(
+    ("flags", "warned"),
+    [([], False), (["--metrics-per-run", "8"], True), (["--metrics-per-run", "8", "--metrics-listen", "off"], False)],
+)
+def test_per_run_metrics_warn_that_run_ids_go_on_an_unauthenticated_endpoint(
+    tmp_path: Path, flags: list[str], warned: bool
+) -> None:
+    """Hardening 2: --metrics-per-run puts every tenant's run ids on /metrics, which has no authentication. It
+    stays off by default, and turning it on logs a warning at start-up naming the address."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = resolve(parser.parse_args(["--data-dir", str(tmp_path), *flags]), env={})
+    said = [w for w in settings.warnings if "--metrics-per-run" in w]
+    assert bool(said) == warned, settings.warnings
+    if warned:
+        assert "127.0.0.1:9464/metrics, which has no authentication" in said[0]

@@ -218,3 +218,24 @@ def test_a_death_penalty_beyond_its_bound_is_refused_from_update_policy_and_hell
     with pytest.raises(InvalidInputError, match="death_penalty must be <= 1e"):
         h.handle(ev.Attach(9, "r2", 0, 1, "i9", "t", {"death_penalty": 1e308}, None, 10, "", "p", "c", h.now))
     assert h.core.checkpoint() == before
+
+
+def test_a_halts_result_says_halted_not_a_restore() -> None:
+    """Hardening 2: a HALT's command result read "restored step 150 in 0.0 ms" in `audit show` and `status`,
+    although a HALT restores nothing. The entry names the command's kind, and the line says what it did."""
+    from governor_daemon.cli.audit_cmd import describe
+
+    h = Harness()
+    h.attach(1)
+    h.vitals(1, list(range(150)), [0.5] * 150)
+    halt = commands(h.handle(ev.Halt("r", "stop", "op", h.now)))[0]
+    fx = h.result(1, halt, new_timeline=0)
+    [entry] = [e for e in fx.entries if e.kind == EntryKind.COMMAND_RESULT]
+    assert entry.payload["command_kind"] == "halt"
+    line = describe(entry.kind, entry.payload)
+    assert line == "rank 0: command 1 (halt) succeeded; halted on timeline 0", line
+    rollback = Harness()
+    rollback.attach(1)
+    command = commands(rollback.vitals(1, [1], [math.nan]))[0]
+    [entry] = [e for e in rollback.result(1, command).entries if e.kind == EntryKind.COMMAND_RESULT]
+    assert describe(entry.kind, entry.payload).startswith("rank 0: command 1 (rollback) succeeded; timeline 1, ")

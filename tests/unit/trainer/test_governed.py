@@ -315,6 +315,35 @@ def test_with_a_grad_scaler_the_default_grad_norm_is_unscaled_and_an_overflow_is
     assert fake.grad_norms[3] == pytest.approx(expected[3], rel=1e-4)
 
 
+@pytest.mark.parametrize("clip", [False, True], ids=["step-then-governor", "unscale-clip-step-then-governor"])
+def test_a_grad_scaler_in_the_documented_order_reports_the_norm_divided_once(clip: bool) -> None:
+    """Hardening 2: with ``scaler.step`` (which unscales) then ``gov.step``, the default norm was divided by the
+    scale a second time (the journal showed 2.4e-07 where the real level was about 0.016). Whether the scaler
+    unscaled the gradients itself or the user did before clipping, the governor sees the unscaled norm."""
+    model, optimizers, _ = plain_setup()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    fake = FakeGovernance()
+    expected = []
+    with GovernedTraining(model, optimizers, governor=fake, grad_scaler=scaler, agree_every_steps=0) as gov:
+        for _ in range(3):
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(torch.randn(16, 8)), torch.randint(0, 3, (16,)))
+            scaler.scale(loss).backward()
+            if clip:
+                for opt in optimizers:
+                    scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+            for opt in optimizers:
+                scaler.step(opt)
+            scaler.update()
+            expected.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
+            gov.step(loss)
+        gov.validate(1.0)
+    assert fake.grad_norms == pytest.approx(expected, rel=1e-4)
+    assert min(expected) > 0.01, "the unscaled norms, not the scaled or twice-divided ones"
+
+
 @pytest.mark.parametrize("never_judged", ["num_dropped_records", "num_shed_records"])
 def test_records_never_judged_doom_a_step_snapshot(never_judged: str) -> None:
     """Review finding: records dropped under back-pressure were never judged, yet a later Ack vouched for them.
