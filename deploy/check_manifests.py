@@ -1,34 +1,43 @@
-"""Render and check the kustomizations under deploy/ without kubectl or kustomize. Exit 1 listing problems.
+"""Render the kustomizations under deploy/ with kustomize itself and check what it prints. Exit 1 listing
+problems.
 
-Rendering covers what these kustomizations use, and refuses anything else (so a new feature cannot be
-silently ignored): ``resources`` (files and directories), ``components``, ``secretGenerator`` (files and
-literals, with ``disableNameSuffixHash``; ``behavior: create`` or ``replace``) and ``patches`` written as
-JSON 6902 operations (add, replace, remove).
+Rendering is `kubectl kustomize DIR` (or `kustomize build DIR`; the command in $KUSTOMIZE wins): what
+`kubectl apply -k DIR` sends, whatever kustomize features an overlay uses (namespace, images, name
+prefixes, strategic-merge patches, ...). Without kubectl or kustomize on PATH (nor in the virtual
+environment's bin, where `make kubectl` puts one), rendering fails and says how to get one.
 
-Checks:
+Checks, on kustomize's output:
 - every YAML file beside a kustomization is listed in it, and every listed file exists;
-- every rendered object validates against the Kubernetes 1.37 schemas, strictly (no unknown fields), with
-  the ``kubernetes-validate`` package; cert-manager Certificates, a CRD it has no schema for, get the
-  fields the governor's TLS needs checked instead;
+- every rendered object validates strictly (no unknown fields) against the schemas of each Kubernetes
+  version in KUBERNETES_VERSIONS, with the ``kubernetes-validate`` package; custom resources it has no
+  schema for (cert-manager Certificates, Prometheus-operator ServiceMonitors and PrometheusRules) get their
+  required fields checked instead;
 - the governor Deployment has one replica and strategy Recreate, its arguments parse with `governor
   serve`'s own parser and its environment is one `governor serve` reads; the trainer's arguments parse with
   `tolaria-train`'s parser and its environment is one `tolaria-train` reads; an Indexed Job's completions
-  match torchrun's --nnodes;
+  match its WORLD_SIZE (or torchrun's --nnodes);
+- the trainer Job restarts crashed ranks and stops on the governor's verdicts: restartPolicy Never, a
+  backoffLimit above 0, a podFailurePolicy whose FailJob exit codes are exactly TERMINAL_EXIT_CODES (read
+  by the trainer container itself: not under torchrun, which exits 1 whatever its worker's code), and
+  disruptions ignored; its /dev/shm is a memory-backed emptyDir with a size limit (the last-known-good
+  snapshot lives there);
 - every container runs as non-root with a read-only root filesystem, no privilege escalation, and resource
   requests and limits; every Service selects a pod template and names ports those pods have; every Secret,
-  key and claim a pod mounts is rendered; the NetworkPolicy selects the governor and lets the trainers in;
-  TOLARIA_GOVERNOR names a Service and its gRPC port.
+  key and claim a pod mounts is rendered; the NetworkPolicy selects the governor, lets the trainers in,
+  and lets in labelled controllers from labelled namespaces; the trainer's governor address names a Service and
+  its gRPC port.
 
 Run: python deploy/check_manifests.py [KUSTOMIZATION_DIR ...]   (default: every one under deploy/)
-     python deploy/check_manifests.py --render DIR             (the rendered YAML stream on stdout)
+     python deploy/check_manifests.py --render DIR             (kustomize's YAML stream on stdout)
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import copy
-import io
+import os
+import shlex
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,34 +45,33 @@ from typing import Any
 from ruamel.yaml import YAML
 
 DEPLOY = Path(__file__).resolve().parent
-KUBERNETES_VERSION = "1.37.0"
+# The oldest Kubernetes the manifests support (podFailurePolicy and the DisruptionTarget condition are on
+# by default since 1.26 and GA in 1.31), one in between, and the newest kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.30.0", "1.33.0", "1.37.0")
 KUSTOMIZATION = "kustomization.yaml"
-KNOWN_KEYS = {
-    "apiVersion",
-    "kind",
-    "resources",
-    "components",
-    "secretGenerator",
-    "generatorOptions",
-    "patches",
-}
 GOVERNOR = "tolaria-governor"
 TRAINER = "tolaria-trainer"
+# Exit codes (tolaria.exit_codes) after which restarting a trainer cannot help: a usage error or a refusal
+# by the governor (2), a HALT (3), a failed rollback (5, the governor HALTs the run) and the epoch cap (6).
+# Every other failure (1 a crash, 4 governor unreachable under --fail-closed, 128+N killed by signal N:
+# 137 OOM-killed, 139 segfault) is retried, up to backoffLimit.
+TERMINAL_EXIT_CODES = ("USAGE", "HALTED", "ROLLBACK_FAILED", "EPOCH_CAP")
+# Custom resources kubernetes-validate has no schema for: the spec fields each must have.
+CUSTOM_RESOURCES = {
+    ("cert-manager.io/v1", "Certificate"): ("secretName", "issuerRef"),
+    ("monitoring.coreos.com/v1", "ServiceMonitor"): ("selector", "endpoints"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"): ("groups",),
+}
 
 Obj = dict[str, Any]
 
 
 class RenderError(Exception):
-    """A kustomization uses something this renderer does not implement, or is malformed."""
+    """kustomize is not available, or refused the kustomization (its message is included)."""
 
 
 def _yaml() -> YAML:
     return YAML(typ="safe", pure=True)
-
-
-def load_all(path: Path) -> list[Obj]:
-    """The documents of a YAML file (empty ones dropped)."""
-    return [doc for doc in _yaml().load_all(path.read_text()) if doc]
 
 
 def kustomization_dirs(root: Path = DEPLOY) -> list[Path]:
@@ -75,100 +83,36 @@ def kustomization_dirs(root: Path = DEPLOY) -> list[Path]:
     return found
 
 
+def kustomize_command() -> list[str]:
+    """The command that renders a kustomization directory given as its last argument."""
+    if os.environ.get("KUSTOMIZE"):
+        return shlex.split(os.environ["KUSTOMIZE"])
+    search = os.pathsep.join([os.environ.get("PATH", ""), str(Path(sys.executable).parent)])
+    if kubectl := shutil.which("kubectl", path=search):
+        return [kubectl, "kustomize"]
+    if kustomize := shutil.which("kustomize", path=search):
+        return [kustomize, "build"]
+    raise RenderError(
+        "neither kubectl nor kustomize is on PATH: install kubectl (which embeds kustomize), or run "
+        "`make kubectl` (a pinned kubectl into .venv/bin), or set KUSTOMIZE='kustomize build'"
+    )
+
+
+def render_text(directory: Path) -> str:
+    """kustomize's YAML stream for ``directory``, as `kubectl apply -k` would send it."""
+    command = [*kustomize_command(), str(directory)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RenderError(f"{shlex.join(command)}: {exc}") from None
+    if done.returncode != 0:
+        raise RenderError(f"{shlex.join(command)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
 def render(directory: Path) -> list[Obj]:
-    """The objects `kustomize build DIRECTORY` would print, for the features these files use."""
-    spec = _yaml().load((directory / KUSTOMIZATION).read_text())
-    unknown = set(spec) - KNOWN_KEYS
-    if unknown:
-        raise RenderError(f"{directory / KUSTOMIZATION}: not implemented here: {', '.join(sorted(unknown))}")
-    objects: list[Obj] = []
-    for entry in spec.get("resources") or []:
-        path = (directory / entry).resolve()
-        objects += render(path) if path.is_dir() else load_all(path)
-    options = spec.get("generatorOptions") or {}
-    for generator in spec.get("secretGenerator") or []:
-        secret = _secret(directory, generator, options)
-        behavior = generator.get("behavior", "create")
-        same = [o for o in objects if o["kind"] == "Secret" and o["metadata"]["name"] == secret["metadata"]["name"]]
-        if behavior == "create" and not same:
-            objects.append(secret)
-        elif behavior == "replace" and same:
-            objects[objects.index(same[0])] = secret
-        else:
-            name = secret["metadata"]["name"]
-            raise RenderError(f"{directory}: secretGenerator {name}: behavior {behavior!r}, {len(same)} such Secret(s)")
-    for entry in spec.get("components") or []:
-        component = (directory / entry).resolve()
-        comp_spec = _yaml().load((component / KUSTOMIZATION).read_text())
-        if comp_spec.get("kind") != "Component":
-            raise RenderError(f"{component}: listed under components but its kind is {comp_spec.get('kind')!r}")
-        for resource in comp_spec.get("resources") or []:
-            objects += load_all(component / resource)
-        _patch_all(component, objects, comp_spec.get("patches") or [])
-    _patch_all(directory, objects, spec.get("patches") or [])
-    return objects
-
-
-def _secret(directory: Path, generator: Obj, options: Obj) -> Obj:
-    if not (options.get("disableNameSuffixHash") or (generator.get("options") or {}).get("disableNameSuffixHash")):
-        raise RenderError(f"{directory}: secretGenerator {generator['name']}: name suffix hashes are not implemented")
-    data: dict[str, str] = {}
-    for item in generator.get("files") or []:
-        key, _, file = item.partition("=") if "=" in item else (Path(item).name, "", item)
-        data[key] = base64.b64encode((directory / file).read_bytes()).decode()
-    for literal in generator.get("literals") or []:
-        key, _, value = literal.partition("=")
-        data[key] = base64.b64encode(value.encode()).decode()
-    labels = {**(options.get("labels") or {}), **((generator.get("options") or {}).get("labels") or {})}
-    metadata: Obj = {"name": generator["name"]}
-    if labels:
-        metadata["labels"] = labels
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque", "data": data}
-
-
-def _matches(obj: Obj, target: Obj) -> bool:
-    group, _, version = obj["apiVersion"].rpartition("/")
-    wanted = {"kind": obj["kind"], "name": obj["metadata"]["name"], "group": group, "version": version}
-    return all(wanted.get(key) == value for key, value in target.items())
-
-
-def _patch_all(directory: Path, objects: list[Obj], patches: list[Obj]) -> None:
-    for patch in patches:
-        ops = _yaml().load(patch["patch"]) if "patch" in patch else load_all(directory / patch["path"])
-        if not isinstance(ops, list):
-            raise RenderError(f"{directory}: only JSON 6902 patches (a list of operations) are implemented")
-        targets = [o for o in objects if _matches(o, patch.get("target") or {})]
-        if not targets:
-            raise RenderError(f"{directory}: a patch matches no object: {patch.get('target')}")
-        for obj in targets:
-            for op in ops:
-                _apply(obj, op)
-
-
-def _apply(obj: Obj, op: Obj) -> None:
-    """One JSON 6902 operation (add, replace, remove) on ``obj``, in place."""
-    parts = [p.replace("~1", "/").replace("~0", "~") for p in op["path"].split("/")[1:]]
-    parent: Any = obj
-    for part in parts[:-1]:
-        parent = parent[int(part)] if isinstance(parent, list) else parent[part]
-    last = parts[-1]
-    kind = op["op"]
-    if kind not in ("add", "replace", "remove"):
-        raise RenderError(f"JSON 6902 op {kind!r} is not implemented")
-    if isinstance(parent, list):
-        if kind == "add":
-            parent.insert(len(parent) if last == "-" else int(last), copy.deepcopy(op["value"]))
-        elif kind == "replace":
-            parent[int(last)] = copy.deepcopy(op["value"])
-        else:
-            del parent[int(last)]
-    else:
-        if kind != "add" and last not in parent:
-            raise RenderError(f"{op['path']}: nothing to {kind}")
-        if kind == "remove":
-            del parent[last]
-        else:
-            parent[last] = copy.deepcopy(op["value"])
+    """The objects kustomize renders for ``directory``."""
+    return [doc for doc in _yaml().load_all(render_text(directory)) if doc]
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -203,27 +147,27 @@ def check_objects(objects: list[Obj]) -> list[str]:
     import kubernetes_validate
 
     problems: list[str] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str]] = set()
     for obj in objects:
-        key = (obj["kind"], obj["metadata"]["name"])
+        key = (obj["kind"], obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
         if key in seen:
             problems.append(f"{_name(obj)} is defined twice")
         seen.add(key)
-        if obj["apiVersion"] == "cert-manager.io/v1" and obj["kind"] == "Certificate":
+        required = CUSTOM_RESOURCES.get((obj["apiVersion"], obj["kind"]))
+        if required is not None:
             spec = obj.get("spec") or {}
-            for field in ("secretName", "issuerRef"):
-                if field not in spec:
-                    problems.append(f"{_name(obj)}: spec.{field} is required")
-            if not (spec.get("issuerRef") or {}).get("name"):
+            problems += [f"{_name(obj)}: spec.{field} is required" for field in required if not spec.get(field)]
+            if obj["kind"] == "Certificate" and not (spec.get("issuerRef") or {}).get("name"):
                 problems.append(f"{_name(obj)}: spec.issuerRef.name is required")
             continue
-        try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
-            where = ".".join(str(p) for p in exc.path)
-            problems.append(f"{_name(obj)}: {where}: {exc.message}")
-        except kubernetes_validate.SchemaNotFoundError as exc:
-            problems.append(f"{_name(obj)}: {exc.message}")
+        for version in KUBERNETES_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                where = ".".join(str(p) for p in exc.path)
+                problems.append(f"{_name(obj)}: Kubernetes {version}: {where}: {exc.message}")
+            except kubernetes_validate.SchemaNotFoundError as exc:
+                problems.append(f"{_name(obj)}: Kubernetes {version}: {exc.message}")
     secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
     cert_secrets = {o["spec"]["secretName"] for o in objects if o["kind"] == "Certificate" and "spec" in o}
     claims = {o["metadata"]["name"] for o in objects if o["kind"] == "PersistentVolumeClaim"}
@@ -282,26 +226,31 @@ def _check_pod(
             if mount["name"] not in volumes:
                 problems.append(f"{where}: mounts volume {mount['name']!r}, which the pod does not define")
         for env in container.get("env") or []:
-            if env["name"] == "TOLARIA_GOVERNOR":
+            if env["name"] in ("GOVERNOR_ADDRESS", "TOLARIA_GOVERNOR"):
                 host, _, port = env.get("value", "").rpartition(":")
                 service = services.get(host.split(".")[0])
                 if service is None or int(port or 0) not in {p["port"] for p in service["spec"]["ports"]}:
-                    problems.append(f"{where}: TOLARIA_GOVERNOR={env.get('value')} is not a Service and port here")
+                    problems.append(f"{where}: {env['name']}={env.get('value')} is not a Service and port here")
     return problems
 
 
 def _program_args(container: Obj) -> tuple[str, list[str]]:
-    """(program, its arguments): `governor serve` from the image's entrypoint, or tolaria_trainer under
-    torchrun."""
+    """(program, its arguments): `governor serve` (the container named governor) or `tolaria-train` from the
+    image's entrypoint, or tolaria_trainer under torchrun. By name, not image: an overlay may rename images."""
     command, args = container.get("command") or [], [str(a) for a in container.get("args") or []]
     if command == ["torchrun"]:
         return "torchrun", args
-    return "governor" if "governor" in container["image"] else "tolaria-train", args
+    return "governor" if container["name"] == "governor" else "tolaria-train", args
+
+
+def _env_value(container: Obj, name: str) -> str | None:
+    return next((str(e.get("value")) for e in container.get("env") or [] if e["name"] == name), None)
 
 
 def _check_governor(objects: list[Obj], pods: list[tuple[Obj, Obj]]) -> list[str]:
     from governor_daemon.settings import ENV_VARS as GOVERNOR_ENV
     from governor_daemon.settings import add_arguments
+    from tolaria_trainer import cli as trainer_cli
     from tolaria_trainer.cli import ENV_VARS as TRAINER_ENV
     from tolaria_trainer.cli import build_parser
 
@@ -313,6 +262,7 @@ def _check_governor(objects: list[Obj], pods: list[tuple[Obj, Obj]]) -> list[str
                 problems.append(f"{name}: replicas must be 1 (one writer per journal)")
             if (workload["spec"].get("strategy") or {}).get("type") != "Recreate":
                 problems.append(f"{name}: strategy must be Recreate (a rolling update runs two governors at once)")
+        indexed = workload["kind"] == "Job" and workload["spec"].get("completionMode") == "Indexed"
         for container in template["spec"]["containers"]:
             program, args = _program_args(container)
             env = {e["name"] for e in container.get("env") or []}
@@ -327,12 +277,17 @@ def _check_governor(objects: list[Obj], pods: list[tuple[Obj, Obj]]) -> list[str
                         continue
                     launcher, args = args[: args.index("-m")], args[args.index("-m") + 2 :]
                     nnodes = next((a.split("=", 1)[1] for a in launcher if a.startswith("--nnodes=")), "1")
-                    indexed = workload["kind"] == "Job" and workload["spec"].get("completionMode") == "Indexed"
                     if indexed and str(workload["spec"].get("completions")) != nnodes:
                         problems.append(f"{name}: completions must equal torchrun's --nnodes ({nnodes})")
+                elif indexed and (world := _env_value(container, "WORLD_SIZE")) not in (
+                    None,
+                    str(workload["spec"].get("completions")),
+                ):
+                    problems.append(f"{name}: completions must equal WORLD_SIZE ({world})")
                 parser = build_parser()
                 parser.exit_on_error = False
-                declared = set(TRAINER_ENV)
+                # Earlier spellings still work (with a deprecation warning): accepted here too.
+                declared = {*TRAINER_ENV, *getattr(trainer_cli, "DEPRECATED_ENV_VARS", ())}
             try:
                 _, unknown = parser.parse_known_args(args)
             except (argparse.ArgumentError, SystemExit) as exc:
@@ -340,25 +295,95 @@ def _check_governor(objects: list[Obj], pods: list[tuple[Obj, Obj]]) -> list[str
                 continue
             if unknown:
                 problems.append(f"{name}: {program} does not know {' '.join(unknown)}")
-            prefix = "GOVERNOR_" if program == "governor" else "TOLARIA_"
-            for var in sorted(v for v in env if v.startswith(prefix) and v not in declared):
+            prefixes = ("GOVERNOR_",) if program == "governor" else ("GOVERNOR_", "TOLARIA_")
+            for var in sorted(v for v in env if v.startswith(prefixes) and v not in declared):
                 problems.append(f"{name}: sets {var}, which {program} does not read")
-    policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
+        if workload["kind"] == "Job" and workload["metadata"]["name"] == TRAINER:
+            problems += _check_trainer_job(workload, template)
+    problems += _check_network_policies(objects, pods)
+    return problems
+
+
+def terminal_exit_codes() -> list[int]:
+    """TERMINAL_EXIT_CODES as numbers, from tolaria.exit_codes."""
+    from tolaria.exit_codes import ExitCode
+
+    return sorted(int(ExitCode[name]) for name in TERMINAL_EXIT_CODES)
+
+
+def _check_trainer_job(job: Obj, template: Obj) -> list[str]:
+    """Crashed ranks are restarted, the governor's verdicts end the Job, and /dev/shm holds the snapshot."""
+    name, spec, pod = _name(job), job["spec"], template["spec"]
+    problems = []
+    if pod.get("restartPolicy") != "Never":
+        problems.append(f"{name}: restartPolicy must be Never (a podFailurePolicy requires it)")
+    if not spec.get("backoffLimit", 6) > 0:
+        problems.append(f"{name}: backoffLimit must be above 0, or a crashed rank is never restarted")
+    rules = (spec.get("podFailurePolicy") or {}).get("rules") or []
+    if not rules:
+        problems.append(f"{name}: no podFailurePolicy: a HALT would be retried like a crash")
+    trainer = next((c for c in pod["containers"] if c["name"] == "trainer"), None)
+    if trainer is None:
+        return [*problems, f"{name}: no container named trainer"]
+    fail = sorted(
+        v
+        for rule in rules
+        if rule.get("action") == "FailJob" and (codes := rule.get("onExitCodes"))
+        if codes.get("operator") == "In"
+        for v in codes.get("values") or []
+    )
+    if rules and fail != terminal_exit_codes():
+        problems.append(f"{name}: the FailJob exit codes are {fail}, not the terminal ones {terminal_exit_codes()}")
+    for rule in rules:
+        codes = rule.get("onExitCodes")
+        if codes and codes.get("containerName") not in (None, trainer["name"]):
+            problems.append(f"{name}: a podFailurePolicy rule names container {codes.get('containerName')!r}")
+    if rules and (trainer.get("command") or [""])[0] == "torchrun":
+        problems.append(
+            f"{name}: under torchrun the container exits 1 whatever the trainer's code: the exit-code rules never match"
+        )
+    if not any(
+        rule.get("action") == "Ignore"
+        and any(c.get("type") == "DisruptionTarget" for c in rule.get("onPodConditions") or [])
+        for rule in rules
+    ):
+        problems.append(
+            f"{name}: a pod evicted or preempted (DisruptionTarget) should be retried without counting (Ignore)"
+        )
+    shm = next((m for m in trainer.get("volumeMounts") or [] if m["mountPath"] == "/dev/shm"), None)
+    volume = next((v for v in pod.get("volumes") or [] if shm and v["name"] == shm["name"]), None)
+    empty_dir = (volume or {}).get("emptyDir") or {}
+    if empty_dir.get("medium") != "Memory" or not empty_dir.get("sizeLimit"):
+        problems.append(f"{name}: mount an emptyDir {{medium: Memory, sizeLimit: ...}} at /dev/shm for the snapshot")
+    return problems
+
+
+def _check_network_policies(objects: list[Obj], pods: list[tuple[Obj, Obj]]) -> list[str]:
+    problems = []
     governor_pods = [t for w, t in pods if w["metadata"]["name"] == GOVERNOR]
     trainer_pods = [t for w, t in pods if w["metadata"]["name"] == TRAINER]
-    for policy in policies:
+    for policy in (o for o in objects if o["kind"] == "NetworkPolicy"):
         selector = policy["spec"]["podSelector"].get("matchLabels") or {}
         if not any(_selects(selector, t["metadata"]["labels"]) for t in governor_pods):
             problems.append(f"{_name(policy)}: its podSelector does not select the governor")
+        peers = [peer for rule in policy["spec"].get("ingress") or [] for peer in rule.get("from") or []]
         allowed = [
             peer["podSelector"].get("matchLabels") or {}
-            for rule in policy["spec"].get("ingress") or []
-            for peer in rule.get("from") or []
+            for peer in peers
             if "podSelector" in peer and "namespaceSelector" not in peer
         ]
         for template in trainer_pods:
             if not any(_selects(sel, template["metadata"]["labels"]) for sel in allowed):
                 problems.append(f"{_name(policy)}: the trainer pods are not let in")
+        if not any(
+            (peer.get("namespaceSelector") or {}).get("matchLabels") == {"tolaria.dev/governor-client": "true"}
+            and (peer.get("podSelector") or {}).get("matchLabels") == {"tolaria.dev/governor-client": "true"}
+            for peer in peers
+        ):
+            problems.append(
+                f"{_name(policy)}: controllers in other namespaces are not let in (a peer with namespaceSelector "
+                'and podSelector tolaria.dev/governor-client: "true")'
+            )
     return problems
 
 
@@ -372,40 +397,36 @@ def check(directory: Path) -> list[str]:
             problems += check_listing(path)
     try:
         objects = render(directory)
-    except (RenderError, OSError, KeyError, IndexError, ValueError) as exc:
+    except RenderError as exc:
         return [*problems, f"{directory}: cannot render: {exc}"]
     return problems + check_objects(objects)
-
-
-def dump(objects: list[Obj]) -> str:
-    """A YAML stream, as `kustomize build` prints."""
-    out = io.StringIO()
-    yaml = YAML()
-    yaml.default_flow_style = False
-    yaml.dump_all(objects, out)
-    return out.getvalue()
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dirs", nargs="*", type=Path)
-    parser.add_argument("--render", action="store_true", help="print the rendered objects of one kustomization")
+    parser.add_argument("--render", action="store_true", help="print kustomize's output for one kustomization")
     args = parser.parse_args(argv[1:])
-    if args.render:
-        if len(args.dirs) != 1:
-            parser.error("--render takes one kustomization directory")
-        print(dump(render(args.dirs[0])), end="")
-        return 0
-    failed = False
-    for directory in args.dirs or kustomization_dirs():
-        problems = check(directory)
-        for problem in problems:
-            print(f"{problem}", file=sys.stderr)
-        if problems:
-            failed = True
-        else:
-            count = len(render(directory))
-            print(f"{directory}: {count} objects render and validate against Kubernetes {KUBERNETES_VERSION}")
+    try:
+        if args.render:
+            if len(args.dirs) != 1:
+                parser.error("--render takes one kustomization directory")
+            print(render_text(args.dirs[0]), end="")
+            return 0
+        failed = False
+        for directory in args.dirs or kustomization_dirs():
+            problems = check(directory)
+            for problem in problems:
+                print(f"{problem}", file=sys.stderr)
+            if problems:
+                failed = True
+            else:
+                count = len(render(directory))
+                versions = ", ".join(KUBERNETES_VERSIONS)
+                print(f"{directory}: {count} objects render with kustomize and validate against Kubernetes {versions}")
+    except RenderError as exc:
+        print(f"check_manifests: {exc}", file=sys.stderr)
+        return 1
     return 1 if failed else 0
 
 

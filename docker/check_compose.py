@@ -6,6 +6,8 @@
 - ${VAR} interpolations carry a default (${VAR:-default}) so `docker compose up` works as is;
 - no two services publish the same host port, and every published port names its host address (the
   default is loopback: publishing on every interface must be asked for).
+- a trainer service restarts on failure a bounded number of times (`restart: on-failure:N`, N from 1 to
+  10): `always`, `unless-stopped` or an unbounded `on-failure` would restart a HALTed trainer forever.
 Run: python docker/check_compose.py [docker/compose.yaml]
 """
 
@@ -21,7 +23,7 @@ from ruamel.yaml import YAML
 # What each image's program reads, and which of those have no default (must be set).
 PROGRAM_ENV = {
     "governor": (("governor_daemon.settings", "governor_daemon.cli.tokens_cmd"), "ENV_VARS", frozenset()),
-    "tolaria-train": (("tolaria_trainer.cli",), "ENV_VARS", frozenset({"TOLARIA_GOVERNOR"})),
+    "tolaria-train": (("tolaria_trainer.cli",), "ENV_VARS", frozenset({"GOVERNOR_ADDRESS"})),
 }
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?-[^}]*)?\}")
 
@@ -60,6 +62,22 @@ def with_defaults(text: str) -> str:
     return INTERPOLATION.sub(lambda m: (m.group(2) or "").removeprefix(":").removeprefix("-"), text)
 
 
+MAX_TRAINER_RESTARTS = 10
+
+
+def check_trainer_restart(name: str, service: dict[str, Any]) -> list[str]:
+    """Compose restarts by exit status, not by code: a bounded ``on-failure:N`` restarts a crashed trainer
+    and gives up on a HALT (exit 3, again at every retry) after N tries."""
+    restart = str(service.get("restart", "no"))
+    policy, _, count = restart.partition(":")
+    if policy == "on-failure" and count.isdigit() and 1 <= int(count) <= MAX_TRAINER_RESTARTS:
+        return []
+    return [
+        f"{name}: restart: {restart} - use on-failure:N (N from 1 to {MAX_TRAINER_RESTARTS}): crashes are retried, "
+        "and a HALTed trainer (exit 3 at every retry) is not restarted forever"
+    ]
+
+
 def check(path: Path) -> list[str]:
     """Every problem found, as messages naming the service and the fix."""
     data = load(path)
@@ -85,6 +103,8 @@ def check(path: Path) -> list[str]:
                 )
             for var in sorted(required - env_names):
                 problems.append(f"{name}: {program} needs {var} (it has no default); set it in environment")
+        if program == "tolaria-train":
+            problems += check_trainer_restart(name, service)
         for port in service.get("ports") or []:
             parts = with_defaults(str(port)).split(":")
             if len(parts) != 3:

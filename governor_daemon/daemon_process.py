@@ -13,6 +13,7 @@ running with SIGTERM (``terminate``); ``kill`` is SIGKILL.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -39,7 +40,8 @@ class DaemonProcess:
     """`governor serve` as a subprocess (so it can be SIGKILLed).
 
     ``tick_interval_s`` and ``metrics_listen`` default to the test settings; None leaves the daemon's own
-    default (0.25 s ticks, metrics on 127.0.0.1:9464), as `governor serve` runs for users.
+    default (0.25 s ticks; metrics on 127.0.0.1 at a free port, as --listen has port 0: ``metrics_port()``),
+    as `governor serve` runs for users.
     ``extra_args`` are more `governor serve` flags; ``max_file_bytes`` sets RLIMIT_FSIZE (a full disk).
     """
 
@@ -58,6 +60,7 @@ class DaemonProcess:
         self.port_file.unlink(missing_ok=True)
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
         self._log = self.log_path.open("ab")
+        self._log_start = self._log.tell()  # the log is appended to: this process's lines start here
         args = [
             sys.executable,
             "-m",
@@ -129,6 +132,22 @@ class DaemonProcess:
     def address(self) -> str:
         """host:port of the gRPC server."""
         return f"127.0.0.1:{self.port}"
+
+    def metrics_port(self, timeout_s: float = 30.0) -> int | None:
+        """The metrics port on the daemon's "governor serving" log line (None: metrics off)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_start)
+                lines = log.read().decode(errors="replace").splitlines()
+            for line in lines:
+                if '"governor serving"' in line:
+                    port = json.loads(line).get("metrics_port")
+                    return None if port is None else int(port)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"governor serve exited with {self.proc.returncode}: {self.log_path.read_text()}")
+            time.sleep(0.02)
+        raise TimeoutError(f"no 'governor serving' line in {timeout_s} s: {self.log_path.read_text()}")
 
     def kill(self) -> None:
         """SIGKILL: no flush, no goodbye."""

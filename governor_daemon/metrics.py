@@ -1,11 +1,12 @@
 """The daemon's Prometheus metrics, with ``prometheus_client``, on a registry of each daemon's own.
 
 Every metric is ``governor_``-prefixed. Labelled counters are initialised for every label value the daemon
-knows of, so each series exists (at 0) from start. Counters are updated from the event loop; a scrape is
-rendered in a worker thread, from a snapshot of the gauges that read the Governor's state taken on the loop,
-so a scrape never blocks the loop for more than that snapshot and never reads the Governor from another
-thread. Only ``GET /metrics`` is served (404 elsewhere); ``Accept`` chooses between the text format and
-OpenMetrics, as prometheus_client does.
+knows of, so each series exists (at 0) from start (a run's per-run series from its first count). Counters
+are updated from the event loop; a scrape is served by prometheus_client's WSGI app and server in threads
+of their own, from a snapshot of the gauges that read the Governor's state taken on the loop, so a scrape
+never blocks the loop for more than that snapshot and never reads the Governor from another thread. Only
+``GET /metrics`` (and HEAD) is served, 404 elsewhere; ``Accept`` chooses between the text format and
+OpenMetrics, ``Accept-Encoding: gzip`` compresses, as prometheus_client does.
 
 Per-run series (``governor_run_*``, a ``run`` label) are opt-in: ``--metrics-per-run N`` labels at most N
 runs at once; further runs are summed under ``run="other"``, and a run that leaves memory (evicted, expired,
@@ -17,9 +18,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import platform
+import socket
+import socketserver
+import ssl
+import threading
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.types import StartResponse
 
 from prometheus_client import (
     CollectorRegistry,
@@ -29,8 +36,9 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
+    make_wsgi_app,
 )
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -51,7 +59,7 @@ PANIC_RULES = (
     "step_lr_jump",
     "step_zero",
 )
-"""Every rule that can PANIC (policy/decisions.py ``Rule``; a unit test keeps the two in step)."""
+"""Every rule that can PANIC (policy/decisions.py ``Rule``; tests/integration/test_metrics.py keeps them in step)."""
 COMMANDS = (
     ("rollback", "sent"),
     ("halt", "sent"),
@@ -59,6 +67,8 @@ COMMANDS = (
     *(("any", o) for o in ("succeeded", "failed", "timeout")),
 )
 AUTH_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED")
+NOTIFICATION_OUTCOMES = ("sent", "retried", "failed", "dropped")
+"""``notify.OUTCOMES`` (a unit test keeps the two in step)."""
 OTHER_RUNS = "other"
 
 LabelValues = dict[tuple[str, ...], float]
@@ -98,17 +108,6 @@ class StateGauge(Collector):
         for labels, value in sorted(values.items()):
             family.add_metric(list(labels), value)
         return [family]
-
-
-class PerRunCounter:
-    """A counter family with a ``run`` label for at most ``limit`` runs; others count under run="other"."""
-
-    def __init__(self, counter: Counter, runs: RunSlots) -> None:
-        self.counter, self.runs = counter, runs
-
-    def inc(self, run: str, amount: float = 1.0, **labels: str) -> None:
-        """Add ``amount`` to the run's series (or to run="other")."""
-        self.counter.labels(run=self.runs.label(run), **labels).inc(amount)
 
 
 class RunSlots:
@@ -188,6 +187,13 @@ class Metrics:
         self.auth_failures = Counter(
             "governor_auth_failures_total", "Calls refused, by status code.", ["code"], registry=registry
         )
+        self.notifications = Counter(
+            "governor_notifications_total",
+            "--notify-url events: sent, retried (an attempt failed), failed (given up), dropped (queue full or "
+            "shutdown).",
+            ["outcome"],
+            registry=registry,
+        )
         self.build_info = Gauge(
             "governor_build_info",
             "Always 1: the daemon's version and Python version.",
@@ -205,12 +211,16 @@ class Metrics:
             self.commands.labels(type=type_, outcome=outcome)
         for code in AUTH_CODES:
             self.auth_failures.labels(code=code)
+        for outcome in NOTIFICATION_OUTCOMES:
+            self.notifications.labels(outcome=outcome)
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         GCCollector(registry=registry)
         self.state_gauges: list[StateGauge] = []
         self.runs = RunSlots(per_run)
-        self.per_run: dict[str, PerRunCounter] = {}
+        self.per_run: dict[str, tuple[Counter, list[dict[str, str]]]] = {}
+        """Per-run family -> (counter, every label set besides ``run`` it has from a run's first count)."""
+        self._runs_initialised: set[str] = set()
         if per_run > 0:
             families = {
                 "records": ("governor_run_records_received_total", "Records accepted per run, by kind.", ["kind"]),
@@ -222,10 +232,15 @@ class Metrics:
                     ["type", "outcome"],
                 ),
             }
+            known = {
+                "records": [{"kind": k} for k in RECORD_KINDS],
+                "verdicts": [{"kind": k} for k in VERDICT_KINDS],
+                "panics": [{"rule": r} for r in PANIC_RULES],
+                "commands": [{"type": t, "outcome": o} for t, o in COMMANDS],
+            }
             for key, (name, doc, labels) in families.items():
                 doc += f' At most {per_run} runs labelled at once; the others as run="other".'
-                counter = Counter(name, doc, ["run", *labels], registry=registry)
-                self.per_run[key] = PerRunCounter(counter, self.runs)
+                self.per_run[key] = (Counter(name, doc, ["run", *labels], registry=registry), known[key])
 
     def add_state_gauge(self, gauge: StateGauge) -> None:
         """Register a gauge read from the Governor."""
@@ -233,16 +248,24 @@ class Metrics:
         self.state_gauges.append(gauge)
 
     def count_run(self, family: str, run: str, amount: float = 1.0, **labels: str) -> None:
-        """Count in the per-run family (no-op when per-run series are off)."""
-        counter = self.per_run.get(family)
-        if counter is not None and run:
-            counter.inc(run, amount, **labels)
+        """Count in the per-run family (no-op when per-run series are off). A run's first count creates
+        every series of every per-run family for it, at 0."""
+        if family not in self.per_run or not run:
+            return
+        label = self.runs.label(run)
+        if label not in self._runs_initialised:
+            self._runs_initialised.add(label)
+            for counter, known in self.per_run.values():
+                for values in known:
+                    counter.labels(run=label, **values)
+        self.per_run[family][0].labels(run=label, **labels).inc(amount)
 
     def forget_run(self, run: str) -> None:
         """The run left memory: remove its per-run series and free its slot."""
         if self.runs.release(run):
-            for counter in self.per_run.values():
-                counter.counter.remove_by_labels({"run": run})
+            self._runs_initialised.discard(run)
+            for counter, _ in self.per_run.values():
+                counter.remove_by_labels({"run": run})
 
     def value(self, name: str, **labels: str) -> float | None:
         """A sample's current value (None if absent), e.g. ``value("governor_auth_failures_total", code=...)``."""
@@ -250,59 +273,100 @@ class Metrics:
 
 
 class MetricsServer:
-    """``GET /metrics`` over HTTP/1.1 on an asyncio server; rendering runs in one worker thread."""
+    """``GET /metrics`` with prometheus_client's own WSGI app (text or OpenMetrics by ``Accept``, gzip by
+    ``Accept-Encoding``, ``name[]`` filters) on its threading WSGI server, in threads of its own: a scrape
+    never renders on the event loop, which only takes the snapshot of the state gauges. Other paths are 404,
+    methods other than GET and HEAD 405. With a certificate and key it serves HTTPS."""
 
     MAX_CONCURRENT = 8
+    """Scrapes rendered at once; more are answered 503 at once."""
+    SNAPSHOT_TIMEOUT_S = 5.0
+    """How long a scrape waits for the event loop to snapshot the state gauges (then: the last snapshot)."""
 
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-        self.server: asyncio.Server | None = None
-        self._render = ThreadPoolExecutor(max_workers=1, thread_name_prefix="governor-metrics")
-        self._slots = asyncio.Semaphore(self.MAX_CONCURRENT)
+    def __init__(self, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
+        self.metrics, self.loop = metrics, loop
+        self.server: WSGIServer | None = None
+        self._slots = threading.BoundedSemaphore(self.MAX_CONCURRENT)
+        self._app = make_wsgi_app(metrics.registry)
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen; returns the bound port."""
-        self.server = await asyncio.start_server(self._handle, host, port)
-        return int(self.server.sockets[0].getsockname()[1])
+    def start(self, host: str, port: int, certfile: str | None = None, keyfile: str | None = None) -> int:
+        """Listen (HTTPS with ``certfile`` and ``keyfile``) and serve from a daemon thread; returns the bound
+        port. Raises OSError (the address is in use, the certificate unreadable; ssl.SSLError is one)."""
+        context = None
+        if certfile and keyfile:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(certfile, keyfile)
+        server = make_server(host, port, self._serve, _IPv6Server if ":" in host else _IPv4Server, _QuietHandler)
+        if context is not None:
+            # The handshake happens in the request's thread, under the handler's timeout, not in accept().
+            server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        self.server = server
+        threading.Thread(target=server.serve_forever, args=(0.1,), name="governor-metrics", daemon=True).start()
+        return int(server.server_address[1])
 
     def close(self) -> None:
-        """Stop listening and let the render thread go."""
+        """Stop listening; blocks up to 0.1 s for the accept loop (scrapes in flight finish on their own)."""
         if self.server is not None:
-            self.server.close()
-        self._render.shutdown(wait=False, cancel_futures=True)
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
 
-    async def render(self, accept: str = "") -> tuple[bytes, str]:
-        """The exposition (body, content type) for this Accept header."""
+    async def refresh(self) -> None:
+        """Snapshot every state gauge (on the event loop)."""
         for gauge in self.metrics.state_gauges:
             gauge.refresh()
-        encoder, content_type = choose_encoder(accept)
-        body = await asyncio.get_running_loop().run_in_executor(self._render, encoder, self.metrics.registry)
-        return body, content_type
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            async with self._slots:
-                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
-                status, body, content_type = await self._respond(head)
-                writer.write(
-                    f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                )
-                if not head.startswith(b"HEAD "):
-                    writer.write(body)
-                await writer.drain()
-        writer.close()
-
-    async def _respond(self, head: bytes) -> tuple[str, bytes, str]:
-        lines = head.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
-            return "400 Bad Request", b"bad request\n", "text/plain; charset=utf-8"
-        method, target = parts[0], parts[1]
-        if target.split("?", 1)[0] != "/metrics":
-            return "404 Not Found", b"not found: metrics are at /metrics\n", "text/plain; charset=utf-8"
+    def _serve(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"]
+        if environ.get("PATH_INFO") != "/metrics":
+            return _plain(start_response, "404 Not Found", b"not found: metrics are at /metrics\n")
         if method not in ("GET", "HEAD"):
-            return "405 Method Not Allowed", b"use GET\n", "text/plain; charset=utf-8"
-        accept = next((line.split(":", 1)[1].strip() for line in lines[1:] if line.lower().startswith("accept:")), "")
-        body, content_type = await self.render(accept)
-        return "200 OK", body, content_type
+            return _plain(start_response, "405 Method Not Allowed", b"use GET\n", ("Allow", "GET, HEAD"))
+        if not self._slots.acquire(blocking=False):
+            return _plain(start_response, "503 Service Unavailable", b"too many scrapes at once\n")
+        try:
+            with contextlib.suppress(RuntimeError, TimeoutError):  # the loop is closed, or blocked
+                asyncio.run_coroutine_threadsafe(self.refresh(), self.loop).result(self.SNAPSHOT_TIMEOUT_S)
+            answer: list[tuple[str, list[tuple[str, str]]]] = []
+            body = b"".join(self._app({**environ, "REQUEST_METHOD": "GET"}, lambda s, h, e=None: answer.append((s, h))))
+        finally:
+            self._slots.release()
+        status, headers = answer[0]
+        start_response(status, [*headers, ("Content-Length", str(len(body)))])
+        return [b""] if method == "HEAD" else [body]
+
+
+def _plain(start_response: StartResponse, status: str, body: bytes, *headers: tuple[str, str]) -> list[bytes]:
+    start_response(
+        status, [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body))), *headers]
+    )
+    return [body]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log; a connection that sends no complete request (or TLS handshake) in 5 s is closed."""
+
+    timeout = 5.0
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Log nothing."""
+
+
+class _Server(ThreadingWSGIServer):
+    """prometheus_client's threading WSGI server, bound without http.server's reverse DNS lookup of the
+    address (``socket.getfqdn``, which can hang where DNS is slow)."""
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+        self.setup_environ()
+
+
+class _IPv4Server(_Server):
+    address_family = socket.AF_INET
+
+
+class _IPv6Server(_Server):
+    address_family = socket.AF_INET6

@@ -21,7 +21,7 @@ import ipaddress
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 
@@ -294,3 +294,131 @@ def _wrap(handler: grpc.RpcMethodHandler[Any, Any], check: Check) -> grpc.RpcMet
             stream_stream, handler.request_deserializer, handler.response_serializer
         )
     return handler
+
+
+# ------------------------------------------------------------------------------------ certificate reload
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """Where the server's TLS material lives on disk: read again when it changes (cert-manager renews it)."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """One consistent read of the files: the certificate chain, its key, and the client CA bundle."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes | None
+
+
+def _signature(files: TlsFiles) -> tuple[tuple[int, int, int], ...]:
+    """(inode, size, mtime) of each file, symlinks followed: a Secret volume's atomic swap changes it."""
+    paths = [files.cert, files.key, *([files.client_ca] if files.client_ca is not None else [])]
+    out = []
+    for path in paths:
+        st = path.stat()
+        out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def read_tls(files: TlsFiles) -> TlsMaterial:
+    """Read the files and check that the key belongs to the certificate (Python's ssl loads the pair).
+
+    Raises OSError or ssl.SSLError (a missing file, a half-written pair, a key of another certificate).
+    """
+    import ssl
+
+    material = TlsMaterial(
+        files.cert.read_bytes(),
+        files.key.read_bytes(),
+        files.client_ca.read_bytes() if files.client_ca is not None else None,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(files.cert, files.key)
+    if material.client_ca is not None:
+        context.load_verify_locations(cadata=material.client_ca.decode("ascii", "replace"))
+    again = TlsMaterial(
+        files.cert.read_bytes(),
+        files.key.read_bytes(),
+        files.client_ca.read_bytes() if files.client_ca is not None else None,
+    )
+    if again != material:
+        raise ssl.SSLError("the files changed while they were read; the next handshake tries again")
+    return material
+
+
+class CertificateReloader:
+    """The certificate-configuration fetcher of ``grpc.dynamic_ssl_server_credentials``.
+
+    gRPC calls it at every new TLS handshake. It compares the files' (inode, size, mtime) with those of the
+    last read, so an unchanged set costs a few ``stat`` calls; after a change it reads them again and, when
+    they load as a pair (and differ from what is served), hands gRPC the new configuration. New connections
+    then get the new certificate (and client CA); connections already open keep theirs. Files that do not
+    load (half written, a key of another certificate, removed) keep the current ones in force, logged once
+    per change, and are tried again at the next handshake after a further change.
+    """
+
+    def __init__(
+        self,
+        files: TlsFiles,
+        initial: TlsMaterial,
+        on_reload: Callable[[TlsMaterial], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.files = files
+        self.current = initial
+        self.reloads = 0
+        self._on_reload, self._on_error = on_reload, on_error
+        try:
+            self._seen: tuple[tuple[int, int, int], ...] = _signature(files)
+        except OSError:
+            self._seen = ()
+
+    def configuration(self, material: TlsMaterial) -> grpc.ServerCertificateConfiguration:
+        """The gRPC configuration serving ``material``."""
+        return grpc.ssl_server_certificate_configuration([(material.key, material.cert)], material.client_ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Server credentials that serve the current material and reload it as described above."""
+        return grpc.dynamic_ssl_server_credentials(
+            self.configuration(self.current),
+            # gRPC documents None as "no change"; its type stub omits it.
+            cast("Callable[[], grpc.ServerCertificateConfiguration]", self.fetch),
+            require_client_authentication=self.files.client_ca is not None,
+        )
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """None (keep serving what is loaded) unless the files changed and load as a pair."""
+        try:
+            signature = _signature(self.files)
+        except OSError as exc:
+            self._failed((), f"cannot stat the TLS files: {exc.strerror or exc}")
+            return None
+        if signature == self._seen:
+            return None
+        try:
+            material = read_tls(self.files)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            self._failed(signature, str(exc))
+            return None
+        self._seen = signature
+        if material == self.current:
+            return None
+        self.current = material
+        self.reloads += 1
+        if self._on_reload is not None:
+            self._on_reload(material)
+        return self.configuration(material)
+
+    def _failed(self, signature: tuple[tuple[int, int, int], ...], why: str) -> None:
+        """Keep the current material; report once per state of the files (not at every handshake)."""
+        if signature != self._seen:
+            self._seen = signature
+            if self._on_error is not None:
+                self._on_error(why)

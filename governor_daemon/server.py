@@ -10,6 +10,7 @@ import gc
 import os
 import resource
 import signal
+import urllib.parse
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,13 +20,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from governor_daemon.certs import expiry_warning
+from governor_daemon.certs import CertificateError, expiry_warning, not_after
 from governor_daemon.core import Limits
 from governor_daemon.core import events as ev
 from governor_daemon.journal import JournalCorruptError, JournalLockedError
 from governor_daemon.metrics import LabelValues, Metrics, MetricsServer, StateGauge
+from governor_daemon.notify import Notifier
 from governor_daemon.policy import RunState
-from governor_daemon.security import AuthInterceptor, Tokens, TokensFileError
+from governor_daemon.security import (
+    AuthInterceptor,
+    CertificateReloader,
+    TlsMaterial,
+    Tokens,
+    TokensFileError,
+    is_loopback,
+)
 from governor_daemon.service.control_servicer import ControlServicer
 from governor_daemon.service.ingest import VitalsIngest
 from governor_daemon.service.runtime import Governor, GovernorOptions
@@ -60,6 +69,7 @@ def build_governor(settings: ServeSettings) -> Governor:
                 retain_finished_runs=settings.retain_finished_runs,
                 max_active_runs_per_principal=settings.max_active_runs_per_principal,
                 idle_run_expiry_s=settings.idle_run_expiry_s,
+                journal_train_records=settings.journal_train_records,
             ),
             segment_bytes=settings.segment_bytes,
             group_commit_s=settings.group_commit_ms / 1000.0,
@@ -67,6 +77,17 @@ def build_governor(settings: ServeSettings) -> Governor:
             repair=settings.repair,
         )
     )
+
+
+def _certificate_reloaded(material: TlsMaterial) -> None:
+    """Logged from gRPC's handshake thread when new TLS files are served (structlog is thread-safe)."""
+    log.info("server certificate reloaded; new connections get it, open ones keep theirs")
+    if expiring := expiry_warning(material.cert, datetime.now(UTC)):
+        log.warning("server certificate", detail=expiring)
+
+
+def _certificate_not_reloaded(why: str) -> None:
+    log.error("TLS files changed but do not load; the previous certificate stays in force", error=why)
 
 
 def _register_gauges(metrics: Metrics, governor: Governor) -> None:
@@ -84,6 +105,13 @@ def _register_gauges(metrics: Metrics, governor: Governor) -> None:
     )
     metrics.add_state_gauge(StateGauge("governor_active_streams", "Open Attach streams.", (), streams))
 
+    def stalled_ranks() -> LabelValues:
+        return {(): float(sum(len(run.policy.stalled_ranks) for run in governor.core.registry.runs.values()))}
+
+    metrics.add_state_gauge(
+        StateGauge("governor_stalled_ranks", "Ranks marked STALLED (no progress), over every run.", (), stalled_ranks)
+    )
+
 
 class GovernorServer:
     """The daemon's servers around one Governor: start, then stop (from the same event loop)."""
@@ -98,17 +126,26 @@ class GovernorServer:
         self.metrics_server: MetricsServer | None = None
         self.port = 0
         self.metrics_port: int | None = None
+        self._metrics_cert: bytes | None = None
         self._stop_ticks = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
         self.ingest = VitalsIngest(
             self.governor, share=settings.vitals_share, shed_after_s=settings.shed_after_ms / 1000.0
         )
         self.interceptor: AuthInterceptor | None = None
+        self.notifier: Notifier | None = None
+        self.certificates: CertificateReloader | None = None
 
     async def start(self) -> None:
-        """Open the journal, listen, mark SERVING. Raises JournalCorruptError, OSError, RuntimeError."""
+        """Open the journal, listen, mark SERVING. Raises JournalCorruptError, OSError, RuntimeError (and
+        NotifyUrlError for an unusable notify_url that settings did not validate)."""
         settings, governor = self.settings, self.governor
-        recovery = await governor.start()
+        self._start_notifier()  # first: a bad URL (NotifyUrlError) stops start-up before anything opens
+        try:
+            recovery = await governor.start()
+        except BaseException:
+            await self._close_notifier()
+            raise
         governor.committer.on_commit = self.metrics.fsync_latency.observe
         for note in recovery.moved_aside:
             log.warning("journal tail moved aside", detail=note)
@@ -146,22 +183,49 @@ class GovernorServer:
         reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
         try:
             if settings.tls_cert is not None and settings.tls_key is not None:
-                credentials = grpc.ssl_server_credentials(
-                    [(settings.tls_key, settings.tls_cert)],
-                    root_certificates=settings.tls_client_ca,
-                    require_client_auth=settings.tls_client_ca is not None,
-                )
+                if settings.tls_files is not None:
+                    # Files on disk (cert-manager renews them): re-read when they change, no restart needed.
+                    self.certificates = CertificateReloader(
+                        settings.tls_files,
+                        TlsMaterial(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
+                        on_reload=_certificate_reloaded,
+                        on_error=_certificate_not_reloaded,
+                    )
+                    credentials = self.certificates.credentials()
+                else:
+                    credentials = grpc.ssl_server_credentials(
+                        [(settings.tls_key, settings.tls_cert)],
+                        root_certificates=settings.tls_client_ca,
+                        require_client_auth=settings.tls_client_ca is not None,
+                    )
                 self.port = server.add_secure_port(settings.listen, credentials)
             else:
                 self.port = server.add_insecure_port(settings.listen)
             if settings.metrics_listen not in ("off", ""):
                 host, mport = parse_address("metrics_listen", settings.metrics_listen)
-                self.metrics_server = MetricsServer(self.metrics)
-                self.metrics_port = await self.metrics_server.start(host, mport)
+                self.metrics_server = MetricsServer(self.metrics, asyncio.get_running_loop())
+                if settings.metrics_tls_cert is not None:
+                    self._metrics_cert = settings.metrics_tls_cert.read_bytes()
+                self.metrics_port = self.metrics_server.start(
+                    host,
+                    mport,
+                    certfile=str(settings.metrics_tls_cert) if settings.metrics_tls_cert else None,
+                    keyfile=str(settings.metrics_tls_key) if settings.metrics_tls_key else None,
+                )
         except (RuntimeError, OSError):
             await self.ingest.stop()
             await governor.close("could not listen")
+            await self._close_notifier()
             raise
+        if settings.tls_cert is not None or settings.metrics_tls_cert is not None:
+            self.metrics.add_state_gauge(
+                StateGauge(
+                    "governor_tls_cert_not_after_seconds",
+                    "When the served TLS certificate expires (Unix time), by listener (grpc, metrics).",
+                    ("listener",),
+                    self._certificate_expiry,
+                )
+            )
         self.server = server
         await server.start()
         for name in ("", *SERVICE_NAMES):
@@ -176,7 +240,44 @@ class GovernorServer:
             metrics_port=self.metrics_port,
             data_dir=str(settings.data_dir),
             runs_restored=len(governor.core.registry.runs),
+            notify_url=self.notifier.shown_url if self.notifier is not None else None,
         )
+
+    def _start_notifier(self) -> None:
+        """The --notify-url sink, fed by the Governor's decision log (and its journal failure)."""
+        settings = self.settings
+        if not settings.notify_url:
+            return
+        counter = self.metrics.notifications
+        self.notifier = Notifier(
+            settings.notify_url,
+            max_queued=settings.notify_max_queued,
+            timeout_s=settings.notify_timeout_s,
+            on_outcome=lambda outcome, n: counter.labels(outcome=outcome).inc(n),
+        )
+        self.governor.decisions.notify = self.notifier.submit
+        host = urllib.parse.urlsplit(settings.notify_url).hostname or ""
+        if settings.notify_url.startswith("http://") and not is_loopback(host):
+            log.warning(
+                "insecure setting",
+                detail=f"notify_url {self.notifier.shown_url} is plain http: events and the URL cross the network "
+                "unencrypted; use https",
+            )
+
+    async def _close_notifier(self) -> None:
+        """Give queued notifications their drain time, off the event loop."""
+        if self.notifier is not None:
+            await asyncio.to_thread(self.notifier.close)
+
+    def _certificate_expiry(self) -> LabelValues:
+        """notAfter of each certificate served now (gRPC's: the reloaded one after a rotation)."""
+        grpc_pem = self.certificates.current.cert if self.certificates is not None else self.settings.tls_cert
+        out: LabelValues = {}
+        for listener, pem in (("grpc", grpc_pem), ("metrics", self._metrics_cert)):
+            with contextlib.suppress(CertificateError):
+                if pem is not None:
+                    out[(listener,)] = not_after(pem).timestamp()
+        return out
 
     def reload_tokens(self) -> None:
         """SIGHUP: read the tokens file again; a file that does not load leaves the current tokens in force."""
@@ -205,8 +306,9 @@ class GovernorServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._ticker
         if self.metrics_server is not None:
-            self.metrics_server.close()
+            await asyncio.to_thread(self.metrics_server.close)
         await self.governor.close()
+        await self._close_notifier()
         log.info("governor stopped; journal flushed")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import ssl
 import stat
 import tomllib
 from collections.abc import Mapping
@@ -18,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from governor_daemon.errors import GovernorError, PolicyConfigError
+from governor_daemon.notify import NotifyUrlError, check_url
 from governor_daemon.policy import PolicyConfig, parse_assignments
 from governor_daemon.policy.config import FIELD_NAMES
-from governor_daemon.security import Tokens, TokensFileError, is_loopback
+from governor_daemon.security import TlsFiles, Tokens, TokensFileError, is_loopback, read_tls
 
 
 class SettingsError(GovernorError):
@@ -50,13 +52,20 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", str, "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 picks a free port)"),
     Setting("data_dir", Path, Path("governor-data"), "journal directory"),
-    Setting("metrics_listen", str, "127.0.0.1:9464", "Prometheus metrics address HOST:PORT, or 'off'"),
+    Setting(
+        "metrics_listen",
+        str,
+        "127.0.0.1:9464",
+        "Prometheus metrics address HOST:PORT, or 'off' (unset while --listen has port 0: 127.0.0.1:0, a free port)",
+    ),
     Setting(
         "metrics_per_run",
         int,
         0,
         "per-run series (governor_run_*, a run label) for at most N runs at once, the rest as run=other (0: off)",
     ),
+    Setting("metrics_tls_cert", str, "", "PEM certificate chain: /metrics over HTTPS (read at start; empty: HTTP)"),
+    Setting("metrics_tls_key", str, "", "PEM private key of metrics_tls_cert"),
     Setting("policy", str, "", "default policy for new runs, comma-separated KEY=VALUE pairs"),
     Setting("lock_policy_fields", str, "", "comma-separated policy fields trainers may not override"),
     Setting("segment_bytes", int, 64 * 1024 * 1024, "journal segment size in bytes"),
@@ -75,6 +84,13 @@ SETTINGS: tuple[Setting, ...] = (
         "idle_run_expiry_s", float, 7 * 24 * 3600.0, "a run with no trainer attached this long leaves memory (0: never)"
     ),
     Setting("max_records_per_batch", int, 4096, "train-step records per VitalsBatch"),
+    Setting(
+        "journal_train_records",
+        int,
+        100_000,
+        "until a run has sent this many records, its vitals entries keep every train-step record (for "
+        "`governor audit export`), not only batch summaries (0: never)",
+    ),
     Setting("max_message_bytes", int, 1024 * 1024, "largest gRPC message accepted (bytes)"),
     Setting("hmac_key_file", str, "", "file holding a key for HMAC-SHA-256 journal hashes (empty: plain SHA-256)"),
     Setting("log_format", str, "auto", "auto (JSON unless stdout is a TTY), json or console"),
@@ -88,6 +104,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tls_cert", str, "", "PEM certificate chain of the server (enables TLS)"),
     Setting("tls_key", str, "", "PEM private key of the server"),
     Setting("tls_client_ca", str, "", "PEM CA bundle; clients must present a certificate it signed (mTLS)"),
+    Setting(
+        "notify_url",
+        str,
+        "",
+        "http(s) URL that gets a JSON event (with a Slack-compatible 'text') on ROLLBACK, HALT, STALLED and "
+        "journal failure; a secret (a Slack webhook URL is one): prefer GOVERNOR_NOTIFY_URL or the TOML file, "
+        "as ps shows flags; logs show only its scheme and host (empty: off)",
+    ),
+    Setting("notify_timeout_s", float, 5.0, "timeout of one notification POST; failures are retried with backoff"),
+    Setting("notify_max_queued", int, 1000, "notifications waiting at most; beyond, the oldest is dropped (counted)"),
 )
 ENV_VARS: tuple[str, ...] = ("GOVERNOR_CONFIG", "GOVERNOR_INSECURE", *(s.env for s in SETTINGS))
 """Every environment variable `governor serve` reads."""
@@ -121,6 +147,12 @@ class ServeSettings:
     max_streams_per_connection: int
     port_file: Path | None
     tick_interval_s: float
+    metrics_tls_cert: Path | None = None
+    metrics_tls_key: Path | None = None
+    journal_train_records: int = 100_000
+    notify_url: str = ""
+    notify_timeout_s: float = 5.0
+    notify_max_queued: int = 1000
     repair: bool = False
     sources: dict[str, str] = field(default_factory=dict)
     tokens: Tokens | None = None
@@ -129,6 +161,8 @@ class ServeSettings:
     tls_client_ca: bytes | None = None
     insecure: bool = False
     tokens_path: Path | None = None
+    tls_files: TlsFiles | None = None
+    """The TLS files' paths: the server reads them again when they change (certificate rotation)."""
     warnings: tuple[str, ...] = ()
     """Things an operator should fix that do not stop the daemon; logged at start."""
 
@@ -222,6 +256,21 @@ def _security(settings: ServeSettings, values: dict[str, Any], insecure: bool) -
             "tls_client_ca (mTLS) needs tokens_file: each certificate subject (CN) gets its role from a "
             "'name role token' line, and a certificate whose subject is not listed is refused"
         )
+    tls_files = None
+    if cert is not None:
+        tls_files = TlsFiles(
+            Path(values["tls_cert"]),
+            Path(values["tls_key"]),
+            Path(values["tls_client_ca"]) if values["tls_client_ca"] else None,
+        )
+        try:
+            material = read_tls(tls_files)
+        except (OSError, ValueError) as exc:
+            raise SettingsError(
+                f"tls_cert {values['tls_cert']} and tls_key {values['tls_key']} do not load as a pair "
+                f"(or tls_client_ca is no PEM bundle): {exc}"
+            ) from None
+        cert, key, client_ca = material.cert, material.key, material.client_ca
     host, _ = parse_address("listen", values["listen"])
     if tokens is None and client_ca is None and not is_loopback(host) and not insecure:
         raise SettingsError(
@@ -249,6 +298,7 @@ def _security(settings: ServeSettings, values: dict[str, Any], insecure: bool) -
         tls_client_ca=client_ca,
         insecure=insecure,
         tokens_path=Path(values["tokens_file"]) if values["tokens_file"] else None,
+        tls_files=tls_files,
         warnings=tuple(warnings),
     )
 
@@ -279,7 +329,10 @@ def parse_address(name: str, value: str) -> tuple[str, int]:
 def _validate(
     values: dict[str, Any], sources: dict[str, str], file_policy: dict[str, Any], repair: bool
 ) -> ServeSettings:
-    parse_address("listen", values["listen"])
+    if parse_address("listen", values["listen"])[1] == 0 and sources["metrics_listen"] == "default":
+        # A daemon on a free port gets its metrics on a free port too (logged at start): a second one on the
+        # same machine would not start on the fixed 9464.
+        values["metrics_listen"] = "127.0.0.1:0"
     if values["metrics_listen"] not in ("off", ""):
         parse_address("metrics_listen", values["metrics_listen"])
     if not 0 <= values["metrics_per_run"] <= 10000:
@@ -296,6 +349,8 @@ def _validate(
         raise SettingsError(f"segment_bytes must be >= 4096, got {values['segment_bytes']}")
     if values["retain_finished_runs"] < 0:
         raise SettingsError("retain_finished_runs must be >= 0")
+    if values["journal_train_records"] < 0:
+        raise SettingsError(f"journal_train_records must be >= 0, got {values['journal_train_records']}")
     if not 0 <= values["group_commit_ms"] <= 1000:
         raise SettingsError(f"group_commit_ms must be in 0..1000, got {values['group_commit_ms']}")
     if not 0.05 <= values["vitals_share"] <= 1:
@@ -350,6 +405,7 @@ def _validate(
         max_active_runs_per_principal=values["max_active_runs_per_principal"],
         idle_run_expiry_s=values["idle_run_expiry_s"],
         max_records_per_batch=values["max_records_per_batch"],
+        journal_train_records=values["journal_train_records"],
         max_message_bytes=values["max_message_bytes"],
         hmac_key=key,
         log_format=values["log_format"],
@@ -361,7 +417,44 @@ def _validate(
         tick_interval_s=values["tick_interval_s"],
         repair=repair,
         sources=sources,
+        **_notify_settings(values, sources),
+        **_metrics_tls_settings(values),
     )
+
+
+def _metrics_tls_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """metrics_tls_cert and metrics_tls_key, checked to load as a pair."""
+    cert, key = values["metrics_tls_cert"], values["metrics_tls_key"]
+    if not cert and not key:
+        return {}
+    if not cert or not key:
+        raise SettingsError("metrics_tls_cert and metrics_tls_key go together: set both (or neither)")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except OSError as exc:  # ssl.SSLError is one
+        raise SettingsError(
+            f"metrics_tls_cert {cert} and metrics_tls_key {key} do not load as a pair: {exc.strerror or exc}"
+        ) from None
+    return {"metrics_tls_cert": Path(cert), "metrics_tls_key": Path(key)}
+
+
+def _notify_settings(values: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """The notify_* settings, validated (messages never show the URL: it is a secret)."""
+    url = values["notify_url"].strip()
+    if url:
+        try:
+            check_url(url)
+        except NotifyUrlError as exc:
+            raise SettingsError(f"{exc} (from {sources['notify_url']})") from None
+    if not 0 < values["notify_timeout_s"] <= 300:
+        raise SettingsError(f"notify_timeout_s must be in (0, 300], got {values['notify_timeout_s']}")
+    if not 1 <= values["notify_max_queued"] <= 1_000_000:
+        raise SettingsError(f"notify_max_queued must be in 1..1000000, got {values['notify_max_queued']}")
+    return {
+        "notify_url": url,
+        "notify_timeout_s": values["notify_timeout_s"],
+        "notify_max_queued": values["notify_max_queued"],
+    }
 
 
 def settings_for(data_dir: Path, **overrides: Any) -> ServeSettings:

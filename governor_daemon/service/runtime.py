@@ -25,6 +25,7 @@ from governor_daemon.core import CoreOptions, Effects, GovernorCore, Limits, Out
 from governor_daemon.core import events as ev
 from governor_daemon.core.effects import Append, EndStream
 from governor_daemon.core.kinds import EntryKind
+from governor_daemon.decision_log import DecisionLog, is_notable
 from governor_daemon.errors import UnavailableError
 from governor_daemon.journal import Committed, Journal, Recovery
 from governor_daemon.journal.entry import Entry
@@ -68,6 +69,8 @@ class Governor:
         self.failure: BaseException | None = None
         self.metrics = Metrics()
         self.refusals = RefusalWindow()
+        self.decisions = DecisionLog()
+        """Log lines (and notifications) of durable entries; the server gives it a notifier."""
         self._next_stream = 0
 
     # ----------------------------------------------------------------- lifecycle
@@ -145,6 +148,8 @@ class Governor:
         after = self._publish(effects, entries)
         if isinstance(event, ev.Validation) and any(a.kind == EntryKind.DECISION for a in effects.entries):
             self.metrics.decision_latency.observe(max(0.0, self.clock.monotonic() - event.now))
+        elif isinstance(event, ev.Tick):
+            self.decisions.flush(event.now)  # a suppressed-lines summary is due even when nothing is logged
         return after
 
     async def call(self, event: ev.Event) -> Any:
@@ -175,12 +180,17 @@ class Governor:
         return self.committer.append_event([(a.run, a.kind, a.payload) for a in effects.entries])
 
     def _publish(self, effects: Effects, entries: list[Entry]) -> int:
-        """After the append: cursors, metrics, the commit a message waits for, and the messages held for it."""
+        """After the append: cursors, metrics, log lines and the messages held for the commit, the commit."""
         committer = self.committer
+        notable = []
         for append, entry in zip(effects.entries, entries, strict=True):
             if append.run:
                 self.core.note_appended(append.run, entry.seq)
             _count(self.metrics, append)
+            if is_notable(append.kind, append.payload):
+                notable.append((entry.seq, append.run, append.kind, append.payload))
+        if notable:  # held before commit_now, which releases what became durable
+            self.decisions.hold(notable)
         if effects.sync:
             committer.commit_now()
         after = committer.journal.last_seq
@@ -191,6 +201,7 @@ class Governor:
         return after
 
     def _release(self, durable_seq: int) -> None:
+        self.decisions.release(durable_seq, self.clock.monotonic())
         for send in self.outbound.release(durable_seq):
             stream = self.streams.get(send.stream)
             if stream is None:
@@ -206,6 +217,7 @@ class Governor:
             error=str(exc),
             data_dir=str(self.options.data_dir),
         )
+        self.decisions.journal_failed(str(exc), str(self.options.data_dir))
         for stream in list(self.streams.values()):
             stream.fail(UnavailableError(f"journal write failed: {exc}"))
         self.streams.clear()

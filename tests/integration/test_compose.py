@@ -73,17 +73,51 @@ services:
     depends_on:
       governor: {{condition: service_healthy}}
       database: {{condition: service_started}}
-    environment: {{TOLARIA_TOKEN: "${{TOKEN}}"}}
+    environment: {{GOVERNOR_TOKEN: "${{TOKEN}}"}}
     ports: ["127.0.0.1:50051:80", "9464:9464"]
 """)
     problems = "\n".join(checks().check(bad))
     assert "waits for governor to be healthy, but governor has no healthcheck" in problems
     assert "depends_on 'database', which is not a service" in problems
     assert "sets GOVERNOR_LISTN, which governor does not read" in problems
-    assert "tolaria-train needs TOLARIA_GOVERNOR" in problems
+    assert "tolaria-train needs GOVERNOR_ADDRESS" in problems
     assert "host port 127.0.0.1:50051 is also published by governor" in problems
     assert "port '9464:9464' names no host address" in problems
     assert "${TOKEN} has no default" in problems
+
+
+@pytest.mark.parametrize(
+    ("restart", "accepted"),
+    [
+        ("on-failure:3", True),
+        ("on-failure:10", True),
+        (None, False),
+        ("always", False),
+        ("unless-stopped", False),
+        ("on-failure", False),
+        ("on-failure:0", False),
+        ("on-failure:50", False),
+    ],
+)
+def test_trainer_restarts_are_bounded(tmp_path: Path, restart: str | None, accepted: bool) -> None:
+    """Compose restarts by exit status only: a trainer is restarted after a crash, a bounded number of times,
+    so a HALT (exit 3 again at every retry) stops after N tries instead of looping forever. The shipped
+    trainers restart on-failure:3."""
+    shipped = checks().load(COMPOSE)["services"]
+    assert {name: shipped[name].get("restart") for name in ("trainer", "trainer-gpu")} == {
+        "trainer": "on-failure:3",
+        "trainer-gpu": "on-failure:3",
+    }
+    line = f"    restart: {restart}\n" if restart is not None else ""
+    compose = tmp_path / "compose.yaml"
+    compose.write_text(
+        f"services:\n  trainer:\n    build: {{context: {REPO}, dockerfile: docker/trainer.Dockerfile}}\n"
+        f"    environment: {{GOVERNOR_ADDRESS: governor:50051}}\n{line}"
+    )
+    problems = [p for p in checks().check(compose) if "restart" in p]
+    assert (problems == []) is accepted, problems
+    if not accepted:
+        assert "a HALTed trainer (exit 3 at every retry) is not restarted forever" in problems[0]
 
 
 def free_port() -> int:
@@ -153,7 +187,7 @@ def test_emulation_runs_the_stack(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the governor never became healthy"
             time.sleep(0.2)
         trainer_cmd, trainer_env = command_of("trainer")
-        assert trainer_env["TOLARIA_GOVERNOR"] == f"127.0.0.1:{grpc_port}"
+        assert trainer_env["GOVERNOR_ADDRESS"] == f"127.0.0.1:{grpc_port}"
         result = subprocess.run(
             [*trainer_cmd, "--run-id", "compose-run"],
             env={**os.environ, **trainer_env},

@@ -3,8 +3,12 @@ and build-info series, only /metrics served, per-run series bounded."""
 
 from __future__ import annotations
 
+import argparse
+import gzip
 import http.client
 import shutil
+import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,6 +19,20 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from governor_daemon.testing import AttachClient, InProcessDaemon
 from tolaria.governor.v1 import control_service_pb2
+
+EVERY_PANIC_RULE = (
+    "non_finite",
+    "lobotomy",
+    "divergence",
+    "train_non_finite",
+    "step_loss_spike",
+    "step_grad_blowup",
+    "step_collapse",
+    "step_rise",
+    "step_lr_jump",
+    "step_zero",
+)
+"""Every rule that can PANIC: its series exists from start (the step rules' appeared after their first panic)."""
 
 README_METRICS = (
     "governor_records_received_total",
@@ -85,12 +103,13 @@ def test_every_series_is_present_before_any_event(daemon: InProcessDaemon) -> No
         ("governor_stale_records_total", ()),
         ("governor_late_records_total", ()),
         *(("governor_verdicts_total", (("kind", k),)) for k in ("healthy", "anomaly", "panic")),
-        *(("governor_panics_total", (("rule", r),)) for r in ("non_finite", "lobotomy", "divergence")),
+        *(("governor_panics_total", (("rule", r),)) for r in EVERY_PANIC_RULE),
         *(("governor_commands_total", (("outcome", "sent"), ("type", t))) for t in ("rollback", "halt", "resume")),
         *(("governor_commands_total", (("outcome", o), ("type", "any"))) for o in ("succeeded", "failed", "timeout")),
         *(("governor_auth_failures_total", (("code", c),)) for c in ("UNAUTHENTICATED", "PERMISSION_DENIED")),
         *(("governor_runs", (("state", s),)) for s in ("healthy", "anomaly", "rolling_back", "halted", "finished")),
         ("governor_active_streams", ()),
+        ("governor_stalled_ranks", ()),
         ("governor_decision_latency_seconds_count", ()),
     }
     for key in zero:
@@ -105,6 +124,7 @@ def test_every_series_is_present_before_any_event(daemon: InProcessDaemon) -> No
     assert any(name == "python_info" for name, _ in values)
     assert any(name == "python_gc_objects_collected_total" for name, _ in values)
     assert not any(name.startswith("governor_run_") for name, _ in values), "no run yet, no per-run series"
+    assert not any(name == "governor_tls_cert_not_after_seconds" for name, _ in values), "no TLS, no expiry"
 
 
 def test_only_metrics_is_served(daemon: InProcessDaemon) -> None:
@@ -175,8 +195,17 @@ def test_counts_past_a_million_are_exact_and_per_run_series_are_bounded(daemon: 
         others.append(client)
     body, values = scrape(port)
     promtool_check(body)
-    verdicts = {dict(k)["run"]: v for (name, k), v in values.items() if name == "governor_run_verdicts_total"}
+    verdicts = {
+        dict(k)["run"]: v
+        for (name, k), v in values.items()
+        if name == "governor_run_verdicts_total" and dict(k)["kind"] == "healthy"
+    }
     assert verdicts == {"big-run": 1, "second": 1, "other": 2}, "two runs labelled, the rest summed"
+    for run in ("big-run", "second", "other"):  # a run's every per-run series exists from its first count
+        assert values[("governor_run_verdicts_total", (("kind", "panic"), ("run", run)))] == 0
+        for rule in EVERY_PANIC_RULE:
+            assert values[("governor_run_panics_total", (("rule", rule), ("run", run)))] == 0
+        assert values[("governor_run_commands_total", (("outcome", "timeout"), ("run", run), ("type", "any")))] == 0
     assert values[("governor_verdicts_total", (("kind", "healthy"),))] == 4
     assert values[("governor_runs", (("state", "healthy"),))] == 4
 
@@ -208,3 +237,126 @@ def test_a_bad_per_run_bound_stops_start_up(tmp_path: Path, value: str) -> None:
     )
     assert result.returncode == 2
     assert "metrics_per_run" in result.stderr + result.stdout
+
+
+def test_gzip_when_the_scraper_asks_for_it(daemon: InProcessDaemon) -> None:
+    """prometheus_client's server compresses for `Accept-Encoding: gzip` (Prometheus asks for it) and
+    not otherwise; both bodies hold the same series."""
+    conn = http.client.HTTPConnection("127.0.0.1", metrics_port(daemon), timeout=10)
+    try:
+        conn.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"})
+        response = conn.getresponse()
+        raw = response.read()
+        assert response.status == 200
+        assert response.getheader("Content-Encoding") == "gzip"
+        assert int(response.getheader("Content-Length") or -1) == len(raw)
+    finally:
+        conn.close()
+    plain = get(metrics_port(daemon), "/metrics")[2]
+    assert "Content-Encoding" not in plain
+    assert set(samples(gzip.decompress(raw).decode())) == set(samples(plain))
+
+
+def test_two_daemons_on_free_ports_start_side_by_side(tmp_path: Path) -> None:
+    """Friction: with `--listen 127.0.0.1:0` the metrics still took the fixed 9464, so a second daemon
+    failed to start. Without --metrics-listen they now take a free port each, logged on the serving line;
+    an explicit --metrics-listen is kept."""
+    from governor_daemon.daemon_process import DaemonProcess
+
+    with (
+        DaemonProcess(tmp_path / "one", metrics_listen=None) as one,
+        DaemonProcess(tmp_path / "two", metrics_listen=None) as two,
+    ):
+        ports = [one.metrics_port(), two.metrics_port()]
+        assert len(set(ports)) == 2, ports
+        assert 9464 not in ports
+        for port in ports:
+            assert isinstance(port, int), "metrics are on"
+            assert ("governor_active_streams", ()) in scrape(port)[1]
+    from governor_daemon.settings import SettingsError, add_arguments, resolve
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def metrics_listen(*args: str, env: dict[str, str] | None = None) -> str:
+        return resolve(parser.parse_args(["--data-dir", str(tmp_path / "d"), *args]), env=env or {}).metrics_listen
+
+    assert metrics_listen("--listen", "127.0.0.1:0") == "127.0.0.1:0"
+    assert metrics_listen("--listen", "127.0.0.1:50051") == "127.0.0.1:9464", "the documented default"
+    assert metrics_listen("--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:9999") == "127.0.0.1:9999"
+    assert metrics_listen("--listen", "127.0.0.1:0", env={"GOVERNOR_METRICS_LISTEN": "off"}) == "off"
+    with pytest.raises(SettingsError, match="metrics_listen"):
+        metrics_listen("--listen", "127.0.0.1:0", "--metrics-listen", "9464")
+
+
+def make_certificate(folder: Path, days: int) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 valid for ``days``, and its key."""
+    from tests.conftest import openssl
+
+    openssl(
+        folder,
+        *("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"),
+        *("-keyout", "key.pem", "-out", "cert.pem", "-days", str(days), "-subj", "/CN=127.0.0.1"),
+        *("-addext", "subjectAltName=IP:127.0.0.1"),
+    )
+    return folder / "cert.pem", folder / "key.pem"
+
+
+def test_metrics_over_https_with_the_certificate_expiry(tmp_path: Path) -> None:
+    """--metrics-tls-cert/--metrics-tls-key serve /metrics over HTTPS only (a plain request gets no
+    metrics), and governor_tls_cert_not_after_seconds{listener="metrics"} is the certificate's notAfter. A
+    client that connects and never starts its handshake holds up no one (prometheus_client's own
+    start_http_server handshakes in its accept loop: one such client stops every scrape)."""
+    from governor_daemon.certs import not_after
+
+    cert, key = make_certificate(tmp_path, days=3)
+    with (
+        InProcessDaemon(
+            tmp_path / "data", metrics_listen="127.0.0.1:0", metrics_tls_cert=cert, metrics_tls_key=key
+        ) as d,
+        socket.create_connection(("127.0.0.1", metrics_port(d)), timeout=10),  # connects, never says hello
+    ):
+        port = metrics_port(d)
+        context = ssl.create_default_context(cafile=str(cert))
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+        try:
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            body = response.read().decode()
+        finally:
+            conn.close()
+        assert response.status == 200
+        expiry = samples(body)[("governor_tls_cert_not_after_seconds", (("listener", "metrics"),))]
+        assert expiry == not_after(cert.read_bytes()).timestamp()
+        assert 2 * 86400 < expiry - time.time() <= 3 * 86400
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            get(port, "/metrics")
+
+
+def test_a_bad_metrics_certificate_stops_start_up(tmp_path: Path) -> None:
+    """A key without its certificate, or a pair that does not load, is exit 2 naming the settings."""
+    from tests.conftest import governor_cli
+
+    cert, key = make_certificate(tmp_path, days=3)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, other_key = make_certificate(other, days=3)
+    base = ["serve", "--data-dir", str(tmp_path / "d"), "--listen", "127.0.0.1:0"]
+    for extra, said in (
+        (["--metrics-tls-key", str(key)], "metrics_tls_cert and metrics_tls_key go together"),
+        (["--metrics-tls-cert", str(cert), "--metrics-tls-key", str(other_key)], "do not load as a pair"),
+    ):
+        result = governor_cli([*base, *extra])
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert said in result.stdout + result.stderr
+
+
+def test_every_rule_that_can_panic_has_its_series() -> None:
+    """A new Rule is either one that never PANICs (warmup, normal, train_finite: verdicts of healthy data) or
+    gets its governor_panics_total series from start: the metrics' list follows the policy's rules."""
+    from governor_daemon.metrics import PANIC_RULES
+    from governor_daemon.policy.decisions import Rule
+
+    never_panic = {Rule.WARMUP, Rule.NORMAL, Rule.TRAIN_FINITE}
+    assert set(PANIC_RULES) == {str(rule) for rule in Rule if rule not in never_panic}
+    assert set(EVERY_PANIC_RULE) == set(PANIC_RULES)

@@ -408,3 +408,129 @@ def test_records_per_batch_limit_and_finished_run_retention(tmp_path: Path) -> N
         runs = {r.run_id for r in cgrpc.ControlServiceStub(channel).ListRuns(cpb.ListRunsRequest()).runs}
         channel.close()
         assert runs == {"batchy", "done-2"}
+
+
+def issue_server_certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """A fresh key and server certificate for 127.0.0.1 from the CA of ``make_certs`` (as cert-manager renews
+    one with ``rotationPolicy: Always``): returns (certificate, key)."""
+    openssl(
+        folder,
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        "/CN=localhost",
+    )
+    (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl(
+        folder,
+        *("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"),
+        *("-out", f"{name}.pem", "-days", "30", "-extfile", f"{name}.ext"),
+    )
+    return folder / f"{name}.pem", folder / f"{name}.key"
+
+
+def publish_secret(volume: Path, files: dict[str, Path]) -> None:
+    """Write ``files`` into ``volume`` as the kubelet updates a Secret volume: a new timestamped directory,
+    then an atomic swap of the ``..data`` symlink the visible names point through."""
+    generation = volume / f"..{time.monotonic_ns()}"
+    generation.mkdir()
+    for name, source in files.items():
+        (generation / name).write_bytes(source.read_bytes())
+    swap = volume / "..data_tmp"
+    swap.symlink_to(generation.name)
+    swap.replace(volume / "..data")
+    for name in files:
+        if not (volume / name).is_symlink():
+            (volume / name).symlink_to(f"..data/{name}")
+
+
+def served_certificate(address: str, ca: Path, client: tuple[Path, Path]) -> bytes:
+    """The DER certificate a NEW TLS connection to ``address`` is handed (Python's ssl, ALPN h2, with the
+    client certificate for mTLS)."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(ca))
+    context.load_cert_chain(client[0], client[1])
+    context.set_alpn_protocols(["h2"])
+    host, port = address.rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
+
+
+def test_certificates_rotate_without_a_restart(tmp_path: Path) -> None:
+    """`governor serve --tls-cert/--tls-key/--tls-client-ca` on a Secret-like volume: after the kubelet-style
+    swap to a renewed certificate (new key, same CA), the next new connection is handed the new certificate,
+    a channel opened before the swap keeps working, and the log says so. A swap to a key that does not match
+    its certificate keeps the renewed one in force, logged, instead of breaking the handshakes."""
+    import ssl
+
+    from governor_daemon.daemon_process import DaemonProcess
+
+    certs_dir = tmp_path / "certs"
+    certs_dir.mkdir()
+    certs = make_certs(certs_dir)
+    renewed_cert, renewed_key = issue_server_certificate(certs_dir, "renewed")
+    assert renewed_cert.read_bytes() != certs["server.pem"].read_bytes()
+    volume = tmp_path / "tls"
+    volume.mkdir()
+    publish_secret(volume, {"tls.crt": certs["server.pem"], "tls.key": certs["server.key"], "ca.crt": certs["ca.pem"]})
+    tokens_file = tmp_path / "tokens"
+    tokens_file.write_text("ops-bot controller unused-token-0123456789\n")
+    tokens_file.chmod(0o600)
+    client = (certs["client.pem"], certs["client.key"])
+    der = {p: ssl.PEM_cert_to_DER_cert(p.read_text()) for p in (certs["server.pem"], renewed_cert)}
+    args = ["--tls-cert", str(volume / "tls.crt"), "--tls-key", str(volume / "tls.key")]
+    args += ["--tls-client-ca", str(volume / "ca.crt"), "--tokens-file", str(tokens_file)]
+    with DaemonProcess(tmp_path / "data", *args) as daemon:
+        credentials = grpc.ssl_channel_credentials(
+            certs["ca.pem"].read_bytes(), client[1].read_bytes(), client[0].read_bytes()
+        )
+        before = grpc.secure_channel(daemon.address, credentials)
+        old_stub = cgrpc.ControlServiceStub(before)
+        assert old_stub.ListRuns(cpb.ListRunsRequest(), timeout=10).runs == []
+        assert served_certificate(daemon.address, certs["ca.pem"], client) == der[certs["server.pem"]]
+
+        publish_secret(volume, {"tls.crt": renewed_cert, "tls.key": renewed_key, "ca.crt": certs["ca.pem"]})
+        assert served_certificate(daemon.address, certs["ca.pem"], client) == der[renewed_cert]
+        assert old_stub.ListRuns(cpb.ListRunsRequest(), timeout=10).runs == [], "an open channel keeps working"
+        after = grpc.secure_channel(daemon.address, credentials)
+        assert cgrpc.ControlServiceStub(after).ListRuns(cpb.ListRunsRequest(), timeout=10).runs == []
+        after.close()
+
+        # A half-done rotation (the old key beside the renewed certificate) is not served.
+        publish_secret(volume, {"tls.crt": renewed_cert, "tls.key": certs["server.key"], "ca.crt": certs["ca.pem"]})
+        assert served_certificate(daemon.address, certs["ca.pem"], client) == der[renewed_cert]
+        assert old_stub.ListRuns(cpb.ListRunsRequest(), timeout=10).runs == []
+        before.close()
+    log = daemon.log_path.read_text()
+    assert log.count("server certificate reloaded") == 1, log
+    assert log.count("TLS files changed but do not load") == 1, log
+
+
+def test_a_key_of_another_certificate_is_refused_at_start(tmp_path: Path) -> None:
+    """`governor serve` with a certificate and a key that do not belong together exits 2 naming both files,
+    instead of serving handshakes that all fail."""
+    certs = make_certs(tmp_path)
+    result = governor_cli(
+        [
+            "serve",
+            *("--listen", "127.0.0.1:0", "--metrics-listen", "off", "--data-dir", str(tmp_path / "data")),
+            *("--tls-cert", str(certs["server.pem"]), "--tls-key", str(certs["client.key"])),
+        ],
+        timeout_s=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "do not load as a pair" in result.stderr
+    assert not (tmp_path / "data").exists()
