@@ -31,12 +31,14 @@ def test_readme_example_runs_as_written(daemon: InProcessDaemon, tmp_path: Path)
     script = tmp_path / "example.py"
     script.write_text(readme_example())
     assert len(script.read_text().splitlines()) <= 25, "the example stays short"
-    env = {**os.environ, "TOLARIA_GOVERNOR": daemon.address}
+    env = {**os.environ, "GOVERNOR_ADDRESS": daemon.address}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stdout.splitlines() if line.startswith("epoch ")]
     assert len(lines) == 8, done.stdout
     assert all(line.endswith("restored: False") for line in lines), done.stdout
+    assert "gov.settle()" in script.read_text(), "the paragraph after the example requires it"
+    assert done.stdout.splitlines()[-1] == "settled, restored: False", done.stdout
     with ControllerClient(daemon.address) as client:
         (run,) = client.runs()
     assert run.task == "custom"

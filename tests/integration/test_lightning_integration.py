@@ -3,6 +3,7 @@ once mid-fit is rolled back once, in place, and the fit goes on to a finite loss
 
 from __future__ import annotations
 
+import csv
 import math
 import time
 from pathlib import Path
@@ -13,8 +14,12 @@ import torch
 from torch import nn
 
 pytest.importorskip("lightning")
+pytest.importorskip("tensorboard")
 
 import lightning.pytorch as pl
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
 
 from governor_daemon.testing import InProcessDaemon
 from tolaria.controller import ControllerClient, RunFinished, RunState
@@ -86,6 +91,8 @@ def loaders() -> tuple[torch.utils.data.DataLoader[Any], torch.utils.data.DataLo
 
 
 def test_nan_mid_fit_is_rolled_back_once_and_training_goes_on(tmp_path: Path) -> None:
+    """One rollback, in place; the fit goes on to a finite loss, and the rollback is in the trainer's loggers
+    (CSVLogger's metrics.csv, TensorBoardLogger's event file with the reason) at the global step it happened."""
     torch.manual_seed(0)
     run_id = "lightning-nan"
     with InProcessDaemon(tmp_path / "data") as daemon:
@@ -101,7 +108,8 @@ def test_nan_mid_fit_is_rolled_back_once_and_training_goes_on(tmp_path: Path) ->
             num_sanity_val_steps=1,  # not reported to the governor
             accelerator="cpu",
             devices=1,
-            logger=False,
+            logger=[CSVLogger(tmp_path / "csv", name="", version=""), TensorBoardLogger(tmp_path / "tb", name="")],
+            log_every_n_steps=10,
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
@@ -133,6 +141,22 @@ def test_nan_mid_fit_is_rolled_back_once_and_training_goes_on(tmp_path: Path) ->
         assert status.task == "lightning"
         assert isinstance(finish, RunFinished)
         assert (finish.status, finish.num_rollbacks) == ("COMPLETED", 1)
+
+    with (tmp_path / "csv" / "metrics.csv").open() as f:
+        rows = [row for row in csv.DictReader(f) if row.get("governor/rollbacks")]
+    (row,) = rows
+    at_step = int(row["step"])
+    assert NAN_AT_STEP < at_step < 80, "logged at the global step the rollback was executed"
+    assert float(row["governor/rollbacks"]) == 1.0
+    assert float(row["governor/timeline"]) == 1.0
+    assert float(row["governor/restored_step"]) == restore.restored_step
+    assert float(row["governor/punishment"]) == pytest.approx(restore.punishment_reward)
+    accumulator = EventAccumulator(str(tmp_path / "tb" / "version_0"))
+    accumulator.Reload()
+    assert [(e.step, e.value) for e in accumulator.Scalars("governor/rollbacks")] == [(at_step, 1.0)]
+    (text,) = accumulator.Tensors("governor/decision/text_summary")
+    assert text.step == at_step
+    assert "non-finite" in tensor_util.make_ndarray(text.tensor_proto).item().decode()
 
 
 class HaltAt(pl.Callback):

@@ -14,8 +14,11 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
+pytest.importorskip("tensorboard")
 
 import transformers
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
 
 from governor_daemon.testing import InProcessDaemon
 from tolaria.controller import ControllerClient, RunFinished, RunState
@@ -65,8 +68,11 @@ class PoisonOnce(transformers.TrainerCallback):
         self.logs.append({"step": state.global_step, **(logs or {})})
 
 
-def test_nan_mid_run_is_rolled_back_once_and_training_goes_on(tmp_path: Path) -> None:
+def test_nan_mid_run_is_rolled_back_once_and_training_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One rollback, in place; training goes on to a finite loss; the rollback is one log_history entry at the
+    step it happened, which the Trainer's TensorBoard integration (``log_through``) and later callbacks see."""
     torch.manual_seed(0)
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     run_id = "transformers-nan"
     config = transformers.GPT2Config(
         n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0
@@ -96,7 +102,7 @@ def test_nan_mid_run_is_rolled_back_once_and_training_goes_on(tmp_path: Path) ->
             eval_steps=5,
             logging_steps=5,
             save_strategy="no",
-            report_to=[],
+            report_to=["tensorboard"],
             use_cpu=True,
             disable_tqdm=True,
             seed=0,
@@ -108,6 +114,7 @@ def test_nan_mid_run_is_rolled_back_once_and_training_goes_on(tmp_path: Path) ->
             eval_dataset=CountingTokens(32, seed=2),
             callbacks=[governor, poison],
         )
+        governor.log_through(trainer)
         trainer.train()
 
         assert poison.poisoned_at == NAN_AT_STEP
@@ -136,14 +143,72 @@ def test_nan_mid_run_is_rolled_back_once_and_training_goes_on(tmp_path: Path) ->
         assert isinstance(finish, RunFinished)
         assert (finish.status, finish.num_rollbacks) == ("COMPLETED", 1)
 
+    (entry,) = [e for e in trainer.state.log_history if "governor/rollbacks" in e]
+    assert NAN_AT_STEP < entry["step"] < 50, "logged at the step the rollback was executed"
+    assert entry["governor/rollbacks"] == 1.0
+    assert entry["governor/restored_step"] == governor.fit.restores[0].restored_step
+    # Before the first rollback the governed step is the Trainer's global step.
+    assert entry["governor/decision"].startswith(f"rollback (command 1) at step {entry['step']}: restored step ")
+    assert "non-finite" in entry["governor/decision"]
+    assert any(log.get("governor/rollbacks") == 1.0 for log in poison.logs), "on_log of the callbacks after it"
+    accumulator = EventAccumulator(str(tmp_path / "tb"))
+    accumulator.Reload()
+    # The integration prefixes what is not an evaluation's with "train/".
+    assert [(e.step, e.value) for e in accumulator.Scalars("train/governor/rollbacks")] == [(entry["step"], 1.0)]
+    (text,) = accumulator.Tensors("train/governor/decision/text_summary")
+    assert tensor_util.make_ndarray(text.tensor_proto).item().decode() == entry["governor/decision"]
 
-def tiny_trainer(tmp_path: Path, callback: GovernorCallback, trainer_class: Any = None, **kwargs: Any) -> Any:
+
+class HaltAt(transformers.TrainerCallback):
+    """A controller halts the run after optimizer step ``step`` and waits until the run's stream delivered it."""
+
+    def __init__(self, address: str, run_id: str, governor: GovernorCallback, step: int) -> None:
+        self.address, self.run_id, self.governor, self.step = address, run_id, governor, step
+        self.logs: list[dict[str, Any]] = []
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step != self.step:
+            return
+        with ControllerClient(self.address) as control_client:
+            control_client.halt(self.run_id, "an operator stops it")
+        gov = self.governor.governed
+        assert gov is not None
+        for _ in range(6000):  # until the command arrived (a broken stream fails the test after a minute)
+            if gov.governance.commands_waiting:
+                return
+            time.sleep(0.01)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        self.logs.append(dict(logs or {}))
+
+
+def test_a_halt_is_in_log_history_and_the_on_log_of_later_callbacks(tmp_path: Path) -> None:
+    """Without log_through: a HALT is two log_history entries (the order, the stop) at the step it happened,
+    and the callbacks after the GovernorCallback get them in the next on_log (the Trainer's end-of-training log)."""
+    with InProcessDaemon(tmp_path / "data") as daemon:
+        governor = GovernorCallback(governor=daemon.address, run_id="hf-halt", agree_every_steps=1, halt_wait_s=0)
+        halter = HaltAt(daemon.address, "hf-halt", governor, step=2)
+        trainer = tiny_trainer(tmp_path, governor, max_steps=20)
+        trainer.add_callback(halter)
+        trainer.train()
+    assert governor.fit.halt is not None
+    assert trainer.state.global_step == 3, "the halt was executed at the step after it was ordered"
+    entries = [e for e in trainer.state.log_history if "governor/halted" in e]
+    assert [(e["step"], e["governor/halted"]) for e in entries] == [(3, 0.0), (3, 1.0)]
+    assert entries[1]["governor/decision"] == "halted (command 1) at step 3: halted by controller: an operator stops it"
+    (seen,) = [log for log in halter.logs if "governor/halted" in log]
+    assert seen["governor/halted"] == 1.0, "the latest value of each series"
+
+
+def tiny_trainer(
+    tmp_path: Path, callback: GovernorCallback, trainer_class: Any = None, max_steps: int = 4, **kwargs: Any
+) -> Any:
     config = transformers.GPT2Config(
         n_layer=1, n_head=2, n_embd=32, vocab_size=VOCAB, n_positions=32, bos_token_id=0, eos_token_id=0
     )
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"),
-        max_steps=4,
+        max_steps=max_steps,
         per_device_train_batch_size=8,
         save_strategy="no",
         report_to=[],

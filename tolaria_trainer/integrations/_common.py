@@ -12,6 +12,7 @@ from torch import nn
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.governance import FinishStatus, Governance
 from tolaria_trainer.governed import GovernedTraining, GovernorUnreachable, Outcome, RunHalted
+from tolaria_trainer.loggers import GovernorLogger, GovernorLoggers
 
 log = logging.getLogger("tolaria.integrations")
 
@@ -45,6 +46,7 @@ class GovernedFit:
         self.random_guess_loss = random_guess_loss
         self.settle_at_end = settle_at_end
         self.options = {"task": framework, **options}
+        self.loggers = GovernorLoggers(self.options.pop("loggers", ()))  # the user's: TypeError for a bad one
         self.governed: GovernedTraining | None = None  # of the fit in progress (or the last one, once closed)
         self.restores: list[Outcome] = []
         self.halt: Outcome | None = None
@@ -64,11 +66,15 @@ class GovernedFit:
         schedulers: Sequence[torch.optim.lr_scheduler.LRScheduler] = (),
         grad_scaler: torch.amp.GradScaler | None = None,
         device: torch.device | None = None,
+        framework_logger: GovernorLogger | None = None,
     ) -> GovernedTraining:
-        """Build and start the GovernedTraining of a new fit (closing one a previous fit left open)."""
+        """Build and start the GovernedTraining of a new fit (closing one a previous fit left open). Its loggers
+        are ``framework_logger`` (the framework's own: the trainer's loggers, the Trainer's log) and the
+        ``loggers`` option (the user's)."""
         if self._open:
             self.close(FinishStatus.FAILED, "a new fit started before the previous one ended")
         self.restores, self.halt, self._last_finite_norm = [], None, None
+        loggers = [framework_logger] if framework_logger is not None else []
         governed = GovernedTraining(
             model,
             list(optimizers),
@@ -80,6 +86,7 @@ class GovernedFit:
             schedulers=schedulers,
             grad_scaler=grad_scaler,
             device=device,
+            loggers=[*loggers, *self.loggers.loggers],
             **self.options,
         )
         self.governed = governed

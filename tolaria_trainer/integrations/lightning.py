@@ -26,7 +26,10 @@ trained since the LKG are not seen again). Batches a restore asks to skip (a rec
 on the recovery ladder, ``recovery_skip_batches``) are run but not applied: the step guard skips their
 optimizer steps. Before each validation of the fit (``on_validation_start``) a rank that saw a non-finite
 step waits for the governor's command and executes it, so a validation never runs on condemned weights.
-Loggers and checkpoints keep the global step. A HALT stops the fit (``trainer.should_stop``) unless a
+Loggers and checkpoints keep the global step. Each restore, HALT and rise in unjudged records is
+logged through ``trainer.loggers`` at the global step it happened: the ``governor/*`` scalars
+(``tolaria_trainer.loggers``), and the decision's reason as text on a TensorBoardLogger; ``loggers=[...]``
+adds loggers of your own. A HALT stops the fit (``trainer.should_stop``) unless a
 RESUME came within ``halt_wait_s``.
 
 Tested single-process on CPU. ``pytorch_lightning`` (the old package name) is not supported: its
@@ -46,6 +49,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from tolaria_trainer.governance import Governance
 from tolaria_trainer.governed import GovernedTraining, Outcome
 from tolaria_trainer.integrations._common import GovernedFit, loss_of, total_grad_norm
+from tolaria_trainer.loggers import DECISION_TAG, GovernorEvent
 
 log = logging.getLogger("tolaria.integrations.lightning")
 
@@ -100,6 +104,7 @@ class GovernorCallback(pl.Callback):
             schedulers=schedulers,
             grad_scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None,
             device=pl_module.device,
+            framework_logger=TrainerLoggers(trainer),
         )
         self._last_global_step = trainer.global_step
         self._loss_sum, self._loss_batches, self._grad_sq = None, 0, None
@@ -182,4 +187,23 @@ class GovernorCallback(pl.Callback):
             trainer.should_stop = True
 
 
-__all__ = ["GovernorCallback"]
+class TrainerLoggers:
+    """Governor events through the trainer's loggers (``trainer.loggers``), at its ``global_step`` (not rewound
+    by a restore: the step of the loss charts): the ``governor/*`` scalars with ``log_metrics``, then ``save()``
+    (a CSVLogger writes its metrics.csv there); the decision as text where the logger's experiment has
+    ``add_text`` (TensorBoardLogger). Lightning's loggers write on rank 0 only."""
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self.trainer = trainer
+
+    def log_event(self, event: GovernorEvent) -> None:
+        step = self.trainer.global_step
+        for logger in self.trainer.loggers:
+            logger.log_metrics(event.scalars(), step=step)
+            add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
+            if callable(add_text):
+                add_text(DECISION_TAG, event.text(), step)
+            logger.save()
+
+
+__all__ = ["GovernorCallback", "TrainerLoggers"]

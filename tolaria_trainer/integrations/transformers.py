@@ -38,6 +38,13 @@ again). Batches a restore asks to skip (a recurring fault's data window on the r
 executes a command at its next step (``on_step_end``), before the Trainer's evaluation of that step. A HALT
 stops training (``control.should_training_stop``) unless a RESUME came within ``halt_wait_s``.
 
+Each restore, HALT and rise in unjudged records is logged at the global step it happened: the
+``governor/*`` scalars and the decision's reason (``tolaria_trainer.loggers``) as one ``state.log_history``
+entry, also handed to the ``on_log`` of the callbacks after this one. The Trainer calls its reporting
+integrations (``report_to``) before the callbacks you pass, so for them call ``callback.log_through(trainer)``
+once the Trainer is built: the entries then go through ``trainer.log``. ``loggers=[...]`` adds loggers of your
+own (a SummaryWriter, a wandb run, a callable).
+
 Tested single-process on CPU.
 """
 
@@ -55,6 +62,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from tolaria_trainer.governance import Governance
 from tolaria_trainer.governed import GovernedTraining
 from tolaria_trainer.integrations._common import GovernedFit, loss_of, total_grad_norm
+from tolaria_trainer.loggers import DECISION_TAG, GovernorEvent
 
 log = logging.getLogger("tolaria.integrations.transformers")
 
@@ -88,7 +96,18 @@ class GovernorCallback(TrainerCallback):
         self._recorded: list[torch.Tensor] = []
         self._grad_norm: torch.Tensor | None = None
         self._warned_missing_key = False
+        self._log: TrainerLog | None = None
+        self._trainer: Any = None
         weakref.finalize(self, GovernedFit.abandon, self.fit)
+
+    def log_through(self, trainer: Any) -> GovernorCallback:
+        """Log governor events with ``trainer.log`` (its ``log_history`` and every callback's ``on_log``), so that
+        the reporting integrations of ``report_to`` (TensorBoard, W&B, MLflow...), which the Trainer calls
+        before the callbacks you pass, see them too. Returns the callback."""
+        if not callable(getattr(trainer, "log", None)):
+            raise TypeError(f"log_through needs a transformers.Trainer, got {type(trainer).__name__}")
+        self._trainer = trainer
+        return self
 
     @property
     def governed(self) -> GovernedTraining | None:
@@ -129,6 +148,7 @@ class GovernorCallback(TrainerCallback):
             schedulers=schedulers,
             grad_scaler=scaler if isinstance(scaler, torch.amp.GradScaler) else None,
             device=next((p.device for p in model.parameters()), None),
+            framework_logger=self._make_log(state),
         )
         self._optimizer = optimizer
         self._forward_losses, self._recorded, self._grad_norm = [], [], None
@@ -180,6 +200,21 @@ class GovernorCallback(TrainerCallback):
         self._remove_hook()
         self.fit.finish()
 
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if self._log is not None and logs is not None:
+            self._log.deliver(logs)
+
+    def _make_log(self, state: TrainerState) -> TrainerLog:
+        self._log = TrainerLog(state, self._trainer)
+        return self._log
+
     # ----------------------------------------------------------------- the loss
 
     def _on_forward(self, module: nn.Module, args: Any, kwargs: dict[str, Any], output: Any) -> None:
@@ -213,4 +248,31 @@ class GovernorCallback(TrainerCallback):
             self._hook = None
 
 
-__all__ = ["GovernorCallback"]
+class TrainerLog:
+    """Governor events into the Trainer's log at ``state.global_step``: the ``governor/*`` scalars and the
+    decision's text (``governor/decision``) as one entry. With the trainer (``GovernorCallback.log_through``),
+    through ``trainer.log``: ``state.log_history`` and every callback's ``on_log``, reporting integrations
+    included. Without it, appended to ``state.log_history`` at once and added to the ``logs`` of the next
+    ``on_log`` for the callbacks after the GovernorCallback (the Trainer's printer and progress bar, yours)."""
+
+    def __init__(self, state: TrainerState, trainer: Any = None) -> None:
+        self.state = state
+        self.trainer = trainer
+        self.pending: dict[str, Any] = {}
+
+    def log_event(self, event: GovernorEvent) -> None:
+        entry: dict[str, Any] = {**event.scalars(), DECISION_TAG: event.text()}
+        if self.trainer is not None:
+            self.trainer.log(entry)
+            return
+        self.state.log_history.append({**entry, "step": self.state.global_step})
+        self.pending.update(entry)
+
+    def deliver(self, logs: dict[str, Any]) -> None:
+        """Add the entries not yet seen by ``on_log`` to ``logs`` (of a log the Trainer is dispatching)."""
+        if self.pending:
+            logs.update(self.pending)
+            self.pending.clear()
+
+
+__all__ = ["GovernorCallback", "TrainerLog"]

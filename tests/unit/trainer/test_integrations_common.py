@@ -11,9 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from tolaria_trainer.governance import FinishStatus
+from tests.unit.trainer.fake_governance import FakeGovernance
+from tolaria_trainer.governance import CommandType, FinishStatus
 from tolaria_trainer.governed import GovernedTraining, Outcome, RunHalted
 from tolaria_trainer.integrations._common import GovernedFit, loss_of, total_grad_norm
+from tolaria_trainer.loggers import CallableLogger, GovernorEvent
 
 
 def open_fit(grad_scaler: torch.amp.GradScaler | None) -> tuple[GovernedFit, list[float]]:
@@ -100,3 +102,21 @@ def test_an_exception_closes_the_run_once_with_its_status(
     fit.abandon()
     assert [s for s, _ in closed] == [status]
     assert not fit.active
+
+
+def test_the_framework_logger_and_the_users_loggers_both_get_each_event() -> None:
+    """A fit's loggers are the framework's own, then the ``loggers`` option's; a bad one is refused when the
+    callback is built, before any fit."""
+    with pytest.raises(TypeError, match="loggers: expected"):
+        GovernedFit("test", None, None, None, None, None, False, {"loggers": ["runs/x"]})
+    fake = FakeGovernance()
+    framework: list[GovernorEvent] = []
+    users: list[GovernorEvent] = []
+    fit = GovernedFit("test", fake, None, None, None, None, False, {"loggers": users.append})
+    model = nn.Linear(2, 1)
+    fit.open(model, [torch.optim.SGD(model.parameters(), lr=0.1)], framework_logger=CallableLogger(framework.append))
+    fit.step(torch.tensor(0.5), torch.tensor(1.0))
+    fake.order(CommandType.ROLLBACK)
+    assert fit.step(torch.tensor(0.5), torch.tensor(1.0)).restored
+    fit.finish()
+    assert [e.kind for e in framework] == [e.kind for e in users] == ["rollback"]
