@@ -113,7 +113,7 @@ def story(daemon: DaemonProcess, data_dir: Path, run_id: str, metrics: str) -> i
             "20",
             "--run-id",
             run_id,
-            "--governor",
+            "--address",
             address,
             "--seed-schedule",
             SCHEDULE,
@@ -134,8 +134,10 @@ def story(daemon: DaemonProcess, data_dir: Path, run_id: str, metrics: str) -> i
                 if line.startswith("tolaria-train:"):
                     say(f"== {line.strip()}")
                 continue
-            if "summary" in event:
-                summary = event["summary"]
+            if "event" not in event:  # the last stdout line: the summary object (what --summary-json writes)
+                summary = event
+            elif event.get("logger") == "tolaria.cli":  # the trainer's own messages (the final one, warnings)
+                say(f"== tolaria-train: {event['event']}")
             else:
                 narrate(event)
         code = trainer.wait()
@@ -186,7 +188,7 @@ def story(daemon: DaemonProcess, data_dir: Path, run_id: str, metrics: str) -> i
         if trainer is not None and trainer.poll() is None:
             trainer.terminate()
             trainer.wait(10)
-        os.environ.pop("TOLARIA_GOVERNOR", None)
+        os.environ.pop("GOVERNOR_ADDRESS", None)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ class DaemonProcess:
         args = [
             sys.executable,
             "-m",
-            "governor_daemon.cli.main",
+            "governor_daemon",  # not .cli.main: runpy warns on stderr (the log) when a package has imported it
             "serve",
             "--listen",
             "127.0.0.1:0",

@@ -10,8 +10,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,28 +18,20 @@ from typing import Any
 import structlog
 from google.protobuf.descriptor import FieldDescriptor
 
+from tolaria import client_options, package_version
 from tolaria.exit_codes import ExitCode, epilog
 from tolaria.governor.v1 import common_pb2
-from tolaria_trainer.address import check_governor_address
+from tolaria_trainer import logs
 from tolaria_trainer.errors import TrainerError
 
-ENV_VARS = (
-    "TOLARIA_GOVERNOR",
-    "TOLARIA_TOKEN",
-    "TOLARIA_TOKEN_FILE",
-    "TOLARIA_TLS_CA",
-    "TOLARIA_TLS_CERT",
-    "TOLARIA_TLS_KEY",
-)
-"""Environment variables `tolaria-train` reads."""
+ENV_VARS = client_options.environment_variables()
+"""Environment variables `tolaria-train` reads (the connection's, spelled as `governor`'s client commands do)."""
+DEPRECATED_ENV_VARS = tuple(old for o in client_options.OPTIONS for old in o.old_envs)
+"""Earlier spellings, still read with a deprecation warning (``tolaria.client_options``)."""
 MIN_HISTORY_DEFAULT = 10
+DEPRECATED_DATA_DIR = "_deprecated_dataset_dir"  # argparse dest of --data-dir, now --dataset-dir
 # The distribution's name in pyproject.toml, with the extra that brings torch.
 TRAINER_INSTALL = "pip install 'tolaria-governor[trainer]'"
-
-
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name)
-    return Path(value) if value else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,43 +52,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cap on epochs run, rollbacks included (default 3 x --epochs)",
     )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 0.001)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
     p.add_argument(
-        "--data-dir", type=Path, default=None, help="data for cifar10 (python batches) and tinylm (a text file)"
-    )
-    p.add_argument(
-        "--governor",
-        default=os.environ.get("TOLARIA_GOVERNOR"),
-        metavar="HOST:PORT",
-        help="governor address, HOST:PORT or [IPV6]:PORT, checked (and resolved) before training "
-        "[TOLARIA_GOVERNOR]; without it training is ungoverned",
-    )
-    p.add_argument("--token", default=os.environ.get("TOLARIA_TOKEN", ""), help="trainer token [TOLARIA_TOKEN]")
-    p.add_argument(
-        "--token-file",
-        default=os.environ.get("TOLARIA_TOKEN_FILE", ""),
-        help="file holding the trainer token (e.g. trainer.token from `governor tokens init`) [TOLARIA_TOKEN_FILE]",
-    )
-    p.add_argument(
-        "--tls-ca",
+        "--dataset-dir",
         type=Path,
-        default=_env_path("TOLARIA_TLS_CA"),
-        help="PEM CA of the governor's TLS certificate [TOLARIA_TLS_CA]; without it the channel is plaintext",
+        default=None,
+        metavar="DIR",
+        help="dataset for cifar10 (python batches) and tinylm (a text file)",
     )
-    p.add_argument(
-        "--tls-cert",
-        type=Path,
-        default=_env_path("TOLARIA_TLS_CERT"),
-        help="client certificate for mTLS [TOLARIA_TLS_CERT]",
-    )
-    p.add_argument(
-        "--tls-key", type=Path, default=_env_path("TOLARIA_TLS_KEY"), help="client key for mTLS [TOLARIA_TLS_KEY]"
+    p.add_argument("--data-dir", dest=DEPRECATED_DATA_DIR, type=Path, default=None, help=argparse.SUPPRESS)
+    client_options.add_arguments(
+        p,
+        default_address=None,
+        address_help="checked (and resolved) before training; without it training is ungoverned",
+        legacy=True,
     )
     p.add_argument("--run-id", default="", help="run id (default <task>-<UTC time>-<6 hex>)")
     p.add_argument("--seed-schedule", default="", help="e.g. germinate:residual@2,blend@4,fossilize@7")
     p.add_argument("--snapshot-location", default="auto", choices=("auto", "device", "pinned", "host"))
+    p.add_argument(
+        "--no-snapshot-shm",
+        dest="snapshot_shm",
+        action="store_false",
+        help="keep snapshots in this process's memory, not /dev/shm (default with --run-id: in /dev/shm, so that "
+        "a restarted process adopts the last-known-good)",
+    )
     p.add_argument(
         "--fail-closed",
         nargs="?",
@@ -131,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also write the final summary here ({rank} in the path is replaced by the rank)",
     )
-    p.add_argument("--log-format", choices=("auto", "json", "console"), default="auto")
+    p.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="stderr as JSON lines (auto: when stdout is not a TTY) or readable lines (default auto)",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     return p
 
 
@@ -156,20 +142,6 @@ def parse_policy(pairs: Sequence[str]) -> dict[str, Any]:
         except ValueError:
             raise ValueError(f"--policy {pair!r}: {key} needs a number") from None
     return out
-
-
-def _configure_logging(fmt: str) -> None:
-    use_json = fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False),
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-    )
-    logging.basicConfig(level=logging.WARNING)
 
 
 def _progress_printer(tty: bool, epochs: int) -> Any:
@@ -201,23 +173,20 @@ def _warn_warmup(faults: list[str], policy: dict[str, Any]) -> None:
     for spec in faults:
         fault = parse_fault(spec)
         if fault.unit == "epoch" and fault.kind in ("spike", "lobotomy", "hang") and fault.at <= warm:
-            print(
-                f"tolaria-train: warning: --inject {spec} falls inside the first {warm} validations (warm-up), "
-                "where the governor judges only non-finite losses; it will likely not be caught",
-                file=sys.stderr,
+            logs.say(
+                f"warning: --inject {spec} falls inside the first {warm} validations (warm-up), "
+                "where the governor judges only non-finite losses; it will likely not be caught"
             )
 
 
-def _token(args: argparse.Namespace) -> str:
-    """--token, or the contents of --token-file (not both)."""
-    if not args.token_file:
-        return str(args.token)
-    if args.token:
-        raise ValueError("--token and --token-file exclude each other")
-    try:
-        return Path(args.token_file).read_text().strip()
-    except OSError as exc:
-        raise ValueError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
+def _dataset_dir(args: argparse.Namespace) -> tuple[Path | None, list[str]]:
+    """--dataset-dir, or its deprecated spelling --data-dir (not both); and the deprecation, if used."""
+    old = getattr(args, DEPRECATED_DATA_DIR)
+    if old is None:
+        return args.dataset_dir, []
+    if args.dataset_dir is not None:
+        raise ValueError("--dataset-dir and --data-dir (its deprecated spelling) both given: keep --dataset-dir")
+    return old, ["--data-dir is now --dataset-dir"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -234,14 +203,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tolaria_trainer.config import RunConfig
     from tolaria_trainer.loop import GovernedRun
 
+    logs.configure(args.log_format)
     try:
-        if args.governor:
-            check_governor_address(args.governor)  # names --governor, before anything else is checked
+        # The address first (it names --address, or the variable it came from), then everything else.
+        conn = client_options.resolve(args, default_address=None, legacy=True)
+        dataset_dir, renamed = _dataset_dir(args)
+        deprecations = [*renamed, *conn.deprecations]
+        if deprecations:
+            logs.say(f"deprecated spelling: {'; '.join(deprecations)} (the old spellings still work for now)")
         policy = parse_policy(args.policy)
-        # The flags carry RunConfig's field names; RunConfig checks them all (__post_init__).
+        # Most flags carry RunConfig's field names; RunConfig checks them all (__post_init__).
         options = {f.name: getattr(args, f.name) for f in dataclasses.fields(RunConfig) if hasattr(args, f.name)}
         options.update(
-            token=_token(args),
+            governor=conn.address,
+            token=conn.token,
+            tls_ca=None if conn.tls_ca is None else Path(conn.tls_ca),
+            tls_cert=None if conn.tls_cert is None else Path(conn.tls_cert),
+            tls_key=None if conn.tls_key is None else Path(conn.tls_key),
+            data_dir=dataset_dir,
             policy=policy,
             fail_closed=args.fail_closed is not None,
             fail_closed_deadline_s=args.fail_closed or 60.0,
@@ -249,25 +228,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         cfg = RunConfig(**options)
         _warn_warmup(cfg.inject, policy)
-        _configure_logging(args.log_format)
         run = GovernedRun(cfg, _progress_printer(sys.stdout.isatty(), args.epochs))
     except (TrainerError, ValueError) as exc:
-        print(f"tolaria-train: {exc}", file=sys.stderr)
+        logs.say(str(exc), "error", exit_code=int(ExitCode.USAGE))
         return ExitCode.USAGE
-    summary = run.run()
+    try:
+        summary = run.run()
+    except Exception:  # a bug: still one JSON line on stderr in JSON mode, with the traceback as a field
+        logs.say("internal error (a bug: please report it with this log)", "error", exc_info=True)
+        return ExitCode.INTERNAL_ERROR
     report = summary.as_dict()
     if args.summary_json is not None:
         target = Path(str(args.summary_json).replace("{rank}", str(summary.rank)))
         target.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     acc = summary.final_validation_accuracy
-    print(
-        f"tolaria-train: {summary.status}: run {summary.run_id} rank {summary.rank}, "
+    logs.say(
+        f"{summary.status}: run {summary.run_id} rank {summary.rank}, "
         f"{summary.epochs_completed} epochs of progress ({summary.epochs_run} run), {summary.rollbacks} rollback(s), "
         f"final validation accuracy {'n/a' if acc is None else f'{acc:.4f}'}, {summary.duration_s:.1f} s"
         + (f" - {summary.message}" if summary.message else ""),
-        file=sys.stderr,
+        "info" if summary.exit_code == ExitCode.OK else "warning",
     )
-    print(json.dumps({"summary": report}, allow_nan=False), flush=True)
+    # The same object as --summary-json's file, on one line: `tolaria-train ... | jq .status` reads it.
+    print(json.dumps(report, allow_nan=False), flush=True)
     return summary.exit_code
 
 

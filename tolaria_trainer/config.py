@@ -1,6 +1,7 @@
 """RunConfig: everything `tolaria-train` was asked to do, checked where it is made.
 
-The CLI builds one from its flags (whose names are its fields) and a program can build one directly;
+The CLI builds one from its flags (most named as its fields; ``--address`` is ``governor``, ``--dataset-dir``
+is ``data_dir``) and a program can build one directly;
 either way ``__post_init__`` rejects what cannot work (a malformed fault or seed schedule, a missing TLS
 file, a bad governor address) with a message naming the flag, before any training starts.
 """
@@ -34,6 +35,7 @@ class RunConfig:
     run_id: str = ""
     seed_schedule: str = ""
     snapshot_location: str = "auto"
+    snapshot_shm: bool = True  # with --run-id: snapshots in /dev/shm, adopted by a restarted process
     fail_closed: bool = False
     fail_closed_deadline_s: float = 60.0
     halt_wait_s: float = 3600.0

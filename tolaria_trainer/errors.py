@@ -32,4 +32,4 @@ class SnapshotError(TrainerError):
 
 
 class GovernorAddressError(TrainerError, ValueError):
-    """A --governor address that is malformed or whose host does not resolve."""
+    """A governor address (--address) that is malformed or whose host does not resolve."""

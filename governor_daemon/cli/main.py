@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from governor_daemon.cli import audit_cmd, control_cmds, replay_cmd, serve_cmd, tokens_cmd
 from governor_daemon.cli.output import exits_quietly_on_closed_pipe
+from tolaria import package_version
 from tolaria.exit_codes import ExitCode, epilog
 
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     serve_cmd.register(sub)
     replay_cmd.register(sub)

@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from governor_daemon.cli.output import unreachable_text
+from tolaria import client_options
 from tolaria.exit_codes import ExitCode
 
-ENV_VARS = ("GOVERNOR_ADDRESS", "GOVERNOR_TLS_CA", "GOVERNOR_CLIENT_CERT", "GOVERNOR_CLIENT_KEY")
+HEALTH_OPTIONS = (client_options.ADDRESS, *client_options.TLS_OPTIONS)
+ENV_VARS = client_options.environment_variables(HEALTH_OPTIONS)
 """What `governor health` reads (a compose health check may set them)."""
 ROLES = (("trainer-1", "trainer"), ("viewer-1", "viewer"), ("controller-1", "controller"))
 
@@ -30,11 +33,8 @@ def register(sub: Any) -> None:
     q.add_argument("dir", type=Path)
     q.set_defaults(handler=init)
     p = sub.add_parser("health", help="exit 0 if the daemon's gRPC health service says SERVING")
-    p.add_argument("--address", default=os.environ.get("GOVERNOR_ADDRESS", "127.0.0.1:50051"))
-    p.add_argument("--tls-ca", default=os.environ.get("GOVERNOR_TLS_CA", ""), help="CA of the daemon's certificate")
-    p.add_argument("--tls-cert", default=os.environ.get("GOVERNOR_CLIENT_CERT", ""), help="client certificate (mTLS)")
-    p.add_argument("--tls-key", default=os.environ.get("GOVERNOR_CLIENT_KEY", ""), help="client key (mTLS)")
-    p.add_argument("--timeout-s", type=float, default=2.0)
+    client_options.add_arguments(p, HEALTH_OPTIONS)
+    p.add_argument("--timeout-s", type=float, default=2.0, help="deadline of the check, in seconds (default 2)")
     p.set_defaults(handler=health)
 
 
@@ -69,23 +69,29 @@ def health(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        if args.tls_ca:
-            cert = Path(args.tls_cert).read_bytes() if args.tls_cert else None
-            key = Path(args.tls_key).read_bytes() if args.tls_key else None
-            credentials = grpc.ssl_channel_credentials(Path(args.tls_ca).read_bytes(), key, cert)
-            channel = grpc.secure_channel(args.address, credentials)
+        conn = client_options.resolve(args, options=HEALTH_OPTIONS)
+        address = conn.address or client_options.DEFAULT_ADDRESS
+        if conn.tls_ca:
+            cert = Path(conn.tls_cert).read_bytes() if conn.tls_cert else None
+            key = Path(conn.tls_key).read_bytes() if conn.tls_key else None
+            credentials = grpc.ssl_channel_credentials(Path(conn.tls_ca).read_bytes(), key, cert)
+            channel = grpc.secure_channel(address, credentials)
         else:
-            channel = grpc.insecure_channel(args.address)
-    except OSError as exc:
+            channel = grpc.insecure_channel(address)
+    except (OSError, ValueError) as exc:
         print(f"governor health: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=args.timeout_s)
         except grpc.RpcError as exc:
-            print(f"governor health: {exc.code().name}: {exc.details()}", file=sys.stderr)
             unreachable = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-            return ExitCode.GOVERNOR_UNREACHABLE if unreachable else ExitCode.CHECK_FAILED
+            if unreachable:
+                hint = unreachable_text(address, exc.code(), conn.tls_ca is not None)
+                print(f"governor health: {hint}", file=sys.stderr)
+                return ExitCode.GOVERNOR_UNREACHABLE
+            print(f"governor health: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return ExitCode.CHECK_FAILED
     serving = reply.status == health_pb2.HealthCheckResponse.SERVING
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
     return ExitCode.OK if serving else ExitCode.CHECK_FAILED

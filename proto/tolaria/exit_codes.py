@@ -32,7 +32,10 @@ HELP: dict[ExitCode, str] = {
     ExitCode.INTERNAL_ERROR: "internal error (a bug: please report it with the log)",
     ExitCode.USAGE: "usage or configuration error, or a refusal by the governor: the message says what to fix",
     ExitCode.HALTED: "tolaria-train: halted by the governor and not resumed within --halt-wait-s",
-    ExitCode.GOVERNOR_UNREACHABLE: "the governor was unreachable (tolaria-train: past the --fail-closed deadline)",
+    ExitCode.GOVERNOR_UNREACHABLE: (
+        "the governor was unreachable: is `governor serve` running at --address, plaintext or TLS? "
+        "(tolaria-train: past the --fail-closed deadline)"
+    ),
     ExitCode.ROLLBACK_FAILED: "tolaria-train: a rollback failed",
     ExitCode.EPOCH_CAP: "tolaria-train: --max-epochs-total reached before --epochs of progress",
     ExitCode.CHECK_FAILED: "a check failed: `audit verify` (the journal is broken), `health` (not serving)",

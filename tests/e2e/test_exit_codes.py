@@ -1,5 +1,5 @@
 """Exit codes and final summaries of the real CLIs as processes: each outcome has its own code, a refused
-trainer is never "governed", a --governor typo stops before training, the summary is strict JSON with the
+trainer is never "governed", an --address typo stops before training, the summary is strict JSON with the
 metrics of the current timeline, and `tolaria-train` without torch names the extra to install."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def train(tmp_path: Path, *args: str, timeout_s: float = 120) -> tuple[subproces
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
     report = strict_json(summary.read_text()) if summary.exists() else None
     if report is not None:
-        assert strict_json(result.stdout.splitlines()[-1]) == {"summary": report}
+        assert strict_json(result.stdout.splitlines()[-1]) == report
     return result, report
 
 
@@ -72,7 +72,7 @@ def test_a_rollback_leaves_no_stale_final_metrics(secured: tuple[DaemonProcess, 
     """Epoch 2 diverges (NaN) and the governor rolls it back; the cap then ends the run before another
     validation: the summary's final metrics are null, not those of the weights the restore replaced."""
     daemon, folder = secured
-    args = ["--governor", daemon.address, "--token-file", str(folder / "trainer.token"), "--run-id", "stale"]
+    args = ["--address", daemon.address, "--token-file", str(folder / "trainer.token"), "--run-id", "stale"]
     args += ["--epochs", "2", "--max-epochs-total", "2", "--inject", "nan@epoch=2", "--agree-every-steps", "5"]
     result, summary = train(tmp_path, *args)
     assert result.returncode == 6, result.stderr[-3000:]
@@ -86,7 +86,7 @@ def test_refused_trainer_fail_closed_exits_2_before_training(
     """The controller's token has the wrong role for Attach (PERMISSION_DENIED): with --fail-closed the trainer
     stops with exit 2 without training a step (it used to train on, ungoverned)."""
     daemon, folder = secured
-    args = ["--governor", daemon.address, "--token-file", str(folder / "controller.token"), "--fail-closed", "30"]
+    args = ["--address", daemon.address, "--token-file", str(folder / "controller.token"), "--fail-closed", "30"]
     result, summary = train(tmp_path, *args, "--epochs", "2")
     assert result.returncode == 2, result.stderr[-3000:]
     assert (summary["status"], summary["epochs_run"], summary["governed"]) == ("refused", 0, False)
@@ -99,7 +99,7 @@ def test_refused_trainer_fail_open_trains_ungoverned_and_says_so(
     """A wrong token (UNAUTHENTICATED) without --fail-closed: training completes, a loud warning says it is
     ungoverned, and the summary never claims "governed": true."""
     daemon, _ = secured
-    args = ["--governor", daemon.address, "--token", "wrong-token-0123456789", "--epochs", "2"]
+    args = ["--address", daemon.address, "--token", "wrong-token-0123456789", "--epochs", "2"]
     result, summary = train(tmp_path, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (summary["status"], summary["epochs_completed"], summary["governed"]) == ("completed", 2, False)
@@ -109,11 +109,12 @@ def test_refused_trainer_fail_open_trains_ungoverned_and_says_so(
 
 @pytest.mark.parametrize("address", ["127.0.0.1:5oo51", "localhost", "no-such-host.invalid:50051"])
 def test_governor_typo_is_a_usage_error_before_training(tmp_path: Path, address: str) -> None:
-    """A typo in --governor is exit 2 naming the flag, at once (it used to train ungoverned after 40 s of
-    connection attempts)."""
-    result, summary = train(tmp_path, "--governor", address, "--epochs", "1", timeout_s=60)
+    """A typo in --address is exit 2 naming the flag, at once (it used to train ungoverned after 40 s of
+    connection attempts); the error is a JSON line like the rest of the log."""
+    result, summary = train(tmp_path, "--address", address, "--epochs", "1", timeout_s=60)
     assert result.returncode == 2, result.stderr[-3000:]
-    assert f"tolaria-train: --governor {address!r}: " in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert strict_json(line)["event"].startswith(f"--address {address!r}: ")
     assert summary is None, "nothing trained"
     assert "Traceback" not in result.stderr
 

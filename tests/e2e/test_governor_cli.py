@@ -28,7 +28,7 @@ def test_cli_against_a_daemon(tmp_path: Path) -> None:
     assert table.stdout.splitlines()[0].split()[:3] == ["run", "state", "tl"]
     assert "cli-run" in table.stdout
     status = json.loads(governor_cli(["status", "cli-run", *address, "--json"]).stdout)
-    assert (status["state"], status["timeline"], status["num_rollbacks"]) == ("RUN_STATE_HEALTHY", 1, 1)
+    assert (status["state"], status["timeline"], status["num_rollbacks"]) == ("healthy", 1, 1)
     human = governor_cli(["status", "cli-run", *address]).stdout
     assert "timeline 1, rollbacks 1" in human
 
@@ -79,7 +79,7 @@ def test_cli_against_a_daemon(tmp_path: Path) -> None:
     data = ["--data-dir", str(tmp_path / "data")]
     show = governor_cli(["audit", "show", *data, "--run", "cli-run", "--kind", "decision"])
     assert show.returncode == 0
-    assert "PANIC -> rollback reward -10: non-finite: validation loss nan" in show.stdout
+    assert "PANIC -> rollback (command 1) reward -10: non-finite: validation loss nan" in show.stdout
     assert governor_cli(["audit", "show", *data, "--since", "not-a-time"]).returncode == 2
     head = governor_cli(["audit", "head", *data, "--json"])
     last = json.loads(governor_cli(["audit", "show", *data, "--json"]).stdout.splitlines()[-1])

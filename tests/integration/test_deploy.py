@@ -341,32 +341,6 @@ def test_pods_run_on_loopback(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------- the Job's failure policy
 
 
-def pod_failure_action(job: dict[str, Any], exit_codes: dict[str, int], conditions: dict[str, str]) -> str:
-    """What the Job controller does with a failed pod (batch/v1 podFailurePolicy): the first rule that
-    matches decides; no rule matching counts the failure against backoffLimit. ``exit_codes``: each
-    container's exit code as the kubelet reports it (128+N for a signal N); ``conditions``: the pod's
-    condition types and their status ("True")."""
-    for rule in (job["spec"].get("podFailurePolicy") or {}).get("rules") or []:
-        if "onExitCodes" in rule:
-            requirement = rule["onExitCodes"]
-            wanted = requirement.get("containerName")
-            # Containers that succeeded (exit 0) are left out; a named container restricts the check to it.
-            codes = [c for name, c in exit_codes.items() if c != 0 and wanted in (None, name)]
-            values = set(requirement["values"])
-            if requirement["operator"] == "In":
-                matched = any(c in values for c in codes)
-            else:
-                assert requirement["operator"] == "NotIn"
-                matched = any(c not in values for c in codes)
-        else:
-            matched = any(
-                conditions.get(pattern["type"]) == pattern.get("status", "True") for pattern in rule["onPodConditions"]
-            )
-        if matched:
-            return str(rule["action"])
-    return "Count"
-
-
 def kubelet_exit_code(returncode: int) -> int:
     """A process's exit status as the kubelet reports a container's: killed by signal N is 128+N."""
     return 128 - returncode if returncode < 0 else returncode
@@ -398,15 +372,28 @@ def test_pod_failure_policy_maps_every_exit_code() -> None:
     }
     assert set(expected) == set(ExitCode) - {ExitCode.OK}, "a new exit code needs a decision here"
     for code, action in expected.items():
-        assert pod_failure_action(job, {"trainer": int(code)}, {}) == action, code.name
+        assert checks().pod_failure_action(job, {"trainer": int(code)}, {}) == action, code.name
     for signal_code in (137, 139, 143):  # SIGKILL or the OOM killer, SIGSEGV, SIGTERM
-        assert pod_failure_action(job, {"trainer": signal_code}, {}) == "Count"
+        assert checks().pod_failure_action(job, {"trainer": signal_code}, {}) == "Count"
     # A node drain or preemption: DisruptionTarget comes first, whatever the exit code.
     for code in (137, 143, int(ExitCode.HALTED)):
-        assert pod_failure_action(job, {"trainer": code}, {"DisruptionTarget": "True"}) == "Ignore"
+        assert checks().pod_failure_action(job, {"trainer": code}, {"DisruptionTarget": "True"}) == "Ignore"
     assert sorted(checks().terminal_exit_codes()) == sorted(
         int(c) for c, action in expected.items() if action == "FailJob"
     )
+
+
+def test_a_rule_that_shadows_the_verdicts_is_reported() -> None:
+    """Rules are tried in order: a customisation that puts a rule catching 3 (HALTED) before the FailJob rule
+    retries a HALT like a crash, and an Ignore on a crash code retries it without end; the FailJob rule's
+    own values are still right, so only the rules' order tells, and the check reports both."""
+    job = rendered_job()
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    rules.insert(1, {"action": "Count", "onExitCodes": {"containerName": "trainer", "operator": "In", "values": [3]}})
+    rules.append({"action": "Ignore", "onExitCodes": {"operator": "In", "values": [1]}})
+    problems = "\n".join(checks()._check_trainer_job(job, job["spec"]["template"]))
+    assert "the FailJob exit codes are [2, 5, 6], not the terminal ones [2, 3, 5, 6]" in problems
+    assert "exit codes [1] are ignored" in problems
 
 
 @pytest.mark.slow
@@ -463,7 +450,7 @@ def test_real_trainer_exits_go_through_the_policy(tmp_path: Path) -> None:
                     proc.kill()
                     proc.communicate()
     assert outcomes == {"refused": 2, "halted": 3, "crashed": 137}
-    actions = {name: pod_failure_action(job, {"trainer": code}, {}) for name, code in outcomes.items()}
+    actions = {name: checks().pod_failure_action(job, {"trainer": code}, {}) for name, code in outcomes.items()}
     assert actions == {"refused": "FailJob", "halted": "FailJob", "crashed": "Count"}
 
 

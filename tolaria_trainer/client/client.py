@@ -220,10 +220,17 @@ class GovernorClient:
             self._sendable.notify()
             return seq
 
-    def send_snapshot(self, timeline: int, step: int, snapshot_bytes: int, duration_ms: float, location: str) -> int:
+    def send_snapshot(
+        self, timeline: int, step: int, snapshot_bytes: int, duration_ms: float, location: str, digest: str = ""
+    ) -> int:
         """Queue a SnapshotTaken report; returns its seq."""
         snapshot = trainer_service_pb2.SnapshotTaken(
-            timeline=timeline, step=step, snapshot_bytes=snapshot_bytes, duration_ms=duration_ms, location=location
+            timeline=timeline,
+            step=step,
+            snapshot_bytes=snapshot_bytes,
+            duration_ms=duration_ms,
+            location=location,
+            digest=digest,
         )
         with self._cond:
             seq = self.protocol.send_snapshot(snapshot)
@@ -363,7 +370,7 @@ class GovernorClient:
                 generation=welcome.generation,
                 last_durable_seq=welcome.last_durable_seq,
                 timeline=welcome.timeline,
-                run_state=common_pb2.RunState.Name(welcome.run_state),
+                run_state=common_pb2.RunState.Name(welcome.run_state).removeprefix("RUN_STATE_").lower(),
             )
         elif kind == "resync":
             resync = response.resync

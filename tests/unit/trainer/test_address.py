@@ -1,4 +1,4 @@
-"""`--governor` is checked before training: typos are usage errors naming the flag."""
+"""`--address` is checked before training: typos are usage errors naming the flag."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from tolaria_trainer.errors import GovernorAddressError
 def test_bad_addresses_name_the_flag_and_the_problem(value: str, why: str) -> None:
     with pytest.raises(GovernorAddressError) as info:
         check_governor_address(value)
-    assert str(info.value).startswith(f"--governor {value!r}: ")
+    assert str(info.value).startswith(f"--address {value!r}: ")
     assert why in str(info.value)
 
 

@@ -1,0 +1,88 @@
+"""`tolaria-train`'s logging: one pipeline for structlog and the standard library's ``logging``, on stderr.
+
+In JSON mode (``--log-format json``, or ``auto`` when stdout is not a TTY) every line the trainer writes
+to stderr is one JSON object: structlog's events, the standard library's records (``tolaria.governed``,
+``tolaria.guard``, the integrations, Python's ``warnings``) through structlog's ``ProcessorFormatter``, and
+the CLI's own warnings and errors (``say``). Non-finite floats are written as the strings ``"nan"``,
+``"inf"`` and ``"-inf"``, as the run's summary and the governor's journal write them, since a bare ``NaN``
+is not JSON and stops ``jq``. In console mode the same events are rendered as readable lines.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import traceback
+from typing import Any
+
+import structlog
+
+_HANDLER_NAME = "tolaria-train"
+_state = {"json": False}
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan", "inf", "-inf"
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def non_finite_as_strings(_: object, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
+    """A structlog processor: NaN and the infinities, at any depth, become "nan", "inf", "-inf"."""
+    return {k: _finite(v) for k, v in event.items()}
+
+
+def uses_json(fmt: str) -> bool:
+    """Whether ``--log-format fmt`` means JSON lines (``auto``: when stdout is not a TTY)."""
+    return fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+
+
+def configure(fmt: str) -> None:
+    """Route structlog and ``logging`` (WARNING and above, plus captured ``warnings``) to stderr, rendered
+    alike. Call once, from the main thread, before training starts; calling it again replaces the setup."""
+    use_json = uses_json(fmt)
+    _state["json"] = use_json
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    shared: list[structlog.types.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        non_finite_as_strings,
+    ]
+    structlog.configure(
+        processors=[*shared, *((structlog.processors.format_exc_info,) if use_json else ()), renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared, structlog.processors.format_exc_info],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(_HANDLER_NAME)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):  # basicConfig's, or ours from an earlier call: one pipeline only
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+
+
+def say(message: str, level: str = "warning", **fields: Any) -> None:
+    """A message of the CLI itself: ``tolaria-train: MESSAGE`` on stderr in console mode, one JSON event with
+    ``"logger": "tolaria.cli"`` in JSON mode (before ``configure``: plain text). ``exc_info=True`` adds the
+    exception being handled."""
+    if _state["json"]:
+        getattr(structlog.get_logger(), level)(message, logger="tolaria.cli", **fields)
+    else:
+        if fields.get("exc_info"):
+            traceback.print_exc(file=sys.stderr)
+        print(f"tolaria-train: {message}", file=sys.stderr, flush=True)
