@@ -17,10 +17,10 @@ Checks, on kustomize's output:
   `tolaria-train`'s parser and its environment is one `tolaria-train` reads; an Indexed Job's completions
   match its WORLD_SIZE (or torchrun's --nnodes);
 - the trainer Job restarts crashed ranks and stops on the governor's verdicts: restartPolicy Never, a
-  backoffLimit above 0, a podFailurePolicy whose FailJob exit codes are exactly TERMINAL_EXIT_CODES (read
-  by the trainer container itself: not under torchrun, which exits 1 whatever its worker's code), and
-  disruptions ignored; its /dev/shm is a memory-backed emptyDir with a size limit (the last-known-good
-  snapshot lives there);
+  backoffLimit above 0, a podFailurePolicy whose rules, tried in order, fail the Job on exactly the
+  TERMINAL_EXIT_CODES and ignore no exit code (read by the trainer container itself: not under torchrun,
+  which exits 1 whatever its worker's code), and disruptions ignored; its /dev/shm is a memory-backed
+  emptyDir with a size limit (the last-known-good snapshot lives there);
 - every container runs as non-root with a read-only root filesystem, no privilege escalation, and resource
   requests and limits; every Service selects a pod template and names ports those pods have; every Secret,
   key and claim a pod mounts is rendered; the NetworkPolicy selects the governor, lets the trainers in,
@@ -311,6 +311,32 @@ def terminal_exit_codes() -> list[int]:
     return sorted(int(ExitCode[name]) for name in TERMINAL_EXIT_CODES)
 
 
+def pod_failure_action(job: Obj, exit_codes: dict[str, int], conditions: dict[str, str]) -> str:
+    """What the Job controller does with a failed pod (batch/v1 podFailurePolicy): the first rule that
+    matches decides; no rule matching counts the failure against backoffLimit. ``exit_codes``: each
+    container's exit code as the kubelet reports it (128+N for a signal N); ``conditions``: the pod's
+    condition types and their status ("True")."""
+    for rule in (job["spec"].get("podFailurePolicy") or {}).get("rules") or []:
+        if "onExitCodes" in rule:
+            requirement = rule["onExitCodes"]
+            wanted = requirement.get("containerName")
+            # Containers that succeeded (exit 0) are left out; a named container restricts the check to it.
+            codes = [c for name, c in exit_codes.items() if c != 0 and wanted in (None, name)]
+            values = set(requirement.get("values") or [])
+            if requirement.get("operator") == "In":
+                matched = any(c in values for c in codes)
+            else:  # NotIn (the schema allows no other)
+                matched = any(c not in values for c in codes)
+        else:
+            matched = any(
+                conditions.get(pattern["type"]) == pattern.get("status", "True")
+                for pattern in rule.get("onPodConditions") or []
+            )
+        if matched:
+            return str(rule["action"])
+    return "Count"
+
+
 def _check_trainer_job(job: Obj, template: Obj) -> list[str]:
     """Crashed ranks are restarted, the governor's verdicts end the Job, and /dev/shm holds the snapshot."""
     name, spec, pod = _name(job), job["spec"], template["spec"]
@@ -325,15 +351,13 @@ def _check_trainer_job(job: Obj, template: Obj) -> list[str]:
     trainer = next((c for c in pod["containers"] if c["name"] == "trainer"), None)
     if trainer is None:
         return [*problems, f"{name}: no container named trainer"]
-    fail = sorted(
-        v
-        for rule in rules
-        if rule.get("action") == "FailJob" and (codes := rule.get("onExitCodes"))
-        if codes.get("operator") == "In"
-        for v in codes.get("values") or []
-    )
+    # Every exit code through the rules in their order (an earlier rule shadows a later one).
+    actions = {code: pod_failure_action(job, {trainer["name"]: code}, {}) for code in range(1, 256)}
+    fail = sorted(code for code, action in actions.items() if action == "FailJob")
     if rules and fail != terminal_exit_codes():
         problems.append(f"{name}: the FailJob exit codes are {fail}, not the terminal ones {terminal_exit_codes()}")
+    if ignored := sorted(code for code, action in actions.items() if action == "Ignore"):
+        problems.append(f"{name}: exit codes {ignored} are ignored: a rank that keeps failing so is retried forever")
     for rule in rules:
         codes = rule.get("onExitCodes")
         if codes and codes.get("containerName") not in (None, trainer["name"]):

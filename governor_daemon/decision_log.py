@@ -9,11 +9,13 @@ are left to the journal and the metrics.
 ``DecisionLog`` holds an event's lines until the journal entries they describe are durable (the runtime
 calls ``hold`` after appending and ``release`` when the journal publishes), so the log never says
 something the journal could still lose, then writes them through a ``LineLimiter``: a token bucket per
-(run, rank, entry kind) and one for the whole daemon, so a hostile or broken trainer (a reconnect loop,
-forged command results) cannot flood the log; what a bucket refuses is counted and summarised in one
-"log lines suppressed" line per key at most every ``SUMMARY_INTERVAL_S``. Admitted lines that a person
-must hear about (ROLLBACK, HALT, STALLED: a STALL entry, or a missed rank deadline for a rank that was not
-STALLED yet) also go to the notifier, if one is set; a journal failure always does.
+(run, rank, entry kind) and one per entry kind for the whole daemon, so a hostile or broken trainer (a
+reconnect loop, forged command results) cannot flood the log, nor spend the budget of another kind (its
+thousands of ranks reconnecting do not hold back another run's HALT); what a bucket refuses is counted and
+summarised in one "log lines suppressed" line per key at most every ``SUMMARY_INTERVAL_S``. Admitted lines
+that a person must hear about (ROLLBACK, HALT, STALLED: a STALL entry, or a missed rank deadline for a rank
+that was not STALLED yet, nor before a restart: ``restored``) also go to the notifier, if one is set; a
+journal failure always does.
 
 Every line has ``run``, ``seq`` (the journal entry's seq: ``governor audit show`` finds it), ``kind``
 (the entry kind), ``rank`` where one rank is concerned and ``reason`` where the journal gives one.
@@ -40,9 +42,11 @@ LINE_REFILL_PER_S = 0.2
 """After the burst, one line per key every 5 s."""
 DAEMON_BURST = 500
 DAEMON_REFILL_PER_S = 50.0
-"""The daemon-wide bucket: what many runs together may write."""
+"""The daemon-wide bucket of each entry kind: what many runs together may write of one kind."""
 MAX_KEYS = 4096
 """Keys tracked at once; beyond, keys share one per entry kind (run "*")."""
+PRUNE_INTERVAL_S = 1.0
+"""With MAX_KEYS keys, how often a new key may scan them for ones to forget (a scan of 4096 takes ~1 ms)."""
 SUMMARY_INTERVAL_S = 10.0
 MAX_SUMMARY_LINES = 10
 """Per summary: at most this many keys named, the rest summed into one line with run "*"."""
@@ -221,8 +225,9 @@ class _Bucket:
 
 @dataclass
 class LineLimiter:
-    """Token buckets per (run, rank, kind) and for the daemon. ``admit`` says whether a line is written;
-    ``summaries`` returns, at most every ``summary_interval_s``, what was suppressed since the last one."""
+    """Token buckets per (run, rank, kind) and per kind for the whole daemon. ``admit`` says whether a line
+    is written; ``summaries`` returns, at most every ``summary_interval_s``, what was suppressed since the
+    last one."""
 
     burst: float = LINE_BURST
     refill_per_s: float = LINE_REFILL_PER_S
@@ -231,30 +236,33 @@ class LineLimiter:
     max_keys: int = MAX_KEYS
     summary_interval_s: float = SUMMARY_INTERVAL_S
     _keys: dict[tuple[str, int | None, str], _Bucket] = field(default_factory=dict)
-    _daemon: _Bucket | None = None
+    _daemon: dict[str, _Bucket] = field(default_factory=dict)
     _summarised_at: float | None = None
+    _pruned_at: float | None = None
 
     def admit(self, run: str, rank: int | None, kind: str, now: float) -> bool:
-        """Take a token from the key's bucket and the daemon's; False (and counted) if either is empty."""
+        """Take a token from the key's bucket and the daemon's bucket of ``kind``; False (and counted) if
+        either is empty."""
         key = (run, rank, kind)
         bucket = self._keys.get(key)
         if bucket is None:
             if len(self._keys) >= self.max_keys:
-                self._prune(now)
+                if self._pruned_at is None or now - self._pruned_at >= PRUNE_INTERVAL_S:
+                    self._pruned_at = now
+                    self._prune(now)
                 if len(self._keys) >= self.max_keys:
                     key = ("*", None, kind)
             bucket = self._keys.setdefault(key, _Bucket(self.burst, now))
-        if self._daemon is None:
-            self._daemon = _Bucket(self.daemon_burst, now)
+        daemon = self._daemon.setdefault(kind, _Bucket(self.daemon_burst, now))  # entry kinds: a few dozen
         if self._summarised_at is None:
             self._summarised_at = now
         _refill(bucket, now, self.burst, self.refill_per_s)
-        _refill(self._daemon, now, self.daemon_burst, self.daemon_refill_per_s)
-        if bucket.tokens < 1 or self._daemon.tokens < 1:
+        _refill(daemon, now, self.daemon_burst, self.daemon_refill_per_s)
+        if bucket.tokens < 1 or daemon.tokens < 1:
             bucket.suppressed += 1
             return False
         bucket.tokens -= 1
-        self._daemon.tokens -= 1
+        daemon.tokens -= 1
         return True
 
     def summaries(self, now: float) -> list[dict[str, Any]]:
@@ -311,6 +319,11 @@ class DecisionLog:
         self._held: deque[Line] = deque()
         self._stalled: set[tuple[str, int]] = set()
         """(run, rank) STALLED, as the entries written so far say: a missed deadline notifies new ones only."""
+
+    def restored(self, stalled: Iterable[tuple[str, int]]) -> None:
+        """At start, the (run, rank) pairs the journal left STALLED: a restarted daemon does not notify them
+        again at their next missed deadline."""
+        self._stalled = set(stalled)
 
     def hold(self, entries: Iterable[tuple[int, str, str, dict[str, Any]]]) -> None:
         """An event's appended entries (seq, run, kind, payload): keep their lines until durable."""

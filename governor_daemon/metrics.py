@@ -22,10 +22,10 @@ import socket
 import socketserver
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterable
-from importlib import metadata
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 from wsgiref.types import StartResponse
 
 from prometheus_client import (
@@ -41,6 +41,9 @@ from prometheus_client import (
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from governor_daemon.security import CertificateReloader, TlsFiles, TlsMaterial, server_context
+from tolaria import package_version
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -73,14 +76,6 @@ OTHER_RUNS = "other"
 
 LabelValues = dict[tuple[str, ...], float]
 """A gauge's values by label values (in the order of its label names)."""
-
-
-def package_version() -> str:
-    """The installed version of tolaria-governor ("unknown" from a bare checkout)."""
-    try:
-        return metadata.version("tolaria-governor")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class StateGauge(Collector):
@@ -276,7 +271,9 @@ class MetricsServer:
     """``GET /metrics`` with prometheus_client's own WSGI app (text or OpenMetrics by ``Accept``, gzip by
     ``Accept-Encoding``, ``name[]`` filters) on its threading WSGI server, in threads of its own: a scrape
     never renders on the event loop, which only takes the snapshot of the state gauges. Other paths are 404,
-    methods other than GET and HEAD 405. With a certificate and key it serves HTTPS."""
+    methods other than GET and HEAD 405. With a certificate and key it serves HTTPS, reading them again when
+    they change (``certificates``: the next connection gets the renewed pair). A slow or hostile client holds
+    one connection of ``_Server.max_connections`` for ``_Server.connection_deadline_s`` at most."""
 
     MAX_CONCURRENT = 8
     """Scrapes rendered at once; more are answered 503 at once."""
@@ -285,22 +282,30 @@ class MetricsServer:
 
     def __init__(self, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
         self.metrics, self.loop = metrics, loop
-        self.server: WSGIServer | None = None
+        self.server: _Server | None = None
+        self.certificates: CertificateReloader | None = None
         self._slots = threading.BoundedSemaphore(self.MAX_CONCURRENT)
         self._app = make_wsgi_app(metrics.registry)
 
-    def start(self, host: str, port: int, certfile: str | None = None, keyfile: str | None = None) -> int:
-        """Listen (HTTPS with ``certfile`` and ``keyfile``) and serve from a daemon thread; returns the bound
-        port. Raises OSError (the address is in use, the certificate unreadable; ssl.SSLError is one)."""
-        context = None
-        if certfile and keyfile:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            context.load_cert_chain(certfile, keyfile)
+    def start(
+        self,
+        host: str,
+        port: int,
+        tls: TlsFiles | None = None,
+        on_reload: Callable[[TlsMaterial], None] | None = None,
+        on_error: Callable[[str], None] | None = None,
+    ) -> int:
+        """Listen (HTTPS with ``tls``, reloaded as ``CertificateReloader`` says, which calls ``on_reload`` and
+        ``on_error`` from the accept thread) and serve from a daemon thread; returns the bound port. Raises
+        OSError (the address is in use, the certificate unreadable; ssl.SSLError is one)."""
         server = make_server(host, port, self._serve, _IPv6Server if ":" in host else _IPv4Server, _QuietHandler)
-        if context is not None:
-            # The handshake happens in the request's thread, under the handler's timeout, not in accept().
-            server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+        if tls is not None:
+            try:
+                server.context, material = server_context(tls)
+            except BaseException:
+                server.server_close()
+                raise
+            self.certificates = server.certificates = CertificateReloader(tls, material, on_reload, on_error)
         self.server = server
         threading.Thread(target=server.serve_forever, args=(0.1,), name="governor-metrics", daemon=True).start()
         return int(server.server_address[1])
@@ -354,14 +359,81 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class _Server(ThreadingWSGIServer):
-    """prometheus_client's threading WSGI server, bound without http.server's reverse DNS lookup of the
-    address (``socket.getfqdn``, which can hang where DNS is slow)."""
+    """prometheus_client's threading WSGI server (a thread per connection), bound without http.server's
+    reverse DNS lookup of the address (``socket.getfqdn``, which can hang where DNS is slow).
+
+    The handler's read timeout bounds each read, not a request: a client that trickles a byte every few
+    seconds (slowloris) would hold its thread for hours, and every connection takes a thread. So at most
+    ``max_connections`` are open at once (more are closed at accept, unanswered), and the accept loop shuts
+    down every connection older than ``connection_deadline_s`` (a scrape that takes longer was dead anyway:
+    Prometheus gives up after 10 s by default).
+    """
+
+    max_connections = 64
+    connection_deadline_s = 30.0
+    context: ssl.SSLContext | None = None
+    """HTTPS: the context new connections get (replaced when ``certificates`` reloads)."""
+    certificates: CertificateReloader | None = None
 
     def server_bind(self) -> None:
         socketserver.TCPServer.server_bind(self)
         host, port = self.server_address[:2]
         self.server_name, self.server_port = str(host), int(port)
         self.setup_environ()
+        self._lock = threading.Lock()
+        self._opened_at: dict[Any, float] = {}
+
+    @property
+    def num_connections(self) -> int:
+        """Connections open now (accepted, not yet closed)."""
+        with self._lock:
+            return len(self._opened_at)
+
+    def get_request(self) -> tuple[Any, Any]:
+        """Accept loop: the next connection, with TLS the current certificate's (the files are checked for a
+        renewal first). The handshake happens in the request's thread, under the handler's timeout."""
+        request, address = super().get_request()
+        if self.certificates is not None:
+            loaded = None
+            with contextlib.suppress(Exception):  # a bug must not end the accept loop: the current pair stays
+                loaded = self.certificates.check()
+            if loaded is not None:
+                self.context = loaded[0]
+        if self.context is None:
+            return request, address
+        try:
+            return self.context.wrap_socket(request, server_side=True, do_handshake_on_connect=False), address
+        except OSError:
+            request.close()
+            raise
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Accept loop: admit the connection if there is room (else socketserver closes it)."""
+        with self._lock:
+            if len(self._opened_at) >= self.max_connections:
+                return False
+            self._opened_at[request] = time.monotonic()
+        return True
+
+    def shutdown_request(self, request: Any) -> None:
+        """Any thread: the connection is done (or refused)."""
+        with self._lock:
+            self._opened_at.pop(request, None)
+        super().shutdown_request(request)
+
+    def service_actions(self) -> None:
+        """Accept loop, every poll interval: cut the connections past their deadline (their handler's blocked
+        read returns, and its thread ends)."""
+        cutoff = time.monotonic() - self.connection_deadline_s
+        with self._lock:
+            late = [request for request, opened in self._opened_at.items() if opened < cutoff]
+        for request in late:
+            with contextlib.suppress(OSError):
+                # The plain socket's shutdown: SSLSocket.shutdown would drop its TLS state under the reader.
+                socket.socket.shutdown(request, socket.SHUT_RDWR)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that failed (cut off, reset, a bad TLS handshake): nothing to print."""
 
 
 class _IPv4Server(_Server):

@@ -2,15 +2,18 @@
 
 The event (``line_event``, ``journal_failure_event``) carries ``event`` (rollback, halt, stalled,
 journal_failed), ``run``, ``rank``, ``seq`` (the journal entry), ``reason``, ``host``, ``time``, the log
-line's fields under ``details``, and a one-line ``text`` for people, escaped as Slack wants it: a Slack
-incoming webhook URL works as it is (Slack reads ``text``, the other fields are for other receivers).
+line's fields under ``details``, and a one-line ``text`` for people (control characters escaped as
+``governor_daemon.text.printable`` does), escaped as Slack wants it: a Slack incoming webhook URL works as
+it is (Slack reads ``text``, the other fields are for other receivers).
 
 ``Notifier`` delivers from one worker thread, so neither the event loop nor the core ever waits on the
 network: ``submit`` appends to a bounded queue (full: the oldest event is dropped and counted) and
 returns. The worker POSTs each event with a per-attempt timeout and retries a refused connection, a
 timeout, a 5xx, 408 or 429 with exponential backoff (``BACKOFF_S`` doubling up to ``MAX_BACKOFF_S``,
-``MAX_ATTEMPTS`` attempts); any other answer is final. Redirects are not followed. ``close`` gives the
-queue ``DRAIN_S`` to empty; what is left then is dropped and counted.
+``MAX_ATTEMPTS`` attempts); any other answer is final. Redirects are not followed. A ``user:password@``
+in the URL is sent as HTTP basic auth (urllib would take it for part of the host name). ``close`` gives
+the queue ``DRAIN_S`` to empty; what is left then is dropped and counted. Delivery is at most once: the
+queue lives in memory, and a restarted daemon does not notify again what its journal already held.
 
 The URL is a secret (a Slack webhook URL is its own credential): it is validated at start-up and only
 ``redact_url``'s form (scheme, host, port) is ever logged.
@@ -18,6 +21,7 @@ The URL is a secret (a Slack webhook URL is its own credential): it is validated
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import random
@@ -33,6 +37,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
+
+from governor_daemon.text import printable
 
 if TYPE_CHECKING:
     from governor_daemon.decision_log import Line
@@ -97,7 +103,7 @@ def _event(
     name: str, text: str, run: str, rank: int | None, seq: int | None, reason: str, details: dict[str, Any]
 ) -> dict[str, Any]:
     host = socket.gethostname()
-    full = f"Tolaria Governor on {host}: {text}"
+    full = printable(f"Tolaria Governor on {host}: {text}")  # one line: a newline in a reason forges none
     if len(full) > MAX_TEXT_CHARS:
         full = full[: MAX_TEXT_CHARS - 1] + "…"
     return {
@@ -167,6 +173,7 @@ class Notifier:
             raise ValueError(f"max_queued must be >= 1, got {max_queued}")
         self.url = check_url(url)
         self.shown_url = redact_url(url)
+        self._target, self._headers = _target_and_headers(url)
         self.max_queued, self.timeout_s = max_queued, timeout_s
         self.max_attempts, self.backoff_s = max_attempts, backoff_s
         self.on_outcome = on_outcome
@@ -257,12 +264,7 @@ class Notifier:
 
     def _post(self, body: bytes) -> tuple[str | None, bool, float]:
         """One attempt: (error or None, whether to retry, the receiver's Retry-After in seconds)."""
-        request = urllib.request.Request(
-            self.url,
-            data=body,
-            method="POST",
-            headers={"Content-Type": "application/json", "User-Agent": "tolaria-governor"},
-        )
+        request = urllib.request.Request(self._target, data=body, method="POST", headers=self._headers)
         timeout = self.timeout_s
         if self._deadline is not None:
             timeout = max(0.1, min(timeout, self._deadline - time.monotonic()))
@@ -320,6 +322,17 @@ class Notifier:
             max_queued=self.max_queued,
             notify_url=self.shown_url,
         )
+
+
+def _target_and_headers(url: str) -> tuple[str, dict[str, str]]:
+    """The URL to POST to and the request's headers: a ``user:password@`` becomes basic auth."""
+    headers = {"Content-Type": "application/json", "User-Agent": "tolaria-governor"}
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, headers
+    user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
+    headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])), headers
 
 
 def _seconds(value: str | None) -> float:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextvars
 import hmac
 import ipaddress
+import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,14 +334,19 @@ def read_tls(files: TlsFiles) -> TlsMaterial:
 
     Raises OSError or ssl.SSLError (a missing file, a half-written pair, a key of another certificate).
     """
-    import ssl
+    return server_context(files)[1]
 
+
+def server_context(files: TlsFiles) -> tuple[ssl.SSLContext, TlsMaterial]:
+    """A TLS 1.2+ server context of the files (the client CA verified, not required) and what it loaded,
+    read twice to be sure no rotation was under way. Raises as ``read_tls``."""
     material = TlsMaterial(
         files.cert.read_bytes(),
         files.key.read_bytes(),
         files.client_ca.read_bytes() if files.client_ca is not None else None,
     )
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(files.cert, files.key)
     if material.client_ca is not None:
         context.load_verify_locations(cadata=material.client_ca.decode("ascii", "replace"))
@@ -350,15 +357,17 @@ def read_tls(files: TlsFiles) -> TlsMaterial:
     )
     if again != material:
         raise ssl.SSLError("the files changed while they were read; the next handshake tries again")
-    return material
+    return context, material
 
 
 class CertificateReloader:
-    """The certificate-configuration fetcher of ``grpc.dynamic_ssl_server_credentials``.
+    """The certificate-configuration fetcher of ``grpc.dynamic_ssl_server_credentials`` (``fetch``), and the
+    metrics server's source of TLS contexts (``check``).
 
-    gRPC calls it at every new TLS handshake. It compares the files' (inode, size, mtime) with those of the
-    last read, so an unchanged set costs a few ``stat`` calls; after a change it reads them again and, when
-    they load as a pair (and differ from what is served), hands gRPC the new configuration. New connections
+    gRPC calls ``fetch`` at every new TLS handshake, the metrics server ``check`` at every new connection.
+    It compares the files' (inode, size, mtime) with those of the last read, so an unchanged set costs a few
+    ``stat`` calls; after a change it reads them again and, when they load as a pair (and differ from what
+    is served), hands over the new configuration (gRPC's, or an SSL context). New connections
     then get the new certificate (and client CA); connections already open keep theirs. Files that do not
     load (half written, a key of another certificate, removed) keep the current ones in force, logged once
     per change, and are tried again at the next handshake after a further change.
@@ -375,6 +384,7 @@ class CertificateReloader:
         self.current = initial
         self.reloads = 0
         self._on_reload, self._on_error = on_reload, on_error
+        self._lock = threading.Lock()
         try:
             self._seen: tuple[tuple[int, int, int], ...] = _signature(files)
         except OSError:
@@ -395,6 +405,17 @@ class CertificateReloader:
 
     def fetch(self) -> grpc.ServerCertificateConfiguration | None:
         """None (keep serving what is loaded) unless the files changed and load as a pair."""
+        loaded = self.check()
+        return None if loaded is None else self.configuration(loaded[1])
+
+    def check(self) -> tuple[ssl.SSLContext, TlsMaterial] | None:
+        """None (keep serving what is loaded) unless the files changed and load as a pair: then a server
+        context of the new material, and the material (now ``current``). Any thread (gRPC handshakes run
+        in several): one reload, logged once, whoever sees the change first."""
+        with self._lock:
+            return self._check()
+
+    def _check(self) -> tuple[ssl.SSLContext, TlsMaterial] | None:
         try:
             signature = _signature(self.files)
         except OSError as exc:
@@ -403,7 +424,7 @@ class CertificateReloader:
         if signature == self._seen:
             return None
         try:
-            material = read_tls(self.files)
+            context, material = server_context(self.files)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             self._failed(signature, str(exc))
             return None
@@ -414,7 +435,7 @@ class CertificateReloader:
         self.reloads += 1
         if self._on_reload is not None:
             self._on_reload(material)
-        return self.configuration(material)
+        return context, material
 
     def _failed(self, signature: tuple[tuple[int, int, int], ...], why: str) -> None:
         """Keep the current material; report once per state of the files (not at every handshake)."""

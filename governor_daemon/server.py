@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import gc
 import os
 import resource
@@ -30,6 +31,7 @@ from governor_daemon.policy import RunState
 from governor_daemon.security import (
     AuthInterceptor,
     CertificateReloader,
+    TlsFiles,
     TlsMaterial,
     Tokens,
     TokensFileError,
@@ -79,15 +81,18 @@ def build_governor(settings: ServeSettings) -> Governor:
     )
 
 
-def _certificate_reloaded(material: TlsMaterial) -> None:
-    """Logged from gRPC's handshake thread when new TLS files are served (structlog is thread-safe)."""
-    log.info("server certificate reloaded; new connections get it, open ones keep theirs")
+def _certificate_reloaded(listener: str, material: TlsMaterial) -> None:
+    """Logged from gRPC's handshake thread (or the metrics server's accept thread) when new TLS files are
+    served (structlog is thread-safe)."""
+    log.info("server certificate reloaded; new connections get it, open ones keep theirs", listener=listener)
     if expiring := expiry_warning(material.cert, datetime.now(UTC)):
-        log.warning("server certificate", detail=expiring)
+        log.warning("server certificate", detail=expiring, listener=listener)
 
 
-def _certificate_not_reloaded(why: str) -> None:
-    log.error("TLS files changed but do not load; the previous certificate stays in force", error=why)
+def _certificate_not_reloaded(listener: str, why: str) -> None:
+    log.error(
+        "TLS files changed but do not load; the previous certificate stays in force", error=why, listener=listener
+    )
 
 
 def _register_gauges(metrics: Metrics, governor: Governor) -> None:
@@ -126,7 +131,6 @@ class GovernorServer:
         self.metrics_server: MetricsServer | None = None
         self.port = 0
         self.metrics_port: int | None = None
-        self._metrics_cert: bytes | None = None
         self._stop_ticks = asyncio.Event()
         self._ticker: asyncio.Task[None] | None = None
         self.ingest = VitalsIngest(
@@ -188,8 +192,8 @@ class GovernorServer:
                     self.certificates = CertificateReloader(
                         settings.tls_files,
                         TlsMaterial(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
-                        on_reload=_certificate_reloaded,
-                        on_error=_certificate_not_reloaded,
+                        on_reload=functools.partial(_certificate_reloaded, "grpc"),
+                        on_error=functools.partial(_certificate_not_reloaded, "grpc"),
                     )
                     credentials = self.certificates.credentials()
                 else:
@@ -204,13 +208,15 @@ class GovernorServer:
             if settings.metrics_listen not in ("off", ""):
                 host, mport = parse_address("metrics_listen", settings.metrics_listen)
                 self.metrics_server = MetricsServer(self.metrics, asyncio.get_running_loop())
-                if settings.metrics_tls_cert is not None:
-                    self._metrics_cert = settings.metrics_tls_cert.read_bytes()
+                tls = None
+                if settings.metrics_tls_cert is not None and settings.metrics_tls_key is not None:
+                    tls = TlsFiles(settings.metrics_tls_cert, settings.metrics_tls_key)
                 self.metrics_port = self.metrics_server.start(
                     host,
                     mport,
-                    certfile=str(settings.metrics_tls_cert) if settings.metrics_tls_cert else None,
-                    keyfile=str(settings.metrics_tls_key) if settings.metrics_tls_key else None,
+                    tls,
+                    on_reload=functools.partial(_certificate_reloaded, "metrics"),
+                    on_error=functools.partial(_certificate_not_reloaded, "metrics"),
                 )
         except (RuntimeError, OSError):
             await self.ingest.stop()
@@ -272,8 +278,10 @@ class GovernorServer:
     def _certificate_expiry(self) -> LabelValues:
         """notAfter of each certificate served now (gRPC's: the reloaded one after a rotation)."""
         grpc_pem = self.certificates.current.cert if self.certificates is not None else self.settings.tls_cert
+        metrics_tls = self.metrics_server.certificates if self.metrics_server is not None else None
+        metrics_pem = metrics_tls.current.cert if metrics_tls is not None else None
         out: LabelValues = {}
-        for listener, pem in (("grpc", grpc_pem), ("metrics", self._metrics_cert)):
+        for listener, pem in (("grpc", grpc_pem), ("metrics", metrics_pem)):
             with contextlib.suppress(CertificateError):
                 if pem is not None:
                     out[(listener,)] = not_after(pem).timestamp()

@@ -64,7 +64,7 @@ SETTINGS: tuple[Setting, ...] = (
         0,
         "per-run series (governor_run_*, a run label) for at most N runs at once, the rest as run=other (0: off)",
     ),
-    Setting("metrics_tls_cert", str, "", "PEM certificate chain: /metrics over HTTPS (read at start; empty: HTTP)"),
+    Setting("metrics_tls_cert", str, "", "PEM certificate chain: /metrics over HTTPS (reread on change; empty: HTTP)"),
     Setting("metrics_tls_key", str, "", "PEM private key of metrics_tls_cert"),
     Setting("policy", str, "", "default policy for new runs, comma-separated KEY=VALUE pairs"),
     Setting("lock_policy_fields", str, "", "comma-separated policy fields trainers may not override"),

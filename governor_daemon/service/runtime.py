@@ -80,6 +80,9 @@ class Governor:
         journal = Journal(self.options.data_dir, self.options.segment_bytes, self.options.hmac_key)
         self.recovery = journal.open(repair=self.options.repair)
         self.core.restore(self.recovery.checkpoint, self.recovery.entries)
+        self.decisions.restored(
+            (run_id, rank) for run_id, run in self.core.registry.runs.items() for rank in run.policy.stalled_ranks
+        )
         journal.checkpoint_provider = self.core.checkpoint
         self.journal = GroupCommitter(journal, self.options.group_commit_s)
         self.journal.on_durable = self._release

@@ -19,6 +19,7 @@ class Receiver:
     def __init__(self, port: int = 0, status: int = 200, hang: bool = False) -> None:
         self.events: list[dict[str, Any]] = []
         self.paths: list[str] = []
+        self.authorizations: list[str | None] = []
         self.status, self.hang = status, hang
         self.entered = threading.Event()
         self.release = threading.Event()
@@ -34,6 +35,7 @@ class Receiver:
                 with receiver._cond:
                     receiver.events.append(json.loads(body))
                     receiver.paths.append(self.path)
+                    receiver.authorizations.append(self.headers.get("Authorization"))
                     receiver._cond.notify_all()
                 self.send_response(receiver.status)
                 self.send_header("Content-Length", "2")

@@ -50,9 +50,15 @@ README_METRICS = (
 )
 
 
-def get(port: int, path: str, method: str = "GET", accept: str = "") -> tuple[int, str, str]:
-    """(status, content type, body) of one request."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+def get(
+    port: int, path: str, method: str = "GET", accept: str = "", context: ssl.SSLContext | None = None
+) -> tuple[int, str, str]:
+    """(status, content type, body) of one request on a new connection (HTTPS with ``context``)."""
+    conn = (
+        http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        if context is None
+        else http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
+    )
     try:
         conn.request(method, path, headers={"Accept": accept} if accept else {})
         response = conn.getresponse()
@@ -142,6 +148,48 @@ def test_only_metrics_is_served(daemon: InProcessDaemon) -> None:
     assert status == 200
     assert content_type.startswith("application/openmetrics-text")
     assert body.endswith("# EOF\n")
+
+
+def test_a_slow_client_is_cut_off_and_connections_are_bounded(daemon: InProcessDaemon) -> None:
+    """Slowloris: a client that trickles its request one byte at a time (each byte inside the 5 s read timeout)
+    is cut off at the connection deadline, and connections past the bound are closed unanswered instead of each
+    taking a thread of the daemon; a scrape works again once they are gone."""
+    import select
+
+    port = metrics_port(daemon)
+    assert daemon.daemon is not None
+    assert daemon.daemon.metrics_server is not None
+    server = daemon.daemon.metrics_server.server
+    assert server is not None
+    server.connection_deadline_s = 1.0
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+        slow.sendall(b"GET /metrics HTTP/1.1\r\n")
+        cut_off = False
+        for _ in range(100):  # 100 header bytes 0.2 s apart: 20 s, far past the 1 s deadline
+            try:
+                slow.sendall(b"X")
+                ready, _, _ = select.select([slow], [], [], 0.2)
+                if ready and slow.recv(4096) == b"":
+                    cut_off = True
+            except (BrokenPipeError, ConnectionResetError):
+                cut_off = True
+            if cut_off:
+                break
+        assert cut_off, "a trickling client kept its connection (and thread) past the deadline"
+
+    server.connection_deadline_s = 60.0
+    server.max_connections = 2
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    try:
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            get(port, "/metrics")
+    finally:
+        for sock in idle:
+            sock.close()
+    deadline = time.monotonic() + 30
+    while server.num_connections and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert scrape(port)[1], "scrapes are served again once the idle connections are gone"
 
 
 def promtool_check(body: str) -> None:
@@ -302,6 +350,13 @@ def make_certificate(folder: Path, days: int) -> tuple[Path, Path]:
     return folder / "cert.pem", folder / "key.pem"
 
 
+def https_scrape(port: int, trusted: Path) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of one scrape over a NEW HTTPS connection that trusts only the certificate ``trusted``."""
+    status, _, body = get(port, "/metrics", context=ssl.create_default_context(cafile=str(trusted)))
+    assert status == 200, body
+    return samples(body)
+
+
 def test_metrics_over_https_with_the_certificate_expiry(tmp_path: Path) -> None:
     """--metrics-tls-cert/--metrics-tls-key serve /metrics over HTTPS only (a plain request gets no
     metrics), and governor_tls_cert_not_after_seconds{listener="metrics"} is the certificate's notAfter. A
@@ -317,20 +372,42 @@ def test_metrics_over_https_with_the_certificate_expiry(tmp_path: Path) -> None:
         socket.create_connection(("127.0.0.1", metrics_port(d)), timeout=10),  # connects, never says hello
     ):
         port = metrics_port(d)
-        context = ssl.create_default_context(cafile=str(cert))
-        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=context)
-        try:
-            conn.request("GET", "/metrics")
-            response = conn.getresponse()
-            body = response.read().decode()
-        finally:
-            conn.close()
-        assert response.status == 200
-        expiry = samples(body)[("governor_tls_cert_not_after_seconds", (("listener", "metrics"),))]
+        expiry = https_scrape(port, cert)[("governor_tls_cert_not_after_seconds", (("listener", "metrics"),))]
         assert expiry == not_after(cert.read_bytes()).timestamp()
         assert 2 * 86400 < expiry - time.time() <= 3 * 86400
         with pytest.raises((http.client.HTTPException, ConnectionError)):
             get(port, "/metrics")
+
+
+def test_the_metrics_certificate_rotates_without_a_restart(tmp_path: Path) -> None:
+    """--metrics-tls-cert/--metrics-tls-key on a Secret-like volume (cert-manager renews it, the kubelet swaps
+    the ..data symlink): the next scrape's connection gets the renewed certificate and the expiry gauge follows
+    it; a half-done rotation (the old key beside the renewed certificate) keeps the renewed one in force."""
+    from governor_daemon.certs import not_after
+    from tests.integration.test_security import publish_secret
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old_cert, old_key = make_certificate(tmp_path / "old", days=3)
+    new_cert, new_key = make_certificate(tmp_path / "new", days=30)
+    volume = tmp_path / "tls"
+    volume.mkdir()
+    publish_secret(volume, {"tls.crt": old_cert, "tls.key": old_key})
+    expiry = ("governor_tls_cert_not_after_seconds", (("listener", "metrics"),))
+    with InProcessDaemon(
+        tmp_path / "data",
+        metrics_listen="127.0.0.1:0",
+        metrics_tls_cert=volume / "tls.crt",
+        metrics_tls_key=volume / "tls.key",
+    ) as d:
+        port = metrics_port(d)
+        assert https_scrape(port, old_cert)[expiry] == not_after(old_cert.read_bytes()).timestamp()
+
+        publish_secret(volume, {"tls.crt": new_cert, "tls.key": new_key})
+        assert https_scrape(port, new_cert)[expiry] == not_after(new_cert.read_bytes()).timestamp()
+
+        publish_secret(volume, {"tls.crt": new_cert, "tls.key": old_key})
+        assert https_scrape(port, new_cert)[expiry] == not_after(new_cert.read_bytes()).timestamp()
 
 
 def test_a_bad_metrics_certificate_stops_start_up(tmp_path: Path) -> None:

@@ -111,6 +111,40 @@ def test_a_missing_rank_is_posted_as_stalled_once(tmp_path: Path) -> None:
         assert "ranks [1] of run run-s STALLED" in stalled[0]["text"]
 
 
+def test_a_rank_stalled_before_a_restart_is_not_posted_again(tmp_path: Path) -> None:
+    """Rank 1 silent, posted STALLED once; the daemon restarts (recovering from its journal) and rank 1 is still
+    silent: its missed deadlines after the restart post nothing new (the restored run says it is STALLED)."""
+    overrides = {"rank_deadline_s": 0.2}
+    with Receiver() as receiver:
+        with InProcessDaemon(tmp_path / "data", notify_url=receiver.url()) as daemon:
+            r0 = AttachClient(daemon.address, "run-s", rank=0, world_size=2, overrides=overrides)
+            r1 = AttachClient(daemon.address, "run-s", rank=1, world_size=2, overrides=overrides)
+            r0.connect()
+            r1.connect()
+            try:
+                for step in (10, 20):
+                    r0.validation(step, 2.0)
+                    assert r0.next("verdict").verdict.kind == common_pb2.VERDICT_KIND_HEALTHY
+            finally:
+                r0.close()
+                r1.close()
+            assert receiver.wait_for(lambda events: any(e["event"] == "stalled" for e in events))
+        with InProcessDaemon(tmp_path / "data", notify_url=receiver.url()) as daemon:
+            r0 = AttachClient(daemon.address, "run-s", rank=0, world_size=2, overrides=overrides)
+            r0.connect()
+            try:
+                for step in (30, 40):
+                    r0.validation(step, 2.0)
+                    assert r0.next("verdict").verdict.kind == common_pb2.VERDICT_KIND_HEALTHY
+                r0.validation(50, math.nan)  # an event after the deadlines, to have something to wait for
+                r0.next("command")
+            finally:
+                r0.close()
+            assert receiver.wait_for(lambda events: any(e["event"] == "rollback" for e in events))
+        stalled = [e for e in receiver.events if e["event"] == "stalled"]
+        assert len(stalled) == 1, receiver.events
+
+
 def test_receiver_down_then_up_gets_the_event(tmp_path: Path) -> None:
     """The receiver refuses connections (nothing listens), then comes up on the same port: the retry delivers
     the event, once."""
@@ -188,6 +222,24 @@ def test_a_final_http_error_is_not_retried(tmp_path: Path) -> None:
         assert notifier.wait_for(lambda c: c["failed"] == 1), notifier.counts
         assert (len(receiver.events), notifier.counts["retried"]) == (1, 0)
         assert _metric(daemon, "failed") == 1.0
+
+
+def test_a_user_and_password_in_the_url_are_sent_as_basic_auth() -> None:
+    """https://user:password@host/path (a receiver behind basic auth): the event arrives with an Authorization
+    header, instead of every attempt resolving the host name "user:password@host" (the password went to the
+    DNS resolver) and failing; the logs never show the password."""
+    import base64
+
+    with Receiver() as receiver, structlog.testing.capture_logs() as captured:
+        notifier = Notifier(f"http://ops%40team:pa%3Ass@127.0.0.1:{receiver.port}/hook", max_attempts=2)
+        notifier.submit({"event": "halt", "run": "run-a"})
+        assert notifier.wait_for(lambda c: c["sent"] + c["failed"] >= 1), notifier.counts
+        notifier.close()
+    assert notifier.counts["sent"] == 1, captured
+    assert receiver.paths == ["/hook"]
+    assert receiver.authorizations == ["Basic " + base64.b64encode(b"ops@team:pa:ss").decode()]
+    assert notifier.shown_url == f"http://127.0.0.1:{receiver.port}/…"
+    assert all("pa" not in str(c.get("notify_url")) for c in captured)
 
 
 def test_drops_are_logged_and_close_gives_up_within_its_drain_time() -> None:

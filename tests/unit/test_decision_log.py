@@ -111,6 +111,17 @@ def test_limiter_daemon_bucket_caps_many_runs() -> None:
     assert admitted == 10
 
 
+def test_a_reconnect_flood_of_one_run_does_not_silence_another_runs_halt() -> None:
+    """One hostile trainer with many ranks (world_size up to 4096) reconnecting in a loop spends its own kinds'
+    daemon-wide budget, not the budget of another run's HALT line (and its notification)."""
+    limiter = LineLimiter()
+    for rank in range(4096):
+        limiter.admit("noisy", rank, "attach", now=0.0)
+        limiter.admit("noisy", rank, "detach", now=0.0)
+    assert not limiter.admit("noisy", 4095, "attach", now=0.0), "the flood is limited"
+    assert limiter.admit("victim", None, "command", now=0.0), "another run's command line is still written"
+
+
 def test_limiter_keys_are_bounded() -> None:
     """Beyond max_keys busy keys, new runs share one key per kind (run "*"), so memory stays bounded."""
     limiter = LineLimiter(burst=1, refill_per_s=0.0, max_keys=4, daemon_burst=1e9)
@@ -120,6 +131,29 @@ def test_limiter_keys_are_bounded() -> None:
     assert limiter.admit("run-new", None, "attach", now=0.0)
     assert not limiter.admit("run-newer", None, "attach", now=0.0), "shares the '*' key's bucket"
     assert len(limiter._keys) == 5
+
+
+def test_a_full_key_table_is_scanned_at_most_once_a_second() -> None:
+    """With every key busy (a hostile run's thousands of ranks), each new key's line would scan the whole table
+    for keys to forget (about 1 ms for 4096 keys, on the event loop); it is scanned once a second at most,
+    and new keys share the '*' key meanwhile."""
+
+    class Counting(LineLimiter):
+        scans = 0
+
+        def _prune(self, now: float) -> None:
+            self.scans += 1
+            super()._prune(now)
+
+    limiter = Counting(burst=1, refill_per_s=0.0, max_keys=4, daemon_burst=1e9)
+    for i in range(4):
+        limiter.admit(f"run-{i}", None, "attach", now=0.0)
+        limiter.admit(f"run-{i}", None, "attach", now=0.0)  # empty and owing a summary: kept
+    for i in range(100):
+        limiter.admit(f"new-{i}", None, "attach", now=0.5)
+    assert limiter.scans == 1
+    limiter.admit("newer", None, "attach", now=1.6)
+    assert limiter.scans == 2
 
 
 def test_decision_log_summary_line_is_logged() -> None:
@@ -182,6 +216,18 @@ def test_slack_text_is_escaped() -> None:
     event = notify.line_event(line)
     assert "&lt;!channel&gt; &amp; co" in event["text"]
     assert event["reason"] == "<!channel> & co", "the raw reason stays in its own field"
+
+
+def test_slack_text_stays_one_line() -> None:
+    """A controller's HALT reason with a newline (or a terminal escape) cannot add a forged second line, such
+    as a fake ROLLBACK of another run, to the text people read; the raw reason keeps its own field."""
+    forged = "ok\nTolaria Governor on gpu-1: ROLLBACK of run other\u2028\x1b[2J"
+    line = Line(1, "r", "command", None, "warning", "command issued", {"reason": forged, "step": 1}, "halt")
+    event = notify.line_event(line)
+    for unsafe in ("\n", "\u2028", "\x1b"):
+        assert unsafe not in event["text"], event
+    assert "ok\\x0aTolaria Governor on gpu-1" in event["text"]
+    assert event["reason"] == forged
 
 
 def test_metric_outcomes_match_the_notifier() -> None:
