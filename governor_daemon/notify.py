@@ -7,7 +7,8 @@ line's fields under ``details``, and a one-line ``text`` for people (control cha
 it is (Slack reads ``text``, the other fields are for other receivers).
 
 ``Notifier`` delivers from one worker thread, so neither the event loop nor the core ever waits on the
-network: ``submit`` appends to a bounded queue (full: the oldest event is dropped and counted) and
+network: ``submit`` appends to a bounded queue (full: the oldest event of the lowest ``PRIORITY`` is dropped and
+counted) and
 returns. The worker POSTs each event with a per-attempt timeout and retries a refused connection, a
 timeout, a 5xx, 408 or 429 with exponential backoff (``BACKOFF_S`` doubling up to ``MAX_BACKOFF_S``,
 ``MAX_ATTEMPTS`` attempts); any other answer is final. Redirects are not followed. A ``user:password@``
@@ -56,6 +57,10 @@ DRAIN_S = 5.0
 DROP_LOG_INTERVAL_S = 10.0
 MAX_TEXT_CHARS = 3000
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+PRIORITY = {"stalled": 0, "rollback": 1, "halt": 2, "journal_failed": 2}
+"""What a full queue keeps: it drops the oldest event of the lowest priority (a rank stalls again and
+again; a HALT waits for a person)."""
+
 OUTCOMES = ("sent", "retried", "failed", "dropped")
 """``on_outcome`` values: delivered; an attempt failed and will be retried; given up; dropped unsent."""
 
@@ -191,17 +196,21 @@ class Notifier:
     # ----------------------------------------------------------------- any thread
 
     def submit(self, event: dict[str, Any]) -> None:
-        """Queue an event; never blocks on the network. A full queue drops its oldest event."""
+        """Queue an event; never blocks on the network. A full queue drops the oldest event of the lowest
+        ``PRIORITY`` (the new one included): a flood of STALLED never pushes out a HALT."""
         with self._cond:
             if self._closing.is_set():
                 return
-            dropped = None
-            if len(self._queue) >= self.max_queued:
-                dropped = self._queue.popleft()
             self._queue.append(event)
-            self._cond.notify()
+            dropped = None
+            if len(self._queue) > self.max_queued:
+                lowest = min(PRIORITY.get(e["event"], 0) for e in self._queue)
+                dropped = next(e for e in self._queue if PRIORITY.get(e["event"], 0) == lowest)
+                self._queue.remove(dropped)
+            if dropped is not event:
+                self._cond.notify()
         if dropped is not None:
-            self._dropped(1, "queue full: the oldest event was dropped")
+            self._dropped(1, "queue full: the oldest event of the lowest priority was dropped")
 
     def close(self, drain_s: float = DRAIN_S) -> None:
         """Stop accepting events; give the queue ``drain_s`` to empty (blocks the caller that long at most,

@@ -265,3 +265,27 @@ def test_drops_are_logged_and_close_gives_up_within_its_drain_time() -> None:
     assert dropped, captured
     assert dropped[0]["notify_url"] == notifier.shown_url == f"http://127.0.0.1:{url.split(':')[2].split('/')[0]}/…"
     assert all("s3cr3t" not in str(c) for c in captured)
+
+
+def test_a_flood_of_stalled_events_never_pushes_a_halt_out_of_a_full_queue() -> None:
+    """A full queue drops the oldest event of the lowest priority: a rank that stalls again and again fills it,
+    but a queued HALT and the ROLLBACK after the flood are delivered (the oldest-first queue dropped the HALT)."""
+
+    def event(name: str, run: str) -> dict[str, object]:
+        return {"event": name, "run": run, "text": f"{name} {run}"}
+
+    with Receiver(hang=True) as receiver:
+        notifier = Notifier(receiver.url(), max_queued=2, timeout_s=60)
+        try:
+            notifier.submit(event("halt", "first"))
+            assert receiver.entered.wait(10)  # the worker holds the first HALT in its POST from now on
+            notifier.submit(event("halt", "second"))
+            for i in range(3):
+                notifier.submit(event("stalled", f"s{i}"))
+            notifier.submit(event("rollback", "after"))
+            assert notifier.counts["dropped"] == 3
+            receiver.release.set()
+            assert receiver.wait_for(lambda events: len(events) == 3)
+            assert [e["run"] for e in receiver.events] == ["first", "second", "after"]
+        finally:
+            notifier.close(drain_s=5)
