@@ -51,9 +51,7 @@ def train(
     """Run tolaria-train to the end; returns the process and its summary."""
     summary = tmp_path / f"{run_id}-summary.json"
     cmd = trainer_cmd(address, summary, *args, run_id=run_id)
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False
-    )
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False)
     data = json.loads(summary.read_text()) if summary.exists() else {}
     return result, data
 
