@@ -13,7 +13,7 @@ PROTO_FILES := $(wildcard proto/tolaria/governor/v1/*.proto)
 STUB_DIR := proto/tolaria/governor/v1
 PYTEST_ARGS ?=
 
-.PHONY: all venv test node-deps kubectl lint protos check-stubs demo bench corpus simulate stress-e2e clean
+.PHONY: all venv test test-fast node-deps kubectl lint protos check-stubs demo bench corpus simulate stress-e2e clean
 
 all: lint test
 
@@ -30,6 +30,11 @@ NODE_INTEROP := tests/interop/node/node_modules/.package-lock.json
 
 test: $(STAMP) node-deps kubectl
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
+
+# The fast tier: the unit tests that train nothing for long (no servers, no processes, no epochs); well under
+# a minute on 2 cores. `make test` runs them too, with everything else.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests/unit -m "not slow" -p no:cacheprovider $(PYTEST_ARGS)
 
 # The Node.js controller of the interop test (skipped, with a reason, where npm is missing; CI has it).
 node-deps:

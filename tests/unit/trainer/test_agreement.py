@@ -6,6 +6,7 @@ import os
 import socket
 from typing import Any
 
+import pytest
 import torch.multiprocessing as mp
 
 from tests.unit.trainer.helpers import governed_run
@@ -36,6 +37,7 @@ def run_two_ranks(holders: list[int]) -> list[tuple[int, int, int, list[tuple[in
     return sorted(results.get(timeout=60) for _ in range(2))
 
 
+@pytest.mark.slow
 def test_a_rank_whose_stream_never_delivered_the_command_executes_it_too() -> None:
     """D2: rank 0 never received ROLLBACK 3 (refused or reconnecting); rank 1 sends it, both restore and answer."""
     assert run_two_ranks(holders=[1]) == [(0, 1, 0, [(3, 1)]), (1, 1, 0, [(3, 1)])]

@@ -8,6 +8,8 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from tests.unit.trainer.fake_governance import FakeGovernance
 from tests.unit.trainer.helpers import HELLO, UnstartedConnection, batches, governed_run, validations
 from tolaria.governor.v1 import common_pb2
@@ -56,6 +58,7 @@ def test_pending_snapshot_survives_verdict_latency() -> None:
     assert [s for s in published if s % 250] == [step_after_epoch_1, run.state.step]
 
 
+@pytest.mark.slow
 def test_panic_on_the_last_validation_trains_to_the_end_again() -> None:
     """A ROLLBACK that arrives while the trainer waits for its last verdict restores, then trains the epochs again."""
     run, governor = governed_run(epochs=2, verdict_wait_s=0.2)
@@ -81,6 +84,7 @@ def test_panic_on_the_last_validation_trains_to_the_end_again() -> None:
     assert summary.timeline == 1
 
 
+@pytest.mark.slow
 def test_trainer_welcomed_before_training_adopts_the_run_timeline() -> None:
     """A (re)started trainer welcomed on timeline 3 trains and reports on timeline 3 from its first record."""
     run, governor = governed_run(epochs=1)
@@ -92,6 +96,7 @@ def test_trainer_welcomed_before_training_adopts_the_run_timeline() -> None:
     assert summary.timeline == 3
 
 
+@pytest.mark.slow
 def test_resync_moves_the_trainer_to_the_run_timeline_and_counts_unjudged_records() -> None:
     """A Resync mid-run: the next agreement point adopts its timeline; the summary counts the stale records."""
     run, governor = governed_run(epochs=2)

@@ -270,6 +270,7 @@ def test_digits_reaches_90_percent_and_recovers_from_nan() -> None:
     assert (rollbacks, timeline) == (1, 1)
 
 
+@pytest.mark.slow
 def test_compiled_forward_trains_like_eager() -> None:
     """With torch.compile (aot_eager backend here, for speed) a step gives the eager step's loss."""
     from tolaria_trainer.training import enable_compile
