@@ -5,7 +5,9 @@ continues as if the trainer had restored the decision's step (the next record is
 a fault again within ``recurrence_steps`` climbs the recovery ladder); after a HALT as if a controller
 resumed at once (which starts the ladder afresh). Train records are judged healthy or panic and never enter the history;
 they are judged in batches of up to ``TRAIN_BATCH`` consecutive records of one rank, as a trainer
-sends them (every 64 steps, or sooner: at each validation), by the same train-stream detectors.
+sends them (every 64 steps, or sooner: at each validation), by the same train-stream detectors; records
+that name their ``batch`` (an export of a journal) are judged in exactly those batches. A "policy"
+record sets its run's policy from there on (the overrides given to ``replay`` apply on top).
 Multi-rank validation records are matched by (step, occurrence) and decided once every rank of that
 step has reported, or at the end of the trace with the missing ranks named.
 """
@@ -46,6 +48,9 @@ class ReplayDecision:
             "action": str(d.action),
             "reason": d.reason,
             "punishment_reward": d.punishment_reward,
+            "rule": str(d.rule),
+            "onset_step": d.onset_step,
+            "command": d.command.as_dict() if d.command else None,
         }
 
 
@@ -66,13 +71,22 @@ def replay(records: list[TraceRecord] | tuple[TraceRecord, ...], overrides: Mapp
     Raises PolicyConfigError for bad overrides. The synthetic clock is the record index, so command
     timeouts and rank deadlines never fire offline.
     """
-    config, _ = PolicyConfig().merged(overrides)
+    PolicyConfig().merged(overrides)  # bad overrides fail before anything is decided
     runs: dict[str, _RunReplay] = {}
+    trace_policy: dict[str, dict[str, Any]] = {}  # each run's policy fields from the trace's policy records
     out: list[ReplayDecision] = []
     for index, rec in enumerate(records):
         now_s = float(index)
         run = runs.get(rec.run_id)
+        if rec.kind == "policy":
+            fields = trace_policy.setdefault(rec.run_id, {})
+            fields.update(rec.policy or {})
+            if run is not None:  # a change mid-run: from the next record, as UpdatePolicy
+                out.extend(_judge_train(rec.run_id, run))
+                run.policy.update_policy(_config(fields, overrides))
+            continue
         if run is None:
+            config = _config(trace_policy.get(rec.run_id, {}), overrides)
             policy = RunPolicy(config, rec.world_size, rec.random_guess_loss, rec.num_classes)
             run = _RunReplay(policy, StepAggregator(rec.world_size), Counter())
             runs[rec.run_id] = run
@@ -84,8 +98,15 @@ def replay(records: list[TraceRecord] | tuple[TraceRecord, ...], overrides: Mapp
         if rec.kind == "train":
             last = run.train[-1][1] if run.train else None
             # A batch is one rank's consecutive steps (a step that does not advance starts a new one: the
-            # trace went on from a restore), so an alarm's step names one record.
-            if last is not None and (last.rank != rec.rank or rec.step <= last.step or len(run.train) == TRAIN_BATCH):
+            # trace went on from a restore), so an alarm's step names one record; or the batch the trace names.
+            if last is not None and (
+                last.rank != rec.rank
+                or (
+                    rec.batch != last.batch
+                    if rec.batch is not None or last.batch is not None
+                    else rec.step <= last.step or len(run.train) == TRAIN_BATCH
+                )
+            ):
                 out.extend(_judge_train(rec.run_id, run))
             run.train.append((now_s, rec))
             continue
@@ -103,6 +124,11 @@ def replay(records: list[TraceRecord] | tuple[TraceRecord, ...], overrides: Mapp
         for group in run.aggregator.flush():
             out.append(_decide(run_id, run.policy, group, float(len(records))))
     return out
+
+
+def _config(trace_fields: Mapping[str, Any], overrides: Mapping[str, Any]) -> PolicyConfig:
+    """Defaults, then the trace's policy fields for the run, then the caller's overrides."""
+    return PolicyConfig().merged(trace_fields)[0].merged(overrides)[0]
 
 
 def _judge_train(run_id: str, run: _RunReplay) -> list[ReplayDecision]:

@@ -3,7 +3,11 @@
 One record per line (JSONL) or row (CSV with a header of the same names): ``run_id`` (default
 "run"), ``kind`` ("validation" or "train", default "validation"), ``epoch``, ``step``, ``loss`` (a number
 or "nan", "inf", "-inf"), optional ``rank``, ``world_size``, ``grad_norm``, ``lr`` (train records: the
-learning rate of that step), ``num_classes``, ``random_guess_loss``. Unknown keys are collected for one
+learning rate of that step), ``num_classes``, ``random_guess_loss``, ``batch`` (train records: records
+with the same ``batch`` were one VitalsBatch, judged together; without it replay makes batches of 64).
+A ``kind`` "policy" record (``run_id``, ``policy``: an object of policy fields) sets the run's policy
+from that point of the trace, as the run's creation or an UpdatePolicy did (`governor audit export`
+writes them; `governor replay --policy` still overrides them). Unknown keys are collected for one
 warning. Any malformed record raises TraceFormatError naming its line, before anything is decided.
 """
 
@@ -19,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from governor_daemon.errors import TraceFormatError
+from governor_daemon.errors import PolicyConfigError, TraceFormatError
+from governor_daemon.policy import PolicyConfig
 from governor_daemon.policy.decisions import float_from_json
 
 KNOWN_KEYS = frozenset(
@@ -35,6 +40,8 @@ KNOWN_KEYS = frozenset(
         "lr",
         "num_classes",
         "random_guess_loss",
+        "batch",
+        "policy",
     }
 )
 FORMATS = ("jsonl", "csv")
@@ -56,6 +63,9 @@ class TraceRecord:
     lr: float | None = None
     num_classes: int | None = None
     random_guess_loss: float | None = None
+    batch: int | None = None
+    policy: Mapping[str, Any] | None = None
+    """Only on a "policy" record (whose epoch, step and loss mean nothing)."""
 
 
 @dataclass(frozen=True)
@@ -120,8 +130,10 @@ def _csv_rows(text: str) -> Iterator[tuple[int, Mapping[str, Any]]]:
 def parse_record(line: int, row: Mapping[str, Any]) -> TraceRecord:
     """Validate one record's fields; raises TraceFormatError naming the field."""
     kind = str(row.get("kind", "validation")).strip()
+    if kind == "policy":
+        return _policy_record(line, row)
     if kind not in ("validation", "train"):
-        raise TraceFormatError(line, f"kind must be 'validation' or 'train', got {kind!r}")
+        raise TraceFormatError(line, f"kind must be 'validation', 'train' or 'policy', got {kind!r}")
     for required in ("loss", "epoch", "step"):
         if required not in row:
             raise TraceFormatError(line, f"missing required field {required!r}")
@@ -156,7 +168,25 @@ def parse_record(line: int, row: Mapping[str, Any]) -> TraceRecord:
         lr=lr,
         num_classes=num_classes,
         random_guess_loss=rgl,
+        batch=_integer(line, row, "batch", None),
     )
+
+
+def _policy_record(line: int, row: Mapping[str, Any]) -> TraceRecord:
+    policy = row.get("policy")
+    if isinstance(policy, str):  # a CSV cell
+        try:
+            policy = json.loads(policy)
+        except json.JSONDecodeError:
+            raise TraceFormatError(line, "policy must be a JSON object of policy fields") from None
+    if not isinstance(policy, dict):
+        raise TraceFormatError(line, f"policy must be an object of policy fields, got {type(policy).__name__}")
+    try:
+        PolicyConfig().merged(policy)
+    except (PolicyConfigError, TypeError, ValueError) as exc:
+        raise TraceFormatError(line, f"policy: {exc}") from None
+    run_id = str(row.get("run_id", "run")).strip() or "run"
+    return TraceRecord(line=line, run_id=run_id, kind="policy", epoch=0, step=0, loss=math.nan, policy=policy)
 
 
 def _number(line: int, row: Mapping[str, Any], key: str, default: float | None) -> float | None:

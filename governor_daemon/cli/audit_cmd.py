@@ -1,4 +1,4 @@
-"""`governor audit`: review the journal offline (verify the chain, print the head hash)."""
+"""`governor audit`: review the journal offline: show, verify the chain, head hash, plot, export a replay trace."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from governor_daemon.cli.output import error, validation_summary, warning
+from governor_daemon.cli.options import add_kind_argument
+from governor_daemon.cli.output import EntryPrinter, error, warning
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
 from governor_daemon.journal.verify import verify_journal
 from governor_daemon.text import show
@@ -33,6 +34,11 @@ def register(sub: Any) -> None:
             "plot a run's losses with its profile's gates, the train stream, decisions and timelines to a PNG",
             run_plot,
         ),
+        (
+            "export",
+            "write a run's records as a trace `governor replay` reads, saying what it could not reconstruct",
+            run_export,
+        ),
     ):
         q = group.add_parser(name, help=help_text)
         q.add_argument(
@@ -45,8 +51,17 @@ def register(sub: Any) -> None:
         q.add_argument("--json", action="store_true", help="machine-readable output")
         if name == "show":
             q.add_argument("--run", action="append", default=[], help="only this run (repeatable)")
-            q.add_argument("--kind", action="append", default=[], help="only this kind (repeatable)")
+            add_kind_argument(q)
             q.add_argument("--since", default=None, help="only entries at or after this UTC time (ISO 8601)")
+            q.add_argument(
+                "--vitals",
+                action="store_true",
+                help="one line per vitals entry (default: each run's consecutive ones summarised in one line)",
+            )
+        if name == "export":
+            q.add_argument("--run", required=True, help="run id (its latest life in the journal)")
+            q.add_argument("--out", type=Path, required=True, help="JSONL trace file to write (gzipped if *.gz)")
+            q.add_argument("--force", action="store_true", help="overwrite --out if it exists")
         if name == "plot":
             q.add_argument("run", help="run id")
             q.add_argument("-o", "--output", type=Path, required=True, help="PNG file to write")
@@ -114,60 +129,6 @@ def _since(text: str | None) -> str | None:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def lr_text(result: dict[str, Any]) -> str:
-    """'; lr now X' for a journaled command result that carried the trainer's learning rate, else ''."""
-    lr = result.get("lr_after_restore")
-    if lr is None:
-        return ""
-    return f"; lr now {lr:.6g}" if isinstance(lr, int | float) else f"; lr now {lr}"
-
-
-def result_text(result: dict[str, Any]) -> str:
-    """What a journaled command result did: the restore of a ROLLBACK or RESUME, or the stop of a HALT (which
-    restores nothing: hardening 2 found "restored step 150 in 0.0 ms" for one). Journals written before
-    ``command_kind`` existed say the restore."""
-    state = "succeeded" if result.get("succeeded") else f"FAILED ({result.get('error')})"
-    kind = result.get("command_kind")
-    what = f"command {result.get('command_id')}{f' ({kind})' if kind else ''} {state}"
-    if kind == "halt":
-        return f"{what}; halted on timeline {result.get('new_timeline')}"
-    duration = result.get("duration_ms")
-    took = f" in {duration:.1f} ms" if isinstance(duration, int | float) else ""
-    restore = f"restored step {result.get('restored_step')}{took}" if result.get("succeeded") else "nothing restored"
-    return f"{what}; timeline {result.get('new_timeline')}, {restore}{lr_text(result)}"
-
-
-def describe(kind: str, payload: dict[str, Any]) -> str:
-    """One human line for an entry's payload."""
-    decision = payload.get("decision")
-    if decision is not None:
-        reward = "" if decision.get("punishment_reward") is None else f" reward {decision['punishment_reward']:g}"
-        where = f"epoch {decision['epoch']} " if decision.get("epoch") is not None else ""
-        record = validation_summary(payload.get("record") or {})
-        return (
-            f"{where}step {decision['step']} tl {decision['timeline']}: {decision['verdict'].upper()} "
-            f"-> {decision['action']}{reward}: {decision['reason']}{f' [{record}]' if record else ''}"
-        )
-    if kind == "command_result":
-        return f"rank {payload['rank']}: {result_text(payload)}"
-    if kind == "report" and "loss" in payload:  # one rank's validation record of a multi-rank run
-        record = validation_summary(payload)
-        return (
-            f"rank {payload['rank']}: validation epoch {payload['epoch']} step {payload['step']} "
-            f"tl {payload['timeline']} loss {payload['loss']}{f', {record}' if record else ''}"
-        )
-    if kind == "controller_request":
-        command_id = payload["command"]["command_id"]
-        return f"{payload['caller']}: {payload['action']} (command {command_id}): {payload['reason']}"
-    if kind == "finish":
-        return (
-            f"rank {payload['rank']}: {payload['status'].removeprefix('FINISH_STATUS_')} after "
-            f"{payload['epochs_completed']} epochs, {payload['num_rollbacks']} rollback(s)"
-        )
-    rest = {k: v for k, v in payload.items() if k != "effects"}
-    return json.dumps(rest, sort_keys=True)[:200]
-
-
 def run_show(args: argparse.Namespace) -> int:
     """`governor audit show`."""
     try:
@@ -178,6 +139,7 @@ def run_show(args: argparse.Namespace) -> int:
     if not segments:
         return error(args, f"no journal in {args.data_dir}", ExitCode.USAGE)
     runs, kinds = set(args.run), set(args.kind)
+    printer = EntryPrinter(each_vitals=args.vitals or "vitals" in kinds)
     for path in segments:
         for item in read_segment(path):
             if not isinstance(item, LocatedEntry):
@@ -193,7 +155,8 @@ def run_show(args: argparse.Namespace) -> int:
                     )
                 )
             else:
-                show(f"{e.seq:>7} {e.ts[:23]} {e.run or '-':<28} {e.kind:<18} {describe(e.kind, e.payload)}")
+                printer.add(e.seq, e.ts, e.run, e.kind, e.payload)
+    printer.flush()
     return ExitCode.OK
 
 
@@ -217,4 +180,26 @@ def run_plot(args: argparse.Namespace) -> int:
         f"wrote {args.output}: run {args.run} under profile {' → '.join(data.profiles) or 'unknown'}, "
         f"{counts['validations']} validations, {counts['rollbacks']} rollback(s), {counts['halts']} halt(s)"
     )
+    return ExitCode.OK
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """`governor audit export --run R --out FILE`: the run as a replay trace, and what it holds."""
+    from governor_daemon.export import ExportError, export_run
+
+    if args.out.exists() and not args.force:
+        return error(args, f"{args.out} exists; --force overwrites it", ExitCode.USAGE)
+    try:
+        report = export_run(args.data_dir, args.run, args.out)
+    except ExportError as exc:
+        return error(args, str(exc), ExitCode.USAGE)
+    except OSError as exc:
+        return error(args, f"cannot write {args.out}: {exc.strerror or exc}", ExitCode.USAGE)
+    if args.json:
+        print(json.dumps({"output": str(args.out), **report.as_dict()}))
+        return ExitCode.OK
+    show(f"wrote {args.out}: {report.validation_records} validation and {report.train.records} train records")
+    for line in report.lines():
+        show(line)
+    show(f"replay it: governor replay {args.out}")
     return ExitCode.OK

@@ -1,30 +1,31 @@
 """Client commands for people and controllers: status, runs, watch, rollback, halt, resume, policy.
 
-Each takes --address and --token (also GOVERNOR_ADDRESS, GOVERNOR_TOKEN) and --json, and goes through
+Each takes the connection flags `tolaria-train` takes too (``tolaria.client_options``: --address, --token,
+--token-file, --tls-ca, --tls-cert, --tls-key and their GOVERNOR_* variables) and --json, and goes through
 ``tolaria.controller.ControllerClient``, the typed client controllers use. Its errors become one-line messages
-and exit codes: unreachable 4, refused input or state 2, anything else 1.
+and exit codes: unreachable 4 (naming the address and what to check), refused input or state 2, anything
+else 1. Enums print as lowercase names (``name``), in tables and in --json alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 
-from governor_daemon.cli.audit_cmd import result_text
-from governor_daemon.cli.output import error, validation_summary
+from governor_daemon.cli.options import add_kind_argument
+from governor_daemon.cli.output import EntryPrinter, error, result_text, unreachable_text, validation_summary
 from governor_daemon.errors import PolicyConfigError
 from governor_daemon.policy import parse_assignments
 from governor_daemon.text import show
+from tolaria import client_options
 from tolaria.controller import (
     ControllerClient,
     ControllerError,
-    Event,
     Policy,
     RunState,
     RunStatus,
@@ -47,27 +48,9 @@ DEFAULT_TIMEOUT_S = 10.0
 
 
 def _common(p: argparse.ArgumentParser, timeout_help: str = "deadline of each call, in seconds") -> None:
-    p.add_argument(
-        "--address",
-        default=os.environ.get("GOVERNOR_ADDRESS", "127.0.0.1:50051"),
-        help="governor address [GOVERNOR_ADDRESS; default 127.0.0.1:50051]",
-    )
-    p.add_argument("--token", default=os.environ.get("GOVERNOR_TOKEN", ""), help="bearer token [GOVERNOR_TOKEN]")
+    client_options.add_arguments(p)
     watch = p.prog.endswith(" watch")
     p.add_argument("--timeout-s", type=float, default=None if watch else DEFAULT_TIMEOUT_S, help=timeout_help)
-    p.add_argument(
-        "--tls-ca",
-        default=os.environ.get("GOVERNOR_TLS_CA", ""),
-        help="PEM CA of the daemon's certificate: use TLS [GOVERNOR_TLS_CA]",
-    )
-    p.add_argument(
-        "--tls-cert",
-        default=os.environ.get("GOVERNOR_CLIENT_CERT", ""),
-        help="client certificate for mTLS [GOVERNOR_CLIENT_CERT]",
-    )
-    p.add_argument(
-        "--tls-key", default=os.environ.get("GOVERNOR_CLIENT_KEY", ""), help="client key for mTLS [GOVERNOR_CLIENT_KEY]"
-    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
@@ -90,9 +73,14 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=lambda a: _call(a, runs))
     p = sub.add_parser("watch", help="stream journal events (resumable with --from)")
     p.add_argument("--run", action="append", default=[], help="only this run (repeatable)")
-    p.add_argument("--kind", action="append", default=[], help="only this entry kind (repeatable)")
+    add_kind_argument(p)
     p.add_argument("--from", dest="cursor", type=int, default=0, help="cursor to resume after (default 0)")
     p.add_argument("--limit", type=int, default=0, help="stop after this many events (0: follow forever)")
+    p.add_argument(
+        "--vitals",
+        action="store_true",
+        help="one line per vitals entry (default: each run's consecutive ones summarised in one line)",
+    )
     _common(
         p,
         "stop following after this many seconds and exit 0 (the last cursor printed resumes it); "
@@ -132,18 +120,21 @@ Handler = Callable[[ControllerClient, argparse.Namespace], None]
 
 def _call(args: argparse.Namespace, handler: Handler) -> int:
     try:
-        tls = TlsConfig.from_files(args.tls_ca, args.tls_cert or None, args.tls_key or None) if args.tls_ca else None
-    except OSError as exc:
+        conn = client_options.resolve(args)
+        tls = TlsConfig.from_files(conn.tls_ca, conn.tls_cert, conn.tls_key) if conn.tls_ca else None
+    except (OSError, ValueError) as exc:
         return error(args, str(exc), ExitCode.USAGE)
+    address = conn.address or client_options.DEFAULT_ADDRESS
     try:
         timeout_s = DEFAULT_TIMEOUT_S if args.timeout_s is None else args.timeout_s
-        with ControllerClient(args.address, args.token or None, tls, timeout_s) as client:
+        with ControllerClient(address, conn.token or None, tls, timeout_s) as client:
             handler(client, args)
     except ControllerError as exc:
         if isinstance(exc, Unreachable):
             exit_code = ExitCode.GOVERNOR_UNREACHABLE
-        else:
-            exit_code = ExitCode.USAGE if exc.code in USAGE_CODES else ExitCode.INTERNAL_ERROR
+            status_name = exc.code.name if exc.code is not None else exit_code.name
+            return error(args, unreachable_text(address, exc.code, tls is not None), exit_code, status_name)
+        exit_code = ExitCode.USAGE if exc.code in USAGE_CODES else ExitCode.INTERNAL_ERROR
         name = exc.code.name if exc.code is not None else exit_code.name
         return error(args, exc.details if args.json else f"{name}: {exc.details}", exit_code, name)
     except PolicyConfigError as exc:
@@ -153,10 +144,35 @@ def _call(args: argparse.Namespace, handler: Handler) -> int:
     return ExitCode.OK
 
 
+# The contract's enums as the CLI spells them, in tables and in --json alike: lowercase names without the
+# prefix (`finished`, what `runs --state` takes), not FINISHED or the wire's RUN_STATE_FINISHED.
+_ENUM_PREFIXES = ("RUN_STATE_", "VERDICT_KIND_", "COMMAND_TYPE_")
+_ENUM_FIELDS = frozenset({"state", "run_state", "last_verdict", "type"})
+
+
+def name(value: str) -> str:
+    """An enum value (``RunState.FINISHED`` or its wire name ``RUN_STATE_FINISHED``) as the CLI prints it:
+    ``finished``."""
+    text = str(value)
+    for prefix in _ENUM_PREFIXES:
+        text = text.removeprefix(prefix)
+    return text.lower()
+
+
+def json_names(obj: Any) -> Any:
+    """A ``to_dict`` result with its enum fields (state, run_state, last_verdict, an open command's type)
+    spelled as ``name`` spells them."""
+    if isinstance(obj, dict):
+        return {k: name(v) if k in _ENUM_FIELDS and isinstance(v, str) else json_names(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [json_names(v) for v in obj]
+    return obj
+
+
 def _row(run: RunStatus) -> str:
     mean = "-" if run.history_mean is None else f"{run.history_mean:.4g}"
     return (
-        f"{run.run_id:<36} {run.state:<13} {run.timeline:>3} {run.num_rollbacks:>4} {run.num_halts:>3} "
+        f"{run.run_id:<36} {name(run.state):<13} {run.timeline:>3} {run.num_rollbacks:>4} {run.num_halts:>3} "
         f"{run.total_punishment_reward:>8g} {run.latest_validation_step:>8} {mean:>8}  {run.last_reason[:70]}"
     )
 
@@ -166,7 +182,7 @@ HEADER = f"{'run':<36} {'state':<13} {'tl':>3} {'rb':>4} {'hlt':>3} {'reward':>8
 
 def _print_runs(args: argparse.Namespace, runs_: list[RunStatus]) -> None:
     if args.json:
-        print(json.dumps([r.to_dict() for r in runs_]))
+        print(json.dumps([json_names(r.to_dict()) for r in runs_]))
         return
     show(HEADER)
     for run in runs_:
@@ -182,11 +198,11 @@ def status(client: ControllerClient, args: argparse.Namespace) -> None:
     validation, result = _latest_entries(client, run)
     if args.json:
         extra = {"latest_validation": validation, "latest_command_result": result}
-        print(json.dumps({**run.to_dict(), **{k: v for k, v in extra.items() if v is not None}}))
+        print(json.dumps({**json_names(run.to_dict()), **{k: v for k, v in extra.items() if v is not None}}))
         return
     show(f"run {run.run_id} ({run.task}, {run.world_size} rank(s), profile {run.profile})")
     show(
-        f"  state {run.state}, timeline {run.timeline}, rollbacks {run.num_rollbacks}, "
+        f"  state {name(run.state)}, timeline {run.timeline}, rollbacks {run.num_rollbacks}, "
         f"halts {run.num_halts}, total reward {run.total_punishment_reward:g}"
     )
     mean = "-" if run.history_mean is None else f"{run.history_mean:.4g}"
@@ -195,7 +211,7 @@ def status(client: ControllerClient, args: argparse.Namespace) -> None:
         f"  history {run.history_size} losses, mean {mean}, std {std}; "
         f"consecutive anomalies {run.consecutive_anomalies}"
     )
-    show(f"  last verdict {run.last_verdict}: {run.last_reason}")
+    show(f"  last verdict {name(run.last_verdict)}: {run.last_reason}")
     if validation is not None:
         summary = validation_summary(validation)
         show(
@@ -206,7 +222,7 @@ def status(client: ControllerClient, args: argparse.Namespace) -> None:
         show(f"  last command result, rank {result.get('rank')}: {result_text(result)}")
     if run.open_command is not None:
         oc = run.open_command
-        show(f"  open command {oc.command_id} COMMAND_TYPE_{oc.type} for {oc.age_s:.1f} s: {oc.reason}")
+        show(f"  open command {oc.command_id} ({name(oc.type)}) for {oc.age_s:.1f} s: {oc.reason}")
     for rank in run.ranks:
         show(
             f"  rank {rank.rank}: {'attached' if rank.attached else 'detached'}{', STALLED' if rank.stalled else ''}, "
@@ -255,29 +271,29 @@ def runs(client: ControllerClient, args: argparse.Namespace) -> None:
 
 
 def watch(client: ControllerClient, args: argparse.Namespace) -> None:
-    """`governor watch`: one line (or JSON object) per journal entry, with its cursor.
+    """`governor watch`: one line (or JSON object) per journal entry, with its cursor; each run's
+    consecutive vitals entries in one summary line unless --vitals (or --kind vitals).
 
     The stream is not resumed across a daemon restart: it ends where the daemon ends it (exit 0), and an
     unreachable daemon exits 4. With --timeout-s the stream ends at that deadline: exit 0, whatever --limit
     said (the events printed and their cursors tell how far it got; --from the last one resumes).
     """
     count = 0
-    with client.events(args.cursor, args.run, args.kind, reconnect_for_s=0, deadline_s=args.timeout_s) as stream:
-        for count, event in enumerate(stream, start=1):
-            _print_event(args, event)
-            if args.limit and count >= args.limit:
-                return
+    printer = EntryPrinter(each_vitals=args.vitals or "vitals" in args.kind)
+    try:
+        with client.events(args.cursor, args.run, args.kind, reconnect_for_s=0, deadline_s=args.timeout_s) as stream:
+            for count, event in enumerate(stream, start=1):
+                if args.json:
+                    obj = {"cursor": event.cursor, "ts": event.ts, "run": event.run_id, "kind": event.kind}
+                    print(json.dumps({**obj, "payload": event.payload, "hash": event.hash}), flush=True)
+                else:
+                    printer.add(event.cursor, event.ts, event.run_id, event.kind, event.payload)
+                if args.limit and count >= args.limit:
+                    return
+    finally:
+        printer.flush()  # the vitals summarised so far (also at --limit, a deadline or Ctrl-C)
     if stream.deadline_reached and not args.json:
         print(f"governor watch: --timeout-s {args.timeout_s:g} reached after {count} event(s)", file=sys.stderr)
-
-
-def _print_event(args: argparse.Namespace, event: Event) -> None:
-    if args.json:
-        obj = {"cursor": event.cursor, "ts": event.ts, "run": event.run_id, "kind": event.kind}
-        print(json.dumps({**obj, "payload": event.payload, "hash": event.hash}), flush=True)
-    else:
-        payload = {k: v for k, v in event.payload.items() if k != "effects"}
-        show(f"{event.cursor:>8} {event.ts} {event.run_id or '-':<28} {event.kind:<18} {json.dumps(payload)[:160]}")
 
 
 def command(client: ControllerClient, args: argparse.Namespace, action: str) -> None:
@@ -285,9 +301,9 @@ def command(client: ControllerClient, args: argparse.Namespace, action: str) -> 
     send = {"rollback": client.rollback, "halt": client.halt, "resume": client.resume}[action]
     receipt = send(args.run, args.reason)
     if args.json:
-        print(json.dumps({"command_id": receipt.command_id, "run_state": str(receipt.run_state)}))
+        print(json.dumps({"command_id": receipt.command_id, "run_state": name(receipt.run_state)}))
     else:
-        show(f"{action}: command {receipt.command_id} sent to run {args.run}; state {receipt.run_state}")
+        show(f"{action}: command {receipt.command_id} sent to run {args.run}; state {name(receipt.run_state)}")
 
 
 def forget(client: ControllerClient, args: argparse.Namespace) -> None:

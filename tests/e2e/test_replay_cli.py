@@ -139,9 +139,16 @@ def test_multi_rank_trace(tmp_path: Path) -> None:
         ('{"epoch": 1, "step": 2, "loss": "high"}', "line 2: loss must be a number"),
         (
             '{"epoch": 1, "step": 2, "loss": 1.0, "kind": "test"}',
-            "line 2: kind must be 'validation' or 'train'",
+            "line 2: kind must be 'validation', 'train' or 'policy'",
         ),
         ("{not json", "line 2: not valid JSON"),
+        ('{"kind": "policy", "policy": {"colour": "red"}}', "line 2: policy: unknown policy field(s) colour"),
+        ('{"kind": "policy", "policy": [1]}', "line 2: policy must be an object of policy fields, got list"),
+        (
+            '{"kind": "policy", "policy": {"min_history": 0}}',
+            "line 2: policy: invalid policy: min_history must be >= 1",
+        ),
+        ('{"epoch": 1, "step": 2, "loss": 1.0, "kind": "train", "batch": 1.5}', "line 2: batch must be a whole"),
     ],
 )
 def test_malformed_jsonl_exits_2_before_any_decision(tmp_path: Path, line: str, message: str) -> None:
@@ -152,6 +159,40 @@ def test_malformed_jsonl_exits_2_before_any_decision(tmp_path: Path, line: str, 
     assert result.returncode == 2
     assert message in result.stderr
     assert result.stdout == ""
+
+
+def test_policy_records_set_the_runs_policy_and_overrides_win(tmp_path: Path) -> None:
+    """A "policy" record (what `governor audit export` writes) sets the run's policy from there on; --policy
+    still overrides it; a change mid-trace judges the train records before it under the old policy."""
+    rows: list[dict[str, object]] = [{"kind": "policy", "policy": {"min_history": 2}}]
+    rows += records([1.0, 1.01, 50.0])
+    trace = write_jsonl(tmp_path / "t.jsonl", rows)
+    out = decisions(governor_cli(["replay", str(trace), "--json"]).stdout)
+    assert [d["verdict"] for d in out] == ["healthy", "healthy", "anomaly"], out
+    assert out[0]["reason"] == "warm-up: 1/2 losses in history"
+    overridden = decisions(governor_cli(["replay", str(trace), "--json", "--policy", "min_history=10"]).stdout)
+    assert [d["verdict"] for d in overridden] == ["healthy"] * 3
+    assert overridden[2]["reason"].startswith("warm-up: 3/10")
+    later = write_jsonl(tmp_path / "later.jsonl", [*records([1.0, 1.01]), rows[0], *records([50.0])])
+    changed = decisions(governor_cli(["replay", str(later), "--json"]).stdout)
+    assert [d["reason"].split(":")[0] for d in changed] == ["warm-up", "warm-up", "divergence"], changed
+
+
+def test_train_records_are_judged_in_the_batches_the_trace_names(tmp_path: Path) -> None:
+    """Records with a ``batch`` are judged in exactly those batches, as the daemon judged them. A batch is
+    judged against the statistics from before it, so the split decides when a rising loss fires: against
+    the flat level of the first 40 steps it fires at step 52; in replay's own batches of 64 the statistics
+    took in most of the rise first, and it fires at step 69."""
+    losses = [1.0 + 0.01 * (i % 3) for i in range(40)] + [1.1**i for i in range(1, 30)]
+    rows = [
+        {"kind": "train", "epoch": 0, "step": i + 1, "loss": loss, "batch": 1 if i < 40 else 2}
+        for i, loss in enumerate(losses)
+    ]
+    named = decisions(governor_cli(["replay", str(write_jsonl(tmp_path / "a.jsonl", rows)), "--json"]).stdout)
+    unnamed = [{k: v for k, v in r.items() if k != "batch"} for r in rows]
+    own = decisions(governor_cli(["replay", str(write_jsonl(tmp_path / "b.jsonl", unnamed)), "--json"]).stdout)
+    assert [(d["step"], d["verdict"]) for d in named if d["verdict"] != "healthy"] == [(52, "panic")]
+    assert [(d["step"], d["verdict"]) for d in own if d["verdict"] != "healthy"] == [(69, "panic")]
 
 
 def test_malformed_csv_names_line(tmp_path: Path) -> None:

@@ -223,7 +223,7 @@ def test_a_death_penalty_beyond_its_bound_is_refused_from_update_policy_and_hell
 def test_a_halts_result_says_halted_not_a_restore() -> None:
     """Hardening 2: a HALT's command result read "restored step 150 in 0.0 ms" in `audit show` and `status`,
     although a HALT restores nothing. The entry names the command's kind, and the line says what it did."""
-    from governor_daemon.cli.audit_cmd import describe
+    from governor_daemon.cli.output import describe, entry_line
 
     h = Harness()
     h.attach(1)
@@ -233,9 +233,10 @@ def test_a_halts_result_says_halted_not_a_restore() -> None:
     [entry] = [e for e in fx.entries if e.kind == EntryKind.COMMAND_RESULT]
     assert entry.payload["command_kind"] == "halt"
     line = describe(entry.kind, entry.payload)
-    assert line == "rank 0: command 1 (halt) succeeded; halted on timeline 0", line
+    assert line == "command 1 (halt) succeeded; halted on timeline 0", line
+    assert entry_line(7, "2026-01-01T00:00:00.000000Z", "r", entry.kind, entry.payload).split()[3] == "r0"
     rollback = Harness()
     rollback.attach(1)
     command = commands(rollback.vitals(1, [1], [math.nan]))[0]
     [entry] = [e for e in rollback.result(1, command).entries if e.kind == EntryKind.COMMAND_RESULT]
-    assert describe(entry.kind, entry.payload).startswith("rank 0: command 1 (rollback) succeeded; timeline 1, ")
+    assert describe(entry.kind, entry.payload).startswith("command 1 (rollback) succeeded; timeline 1, ")
