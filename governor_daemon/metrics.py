@@ -42,6 +42,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from governor_daemon.policy.decisions import Rule
 from governor_daemon.security import CertificateReloader, TlsFiles, TlsMaterial, server_context
 from tolaria import package_version
 
@@ -50,19 +51,8 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
 # Label values known in advance: each of their series exists from start.
 RECORD_KINDS = ("train", "validation")
 VERDICT_KINDS = ("healthy", "anomaly", "panic")
-PANIC_RULES = (
-    "non_finite",
-    "lobotomy",
-    "divergence",
-    "train_non_finite",
-    "step_loss_spike",
-    "step_grad_blowup",
-    "step_collapse",
-    "step_rise",
-    "step_lr_jump",
-    "step_zero",
-)
-"""Every rule that can PANIC (policy/decisions.py ``Rule``; tests/integration/test_metrics.py keeps them in step)."""
+PANIC_RULES = tuple(str(r) for r in Rule if r not in (Rule.WARMUP, Rule.NORMAL, Rule.TRAIN_FINITE))
+"""Every rule that can PANIC: the policy's ``Rule`` less those of healthy verdicts."""
 COMMANDS = (
     ("rollback", "sent"),
     ("halt", "sent"),

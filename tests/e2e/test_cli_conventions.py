@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ from tests.integration.conftest import warm_up
 from tolaria import client_options
 
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
-TOKENS = {"trainer": "trainer-token-0123456789", "controller": "ctl-token-0123456789ab"}
 CONNECTION_VARIABLES = frozenset(client_options.environment_variables(legacy=True))
 
 
@@ -49,19 +47,6 @@ def trainer(*args: str, env: dict[str, str] | None = None, timeout_s: float = 18
     return subprocess.run(
         cmd, capture_output=True, text=True, timeout=timeout_s, env=env or clean_env(), check=False, cwd=REPO
     )
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProcess, Path]]:
-    """A daemon that wants tokens, and the folder holding one token file per role."""
-    folder = tmp_path_factory.mktemp("conventions")
-    tokens = folder / "tokens"
-    tokens.write_text("".join(f"{role}-bot {role} {token}\n" for role, token in TOKENS.items()))
-    tokens.chmod(0o600)
-    for role, token in TOKENS.items():
-        (folder / f"{role}.token").write_text(token + "\n")
-    with DaemonProcess(folder / "data", "--tokens-file", str(tokens)) as daemon:
-        yield daemon, folder
 
 
 def test_both_clis_print_their_version() -> None:

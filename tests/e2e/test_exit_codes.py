@@ -8,7 +8,6 @@ import json
 import subprocess
 import sys
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,6 @@ from governor_daemon.daemon_process import DaemonProcess, free_port
 from tests.conftest import REPO, governor_cli
 
 DISTRIBUTION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["name"]
-TOKENS = {"trainer": "trainer-token-0123456789", "controller": "ctl-token-0123456789ab"}
 
 
 def strict_json(text: str) -> Any:
@@ -42,19 +40,6 @@ def train(tmp_path: Path, *args: str, timeout_s: float = 120) -> tuple[subproces
     if report is not None:
         assert strict_json(result.stdout.splitlines()[-1]) == report
     return result, report
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[DaemonProcess, Path]]:
-    """A daemon that wants tokens, and the folder holding one token file per role."""
-    folder = tmp_path_factory.mktemp("secured")
-    tokens = folder / "tokens"
-    tokens.write_text("".join(f"{role}-bot {role} {token}\n" for role, token in TOKENS.items()))
-    tokens.chmod(0o600)
-    for role, token in TOKENS.items():
-        (folder / f"{role}.token").write_text(token + "\n")
-    with DaemonProcess(folder / "data", "--tokens-file", str(tokens)) as daemon:
-        yield daemon, folder
 
 
 def test_epoch_cap_has_its_own_code_and_a_nan_summary_is_strict_json(tmp_path: Path) -> None:

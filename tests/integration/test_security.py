@@ -154,39 +154,8 @@ def make_certs(folder: Path) -> dict[str, Path]:
         "-subj",
         "/CN=test-ca",
     )
-    for name, extra in (("server", "subjectAltName=IP:127.0.0.1,DNS:localhost"), ("client", "")):
-        cn = "localhost" if name == "server" else "ops-bot"
-        run(
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            f"{name}.key",
-            "-out",
-            f"{name}.csr",
-            "-subj",
-            f"/CN={cn}",
-        )
-        args = [
-            "x509",
-            "-req",
-            "-in",
-            f"{name}.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            f"{name}.pem",
-            "-days",
-            "2",
-        ]
-        if extra:
-            (folder / f"{name}.ext").write_text(extra + "\n")
-            args += ["-extfile", f"{name}.ext"]
-        run(*args)
+    issue_certificate(folder, "server", "localhost", days=2, alt_names="IP:127.0.0.1,DNS:localhost")
+    issue_certificate(folder, "client", "ops-bot", days=2)
     return {n: folder / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
@@ -410,9 +379,9 @@ def test_records_per_batch_limit_and_finished_run_retention(tmp_path: Path) -> N
         assert runs == {"batchy", "done-2"}
 
 
-def issue_server_certificate(folder: Path, name: str) -> tuple[Path, Path]:
-    """A fresh key and server certificate for 127.0.0.1 from the CA of ``make_certs`` (as cert-manager renews
-    one with ``rotationPolicy: Always``): returns (certificate, key)."""
+def issue_certificate(folder: Path, name: str, cn: str, days: int, alt_names: str = "") -> tuple[Path, Path]:
+    """A fresh key and a certificate for ``cn`` (and ``alt_names``) signed by the CA of ``make_certs``:
+    returns (certificate, key), written as ``name``.pem and ``name``.key."""
     openssl(
         folder,
         "req",
@@ -424,15 +393,24 @@ def issue_server_certificate(folder: Path, name: str) -> tuple[Path, Path]:
         "-out",
         f"{name}.csr",
         "-subj",
-        "/CN=localhost",
+        f"/CN={cn}",
     )
-    (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    extension: tuple[str, ...] = ()
+    if alt_names:
+        (folder / f"{name}.ext").write_text(f"subjectAltName={alt_names}\n")
+        extension = ("-extfile", f"{name}.ext")
     openssl(
         folder,
         *("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"),
-        *("-out", f"{name}.pem", "-days", "30", "-extfile", f"{name}.ext"),
+        *("-out", f"{name}.pem", "-days", str(days), *extension),
     )
     return folder / f"{name}.pem", folder / f"{name}.key"
+
+
+def issue_server_certificate(folder: Path, name: str) -> tuple[Path, Path]:
+    """A fresh key and server certificate for 127.0.0.1 from the CA of ``make_certs`` (as cert-manager renews
+    one with ``rotationPolicy: Always``): returns (certificate, key)."""
+    return issue_certificate(folder, name, "localhost", days=30, alt_names="IP:127.0.0.1,DNS:localhost")
 
 
 def publish_secret(volume: Path, files: dict[str, Path]) -> None:
