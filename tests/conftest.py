@@ -6,7 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,21 @@ def no_torch_env(tmp_path: Path) -> dict[str, str]:
     (shadow / "torch" / "__init__.py").write_text("raise ImportError('torch is made unimportable by the test')\n")
     path = os.pathsep.join(p for p in [str(shadow), os.environ.get("PYTHONPATH", "")] if p)
     return {"PYTHONPATH": path}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _shared_memory_of_this_session() -> Iterator[None]:
+    """Trainers started by the tests (in process or as subprocesses) keep their snapshot segments in a
+    directory of this session under /dev/shm (TOLARIA_SHM_DIR), never next to a real run's, and a run killed
+    by a test leaves nothing behind."""
+    base = Path("/dev/shm")
+    if not base.is_dir() or "TOLARIA_SHM_DIR" in os.environ:
+        yield
+        return
+    folder = Path(tempfile.mkdtemp(prefix="tolaria-tests-", dir=base))
+    os.environ["TOLARIA_SHM_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        os.environ.pop("TOLARIA_SHM_DIR", None)
+        shutil.rmtree(folder, ignore_errors=True)

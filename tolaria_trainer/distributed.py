@@ -11,6 +11,20 @@ import torch.distributed as dist
 from torch import nn
 
 
+def _init_process_group(backend: str, rank: int, world_size: int) -> None:
+    """``init_process_group`` from torchrun's environment. Under torchrun's agent store (which outlives a
+    restart of the workers, ``--max-restarts``) the keys go under a prefix of this attempt: the default
+    rendezvous would read the previous attempt's addresses from the store (gloo: "Connection refused")."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt is None:
+        dist.init_process_group(backend=backend)
+        return
+    address, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(address, port, world_size, is_master=False)  # type: ignore[attr-defined]
+    prefixed = dist.PrefixStore(f"/tolaria/attempt_{attempt}", store)  # type: ignore[attr-defined]
+    dist.init_process_group(backend=backend, store=prefixed, rank=rank, world_size=world_size)
+
+
 class Distributed:
     """Rank facts and collectives; with world_size 1 every collective is the identity."""
 
@@ -21,7 +35,7 @@ class Distributed:
         self._agree_group: dist.ProcessGroup | None = None
         if self.world_size > 1:
             if not dist.is_initialized():
-                dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+                _init_process_group("nccl" if device.type == "cuda" else "gloo", self.rank, self.world_size)
             # Agreement runs on CPU tensors over gloo even when training uses NCCL: no device sync.
             self._agree_group = dist.new_group(backend="gloo")
 

@@ -121,6 +121,7 @@ class SnapshotReport:
     snapshot_bytes: int
     duration_ms: float
     location: str
+    digest: str = ""  # of the snapshot in shared memory ("" when it is not there)
 
 
 class FinishStatus(enum.StrEnum):
@@ -234,6 +235,12 @@ class Governance(Protocol):
         ...
 
     @property
+    def last_snapshot(self) -> tuple[int, int, str] | None:
+        """This rank's last published snapshot in shared memory (timeline, step, digest), as the governor
+        journaled it before this process started; None without one."""
+        ...
+
+    @property
     def num_history_losses(self) -> int:
         """Times the governor turned out no longer to hold the run (forgotten, expired): its command ids
         start at 1 again, and the commands of the run's previous life are void."""
@@ -307,6 +314,7 @@ class Ungoverned:
     num_shed_records = 0
     acked_seq = 0
     train_verification_steps: int | None = None
+    last_snapshot: tuple[int, int, str] | None = None
     commands_waiting = False
     num_history_losses = 0
 

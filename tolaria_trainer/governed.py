@@ -61,9 +61,11 @@ from tolaria_trainer.governance import (
     VerdictKind,
 )
 from tolaria_trainer.guard import StepGuard
+from tolaria_trainer.loggers import GovernorEvent, GovernorLoggers
 from tolaria_trainer.model.seeds import seed_slots
 from tolaria_trainer.rollback import CommandLedger, RestoreOutcome, execute_restore
-from tolaria_trainer.snapshot import MAX_STAGED, LastKnownGood, SnapshotInfo
+from tolaria_trainer.shm import AdoptionRefused, ShmStore, ShmUnavailable
+from tolaria_trainer.snapshot import MAX_STAGED, Adoption, LastKnownGood, SnapshotInfo, weights_digest
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
 from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk
 
@@ -132,7 +134,9 @@ class GovernedTraining:
     and ``extra_state`` (a dict, or an object with ``state_dict``/``load_state_dict``: a data loader
     position, say). ``fail_closed`` pauses at agreement points while the governor is unreachable and
     raises GovernorUnreachable after ``fail_closed_deadline_s``; a refusal (wrong token or role) then
-    raises GovernorRefused instead of training ungoverned.
+    raises GovernorRefused instead of training ungoverned. ``loggers`` (a TensorBoard SummaryWriter, a wandb
+    run, a logger with ``log_metrics``, a callable, or a list of them: ``tolaria_trainer.loggers``) get the
+    ``governor/*`` scalars and the decision's reason each time a command changed the run.
     """
 
     def __init__(
@@ -149,6 +153,7 @@ class GovernedTraining:
         grad_scaler: torch.amp.GradScaler | None = None,
         extra_state: Any = None,
         snapshot_location: str = "auto",
+        snapshot_shm: bool | None = None,
         step_snapshots: int = 1,
         step_snapshot_every: int = 250,
         onset_margin_steps: int = 10,
@@ -172,6 +177,7 @@ class GovernedTraining:
         seed_optimizer_factory: OptimizerFactory | None = None,
         distributed: Distributed | None = None,
         progress: Progress | None = None,
+        loggers: Any = (),
     ) -> None:
         if agree_every_steps < 0:
             raise ValueError(f"agree_every_steps must be >= 0 (0: only at validations), got {agree_every_steps}")
@@ -186,6 +192,7 @@ class GovernedTraining:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         if random_guess_loss is not None and not (math.isfinite(random_guess_loss) and random_guess_loss > 0):
             raise ValueError(f"random_guess_loss must be a positive finite number, got {random_guess_loss}")
+        self.loggers = GovernorLoggers(loggers)  # TypeError for a bad one, before anything is changed
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
         self.device = torch.device(device) if device is not None else _device_of(model)
@@ -228,7 +235,10 @@ class GovernedTraining:
         self._unscaled: set[int] = set()
         if grad_scaler is not None:
             self._watch_unscale(grad_scaler)
-        self.lkg = LastKnownGood(snapshot_location, step_snapshots)
+        self.lkg = LastKnownGood(
+            snapshot_location, step_snapshots, store=self._shm_store(snapshot_shm, run_id, snapshot_location)
+        )
+        self.adopted: SnapshotInfo | None = None  # the snapshot an earlier process left in shared memory
         self.step_snapshot_every = step_snapshot_every
         self.onset_margin_steps = onset_margin_steps
         self.step_pending: Staged | None = None  # staged at an agreement point, awaiting the train stream
@@ -254,6 +264,7 @@ class GovernedTraining:
         self._warned_refusal = False
         self._last_finite_norm: torch.Tensor | None = None
         self._quiet_outcome = Outcome()
+        self._logged_records = (0, 0)  # (shed, otherwise unjudged) as the loggers last saw them
 
     def _governance(
         self,
@@ -334,7 +345,8 @@ class GovernedTraining:
                 if self.governance.refusal is None:
                     log.warning("governor not reachable yet; training continues and keeps retrying (fail-open)")
         self._adopt_run_timeline()
-        self.checkpoint("initial")
+        adopted = self._adopt_shared_snapshot()
+        self.checkpoint("adopted" if adopted else "initial")
 
     @property
     def governed(self) -> bool:
@@ -381,6 +393,8 @@ class GovernedTraining:
         flushed = self.governance.close(finish, timeout)
         if not flushed and status is not None:
             log.warning("not every record reached the governor: %d pending", self.governance.pending())
+        # The run finished: its snapshots go. Otherwise (failed, unreachable) they stay for a restart to adopt.
+        self.lkg.close(remove=finish is not None and finish.status in (FinishStatus.COMPLETED, FinishStatus.HALTED))
         return flushed
 
     # ----------------------------------------------------------------- the user's calls
@@ -631,6 +645,8 @@ class GovernedTraining:
         self._settle_step_pending()
         command = self._agree_command()
         if command is None:
+            if self.loggers:
+                self._log_records()  # a command's own event carries the counts
             self._stage_step_snapshot()
             return self._quiet(self.state.timeline)
         return self._execute(command)
@@ -845,13 +861,82 @@ class GovernedTraining:
         self._prune_sent()
 
     def _report_snapshot(self, info: SnapshotInfo) -> None:
+        digest = self.lkg.digest_of(info)
         self.governance.send_snapshot(
-            SnapshotReport(info.timeline, info.step, info.snapshot_bytes, info.duration_ms, info.location)
+            SnapshotReport(info.timeline, info.step, info.snapshot_bytes, info.duration_ms, info.location, digest)
         )
+        if digest:
+            self.progress({"event": "snapshot", "timeline": info.timeline, "step": info.step, "digest": digest})
+
+    # ----------------------------------------------------------------- shared memory (docs/protocol.md)
+
+    def _shm_store(self, wanted: bool | None, run_id: str | None, location: str) -> ShmStore | None:
+        """The shared-memory segment set of this (run, rank), or None: off (``snapshot_shm=False``; by
+        default unless the run is governed and its id given, since a restart can adopt a snapshot only
+        under the same run id and with the governor's word for it), a device location, or no room."""
+        on = wanted if wanted is not None else run_id is not None and self.governance.governed
+        if not on:
+            return None
+        if location == "device":
+            log.warning("snapshot_shm: snapshots on the device cannot outlive the process; they stay there")
+            return None
+        try:
+            return ShmStore(self.run_id, self.dist.rank)
+        except ShmUnavailable as exc:
+            log.warning("%s; snapshots stay in this process's memory (a crash loses them)", exc)
+            return None
+
+    def _adopt_shared_snapshot(self) -> bool:
+        """Adopt the last-known-good an earlier process of this (run, rank) left in shared memory, when the
+        governor's Welcome names exactly it and every rank holds one of the same step (all or none: every
+        rank takes part in the two collectives). A refusal is logged, and training starts as without one."""
+        store = self.lkg.store
+        prepared: Adoption | None = None
+        if store is not None and (store.previous is not None or store.previous_error):
+            try:
+                prepared = self.lkg.prepare_adoption(self.state, self.governance.last_snapshot)
+            except AdoptionRefused as exc:
+                self._refuse_adoption(str(exc))
+        step = prepared.step if prepared is not None else -1
+        lowest, highest = self.dist.agree_min(step), self.dist.agree_max(step)
+        if prepared is None or lowest != highest:
+            if prepared is not None:
+                self._refuse_adoption(
+                    f"another rank holds {'none' if lowest < 0 else f'step {lowest}'}, not step {step}"
+                )
+            return False
+        info = self.lkg.complete_adoption(self.state, prepared)
+        self.adopted = info
+        log.warning(
+            "adopted the last-known-good of step %d (timeline %d) from shared memory in %.0f ms; training goes on "
+            "from there on timeline %d",
+            info.step,
+            info.timeline,
+            self.lkg.digest_ms,
+            self.state.timeline,
+        )
+        self.progress(
+            {
+                "event": "adopted",
+                "step": info.step,
+                "epoch": info.epoch,
+                "snapshot_timeline": info.timeline,
+                "timeline": self.state.timeline,
+                "digest": prepared.digest,
+                "duration_ms": round(self.lkg.digest_ms, 3),
+                "weights_sha256": weights_digest(self.state.model),
+            }
+        )
+        return True
+
+    def _refuse_adoption(self, reason: str) -> None:
+        log.warning("not adopting the last-known-good in shared memory: %s; training starts as without one", reason)
+        self.progress({"event": "adoption_refused", "reason": reason})
 
     # ----------------------------------------------------------------- commands
 
     def _execute(self, command: Command) -> Outcome:
+        at_step = self.state.step
         log.warning(
             "governor command %d %s (punishment %g): %s",
             command.command_id,
@@ -870,6 +955,7 @@ class GovernedTraining:
         )
         if command.type is CommandType.HALT:
             self.governance.send_command_result(CommandReport(command, True, self.state.step, 0.0))
+            self._log_event("halt", at_step, command)
             return self._halt(command)
         rollback = command.type is CommandType.ROLLBACK
         scale = command.recovery_lr_scale if rollback else 1.0
@@ -893,6 +979,7 @@ class GovernedTraining:
         )
         self._report_result(command, outcome)
         if not outcome.succeeded:
+            self._log_event("restore_failed", at_step, command, reason=f"{command.reason}; {outcome.error}")
             raise RollbackFailed(f"rollback {command.command_id} failed: {outcome.error}")
         self.num_restores += 1
         if rollback:
@@ -910,7 +997,7 @@ class GovernedTraining:
                 "duration_ms": outcome.duration_ms,
             }
         )
-        return Outcome(
+        restored = Outcome(
             restored=True,
             command=command,
             restored_step=outcome.restored_step,
@@ -922,6 +1009,44 @@ class GovernedTraining:
             culled=outcome.culled,
             duration_ms=outcome.duration_ms,
         )
+        self._log_event("rollback" if rollback else "resume", at_step, command, restored)
+        return restored
+
+    def _log_event(
+        self, kind: str, at_step: int, command: Command | None, outcome: Outcome | None = None, reason: str = ""
+    ) -> None:
+        """Hand what a command did to the loggers (``tolaria_trainer.loggers``); nothing without loggers."""
+        if not self.loggers:
+            return
+        governance = self.governance
+        shed = governance.num_shed_records
+        unjudged = governance.num_unjudged_records + governance.num_dropped_records
+        self._logged_records = (shed, unjudged)
+        self.loggers.emit(
+            GovernorEvent(
+                kind=kind,
+                step=at_step,
+                timeline=self.state.timeline,
+                num_rollbacks=self.num_rollbacks,
+                num_restores=self.num_restores,
+                num_shed_records=shed,
+                num_unjudged_records=unjudged,
+                command_id=command.command_id if command is not None else None,
+                command_type=str(command.type) if command is not None else "",
+                reason=reason or (command.reason if command is not None else ""),
+                restored_step=outcome.restored_step if outcome is not None else None,
+                punishment_reward=command.punishment_reward if command is not None else 0.0,
+                lr_scale=outcome.lr_scale if outcome is not None else 1.0,
+                skip_batches=outcome.skip_batches if outcome is not None else 0,
+            )
+        )
+
+    def _log_records(self) -> None:
+        """At an agreement point: a ``records`` event when more records went unjudged since the last event."""
+        governance = self.governance
+        now = (governance.num_shed_records, governance.num_unjudged_records + governance.num_dropped_records)
+        if now != self._logged_records:
+            self._log_event("records", self.state.step, None)
 
     def _report_result(self, command: Command, outcome: RestoreOutcome) -> None:
         self.governance.send_command_result(
@@ -956,6 +1081,7 @@ class GovernedTraining:
                 return self.agreement_point()
             if self.dist.agree_max(int(time.monotonic() >= deadline)):
                 self.halted = command.reason
+                self._log_event("halted", self.state.step, command)
                 return Outcome(halted=True, command=command, timeline=self.state.timeline)
             time.sleep(0.1)
 

@@ -138,6 +138,7 @@ class GovernedRun:
             num_classes=None if language_model else self.data.num_outputs,
             random_guess_loss=self.task.random_guess_loss(self.data.num_outputs) if language_model else None,
             snapshot_location=cfg.snapshot_location,
+            snapshot_shm=bool(cfg.run_id) and cfg.snapshot_shm,  # a restart finds them only under the same id
             agree_every_steps=cfg.agree_every_steps,
             fail_closed=cfg.fail_closed,
             fail_closed_deadline_s=cfg.fail_closed_deadline_s,

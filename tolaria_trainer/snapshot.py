@@ -14,12 +14,20 @@ CUDA, so the copies are ordered on the stream before the next optimizer step wit
 the previous LKG intact; ``discard`` drops staged sets. Keeping an older staged snapshot while a
 newer one is staged is what lets a slow daemon delay the LKG instead of preventing it. Locations:
 ``device`` (same device as the model), ``pinned`` (page-locked host memory, needs CUDA) and ``host``.
+
+With a ``ShmStore`` (``tolaria_trainer/shm.py``) the host and pinned buffer sets live in named shared
+memory: each published snapshot gets a digest, the newest one a manifest, and a restarted process of the
+same (run, rank) can ``adopt`` it when the governor vouches for that digest.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
+import logging
 import math
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,7 +38,22 @@ import torch
 from torch import nn
 
 from tolaria_trainer.errors import RestoreError, SnapshotError
+from tolaria_trainer.shm import (
+    AdoptionRefused,
+    Segment,
+    ShmStore,
+    ShmUnavailable,
+    decode_objects,
+    digest_segment,
+    dtype_name,
+    dtype_of,
+    encode_objects,
+    manifest_header,
+    tensor_views,
+)
 from tolaria_trainer.training.state import TrainingState
+
+log = logging.getLogger("tolaria.snapshot")
 
 LOCATIONS = ("device", "pinned", "host", "auto")
 MAX_STAGED = 2  # staged validation snapshots held at once; staging another replaces the newest
@@ -75,10 +98,40 @@ class _BufferSet:
     python_rng: Any = None
     numpy_rng: Any = None
     info: SnapshotInfo | None = None
+    digest: str = ""  # of the published snapshot in shared memory ("" when not in shared memory)
+    manifest: dict[str, Any] | None = None
 
     def nbytes(self) -> int:
         tensors = [*self.model.values(), *(t for o in self.optimizers for t in o.tensors)]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class Adoption:
+    """A snapshot in shared memory checked for adoption (``LastKnownGood.prepare_adoption``)."""
+
+    info: SnapshotInfo
+    digest: str
+    manifest: dict[str, Any]
+    segment: Segment
+    small: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    optimizer_tensors: list[torch.Tensor]
+    started: float
+
+    @property
+    def step(self) -> int:
+        return self.info.step
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 of the model's snapshot tensors, key and bytes in ``snapshot_keys`` order."""
+    digest = hashlib.sha256()
+    model_sd = model.state_dict()
+    for key in snapshot_keys(model):
+        digest.update(key.encode())
+        digest.update(model_sd[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def snapshot_keys(model: nn.Module) -> list[str]:
@@ -117,7 +170,7 @@ class LastKnownGood:
     snapshots and one step snapshot.
     """
 
-    def __init__(self, location: str = "auto", step_snapshots: int = 0) -> None:
+    def __init__(self, location: str = "auto", step_snapshots: int = 0, store: ShmStore | None = None) -> None:
         if location not in LOCATIONS:
             raise SnapshotError(f"snapshot location must be one of {', '.join(LOCATIONS)}, got {location!r}")
         if step_snapshots < 0:
@@ -130,6 +183,9 @@ class LastKnownGood:
         self._staged: list[int] = []  # oldest first
         self._base: int | None = None
         self.num_allocations = 0
+        self.store = store  # shared memory for the host and pinned buffer sets (None: this process's memory)
+        self._manifest_of: tuple[int, SnapshotInfo] | None = None  # the (set, snapshot) the manifest names
+        self.digest_ms = 0.0  # time spent on the last digest
 
     # ----------------------------------------------------------------- locations
 
@@ -184,6 +240,7 @@ class LastKnownGood:
         spare = next(i for i in range(len(self._sets)) if i not in self._published and i not in self._staged)
         target = self._sets[spare]
         target.info = None
+        target.digest, target.manifest = "", None
         location = self._location(state.device)
         non_blocking = location in ("pinned", "device") and state.device.type == "cuda"
         model_sd = state.model.state_dict()
@@ -196,7 +253,7 @@ class LastKnownGood:
         )
         try:
             if target.signature != signature:
-                self._allocate(target, signature, model_sd, keys, optim_sds, location)
+                self._allocate(spare, signature, model_sd, keys, optim_sds, location)
             with torch.no_grad():
                 for key in keys:
                     self._copy(target.model[key], model_sd[key], non_blocking)
@@ -244,15 +301,16 @@ class LastKnownGood:
 
     def _allocate(
         self,
-        target: _BufferSet,
+        slot: int,
         signature: tuple[Any, ...],
         model_sd: dict[str, torch.Tensor],
         keys: list[str],
         optim_sds: list[dict[str, Any]],
         location: str,
     ) -> None:
+        target = self._sets[slot]
         target.signature = ()
-        target.model = {k: self._empty_like(model_sd[k], location) for k in keys}
+        sources = [model_sd[k] for k in keys]
         target.optimizers = []
         for optim_sd in optim_sds:
             buffers = _OptimizerBuffers(signature=_optimizer_signature(optim_sd)[:-2])
@@ -261,14 +319,33 @@ class LastKnownGood:
                 for key, value in sorted(optim_sd["state"][pid].items()):
                     if isinstance(value, torch.Tensor):
                         layout[key] = ("tensor", len(buffers.tensors))
-                        on_cpu = value.device.type == "cpu"
-                        buffers.tensors.append(
-                            self._empty_like(value, "host" if on_cpu and location == "device" else location)
-                        )
+                        buffers.tensors.append(value)  # the source for now; its buffer below
+                        sources.append(value)
                     else:
                         layout[key] = ("value", None)
                 buffers.layout[pid] = layout
             target.optimizers.append(buffers)
+        made: list[torch.Tensor] = []
+        if self.store is not None and location in ("host", "pinned"):
+            specs = [(tuple(t.shape), t.dtype) for t in sources]
+            try:
+                made = self.store.allocate(slot, specs, pinned=location == "pinned")
+                self.num_allocations += len(made)
+            except ShmUnavailable as exc:
+                log.warning("%s; snapshots stay in this process's memory from now on (a crash loses them)", exc)
+                self.store.remove()
+                self.store = None
+        if not made:
+            model_count = len(keys)
+            made = [self._empty_like(t, location) for t in sources[:model_count]]
+            made += [
+                self._empty_like(t, "host" if t.device.type == "cpu" and location == "device" else location)
+                for t in sources[model_count:]
+            ]
+        target.model = dict(zip(keys, made[: len(keys)], strict=True))
+        rest = iter(made[len(keys) :])
+        for buffers in target.optimizers:
+            buffers.tensors = [next(rest) for _ in buffers.tensors]
         target.cpu_rng = torch.empty_like(torch.get_rng_state())
         target.signature = signature
 
@@ -290,6 +367,8 @@ class LastKnownGood:
             self._published.append(index)
             self._published.sort(key=lambda i: self._step_of(i))
             self._retain()
+            self._seal(index)
+            self._sync_manifest()
             return True
         return False
 
@@ -429,7 +508,188 @@ class LastKnownGood:
         state.step, state.epoch = info.step, info.epoch
         for newer in [i for i in self._published if self._step_of(i) > info.step]:
             self._drop(newer)
+        self._sync_manifest()
         return info
+
+    # ----------------------------------------------------------------- shared memory
+
+    def digest_of(self, info: SnapshotInfo) -> str:
+        """The digest of a published snapshot ("" when it is not in shared memory)."""
+        return next((self._sets[i].digest for i in self._published if self._sets[i].info == info), "")
+
+    def _seal(self, index: int) -> None:
+        """A set just published: describe it (the manifest it would get) and digest it, once its copies
+        have completed (a pinned set's copies were queued on the CUDA stream)."""
+        target = self._sets[index]
+        info = target.info
+        if self.store is None or info is None or index not in self.store.segments:
+            return
+        started = time.perf_counter()
+        if info.location == "pinned" and torch.cuda.is_available():
+            torch.cuda.synchronize()
+        segment = self.store.segments[index]
+        tensors = [*target.model.values(), *(t for o in target.optimizers for t in o.tensors)]
+        names = [f"model/{k}" for k in target.model] + [
+            f"optimizer{n}/{j}" for n, o in enumerate(target.optimizers) for j in range(len(o.tensors))
+        ]
+        table = [
+            {"name": name, "offset": offset, "shape": list(t.shape), "dtype": dtype_name(t.dtype)}
+            for name, offset, t in zip(names, segment.offsets, tensors, strict=True)
+        ]
+        small = {
+            "info": info,
+            "signature": target.signature,
+            "model_keys": list(target.model),
+            "optimizers": [
+                {"signature": o.signature, "layout": o.layout, "param_groups": o.param_groups, "n": len(o.tensors)}
+                for o in target.optimizers
+            ],
+            "cpu_rng": target.cpu_rng,
+            "generator": target.generator,
+            "cuda_rng": target.cuda_rng,
+            "python_rng": target.python_rng,
+            "numpy_rng": target.numpy_rng,
+            "schedulers": target.schedulers,
+            "scaler": target.scaler,
+            "extra": target.extra,
+        }
+        buffer = io.BytesIO()
+        try:
+            torch.save(small, buffer)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise SnapshotError(f"the snapshot's small state cannot be written to shared memory: {exc}") from exc
+        manifest = {
+            "run_id": self.store.run_id,
+            "rank": self.store.rank,
+            "timeline": info.timeline,
+            "step": info.step,
+            "epoch": info.epoch,
+            "kind": info.kind,
+            "location": info.location,
+            "tensors": table,
+            "objects": encode_objects(buffer.getvalue()),
+            "segment_bytes": segment.size,
+        }
+        target.digest = digest_segment(manifest_header(manifest), segment.view())
+        target.manifest = {**manifest, "digest": target.digest}
+        self.digest_ms = (time.perf_counter() - started) * 1000.0
+
+    def _sync_manifest(self) -> None:
+        """Point the manifest at the newest published snapshot (after a publish, a take, a restore)."""
+        if self.store is None or not self._published:
+            return
+        index = self._published[-1]
+        target = self._sets[index]
+        if target.manifest is None or target.info is None or self._manifest_of == (index, target.info):
+            return
+        self.store.write_manifest(index, target.manifest)
+        self._manifest_of = (index, target.info)
+
+    def adopt(self, state: TrainingState, expected: tuple[int, int, str] | None) -> SnapshotInfo:
+        """``prepare_adoption`` then ``complete_adoption``: restore the snapshot an earlier process of this
+        (run, rank) left in shared memory, or raise AdoptionRefused having changed nothing."""
+        return self.complete_adoption(state, self.prepare_adoption(state, expected))
+
+    def prepare_adoption(self, state: TrainingState, expected: tuple[int, int, str] | None) -> Adoption:
+        """Check the snapshot an earlier process of this (run, rank) left in shared memory: its manifest must
+        name exactly ``expected`` (timeline, step, digest: what the governor journaled as this rank's last
+        published snapshot), its bytes must still have that digest (checked before anything of it is
+        unpickled), and it must fit the model, optimizers and schedulers. Raises AdoptionRefused; changes
+        nothing either way."""
+        store = self.store
+        if store is None:
+            raise AdoptionRefused("snapshots are not in shared memory here")
+        manifest = store.previous
+        if manifest is None:
+            raise AdoptionRefused(store.previous_error or "no snapshot was left in shared memory for this run and rank")
+        where = f"the snapshot of step {manifest['step']} (timeline {manifest['timeline']}) in shared memory"
+        if (manifest["run_id"], manifest["rank"]) != (store.run_id, store.rank):
+            raise AdoptionRefused(f"{where} belongs to run {manifest['run_id']} rank {manifest['rank']}")
+        if expected is None:
+            raise AdoptionRefused(f"{where}: the governor names no published snapshot for this rank")
+        found = (int(manifest["timeline"]), int(manifest["step"]), str(manifest["digest"]))
+        if found != tuple(expected):
+            raise AdoptionRefused(
+                f"{where} is not the one the governor journaled as published: (timeline, step, digest) "
+                f"{found} here, {tuple(expected)} there"
+            )
+        started = time.perf_counter()
+        segment = store.open_previous()
+        digest = digest_segment(manifest_header(manifest), segment.view())
+        if digest != manifest["digest"]:
+            raise AdoptionRefused(f"{where}: its bytes do not match its digest (changed since it was published)")
+        try:
+            small = torch.load(io.BytesIO(decode_objects(manifest["objects"])), weights_only=False)
+            specs = [(tuple(t["shape"]), dtype_of(t["dtype"])) for t in manifest["tensors"]]
+        except (ValueError, TypeError, KeyError, EOFError, pickle.UnpicklingError) as exc:
+            raise AdoptionRefused(f"{where}: its small state is unreadable: {exc}") from exc
+        tensors = tensor_views(segment.mapping, segment.size, segment.offsets, specs)
+        keys = small["model_keys"]
+        model = dict(zip(keys, tensors[: len(keys)], strict=True))
+        self._check_fits(state, model, small, where)
+        return Adoption(small["info"], digest, manifest, segment, small, model, tensors[len(keys) :], started)
+
+    def complete_adoption(self, state: TrainingState, adoption: Adoption) -> SnapshotInfo:
+        """Make a prepared snapshot the only published one (the base) and restore it into ``state``."""
+        assert self.store is not None
+        small = adoption.small
+        spare = next(i for i in range(len(self._sets)) if i not in self._published and i not in self._staged)
+        target = self._sets[spare]
+        rest = iter(adoption.optimizer_tensors)
+        target.signature = small["signature"]
+        target.model = adoption.model
+        target.optimizers = [
+            _OptimizerBuffers(o["signature"], [next(rest) for _ in range(o["n"])], o["layout"], o["param_groups"])
+            for o in small["optimizers"]
+        ]
+        for name in ("cpu_rng", "generator", "cuda_rng", "python_rng", "numpy_rng", "schedulers", "scaler", "extra"):
+            setattr(target, name, small[name])
+        target.info, target.digest, target.manifest = adoption.info, adoption.digest, dict(adoption.manifest)
+        self.store.attach(spare, adoption.segment, pinned=adoption.info.location == "pinned")
+        self.store.previous = None
+        for older in list(self._published):
+            self._drop(older)
+        self._published.append(spare)
+        self._base = spare
+        self._manifest_of = (spare, adoption.info)
+        restored = self.restore(state)
+        self.digest_ms = (time.perf_counter() - adoption.started) * 1000.0
+        return restored
+
+    def _check_fits(
+        self, state: TrainingState, model: dict[str, torch.Tensor], small: dict[str, Any], where: str
+    ) -> None:
+        """Refuse (AdoptionRefused) a snapshot that would not restore into ``state`` as it is."""
+        model_sd = state.model.state_dict()
+        keys = snapshot_keys(state.model)
+        if sorted(keys) != sorted(model):
+            raise AdoptionRefused(f"{where} holds other model tensors than this model: {len(model)} vs {len(keys)}")
+        for key in keys:
+            mine, theirs = model_sd[key], model[key]
+            if tuple(mine.shape) != tuple(theirs.shape) or mine.dtype != theirs.dtype:
+                raise AdoptionRefused(
+                    f"{where}: {key} is {tuple(theirs.shape)} {theirs.dtype} there, "
+                    f"{tuple(mine.shape)} {mine.dtype} here"
+                )
+        optimizers = small["optimizers"]
+        if len(optimizers) != len(state.optimizers):
+            raise AdoptionRefused(f"{where} has {len(optimizers)} optimizers, this trainer {len(state.optimizers)}")
+        for optimizer, saved in zip(state.optimizers, optimizers, strict=True):
+            sizes = [len(g["params"]) for g in optimizer.param_groups]
+            if sizes != [len(g["params"]) for g in saved["param_groups"]]:
+                raise AdoptionRefused(f"{where}: an optimizer's parameter groups differ ({sizes} here)")
+        if len(small["schedulers"]) != len(state.schedulers):
+            raise AdoptionRefused(
+                f"{where} has {len(small['schedulers'])} schedulers, this trainer {len(state.schedulers)}"
+            )
+
+    def close(self, remove: bool) -> None:
+        """Give up the shared memory: remove the segment set (the run finished) or leave it for a restart."""
+        if self.store is not None:
+            if remove:
+                self.store.remove()
+            else:
+                self.store.detach()
 
     def _restore_optimizer(
         self, optimizer: torch.optim.Optimizer, source: _OptimizerBuffers, non_blocking: bool

@@ -47,6 +47,8 @@ class Welcome:
     """The train-stream detectors' longest onset-to-alarm delay (``policy.steps.verification_steps``)."""
     run_life: int = 0
     """Which life of its run id the run is (a run forgotten and created again is another)."""
+    last_snapshot: tuple[int, int, str] | None = None
+    """The rank's last published snapshot (timeline, step, digest) in shared memory, if any."""
 
 
 @dataclass(frozen=True)

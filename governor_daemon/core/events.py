@@ -131,6 +131,7 @@ class SnapshotTaken:
     duration_ms: float
     location: str
     now: float
+    digest: str = ""  # of the snapshot in the node's shared memory ("" when it is not there)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from governor_daemon import train_records
 from governor_daemon.core import events as ev
 from governor_daemon.core.effects import (
     Ack,
@@ -75,6 +76,9 @@ class Limits:
     max_active_runs_per_principal: int = 256
     idle_run_expiry_s: float = 7 * 24 * 3600.0
     """A run with no trainer attached for this long leaves memory (0: never)."""
+    journal_train_records: int = 100_000
+    """While a run has sent fewer records than this (all ranks), its vitals entries keep each train-step
+    record, not only the batch summary (governor_daemon/train_records.py; 0: never)."""
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,7 @@ class GovernorCore:
                 tuple(run.meta.ignored_fields),
                 verification_steps(policy.config),
                 run.meta.life,
+                rank.last_snapshot,
             ),
         )
         resend = policy.open.command if policy.open is not None else policy.halting_command()
@@ -460,6 +465,9 @@ class GovernorCore:
             rank.num_shed += num
             payload["num_shed"] = num
         else:
+            budget = self.options.limits.journal_train_records
+            if budget and sum(r.num_records for r in run.ranks.values()) < budget:
+                payload["records"] = train_records.encode(np.asarray(steps), loss_array, grad_array, lr_array)
             rank.num_records += num
             payload["train"] = train_summary(steps, loss_array, grad_array)
         effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
@@ -586,6 +594,7 @@ class GovernorCore:
             return
         binding, run, rank = bound
         rank.accept_seq(e.seq)
+        rank.published(e.timeline, e.step, e.digest)
         pinned = run.policy.pin(binding.rank, e.timeline, e.step)
         effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
         if pinned is not None:
@@ -602,6 +611,7 @@ class GovernorCore:
                 "snapshot_bytes": e.snapshot_bytes,
                 "duration_ms": e.duration_ms,
                 "location": e.location,
+                "digest": e.digest,
                 # The detectors resume from here after a restore to this snapshot (policy/steps.py).
                 "detector_state": "pinned" if pinned is not None else "none: a restore to it re-warms the detectors",
                 "effects": effects,
@@ -655,6 +665,8 @@ class GovernorCore:
                 "command_result.new_timeline", f"{e.new_timeline} is ahead of the run's timeline {policy.timeline}"
             )
         rank.accept_seq(e.seq)
+        if e.succeeded and moves:
+            rank.restored(e.restored_step)  # the rank dropped its snapshots newer than the restored one
         timeline_before = policy.timeline
         notices = policy.on_command_result(
             e.command_id, binding.rank, e.succeeded, e.new_timeline, e.error, e.now, e.restored_step

@@ -17,6 +17,7 @@ from governor_daemon.policy import PolicyConfig, RunPolicy, StallTracker, StepAg
 from governor_daemon.policy.steps import StepState, pinned_states_from_json
 
 MAX_INCARNATIONS_KEPT = 16
+MAX_SNAPSHOTS_KEPT = 16  # a rank's newest published snapshots the daemon remembers (timeline, step, digest)
 
 
 @dataclass
@@ -34,6 +35,8 @@ class RankState:
     latest_timeline: int = 0
     stream: int | None = None
     tracker: StallTracker | None = None
+    snapshots: list[tuple[int, int, str]] = field(default_factory=list)
+    """The rank's published snapshots (timeline, step, digest), oldest first, less those a restore abandoned."""
 
     @property
     def last_durable_seq(self) -> int:
@@ -51,6 +54,7 @@ class RankState:
             "num_shed": self.num_shed,
             "latest_step": self.latest_step,
             "latest_timeline": self.latest_timeline,
+            "snapshots": [list(s) for s in self.snapshots],
         }
 
     def apply(self, data: dict[str, Any]) -> None:
@@ -63,6 +67,21 @@ class RankState:
         self.num_shed = int(data.get("num_shed", 0))  # journals written before shedding existed
         self.latest_step = int(data["latest_step"])
         self.latest_timeline = int(data.get("latest_timeline", 0))
+        self.snapshots = [(int(t), int(s), str(d)) for t, s, d in data.get("snapshots", [])]  # older journals: none
+
+    def published(self, timeline: int, step: int, digest: str) -> None:
+        """The rank published a snapshot (SnapshotTaken)."""
+        self.snapshots.append((timeline, step, digest))
+        del self.snapshots[:-MAX_SNAPSHOTS_KEPT]
+
+    def restored(self, step: int) -> None:
+        """The rank restored its snapshot of ``step``: it dropped the newer ones."""
+        self.snapshots = [s for s in self.snapshots if s[1] <= step]
+
+    @property
+    def last_snapshot(self) -> tuple[int, int, str] | None:
+        """The newest published snapshot, if it lies in shared memory (has a digest)."""
+        return self.snapshots[-1] if self.snapshots and self.snapshots[-1][2] else None
 
     def accept_seq(self, seq: int, first_seq: int | None = None) -> None:
         """Record ``first_seq..seq`` (default: ``seq`` alone) as accepted; count any gap before it."""

@@ -73,6 +73,7 @@ class _RunMemento:
 def _rank_copy(rank: RankState) -> RankState:
     twin = copy.copy(rank)
     twin.seqs, twin.tracker = dict(rank.seqs), copy.copy(rank.tracker)
+    twin.snapshots = list(rank.snapshots)
     return twin
 
 

@@ -174,7 +174,15 @@ def decode_request(
         snap = request.snapshot_taken
         check.validate_snapshot(snap, limits)
         return ev.SnapshotTaken(
-            stream, snap.seq, snap.timeline, snap.step, snap.snapshot_bytes, snap.duration_ms, snap.location, now
+            stream,
+            snap.seq,
+            snap.timeline,
+            snap.step,
+            snap.snapshot_bytes,
+            snap.duration_ms,
+            snap.location,
+            now,
+            snap.digest,
         )
     if kind == "finish":
         finish = request.finish
@@ -250,6 +258,9 @@ def encode_message(message: fx.Message) -> trainer_service_pb2.AttachResponse:
             welcome.random_guess_loss = message.random_guess_loss
         welcome.train_verification_steps = message.train_verification_steps
         welcome.run_life = message.run_life
+        if message.last_snapshot is not None:
+            last = welcome.last_snapshot
+            last.timeline, last.step, last.digest = message.last_snapshot
         return trainer_service_pb2.AttachResponse(welcome=welcome)
     if isinstance(message, fx.Resync):
         return trainer_service_pb2.AttachResponse(

@@ -149,6 +149,7 @@ def validate_snapshot(snap: trainer_service_pb2.SnapshotTaken, limits: Limits) -
     check_timeline("snapshot_taken.timeline", snap.timeline)
     check_finite("snapshot_taken.duration_ms", snap.duration_ms)
     check_text("snapshot_taken.location", snap.location, limits)
+    check_text("snapshot_taken.digest", snap.digest, limits)
 
 
 FINISH_STATUSES = frozenset(

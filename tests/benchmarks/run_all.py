@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from tests.benchmarks import (
+    bench_crash_restart,
     bench_faults,
     bench_ingest,
     bench_snapshot,
@@ -307,6 +308,37 @@ def main() -> int:
                     f">= 0.7: {verdict(gpu['snapshot_ratio'] >= 0.7)}",
                 )
             )
+    print("crash to first step ...", flush=True)
+    crash = bench_crash_restart.run()
+    disk_s = crash["disk"]["crash_to_step_s"]
+    where = (
+        f"{crash['bytes'] / 1e6:.0f} MB model + Adam state; killed at step {crash['killed_at_step']}, a snapshot "
+        f"every {crash['snapshot_every']} steps, a checkpoint every {crash['checkpoint_every']}"
+    )
+    for mode, how in (
+        ("shm", "adopting the last-known-good in /dev/shm"),
+        ("disk", "reloading a torch.save checkpoint from disk"),
+        ("scratch", "starting over"),
+    ):
+        found = crash[mode]
+        rows.append(
+            (
+                f"kill -9 to the first new optimizer step, {how} ({where})",
+                f"{found['crash_to_step_s']:.2f} s ({found['after_imports_s']:.2f} s after the imports); "
+                f"{found['steps_lost']} steps lost",
+                f"{found['crash_to_step_s'] / disk_s:.2f}",
+                f"< disk reload: {verdict(found['crash_to_step_s'] < disk_s)}" if mode == "shm" else "-",
+            )
+        )
+    rows.append(
+        (
+            "what each costs the running trainer: a snapshot in /dev/shm (stage, publish, digest) vs a torch.save "
+            "checkpoint (write, fsync, rename)",
+            f"{crash['snapshot_ms']:.0f} ms (digest {crash['digest_ms']:.0f} ms) vs {crash['checkpoint_ms']:.0f} ms",
+            f"{crash['snapshot_ms'] / crash['checkpoint_ms']:.2f}",
+            "-",
+        )
+    )
     print("daemon start-up ...", flush=True)
     for row in bench_startup.run():
         full = row["bytes"] > 60 * 1024 * 1024

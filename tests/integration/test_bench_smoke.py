@@ -63,3 +63,16 @@ def test_the_fault_campaign_runs_and_the_governor_saves_a_run_with_a_recurring_b
     assert campaign.results["governed"][("healthy", 0)].restores == 0
     lines = bench_faults.table(campaign)
     assert any(line.startswith("| governed | 1/1 |") for line in lines), lines
+
+
+def test_the_crash_restart_bench_runs_and_counts_the_steps_each_restart_loses() -> None:
+    """Small sizes: a process killed at step 12 (snapshots every 5 steps, checkpoints every 8) is restarted
+    three ways; each resumes where its kind of state says."""
+    from tests.benchmarks import bench_crash_restart
+
+    result = bench_crash_restart.run(hidden=32, kill_at=12, snapshot_every=5, checkpoint_every=8, repeats=1)
+    assert result["shm"]["resumed_step"] == 10
+    assert result["disk"]["resumed_step"] == 8
+    assert result["scratch"]["resumed_step"] == 0
+    assert [result[m]["steps_lost"] for m in ("shm", "disk", "scratch")] == [2, 4, 12]
+    assert all(result[m]["crash_to_step_s"] > 0 for m in ("shm", "disk", "scratch"))

@@ -158,6 +158,17 @@ class GovernorConnection:
         return self.client.acked_seq
 
     @property
+    def last_snapshot(self) -> tuple[int, int, str] | None:
+        """This rank's last published snapshot in shared memory as the last Welcome named it (timeline, step,
+        digest); None without one (or before a Welcome, or from an older daemon). Read at start-up, the
+        Welcome is the first of this process: the snapshot is one an earlier process published."""
+        welcome = self.client.welcome
+        if welcome is None or not welcome.HasField("last_snapshot") or not welcome.last_snapshot.digest:
+            return None
+        last = welcome.last_snapshot
+        return (last.timeline, last.step, last.digest)
+
+    @property
     def train_verification_steps(self) -> int | None:
         """Steps after which the train-stream detectors vouch for a step: the longest delay between an
         alarm's onset and the alarm, as the Welcome names it (0 when only non-finite records are judged;
@@ -250,7 +261,7 @@ class GovernorConnection:
     def send_snapshot(self, report: SnapshotReport) -> None:
         """Queue a SnapshotTaken."""
         self.client.send_snapshot(
-            report.timeline, report.step, report.snapshot_bytes, report.duration_ms, report.location
+            report.timeline, report.step, report.snapshot_bytes, report.duration_ms, report.location, report.digest
         )
 
     def send_command_result(self, report: CommandReport) -> None:

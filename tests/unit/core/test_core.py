@@ -591,3 +591,37 @@ def test_a_restore_resumes_the_detectors_from_the_snapshots_pinned_state_and_it_
     state = run.policy.step_states[0]
     assert state == pinned[2].resumed(1, 60)
     assert h.rebuilt() == h.core.checkpoint()
+
+
+def test_published_snapshot_digests_are_journaled_and_a_new_incarnations_welcome_names_the_last() -> None:
+    """Each SnapshotTaken's digest is journaled; a restarted trainer (a new incarnation) is welcomed with the
+    rank's last published snapshot, less those a restore abandoned; a rebuilt daemon agrees."""
+    h = Harness()
+    h.attach(1)
+    for step in (0, 40, 80):
+        h.handle(ev.SnapshotTaken(1, h.seq(1), 0, step, 1000, 1.0, "host", h.now, digest=f"sha256:{step:064x}"))
+    journaled = [p["digest"] for _, kind, p in h.entries if kind == EntryKind.SNAPSHOT]
+    assert journaled == [f"sha256:{s:064x}" for s in (0, 40, 80)]
+    h.handle(ev.Detach(1, h.now))  # the trainer died
+    (welcome,) = messages(h.attach(2, inc="i1"), Welcome)
+    assert welcome.last_snapshot == (0, 80, f"sha256:{80:064x}")
+    (command,) = commands(h.handle(ev.RequestRollback("r", "test", "operator", h.now)))
+    h.handle(ev.CommandResult(2, h.seq(2), command.command_id, True, command.timeline + 1, 40, 1.0, "", 0, h.now))
+    h.handle(ev.Detach(2, h.now))
+    (welcome,) = messages(h.attach(3, inc="i2"), Welcome)
+    assert welcome.last_snapshot == (0, 40, f"sha256:{40:064x}")  # the rank dropped the newer one
+    assert h.rebuilt() == h.core.checkpoint()
+    encoded = codec.encode_message(welcome).welcome
+    assert encoded.HasField("last_snapshot")
+    assert (encoded.last_snapshot.timeline, encoded.last_snapshot.step) == (0, 40)
+    assert encoded.last_snapshot.digest == f"sha256:{40:064x}"
+
+
+def test_a_snapshot_without_a_digest_is_not_offered_for_adoption() -> None:
+    h = Harness()
+    h.attach(1)
+    h.handle(ev.SnapshotTaken(1, h.seq(1), 0, 40, 1000, 1.0, "host", h.now))
+    h.handle(ev.Detach(1, h.now))
+    (welcome,) = messages(h.attach(2, inc="i1"), Welcome)
+    assert welcome.last_snapshot is None
+    assert not codec.encode_message(welcome).welcome.HasField("last_snapshot")

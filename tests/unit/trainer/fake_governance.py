@@ -35,6 +35,7 @@ class FakeGovernance:
     num_shed_records: int = 0
     num_history_losses: int = 0
     train_verification_steps: int | None = 0  # 0: only non-finite records are judged; None: not welcomed yet
+    last_snapshot: tuple[int, int, str] | None = None  # what the Welcome names (shared-memory adoption)
     ack_everything: bool = True  # every record acknowledged as soon as it is sent
     acked_seq: int = 0
     _next_seq: int = 1

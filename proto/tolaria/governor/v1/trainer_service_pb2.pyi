@@ -379,6 +379,7 @@ class SnapshotTaken(_message.Message):
     SNAPSHOT_BYTES_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
     LOCATION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     timeline: _builtins.int
     step: _builtins.int
@@ -388,6 +389,10 @@ class SnapshotTaken(_message.Message):
     """Time to stage and publish the copy."""
     location: _builtins.str
     """"device", "pinned" or "host"."""
+    digest: _builtins.str
+    """Digest of the snapshot as it lies in the node's shared memory ("sha256:<hex>", docs/protocol.md,
+    "Snapshots in shared memory"); empty when it is not there. Added, additive.
+    """
     def __init__(
         self,
         *,
@@ -397,14 +402,44 @@ class SnapshotTaken(_message.Message):
         snapshot_bytes: _builtins.int = ...,
         duration_ms: _builtins.float = ...,
         location: _builtins.str = ...,
+        digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "location", b"location", "seq", b"seq", "snapshot_bytes", b"snapshot_bytes", "step", b"step", "timeline", b"timeline"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "duration_ms", b"duration_ms", "location", b"location", "seq", b"seq", "snapshot_bytes", b"snapshot_bytes", "step", b"step", "timeline", b"timeline"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SnapshotTaken: _TypeAlias = SnapshotTaken  # noqa: Y015
+
+@_typing.final
+class PublishedSnapshot(_message.Message):
+    """A rank's last published snapshot as the daemon journaled it (SnapshotTaken), less any a restore
+    abandoned since: what a restarted trainer of that rank may adopt from shared memory.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMELINE_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    timeline: _builtins.int
+    step: _builtins.int
+    digest: _builtins.str
+    def __init__(
+        self,
+        *,
+        timeline: _builtins.int = ...,
+        step: _builtins.int = ...,
+        digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "step", b"step", "timeline", b"timeline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PublishedSnapshot: _TypeAlias = PublishedSnapshot  # noqa: Y015
 
 @_typing.final
 class CommandResult(_message.Message):
@@ -556,6 +591,7 @@ class Welcome(_message.Message):
     IGNORED_POLICY_FIELDS_FIELD_NUMBER: _builtins.int
     TRAIN_VERIFICATION_STEPS_FIELD_NUMBER: _builtins.int
     RUN_LIFE_FIELD_NUMBER: _builtins.int
+    LAST_SNAPSHOT_FIELD_NUMBER: _builtins.int
     generation: _builtins.int
     """Attachment count of this (run, rank); commands carry it."""
     last_durable_seq: _builtins.int
@@ -584,6 +620,12 @@ class Welcome(_message.Message):
     def ignored_policy_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Policy override fields of the Hello that the daemon ignored (locked by the operator)."""
 
+    @_builtins.property
+    def last_snapshot(self) -> Global___PublishedSnapshot:
+        """This rank's last published snapshot with a digest (unset: none). A new incarnation adopts the
+        snapshot it finds in shared memory only if it is exactly this one. Added, additive.
+        """
+
     def __init__(
         self,
         *,
@@ -596,10 +638,11 @@ class Welcome(_message.Message):
         ignored_policy_fields: _abc.Iterable[_builtins.str] | None = ...,
         train_verification_steps: _builtins.int | None = ...,
         run_life: _builtins.int = ...,
+        last_snapshot: Global___PublishedSnapshot | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss", "_train_verification_steps", b"_train_verification_steps", "effective_policy", b"effective_policy", "random_guess_loss", b"random_guess_loss", "train_verification_steps", b"train_verification_steps"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss", "_train_verification_steps", b"_train_verification_steps", "effective_policy", b"effective_policy", "last_snapshot", b"last_snapshot", "random_guess_loss", b"random_guess_loss", "train_verification_steps", b"train_verification_steps"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss", "_train_verification_steps", b"_train_verification_steps", "effective_policy", b"effective_policy", "generation", b"generation", "ignored_policy_fields", b"ignored_policy_fields", "last_durable_seq", b"last_durable_seq", "random_guess_loss", b"random_guess_loss", "run_life", b"run_life", "run_state", b"run_state", "timeline", b"timeline", "train_verification_steps", b"train_verification_steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss", "_train_verification_steps", b"_train_verification_steps", "effective_policy", b"effective_policy", "generation", b"generation", "ignored_policy_fields", b"ignored_policy_fields", "last_durable_seq", b"last_durable_seq", "last_snapshot", b"last_snapshot", "random_guess_loss", b"random_guess_loss", "run_life", b"run_life", "run_state", b"run_state", "timeline", b"timeline", "train_verification_steps", b"train_verification_steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__random_guess_loss: _TypeAlias = _typing.Literal["random_guess_loss"]  # noqa: Y015
     _WhichOneofArgType__random_guess_loss: _TypeAlias = _typing.Literal["_random_guess_loss", b"_random_guess_loss"]  # noqa: Y015
