@@ -87,7 +87,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting(
         "journal_train_records",
         int,
-        100_000,
+        10_000,
         "until a run has sent this many records, its vitals entries keep every train-step record (for "
         "`governor audit export`), not only batch summaries (0: never)",
     ),
@@ -149,7 +149,7 @@ class ServeSettings:
     tick_interval_s: float
     metrics_tls_cert: Path | None = None
     metrics_tls_key: Path | None = None
-    journal_train_records: int = 100_000
+    journal_train_records: int = 10_000
     notify_url: str = ""
     notify_timeout_s: float = 5.0
     notify_max_queued: int = 1000

@@ -2,7 +2,7 @@
 
 Each `vitals` entry summarises its batch (``train``: step range, mean and largest loss, largest grad norm).
 While a run has sent fewer than ``Limits.journal_train_records`` records (`governor serve
---journal-train-records`, 100 000 by default; 0: never), the entry also keeps the batch's records one by
+--journal-train-records`, 10 000 by default; 0: never), the entry also keeps the batch's records one by
 one, under ``records``: the exact values the detectors judged, so an export of the run replays them
 exactly. Arrays are base64 of little-endian 8-byte values (int64 steps, float64 losses, grad norms and
 learning rates): exact, including NaN and infinities, and about 4x cheaper to encode than JSON numbers

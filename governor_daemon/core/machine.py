@@ -76,7 +76,7 @@ class Limits:
     max_active_runs_per_principal: int = 256
     idle_run_expiry_s: float = 7 * 24 * 3600.0
     """A run with no trainer attached for this long leaves memory (0: never)."""
-    journal_train_records: int = 100_000
+    journal_train_records: int = 10_000
     """While a run has sent fewer records than this (all ranks), its vitals entries keep each train-step
     record, not only the batch summary (governor_daemon/train_records.py; 0: never)."""
 
