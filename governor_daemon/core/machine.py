@@ -786,9 +786,10 @@ class GovernorCore:
     # ----------------------------------------------------------------- time
 
     def _tick(self, now: float, fx: Effects) -> None:
-        """Rank deadlines, stalls and command timeouts, on the monotonic clock."""
+        """Rank deadlines, stalls and command timeouts, on the monotonic clock: of the runs ``tick_due`` names
+        (most ticks touch no run, and the undo point of a tick covers only these)."""
         expiry = self.options.limits.idle_run_expiry_s
-        for run in list(self.registry.runs.values()):
+        for run in self.tick_due(now):
             policy = run.policy
             idle = all(r.stream is None for r in run.ranks.values())
             if expiry > 0 and idle and now - run.idle_since >= expiry:
@@ -851,6 +852,31 @@ class GovernorCore:
                 )
                 if notice.command is not None:
                     self._issue(fx, run, notice.command, "command_timeout")
+
+    def tick_due(self, now: float) -> list[Run]:
+        """The runs a tick at ``now`` changes: an idle run past its expiry, a step group past its rank
+        deadline, a rank newly past its stall threshold, an open command past its timeout. It changes nothing;
+        each clause is the predicate the tick's own call uses (``any_due``, ``due``, ``timeout_due``)."""
+        expiry = self.options.limits.idle_run_expiry_s
+        due = []
+        for run in self.registry.runs.values():
+            policy = run.policy
+            if expiry > 0 and now - run.idle_since >= expiry and all(r.stream is None for r in run.ranks.values()):
+                due.append(run)
+            elif policy.state is RunState.FINISHED:
+                continue
+            elif (
+                run.aggregator.any_due(now, policy.config.rank_deadline_s, frozenset(policy.finished_ranks))
+                or policy.timeout_due(now)
+                or any(
+                    r.tracker is not None
+                    and r.rank not in policy.finished_ranks
+                    and r.tracker.due(now, policy.config.stall_timeout_s)
+                    for r in run.ranks.values()
+                )
+            ):
+                due.append(run)
+        return due
 
     def _start(self, e: ev.Start, fx: Effects) -> None:
         """Timers restart: a deadline never spans two processes' monotonic clocks."""

@@ -105,7 +105,9 @@ def undo_point(core: GovernorCore, event: ev.Event) -> Undo:
 
 def _touched(core: GovernorCore, event: ev.Event) -> Iterable[Run]:
     runs = core.registry.runs
-    if isinstance(event, ev.Tick | ev.Start | ev.Stop):
+    if isinstance(event, ev.Tick):
+        return core.tick_due(event.now)
+    if isinstance(event, ev.Start | ev.Stop):
         return list(runs.values())
     run_id: str | None = None
     if isinstance(event, ev.Attach | ev.RequestRollback | ev.Halt | ev.Resume | ev.UpdatePolicy | ev.ForgetRun):

@@ -93,11 +93,17 @@ class StepAggregator:
     def due(self, now_s: float, deadline_s: float, finished: frozenset[int] = frozenset()) -> list[StepGroup]:
         """Groups whose deadline passed, or that every unfinished rank has reported (a rank finished since
         they opened), oldest first, each with the unfinished ranks still missing."""
+        return [self._close(k, finished) for k in self._ready(now_s, deadline_s, finished)]
+
+    def any_due(self, now_s: float, deadline_s: float, finished: frozenset[int] = frozenset()) -> bool:
+        """Whether ``due`` would close a group now (it changes nothing)."""
+        return bool(self._pending) and bool(self._ready(now_s, deadline_s, finished))
+
+    def _ready(self, now_s: float, deadline_s: float, finished: frozenset[int]) -> list[tuple[int, int]]:
         expected = self._expected(finished)
-        ready = [
+        return [
             k for k, g in self._pending.items() if now_s - g.first_at_s >= deadline_s or not expected - set(g.losses)
         ]
-        return [self._close(k, finished) for k in ready]
 
     def _expected(self, finished: frozenset[int]) -> set[int]:
         return set(range(self.world_size)) - finished

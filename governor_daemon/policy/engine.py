@@ -535,10 +535,14 @@ class RunPolicy:
             Notice("command_completed", f"{open_cmd.command.kind} {command_id} completed; timeline {self.timeline}"),
         ]
 
+    def timeout_due(self, now_s: float) -> bool:
+        """Whether ``check_timeouts`` would act now (it changes nothing)."""
+        return self.open is not None and now_s - self.open.issued_at_s > self.config.command_timeout_s
+
     def check_timeouts(self, now_s: float) -> list[Notice]:
         """HALT the run if the open command has waited longer than command_timeout_s."""
         open_cmd = self.open
-        if open_cmd is None or now_s - open_cmd.issued_at_s <= self.config.command_timeout_s:
+        if open_cmd is None or not self.timeout_due(now_s):
             return []
         self._close_open()
         reason = (

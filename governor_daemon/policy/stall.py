@@ -48,12 +48,14 @@ class StallTracker:
 
     def check(self, now_s: float, stall_timeout_s: float) -> bool:
         """Returns True if the rank became STALLED at this check (once per stall)."""
-        if self.stalled:
-            return False
-        if now_s - self.last_advance_s > self.threshold_s(stall_timeout_s):
+        if self.due(now_s, stall_timeout_s):
             self.stalled = True
             return True
         return False
+
+    def due(self, now_s: float, stall_timeout_s: float) -> bool:
+        """Whether ``check`` would mark the rank STALLED now (it changes nothing)."""
+        return not self.stalled and now_s - self.last_advance_s > self.threshold_s(stall_timeout_s)
 
     def seconds_since_progress(self, now_s: float) -> float:
         """Seconds since the latest step advance (or since attach)."""

@@ -625,3 +625,25 @@ def test_a_snapshot_without_a_digest_is_not_offered_for_adoption() -> None:
     (welcome,) = messages(h.attach(2, inc="i1"), Welcome)
     assert welcome.last_snapshot is None
     assert not codec.encode_message(welcome).welcome.HasField("last_snapshot")
+
+
+def test_a_tick_names_only_the_runs_it_changes_and_its_undo_point_covers_those() -> None:
+    """A tick's undo point copied every run's state (policy memento, aggregator deep copy) four times a second:
+    with 138 flooding runs a third of the daemon's event loop. ``tick_due`` names the runs a tick changes, by
+    the predicates the tick itself uses; a quiet tick names none, and each due clause names its run."""
+    from governor_daemon.core.undo import _touched as undo_touched
+
+    h = Harness(stall_timeout_s=30.0, command_timeout_s=5.0, rank_deadline_s=2.0)
+    for i in range(20):
+        h.attach(i + 1, run=f"quiet-{i}")
+        h.vitals(i + 1, [1, 2, 3], [1.0, 0.9, 0.8])
+    assert h.core.tick_due(h.now + 1) == []
+    assert list(undo_touched(h.core, ev.Tick(h.now + 1))) == [], "a quiet tick's undo point copies no run"
+    assert not h.handle(ev.Tick(h.now + 1)).entries
+    h.attach(100, run="nan")
+    h.vitals(100, [1], [math.nan])  # a ROLLBACK opens: its timeout falls due after 5 s
+    due = [run.run_id for run in h.core.tick_due(h.now + 6)]
+    assert due == ["nan"], due
+    assert [c.kind for c in commands(h.handle(ev.Tick(h.now + 6)))] == [CommandKind.HALT]
+    stalled = sorted(run.run_id for run in h.core.tick_due(h.now + 10_000))
+    assert stalled == sorted(["nan", *(f"quiet-{i}" for i in range(20))]), "every rank is past its stall threshold"
