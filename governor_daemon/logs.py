@@ -31,6 +31,6 @@ def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),  # text and newline in one write
         cache_logger_on_first_use=False,
     )

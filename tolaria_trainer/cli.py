@@ -250,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "info" if summary.exit_code == ExitCode.OK else "warning",
     )
     # The same object as --summary-json's file, on one line: `tolaria-train ... | jq .status` reads it.
-    print(json.dumps(report, allow_nan=False), flush=True)
+    logs.write_line(sys.stdout, json.dumps(report, allow_nan=False))
     return summary.exit_code
 
 

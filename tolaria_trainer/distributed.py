@@ -3,12 +3,26 @@ agreement collectives over a separate gloo group on CPU tensors (no device sync)
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from tolaria_trainer.errors import PeerLost
+
+
+@contextlib.contextmanager
+def _with_peers(what: str) -> Iterator[None]:
+    """A collective: its failure (gloo's "Connection closed by peer", NCCL's errors, a timeout) means another
+    rank is gone, which is an outcome of the run (PeerLost), not a bug of this rank."""
+    try:
+        yield
+    except RuntimeError as exc:  # torch.distributed's DistError and its kinds are RuntimeErrors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeerLost(f"{what} with the other ranks failed ({first}): another rank crashed or was killed") from exc
 
 
 def _init_process_group(backend: str, rank: int, world_size: int) -> None:
@@ -48,16 +62,17 @@ class Distributed:
         """All-reduce (mean) the gradients of ``parameters`` over the training group."""
         if not self.is_distributed:
             return
-        for param in parameters:
-            if param.grad is not None:
-                dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
-                param.grad.div_(self.world_size)
+        with _with_peers("averaging the gradients"):
+            for param in parameters:
+                if param.grad is not None:
+                    dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+                    param.grad.div_(self.world_size)
 
     def broadcast_module(self, module: nn.Module) -> None:
         """Copy rank 0's parameters and buffers into every rank's ``module``."""
         if not self.is_distributed:
             return
-        with torch.no_grad():
+        with torch.no_grad(), _with_peers("broadcasting rank 0's parameters"):
             for tensor in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(tensor, src=0)
 
@@ -74,7 +89,8 @@ class Distributed:
         if not self.is_distributed:
             return data
         box: list[object] = [data if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src, group=self._agree_group)
+        with _with_peers("an agreement broadcast"):
+            dist.broadcast_object_list(box, src=src, group=self._agree_group)
         received = box[0]
         assert isinstance(received, bytes)
         return received
@@ -83,7 +99,8 @@ class Distributed:
         if not self.is_distributed:
             return value
         tensor = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(tensor, op=op, group=self._agree_group)
+        with _with_peers("an agreement"):
+            dist.all_reduce(tensor, op=op, group=self._agree_group)
         return int(tensor[0])
 
     def close(self) -> None:

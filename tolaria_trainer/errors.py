@@ -31,5 +31,10 @@ class SnapshotError(TrainerError):
     """A snapshot could not be taken or published."""
 
 
+class PeerLost(TrainerError):
+    """A collective with the other ranks failed: a rank crashed, was killed, or the network between them broke.
+    This rank cannot go on alone; its last-known-good stays in shared memory for the launcher's restart."""
+
+
 class GovernorAddressError(TrainerError, ValueError):
     """A governor address (--address) that is malformed or whose host does not resolve."""

@@ -44,7 +44,7 @@ from torch import nn
 
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.distributed import Distributed
-from tolaria_trainer.errors import SnapshotError, TrainerError
+from tolaria_trainer.errors import PeerLost, SnapshotError, TrainerError
 from tolaria_trainer.governance import (
     Command,
     CommandReport,
@@ -325,7 +325,7 @@ class GovernedTraining:
             self.close(FinishStatus.COMPLETED)
         elif isinstance(exc, RunHalted):
             self.close(FinishStatus.HALTED, str(exc))
-        elif isinstance(exc, GovernorUnreachable):
+        elif isinstance(exc, GovernorUnreachable | PeerLost):  # a lost peer: the launcher's restart goes on
             self.close(None, str(exc))
         else:
             self.close(FinishStatus.FAILED, f"{type(exc).__name__}: {exc}")

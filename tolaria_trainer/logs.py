@@ -6,6 +6,10 @@ to stderr is one JSON object: structlog's events, the standard library's records
 the CLI's own warnings and errors (``say``). Non-finite floats are written as the strings ``"nan"``,
 ``"inf"`` and ``"-inf"``, as the run's summary and the governor's journal write them, since a bare ``NaN``
 is not JSON and stops ``jq``. In console mode the same events are rendered as readable lines.
+
+Each line is one ``write`` of the text and its newline together: torchrun hands every rank the same stderr
+pipe, and a pipe keeps a write of up to 4 KiB whole, so lines of ranks logging at the same moment never
+interleave (``print`` writes the newline separately, and two ranks' events could share one line).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import logging
 import math
 import sys
 import traceback
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -58,7 +62,7 @@ def configure(fmt: str) -> None:
     structlog.configure(
         processors=[*shared, *((structlog.processors.format_exc_info,) if use_json else ()), renderer],
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),  # text and newline in one write
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -85,4 +89,10 @@ def say(message: str, level: str = "warning", **fields: Any) -> None:
     else:
         if fields.get("exc_info"):
             traceback.print_exc(file=sys.stderr)
-        print(f"tolaria-train: {message}", file=sys.stderr, flush=True)
+        write_line(sys.stderr, f"tolaria-train: {message}")
+
+
+def write_line(stream: TextIO, text: str) -> None:
+    """``text`` and its newline in one write, flushed: whole even when other processes share ``stream``."""
+    stream.write(text + "\n")
+    stream.flush()

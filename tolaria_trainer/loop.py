@@ -28,6 +28,7 @@ from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.config import RunConfig
 from tolaria_trainer.device import parse_device
 from tolaria_trainer.distributed import Distributed
+from tolaria_trainer.errors import PeerLost
 from tolaria_trainer.faults import FaultInjector, parse_fault
 from tolaria_trainer.governance import FinishStatus, Governance
 from tolaria_trainer.governed import (
@@ -192,6 +193,8 @@ class GovernedRun:
             status, code, message = "refused", ExitCode.USAGE, f"{exc} (--fail-closed: no training without it)"
         except RollbackFailed as exc:
             status, code, message = "failed", ExitCode.ROLLBACK_FAILED, str(exc)
+        except PeerLost as exc:
+            status, code, message = "peer_lost", ExitCode.PEER_LOST, str(exc)
         summary = self._finish(status, code, message)
         self.dist.close()
         return summary
@@ -276,8 +279,11 @@ class GovernedRun:
         if refused is not None and not message:
             message = f"ungoverned: {refused}"
         finish = {"completed": FinishStatus.COMPLETED, "halted": FinishStatus.HALTED}.get(status, FinishStatus.FAILED)
-        # A governor that is unreachable, or that refused this trainer, is not told (nor waited for).
-        gov.close(None if status == "unreachable" or refused is not None else finish, message)
+        # A governor that is unreachable, or that refused this trainer, is not told (nor waited for); nor is
+        # it told of a lost peer: the run goes on when the launcher restarts the ranks (a new incarnation of
+        # each), and the snapshots stay in shared memory for them to adopt.
+        untold = status in ("unreachable", "peer_lost") or refused is not None
+        gov.close(None if untold else finish, message)
         coverage = gov.coverage()
         told = coverage.describe() if refused is None else ""
         if told:

@@ -24,6 +24,7 @@ class ExitCode(enum.IntEnum):
     EPOCH_CAP = 6
     CHECK_FAILED = 7
     JOURNAL_FAILED = 8
+    PEER_LOST = 9
     INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process that Ctrl-C ended
 
 
@@ -40,6 +41,10 @@ HELP: dict[ExitCode, str] = {
     ExitCode.EPOCH_CAP: "tolaria-train: --max-epochs-total reached before --epochs of progress",
     ExitCode.CHECK_FAILED: "a check failed: `audit verify` (the journal is broken), `health` (not serving)",
     ExitCode.JOURNAL_FAILED: "`serve` stopped: a journal write failed (disk full, I/O error); restart to recover",
+    ExitCode.PEER_LOST: (
+        "tolaria-train: another rank of the run was lost (a collective with it failed); a launcher's restart "
+        "(torchrun --max-restarts, the Job's backoffLimit) adopts the last-known-good"
+    ),
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }
 

@@ -368,6 +368,7 @@ def test_pod_failure_policy_maps_every_exit_code() -> None:
         ExitCode.EPOCH_CAP: "FailJob",
         ExitCode.CHECK_FAILED: "Count",
         ExitCode.JOURNAL_FAILED: "Count",
+        ExitCode.PEER_LOST: "Count",
         ExitCode.INTERRUPTED: "Count",
     }
     assert set(expected) == set(ExitCode) - {ExitCode.OK}, "a new exit code needs a decision here"

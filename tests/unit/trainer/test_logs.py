@@ -4,6 +4,7 @@ logs. Each case runs in a fresh interpreter, since the configuration is process-
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from typing import Any
@@ -58,3 +59,40 @@ def test_every_stderr_line_is_json_with_non_finite_numbers_as_strings() -> None:
     )
     assert crashed["level"] == "error"
     assert "RuntimeError: boom" in crashed["exception"]
+
+
+WRITER = """
+import logging, sys, structlog
+from tolaria_trainer import logs
+logs.configure("json")
+rank, count = int(sys.argv[1]), int(sys.argv[2])
+for i in range(count):
+    structlog.get_logger().info("snapshot", rank=rank, i=i, digest="sha256:" + "0" * 64)
+    logging.getLogger("tolaria.governed").warning("adopted step %d on rank %d", i, rank)
+"""
+
+
+def test_ranks_sharing_one_stderr_never_split_a_line() -> None:
+    """torchrun hands every rank the same stderr pipe: each JSON line is one write, so lines of ranks writing
+    at the same moment never interleave (a pipe keeps a write of up to 4 KiB whole). Two writes per line (the
+    text, then its newline) let two ranks' events share a line that no JSON reader can parse; the crash-restart
+    e2e test then missed both ranks' "adopted" events on a fast machine."""
+    ranks, count = 4, 1500
+    read, write = os.pipe()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(rank), str(count)], stderr=write, stdout=subprocess.DEVNULL, cwd=REPO
+        )
+        for rank in range(ranks)
+    ]
+    os.close(write)
+    with open(read, encoding="utf-8") as stream:
+        text = stream.read()
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0
+    lines = text.splitlines()
+    broken = [line for line in lines if not line.startswith("{") or not line.endswith("}")]
+    assert broken == [], f"{len(broken)} of {len(lines)} lines split or joined, e.g. {broken[:2]}"
+    events = [strict_json(line) for line in lines]
+    assert len(events) == 2 * ranks * count
+    assert sum(e["event"] == "snapshot" for e in events) == ranks * count
