@@ -172,6 +172,8 @@ def _line(seq: int, run: str, kind: str, p: dict[str, Any], cause: dict[str, Any
         return make("info", "trainer detached", generation=p["generation"])
     if kind == EntryKind.STALL:
         reason = f"no progress for {p['seconds_without_progress']} s (threshold {p['threshold_s']} s)"
+        if p.get("end_process"):
+            reason += "; the watchdog told its trainer to end its process (end_stalled_ranks)"
         return make(
             "warning",
             "rank stalled",

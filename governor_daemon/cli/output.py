@@ -283,6 +283,7 @@ def _describe(kind: str, p: dict[str, Any]) -> str:  # one branch per kind
         return (
             f"STALLED at step {p.get('latest_step')} tl {p.get('latest_timeline')}: no progress for "
             f"{_g(p.get('seconds_without_progress'))} s (threshold {_g(p.get('threshold_s'))} s)"
+            + ("; its trainer was told to end its process (watchdog)" if p.get("end_process") else "")
         )
     if kind == "stall_cleared":
         return f"progressing again at step {p.get('step')} tl {p.get('timeline')}"

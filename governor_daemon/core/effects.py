@@ -106,9 +106,11 @@ class Resync:
 
 @dataclass(frozen=True)
 class EndStream:
-    """Ask the trainer to end this stream (it reconnects); the stream closes after it."""
+    """Ask the trainer to end this stream (it reconnects); the stream closes after it. ``end_process``: the
+    stall watchdog's order to end the trainer's process instead, so its launcher restarts it."""
 
     reason: str
+    end_process: bool = False
 
 
 Message = Welcome | Ack | VerdictOut | CommandOut | Resync | EndStream

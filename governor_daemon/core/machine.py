@@ -301,15 +301,20 @@ class GovernorCore:
             fx.send(e.stream, CommandOut(resend, rank.generation))
 
     def _detach(self, e: ev.Detach, fx: Effects) -> None:
-        binding = self.streams.pop(e.stream, None)
+        self._unbind(e.stream, e.now, fx)
+
+    def _unbind(self, stream: int, now: float, fx: Effects) -> None:
+        """The stream's attachment ends: a Detach, or an EndStream the core sends itself (the stall watchdog),
+        after which the runtime no longer reports the stream's end."""
+        binding = self.streams.pop(stream, None)
         if binding is None:
             return
         run = self.registry.runs.get(binding.run_id)
         rank = run.ranks.get(binding.rank) if run is not None else None
-        if run is not None and rank is not None and rank.stream == e.stream:
+        if run is not None and rank is not None and rank.stream == stream:
             rank.stream = None
             if all(r.stream is None for r in run.ranks.values()):
-                run.idle_since = e.now
+                run.idle_since = now
             fx.append(run.run_id, EntryKind.DETACH, {"rank": binding.rank, "generation": binding.generation})
 
     # ----------------------------------------------------------------- records
@@ -831,6 +836,9 @@ class GovernorCore:
                     continue
                 if rank.tracker.check(now, policy.config.stall_timeout_s) and rank.rank not in policy.stalled_ranks:
                     policy.set_stalled(rank.rank, True)
+                    waited = round(rank.tracker.seconds_since_progress(now), 3)
+                    # The watchdog (opt-in): the rank's own trainer ends its process, its launcher restarts it.
+                    end_process = policy.config.end_stalled_ranks and rank.stream is not None
                     fx.append(
                         run.run_id,
                         EntryKind.STALL,
@@ -838,11 +846,17 @@ class GovernorCore:
                             "rank": rank.rank,
                             "latest_step": rank.latest_step,
                             "latest_timeline": rank.latest_timeline,
-                            "seconds_without_progress": round(rank.tracker.seconds_since_progress(now), 3),
+                            "seconds_without_progress": waited,
                             "threshold_s": rank.tracker.threshold_s(policy.config.stall_timeout_s),
+                            "end_process": end_process,
                             "effects": {"policy": policy.to_dict()},
                         },
                     )
+                    if end_process and rank.stream is not None:
+                        reason = f"rank {rank.rank} made no progress for {waited:.1f} s past step {rank.latest_step}"
+                        stream = rank.stream
+                        fx.send(stream, EndStream(f"stall watchdog (end_stalled_ranks): {reason}", True))
+                        self._unbind(stream, now, fx)  # the runtime drops a stream it sent EndStream on
             for notice in policy.check_timeouts(now):
                 fx.append(
                     run.run_id,

@@ -10,7 +10,7 @@ mutable parts, and puts it back when the event (or the journal append that follo
 
 What an event can touch: the runs it names (a trainer event's bound run, a controller's run; every run
 for timers and start-up), the set of runs (creation, eviction, forgetting, expiry), and the stream
-bindings (attach, detach, start-up).
+bindings (attach, detach, start-up, the stall watchdog's tick).
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def undo_point(core: GovernorCore, event: ev.Event) -> Undo:
     """What puts back the state ``event`` can change."""
     runs, lives = core.registry.runs, core.registry.lives
     membership = dict(runs) if isinstance(event, ev.Attach | ev.Finish | ev.ForgetRun | ev.Tick | ev.Start) else None
-    streams = dict(core.streams) if isinstance(event, ev.Attach | ev.Detach | ev.Start | ev.Stop) else None
+    # A tick can end a STALLED rank's stream (the stall watchdog).
+    streams = dict(core.streams) if isinstance(event, ev.Attach | ev.Detach | ev.Start | ev.Stop | ev.Tick) else None
     # A trainer's records touch its own rank and its run's policy; the pending validation steps only a
     # validation, a command result, a finish, timers and start-up do.
     stream_rank = core.streams.get(event.stream) if isinstance(event, ev.Vitals | ev.SnapshotTaken) else None

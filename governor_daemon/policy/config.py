@@ -65,6 +65,8 @@ class PolicyConfig:
     escalation: bool = True
     escalation_skip_margin: int = 100
     escalation_lr_scale: float = 0.5
+    # The stall watchdog: a rank marked STALLED is told to end its process, so its launcher restarts it.
+    end_stalled_ranks: bool = False
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -271,7 +271,9 @@ def encode_message(message: fx.Message) -> trainer_service_pb2.AttachResponse:
                 run_state=RUN_STATE_TO_PROTO[message.run_state],
             )
         )
-    return trainer_service_pb2.AttachResponse(stream_end=trainer_service_pb2.StreamEnd(reason=message.reason))
+    return trainer_service_pb2.AttachResponse(
+        stream_end=trainer_service_pb2.StreamEnd(reason=message.reason, end_process=message.end_process)
+    )
 
 
 def run_status_to_proto(run: Run, now_s: float, monotonic_s: float) -> control_service_pb2.RunStatus:

@@ -387,6 +387,7 @@ class Policy(_ProtoJson):
     escalation: bool | None = None
     escalation_skip_margin: int | None = None
     escalation_lr_scale: float | None = None
+    end_stalled_ranks: bool | None = None
 
 
 POLICY_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Policy))

@@ -25,6 +25,7 @@ class ExitCode(enum.IntEnum):
     CHECK_FAILED = 7
     JOURNAL_FAILED = 8
     PEER_LOST = 9
+    STALLED = 10
     INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a process that Ctrl-C ended
 
 
@@ -44,6 +45,10 @@ HELP: dict[ExitCode, str] = {
     ExitCode.PEER_LOST: (
         "tolaria-train: another rank of the run was lost (a collective with it failed); a launcher's restart "
         "(torchrun --max-restarts, the Job's backoffLimit) adopts the last-known-good"
+    ),
+    ExitCode.STALLED: (
+        "tolaria-train: ended by the governor's stall watchdog (policy end_stalled_ranks): no progress past the "
+        "stall threshold; a launcher's restart adopts the last-known-good"
     ),
     ExitCode.INTERRUPTED: "interrupted (Ctrl-C)",
 }

@@ -322,3 +322,66 @@ def test_one_rank_of_two_killed_under_torchrun_both_adopt_the_same_step(
         assert summary["status"] == "completed"
         assert summary["governed"] is True
     assert list(shm.iterdir()) == []
+
+
+def _history(address: str, run_id: str, kinds: list[str]) -> list[Any]:
+    """The run's journal entries of ``kinds`` so far (up to its last cursor, read before)."""
+    with ControllerClient(address) as client:
+        last = client.panic_state(run_id).last_cursor
+        out = []
+        with client.events(runs=[run_id]) as stream:
+            for event in stream:
+                if event.kind in kinds:
+                    out.append(event)
+                if event.cursor >= last:
+                    break
+    return out
+
+
+def test_a_hung_trainer_is_ended_by_the_stall_watchdog_and_its_restart_adopts_the_lkg(
+    daemon: DaemonProcess, tmp_path: Path, shm: Path
+) -> None:
+    """Policy end_stalled_ranks: a trainer hung before epoch HANG_AT (for 10 minutes) is marked STALLED, told
+    so with StreamEnd.end_process, and ends itself with exit 10 (its hung training thread never returns); the
+    STALL entry says so. Restarted as a launcher would, it adopts the last-known-good it left in /dev/shm and
+    the run completes governed: a hang costs a restart, not the run."""
+    env = {**os.environ, "TOLARIA_SHM_DIR": str(shm)}
+    run_id = "hang-watchdog"
+    # The threshold is a few seconds so the test is short; on a loaded machine a healthy rank's steps come
+    # well within it (the default is 300 s).
+    policy = ("--policy", "stall_timeout_s=5", "--policy", "end_stalled_ranks=true")
+    hung = trainer_cmd(
+        daemon.address,
+        tmp_path / "hung.json",
+        "--epochs",
+        str(EPOCHS),
+        "--inject",
+        f"hang@epoch={HANG_AT}:s=600",
+        *policy,
+        *AGREE,
+        run_id=run_id,
+    )
+    first = subprocess.run(hung, capture_output=True, text=True, env=env, check=False)
+    events = _events(first.stderr)
+    assert first.returncode == 10, first.stderr[-3000:]  # ExitCode.STALLED
+    watchdog = [e for e in events if str(e.get("event", "")).startswith("the governor's stall watchdog")]
+    assert len(watchdog) == 1, events[-10:]
+    assert "made no progress" in watchdog[0]["reason"]
+    published = [e for e in events if e.get("event") == "snapshot"]
+    assert published
+    assert published[-1]["step"] > 0
+    stalls = _history(daemon.address, run_id, ["stall"])
+    assert len(stalls) == 1
+    assert stalls[0].payload["end_process"] is True
+    assert int(stalls[0].payload["latest_step"]) >= published[-1]["step"]
+
+    summary = tmp_path / "restarted.json"
+    cmd = trainer_cmd(daemon.address, summary, "--epochs", str(EPOCHS), *policy, *AGREE, run_id=run_id)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert second.returncode == 0, second.stderr[-3000:]
+    adopted = [e for e in _events(second.stderr) if e.get("event") == "adopted"]
+    assert len(adopted) == 1, second.stderr[-4000:]
+    assert (adopted[0]["step"], adopted[0]["digest"]) == (published[-1]["step"], published[-1]["digest"])
+    report = json.loads(summary.read_text())
+    assert (report["status"], report["governed"], report["epochs_completed"]) == ("completed", True, EPOCHS)
+    assert list(shm.iterdir()) == []

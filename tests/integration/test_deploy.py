@@ -369,6 +369,7 @@ def test_pod_failure_policy_maps_every_exit_code() -> None:
         ExitCode.CHECK_FAILED: "Count",
         ExitCode.JOURNAL_FAILED: "Count",
         ExitCode.PEER_LOST: "Count",
+        ExitCode.STALLED: "Count",
         ExitCode.INTERRUPTED: "Count",
     }
     assert set(expected) == set(ExitCode) - {ExitCode.OK}, "a new exit code needs a decision here"

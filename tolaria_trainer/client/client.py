@@ -12,7 +12,9 @@ permanent: ``refused`` holds it and the trainer carries on ungoverned.
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from tolaria.exit_codes import ExitCode
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2, trainer_service_pb2_grpc
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.client.outbox import VitalsSource
@@ -61,6 +64,20 @@ class ClientOptions:
         )
 
 
+def end_process(reason: str) -> None:
+    """The stall watchdog's order (policy ``end_stalled_ranks``): the training thread is stuck, so this one
+    ends the process with exit 10 (ExitCode.STALLED) for its launcher to restart it. Nothing else runs (no
+    ``finally``, no atexit): the snapshots stay in shared memory for the restart to adopt."""
+    log.error(
+        "the governor's stall watchdog ends this process, for its launcher to restart it",
+        reason=reason,
+        exit_code=int(ExitCode.STALLED),
+    )
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(ExitCode.STALLED)
+
+
 class GovernorClient:
     """One rank's connection to the governor. Start with ``start()``; end with ``close()``.
 
@@ -74,10 +91,12 @@ class GovernorClient:
         hello: trainer_service_pb2.Hello,
         options: ClientOptions | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_end_process: Callable[[str], None] = end_process,
     ) -> None:
         self.address = address
         self.options = options or ClientOptions()
         self._clock = clock
+        self._on_end_process = on_end_process
         self.protocol = TrainerProtocol(hello, self.options.protocol_options(), clock())
         # One lock, two conditions: the training thread's waits (verdicts, connection, flush) and the
         # sender's. Acks, verdicts and commands never make anything sendable, so they do not wake the
@@ -303,6 +322,9 @@ class GovernorClient:
                 self._cond.notify_all()
             if outcome.kind is EndKind.REFUSED:
                 log.error("governor refused this trainer; continuing without it", error=str(self.protocol.refused))
+                return
+            if outcome.kind is EndKind.END_PROCESS:
+                self._on_end_process(outcome.details)
                 return
             if self._stop.is_set():
                 return

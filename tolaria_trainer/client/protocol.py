@@ -62,6 +62,7 @@ class EndKind(enum.Enum):
 
     CLEAN = "clean"  # the daemon closed the stream without a status or a StreamEnd: reconnect
     STREAM_END = "stream_end"  # the daemon asked to reconnect later (shutdown, a newer attachment)
+    END_PROCESS = "end_process"  # the stall watchdog: end this process, its launcher restarts it
     TRANSIENT = "transient"  # a retriable status: reconnect with backoff
     REFUSED = "refused"  # a permanent refusal: never reconnect
 
@@ -113,6 +114,7 @@ class TrainerProtocol:
         self._refused: GovernorRefused | None = None
         self._welcomed = False  # the current stream got its Welcome
         self._stream_end_reason: str | None = None
+        self._end_process = False  # the StreamEnd was the stall watchdog's (end_process)
         self._failures = 0  # attempts since the last Welcome that ended without one
         self._disconnected_since: float | None = now
         self._disconnected_s = 0.0  # seconds without a welcomed stream before _disconnected_since
@@ -164,7 +166,8 @@ class TrainerProtocol:
         ``closing``: this trainer ended it (``close``), so it was not lost."""
         welcomed = self._welcomed
         if self._stream_end_reason is not None:
-            kind, details = EndKind.STREAM_END, details or self._stream_end_reason
+            kind = EndKind.END_PROCESS if self._end_process else EndKind.STREAM_END
+            details = details or self._stream_end_reason
         elif code is None:
             kind = EndKind.CLEAN
         elif code in RETRIABLE_CODES or (
@@ -180,6 +183,7 @@ class TrainerProtocol:
             self.num_streams_lost += not closing
         self._welcomed = False
         self._stream_end_reason = None
+        self._end_process = False
         return StreamOutcome(kind, code, details, welcomed)
 
     def reconnect_delay(self, rand: float) -> float:
@@ -236,6 +240,7 @@ class TrainerProtocol:
             self._on_resync(response.resync)
         elif kind == "stream_end":
             self._stream_end_reason = response.stream_end.reason or "stream end"
+            self._end_process = response.stream_end.end_process
 
     def _on_welcome(self, welcome: trainer_service_pb2.Welcome, now: float) -> None:
         self.welcome = welcome

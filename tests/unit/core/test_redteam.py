@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from governor_daemon.core import CoreOptions, GovernorCore
 from governor_daemon.core import events as ev
@@ -240,3 +241,56 @@ def test_a_halts_result_says_halted_not_a_restore() -> None:
     command = commands(rollback.vitals(1, [1], [math.nan]))[0]
     [entry] = [e for e in rollback.result(1, command).entries if e.kind == EntryKind.COMMAND_RESULT]
     assert describe(entry.kind, entry.payload).startswith("command 1 (rollback) succeeded; timeline 1, ")
+
+
+def test_the_stall_watchdog_ends_only_a_stalled_ranks_stream_and_lets_its_restart_attach() -> None:
+    """end_stalled_ranks: two ranks, rank 1 silent past the threshold. The tick marks it STALLED, the STALL
+    entry says end_process, rank 1's stream (only) gets StreamEnd(end_process) and is unbound in the core
+    with a DETACH (the runtime reports no end for a stream it ended), so its restart attaches as a new
+    incarnation instead of being refused as a second live process; the rebuilt state agrees with memory."""
+    from governor_daemon.core.effects import EndStream
+
+    h = Harness(stall_timeout_s=10.0, end_stalled_ranks=True)
+    h.attach(1, world_size=2, rank=0)
+    h.attach(2, world_size=2, rank=1, inc="i1")
+    h.vitals(1, [5], [0.5])
+    h.vitals(2, [5], [0.5])
+    h.now += 6
+    h.vitals(1, [6], [0.5])  # rank 0 progresses; rank 1 does not
+    h.now += 6
+
+    def journal_refuses_the_tick() -> None:
+        with h.core.transaction(ev.Tick(h.now)) as refused:
+            assert refused.sends, "the watchdog's tick"
+            raise OSError("the journal refused the tick's entries")
+
+    with pytest.raises(OSError, match="refused"):
+        journal_refuses_the_tick()
+    assert h.run().ranks[1].stream == 2, "the undo point covers the binding"
+    assert 2 in h.core.streams
+    assert 1 not in h.run().policy.stalled_ranks
+    fx = h.handle(ev.Tick(h.now))
+    stalls = [e.payload for e in fx.entries if e.kind == EntryKind.STALL]
+    assert [(p["rank"], p["end_process"]) for p in stalls] == [(1, True)]
+    ends = [(s.stream, s.message) for s in fx.sends if isinstance(s.message, EndStream)]
+    assert [(stream, m.end_process) for stream, m in ends] == [(2, True)]
+    assert "made no progress" in ends[0][1].reason
+    assert [e.kind for e in fx.entries] == [EntryKind.STALL, EntryKind.DETACH]
+    assert h.run().ranks[1].stream is None
+    assert h.run().ranks[0].stream == 1
+    h.seqs[3] = 0
+    welcome = h.handle(ev.Attach(3, "r", 1, 2, "i1-restarted", "t", {}, None, 10, "", "p", "c", h.now))
+    assert any(e.kind == EntryKind.ATTACH for e in welcome.entries)
+    assert h.rebuilt()["runs"]["r"]["ranks"]["1"]["incarnation_id"] == "i1-restarted"
+
+
+def test_without_the_watchdog_a_stalled_rank_keeps_its_stream() -> None:
+    """The default (end_stalled_ranks false): STALLED is reported only; the stream stays bound."""
+    h = Harness(stall_timeout_s=10.0)
+    h.attach(1)
+    h.vitals(1, [5], [0.5])
+    h.now += 11
+    fx = h.handle(ev.Tick(h.now))
+    assert [(e.kind, e.payload.get("end_process")) for e in fx.entries] == [(EntryKind.STALL, False)]
+    assert fx.sends == []
+    assert h.run().ranks[0].stream == 1

@@ -350,3 +350,17 @@ def test_commands_of_a_run_the_governor_forgot_are_void() -> None:
     welcome(proto, generation=1, last_durable_seq=0, now=2.0)  # the run was forgotten and created again
     assert proto.num_history_losses == 1
     assert proto.take_commands() == []
+
+
+def test_the_stall_watchdogs_stream_end_is_an_order_to_end_the_process_once() -> None:
+    """StreamEnd with end_process (policy end_stalled_ranks) ends the stream as END_PROCESS, carrying the
+    governor's reason; the client then ends the process instead of reconnecting. A later stream's plain
+    StreamEnd is a plain one again."""
+    proto = attached()
+    end = trainer_service_pb2.StreamEnd(reason="stall watchdog: rank 0 made no progress", end_process=True)
+    proto.receive(Response(stream_end=end), 0.0)
+    outcome = proto.connection_lost(1.0, None, "")
+    assert (outcome.kind, outcome.details) == (EndKind.END_PROCESS, "stall watchdog: rank 0 made no progress")
+    proto.connecting(2.0)
+    proto.receive(Response(stream_end=trainer_service_pb2.StreamEnd(reason="shutdown")), 2.0)
+    assert proto.connection_lost(3.0, None, "").kind is EndKind.STREAM_END

@@ -857,15 +857,22 @@ class StreamEnd(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REASON_FIELD_NUMBER: _builtins.int
+    END_PROCESS_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
+    end_process: _builtins.bool
+    """The stall watchdog (policy end_stalled_ranks): this rank made no progress past its stall
+    threshold. The trainer ends its process (exit 10) instead of reconnecting, so its launcher
+    (torchrun --max-restarts, a Job's backoffLimit) restarts it. Additive: older trainers reconnect.
+    """
     def __init__(
         self,
         *,
         reason: _builtins.str = ...,
+        end_process: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_process", b"end_process", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
