@@ -837,8 +837,13 @@ class GovernorCore:
                 if rank.tracker.check(now, policy.config.stall_timeout_s) and rank.rank not in policy.stalled_ranks:
                     policy.set_stalled(rank.rank, True)
                     waited = round(rank.tracker.seconds_since_progress(now), 3)
-                    # The watchdog (opt-in): the rank's own trainer ends its process, its launcher restarts it.
-                    end_process = policy.config.end_stalled_ranks and rank.stream is not None
+                    # The watchdog (opt-in): the rank's own trainer ends its process, its launcher restarts it;
+                    # never in a HALTED run, whose trainers wait at an agreement point for a Resume on purpose.
+                    end_process = (
+                        policy.config.end_stalled_ranks
+                        and rank.stream is not None
+                        and policy.state is not RunState.HALTED
+                    )
                     fx.append(
                         run.run_id,
                         EntryKind.STALL,

@@ -44,6 +44,8 @@ AGREE_EVERY = 6
 STEPS_PER_RUN = 72
 COMMAND_TIMEOUT_S = 30.0
 RANK_DEADLINE_S = 5.0
+STALL_TIMEOUT_S = 60.0
+"""Short enough that schedules stall ranks (an ``advance`` is 1 to 40 s), long enough that ``settle`` does not."""
 EXTREMES = (1.7e308, -1.7e308, 5e-324, 1e15, 1.0000001e15, -0.0, 1e-300)
 """Finite losses at the edges of a float (one beyond the blow-up ceiling of 1e15 is a blow-up, a PANIC)."""
 SKIP_MARGIN = 3
@@ -170,6 +172,9 @@ class World:
                 rank_deadline_s=RANK_DEADLINE_S,
                 step_warmup_steps=4,
                 escalation_skip_margin=SKIP_MARGIN,
+                # The stall watchdog in half the worlds (its own draw: the rest of a seed's world is as before).
+                stall_timeout_s=STALL_TIMEOUT_S,
+                end_stalled_ranks=random.Random(seed ^ 0xD06).random() < 0.5,
             )
         )
         self.entries: list[SimEntry] = []
@@ -448,8 +453,29 @@ class World:
         if kind == "command" and response.command.type == common_pb2.COMMAND_TYPE_HALT:
             rank.halts_received.add(response.command.command_id)
         rank.proto.receive(response, self.now)
+        if kind == "stream_end" and response.stream_end.end_process:
+            self._watchdog_ended(rank)
+            return
         if rank.proto.stream_ending:
             self._close(conn, None, notify_daemon=True)
+
+    def _watchdog_ended(self, rank: SimRank) -> None:
+        """The stall watchdog's StreamEnd: only for a rank whose STALL entry, durable, said end_process, and
+        only while the policy asks for it. The process exits; its launcher restarts every rank of the run."""
+        run_id = rank.run.run_id
+        stalls = [
+            e
+            for e in self.entries[: self.durable]
+            if e.run == run_id and e.kind == EntryKind.STALL and e.payload["rank"] == rank.rank
+        ]
+        require(
+            bool(stalls) and stalls[-1].payload.get("end_process") is True,
+            f"{rank.proto.hello.incarnation_id} was told to end its process without a durable STALL saying so",
+        )
+        require(self.options.defaults.end_stalled_ranks, "the watchdog ended a rank with end_stalled_ranks off")
+        assert rank.conn is not None
+        self._close(rank.conn, None, notify_daemon=True)  # the process is gone: the stream ends (moot for the core)
+        self._new_incarnations(rank.run)
 
     def _flush(self, rank: SimRank, pin: bool = False) -> None:
         """Send the buffered records; ``pin``: a snapshot may be staged at the rank's step (validations and

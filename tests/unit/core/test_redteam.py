@@ -294,3 +294,18 @@ def test_without_the_watchdog_a_stalled_rank_keeps_its_stream() -> None:
     assert [(e.kind, e.payload.get("end_process")) for e in fx.entries] == [(EntryKind.STALL, False)]
     assert fx.sends == []
     assert h.run().ranks[0].stream == 1
+
+
+def test_the_stall_watchdog_never_ends_the_ranks_of_a_halted_run() -> None:
+    """A HALTed run's trainers wait at an agreement point for a Resume, sending heartbeats only: they become
+    STALLED, and the watchdog must leave them be (ending them would restart a run an operator stopped, and its
+    restart would be ended again at the next threshold, until the launcher gives up)."""
+    h = Harness(stall_timeout_s=10.0, end_stalled_ranks=True)
+    h.attach(1)
+    h.vitals(1, [5], [0.5])
+    h.handle(ev.Halt("r", "an operator looks at it", "op", h.now))
+    h.now += 11
+    fx = h.handle(ev.Tick(h.now))
+    assert [(e.kind, e.payload.get("end_process")) for e in fx.entries] == [(EntryKind.STALL, False)]
+    assert not [s for s in fx.sends if getattr(s.message, "end_process", False)]
+    assert h.run().ranks[0].stream == 1
