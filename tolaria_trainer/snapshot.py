@@ -354,7 +354,9 @@ class LastKnownGood:
         of its kind; without one, leave everything and return False (a validation and a step snapshot of
         the same step are two snapshots: each is published only by what vouches for it). Then only the
         base, the newest ``KEEP_VALIDATED`` validated and the ``step_snapshots`` newest step snapshots
-        newer than them stay published."""
+        newer than them stay published. Returns whether the snapshot is published now: False too for a step
+        snapshot that a validated one of a step at least as new supersedes as it is published (nothing new is
+        held, so nothing is to be reported)."""
         for index in self._staged:
             info = self._sets[index].info
             if info is None or (info.timeline, info.step, info.kind) != (timeline, step, kind):
@@ -367,6 +369,8 @@ class LastKnownGood:
             self._published.append(index)
             self._published.sort(key=lambda i: self._step_of(i))
             self._retain()
+            if index not in self._published:
+                return False
             self._seal(index)
             self._sync_manifest()
             return True

@@ -87,6 +87,11 @@ FAULTS = (
     Fault("bad_batch", "one batch whose loss is NaN, whenever its data position is trained", "bad_batch", True),
     Fault("lr_schedule_bug", "the schedule's learning rate x 30 from the fault's step on", "lr_bug", True),
     Fault("lr_x10_bug", "the schedule's learning rate x 10 from the fault's step on", "lr_x10", True),
+    Fault(
+        "crash",
+        "the training process is killed (SIGKILL) after the fault's step (once); a launcher restarts it",
+        "crash",
+    ),
 )
 HEALTHY = Fault("healthy", "no fault", "none")
 
@@ -153,6 +158,21 @@ class Injector:
     def restored(self) -> None:
         """A restore: a slow divergence in progress stops (it was transient)."""
         self.ramping = False
+
+    def crashes(self, step: int) -> bool:
+        """Whether the process dies after optimizer step ``step`` (the crash fault, once)."""
+        if self.fault.kind != "crash" or step != self.at or self.fired:
+            return False
+        self.fired = True
+        return True
+
+
+class Crash(Exception):
+    """The training process died: nothing of it survives but /dev/shm, the disk and the daemon's journal."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"killed after step {step}")
+        self.step = step
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -235,87 +255,115 @@ def train_step(
     return loss
 
 
-def governed_run(data: Setup, fault: Fault, seed: int, address: str, run_id: str) -> RunResult:
-    """The arm under test: GovernedTraining against a real daemon, the data position in extra_state."""
+def governed_run(data: Setup, fault: Fault, seed: int, address: str, run_id: str, restart_s: float) -> RunResult:
+    """The arm under test: GovernedTraining against a real daemon, the data position in extra_state. A crash
+    is played in this process: the trainer is abandoned without a Finish (``close(None)``: its shared-memory
+    segments stay, its stream ends, as a killed process's do; unlike one, it gets 0.5 s to hand over what it
+    buffered) and a new one starts with new model, optimizer and scheduler objects, as a restarted process
+    would, and adopts the last-known-good; ``restart_s`` (a process start, measured) is added to its time."""
     from tolaria_trainer import GovernedTraining, RunHalted
 
     injector = Injector(fault, FAULT_AT + 10 * seed, data.vocab)
-    model, optimizer, scheduler = build(data, seed, injector)
-    position = {"position": 0}
     result = RunResult(None, "finished")
     started = time.perf_counter()
-    try:
-        with GovernedTraining(
-            model,
-            optimizer,
-            governor=address,
-            run_id=run_id,
-            random_guess_loss=math.log(data.vocab),
-            schedulers=[scheduler],
-            extra_state=position,
-            agree_every_steps=10,
-            step_snapshot_every=25,  # an in-memory copy of a small model: cheap enough every 25 steps
-            halt_wait_s=0.0,
-            verdict_wait_s=10.0,
-            task="fault-campaign",
-        ) as gov:
-            while True:
-                while gov.state.step < STEPS:
-                    position["position"] += gov.take_skip()
-                    step = gov.state.step + 1
-                    batch, poison = injector.batch(
-                        position["position"], batch_at(data, seed, position["position"]), seed
-                    )
-                    position["position"] += 1
-                    poison = injector.before_step(step, model) or poison
-                    loss = train_step(model, optimizer, scheduler, batch, poison, data.vocab)
-                    injector.after_backward(step, model)
-                    optimizer.step()
-                    scheduler.step()
-                    result.steps_run += 1
-                    outcome = gov.step(loss.detach())
-                    if outcome.restored is False and step % VAL_EVERY == 0 and gov.state.step == step:
-                        outcome = gov.validate(val_loss(model, data), epoch=step // VAL_EVERY)
+    crashed_at: int | None = None
+    while True:  # one pass per process
+        model, optimizer, scheduler = build(data, seed, injector)
+        position = {"position": 0}
+        try:
+            with GovernedTraining(
+                model,
+                optimizer,
+                governor=address,
+                run_id=run_id,
+                random_guess_loss=math.log(data.vocab),
+                schedulers=[scheduler],
+                extra_state=position,
+                agree_every_steps=10,
+                step_snapshot_every=25,  # an in-memory copy of a small model: cheap enough every 25 steps
+                halt_wait_s=0.0,
+                verdict_wait_s=10.0,
+                task="fault-campaign",
+            ) as gov:
+                if crashed_at is not None:  # a restart: it resumes where the adopted snapshot was (or at 0)
+                    result.restores += 1
+                    result.steps_lost += crashed_at - gov.state.step
+                while True:
+                    while gov.state.step < STEPS:
+                        position["position"] += gov.take_skip()
+                        step = gov.state.step + 1
+                        batch, poison = injector.batch(
+                            position["position"], batch_at(data, seed, position["position"]), seed
+                        )
+                        position["position"] += 1
+                        poison = injector.before_step(step, model) or poison
+                        loss = train_step(model, optimizer, scheduler, batch, poison, data.vocab)
+                        injector.after_backward(step, model)
+                        optimizer.step()
+                        scheduler.step()
+                        result.steps_run += 1
+                        outcome = gov.step(loss.detach())
+                        if injector.crashes(step):
+                            gov.close(None)  # no Finish: the run goes on when the restart attaches
+                            raise Crash(step)
+                        if outcome.restored is False and step % VAL_EVERY == 0 and gov.state.step == step:
+                            outcome = gov.validate(val_loss(model, data), epoch=step // VAL_EVERY)
+                        if outcome.halted:
+                            raise RunHalted(outcome.command.reason if outcome.command else "")
+                        if outcome.restored:
+                            result.restores += 1
+                            result.steps_lost += step - (outcome.restored_step or 0)
+                            injector.restored()
+                    outcome = gov.settle()
                     if outcome.halted:
                         raise RunHalted(outcome.command.reason if outcome.command else "")
-                    if outcome.restored:
-                        result.restores += 1
-                        result.steps_lost += step - (outcome.restored_step or 0)
-                        injector.restored()
-                outcome = gov.settle()
-                if outcome.halted:
-                    raise RunHalted(outcome.command.reason if outcome.command else "")
-                if not outcome.restored:
-                    break
-                result.restores += 1
-                result.steps_lost += STEPS - (outcome.restored_step or 0)
-                injector.restored()
-        result.final_val = val_loss(model, data)
-    except RunHalted as exc:
-        result.status, result.reason = "halted", exc.reason
-    result.wall_s = time.perf_counter() - started
+                    if not outcome.restored:
+                        break
+                    result.restores += 1
+                    result.steps_lost += STEPS - (outcome.restored_step or 0)
+                    injector.restored()
+            result.final_val = val_loss(model, data)
+        except Crash as crash:
+            crashed_at = crash.step
+            result.wall_s += restart_s
+            continue
+        except RunHalted as exc:
+            result.status, result.reason = "halted", exc.reason
+        break
+    result.wall_s += time.perf_counter() - started
     return result
 
 
-def plain_run(data: Setup, fault: Fault, seed: int) -> RunResult:
-    """No governor: train through whatever happens (the stop-on-spike arms read its losses)."""
+def plain_run(data: Setup, fault: Fault, seed: int, restart_s: float = 0.0) -> RunResult:
+    """No governor: train through whatever happens (the stop-on-spike arms read its losses). A crash restarts
+    it from step 0, as a launcher would with nothing to resume from (``restart_s`` for the process start)."""
     injector = Injector(fault, FAULT_AT + 10 * seed, data.vocab)
-    model, optimizer, scheduler = build(data, seed, injector)
     result = RunResult(None, "finished")
     started = time.perf_counter()
-    for step in range(1, STEPS + 1):
-        batch, poison = injector.batch(step - 1, batch_at(data, seed, step - 1), seed)
-        poison = injector.before_step(step, model) or poison
-        loss = train_step(model, optimizer, scheduler, batch, poison, data.vocab)
-        injector.after_backward(step, model)
-        optimizer.step()
-        scheduler.step()
-        result.losses.append(float(loss.detach()))
-        if step % VAL_EVERY == 0:
-            val_loss(model, data)  # as the other arms do (the same cost)
-    result.steps_run = STEPS
+    crashed = True
+    while crashed:  # one pass per process
+        crashed = False
+        model, optimizer, scheduler = build(data, seed, injector)
+        result.losses = []
+        for step in range(1, STEPS + 1):
+            batch, poison = injector.batch(step - 1, batch_at(data, seed, step - 1), seed)
+            poison = injector.before_step(step, model) or poison
+            loss = train_step(model, optimizer, scheduler, batch, poison, data.vocab)
+            injector.after_backward(step, model)
+            optimizer.step()
+            scheduler.step()
+            result.steps_run += 1
+            result.losses.append(float(loss.detach()))
+            if injector.crashes(step):
+                result.steps_lost += step
+                result.restores += 1
+                result.wall_s += restart_s
+                crashed = True
+                break
+            if step % VAL_EVERY == 0:
+                val_loss(model, data)  # as the other arms do (the same cost)
     result.final_val = val_loss(model, data)
-    result.wall_s = time.perf_counter() - started
+    result.wall_s += time.perf_counter() - started
     return result
 
 
@@ -367,7 +415,8 @@ def checkpoint_run(data: Setup, fault: Fault, seed: int, folder: Path, skip: int
         scheduler.step()
         result.steps_run += 1
         value = float(loss.detach())
-        if not math.isfinite(value) or megatron(seen, value):
+        crashed = injector.crashes(step)  # the launcher restarts it from the last checkpoint, skipping nothing
+        if crashed or not math.isfinite(value) or megatron(seen, value):
             if restarts == MAX_RESTARTS:
                 result.status, result.reason = "stopped", f"{MAX_RESTARTS} restarts did not get past step {step}"
                 break
@@ -378,7 +427,7 @@ def checkpoint_run(data: Setup, fault: Fault, seed: int, folder: Path, skip: int
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             result.steps_lost += step - state["step"]
-            position, step, seen = state["position"] + skip, state["step"], state["seen"]
+            position, step, seen = state["position"] + (0 if crashed else skip), state["step"], state["seen"]
             extra_s += restart_s + (time.perf_counter() - loaded)
             injector.restored()
             continue
@@ -435,11 +484,13 @@ def run_campaign(
         for fault in (HEALTHY, *faults):
             for seed in seeds:
                 key = (fault.name, seed)
-                plain = plain_run(data, fault, seed)
+                plain = plain_run(data, fault, seed, restart_s)
                 if fault is HEALTHY:
                     twins[seed] = plain
                 results["ungoverned"][key] = plain
-                results["governed"][key] = governed_run(data, fault, seed, daemon.address, f"{fault.name}-{seed}")
+                results["governed"][key] = governed_run(
+                    data, fault, seed, daemon.address, f"{fault.name}-{seed}", restart_s
+                )
                 results[ARMS[2]][key] = checkpoint_run(data, fault, seed, Path(tmp), 0, restart_s)
                 results[ARMS[3]][key] = checkpoint_run(data, fault, seed, Path(tmp), PALM_SKIP, restart_s)
                 results[ARMS[4]][key] = stop_rule_run(plain, lambda: lightning)

@@ -46,15 +46,23 @@ def test_spread_gives_the_median_and_a_confidence_interval_around_it() -> None:
 def test_the_fault_campaign_runs_and_the_governor_saves_a_run_with_a_recurring_bad_batch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A short campaign (one seed, a bad batch whose NaN comes back whenever its data position is trained):
-    the governor climbs the ladder past it and the run finishes as its healthy twin; the ungoverned run ends
-    on NaN; the table renders. Shape and that one outcome, not the numbers of `make bench`."""
+    """A short campaign (one seed, a bad batch whose NaN comes back whenever its data position is trained, and
+    a crash): the governor climbs the ladder past the bad batch and the run finishes as its healthy twin; the
+    ungoverned run ends on NaN; after the crash the governed restart adopts a snapshot from shared memory and
+    the ungoverned one starts over; the table renders. Shape and these outcomes, not the numbers of `make
+    bench`."""
     from tests.benchmarks import bench_faults
 
     for name, value in {"STEPS": 160, "WARMUP": 10, "VAL_EVERY": 20, "FAULT_AT": 100, "CHECKPOINT_EVERY": 40}.items():
         monkeypatch.setattr(bench_faults, name, value)
-    (bad,) = [f for f in bench_faults.FAULTS if f.name == "bad_batch"]
-    campaign = bench_faults.run_campaign((bad,), (0,), progress=lambda line: None)
+    bad, crash = [f for f in bench_faults.FAULTS if f.name in ("bad_batch", "crash")]
+    campaign = bench_faults.run_campaign((bad, crash), (0,), progress=lambda line: None)
+    restarted = campaign.results["governed"][("crash", 0)]
+    assert bench_faults.outcome(restarted, campaign.twins[0]) == "saved", restarted
+    assert restarted.restores == 1
+    assert 0 < restarted.steps_lost < 100, "the restart adopted a snapshot taken before the crash at step 100"
+    assert campaign.results["ungoverned"][("crash", 0)].steps_lost == 100, "no state to resume: from step 0"
+    assert campaign.results["checkpoint + restart (Megatron-LM)"][("crash", 0)].steps_lost == 100 - 80
     governed = campaign.results["governed"][("bad_batch", 0)]
     assert bench_faults.outcome(governed, campaign.twins[0]) == "saved", governed
     assert governed.restores == 2, "the replay recurred once, then the ladder skipped the bad batch"
@@ -62,7 +70,7 @@ def test_the_fault_campaign_runs_and_the_governor_saves_a_run_with_a_recurring_b
     assert campaign.results["ungoverned"][("bad_batch", 0)].final_val != campaign.twins[0].final_val
     assert campaign.results["governed"][("healthy", 0)].restores == 0
     lines = bench_faults.table(campaign)
-    assert any(line.startswith("| governed | 1/1 |") for line in lines), lines
+    assert any(line.startswith("| governed | 2/2 |") for line in lines), lines
 
 
 def test_the_crash_restart_bench_runs_and_counts_the_steps_each_restart_loses() -> None:

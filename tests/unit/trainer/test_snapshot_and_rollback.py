@@ -230,3 +230,20 @@ def test_a_validation_and_a_step_snapshot_of_the_same_step_are_published_by_thei
     assert lkg.publish(step_kind.timeline, step_kind.step, "step")
     assert [i.kind for i in lkg.published] == ["validation", "validation", "step"]
     assert lkg.choose().step < step_kind.step, "the validated LKG is still the older one"  # type: ignore[union-attr]
+
+
+def test_a_step_snapshot_superseded_as_it_is_published_is_not_reported_as_published() -> None:
+    """The fault campaign's crash: a validation snapshot of step 60 was published, then the step snapshot of the
+    same step was vouched for; publishing it dropped it at once (a validated snapshot at least as new supersedes
+    it) yet publish said True, so the trainer reported a published snapshot it did not hold, without a digest,
+    and the governor's Welcome named none for a restart to adopt. publish says False: nothing new is held."""
+    state = make_state()
+    lkg = LastKnownGood("host", step_snapshots=1)
+    lkg.take(state)
+    train_one_epoch(state)
+    step_kind = lkg.stage(state, kind="step")
+    validation = lkg.stage(state)
+    assert lkg.publish(validation.timeline, validation.step, "validation")
+    assert not lkg.publish(step_kind.timeline, step_kind.step, "step")
+    assert [(i.step, i.kind) for i in lkg.published] == [(0, "validation"), (validation.step, "validation")]
+    assert lkg.staged_info is None, "the superseded step snapshot is not left staged either"
