@@ -244,15 +244,36 @@ class RunResult:
     stop_step: int | None = None
 
 
-def train_step(
-    model: TinyGPT, optimizer: torch.optim.Optimizer, scheduler: Any, batch: torch.Tensor, poison: bool, vocab: int
-) -> torch.Tensor:
-    optimizer.zero_grad(set_to_none=True)
-    loss = loss_of(model, batch, vocab)
-    if poison:
-        loss = loss * math.nan
-    loss.backward()
-    return loss
+@dataclass
+class Trainee:
+    """What one process of an arm trains: the model, its optimizer and schedule, and the fault striking it."""
+
+    data: Setup
+    seed: int
+    injector: Injector
+    model: TinyGPT
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    @classmethod
+    def new(cls, data: Setup, seed: int, injector: Injector) -> Trainee:
+        """A new process's objects (the injector is the world's: it outlives a crash)."""
+        return cls(data, seed, injector, *build(data, seed, injector))
+
+    def step(self, step: int, position: int) -> torch.Tensor:
+        """Optimizer step ``step`` on the batch of data position ``position``, with what the fault does to it."""
+        injector, model = self.injector, self.model
+        batch, poison = injector.batch(position, batch_at(self.data, self.seed, position), self.seed)
+        poison = injector.before_step(step, model) or poison
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = loss_of(model, batch, self.data.vocab)
+        if poison:
+            loss = loss * math.nan
+        loss.backward()
+        injector.after_backward(step, model)
+        self.optimizer.step()
+        self.scheduler.step()
+        return loss
 
 
 def governed_run(data: Setup, fault: Fault, seed: int, address: str, run_id: str, restart_s: float) -> RunResult:
@@ -268,16 +289,17 @@ def governed_run(data: Setup, fault: Fault, seed: int, address: str, run_id: str
     started = time.perf_counter()
     crashed_at: int | None = None
     while True:  # one pass per process
-        model, optimizer, scheduler = build(data, seed, injector)
+        trainee = Trainee.new(data, seed, injector)
+        model = trainee.model
         position = {"position": 0}
         try:
             with GovernedTraining(
                 model,
-                optimizer,
+                trainee.optimizer,
                 governor=address,
                 run_id=run_id,
                 random_guess_loss=math.log(data.vocab),
-                schedulers=[scheduler],
+                schedulers=[trainee.scheduler],
                 extra_state=position,
                 agree_every_steps=10,
                 step_snapshot_every=25,  # an in-memory copy of a small model: cheap enough every 25 steps
@@ -292,15 +314,8 @@ def governed_run(data: Setup, fault: Fault, seed: int, address: str, run_id: str
                     while gov.state.step < STEPS:
                         position["position"] += gov.take_skip()
                         step = gov.state.step + 1
-                        batch, poison = injector.batch(
-                            position["position"], batch_at(data, seed, position["position"]), seed
-                        )
+                        loss = trainee.step(step, position["position"])
                         position["position"] += 1
-                        poison = injector.before_step(step, model) or poison
-                        loss = train_step(model, optimizer, scheduler, batch, poison, data.vocab)
-                        injector.after_backward(step, model)
-                        optimizer.step()
-                        scheduler.step()
                         result.steps_run += 1
                         outcome = gov.step(loss.detach())
                         if injector.crashes(step):
@@ -343,15 +358,10 @@ def plain_run(data: Setup, fault: Fault, seed: int, restart_s: float = 0.0) -> R
     crashed = True
     while crashed:  # one pass per process
         crashed = False
-        model, optimizer, scheduler = build(data, seed, injector)
+        trainee = Trainee.new(data, seed, injector)
         result.losses = []
         for step in range(1, STEPS + 1):
-            batch, poison = injector.batch(step - 1, batch_at(data, seed, step - 1), seed)
-            poison = injector.before_step(step, model) or poison
-            loss = train_step(model, optimizer, scheduler, batch, poison, data.vocab)
-            injector.after_backward(step, model)
-            optimizer.step()
-            scheduler.step()
+            loss = trainee.step(step, step - 1)
             result.steps_run += 1
             result.losses.append(float(loss.detach()))
             if injector.crashes(step):
@@ -361,8 +371,8 @@ def plain_run(data: Setup, fault: Fault, seed: int, restart_s: float = 0.0) -> R
                 crashed = True
                 break
             if step % VAL_EVERY == 0:
-                val_loss(model, data)  # as the other arms do (the same cost)
-    result.final_val = val_loss(model, data)
+                val_loss(trainee.model, data)  # as the other arms do (the same cost)
+    result.final_val = val_loss(trainee.model, data)
     result.wall_s += time.perf_counter() - started
     return result
 
@@ -390,7 +400,8 @@ def checkpoint_run(data: Setup, fault: Fault, seed: int, folder: Path, skip: int
     from the last one (``restart_s`` for the process, plus the measured load), ``skip`` batches skipped after
     each restart (PaLM), at most MAX_RESTARTS times."""
     injector = Injector(fault, FAULT_AT + 10 * seed, data.vocab)
-    model, optimizer, scheduler = build(data, seed, injector)
+    trainee = Trainee.new(data, seed, injector)
+    model, optimizer, scheduler = trainee.model, trainee.optimizer, trainee.scheduler
     path = folder / f"{fault.name}-{seed}-{skip}.pt"
     result = RunResult(None, "finished")
     started = time.perf_counter()
@@ -406,13 +417,8 @@ def checkpoint_run(data: Setup, fault: Fault, seed: int, folder: Path, skip: int
     save()
     while step < STEPS:
         step += 1
-        batch, poison = injector.batch(position, batch_at(data, seed, position), seed)
+        loss = trainee.step(step, position)
         position += 1
-        poison = injector.before_step(step, model) or poison
-        loss = train_step(model, optimizer, scheduler, batch, poison, data.vocab)
-        injector.after_backward(step, model)
-        optimizer.step()
-        scheduler.step()
         result.steps_run += 1
         value = float(loss.detach())
         crashed = injector.crashes(step)  # the launcher restarts it from the last checkpoint, skipping nothing
