@@ -18,6 +18,10 @@ the healthy twin of its seed (no fault, no governor):
   at most ``MAX_RESTARTS`` times, then it stops; the PaLM variant also skips ``PALM_SKIP`` batches after
   each restart (PaLM restarted about 100 steps before a spike and skipped 200-500 batches).
 
+The crash fault kills the training process after its step: each arm restarts it as its practice does (the
+governed one adopting the last-known-good from /dev/shm, the checkpoint ones reloading their last checkpoint,
+the others from step 0), and a restart costs a measured process start.
+
 Per fault kind and arm it reports the runs that finish within ``WITHIN`` (2 %) of their twin's final
 validation loss, the runs that stop or halt (with a diagnosis of a deterministic fault, for the governor),
 the runs that finish worse silently, the optimizer steps trained and then thrown away (median and worst),
