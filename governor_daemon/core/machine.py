@@ -834,34 +834,8 @@ class GovernorCore:
             for rank in run.ranks.values():
                 if rank.rank in policy.finished_ranks or rank.tracker is None:
                     continue
-                if rank.tracker.check(now, policy.config.stall_timeout_s) and rank.rank not in policy.stalled_ranks:
-                    policy.set_stalled(rank.rank, True)
-                    waited = round(rank.tracker.seconds_since_progress(now), 3)
-                    # The watchdog (opt-in): the rank's own trainer ends its process, its launcher restarts it;
-                    # never in a HALTED run, whose trainers wait at an agreement point for a Resume on purpose.
-                    end_process = (
-                        policy.config.end_stalled_ranks
-                        and rank.stream is not None
-                        and policy.state is not RunState.HALTED
-                    )
-                    fx.append(
-                        run.run_id,
-                        EntryKind.STALL,
-                        {
-                            "rank": rank.rank,
-                            "latest_step": rank.latest_step,
-                            "latest_timeline": rank.latest_timeline,
-                            "seconds_without_progress": waited,
-                            "threshold_s": rank.tracker.threshold_s(policy.config.stall_timeout_s),
-                            "end_process": end_process,
-                            "effects": {"policy": policy.to_dict()},
-                        },
-                    )
-                    if end_process and rank.stream is not None:
-                        reason = f"rank {rank.rank} made no progress for {waited:.1f} s past step {rank.latest_step}"
-                        stream = rank.stream
-                        fx.send(stream, EndStream(f"stall watchdog (end_stalled_ranks): {reason}", True))
-                        self._unbind(stream, now, fx)  # the runtime drops a stream it sent EndStream on
+                if rank.tracker.check(now, policy.config.stall_timeout_s):
+                    self._stalled(fx, run, rank, now)
             for notice in policy.check_timeouts(now):
                 fx.append(
                     run.run_id,
@@ -871,6 +845,38 @@ class GovernorCore:
                 )
                 if notice.command is not None:
                     self._issue(fx, run, notice.command, "command_timeout")
+
+    def _stalled(self, fx: Effects, run: Run, rank: RankState, now: float) -> None:
+        """The rank's attachment went past its stall threshold: the rank is STALLED (journaled), and with the
+        watchdog (``end_stalled_ranks``) its trainer is told to end its process, for its launcher to restart
+        it; never in a HALTED run, whose trainers wait at an agreement point for a Resume on purpose. A rank
+        STALLED already (before its stream reconnected, or before a daemon restart) is journaled again only
+        for the watchdog: a hung trainer whose connection thread reconnected is still hung."""
+        policy = run.policy
+        stream = rank.stream
+        end_process = policy.config.end_stalled_ranks and stream is not None and policy.state is not RunState.HALTED
+        if rank.rank in policy.stalled_ranks and not end_process:
+            return
+        policy.set_stalled(rank.rank, True)
+        assert rank.tracker is not None
+        waited = round(rank.tracker.seconds_since_progress(now), 3)
+        fx.append(
+            run.run_id,
+            EntryKind.STALL,
+            {
+                "rank": rank.rank,
+                "latest_step": rank.latest_step,
+                "latest_timeline": rank.latest_timeline,
+                "seconds_without_progress": waited,
+                "threshold_s": rank.tracker.threshold_s(policy.config.stall_timeout_s),
+                "end_process": end_process,
+                "effects": {"policy": policy.to_dict()},
+            },
+        )
+        if end_process and stream is not None:
+            reason = f"rank {rank.rank} made no progress for {waited:.1f} s past step {rank.latest_step}"
+            fx.send(stream, EndStream(f"stall watchdog (end_stalled_ranks): {reason}", True))
+            self._unbind(stream, now, fx)  # the runtime drops a stream it sent EndStream on
 
     def tick_due(self, now: float) -> list[Run]:
         """The runs a tick at ``now`` changes: an idle run past its expiry, a step group past its rank

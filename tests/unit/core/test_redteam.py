@@ -309,3 +309,31 @@ def test_the_stall_watchdog_never_ends_the_ranks_of_a_halted_run() -> None:
     assert [(e.kind, e.payload.get("end_process")) for e in fx.entries] == [(EntryKind.STALL, False)]
     assert not [s for s in fx.sends if getattr(s.message, "end_process", False)]
     assert h.run().ranks[0].stream == 1
+
+
+def test_a_hung_rank_that_reconnected_is_still_ended_by_the_watchdog() -> None:
+    """A rank went silent while its stream was down (STALLED, nothing to end); its hung process's connection
+    thread reconnects, sending heartbeats only. Past the threshold of the new attachment the watchdog ends it:
+    before, a rank STALLED already was never journaled again, so a hung trainer that had reconnected (after a
+    network blip or a daemon restart) was never ended."""
+    from governor_daemon.core.effects import EndStream
+
+    h = Harness(stall_timeout_s=10.0, end_stalled_ranks=True)
+    h.attach(1)
+    h.vitals(1, [5], [0.5])
+    h.handle(ev.Detach(1, h.now))
+    h.now += 11
+    fx = h.handle(ev.Tick(h.now))
+    assert [(e.kind, e.payload["end_process"]) for e in fx.entries] == [(EntryKind.STALL, False)]
+    h.attach(2)  # the same incarnation ("i0"): the hung process reconnected
+    h.now += 5
+    assert not h.handle(ev.Tick(h.now)).entries, "within the new attachment's threshold"
+    h.now += 6
+    fx = h.handle(ev.Tick(h.now))
+    assert [(e.kind, e.payload.get("end_process")) for e in fx.entries] == [
+        (EntryKind.STALL, True),
+        (EntryKind.DETACH, None),
+    ]
+    assert [(s.stream, s.message.end_process) for s in fx.sends if isinstance(s.message, EndStream)] == [(2, True)]
+    h.now += 100
+    assert not h.handle(ev.Tick(h.now)).entries, "once per attachment"
