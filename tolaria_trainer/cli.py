@@ -121,8 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def parse_policy(pairs: Sequence[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs typed by the contract's Policy message; raises ValueError naming the key."""
+    """KEY=VALUE pairs typed by the contract's Policy message; raises ValueError naming the key. A bool takes
+    the daemon's spellings (true/1/yes/on, false/0/no/off) and nothing else: a misspelt one is an error, not
+    false."""
     fields = common_pb2.Policy.DESCRIPTOR.fields_by_name
     out: dict[str, Any] = {}
     for pair in pairs:
@@ -130,10 +135,13 @@ def parse_policy(pairs: Sequence[str]) -> dict[str, Any]:
         if not sep or key not in fields:
             raise ValueError(f"--policy {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
         kind = fields[key].type
+        if kind == FieldDescriptor.TYPE_BOOL:
+            if text.strip().lower() not in (*_TRUE, *_FALSE):
+                raise ValueError(f"--policy {pair!r}: {key} is true or false (also 1/0, yes/no, on/off)")
+            out[key] = text.strip().lower() in _TRUE
+            continue
         try:
-            if kind == FieldDescriptor.TYPE_BOOL:
-                out[key] = text.lower() in ("1", "true", "yes", "on")
-            elif kind in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_INT32):
+            if kind in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_INT32):
                 out[key] = int(text)
             elif kind == FieldDescriptor.TYPE_DOUBLE:
                 out[key] = float(text)
