@@ -5,7 +5,9 @@ losses multiplied for that many validations), ``lobotomy@epoch=14`` (uniform out
 ``lr-blowup@step=3000:x1000`` (learning rate multiplied), ``hang@epoch=15[:s=600]`` (the process stops
 making progress for s seconds). ``:rank=R`` limits a fault to one rank of a multi-rank run;
 ``:timeline=T`` holds it until the trainer is on timeline T (after T rollbacks), so that a chain of faults
-strikes one after another's rollback whatever the governor's latency.
+strikes one after another's rollback whatever the governor's latency. ``:attempt=A`` limits it to the launcher's
+attempt A (torchrun's ``TORCHELASTIC_RESTART_COUNT``, 0 outside torchrun): a transient fault that a restarted
+process does not meet again, as most hangs and crashes are.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Fault:
     spec: str = ""
     rank: int | None = None
     timeline: int | None = None
+    attempt: int | None = None
 
 
 def parse_fault(spec: str) -> Fault:
@@ -57,9 +60,9 @@ def parse_fault(spec: str) -> Fault:
             options["factor"] = float(opt[1:])
         elif "=" in opt:
             name, value = opt.split("=", 1)
-            if name not in ("epochs", "s", "rank", "timeline"):
+            if name not in ("epochs", "s", "rank", "timeline", "attempt"):
                 raise ScheduleError(
-                    f"{spec!r}: unknown option {name!r} (epochs=N, s=SECONDS, rank=R, timeline=T, xFACTOR)"
+                    f"{spec!r}: unknown option {name!r} (epochs=N, s=SECONDS, rank=R, timeline=T, attempt=A, xFACTOR)"
                 )
             options[name] = float(value)
         else:
@@ -77,14 +80,17 @@ def parse_fault(spec: str) -> Fault:
         spec.strip(),
         rank,
         int(options["timeline"]) if "timeline" in options else None,
+        int(options["attempt"]) if "attempt" in options else None,
     )
 
 
 class FaultInjector:
     """Fires parsed faults at their epoch or step, once each."""
 
-    def __init__(self, faults: list[Fault], rank: int = 0) -> None:
-        self.faults = [f for f in faults if f.rank is None or f.rank == rank]
+    def __init__(self, faults: list[Fault], rank: int = 0, attempt: int = 0) -> None:
+        self.faults = [
+            f for f in faults if (f.rank is None or f.rank == rank) and (f.attempt is None or f.attempt == attempt)
+        ]
         self.fired: set[str] = set()
         self._spiking: dict[str, int] = {}
 

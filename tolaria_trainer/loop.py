@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -165,7 +166,8 @@ class GovernedRun:
         if cfg.compile:
             enable_compile(self.state)
         self.loss_fn = self.task.loss_fn()
-        self.faults = FaultInjector([parse_fault(s) for s in cfg.inject], self.dist.rank)
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun's restarts of the workers
+        self.faults = FaultInjector([parse_fault(s) for s in cfg.inject], self.dist.rank, attempt)
         self.seeds = SeedLifecycle(parse_schedule(cfg.seed_schedule), self.state, self.dist, self.gov.checkpoint)
         self.started = time.monotonic()
 

@@ -385,3 +385,63 @@ def test_a_hung_trainer_is_ended_by_the_stall_watchdog_and_its_restart_adopts_th
     report = json.loads(summary.read_text())
     assert (report["status"], report["governed"], report["epochs_completed"]) == ("completed", True, EPOCHS)
     assert list(shm.iterdir()) == []
+
+
+def test_a_hung_rank_under_torchrun_is_ended_by_the_watchdog_and_both_ranks_adopt(
+    daemon: DaemonProcess, tmp_path: Path, shm: Path
+) -> None:
+    """Two ranks under ``torchrun --max-restarts 1`` with the watchdog on: rank 1 hangs before epoch DUO_HANG_AT in
+    the first attempt only (a transient hang). Rank 0 waits for it at the next collective, so both stop making
+    progress; the governor ends the STALLED rank(s) (exit 10), torchrun restarts both, and each adopts its own
+    segment, both the same step; the run completes governed. Nothing here kills a process but the watchdog."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        master_port = s.getsockname()[1]
+    run_id = "duo-hang"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        f"--master_port={master_port}",
+        "-m",
+        "tolaria_trainer",
+        "--task",
+        "digits",
+        "--epochs",
+        str(EPOCHS),
+        "--run-id",
+        run_id,
+        "--address",
+        daemon.address,
+        "--inject",
+        f"hang@epoch={DUO_HANG_AT}:s=600:rank=1:attempt=0",
+        "--agree-every-steps",
+        "10",
+        "--policy",
+        "stall_timeout_s=5",
+        "--policy",
+        "end_stalled_ranks=true",
+        "--summary-json",
+        str(tmp_path / "duo-{rank}.json"),
+        "--log-format",
+        "json",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOLARIA_SHM_DIR": str(shm)}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    events = _events(done.stderr)
+    ended = [e for e in events if str(e.get("event", "")).startswith("the governor's stall watchdog")]
+    assert ended, "no rank was ended by the watchdog"
+    assert all(e["exit_code"] == 10 for e in ended)
+    adopted = [e for e in events if e.get("event") == "adopted"]
+    assert len(adopted) == 2, done.stderr[-4000:]
+    assert len({e["step"] for e in adopted}) == 1
+    assert adopted[0]["weights_sha256"] == adopted[1]["weights_sha256"]
+    stalls = _history(daemon.address, run_id, ["stall"])
+    assert any(s.payload["rank"] == 1 and s.payload["end_process"] for s in stalls), [s.payload for s in stalls]
+    for rank in (0, 1):
+        summary = json.loads((tmp_path / f"duo-{rank}.json").read_text())
+        assert (summary["status"], summary["governed"], summary["epochs_completed"]) == ("completed", True, EPOCHS)
+    assert list(shm.iterdir()) == []

@@ -319,3 +319,13 @@ def test_hang_fault_sleeps_once() -> None:
     assert injector.before_epoch(state, 1) == ["hang@epoch=1:s=0.2"]
     assert time.monotonic() - started >= 0.2
     assert injector.before_epoch(state, 1) == []
+
+
+def test_an_attempt_limited_fault_strikes_only_in_that_launcher_attempt() -> None:
+    """``:attempt=A``: a transient fault that torchrun's restart (attempt 1) does not meet again."""
+    fault = parse_fault("hang@epoch=4:s=600:rank=1:attempt=0")
+    assert (fault.rank, fault.attempt) == (1, 0)
+    assert FaultInjector([fault], rank=1, attempt=0).faults == [fault]
+    assert FaultInjector([fault], rank=1, attempt=1).faults == []
+    assert FaultInjector([fault], rank=0, attempt=0).faults == []
+    assert FaultInjector([parse_fault("hang@epoch=4")], attempt=3).faults, "without :attempt, every attempt"
