@@ -182,6 +182,7 @@ def test_parse_faults() -> None:
         "spec": "spike@epoch=13:x50:epochs=2",
         "rank": None,
         "timeline": None,
+        "attempt": None,
     }
     assert parse_fault("lr-blowup@step=3000:x1000").factor == 1000.0
     assert parse_fault("hang@epoch=15:s=2").seconds == 2.0
