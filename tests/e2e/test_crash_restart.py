@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -222,44 +221,34 @@ def _worker_pid(parent: int, rank: int) -> int | None:
     return None
 
 
+def _torchrun_cmd(daemon: DaemonProcess, tmp_path: Path, run_id: str, *args: str) -> list[str]:
+    """``trainer_cmd`` for two ranks under ``torchrun --max-restarts 1`` (summaries ``duo-{rank}.json``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        master_port = s.getsockname()[1]
+    inner = trainer_cmd(
+        daemon.address, tmp_path / "duo-{rank}.json", "--epochs", str(EPOCHS), *AGREE, *args, run_id=run_id
+    )
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--max-restarts=1", f"--master_port={master_port}"]
+    return [inner[0], *launcher, *inner[1:]]
+
+
 def test_one_rank_of_two_killed_under_torchrun_both_adopt_the_same_step(
     daemon: DaemonProcess, tmp_path: Path, shm: Path
 ) -> None:
     """torchrun --max-restarts 1, two ranks; rank 1 hangs before epoch DUO_HANG_AT (rank 0 waits for it at the next
     agreement point, so neither publishes anything more) and is killed with SIGKILL. torchrun restarts both; each
     adopts its own segment, both the same step, whose digest is the one the governor journaled for it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        master_port = s.getsockname()[1]
     run_id = "duo-crash"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--max-restarts=1",
-        f"--master_port={master_port}",
-        "-m",
-        "tolaria_trainer",
-        "--task",
-        "digits",
-        "--epochs",
-        str(EPOCHS),
-        "--run-id",
+    cmd = _torchrun_cmd(
+        daemon,
+        tmp_path,
         run_id,
-        "--address",
-        daemon.address,
         "--inject",
         f"hang@epoch={DUO_HANG_AT}:s=45:rank=1",  # the restarted rank 1 hangs again for 45 s, then goes on
-        "--agree-every-steps",
-        "10",
         "--policy",
         "stall_timeout_s=2",
-        "--summary-json",
-        str(tmp_path / "duo-{rank}.json"),
-        "--log-format",
-        "json",
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOLARIA_SHM_DIR": str(shm)}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     lines: list[dict[str, Any]] = []
@@ -394,40 +383,18 @@ def test_a_hung_rank_under_torchrun_is_ended_by_the_watchdog_and_both_ranks_adop
     the first attempt only (a transient hang). Rank 0 waits for it at the next collective, so both stop making
     progress; the governor ends the STALLED rank(s) (exit 10), torchrun restarts both, and each adopts its own
     segment, both the same step; the run completes governed. Nothing here kills a process but the watchdog."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        master_port = s.getsockname()[1]
     run_id = "duo-hang"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--max-restarts=1",
-        f"--master_port={master_port}",
-        "-m",
-        "tolaria_trainer",
-        "--task",
-        "digits",
-        "--epochs",
-        str(EPOCHS),
-        "--run-id",
+    cmd = _torchrun_cmd(
+        daemon,
+        tmp_path,
         run_id,
-        "--address",
-        daemon.address,
         "--inject",
         f"hang@epoch={DUO_HANG_AT}:s=600:rank=1:attempt=0",
-        "--agree-every-steps",
-        "10",
         "--policy",
         "stall_timeout_s=5",
         "--policy",
         "end_stalled_ranks=true",
-        "--summary-json",
-        str(tmp_path / "duo-{rank}.json"),
-        "--log-format",
-        "json",
-    ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOLARIA_SHM_DIR": str(shm)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
