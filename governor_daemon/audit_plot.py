@@ -217,6 +217,8 @@ def collect(data_dir: Path, run_id: str) -> PlotData:
                 steps[new_timeline].append(int(payload["restored_step"]))  # the new timeline starts there
         elif entry.kind == "snapshot":
             steps[int(payload["timeline"])].append(int(payload["step"]))
+        elif entry.kind == "snapshot_adopted" and "run_timeline" in payload:  # the new timeline starts there
+            steps[int(payload["new_timeline"])].append(int(payload["snapshot"]["step"]))
     if not data.validations and not data.alarms:
         raise ValueError(f"no decisions of run {run_id!r} in {data_dir}")
     data.segments = _segments(steps)

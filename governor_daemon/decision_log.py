@@ -62,6 +62,7 @@ NOTABLE_KINDS = frozenset(
         EntryKind.COMMAND,
         EntryKind.COMMAND_RESULT,
         EntryKind.COMMAND_TIMEOUT,
+        EntryKind.SNAPSHOT_ADOPTED,
         EntryKind.STALL,
         EntryKind.STALL_CLEARED,
         EntryKind.RANK_DEADLINE,
@@ -158,6 +159,21 @@ def _line(seq: int, run: str, kind: str, p: dict[str, Any], cause: dict[str, Any
         )
     if kind == EntryKind.COMMAND_TIMEOUT:
         return make("warning", "command timed out", reason=p.get("reason"))
+    if kind == EntryKind.SNAPSHOT_ADOPTED:
+        snapshot = p["snapshot"]
+        unknown = "; ".join(n["reason"] for n in p.get("notices", ()) if n.get("reason"))
+        return make(
+            "warning" if unknown else "info",
+            "snapshot adopted",
+            step=snapshot["step"],
+            snapshot_timeline=snapshot["timeline"],
+            digest=snapshot["digest"],
+            new_timeline=p["new_timeline"],
+            run_timeline=p.get("run_timeline"),
+            duration_ms=p["duration_ms"],
+            record_seq=p["seq"],
+            reason=unknown or None,
+        )
     if kind == EntryKind.ATTACH:
         return make(
             "info",

@@ -124,6 +124,16 @@ class SnapshotReport:
     digest: str = ""  # of the snapshot in shared memory ("" when it is not there)
 
 
+@dataclass(frozen=True)
+class AdoptionReport:
+    """This new incarnation adopted the snapshot the governor named (``Governance.last_snapshot``) from shared
+    memory on ``timeline``; it trains on from that snapshot's step on ``timeline`` + 1."""
+
+    timeline: int
+    snapshot: tuple[int, int, str]  # (timeline, step, digest), exactly ``last_snapshot``
+    duration_ms: float
+
+
 class FinishStatus(enum.StrEnum):
     """How a run ended, as the governor records it."""
 
@@ -291,6 +301,11 @@ class Governance(Protocol):
         """Queue the result of executing a command (it moves ``run_timeline`` to the command's new one)."""
         ...
 
+    def send_adopted(self, report: AdoptionReport) -> None:
+        """Queue the report of an adopted snapshot (it moves ``run_timeline`` to ``report.timeline`` + 1); sent
+        before any record of that timeline."""
+        ...
+
     def close(self, finish: FinishReport | None, flush_timeout_s: float) -> bool:
         """Queue ``finish`` (None: the governor is not told, e.g. it is unreachable), wait up to
         ``flush_timeout_s`` for everything to be acknowledged, and stop. Returns True if flushed."""
@@ -358,6 +373,9 @@ class Ungoverned:
 
     def send_command_result(self, report: CommandReport) -> None:
         """No command is ever executed."""
+
+    def send_adopted(self, report: AdoptionReport) -> None:
+        """No snapshot is ever named, so none is adopted."""
 
     def close(self, finish: FinishReport | None, flush_timeout_s: float) -> bool:
         """Nothing pending."""

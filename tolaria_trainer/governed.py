@@ -46,6 +46,7 @@ from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import PeerLost, SnapshotError, TrainerError
 from tolaria_trainer.governance import (
+    AdoptionReport,
     Command,
     CommandReport,
     CommandType,
@@ -889,7 +890,10 @@ class GovernedTraining:
     def _adopt_shared_snapshot(self) -> bool:
         """Adopt the last-known-good an earlier process of this (run, rank) left in shared memory, when the
         governor's Welcome names exactly it and every rank holds one of the same step (all or none: every
-        rank takes part in the two collectives). A refusal is logged, and training starts as without one."""
+        rank takes part in the two collectives). Every rank then goes on on the next timeline, as after a
+        restore, and tells the governor first (SnapshotAdopted), so the steps the dead process had trained
+        past the snapshot are never mixed with the ones trained again. A refusal is logged, and training
+        starts as without one."""
         store = self.lkg.store
         prepared: Adoption | None = None
         if store is not None and (store.previous is not None or store.previous_error):
@@ -907,6 +911,11 @@ class GovernedTraining:
             return False
         info = self.lkg.complete_adoption(self.state, prepared)
         self.adopted = info
+        adopted_on = self.state.timeline  # the run's, agreed by every rank (_adopt_run_timeline)
+        self.governance.send_adopted(
+            AdoptionReport(adopted_on, (info.timeline, info.step, prepared.digest), self.lkg.digest_ms)
+        )
+        self.state.timeline = adopted_on + 1
         log.warning(
             "adopted the last-known-good of step %d (timeline %d) from shared memory in %.0f ms; training goes on "
             "from there on timeline %d",

@@ -279,6 +279,18 @@ def _describe(kind: str, p: dict[str, Any]) -> str:  # one branch per kind
             f"{p.get('snapshot_bytes')} bytes in {_g(p.get('duration_ms'))} ms; "
             f"detector state {p.get('detector_state')}"
         )
+    if kind == "snapshot_adopted":
+        snapshot = p.get("snapshot") or {}
+        unknown = "; ".join(n["reason"] for n in p.get("notices", ()) if n.get("reason"))
+        return (
+            f"a restarted trainer adopted the snapshot of step {snapshot.get('step')} tl {snapshot.get('timeline')} "
+            + (
+                f"from shared memory: {unknown}"
+                if unknown
+                else f"from shared memory in {_g(p.get('duration_ms'))} ms; it goes on on tl {p.get('new_timeline')} "
+                f"(the run is on tl {p.get('run_timeline')})"
+            )
+        )
     if kind == "stall":
         return (
             f"STALLED at step {p.get('latest_step')} tl {p.get('latest_timeline')}: no progress for "

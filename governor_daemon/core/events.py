@@ -135,6 +135,19 @@ class SnapshotTaken:
 
 
 @dataclass(frozen=True)
+class SnapshotAdopted:
+    """A new incarnation of a rank restored the snapshot its Welcome named from shared memory; it trains on
+    from that step on ``timeline`` + 1."""
+
+    stream: int
+    seq: int
+    timeline: int
+    snapshot: tuple[int, int, str]  # (timeline, step, digest) of the adopted snapshot
+    duration_ms: float
+    now: float
+
+
+@dataclass(frozen=True)
 class CommandResult:
     """How one rank executed a command."""
 
@@ -261,6 +274,8 @@ class Stop:
     now: float
 
 
-TrainerEvent = Attach | Vitals | Validation | SnapshotTaken | CommandResult | Heartbeat | Finish | Detach
+TrainerEvent = (
+    Attach | Vitals | Validation | SnapshotTaken | SnapshotAdopted | CommandResult | Heartbeat | Finish | Detach
+)
 ControllerEvent = RequestRollback | Halt | Resume | UpdatePolicy | ForgetRun
 Event = TrainerEvent | ControllerEvent | Tick | Start | Stop

@@ -41,6 +41,8 @@ class EntryKind(enum.StrEnum):
     COMMAND_RESULT = "command_result"
     COMMAND_TIMEOUT = "command_timeout"
     SNAPSHOT = "snapshot"
+    SNAPSHOT_ADOPTED = "snapshot_adopted"
+    """A restarted trainer adopted its rank's snapshot from shared memory: the run goes on on a new timeline."""
     FINISH = "finish"
     RANK_DEADLINE = "rank_deadline"
     STALL = "stall"

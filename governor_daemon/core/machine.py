@@ -171,6 +171,8 @@ class GovernorCore:
                 self._attach(event, fx)
             case ev.SnapshotTaken():
                 self._snapshot(event, fx)
+            case ev.SnapshotAdopted():
+                self._adopted(event, fx)
             case ev.CommandResult():
                 self._command_result(event, fx)
             case ev.Heartbeat():
@@ -622,6 +624,49 @@ class GovernorCore:
                 "effects": effects,
             },
         )
+        fx.send(e.stream, Ack(e.seq))
+
+    def _adopted(self, e: ev.SnapshotAdopted, fx: Effects) -> None:
+        """A restarted trainer adopted the snapshot its Welcome named: the run goes on from it on a new
+        timeline (``RunPolicy.on_adopted``). A snapshot that is not the rank's last published one (the run
+        was forgotten and created again since that Welcome) is journaled and changes nothing."""
+        bound = self._accept_report(e.stream, "snapshot_adopted.seq", e.seq, fx)
+        if bound is None:
+            return
+        binding, run, rank = bound
+        policy = run.policy
+        if e.timeline > policy.timeline:
+            raise InvalidInputError(
+                "snapshot_adopted.timeline", f"{e.timeline} is ahead of the run's timeline {policy.timeline}"
+            )
+        rank.accept_seq(e.seq)
+        snapshot_timeline, step, digest = e.snapshot
+        payload: dict[str, Any] = {
+            "rank": binding.rank,
+            "incarnation_id": binding.incarnation_id,
+            "seq": e.seq,
+            "timeline": e.timeline,
+            "new_timeline": e.timeline + 1,
+            "snapshot": {"timeline": snapshot_timeline, "step": step, "digest": digest},
+            "duration_ms": e.duration_ms,
+        }
+        effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
+        if rank.last_snapshot != e.snapshot:
+            reason = (
+                f"step {step} of timeline {snapshot_timeline} is not rank {binding.rank}'s last published snapshot "
+                f"{list(rank.last_snapshot) if rank.last_snapshot else 'none'}; the adoption changes nothing"
+            )
+            payload["notices"] = [{"kind": "unknown_snapshot", "reason": reason, "command": None}]
+        else:
+            moved = policy.on_adopted(binding.rank, e.timeline, step)
+            superseded = run.aggregator.discard_before(policy.timeline) if moved else []
+            effects["policy"] = policy.to_dict()
+            if superseded:
+                effects["pending"] = run.aggregator.to_dict()
+            payload["run_timeline"] = policy.timeline
+            payload["superseded_steps"] = [[g.timeline, g.step] for g in superseded]
+        payload["effects"] = effects
+        fx.append(run.run_id, EntryKind.SNAPSHOT_ADOPTED, payload)
         fx.send(e.stream, Ack(e.seq))
 
     def _command_result(self, e: ev.CommandResult, fx: Effects) -> None:

@@ -535,6 +535,20 @@ class RunPolicy:
             Notice("command_completed", f"{open_cmd.command.kind} {command_id} completed; timeline {self.timeline}"),
         ]
 
+    def on_adopted(self, rank: int, timeline: int, step: int) -> bool:
+        """A new incarnation of ``rank`` adopted its snapshot of ``step`` (from shared memory) on ``timeline``
+        and goes on on ``timeline`` + 1, as a rank that restored by executing a command does. The first rank
+        to say so moves the run there; a peer that adopted the same step on the same timeline follows. Either
+        resumes its train-stream detectors from the state pinned for the snapshot. An adoption on a timeline
+        the run has left since changes nothing here (the rank's records are stale until it resyncs). Returns
+        whether the run moved."""
+        moved = timeline == self.timeline
+        if moved:
+            self.timeline = timeline + 1
+        if timeline + 1 == self.timeline:
+            self.restore_detectors(rank, step, self.timeline)
+        return moved
+
     def timeout_due(self, now_s: float) -> bool:
         """Whether ``check_timeouts`` would act now (it changes nothing)."""
         return self.open is not None and now_s - self.open.issued_at_s > self.config.command_timeout_s

@@ -184,6 +184,18 @@ def decode_request(
             now,
             snap.digest,
         )
+    if kind == "snapshot_adopted":
+        adopted = request.snapshot_adopted
+        check.validate_adopted(adopted, limits)
+        snapshot = adopted.snapshot
+        return ev.SnapshotAdopted(
+            stream,
+            adopted.seq,
+            adopted.timeline,
+            (snapshot.timeline, snapshot.step, snapshot.digest),
+            adopted.duration_ms,
+            now,
+        )
     if kind == "finish":
         finish = request.finish
         check.validate_finish(finish, limits)

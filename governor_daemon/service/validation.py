@@ -152,6 +152,23 @@ def validate_snapshot(snap: trainer_service_pb2.SnapshotTaken, limits: Limits) -
     check_text("snapshot_taken.digest", snap.digest, limits)
 
 
+def validate_adopted(adopted: trainer_service_pb2.SnapshotAdopted, limits: Limits) -> None:
+    """A SnapshotAdopted's fields."""
+    check_seq("snapshot_adopted.seq", adopted.seq)
+    check_timeline("snapshot_adopted.timeline", adopted.timeline)
+    if not adopted.HasField("snapshot"):
+        raise InvalidInputError("snapshot_adopted.snapshot", "names no snapshot")
+    check_timeline("snapshot_adopted.snapshot.timeline", adopted.snapshot.timeline)
+    if adopted.snapshot.step < 0:
+        raise InvalidInputError("snapshot_adopted.snapshot.step", f"{adopted.snapshot.step} is negative")
+    check_text("snapshot_adopted.snapshot.digest", adopted.snapshot.digest, limits)
+    if not adopted.snapshot.digest:
+        raise InvalidInputError(
+            "snapshot_adopted.snapshot.digest", "is empty: only a snapshot in shared memory is adopted"
+        )
+    check_finite("snapshot_adopted.duration_ms", adopted.duration_ms)
+
+
 FINISH_STATUSES = frozenset(
     (common_pb2.FINISH_STATUS_COMPLETED, common_pb2.FINISH_STATUS_FAILED, common_pb2.FINISH_STATUS_HALTED)
 )

@@ -274,6 +274,13 @@ class GovernorClient:
             self._sendable.notify()
             return seq
 
+    def send_adopted(self, adopted: trainer_service_pb2.SnapshotAdopted) -> int:
+        """Queue a SnapshotAdopted report; returns its seq."""
+        with self._cond:
+            seq = self.protocol.send_adopted(adopted)
+            self._sendable.notify()
+            return seq
+
     def send_finish(self, finish: trainer_service_pb2.Finish) -> int:
         """Queue the Finish message; returns its seq."""
         with self._cond:

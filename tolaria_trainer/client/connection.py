@@ -19,6 +19,7 @@ from tolaria_trainer.client.client import GovernorClient
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.client.outbox import VitalsSource
 from tolaria_trainer.governance import (
+    AdoptionReport,
     Command,
     CommandReport,
     CommandType,
@@ -262,6 +263,16 @@ class GovernorConnection:
         """Queue a SnapshotTaken."""
         self.client.send_snapshot(
             report.timeline, report.step, report.snapshot_bytes, report.duration_ms, report.location, report.digest
+        )
+
+    def send_adopted(self, report: AdoptionReport) -> None:
+        """Queue a SnapshotAdopted."""
+        timeline, step, digest = report.snapshot
+        snapshot = trainer_service_pb2.PublishedSnapshot(timeline=timeline, step=step, digest=digest)
+        self.client.send_adopted(
+            trainer_service_pb2.SnapshotAdopted(
+                timeline=report.timeline, snapshot=snapshot, duration_ms=report.duration_ms
+            )
         )
 
     def send_command_result(self, report: CommandReport) -> None:

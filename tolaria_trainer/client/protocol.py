@@ -379,6 +379,12 @@ class TrainerProtocol:
         self.run_timeline = max(self.run_timeline, result.new_timeline)
         return self._queue(trainer_service_pb2.AttachRequest(command_result=result), "command_result")
 
+    def send_adopted(self, adopted: trainer_service_pb2.SnapshotAdopted) -> int:
+        """Queue a SnapshotAdopted report, which moves this rank to ``adopted.timeline`` + 1 and so raises
+        ``run_timeline``. Returns the seq."""
+        self.run_timeline = max(self.run_timeline, adopted.timeline + 1)
+        return self._queue(trainer_service_pb2.AttachRequest(snapshot_adopted=adopted), "snapshot_adopted")
+
     def send_finish(self, finish: trainer_service_pb2.Finish) -> int:
         """Queue the Finish message (the last one); returns its seq."""
         return self._queue(trainer_service_pb2.AttachRequest(finish=finish), "finish")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.client.outbox import VitalsSource
 from tolaria_trainer.governance import (
+    AdoptionReport,
     Command,
     CommandReport,
     CommandType,
@@ -44,6 +45,7 @@ class FakeGovernance:
     validations: dict[int, ValidationReport] = field(default_factory=dict)
     snapshots: list[SnapshotReport] = field(default_factory=list)
     results: list[CommandReport] = field(default_factory=list)
+    adoptions: list[AdoptionReport] = field(default_factory=list)
     finish: FinishReport | None = None
     closed: bool = False
     _verdicts: dict[int, Verdict] = field(default_factory=dict)
@@ -131,6 +133,10 @@ class FakeGovernance:
     def send_command_result(self, report: CommandReport) -> None:
         self.results.append(report)
         self.run_timeline = max(self.run_timeline, report.command.timeline_after(report.succeeded))
+
+    def send_adopted(self, report: AdoptionReport) -> None:
+        self.adoptions.append(report)
+        self.run_timeline = max(self.run_timeline, report.timeline + 1)
 
     def close(self, finish: FinishReport | None, flush_timeout_s: float) -> bool:
         self.finish, self.closed = finish, True

@@ -32,6 +32,7 @@ class AttachRequest(_message.Message):
     COMMAND_RESULT_FIELD_NUMBER: _builtins.int
     HEARTBEAT_FIELD_NUMBER: _builtins.int
     FINISH_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_ADOPTED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -46,6 +47,8 @@ class AttachRequest(_message.Message):
     def heartbeat(self) -> Global___Heartbeat: ...
     @_builtins.property
     def finish(self) -> Global___Finish: ...
+    @_builtins.property
+    def snapshot_adopted(self) -> Global___SnapshotAdopted: ...
     def __init__(
         self,
         *,
@@ -56,12 +59,13 @@ class AttachRequest(_message.Message):
         command_result: Global___CommandResult | None = ...,
         heartbeat: Global___Heartbeat | None = ...,
         finish: Global___Finish | None = ...,
+        snapshot_adopted: Global___SnapshotAdopted | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "finish", b"finish", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "snapshot_taken", b"snapshot_taken", "validation_record", b"validation_record", "vitals_batch", b"vitals_batch"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "finish", b"finish", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "snapshot_adopted", b"snapshot_adopted", "snapshot_taken", b"snapshot_taken", "validation_record", b"validation_record", "vitals_batch", b"vitals_batch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "finish", b"finish", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "snapshot_taken", b"snapshot_taken", "validation_record", b"validation_record", "vitals_batch", b"vitals_batch"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command_result", b"command_result", "finish", b"finish", "heartbeat", b"heartbeat", "hello", b"hello", "message", b"message", "snapshot_adopted", b"snapshot_adopted", "snapshot_taken", b"snapshot_taken", "validation_record", b"validation_record", "vitals_batch", b"vitals_batch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "vitals_batch", "validation_record", "snapshot_taken", "command_result", "heartbeat", "finish"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["hello", "vitals_batch", "validation_record", "snapshot_taken", "command_result", "heartbeat", "finish", "snapshot_adopted"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
@@ -440,6 +444,47 @@ class PublishedSnapshot(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PublishedSnapshot: _TypeAlias = PublishedSnapshot  # noqa: Y015
+
+@_typing.final
+class SnapshotAdopted(_message.Message):
+    """A new incarnation of a rank (a restarted process) restored the snapshot the Welcome named
+    (Welcome.last_snapshot) from the node's shared memory, and trains on from its step on a new
+    timeline: `timeline` + 1. Like a restore that executes a command, it moves the run to that timeline
+    (the first rank to report it does; its peers, which adopted the same step on the same timeline, follow),
+    and the rank's train-stream detectors resume from the state pinned for the snapshot. Sent once, before
+    any record of the new timeline (docs/protocol.md, "Snapshots in shared memory"). Added, additive.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEQ_FIELD_NUMBER: _builtins.int
+    TIMELINE_FIELD_NUMBER: _builtins.int
+    SNAPSHOT_FIELD_NUMBER: _builtins.int
+    DURATION_MS_FIELD_NUMBER: _builtins.int
+    seq: _builtins.int
+    timeline: _builtins.int
+    """The run's timeline the rank was on when it adopted (Welcome's, agreed by every rank of the run)."""
+    duration_ms: _builtins.float
+    """Time to check the snapshot's digest and restore it."""
+    @_builtins.property
+    def snapshot(self) -> Global___PublishedSnapshot:
+        """The adopted snapshot: exactly the Welcome's last_snapshot."""
+
+    def __init__(
+        self,
+        *,
+        seq: _builtins.int = ...,
+        timeline: _builtins.int = ...,
+        snapshot: Global___PublishedSnapshot | None = ...,
+        duration_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["snapshot", b"snapshot"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "seq", b"seq", "snapshot", b"snapshot", "timeline", b"timeline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SnapshotAdopted: _TypeAlias = SnapshotAdopted  # noqa: Y015
 
 @_typing.final
 class CommandResult(_message.Message):
