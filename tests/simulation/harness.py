@@ -44,6 +44,8 @@ AGREE_EVERY = 6
 STEPS_PER_RUN = 72
 COMMAND_TIMEOUT_S = 30.0
 RANK_DEADLINE_S = 5.0
+CONNECT_WAIT_S = 10.0
+"""GovernedTraining's connect_wait_s: a new process waits this long for its Welcome before it trains without one."""
 STALL_TIMEOUT_S = 60.0
 """Short enough that schedules stall ranks (an ``advance`` is 1 to 40 s), long enough that ``settle`` does not."""
 EXTREMES = (1.7e308, -1.7e308, 5e-324, 1e15, 1.0000001e15, -0.0, 1e-300)
@@ -66,6 +68,7 @@ KINDS = (
     ("drop", 2),
     ("crash_daemon", 1),
     ("restart_trainer", 1),
+    ("kill_after_snapshot", 2),
     ("wall_jump", 1),
     ("malformed", 1),
     ("forget", 1),
@@ -126,7 +129,12 @@ class SimRank:
     position: int = 0  # the data position: a trained step consumes one batch; a skip consumes more
     timeline: int = 0
     lkg_step: int = 0
-    published: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])  # (step, position), oldest first
+    # (step, position, timeline, digest), oldest first; the initial snapshot is not in shared memory (no digest)
+    published: list[tuple[int, int, int, str]] = field(default_factory=lambda: [(0, 0, 0, "")])
+    left: tuple[int, int, int, str] | None = None  # what the previous process left in shared memory
+    started: bool = False  # GovernedTraining.start: the adoption decision is made once, before the first step
+    born_at: float = 0.0
+    snapshot_seq: int = 0  # the seq of the last SnapshotTaken sent
     halted: bool = False
     finished: bool = False
     malformed: bool = False
@@ -192,6 +200,11 @@ class World:
         self.started_at = self.now
         self.issued_at: dict[str, float] = {}  # run -> when its latest command was issued
         self.trace: list[str] = []
+        self.adoptions = 0  # SnapshotAdopted reports the trainers sent
+        # In a third of the worlds every run is killed once while settling, after each rank published a snapshot
+        # in shared memory (its own draw): schedules are too short for many runs to publish before they end.
+        self.kill_while_settling = random.Random(seed ^ 0xC4A5).random() < 0.3
+        self.killed_while_settling: set[str] = set()
         self.runs: list[SimRun] = []
         for i in range(rng.randint(1, 4)):
             world_size = rng.randint(1, 4) if i == 0 else rng.choice((1, 1, 2, 3))
@@ -255,6 +268,8 @@ class World:
             self._note_restored(entry)
         if entry.kind == EntryKind.COMMAND:
             self._check_ladder(entry)
+        if entry.kind == EntryKind.SNAPSHOT_ADOPTED:
+            self._check_adoption(entry)
         if entry.kind in (EntryKind.RUN_CREATED, EntryKind.RUN_FORGOTTEN, EntryKind.RUN_EXPIRED, EntryKind.RUN_EVICTED):
             self.ladder.pop(entry.run, None)
         if isinstance(inc, str) and isinstance(seq, int) and entry.kind != EntryKind.ATTACH:
@@ -291,6 +306,44 @@ class World:
             StepState.from_dict(after) == expected,
             f"{entry.run} rank {rank} restored step {payload['restored_step']}: detectors resumed from "
             f"{after}, not from the pinned {expected}",
+        )
+
+    def _check_adoption(self, entry: SimEntry) -> None:
+        """An adoption of the rank's last published snapshot, on the run's timeline or the one a peer's adoption
+        left, puts the run on the next timeline and resumes the rank's detectors from the snapshot's pinned state
+        (as a restore by a command does); any other changes nothing (docs/protocol.md)."""
+        payload = entry.payload
+        run = self.shadow.runs.get(entry.run)
+        if run is None:
+            return
+        rank = payload["rank"]
+        snapshot = payload["snapshot"]
+        published = run.ranks[rank].last_snapshot if rank in run.ranks else None
+        own = published == (snapshot["timeline"], snapshot["step"], snapshot["digest"])
+        require(
+            own == ("run_timeline" in payload),
+            f"{entry.run} rank {rank}: the adoption of {snapshot} (last published {published}) "
+            f"{'changed' if 'run_timeline' in payload else 'did not change'} the run",
+        )
+        policy_after = payload["effects"].get("policy")
+        if not own or policy_after is None:
+            return
+        new_timeline = payload["new_timeline"]
+        require(
+            policy_after["timeline"]
+            == (new_timeline if payload["timeline"] == run.policy.timeline else run.policy.timeline),
+            f"{entry.run}: an adoption on timeline {payload['timeline']} moved the run from {run.policy.timeline} "
+            f"to {policy_after['timeline']}",
+        )
+        if policy_after["timeline"] != new_timeline:
+            return  # the run left that timeline since: the rank's records are stale until it resyncs
+        pins = [p for p in run.policy.pins.get(rank, []) if p[1] == snapshot["step"]]
+        expected = pins[-1][2].resumed(new_timeline, snapshot["step"]) if pins else StepState(timeline=new_timeline)
+        after = policy_after.get("steps", {}).get(str(rank))
+        require(
+            after is not None and StepState.from_dict(after) == expected,
+            f"{entry.run} rank {rank} adopted step {snapshot['step']}: detectors resumed from {after}, "
+            f"not from the pinned {expected}",
         )
 
     def _check_ladder(self, entry: SimEntry) -> None:
@@ -393,6 +446,7 @@ class World:
         for old in run.ranks:
             if old.conn is not None:
                 self._close(old.conn, "CANCELLED", notify_daemon=True)
+        left = {old.rank: old.published[-1] for old in run.ranks if old.published[-1][3]}
         run.ranks = []
         for rank in range(run.world_size):
             hello = trainer_service_pb2.Hello(
@@ -404,7 +458,7 @@ class World:
                 num_classes=10,
             )
             proto = TrainerProtocol(hello, ProtocolOptions(heartbeat_s=2.0, capacity_records=1 << 20), self.now)
-            run.ranks.append(SimRank(run, rank, run.incarnations, proto))
+            run.ranks.append(SimRank(run, rank, run.incarnations, proto, left=left.get(rank), born_at=self.now))
         run.done_commands = 0
 
     def _close(self, conn: Conn, code: str | None, notify_daemon: bool, details: str = "") -> None:
@@ -495,6 +549,10 @@ class World:
     def train(self, run: SimRun) -> None:
         """Every rank of ``run`` takes one step (lockstep); validation and agreement points follow."""
         live = [r for r in run.ranks if not r.finished]
+        if live and not live[0].started:
+            if any(r.proto.welcome is None for r in live) and self.now - live[0].born_at < CONNECT_WAIT_S:
+                return  # start() waits for the Welcome (connect_wait_s), then trains fail-open without one
+            self._start(live)
         if not live or any(r.halted for r in live):
             if live:
                 self.agreement_point(run)
@@ -544,6 +602,46 @@ class World:
                     rank.finished = True
                     self.halts_known_at_finish[_digest(rank)] = set(rank.halts_received)
 
+    def _start(self, ranks: list[SimRank]) -> None:
+        """What ``GovernedTraining.start`` does once the ranks of a new incarnation are up: move to the run's
+        timeline, then adopt what the previous processes left in shared memory when each rank's Welcome names
+        exactly it and every rank holds one of the same step (all or none), and go on on the next timeline."""
+        base = max(max(r.timeline, r.proto.run_timeline) for r in ranks)
+        held: list[tuple[int, int, int, str] | None] = []
+        for rank in ranks:
+            rank.started, rank.timeline = True, base
+            welcome, left, rank.left = rank.proto.welcome, rank.left, None
+            named = welcome.last_snapshot if welcome is not None and welcome.HasField("last_snapshot") else None
+            matches = (
+                named is not None
+                and left is not None
+                and (left[2], left[0], left[3])
+                == (
+                    named.timeline,
+                    named.step,
+                    named.digest,
+                )
+            )
+            held.append(left if matches else None)
+        steps = {h[0] if h is not None else -1 for h in held}
+        if len(steps) != 1 or -1 in steps:
+            return
+        for rank, (step, position, timeline, digest) in zip(ranks, held, strict=True):  # type: ignore[misc]
+            rank.proto.send_adopted(
+                trainer_service_pb2.SnapshotAdopted(
+                    timeline=base,
+                    snapshot=trainer_service_pb2.PublishedSnapshot(timeline=timeline, step=step, digest=digest),
+                    duration_ms=1.0,
+                )
+            )
+            self.adoptions += 1
+            rank.step, rank.position, rank.lkg_step, rank.timeline = step, position, step, base + 1
+            again = _snapshot_digest(rank, step)
+            rank.published = [(step, position, rank.timeline, again)]  # the adopted state, published again
+            rank.snapshot_seq = rank.proto.send_snapshot(
+                trainer_service_pb2.SnapshotTaken(timeline=rank.timeline, step=step, location="shm", digest=again)
+            )
+
     def agreement_point(self, run: SimRun) -> None:
         """What the training loop does at an agreement point, with the collectives done directly."""
         live = [r for r in run.ranks if not r.finished]
@@ -554,10 +652,14 @@ class World:
                 if verdict is not None:
                     if verdict.snapshot_allowed and (verdict.timeline, verdict.step) == rank.pending[1:3]:
                         rank.lkg_step = rank.pending[2]
-                        rank.published = [*rank.published[-2:], (rank.pending[2], rank.pending[3])]
-                        rank.proto.send_snapshot(
+                        digest = _snapshot_digest(rank, rank.lkg_step)
+                        rank.published = [
+                            *rank.published[-2:],
+                            (rank.pending[2], rank.pending[3], rank.timeline, digest),
+                        ]
+                        rank.snapshot_seq = rank.proto.send_snapshot(
                             trainer_service_pb2.SnapshotTaken(
-                                timeline=rank.timeline, step=rank.lkg_step, location="host"
+                                timeline=rank.timeline, step=rank.lkg_step, location="shm", digest=digest
                             )
                         )
                     rank.pending = None
@@ -625,6 +727,10 @@ class World:
             self.crash_daemon()
         elif kind == "restart_trainer":
             self._new_incarnations(self.runs[target % len(self.runs)])
+        elif kind == "kill_after_snapshot":  # a crash that leaves snapshots in shared memory for the restart
+            run = self.runs[target % len(self.runs)]
+            if any(r.published[-1][3] and not r.finished for r in run.ranks):
+                self._new_incarnations(run)
         elif kind == "wall_jump":
             self.wall_offset += (param % 7201) - 3600  # the core never sees wall time: nothing may change
         elif kind == "malformed" and conns:
@@ -687,6 +793,9 @@ class World:
             trainer_service_pb2.AttachRequest(
                 vitals_batch=trainer_service_pb2.VitalsBatch(first_seq=2**63, step=[1], loss=[0.1])
             ),
+            trainer_service_pb2.AttachRequest(  # an adoption that names no snapshot
+                snapshot_adopted=trainer_service_pb2.SnapshotAdopted(seq=10**9, timeline=0)
+            ),
         ]
         conn.to_daemon.appendleft(bad[param % len(bad)])
 
@@ -714,6 +823,12 @@ class World:
                 if any(not r.finished and not r.halted for r in run.ranks):
                     self.train(run)
                     progressed = True
+                    published = all(  # and the governor acknowledged it: its Welcome will name it
+                        r.published[-1][3] and 0 < r.snapshot_seq <= r.max_acked and not r.finished for r in run.ranks
+                    )
+                    if self.kill_while_settling and published and run.run_id not in self.killed_while_settling:
+                        self.killed_while_settling.add(run.run_id)
+                        self._new_incarnations(run)
                 elif any(r.halted for r in run.ranks):
                     self.agreement_point(run)
             self.now += 0.5
@@ -818,7 +933,7 @@ def _check_judged(event: ev.Vitals, entries: list[SimEntry]) -> None:
         )
 
 
-def _choose(published: list[tuple[int, int]], command: trainer_service_pb2.Command) -> tuple[int, int]:
+def _choose(published: list[tuple[int, int, int, str]], command: trainer_service_pb2.Command) -> tuple[int, int]:
     """The (step, position) a trainer restores for ``command``: the newest published snapshot older than its
     onset and its restore_before_step (when set), else the oldest (the base)."""
     bound = min(
@@ -826,7 +941,13 @@ def _choose(published: list[tuple[int, int]], command: trainer_service_pb2.Comma
         command.restore_before_step if command.HasField("restore_before_step") else STEPS_PER_RUN * 10,
     )
     older = [p for p in published if p[0] < bound]
-    return older[-1] if older else published[0]
+    chosen = older[-1] if older else published[0]
+    return chosen[0], chosen[1]
+
+
+def _snapshot_digest(rank: SimRank, step: int) -> str:
+    """The digest of a snapshot as a rank's shared memory would hold it: one per (incarnation, timeline, step)."""
+    return f"sha256:{rank.proto.hello.incarnation_id}/{rank.timeline}/{step}"
 
 
 def _digest(rank: SimRank) -> str:

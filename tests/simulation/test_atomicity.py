@@ -111,5 +111,16 @@ def test_every_handler_is_atomic_at_every_effect(monkeypatch: pytest.MonkeyPatch
             world.apply(action)
         world.settle()
         world.check_final()
-    kinds = {"Attach", "Vitals", "Validation", "SnapshotTaken", "CommandResult", "Finish", "Detach", "Tick", "Start"}
+    kinds = {
+        "Attach",
+        "Vitals",
+        "Validation",
+        "SnapshotTaken",
+        "SnapshotAdopted",
+        "CommandResult",
+        "Finish",
+        "Detach",
+        "Tick",
+        "Start",
+    }
     assert kinds <= set(CheckedCore.seen), CheckedCore.seen
