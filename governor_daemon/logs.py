@@ -1,4 +1,5 @@
-"""structlog configuration: JSON lines when stdout is not a TTY, readable console output otherwise."""
+"""structlog configuration: JSON lines when stdout is not a TTY, readable console output otherwise (the setup
+`tolaria-train` shares, ``tolaria.logs``, plus the daemon's processors)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import structlog
 
 from governor_daemon.text import printable
+from tolaria import logs as shared
 
 
 def _escape_strings(_: object, __: str, event: structlog.types.EventDict) -> structlog.types.EventDict:
@@ -16,21 +18,13 @@ def _escape_strings(_: object, __: str, event: structlog.types.EventDict) -> str
 
 
 def configure(log_format: str = "auto", level: int = logging.INFO) -> None:
-    """Configure structlog for the process. ``log_format`` is auto, json or console."""
-    use_json = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.format_exc_info,
-            *(() if use_json else (_escape_strings,)),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),  # text and newline in one write
-        cache_logger_on_first_use=False,
+    """Configure structlog for the process, on stdout (``tolaria.logs``). ``log_format`` is auto, json or
+    console."""
+    use_json = shared.uses_json(log_format)
+    shared.configure_structlog(
+        sys.stdout,
+        use_json,
+        level,
+        before=[structlog.contextvars.merge_contextvars],
+        after=[structlog.processors.format_exc_info, *(() if use_json else (_escape_strings,))],
     )

@@ -16,11 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from google.protobuf.descriptor import FieldDescriptor
 
-from tolaria import client_options, package_version
+from tolaria import client_options, package_version, policy_args
 from tolaria.exit_codes import ExitCode, epilog
-from tolaria.governor.v1 import common_pb2
 from tolaria_trainer import logs
 from tolaria_trainer.errors import TrainerError
 
@@ -121,35 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-
-
 def parse_policy(pairs: Sequence[str]) -> dict[str, Any]:
-    """KEY=VALUE pairs typed by the contract's Policy message; raises ValueError naming the key. A bool takes
-    the daemon's spellings (true/1/yes/on, false/0/no/off) and nothing else: a misspelt one is an error, not
-    false."""
-    fields = common_pb2.Policy.DESCRIPTOR.fields_by_name
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, text = pair.partition("=")
-        if not sep or key not in fields:
-            raise ValueError(f"--policy {pair!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
-        kind = fields[key].type
-        if kind == FieldDescriptor.TYPE_BOOL:
-            if text.strip().lower() not in (*_TRUE, *_FALSE):
-                raise ValueError(f"--policy {pair!r}: {key} is true or false (also 1/0, yes/no, on/off)")
-            out[key] = text.strip().lower() in _TRUE
-            continue
-        try:
-            if kind in (FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_INT32):
-                out[key] = int(text)
-            elif kind == FieldDescriptor.TYPE_DOUBLE:
-                out[key] = float(text)
-            else:
-                out[key] = text
-        except ValueError:
-            raise ValueError(f"--policy {pair!r}: {key} needs a number") from None
-    return out
+    """KEY=VALUE pairs typed by the contract's Policy message (``tolaria.policy_args``, the daemon's parser
+    too); raises ValueError naming the pair. A bool takes true/1/yes/on, false/0/no/off and nothing else: a
+    misspelt one is an error, not false."""
+    try:
+        return policy_args.parse_pairs(pairs)
+    except policy_args.PolicyArgError as exc:
+        raise ValueError(f"--policy {exc}") from None
 
 
 def _progress_printer(tty: bool, epochs: int) -> Any:

@@ -7,9 +7,9 @@ the CLI's own warnings and errors (``say``). Non-finite floats are written as th
 ``"inf"`` and ``"-inf"``, as the run's summary and the governor's journal write them, since a bare ``NaN``
 is not JSON and stops ``jq``. In console mode the same events are rendered as readable lines.
 
-Each line is one ``write`` of the text and its newline together: torchrun hands every rank the same stderr
-pipe, and a pipe keeps a write of up to 4 KiB whole, so lines of ranks logging at the same moment never
-interleave (``print`` writes the newline separately, and two ranks' events could share one line).
+Each line is one ``write`` of the text and its newline together (``tolaria.logs``, the setup the daemon
+shares): torchrun hands every rank the same stderr pipe, and a pipe keeps a write of up to 4 KiB whole, so
+lines of ranks logging at the same moment never interleave.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import logging
 import math
 import sys
 import traceback
-from typing import Any, TextIO
+from typing import Any
 
 import structlog
+
+from tolaria import logs as shared
 
 _HANDLER_NAME = "tolaria-train"
 _state = {"json": False}
@@ -41,33 +43,29 @@ def non_finite_as_strings(_: object, __: str, event: structlog.types.EventDict) 
     return {k: _finite(v) for k, v in event.items()}
 
 
-def uses_json(fmt: str) -> bool:
-    """Whether ``--log-format fmt`` means JSON lines (``auto``: when stdout is not a TTY)."""
-    return fmt == "json" or (fmt == "auto" and not sys.stdout.isatty())
+write_line = shared.write_line
+"""``text`` and its newline in one write, flushed (``tolaria.logs``)."""
 
 
 def configure(fmt: str) -> None:
     """Route structlog and ``logging`` (WARNING and above, plus captured ``warnings``) to stderr, rendered
     alike. Call once, from the main thread, before training starts; calling it again replaces the setup."""
-    use_json = uses_json(fmt)
+    use_json = shared.uses_json(fmt)
     _state["json"] = use_json
-    renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if use_json else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    shared: list[structlog.types.Processor] = [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        non_finite_as_strings,
-    ]
-    structlog.configure(
-        processors=[*shared, *((structlog.processors.format_exc_info,) if use_json else ()), renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),  # text and newline in one write
-        cache_logger_on_first_use=False,
+    shared.configure_structlog(
+        sys.stderr,
+        use_json,
+        logging.INFO,
+        after=[non_finite_as_strings, *((structlog.processors.format_exc_info,) if use_json else ())],
     )
     formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared, structlog.processors.format_exc_info],
-        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        foreign_pre_chain=[
+            structlog.stdlib.add_logger_name,
+            *shared.stamp(),
+            non_finite_as_strings,
+            structlog.processors.format_exc_info,
+        ],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, shared.renderer(use_json)],
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.set_name(_HANDLER_NAME)
@@ -90,9 +88,3 @@ def say(message: str, level: str = "warning", **fields: Any) -> None:
         if fields.get("exc_info"):
             traceback.print_exc(file=sys.stderr)
         write_line(sys.stderr, f"tolaria-train: {message}")
-
-
-def write_line(stream: TextIO, text: str) -> None:
-    """``text`` and its newline in one write, flushed: whole even when other processes share ``stream``."""
-    stream.write(text + "\n")
-    stream.flush()

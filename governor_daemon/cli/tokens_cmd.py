@@ -68,16 +68,13 @@ def health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from tolaria.channel import TlsConfig, open_channel
+
     try:
         conn = client_options.resolve(args, options=HEALTH_OPTIONS)
         address = conn.address or client_options.DEFAULT_ADDRESS
-        if conn.tls_ca:
-            cert = Path(conn.tls_cert).read_bytes() if conn.tls_cert else None
-            key = Path(conn.tls_key).read_bytes() if conn.tls_key else None
-            credentials = grpc.ssl_channel_credentials(Path(conn.tls_ca).read_bytes(), key, cert)
-            channel = grpc.secure_channel(address, credentials)
-        else:
-            channel = grpc.insecure_channel(address)
+        tls = TlsConfig.from_files(conn.tls_ca, conn.tls_cert, conn.tls_key) if conn.tls_ca else None
+        channel = open_channel(address, tls)
     except (OSError, ValueError) as exc:
         print(f"governor health: {exc}", file=sys.stderr)
         return ExitCode.USAGE

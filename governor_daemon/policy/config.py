@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from governor_daemon.errors import PolicyConfigError
+from tolaria import policy_args
 
 MAX_FIELD_VALUE = 1e6
 """The upper bound of a policy number unless ``_UPPER_BOUNDS`` says otherwise (counts, ratios, penalties)."""
@@ -204,43 +205,31 @@ def _check_type(name: str, value: object) -> None:
         raise PolicyConfigError(f"invalid policy: {name} must be a finite {kind}, got {value!r}")
 
 
+def _config_error(exc: policy_args.PolicyArgError) -> PolicyConfigError:
+    """The daemon's wording of a pair the shared parser refused (its commands and settings have always
+    spelled these errors this way)."""
+    if exc.problem == "syntax":
+        return PolicyConfigError(f"expected KEY=VALUE, got {exc.pair!r}; valid keys: {', '.join(FIELD_NAMES)}")
+    if exc.problem == "unknown":
+        return PolicyConfigError(f"unknown policy field {exc.key!r}; valid fields: {', '.join(FIELD_NAMES)}")
+    return PolicyConfigError(f"policy field {exc.key} expects a {exc.kind}, got {exc.text!r}")
+
+
 def parse_value(name: str, text: str) -> Any:
-    """Parse the text of one policy field; raises PolicyConfigError naming the field."""
-    if name not in _FIELD_TYPES:
-        raise PolicyConfigError(f"unknown policy field {name!r}; valid fields: {', '.join(FIELD_NAMES)}")
-    kind = _FIELD_TYPES[name]
-    raw = text.strip()
+    """Parse the text of one policy field (``tolaria.policy_args``); raises PolicyConfigError naming the field."""
     try:
-        if kind == "bool":
-            lowered = raw.lower()
-            if lowered in ("true", "1", "yes", "on"):
-                return True
-            if lowered in ("false", "0", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if kind == "int":
-            return int(raw)
-        if kind == "float | None" and raw.lower() in ("none", "null", ""):
-            return None
-        if kind.startswith("float"):
-            value = float(raw)
-            if not math.isfinite(value):
-                raise ValueError(raw)
-            return value
-    except ValueError:
-        raise PolicyConfigError(f"policy field {name} expects a {kind}, got {text!r}") from None
-    return raw
+        return policy_args.parse_value(name, text)
+    except policy_args.PolicyArgError as exc:
+        raise _config_error(exc) from None
 
 
 def parse_assignments(pairs: Iterable[str]) -> dict[str, Any]:
-    """Parse ``KEY=VALUE`` strings (one pair each) into typed overrides.
+    """Parse ``KEY=VALUE`` strings (one pair each) into typed overrides (``tolaria.policy_args``, the parser
+    `tolaria-train --policy` uses too).
 
     Raises PolicyConfigError for a missing '=', an unknown key (listing the valid keys) or a bad value.
     """
-    result: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise PolicyConfigError(f"expected KEY=VALUE, got {pair!r}; valid keys: {', '.join(FIELD_NAMES)}")
-        result[key.strip()] = parse_value(key.strip(), value)
-    return result
+    try:
+        return policy_args.parse_pairs(pairs)
+    except policy_args.PolicyArgError as exc:
+        raise _config_error(exc) from None

@@ -1,5 +1,6 @@
 """Namespace for the Tolaria governor contract (generated code lives in tolaria.governor.v1), and what both
-CLIs share: exit codes, the client's connection options, the governor address check."""
+CLIs share: exit codes, the client's connection options, the governor address check, the KEY=VALUE policy
+parser (policy_args), the structlog setup (logs), the channel to the daemon (channel)."""
 
 from __future__ import annotations
 

@@ -19,18 +19,17 @@ from __future__ import annotations
 import enum
 import json
 import math
-import os
 import random
 import threading
 import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, Self, TypeVar
 
 import grpc
 
+from tolaria.channel import TlsConfig, open_channel
 from tolaria.governor.v1 import common_pb2, control_service_pb2, control_service_pb2_grpc
 
 __all__ = [
@@ -670,29 +669,6 @@ def _event(response: control_service_pb2.WatchEventsResponse, address: str) -> E
 # ----------------------------------------------------------------------------------------------- the client
 
 
-@dataclass(frozen=True)
-class TlsConfig:
-    """TLS to the daemon: the PEM CA that signed its certificate, and for mTLS a client certificate and key."""
-
-    ca: bytes
-    cert: bytes | None = None
-    key: bytes | None = None
-
-    @classmethod
-    def from_files(
-        cls,
-        ca: str | os.PathLike[str],
-        cert: str | os.PathLike[str] | None = None,
-        key: str | os.PathLike[str] | None = None,
-    ) -> TlsConfig:
-        """Read the PEM files (raises OSError for one that cannot be read)."""
-        return cls(
-            Path(ca).read_bytes(),
-            None if cert is None else Path(cert).read_bytes(),
-            None if key is None else Path(key).read_bytes(),
-        )
-
-
 # The channel's own reconnect backoff is kept short (gRPC's default grows to two minutes): after a daemon
 # restart the event stream's retries must find the channel trying again.
 _CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
@@ -712,11 +688,7 @@ class ControllerClient:
         self.address = address
         self.timeout_s = timeout_s
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
-        if tls is None:
-            self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        else:
-            credentials = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
-            self._channel = grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
+        self._channel = open_channel(address, tls, _CHANNEL_OPTIONS)
         self._stub = control_service_pb2_grpc.ControlServiceStub(self._channel)
         self._streams: weakref.WeakSet[EventStream] = weakref.WeakSet()
 

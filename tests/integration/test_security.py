@@ -202,6 +202,11 @@ def test_tls_and_mtls(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None
             ["runs", *tls_args, "--tls-cert", str(certs["client.pem"]), "--tls-key", str(certs["client.key"])]
         )
         assert listed.returncode == 0, listed.stderr
+        # `governor health` opens its channel as the others do (tolaria.channel): over mTLS it is SERVING.
+        healthy = governor_cli(
+            ["health", *tls_args, "--tls-cert", str(certs["client.pem"]), "--tls-key", str(certs["client.key"])]
+        )
+        assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING"), healthy.stderr
         from tolaria_trainer.client import ClientOptions, GovernorClient
 
         # The trainer's client over mTLS: the channel works, and the subject's role (controller) is enforced.

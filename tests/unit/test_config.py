@@ -120,6 +120,18 @@ def test_field_names_cover_the_proto_policy() -> None:
     assert proto_fields == set(FIELD_NAMES)
 
 
+def test_the_contract_types_the_pairs_as_the_config_does() -> None:
+    """KEY=VALUE pairs are typed by the Policy message (tolaria.policy_args, shared with tolaria-train): each
+    field parses to the type PolicyConfig declares, and random_guess_loss alone takes none."""
+    import dataclasses
+
+    from tolaria import policy_args
+
+    assert {f.name: str(f.type) for f in dataclasses.fields(PolicyConfig)} == {
+        name: policy_args.kind(name) for name in policy_args.FIELDS
+    }
+
+
 @pytest.mark.parametrize(
     ("flags", "warned"),
     [([], False), (["--metrics-per-run", "8"], True), (["--metrics-per-run", "8", "--metrics-listen", "off"], False)],

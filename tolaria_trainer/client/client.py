@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 import structlog
 
+from tolaria.channel import TlsConfig, open_channel
 from tolaria.exit_codes import ExitCode
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2, trainer_service_pb2_grpc
 from tolaria_trainer.client.errors import GovernorRefused
@@ -49,10 +50,8 @@ class ClientOptions:
 
     def channel(self, address: str) -> grpc.Channel:
         """A channel to ``address``: TLS when a CA is given (mTLS with a client certificate too)."""
-        if self.tls_ca is None:
-            return grpc.insecure_channel(address)
-        credentials = grpc.ssl_channel_credentials(self.tls_ca, self.tls_key, self.tls_cert)
-        return grpc.secure_channel(address, credentials)
+        tls = None if self.tls_ca is None else TlsConfig(self.tls_ca, self.tls_cert, self.tls_key)
+        return open_channel(address, tls)
 
     def protocol_options(self) -> ProtocolOptions:
         """The protocol's share of these options."""

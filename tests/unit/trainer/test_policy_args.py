@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from governor_daemon.policy import parse_assignments
 from tolaria_trainer.cli import main, parse_policy
 
 
@@ -24,6 +25,10 @@ def test_values_are_typed_by_the_contract() -> None:
         ("stall_timeout_s=five", "stall_timeout_s needs a number"),
         ("stall_timeout=5", "expected KEY=VALUE with KEY one of"),
         ("end_stalled_ranks", "expected KEY=VALUE"),
+        # was sent as inf, a value the governor's policy refuses: now an error before training
+        ("stall_timeout_s=inf", "stall_timeout_s needs a finite number"),
+        ("random_guess_loss=lots", "random_guess_loss needs a number"),
+        ("max_rollbacks=2.5", "max_rollbacks needs a whole number"),
     ],
 )
 def test_bad_input_is_an_error_naming_the_pair(pair: str, message: str) -> None:
@@ -37,3 +42,18 @@ def test_the_cli_refuses_a_misspelt_bool_before_training(capsys: pytest.CaptureF
     assert code == 2
     err = capsys.readouterr().err
     assert "--policy 'end_stalled_ranks=ture': end_stalled_ranks is true or false" in err
+
+
+def test_the_trainer_and_the_daemon_parse_alike() -> None:
+    """One parser (tolaria.policy_args): what `tolaria-train --policy` sends is what `governor policy set` and
+    the daemon's settings would make of the same pairs."""
+    pairs = [" sensitivity = 4.5", "history_window=30", "shadow_mode=On", "random_guess_loss=none", "profile=seed "]
+    typed = {
+        "sensitivity": 4.5,
+        "history_window": 30,
+        "shadow_mode": True,
+        "random_guess_loss": None,
+        "profile": "seed",
+    }
+    assert parse_policy(pairs) == typed
+    assert parse_assignments(pairs) == typed
