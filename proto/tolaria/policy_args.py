@@ -36,6 +36,8 @@ _KINDS = {
     FieldDescriptor.TYPE_STRING: "str",
 }
 
+_UNSIGNED = frozenset((FieldDescriptor.TYPE_UINT32, FieldDescriptor.TYPE_UINT64))
+
 Problem = Literal["syntax", "unknown", "value"]
 
 
@@ -59,12 +61,16 @@ class PolicyArgError(ValueError):
         elif self.kind == "bool":
             reason = f"{key} is true or false (also 1/0, yes/no, on/off)"
         elif self.kind == "int":
-            reason = f"{key} needs a whole number"
+            reason = f"{key} needs a whole number{' >= 0' if _unsigned(key) else ''}"
         else:
             reason = f"{key} needs a {'finite ' if _is_float(text) else ''}number"
             if key in NULLABLE:
                 reason += " (or none: " + NULLABLE_MEANS[key] + ")"
         super().__init__(f"{pair!r}: {reason}")
+
+
+def _unsigned(name: str) -> bool:
+    return common_pb2.Policy.DESCRIPTOR.fields_by_name[name].type in _UNSIGNED
 
 
 def _is_float(text: str) -> bool:
@@ -98,7 +104,7 @@ def parse_value(key: str, text: str, pair: str | None = None) -> Any:
         value: int | float = int(raw) if field_kind == "int" else float(raw)
     except ValueError:
         raise PolicyArgError(pair, key, "value", text) from None
-    if not math.isfinite(value):
+    if not math.isfinite(value) or (value < 0 and _unsigned(key)):  # the contract cannot carry it
         raise PolicyArgError(pair, key, "value", text)
     return value
 

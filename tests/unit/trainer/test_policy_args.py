@@ -29,6 +29,8 @@ def test_values_are_typed_by_the_contract() -> None:
         ("stall_timeout_s=inf", "stall_timeout_s needs a finite number"),
         ("random_guess_loss=lots", "random_guess_loss needs a number"),
         ("max_rollbacks=2.5", "max_rollbacks needs a whole number"),
+        # was accepted and failed later, building the Policy message ("Value out of range"), not as exit 2
+        ("min_history=-1", "min_history needs a whole number >= 0"),
     ],
 )
 def test_bad_input_is_an_error_naming_the_pair(pair: str, message: str) -> None:
