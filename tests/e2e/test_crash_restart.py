@@ -174,8 +174,15 @@ def test_sigkilled_trainer_restarts_from_the_shared_memory_lkg(
     assert adopted[0]["step"] == step  # the last snapshot the governor journaled as published
     assert adopted[0]["digest"] == digest
     assert adopted[0]["weights_sha256"] == weights  # bit-identical to the segment
+    assert adopted[0]["timeline"] == timeline + 1  # a new timeline, as after a restore
     first_epoch = next(e for e in events if e.get("event") == "epoch")
     assert first_epoch["epoch"] == manifest["epoch"] + 1  # goes on from there, not from epoch 1
+    with ControllerClient(daemon.address) as client:
+        with client.events(runs=["crash-adopt"], kinds=["snapshot_adopted"]) as stream:
+            entry = next(iter(stream)).payload  # journaled before the restart trained a step
+        assert entry["snapshot"] == {"timeline": timeline, "step": step, "digest": digest}
+        assert entry["run_timeline"] == timeline + 1
+        assert client.panic_state("crash-adopt").timeline == timeline + 1
     assert summary["status"] == "completed"
     assert summary["governed"] is True
     assert summary["epochs_completed"] == EPOCHS
@@ -306,6 +313,9 @@ def test_one_rank_of_two_killed_under_torchrun_both_adopt_the_same_step(
     assert {e["step"] for e in adopted} == {last[0][1]}
     assert {e["digest"] for e in adopted} == {last[0][2], last[1][2]}  # each rank's own, as journaled
     assert adopted[0]["weights_sha256"] == adopted[1]["weights_sha256"]
+    assert {e["timeline"] for e in adopted} == {last[0][0] + 1}  # both go on on one new timeline
+    moved = [e.payload["run_timeline"] for e in _history(daemon.address, run_id, ["snapshot_adopted"])]
+    assert moved == [last[0][0] + 1] * 2, moved  # the first rank moved the run; its peer followed
     for rank in (0, 1):
         summary = json.loads((tmp_path / f"duo-{rank}.json").read_text())
         assert summary["status"] == "completed"
