@@ -166,7 +166,7 @@ def run_plot(args: argparse.Namespace) -> int:
         import matplotlib  # noqa: F401  (imported here only: no other command needs it)
     except ImportError:
         return error(args, f"matplotlib is not installed; it comes with the plot extra: {PLOT_INSTALL}", ExitCode.USAGE)
-    from governor_daemon.audit_plot import plot
+    from governor_daemon.offline.audit_plot import plot
 
     try:
         data = plot(args.data_dir, args.run, args.output)
@@ -185,7 +185,7 @@ def run_plot(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """`governor audit export --run R --out FILE`: the run as a replay trace, and what it holds."""
-    from governor_daemon.export import ExportError, export_run
+    from governor_daemon.offline.export import ExportError, export_run
 
     if args.out.exists() and not args.force:
         return error(args, f"{args.out} exists; --force overwrites it", ExitCode.USAGE)

@@ -9,9 +9,9 @@ from typing import Any
 
 from governor_daemon.cli.output import error, warning
 from governor_daemon.errors import PolicyConfigError, TraceFormatError
+from governor_daemon.offline.replay import ReplayDecision, replay, summarize
+from governor_daemon.offline.trace import FORMATS, read_trace
 from governor_daemon.policy import FIELD_NAMES, parse_assignments
-from governor_daemon.replay import ReplayDecision, replay, summarize
-from governor_daemon.trace import FORMATS, read_trace
 from tolaria.exit_codes import ExitCode
 
 

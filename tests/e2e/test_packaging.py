@@ -98,7 +98,7 @@ def test_audit_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "p.png").exists()
     probe = (
-        "import sys, governor_daemon.cli.main, governor_daemon.server, governor_daemon.replay; "
+        "import sys, governor_daemon.cli.main, governor_daemon.server, governor_daemon.offline.replay; "
         "assert not [m for m in sys.modules if m.startswith('matplotlib')], 'matplotlib imported'"
     )
     subprocess.run([sys.executable, "-c", probe], check=True, env={**os.environ, **env}, timeout=60)

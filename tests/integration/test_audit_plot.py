@@ -20,9 +20,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.text import Text
 
-from governor_daemon.audit_plot import PlotData, collect, draw
 from governor_daemon.journal.entry import Entry
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
+from governor_daemon.offline.audit_plot import PlotData, collect, draw
 from governor_daemon.policy import RunPolicy
 from governor_daemon.policy.decisions import Rule, float_from_json
 from governor_daemon.policy.detectors import (

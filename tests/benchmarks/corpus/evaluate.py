@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from governor_daemon.offline.replay import replay
+from governor_daemon.offline.trace import parse_record
 from governor_daemon.policy import CommandKind
-from governor_daemon.replay import replay
-from governor_daemon.trace import parse_record
 
 HERE = Path(__file__).resolve().parent
 CORPORA = {"epochs": (HERE / "index.json", HERE / "traces"), "steps": (HERE / "steps_index.json", HERE / "step_traces")}

@@ -1,4 +1,4 @@
-"""`governor audit export`: a run's journal as a replay trace (governor_daemon/trace.py), and an honest
+"""`governor audit export`: a run's journal as a replay trace (governor_daemon/offline/trace.py), and an honest
 account of what the trace holds.
 
 What a journal keeps of a run, and so what an export can give back:

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from governor_daemon.offline.trace import TraceRecord
 from governor_daemon.policy import CommandKind, Decision, PolicyConfig, RunPolicy
 from governor_daemon.policy.aggregation import AddOutcome, StepAggregator, StepGroup
-from governor_daemon.trace import TraceRecord
 
 
 @dataclass(frozen=True)
