@@ -90,12 +90,10 @@ class GovernorClient:
         hello: trainer_service_pb2.Hello,
         options: ClientOptions | None = None,
         clock: Callable[[], float] = time.monotonic,
-        on_end_process: Callable[[str], None] = end_process,
     ) -> None:
         self.address = address
         self.options = options or ClientOptions()
         self._clock = clock
-        self._on_end_process = on_end_process
         self.protocol = TrainerProtocol(hello, self.options.protocol_options(), clock())
         # One lock, two conditions: the training thread's waits (verdicts, connection, flush) and the
         # sender's. Acks, verdicts and commands never make anything sendable, so they do not wake the
@@ -330,7 +328,7 @@ class GovernorClient:
                 log.error("governor refused this trainer; continuing without it", error=str(self.protocol.refused))
                 return
             if outcome.kind is EndKind.END_PROCESS:
-                self._on_end_process(outcome.details)
+                end_process(outcome.details)
                 return
             if self._stop.is_set():
                 return
