@@ -9,7 +9,8 @@ from tests.unit.trainer.helpers import assert_bitwise_equal, make_state, snapsho
 from tolaria_trainer.errors import SnapshotError
 from tolaria_trainer.model import SeedStage
 from tolaria_trainer.rollback import CommandLedger, execute_restore
-from tolaria_trainer.snapshot import LastKnownGood
+from tolaria_trainer.snapshot import LastKnownGood, SnapshotInfo
+from tolaria_trainer.training.state import TrainingState
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
@@ -209,16 +210,21 @@ def test_pinned_without_cuda_is_a_clear_error() -> None:
         LastKnownGood("pinned").take(make_state())
 
 
-def test_a_validation_and_a_step_snapshot_of_the_same_step_are_published_by_their_own_kind() -> None:
-    """Review finding: publish matched (timeline, step) only, so a verdict published the step snapshot staged at
-    the same step (the validated LKG never moved) and a discarded verdict left a validated snapshot nobody
-    vouched for."""
+def _both_kinds_staged_at_one_step() -> tuple[TrainingState, LastKnownGood, SnapshotInfo, SnapshotInfo]:
+    """A LKG past its base, with a step snapshot and then a validation snapshot staged at the same step."""
     state = make_state()
     lkg = LastKnownGood("host", step_snapshots=1)
     lkg.take(state)
     train_one_epoch(state)
     step_kind = lkg.stage(state, kind="step")
-    validation = lkg.stage(state)
+    return state, lkg, step_kind, lkg.stage(state)
+
+
+def test_a_validation_and_a_step_snapshot_of_the_same_step_are_published_by_their_own_kind() -> None:
+    """Review finding: publish matched (timeline, step) only, so a verdict published the step snapshot staged at
+    the same step (the validated LKG never moved) and a discarded verdict left a validated snapshot nobody
+    vouched for."""
+    state, lkg, step_kind, validation = _both_kinds_staged_at_one_step()
     assert lkg.publish(validation.timeline, validation.step, "validation")
     assert [(i.step, i.kind) for i in lkg.published] == [(0, "validation"), (validation.step, "validation")]
     assert lkg.choose() == validation
@@ -237,12 +243,7 @@ def test_a_step_snapshot_superseded_as_it_is_published_is_not_reported_as_publis
     same step was vouched for; publishing it dropped it at once (a validated snapshot at least as new supersedes
     it) yet publish said True, so the trainer reported a published snapshot it did not hold, without a digest,
     and the governor's Welcome named none for a restart to adopt. publish says False: nothing new is held."""
-    state = make_state()
-    lkg = LastKnownGood("host", step_snapshots=1)
-    lkg.take(state)
-    train_one_epoch(state)
-    step_kind = lkg.stage(state, kind="step")
-    validation = lkg.stage(state)
+    _, lkg, step_kind, validation = _both_kinds_staged_at_one_step()
     assert lkg.publish(validation.timeline, validation.step, "validation")
     assert not lkg.publish(step_kind.timeline, step_kind.step, "step")
     assert [(i.step, i.kind) for i in lkg.published] == [(0, "validation"), (validation.step, "validation")]
