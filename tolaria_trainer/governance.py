@@ -14,24 +14,10 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+from tolaria.vocabulary import CommandType as CommandType  # the port speaks the contract's vocabulary
+from tolaria.vocabulary import VerdictKind as VerdictKind
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.client.outbox import VitalsSource
-
-
-class VerdictKind(enum.StrEnum):
-    """The governor's judgement of one validation record."""
-
-    HEALTHY = "HEALTHY"
-    ANOMALY = "ANOMALY"  # divergent, but not (yet) enough times in a row to act on
-    PANIC = "PANIC"  # a command follows
-
-
-class CommandType(enum.StrEnum):
-    """What a command asks every rank to do at its next agreement point."""
-
-    ROLLBACK = "ROLLBACK"  # cull live seeds, restore the LKG, apply the recovery recipe
-    HALT = "HALT"  # stop and wait for RESUME
-    RESUME = "RESUME"  # restore the LKG and continue
 
 
 @dataclass(frozen=True)
