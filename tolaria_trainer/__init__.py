@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from tolaria import package_version
+
+__version__ = package_version()  # the installed distribution's (pyproject.toml), not a second copy of it
 
 if TYPE_CHECKING:
     from tolaria_trainer.governed import GovernedTraining, GovernorUnreachable, Outcome, RunHalted

@@ -42,7 +42,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import PeerLost, SnapshotError, TrainerError
 from tolaria_trainer.governance import (
@@ -54,6 +53,7 @@ from tolaria_trainer.governance import (
     FinishReport,
     FinishStatus,
     Governance,
+    GovernorRefused,
     SeedReport,
     SnapshotReport,
     Ungoverned,

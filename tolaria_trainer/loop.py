@@ -25,13 +25,12 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
 from tolaria.exit_codes import ExitCode
-from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.config import RunConfig
 from tolaria_trainer.device import parse_device
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import PeerLost
 from tolaria_trainer.faults import FaultInjector, parse_fault
-from tolaria_trainer.governance import FinishStatus, Governance
+from tolaria_trainer.governance import FinishStatus, Governance, GovernorRefused
 from tolaria_trainer.governed import (
     GovernedTraining,
     GovernorUnreachable,
@@ -41,9 +40,8 @@ from tolaria_trainer.governed import (
     RunHalted,
     default_run_id,
 )
-from tolaria_trainer.model import create_model, parse_schedule
-from tolaria_trainer.model.lifecycle import SeedLifecycle
-from tolaria_trainer.tasks import get_task
+from tolaria_trainer.model import parse_schedule
+from tolaria_trainer.tasks import create_model, get_task
 from tolaria_trainer.training import (
     adam,
     enable_compile,
@@ -52,6 +50,7 @@ from tolaria_trainer.training import (
     train_epoch_womb_mode,
     validate_and_get_metrics,
 )
+from tolaria_trainer.training.lifecycle import SeedLifecycle
 
 log = structlog.get_logger("tolaria.loop")
 

@@ -35,8 +35,8 @@ from governor_daemon.policy.steps import StepState
 from governor_daemon.service import codec
 from governor_daemon.service.status_codes import status_for
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
-from tolaria_trainer.client.outbox import VitalsColumns
 from tolaria_trainer.client.protocol import ProtocolOptions, TrainerProtocol
+from tolaria_trainer.governance import VitalsColumns
 
 BATCH = 4
 VALIDATE_EVERY = 12

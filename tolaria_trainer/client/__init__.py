@@ -2,7 +2,7 @@
 
 from tolaria_trainer.client.client import ClientOptions, GovernorClient
 from tolaria_trainer.client.errors import GovernorClientError, GovernorRefused
-from tolaria_trainer.client.outbox import Outbox, VitalsColumns, VitalsSource
+from tolaria_trainer.client.outbox import Outbox
 from tolaria_trainer.client.protocol import (
     EndKind,
     ProtocolOptions,
@@ -10,6 +10,7 @@ from tolaria_trainer.client.protocol import (
     TrainerProtocol,
     timeline_after,
 )
+from tolaria_trainer.governance import VitalsColumns, VitalsSource
 
 __all__ = [
     "ClientOptions",

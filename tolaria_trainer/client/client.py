@@ -26,9 +26,8 @@ import structlog
 from tolaria.channel import TlsConfig, open_channel
 from tolaria.exit_codes import ExitCode
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2, trainer_service_pb2_grpc
-from tolaria_trainer.client.errors import GovernorRefused
-from tolaria_trainer.client.outbox import VitalsSource
 from tolaria_trainer.client.protocol import EndKind, ProtocolOptions, TrainerProtocol
+from tolaria_trainer.governance import GovernorRefused, VitalsSource
 
 log = structlog.get_logger("tolaria.client")
 

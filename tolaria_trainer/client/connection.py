@@ -13,11 +13,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from tolaria import package_version
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
-from tolaria_trainer import __version__
 from tolaria_trainer.client.client import GovernorClient
-from tolaria_trainer.client.errors import GovernorRefused
-from tolaria_trainer.client.outbox import VitalsSource
 from tolaria_trainer.governance import (
     AdoptionReport,
     Command,
@@ -26,10 +24,12 @@ from tolaria_trainer.governance import (
     Coverage,
     FinishReport,
     FinishStatus,
+    GovernorRefused,
     SnapshotReport,
     ValidationReport,
     Verdict,
     VerdictKind,
+    VitalsSource,
 )
 
 _VERDICT_KINDS = {
@@ -67,7 +67,7 @@ def build_hello(
         incarnation_id=uuid.uuid4().hex,
         task=task,
         policy_overrides=common_pb2.Policy(**dict(policy or {})),
-        trainer_version=f"tolaria-trainer {__version__}",
+        trainer_version=f"tolaria-trainer {package_version()}",
     )
     if random_guess_loss is not None:
         hello.random_guess_loss = random_guess_loss

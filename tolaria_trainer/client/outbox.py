@@ -16,48 +16,10 @@ Not thread-safe and free of I/O: the protocol object (``client/protocol.py``) ow
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 from tolaria.governor.v1 import trainer_service_pb2
-
-
-@dataclass(frozen=True)
-class VitalsColumns:
-    """Train-step records on the host, in columns, all produced on one timeline."""
-
-    timeline: int
-    steps: Sequence[int]
-    losses: Sequence[float]
-    grad_norms: Sequence[float]
-    lrs: Sequence[float]
-    pins: Sequence[int] = ()  # steps the governor keeps its detector state as of (a snapshot may be staged)
-
-    def host(self) -> VitalsColumns:
-        """Itself: already on the host."""
-        return self
-
-    def __len__(self) -> int:
-        return len(self.steps)
-
-
-class VitalsSource(Protocol):
-    """A chunk of train-step records of one timeline whose values may still be copying to the host.
-
-    ``steps`` and ``timeline`` are host values already; ``host()`` may wait for a device copy and is
-    called once, when the chunk is first transmitted (``VitalsColumns`` is the host-only form).
-    """
-
-    @property
-    def timeline(self) -> int: ...
-
-    @property
-    def steps(self) -> Sequence[int]: ...
-
-    def host(self) -> VitalsColumns: ...
-
-    def __len__(self) -> int: ...
+from tolaria_trainer.governance.types import VitalsSource
 
 
 @dataclass

@@ -44,8 +44,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
-from tolaria_trainer.client.errors import GovernorRefused
-from tolaria_trainer.client.outbox import Outbox, VitalsSource
+from tolaria_trainer.client.outbox import Outbox
+from tolaria_trainer.governance import GovernorRefused, VitalsSource
 
 # Status codes worth another attempt: the daemon or the network is away, or a race. Every other code
 # (bad input, auth, a policy conflict, a limit) is a refusal that another attempt would repeat.

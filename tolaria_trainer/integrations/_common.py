@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tolaria_trainer.client.errors import GovernorRefused
-from tolaria_trainer.governance import FinishStatus, Governance
+from tolaria_trainer.governance import FinishStatus, Governance, GovernorRefused
 from tolaria_trainer.governed import GovernedTraining, GovernorUnreachable, Outcome, RunHalted
 from tolaria_trainer.loggers import GovernorLogger, GovernorLoggers
 

@@ -1,6 +1,7 @@
-"""The morphogenetic model: host network, seed slots, blueprints, lifecycle schedule, factory."""
+"""The morphogenetic model: host network, seed slots, blueprints, lifecycle schedule. It imports nothing of
+the tasks or of training (a task builds its model: ``tasks.create_model``; the seeds' lifecycle over a training
+state is ``training.lifecycle``)."""
 
-from tolaria_trainer.model.factory import create_model
 from tolaria_trainer.model.host import MorphogeneticModel
 from tolaria_trainer.model.schedule import ScheduleEvent, parse_schedule
 from tolaria_trainer.model.seeds import BLUEPRINTS, LIVE_STAGES, SeedSlot, SeedSlotProtocol, SeedStage
@@ -13,6 +14,5 @@ __all__ = [
     "SeedSlot",
     "SeedSlotProtocol",
     "SeedStage",
-    "create_model",
     "parse_schedule",
 ]

@@ -2,6 +2,7 @@
 
 from tolaria_trainer.errors import TaskError
 from tolaria_trainer.tasks.builtin import TASKS
+from tolaria_trainer.tasks.factory import create_model
 from tolaria_trainer.tasks.spec import TaskData, TaskSpec
 
 
@@ -13,4 +14,4 @@ def get_task(name: str) -> TaskSpec:
         raise TaskError(f"unknown task {name!r}; tasks: {', '.join(sorted(TASKS))}") from None
 
 
-__all__ = ["TASKS", "TaskData", "TaskSpec", "get_task"]
+__all__ = ["TASKS", "TaskData", "TaskSpec", "create_model", "get_task"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from tolaria_trainer.client.outbox import VitalsColumns
+from tolaria_trainer.governance import VitalsColumns
 from tolaria_trainer.training.state import TrainingState
 
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tolaria_trainer.client.errors import GovernorRefused
-from tolaria_trainer.client.outbox import VitalsSource
 from tolaria_trainer.governance import (
     AdoptionReport,
     Command,
@@ -15,10 +13,12 @@ from tolaria_trainer.governance import (
     CommandType,
     Coverage,
     FinishReport,
+    GovernorRefused,
     SnapshotReport,
     ValidationReport,
     Verdict,
     VerdictKind,
+    VitalsSource,
 )
 
 

@@ -14,8 +14,7 @@ from tolaria_trainer.client import GovernorClient
 from tolaria_trainer.client.connection import GovernorConnection
 from tolaria_trainer.config import RunConfig
 from tolaria_trainer.loop import GovernedRun
-from tolaria_trainer.model import create_model
-from tolaria_trainer.tasks import get_task
+from tolaria_trainer.tasks import create_model, get_task
 from tolaria_trainer.training import TrainingState, VitalsBuffer, adam, step_recorder, train_epoch_normal
 
 

@@ -15,8 +15,7 @@ from torch import nn
 from tests.unit.trainer.fake_governance import FakeGovernance
 from tests.unit.trainer.helpers import assert_bitwise_equal
 from tolaria_trainer import GovernedTraining, RunHalted
-from tolaria_trainer.client.errors import GovernorRefused
-from tolaria_trainer.governance import CommandType, FinishStatus, VerdictKind
+from tolaria_trainer.governance import CommandType, FinishStatus, GovernorRefused, VerdictKind
 from tolaria_trainer.training import VitalsBuffer
 
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tolaria_trainer.model import create_model
 from tolaria_trainer.snapshot import LastKnownGood
-from tolaria_trainer.tasks import get_task
+from tolaria_trainer.tasks import create_model, get_task
 from tolaria_trainer.training import TrainingState, VitalsBuffer, adam, step_recorder, train_epoch_normal
 
 pytestmark = [

@@ -14,8 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from tests.unit.trainer.helpers import make_state
 from tolaria_trainer.errors import ScheduleError, TaskError
 from tolaria_trainer.faults import FaultInjector, parse_fault
-from tolaria_trainer.model import create_model
-from tolaria_trainer.tasks import TASKS, get_task
+from tolaria_trainer.tasks import TASKS, create_model, get_task
 from tolaria_trainer.training import (
     TrainingState,
     VitalsBuffer,

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from tolaria_trainer.device import parse_device
 from tolaria_trainer.model.host import MorphogeneticModel
-
-if TYPE_CHECKING:
-    from tolaria_trainer.tasks import TaskSpec
+from tolaria_trainer.tasks.spec import TaskSpec
 
 
 def create_model(
