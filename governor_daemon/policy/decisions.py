@@ -176,6 +176,34 @@ class Decision:
         }
 
 
+@dataclass(frozen=True)
+class Judged:
+    """What one decision judges: a validation step (every reporting rank's loss) or a rank's train record."""
+
+    kind: str  # "validation" or "train"
+    timeline: int
+    step: int
+    epoch: int | None
+    ranks: tuple[int, ...]
+    losses: tuple[float, ...]
+    missing_ranks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What came of judging it (the engine turns a ``Judged`` and its ``Outcome`` into a ``Decision``)."""
+
+    verdict: Verdict
+    rule: Rule
+    action: Action
+    reason: str
+    command: Command | None = None
+    snapshot_allowed: bool = False
+    appended: float | None = None
+    suppressed: str | None = None
+    onset_step: int | None = None
+
+
 def float_to_json(value: float) -> float | str:
     """A float as JSON allows it: finite values as numbers, others as "nan", "inf", "-inf"."""
     if value != value:
