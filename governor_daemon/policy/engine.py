@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -47,18 +46,14 @@ from governor_daemon.policy.detectors import (
     Judgement,
     blown_up,
     detector_for,
-    fmt,
-    lobotomy_band_below,
 )
+from governor_daemon.policy.escalation import Escalation
 from governor_daemon.policy.pins import DetectorPins
-from governor_daemon.policy.recovery import Recovery, next_rung, recovery_of
+from governor_daemon.policy.recovery import Recovery
 from governor_daemon.policy.steps import StepState, judge_pinned
+from governor_daemon.policy.validation import ValidationHistory
 
 SHADOW_NOTE = "shadow mode: no command sent"
-FAR_ABOVE_TRAIN = 0.5
-"""A validation loss more than this fraction of the way from the train stream's level up to the random-guess
-loss publishes no snapshot (a collapsed or broken model that a young history cannot judge yet)."""
-
 STATE_KEYS = (
     *("config", "world_size", "task_rgl", "num_classes", "timeline", "history", "consecutive"),
     *("lowest_accepted", "judged", "halted", "open", "next_command_id", "recent", "stalled_ranks"),
@@ -86,6 +81,13 @@ class RunPolicy:
     step_states: Delegated[dict[int, StepState]] = Delegated("detector_pins")
     pins: Delegated[dict[int, list[tuple[int, int, StepState]]]] = Delegated("detector_pins")
     candidates: Delegated[dict[int, dict[tuple[int, int], StepState]]] = Delegated("detector_pins")
+    # Kept with the validation history (policy/validation.py).
+    detector: Delegated[DetectorState] = Delegated("validation")
+    lowest_accepted: Delegated[float | None] = Delegated("validation")
+    latest_validation_step: Delegated[int] = Delegated("validation")
+    # Kept by the escalation (policy/escalation.py): the loop breaker's window and the recovery ladder.
+    recent: Delegated[deque[int]] = Delegated("escalation")
+    recovery: Delegated[Recovery | None] = Delegated("escalation")
 
     def __init__(
         self,
@@ -102,16 +104,13 @@ class RunPolicy:
         self.num_classes = num_classes
         self.ledger = CommandLedger()
         self.detector_pins = DetectorPins()
-        self.detector = DetectorState()
-        self.lowest_accepted: float | None = None
+        self.validation = ValidationHistory()
+        self.escalation = Escalation(config.rollback_window)
         self.judged = RunState.HEALTHY
-        self.recent: deque[int] = deque(maxlen=config.rollback_window)
         self.stalled_ranks: set[int] = set()
         self.finished_ranks: set[int] = set()
         self.last_verdict: Verdict | None = None
         self.last_reason = ""
-        self.latest_validation_step = -1
-        self.recovery: Recovery | None = None  # the recovery ladder (policy/recovery.py)
 
     # ----------------------------------------------------------------- derived views
 
@@ -190,7 +189,7 @@ class RunPolicy:
         blocked = self.ledger.blocked_reason()
         if blocked is None:
             return self._decision(judged, self._commit_validation(judged, judgement, rgl, now_s))
-        action = self._would_be_action() if judgement.verdict is Verdict.PANIC else Action.NONE
+        action = self.escalation.would_be_action(self.config) if judgement.verdict is Verdict.PANIC else Action.NONE
         reason = judgement.reason + f"; not committed: {blocked}"
         suppressed = blocked if action is not Action.NONE else None
         return self._decision(judged, Outcome(judgement.verdict, judgement.rule, action, reason, suppressed=suppressed))
@@ -198,31 +197,13 @@ class RunPolicy:
     def _commit_validation(self, judged: Judged, judgement: Judgement, rgl: float | None, now_s: float) -> Outcome:
         """A validation judged while no command is open and the run is not halted: it enters the history,
         may become the last-known-good, and a PANIC turns into a command."""
-        lowest_before = self.lowest_accepted
-        self.detector = judgement.state
-        if judgement.appended is not None:
-            self.lowest_accepted = (
-                judgement.appended if lowest_before is None else min(lowest_before, judgement.appended)
-            )
-        loss = max(judged.losses)
-        snapshot_allowed = judgement.verdict is Verdict.HEALTHY and (
-            lowest_before is None or loss <= self.config.multiplier * lowest_before
-        )
-        reason = judgement.reason
-        if judgement.verdict is Verdict.HEALTHY and not snapshot_allowed:
-            reason += (
-                f"; no snapshot: loss {fmt(loss)} > {fmt(self.config.multiplier)}× lowest "
-                f"accepted {fmt(lowest_before or 0.0)}"
-            )
-        broken = self._broken_validation(loss, rgl) if snapshot_allowed else None
-        if broken is not None:
-            snapshot_allowed = False
-            reason += f"; no snapshot: {broken}"
+        level = self.train_level()
+        snapshot_allowed, reason = self.validation.commit(judgement, max(judged.losses), level, rgl, self.config)
         if judgement.verdict is Verdict.PANIC:
             action, command, suppressed, reason = self._intervene(reason, judged.step, now_s)
         else:
             self.judged = RunState.ANOMALY if judgement.verdict is Verdict.ANOMALY else RunState.HEALTHY
-            self.recent.append(0)
+            self.escalation.passed()
             action, command, suppressed = Action.NONE, None, None
         self.last_reason = reason
         return Outcome(
@@ -313,7 +294,7 @@ class RunPolicy:
             action, command, suppressed, reason = self._intervene(reason, judged.step, now_s, onset_step)
             self.last_reason = reason
         else:
-            action, command, suppressed = self._would_be_action(), None, blocked
+            action, command, suppressed = self.escalation.would_be_action(self.config), None, blocked
             reason += f"; not committed: {blocked}"
         return self._decision(
             judged, Outcome(Verdict.PANIC, rule, action, reason, command, suppressed=suppressed, onset_step=onset_step)
@@ -328,7 +309,7 @@ class RunPolicy:
         blocked = self.ledger.blocked_reason()
         if blocked is not None:
             raise PolicyStateError(f"cannot roll back now: {blocked}")
-        self.detector = replace(self.detector, consecutive=0)
+        self.validation.reset_counter()
         return self._issue(CommandKind.ROLLBACK, f"requested by controller: {reason}", now_s)
 
     def halt(self, reason: str, now_s: float) -> Command:
@@ -348,9 +329,8 @@ class RunPolicy:
             raise PolicyStateError("run has finished: every rank sent Finish")
         if not self.halted:
             raise PolicyStateError(f"run is {self.state}, not halted; only a halted run can be resumed")
-        self.recent.clear()
-        self.recovery = None  # a controller judged the fault handled: a recurrence starts the ladder afresh
-        self.detector = replace(self.detector, consecutive=0)
+        self.escalation.clear()
+        self.validation.reset_counter()
         self.judged = RunState.HEALTHY
         return self._issue(CommandKind.RESUME, f"resumed by controller: {reason}", now_s)  # un-halts the run
 
@@ -388,9 +368,7 @@ class RunPolicy:
         restores = succeeded and command is not None and command.kind is not CommandKind.HALT
         if restores and restored_step is not None and new_timeline == self.timeline:
             self.restore_detectors(rank, restored_step, new_timeline)
-            recovery = self.recovery
-            if recovery is not None and recovery.command_id == command_id and recovery.restored_step is None:
-                self.recovery = recovery.restored(restored_step)
+            self.escalation.restored(command_id, restored_step)
         return notices
 
     def on_adopted(self, rank: int, timeline: int, step: int) -> bool:
@@ -429,7 +407,8 @@ class RunPolicy:
         state = dict(self.__dict__)
         state["ledger"] = self.ledger.copy()
         state["detector_pins"] = self.detector_pins.copy()
-        state["recent"] = deque(self.recent, maxlen=self.recent.maxlen)
+        state["validation"] = self.validation.copy()
+        state["escalation"] = self.escalation.copy()
         state["stalled_ranks"] = set(self.stalled_ranks)
         state["finished_ranks"] = set(self.finished_ranks)
         return state
@@ -449,17 +428,13 @@ class RunPolicy:
             "world_size": self.world_size,
             "task_rgl": self.task_rgl,
             "num_classes": self.num_classes,
-            "history": list(self.detector.history),
-            "consecutive": self.detector.consecutive,
-            "lowest_accepted": self.lowest_accepted,
             "judged": str(self.judged),
-            "recent": list(self.recent),
             "stalled_ranks": sorted(self.stalled_ranks),
             "finished_ranks": sorted(self.finished_ranks),
             "last_verdict": None if self.last_verdict is None else str(self.last_verdict),
             "last_reason": self.last_reason,
-            "latest_validation_step": self.latest_validation_step,
-            "recovery": None if self.recovery is None else self.recovery.as_dict(),
+            **self.validation.to_dict(),
+            **self.escalation.to_dict(),
             **self.ledger.to_dict(),
             **self.detector_pins.to_dict(),
         }
@@ -472,17 +447,13 @@ class RunPolicy:
         policy = cls(config, int(data["world_size"]), data["task_rgl"], data["num_classes"])
         policy.ledger = CommandLedger.from_dict(data)
         policy.detector_pins = DetectorPins.from_dict(data)
-        policy.detector = DetectorState(tuple(float(x) for x in data["history"]), int(data["consecutive"]))
-        policy.lowest_accepted = data["lowest_accepted"]
+        policy.validation = ValidationHistory.from_dict(data)
+        policy.escalation = Escalation.from_dict(data, config.rollback_window)
         policy.judged = RunState(data["judged"])
-        policy.recent = deque((int(x) for x in data["recent"]), maxlen=config.rollback_window)
         policy.stalled_ranks = {int(r) for r in data["stalled_ranks"]}
         policy.finished_ranks = {int(r) for r in data["finished_ranks"]}
         policy.last_verdict = None if data["last_verdict"] is None else Verdict(data["last_verdict"])
         policy.last_reason = str(data["last_reason"])
-        policy.latest_validation_step = int(data["latest_validation_step"])
-        raw_recovery = data.get("recovery")
-        policy.recovery = None if raw_recovery is None else Recovery.from_dict(raw_recovery)
         return policy
 
     # ----------------------------------------------------------------- detector states of snapshots
@@ -509,26 +480,6 @@ class RunPolicy:
         without one)."""
         return self.detector_pins.train_level(self.timeline, self.config.step_warmup_steps)
 
-    def _broken_validation(self, loss: float, rgl: float | None) -> str | None:
-        """Why a healthy-judged validation loss still must not become the last-known-good: it sits in the
-        collapse band, or far above the train stream's level (None when neither)."""
-        level = self.train_level()
-        if level is None or rgl is None:
-            return None
-        band = lobotomy_band_below(level, self.config, rgl)
-        if band is not None and band.contains(loss):
-            return (
-                f"loss {fmt(loss)} is at the random-guess loss {fmt(rgl)} while the train stream's level is "
-                f"{fmt(level)} (a collapse)"
-            )
-        gate = level + FAR_ABOVE_TRAIN * (rgl - level)
-        if level < rgl and loss > gate:
-            return (
-                f"loss {fmt(loss)} is far above the train stream's level {fmt(level)} (more than "
-                f"{fmt(FAR_ABOVE_TRAIN)} of the way to the random-guess loss {fmt(rgl)}: {fmt(gate)})"
-            )
-        return None
-
     # ----------------------------------------------------------------- ranks and policy
 
     def set_stalled(self, rank: int, stalled: bool) -> None:
@@ -541,8 +492,8 @@ class RunPolicy:
     def update_policy(self, config: PolicyConfig) -> None:
         """Switch to ``config`` from the next record on; a shrunk history keeps its newest entries."""
         self.config = config
-        self.detector = replace(self.detector, history=self.detector.history[-config.history_window :])
-        self.recent = deque(self.recent, maxlen=config.rollback_window)
+        self.validation.resize(config.history_window)
+        self.escalation.resize(config.rollback_window)
 
     # ----------------------------------------------------------------- internals
 
@@ -562,11 +513,6 @@ class RunPolicy:
                 "the trainer restored without a command"
             )
 
-    def _would_be_action(self) -> Action:
-        window = self.config.rollback_window
-        prior = sum(list(self.recent)[-(window - 1) :]) if window > 1 else 0
-        return Action.HALT if prior + 1 > self.config.max_rollbacks else Action.ROLLBACK
-
     def _intervene(
         self, reason: str, step: int, now_s: float, onset_step: int | None = None
     ) -> tuple[Action, Command | None, str | None, str]:
@@ -574,18 +520,8 @@ class RunPolicy:
         mode. A train-stream PANIC's ``onset_step`` goes with the command: the trainer restores a snapshot older
         than it."""
         fault_step = step if onset_step is None else onset_step
-        rung = next_rung(self.recovery, fault_step, step, self.timeline, self.config)
-        action = Action.HALT if rung.halt else self._would_be_action()
-        if rung.note:
-            reason += f"; {rung.note}"
-        if action is Action.HALT and not rung.halt:
-            window = self.config.rollback_window
-            reason += (
-                f"; loop breaker: rollback {sum(list(self.recent)[-(window - 1) :]) + 1} within the last "
-                f"{window} decisions > max_rollbacks {self.config.max_rollbacks}: HALT"
-            )
-        self.detector = replace(self.detector, consecutive=0)
-        self.recent.append(1)
+        action, rung, reason = self.escalation.panic(reason, fault_step, step, self.timeline, self.config)
+        self.validation.reset_counter()
         self.judged = RunState.HEALTHY
         if self.config.shadow_mode:
             return action, None, SHADOW_NOTE, f"{reason}; {SHADOW_NOTE}"
@@ -595,7 +531,7 @@ class RunPolicy:
             return action, halt, None, reason
         recipe = Recipe(rung.number, rung.lr_scale, onset_step, rung.restore_before_step, rung.skip_through_step)
         command = self.ledger.issue(CommandKind.ROLLBACK, reason, step, now_s, self.config, recipe=recipe)
-        self.recovery = recovery_of(command.command_id, rung, fault_step, step, self.timeline, self.recovery)
+        self.escalation.rolled_back(command.command_id, rung, fault_step, step, self.timeline)
         return action, command, None, reason
 
     def _decision(self, judged: Judged, outcome: Outcome) -> Decision:
