@@ -29,6 +29,7 @@ from governor_daemon.errors import PolicyStateError
 from governor_daemon.policy.commands import CommandLedger, CommandResult, Notice, OpenCommand, Recipe
 from governor_daemon.policy.config import PolicyConfig
 from governor_daemon.policy.decisions import (
+    SHADOW_NOTE,
     Action,
     Command,
     CommandKind,
@@ -53,7 +54,6 @@ from governor_daemon.policy.recovery import Recovery
 from governor_daemon.policy.steps import StepState, judge_pinned
 from governor_daemon.policy.validation import ValidationHistory
 
-SHADOW_NOTE = "shadow mode: no command sent"
 STATE_KEYS = (
     *("config", "world_size", "task_rgl", "num_classes", "timeline", "history", "consecutive"),
     *("lowest_accepted", "judged", "halted", "open", "next_command_id", "recent", "stalled_ranks"),
@@ -64,7 +64,13 @@ STATE_KEYS = (
 
 
 class RunPolicy:
-    """The policy state of one run and the operations that change it."""
+    """The policy state of one run and the operations that change it: judging records, the controller's
+    commands, command results, finishes, stalls and policy updates.
+
+    It composes four parts (``ledger``, ``detector_pins``, ``validation``, ``escalation``) and keeps the run's
+    own flags (``judged``, ``stalled_ranks``, ``finished_ranks``, the last verdict and reason); the run state
+    is derived from them (``state``), never stored. The parts' attributes keep their names here (``Delegated``).
+    """
 
     # Kept by the command ledger (policy/commands.py).
     timeline: Delegated[int] = Delegated("ledger")
@@ -535,30 +541,7 @@ class RunPolicy:
         return action, command, None, reason
 
     def _decision(self, judged: Judged, outcome: Outcome) -> Decision:
-        """The decision on ``judged``, as the run stands after judging it."""
-        command = outcome.command
-        return Decision(
-            kind=judged.kind,
-            timeline=judged.timeline,
-            step=judged.step,
-            epoch=judged.epoch,
-            ranks=judged.ranks,
-            losses=judged.losses,
-            verdict=outcome.verdict,
-            rule=outcome.rule,
-            action=outcome.action,
-            reason=outcome.reason,
-            punishment_reward=command.punishment_reward if command else None,
-            command=command,
-            snapshot_allowed=outcome.snapshot_allowed,
-            appended=outcome.appended,
-            consecutive_anomalies=self.detector.consecutive,
-            run_state=self.state,
-            suppressed=outcome.suppressed,
-            shadow=outcome.suppressed == SHADOW_NOTE,
-            missing_ranks=judged.missing_ranks,
-            onset_step=outcome.onset_step,
-        )
+        return outcome.decision(judged, self.detector.consecutive, self.state)
 
 
 def _sane(values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
