@@ -4,6 +4,7 @@ Nothing here imports grpc or does I/O; times are passed in by the caller.
 """
 
 from governor_daemon.policy.aggregation import AddOutcome, StepAggregator, StepGroup
+from governor_daemon.policy.commands import Notice, OpenCommand
 from governor_daemon.policy.config import (
     FIELD_NAMES,
     PROFILES,
@@ -21,7 +22,7 @@ from governor_daemon.policy.decisions import (
     Verdict,
 )
 from governor_daemon.policy.detectors import DetectorState, Judgement, seed_profile
-from governor_daemon.policy.engine import Notice, OpenCommand, RunPolicy
+from governor_daemon.policy.engine import RunPolicy
 from governor_daemon.policy.stall import StallTracker
 
 __all__ = [

@@ -10,6 +10,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+SHADOW_NOTE = "shadow mode: no command sent"
+"""Why a decision in shadow mode sent no command (its ``suppressed``; ``shadow`` is set)."""
+
 
 class Verdict(enum.StrEnum):
     """Judgement of one record."""
@@ -174,6 +177,60 @@ class Decision:
             "missing_ranks": list(self.missing_ranks),
             "onset_step": self.onset_step,
         }
+
+
+@dataclass(frozen=True)
+class Judged:
+    """What one decision judges: a validation step (every reporting rank's loss) or a rank's train record."""
+
+    kind: str  # "validation" or "train"
+    timeline: int
+    step: int
+    epoch: int | None
+    ranks: tuple[int, ...]
+    losses: tuple[float, ...]
+    missing_ranks: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What came of judging it (the engine turns a ``Judged`` and its ``Outcome`` into a ``Decision``)."""
+
+    verdict: Verdict
+    rule: Rule
+    action: Action
+    reason: str
+    command: Command | None = None
+    snapshot_allowed: bool = False
+    appended: float | None = None
+    suppressed: str | None = None
+    onset_step: int | None = None
+
+    def decision(self, judged: Judged, consecutive_anomalies: int, run_state: RunState) -> Decision:
+        """The decision on ``judged``, with the run's anomaly counter and state as they stand after judging it."""
+        command = self.command
+        return Decision(
+            kind=judged.kind,
+            timeline=judged.timeline,
+            step=judged.step,
+            epoch=judged.epoch,
+            ranks=judged.ranks,
+            losses=judged.losses,
+            verdict=self.verdict,
+            rule=self.rule,
+            action=self.action,
+            reason=self.reason,
+            punishment_reward=command.punishment_reward if command else None,
+            command=command,
+            snapshot_allowed=self.snapshot_allowed,
+            appended=self.appended,
+            consecutive_anomalies=consecutive_anomalies,
+            run_state=run_state,
+            suppressed=self.suppressed,
+            shadow=self.suppressed == SHADOW_NOTE,
+            missing_ranks=judged.missing_ranks,
+            onset_step=self.onset_step,
+        )
 
 
 def float_to_json(value: float) -> float | str:

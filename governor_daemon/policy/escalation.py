@@ -1,0 +1,95 @@
+"""How a run answers a committed PANIC: the recovery ladder's next rung (policy/recovery.py) and, behind it, the
+loop breaker (docs/protocol.md, "Loop breaker")."""
+
+from __future__ import annotations
+
+import copy
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from governor_daemon.policy.config import PolicyConfig
+from governor_daemon.policy.decisions import Action
+from governor_daemon.policy.recovery import Recovery, Rung, next_rung, recovery_of
+
+
+class Escalation:
+    """The loop breaker's window (``recent``: 1 for each committed PANIC, 0 for each other committed validation,
+    the newest ``rollback_window``) and the recovery ladder's state (``recovery``: the last fault-driven
+    ROLLBACK).
+
+    Invariant: a PANIC HALTs instead of rolling back when the ladder reached its HALT rung, or when it would be
+    rollback number ``max_rollbacks`` + 1 within the window. A Resume clears both (``clear``).
+    """
+
+    def __init__(self, rollback_window: int) -> None:
+        self.recent: deque[int] = deque(maxlen=rollback_window)
+        self.recovery: Recovery | None = None
+
+    def would_be_action(self, config: PolicyConfig) -> Action:
+        """What the loop breaker makes of a PANIC now."""
+        return Action.HALT if self._prior(config) + 1 > config.max_rollbacks else Action.ROLLBACK
+
+    def _prior(self, config: PolicyConfig) -> int:
+        window = config.rollback_window
+        return sum(list(self.recent)[-(window - 1) :]) if window > 1 else 0
+
+    def panic(
+        self, reason: str, fault_step: int, alarm_step: int, timeline: int, config: PolicyConfig
+    ) -> tuple[Action, Rung, str]:
+        """A committed PANIC (its fault at ``fault_step``, its alarm at ``alarm_step``), counted in the window.
+        Returns the action, the ladder's rung and the reason with the ladder's and the loop breaker's notes."""
+        rung = next_rung(self.recovery, fault_step, alarm_step, timeline, config)
+        action = Action.HALT if rung.halt else self.would_be_action(config)
+        if rung.note:
+            reason += f"; {rung.note}"
+        if action is Action.HALT and not rung.halt:
+            window = config.rollback_window
+            reason += (
+                f"; loop breaker: rollback {sum(list(self.recent)[-(window - 1) :]) + 1} within the last "
+                f"{window} decisions > max_rollbacks {config.max_rollbacks}: HALT"
+            )
+        self.recent.append(1)
+        return action, rung, reason
+
+    def passed(self) -> None:
+        """A committed validation that was no PANIC."""
+        self.recent.append(0)
+
+    def rolled_back(self, command_id: int, rung: Rung, fault_step: int, alarm_step: int, timeline: int) -> None:
+        """The PANIC's ROLLBACK was issued on ``rung``: the ladder's new state."""
+        self.recovery = recovery_of(command_id, rung, fault_step, alarm_step, timeline, self.recovery)
+
+    def restored(self, command_id: int, step: int) -> None:
+        """Command ``command_id`` was executed, restoring ``step``: the ladder learns it from the first result."""
+        recovery = self.recovery
+        if recovery is not None and recovery.command_id == command_id and recovery.restored_step is None:
+            self.recovery = recovery.restored(step)
+
+    def clear(self) -> None:
+        """A Resume: a controller judged the fault handled, so a recurrence starts the ladder afresh."""
+        self.recent.clear()
+        self.recovery = None
+
+    def resize(self, rollback_window: int) -> None:
+        """A new rollback_window keeps the newest entries."""
+        self.recent = deque(self.recent, maxlen=rollback_window)
+
+    def copy(self) -> Escalation:
+        """An independent copy (an undo point)."""
+        twin = copy.copy(self)
+        twin.recent = deque(self.recent, maxlen=self.recent.maxlen)
+        return twin
+
+    def to_dict(self) -> dict[str, Any]:
+        """The journaled part (``RunPolicy.to_dict`` orders the keys)."""
+        return {"recent": list(self.recent), "recovery": None if self.recovery is None else self.recovery.as_dict()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], rollback_window: int) -> Escalation:
+        """Inverse of ``to_dict``."""
+        escalation = cls(rollback_window)
+        escalation.recent.extend(int(x) for x in data["recent"])
+        raw_recovery = data.get("recovery")
+        escalation.recovery = None if raw_recovery is None else Recovery.from_dict(raw_recovery)
+        return escalation
