@@ -35,14 +35,11 @@ import urllib.request
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
 from governor_daemon.text import printable
-
-if TYPE_CHECKING:
-    from governor_daemon.decision_log import Line
 
 log = structlog.get_logger("governor.notify")
 
@@ -123,6 +120,25 @@ def _event(
         "time": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "details": details,
     }
+
+
+class Line(Protocol):
+    """What a notification reads of a decision-log line (``decision_log.Line``; this module does not import it)."""
+
+    @property
+    def seq(self) -> int: ...
+
+    @property
+    def run(self) -> str: ...
+
+    @property
+    def rank(self) -> int | None: ...
+
+    @property
+    def fields(self) -> dict[str, Any]: ...
+
+    @property
+    def notify(self) -> str | None: ...
 
 
 def line_event(line: Line) -> dict[str, Any]:
