@@ -44,7 +44,7 @@ from torch import nn
 
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.distributed import Distributed
-from tolaria_trainer.errors import PeerLost, SnapshotError, TrainerError
+from tolaria_trainer.errors import GovernorUnreachable, PeerLost, RollbackFailed, RunHalted, SnapshotError
 from tolaria_trainer.governance import (
     AdoptionReport,
     Command,
@@ -64,6 +64,7 @@ from tolaria_trainer.governance import (
 from tolaria_trainer.guard import StepGuard
 from tolaria_trainer.loggers import GovernorEvent, GovernorLoggers
 from tolaria_trainer.model.seeds import seed_slots
+from tolaria_trainer.outcome import Outcome
 from tolaria_trainer.rollback import CommandLedger, RestoreOutcome, execute_restore
 from tolaria_trainer.shm import AdoptionRefused, ShmStore, ShmUnavailable
 from tolaria_trainer.snapshot import MAX_STAGED, Adoption, LastKnownGood, SnapshotInfo, weights_digest
@@ -75,22 +76,6 @@ log = logging.getLogger("tolaria.governed")
 Progress = Callable[[dict[str, Any]], None]
 
 
-class GovernorUnreachable(TrainerError):
-    """The governor stayed unreachable past the fail-closed deadline."""
-
-
-class RollbackFailed(TrainerError):
-    """A ROLLBACK or RESUME could not restore the LKG (the governor then halts the run)."""
-
-
-class RunHalted(TrainerError):
-    """The governor halted the run and no RESUME came within ``halt_wait_s``."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"halted by the governor: {reason}")
-        self.reason = reason
-
-
 @dataclass
 class Staged:
     """A staged snapshot awaiting what publishes it: a validation's (``seq``) verdict and the train stream
@@ -99,30 +84,6 @@ class Staged:
     info: SnapshotInfo
     seq: int | None
     unjudged: int  # train-step records never judged (dropped here or shed there) when it was staged
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What ``step`` or ``validate`` did beyond recording.
-
-    ``restored``: a ROLLBACK or RESUME restored the LKG in place; the loop goes on from
-    ``restored_step`` (and ``restored_epoch``) on ``timeline``, skips ``skip_batches`` batches (the
-    training loop's job: ``tolaria-train`` does it), with the learning rate scaled by ``lr_scale``
-    (already applied to the optimizers and schedulers). ``halted``: HALT with no RESUME within
-    ``halt_wait_s``; the loop must stop (``step`` and ``validate`` raise RunHalted from then on).
-    """
-
-    restored: bool = False
-    halted: bool = False
-    command: Command | None = None
-    restored_step: int | None = None
-    restored_epoch: int | None = None
-    timeline: int = 0
-    skip_batches: int = 0
-    lr_scale: float = 1.0
-    punishment_reward: float = 0.0
-    culled: tuple[str, ...] = ()
-    duration_ms: float = 0.0
 
 
 class GovernedTraining:
