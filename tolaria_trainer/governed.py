@@ -42,11 +42,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from tolaria_trainer.adoption import adopt_shared_snapshot, shm_store
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import GovernorUnreachable, PeerLost, RollbackFailed, RunHalted, SnapshotError
 from tolaria_trainer.governance import (
-    AdoptionReport,
     Command,
     CommandReport,
     CommandType,
@@ -66,8 +66,7 @@ from tolaria_trainer.loggers import GovernorEvent, GovernorLoggers
 from tolaria_trainer.model.seeds import seed_slots
 from tolaria_trainer.outcome import Outcome
 from tolaria_trainer.rollback import CommandLedger, RestoreOutcome, execute_restore
-from tolaria_trainer.shm import AdoptionRefused, ShmStore, ShmUnavailable
-from tolaria_trainer.snapshot import MAX_STAGED, Adoption, LastKnownGood, SnapshotInfo, weights_digest
+from tolaria_trainer.snapshot import MAX_STAGED, LastKnownGood, SnapshotInfo
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
 from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk
 
@@ -198,7 +197,16 @@ class GovernedTraining:
         if grad_scaler is not None:
             self._watch_unscale(grad_scaler)
         self.lkg = LastKnownGood(
-            snapshot_location, step_snapshots, store=self._shm_store(snapshot_shm, run_id, snapshot_location)
+            snapshot_location,
+            step_snapshots,
+            store=shm_store(
+                snapshot_shm,
+                run_id is not None,
+                snapshot_location,
+                self.run_id,
+                self.dist.rank,
+                self.governance.governed,
+            ),
         )
         self.adopted: SnapshotInfo | None = None  # the snapshot an earlier process left in shared memory
         self.step_snapshot_every = step_snapshot_every
@@ -307,8 +315,12 @@ class GovernedTraining:
                 if self.governance.refusal is None:
                     log.warning("governor not reachable yet; training continues and keeps retrying (fail-open)")
         self._adopt_run_timeline()
-        adopted = self._adopt_shared_snapshot()
-        self.checkpoint("adopted" if adopted else "initial")
+        self.adopted = adopt_shared_snapshot(self.lkg, self.state, self.governance, self.dist, self._progress)
+        self.checkpoint("adopted" if self.adopted is not None else "initial")
+
+    def _progress(self, event: dict[str, Any]) -> None:
+        """Hand an event to ``progress`` (looked up at each call: the caller may replace it)."""
+        self.progress(event)
 
     @property
     def governed(self) -> bool:
@@ -829,79 +841,6 @@ class GovernedTraining:
         )
         if digest:
             self.progress({"event": "snapshot", "timeline": info.timeline, "step": info.step, "digest": digest})
-
-    # ----------------------------------------------------------------- shared memory (docs/protocol.md)
-
-    def _shm_store(self, wanted: bool | None, run_id: str | None, location: str) -> ShmStore | None:
-        """The shared-memory segment set of this (run, rank), or None: off (``snapshot_shm=False``; by
-        default unless the run is governed and its id given, since a restart can adopt a snapshot only
-        under the same run id and with the governor's word for it), a device location, or no room."""
-        on = wanted if wanted is not None else run_id is not None and self.governance.governed
-        if not on:
-            return None
-        if location == "device":
-            log.warning("snapshot_shm: snapshots on the device cannot outlive the process; they stay there")
-            return None
-        try:
-            return ShmStore(self.run_id, self.dist.rank)
-        except ShmUnavailable as exc:
-            log.warning("%s; snapshots stay in this process's memory (a crash loses them)", exc)
-            return None
-
-    def _adopt_shared_snapshot(self) -> bool:
-        """Adopt the last-known-good an earlier process of this (run, rank) left in shared memory, when the
-        governor's Welcome names exactly it and every rank holds one of the same step (all or none: every
-        rank takes part in the two collectives). Every rank then goes on on the next timeline, as after a
-        restore, and tells the governor first (SnapshotAdopted), so the steps the dead process had trained
-        past the snapshot are never mixed with the ones trained again. A refusal is logged, and training
-        starts as without one."""
-        store = self.lkg.store
-        prepared: Adoption | None = None
-        if store is not None and (store.previous is not None or store.previous_error):
-            try:
-                prepared = self.lkg.prepare_adoption(self.state, self.governance.last_snapshot)
-            except AdoptionRefused as exc:
-                self._refuse_adoption(str(exc))
-        step = prepared.step if prepared is not None else -1
-        lowest, highest = self.dist.agree_min(step), self.dist.agree_max(step)
-        if prepared is None or lowest != highest:
-            if prepared is not None:
-                self._refuse_adoption(
-                    f"another rank holds {'none' if lowest < 0 else f'step {lowest}'}, not step {step}"
-                )
-            return False
-        info = self.lkg.complete_adoption(self.state, prepared)
-        self.adopted = info
-        adopted_on = self.state.timeline  # the run's, agreed by every rank (_adopt_run_timeline)
-        self.governance.send_adopted(
-            AdoptionReport(adopted_on, (info.timeline, info.step, prepared.digest), self.lkg.digest_ms)
-        )
-        self.state.timeline = adopted_on + 1
-        log.warning(
-            "adopted the last-known-good of step %d (timeline %d) from shared memory in %.0f ms; training goes on "
-            "from there on timeline %d",
-            info.step,
-            info.timeline,
-            self.lkg.digest_ms,
-            self.state.timeline,
-        )
-        self.progress(
-            {
-                "event": "adopted",
-                "step": info.step,
-                "epoch": info.epoch,
-                "snapshot_timeline": info.timeline,
-                "timeline": self.state.timeline,
-                "digest": prepared.digest,
-                "duration_ms": round(self.lkg.digest_ms, 3),
-                "weights_sha256": weights_digest(self.state.model),
-            }
-        )
-        return True
-
-    def _refuse_adoption(self, reason: str) -> None:
-        log.warning("not adopting the last-known-good in shared memory: %s; training starts as without one", reason)
-        self.progress({"event": "adoption_refused", "reason": reason})
 
     # ----------------------------------------------------------------- commands
 
