@@ -33,9 +33,7 @@ import logging
 import math
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -69,20 +67,11 @@ from tolaria_trainer.rollback import CommandLedger, RestoreOutcome, execute_rest
 from tolaria_trainer.snapshot import MAX_STAGED, LastKnownGood, SnapshotInfo
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
 from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk
+from tolaria_trainer.vouching import Staged, StepSnapshots, TrainStreamVouching
 
 log = logging.getLogger("tolaria.governed")
 
 Progress = Callable[[dict[str, Any]], None]
-
-
-@dataclass
-class Staged:
-    """A staged snapshot awaiting what publishes it: a validation's (``seq``) verdict and the train stream
-    (validation snapshots), or the train stream alone (step snapshots, ``seq`` None)."""
-
-    info: SnapshotInfo
-    seq: int | None
-    unjudged: int  # train-step records never judged (dropped here or shed there) when it was staged
 
 
 class GovernedTraining:
@@ -209,11 +198,11 @@ class GovernedTraining:
             ),
         )
         self.adopted: SnapshotInfo | None = None  # the snapshot an earlier process left in shared memory
-        self.step_snapshot_every = step_snapshot_every
         self.onset_margin_steps = onset_margin_steps
-        self.step_pending: Staged | None = None  # staged at an agreement point, awaiting the train stream
-        # (timeline, last step, last seq) of each chunk sent while a snapshot is staged, oldest first
-        self._sent: deque[tuple[int, int, int]] = deque()
+        self.vouching = TrainStreamVouching(self.governance, self.state, self._commands_known)
+        self.step_snapshots = StepSnapshots(
+            self.lkg, self.state, self.governance, self.dist, self.vouching, step_snapshot_every, self._report_snapshot
+        )
         self._single = self.dist.world_size == 1
         self._history_losses = 0  # the governor lost the run's history this many times (its commands restart at 1)
         self._non_finite_at_restore = 0  # the guard's count of non-finite steps when the LKG was last restored
@@ -321,6 +310,11 @@ class GovernedTraining:
     def _progress(self, event: dict[str, Any]) -> None:
         """Hand an event to ``progress`` (looked up at each call: the caller may replace it)."""
         self.progress(event)
+
+    @property
+    def step_pending(self) -> Staged | None:
+        """The step snapshot staged at an agreement point, awaiting the train stream (``StepSnapshots``)."""
+        return self.step_snapshots.pending
 
     @property
     def governed(self) -> bool:
@@ -536,7 +530,7 @@ class GovernedTraining:
         previous, self.latest_seq = self.latest_seq, seq
         self._release_verdict(previous)  # superseded: only the newest validation's verdict matters at the end
         if staged is not None:
-            self.pending.append(Staged(staged, seq, self._never_judged()))
+            self.pending.append(self.vouching.watch(staged, seq))
         return seq
 
     @property
@@ -616,12 +610,12 @@ class GovernedTraining:
         self._collect()  # first: every verdict the governor sent before a command taken here has arrived
         self._settle_pending()
         self._adopt_run_timeline()
-        self._settle_step_pending()
+        self.step_snapshots.settle()
         command = self._agree_command()
         if command is None:
             if self.loggers:
                 self._log_records()  # a command's own event carries the counts
-            self._stage_step_snapshot()
+            self.step_snapshots.stage(self.governed)
             return self._quiet(self.state.timeline)
         return self._execute(command)
 
@@ -655,8 +649,12 @@ class GovernedTraining:
 
     def _send_vitals(self, chunk: VitalsChunk) -> None:
         last_seq = self.governance.send_vitals(chunk)
-        self._sent.append((chunk.timeline, chunk.steps[-1], last_seq))  # what vouching for a snapshot needs
-        self._prune_sent()
+        self.vouching.sent(chunk.timeline, chunk.steps[-1], last_seq)  # what vouching for a snapshot needs
+
+    def _commands_known(self) -> bool:
+        """Collect the commands delivered so far; True if any is known and not executed yet."""
+        self._collect()
+        return bool(self.known_commands)
 
     def _collect(self) -> None:
         losses = self.governance.num_history_losses
@@ -678,7 +676,7 @@ class GovernedTraining:
         self.vitals.flush()
         for item in list(self.pending):  # staged on the old timeline: no verdict will publish them
             self._drop_pending(item)
-        self._drop_step_pending()
+        self.step_snapshots.drop()
         log.warning(
             "adopting the run's timeline %d from the governor (was %d; %d records unjudged)",
             target,
@@ -709,7 +707,7 @@ class GovernedTraining:
     def _settle_pending(self, wait_s: float = 0.0) -> None:
         """Publish or discard staged validation snapshots, oldest first. A snapshot is published once every
         rank holds a Verdict allowing exactly its (timeline, step) and the train stream vouches for it on
-        every rank (``_vouch``: no anomaly whose onset is at or before its step can still be reported), so
+        every rank (``TrainStreamVouching``: no anomaly whose onset is at or before its step can still be reported), so
         the LKG never holds a fault that a healthy-looking validation came too early to see. It is
         discarded when a verdict does not allow it or the vouching became impossible; this stops at the
         first one still waiting. Every rank calls the same collectives in the same order."""
@@ -722,7 +720,7 @@ class GovernedTraining:
             assert verdict is not None
             staged = item.info
             allowed = verdict.snapshot_allowed and (verdict.timeline, verdict.step) == (staged.timeline, staged.step)
-            vouch = self._vouch(item) if allowed else "doomed"
+            vouch = self.vouching.vouch(item) if allowed else "doomed"
             if self.dist.agree_max(int(vouch == "doomed")):
                 self._drop_pending(item)
                 continue
@@ -732,34 +730,12 @@ class GovernedTraining:
                 self._report_snapshot(staged)
             self._drop_pending(item)
 
-    def _vouch(self, item: Staged) -> str:
-        """Whether the train stream vouches for a staged snapshot at step S: "vouched" once the governor
-        acknowledged the records up to S + ``train_verification_steps`` of its timeline with no command here
-        (a train-stream alarm whose onset is at or before S would have fired by then, and its command would
-        have arrived before those Acks: the Acks are read first, the commands after); "doomed" once a
-        command, another timeline, or records never judged (dropped by the client under back-pressure, or
-        shed by a governor that was behind) make that impossible; "waiting" otherwise."""
-        acked = self.governance.acked_seq
-        self._collect()  # every command delivered before those Acks is known now
-        margin = self.governance.train_verification_steps
-        if (
-            self.state.timeline != item.info.timeline
-            or bool(self.known_commands)
-            or self._never_judged() != item.unjudged
-        ):
-            return "doomed"
-        if margin is None:
-            return "waiting"
-        target = item.info.step + margin
-        needed = next((seq for tl, last, seq in self._sent if tl == item.info.timeline and last >= target), None)
-        return "vouched" if needed is not None and acked >= needed else "waiting"
-
     def _drop_pending(self, item: Staged) -> None:
         """Forget a staged snapshot (if it was published, the LKG stays) and stop waiting for its verdict."""
         self.pending.remove(item)
         self.lkg.discard(item.info)
         self._release_verdict(item.seq)
-        self._prune_sent()
+        self.vouching.release(item)
 
     def _release_verdict(self, seq: int | None) -> None:
         """Stop tracking the verdict on ``seq`` unless a staged snapshot or the latest validation needs it."""
@@ -767,13 +743,6 @@ class GovernedTraining:
             return
         if self.verdicts.pop(seq, None) is None:
             self.governance.forget_verdict(seq)
-
-    def _prune_sent(self) -> None:
-        """Forget the chunks no staged snapshot can still need (those before the oldest staged step)."""
-        staged = [item.info for item in self.pending] + ([self.step_pending.info] if self.step_pending else [])
-        oldest = min((info.step for info in staged), default=None)
-        while len(self._sent) > 1 and (oldest is None or self._sent[0][1] < oldest):
-            self._sent.popleft()  # the newest stays: it may end at the step a snapshot is staged at next
 
     def _verdict(self, seq: int | None, wait_s: float) -> Verdict | None:
         """The Verdict on validation ``seq`` once it arrived (kept until its seq is dropped)."""
@@ -787,52 +756,6 @@ class GovernedTraining:
                 log.warning("governor verdict PANIC at step %d: %s", verdict.step, verdict.reason)
             self.verdicts[seq] = verdict
         return self.verdicts[seq]
-
-    def _stage_step_snapshot(self) -> None:
-        """Stage a step snapshot every ``step_snapshot_every`` steps once the governor says how long its
-        train-stream detectors take to vouch for a step. Every rank takes part in the one collective,
-        whatever it holds (a rank whose earlier staging failed must not skip it). The agreement point pinned
-        this step before its flush, so the governor keeps its detectors' state as of it."""
-        newest = self.lkg.info
-        due = self.step_pending is None and self.lkg.step_snapshots > 0
-        due = due and (newest is None or self.state.step - newest.step >= self.step_snapshot_every)
-        able = due and self.governed and self.governance.train_verification_steps is not None
-        if not self.dist.agree_min(int(able)):
-            return
-        try:
-            info = self.lkg.stage(self.state, kind="step")
-        except SnapshotError as exc:  # the other ranks learn it at the next settle (nothing staged here)
-            log.error("step snapshot staging failed; the published snapshots stay: %s", exc)
-            return
-        self.step_pending = Staged(info, None, self._never_judged())
-
-    def _never_judged(self) -> int:
-        """Train-step records the governor will never judge: dropped here, or shed there."""
-        return self.governance.num_dropped_records + self.governance.num_shed_records
-
-    def _settle_step_pending(self) -> None:
-        """Publish the staged step snapshot once the train stream vouches for it on every rank (``_vouch``),
-        or discard it once some rank finds that impossible."""
-        staged = self.step_pending
-        if not self.dist.agree_max(int(staged is not None)):
-            return
-        vouch = self._vouch(staged) if staged is not None else "doomed"
-        if self.dist.agree_max(int(vouch == "doomed")):
-            self._drop_step_pending()
-            return
-        if not self.dist.agree_min(int(vouch == "vouched")):
-            return
-        assert staged is not None
-        if self.lkg.publish(staged.info.timeline, staged.info.step, "step"):
-            self._report_snapshot(staged.info)
-        self.step_pending = None
-        self._prune_sent()
-
-    def _drop_step_pending(self) -> None:
-        if self.step_pending is not None:
-            self.lkg.discard(self.step_pending.info)
-        self.step_pending = None
-        self._prune_sent()
 
     def _report_snapshot(self, info: SnapshotInfo) -> None:
         digest = self.lkg.digest_of(info)
@@ -868,7 +791,7 @@ class GovernedTraining:
             return self._halt(command)
         rollback = command.type is CommandType.ROLLBACK
         scale = command.recovery_lr_scale if rollback else 1.0
-        self._drop_step_pending()
+        self.step_snapshots.drop()
         onset = command.onset_step if rollback else None
         for item in list(self.pending):  # staged on the timeline being left: nothing can publish them now
             self._drop_pending(item)
