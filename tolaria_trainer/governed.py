@@ -43,7 +43,7 @@ from torch import nn
 from tolaria_trainer.adoption import adopt_shared_snapshot, shm_store
 from tolaria_trainer.client.errors import GovernorRefused
 from tolaria_trainer.distributed import Distributed
-from tolaria_trainer.errors import GovernorUnreachable, PeerLost, RollbackFailed, RunHalted, SnapshotError
+from tolaria_trainer.errors import GovernorUnreachable, PeerLost, RollbackFailed, RunHalted
 from tolaria_trainer.governance import (
     Command,
     CommandReport,
@@ -56,7 +56,6 @@ from tolaria_trainer.governance import (
     SnapshotReport,
     Ungoverned,
     ValidationReport,
-    Verdict,
     VerdictKind,
 )
 from tolaria_trainer.guard import StepGuard
@@ -64,9 +63,10 @@ from tolaria_trainer.loggers import GovernorEvent, GovernorLoggers
 from tolaria_trainer.model.seeds import seed_slots
 from tolaria_trainer.outcome import Outcome
 from tolaria_trainer.rollback import CommandLedger, RestoreOutcome, execute_restore
-from tolaria_trainer.snapshot import MAX_STAGED, LastKnownGood, SnapshotInfo
+from tolaria_trainer.snapshot import LastKnownGood, SnapshotInfo
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
 from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk
+from tolaria_trainer.verdicts import ValidationSnapshots
 from tolaria_trainer.vouching import Staged, StepSnapshots, TrainStreamVouching
 
 log = logging.getLogger("tolaria.governed")
@@ -200,6 +200,9 @@ class GovernedTraining:
         self.adopted: SnapshotInfo | None = None  # the snapshot an earlier process left in shared memory
         self.onset_margin_steps = onset_margin_steps
         self.vouching = TrainStreamVouching(self.governance, self.state, self._commands_known)
+        self.validations = ValidationSnapshots(
+            self.lkg, self.governance, self.dist, self.vouching, self._report_snapshot
+        )
         self.step_snapshots = StepSnapshots(
             self.lkg, self.state, self.governance, self.dist, self.vouching, step_snapshot_every, self._report_snapshot
         )
@@ -210,9 +213,6 @@ class GovernedTraining:
         self.ledger = CommandLedger()
         self.known_commands: dict[int, Command] = {}
         self.last_command_id = 0  # every rank executed every command up to this id
-        self.pending: list[Staged] = []  # staged validation snapshots, oldest first
-        self.verdicts: dict[int, Verdict] = {}  # of the pending and the latest seq
-        self.latest_seq: int | None = None  # the last validation's seq
         self.last_validation: ValidationReport | None = None  # on the current timeline (None after a restore)
         self.num_rollbacks = 0
         self.num_restores = 0  # ROLLBACKs and RESUMEs executed
@@ -310,6 +310,11 @@ class GovernedTraining:
     def _progress(self, event: dict[str, Any]) -> None:
         """Hand an event to ``progress`` (looked up at each call: the caller may replace it)."""
         self.progress(event)
+
+    @property
+    def pending(self) -> list[Staged]:
+        """The validation snapshots staged on this rank, oldest first (``ValidationSnapshots``)."""
+        return self.validations.pending
 
     @property
     def step_pending(self) -> Staged | None:
@@ -502,16 +507,12 @@ class GovernedTraining:
         state = self.state
         if epoch is not None:
             state.epoch = epoch
-        self._settle_pending()  # the previous validation's verdict has arrived by now: publish before restaging
+        self.validations.settle()  # the previous validation's verdict has arrived by now: publish before restaging
         staged: SnapshotInfo | None = None
         if self.governed:  # without verdicts, a staged snapshot could never be published
-            if len(self.pending) == MAX_STAGED:
-                self._drop_pending(self.pending[-1])  # the LKG's stage replaces the newest staged one
-            try:
-                staged = self.lkg.stage(state)
+            staged = self.validations.stage(state)
+            if staged is not None:
                 self.vitals.pin(state.step, state.timeline)  # the detectors' state as of it, kept for a restore
-            except SnapshotError as exc:
-                log.error("snapshot staging failed; the previous LKG stays: %s", exc)
         report = ValidationReport(
             timeline=state.timeline,
             step=state.step,
@@ -527,10 +528,7 @@ class GovernedTraining:
         self.vitals.flush()  # the steps before this validation go out first
         seq = self.governance.send_validation(report)
         self.last_validation = report
-        previous, self.latest_seq = self.latest_seq, seq
-        self._release_verdict(previous)  # superseded: only the newest validation's verdict matters at the end
-        if staged is not None:
-            self.pending.append(self.vouching.watch(staged, seq))
+        self.validations.reported(seq, staged)
         return seq
 
     @property
@@ -573,11 +571,11 @@ class GovernedTraining:
         started = time.monotonic()
         wait = self.verdict_wait_s if wait_s is None else wait_s
         while True:
-            verdict = self._verdict(self.latest_seq, 0.0)
+            verdict = self.validations.verdict(self.validations.latest_seq, 0.0)
             self._collect()
             panic = verdict is not None and verdict.kind is VerdictKind.PANIC
             if self.governance.connected:
-                judged = verdict is not None or self.latest_seq is None
+                judged = verdict is not None or self.validations.latest_seq is None
                 settled = judged and (not panic or bool(self.known_commands))
                 bound = wait
             else:  # the governor is away: wait for it only for a command known to be on its way
@@ -588,7 +586,7 @@ class GovernedTraining:
             if self.dist.agree_min(int(settled)) or self.dist.agree_max(int(timed_out)):
                 break
             time.sleep(0.01)
-        self._settle_pending()
+        self.validations.settle()
         return self.agreement_point()
 
     def checkpoint(self, why: str) -> SnapshotInfo:
@@ -608,7 +606,7 @@ class GovernedTraining:
         self.vitals.pin(self.state.step, self.state.timeline)  # a step snapshot may be staged here
         self.vitals.flush()  # buffered records go out before anything decided here
         self._collect()  # first: every verdict the governor sent before a command taken here has arrived
-        self._settle_pending()
+        self.validations.settle()
         self._adopt_run_timeline()
         self.step_snapshots.settle()
         command = self._agree_command()
@@ -674,8 +672,7 @@ class GovernedTraining:
         if target <= self.state.timeline:
             return
         self.vitals.flush()
-        for item in list(self.pending):  # staged on the old timeline: no verdict will publish them
-            self._drop_pending(item)
+        self.validations.drop_all()  # staged on the old timeline: no verdict will publish them
         self.step_snapshots.drop()
         log.warning(
             "adopting the run's timeline %d from the governor (was %d; %d records unjudged)",
@@ -701,61 +698,6 @@ class GovernedTraining:
         self.known_commands = {cid: c for cid, c in self.known_commands.items() if cid > highest}
         self.last_command_id = highest
         return command
-
-    # ----------------------------------------------------------------- snapshots and verdicts
-
-    def _settle_pending(self, wait_s: float = 0.0) -> None:
-        """Publish or discard staged validation snapshots, oldest first. A snapshot is published once every
-        rank holds a Verdict allowing exactly its (timeline, step) and the train stream vouches for it on
-        every rank (``TrainStreamVouching``: no anomaly whose onset is at or before its step can still be reported), so
-        the LKG never holds a fault that a healthy-looking validation came too early to see. It is
-        discarded when a verdict does not allow it or the vouching became impossible; this stops at the
-        first one still waiting. Every rank calls the same collectives in the same order."""
-        for position in range(self.dist.agree_max(len(self.pending))):
-            item = self.pending[0] if self.pending else None
-            verdict = self._verdict(item.seq, wait_s if position == 0 else 0.0) if item else None
-            if not self.dist.agree_min(int(verdict is not None)):
-                return
-            assert item is not None
-            assert verdict is not None
-            staged = item.info
-            allowed = verdict.snapshot_allowed and (verdict.timeline, verdict.step) == (staged.timeline, staged.step)
-            vouch = self.vouching.vouch(item) if allowed else "doomed"
-            if self.dist.agree_max(int(vouch == "doomed")):
-                self._drop_pending(item)
-                continue
-            if not self.dist.agree_min(int(vouch == "vouched")):
-                return
-            if self.lkg.publish(staged.timeline, staged.step, "validation"):
-                self._report_snapshot(staged)
-            self._drop_pending(item)
-
-    def _drop_pending(self, item: Staged) -> None:
-        """Forget a staged snapshot (if it was published, the LKG stays) and stop waiting for its verdict."""
-        self.pending.remove(item)
-        self.lkg.discard(item.info)
-        self._release_verdict(item.seq)
-        self.vouching.release(item)
-
-    def _release_verdict(self, seq: int | None) -> None:
-        """Stop tracking the verdict on ``seq`` unless a staged snapshot or the latest validation needs it."""
-        if seq is None or seq == self.latest_seq or any(seq == item.seq for item in self.pending):
-            return
-        if self.verdicts.pop(seq, None) is None:
-            self.governance.forget_verdict(seq)
-
-    def _verdict(self, seq: int | None, wait_s: float) -> Verdict | None:
-        """The Verdict on validation ``seq`` once it arrived (kept until its seq is dropped)."""
-        if seq is None:
-            return None
-        if seq not in self.verdicts:
-            verdict = self.governance.verdict(seq, wait_s)
-            if verdict is None:
-                return None
-            if verdict.kind is VerdictKind.PANIC:
-                log.warning("governor verdict PANIC at step %d: %s", verdict.step, verdict.reason)
-            self.verdicts[seq] = verdict
-        return self.verdicts[seq]
 
     def _report_snapshot(self, info: SnapshotInfo) -> None:
         digest = self.lkg.digest_of(info)
@@ -793,8 +735,7 @@ class GovernedTraining:
         scale = command.recovery_lr_scale if rollback else 1.0
         self.step_snapshots.drop()
         onset = command.onset_step if rollback else None
-        for item in list(self.pending):  # staged on the timeline being left: nothing can publish them now
-            self._drop_pending(item)
+        self.validations.drop_all()  # staged on the timeline being left: nothing can publish them now
         outcome = execute_restore(
             self.state,
             self.lkg,
