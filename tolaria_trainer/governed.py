@@ -27,8 +27,6 @@ collectives run on a gloo group of their own (CPU tensors, no device sync).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import time
@@ -42,11 +40,11 @@ from torch import nn
 
 from tolaria_trainer.adoption import adopt_shared_snapshot, shm_store
 from tolaria_trainer.client.errors import GovernorRefused
+from tolaria_trainer.commands import Commands
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import GovernorUnreachable, PeerLost, RollbackFailed, RunHalted
 from tolaria_trainer.governance import (
     Command,
-    CommandReport,
     CommandType,
     Coverage,
     FinishReport,
@@ -59,10 +57,9 @@ from tolaria_trainer.governance import (
     VerdictKind,
 )
 from tolaria_trainer.guard import StepGuard
-from tolaria_trainer.loggers import GovernorEvent, GovernorLoggers
+from tolaria_trainer.loggers import GovernorLoggers
 from tolaria_trainer.model.seeds import seed_slots
 from tolaria_trainer.outcome import Outcome
-from tolaria_trainer.rollback import CommandLedger, RestoreOutcome, execute_restore
 from tolaria_trainer.snapshot import LastKnownGood, SnapshotInfo
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
 from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk
@@ -162,7 +159,6 @@ class GovernedTraining:
         self.agree_every_steps = agree_every_steps
         self.fail_closed = fail_closed
         self.fail_closed_deadline_s = fail_closed_deadline_s
-        self.halt_wait_s = halt_wait_s
         self.verdict_wait_s = verdict_wait_s
         self.connect_wait_s = connect_wait_s
         self.final_flush_s = final_flush_s
@@ -198,7 +194,17 @@ class GovernedTraining:
             ),
         )
         self.adopted: SnapshotInfo | None = None  # the snapshot an earlier process left in shared memory
-        self.onset_margin_steps = onset_margin_steps
+        self.commands = Commands(
+            self.state,
+            self.lkg,
+            self.governance,
+            self.dist,
+            self.guard,
+            self.loggers,
+            self._progress,
+            onset_margin_steps=onset_margin_steps,
+            halt_wait_s=halt_wait_s,
+        )
         self.vouching = TrainStreamVouching(self.governance, self.state, self._commands_known)
         self.validations = ValidationSnapshots(
             self.lkg, self.governance, self.dist, self.vouching, self._report_snapshot
@@ -207,15 +213,8 @@ class GovernedTraining:
             self.lkg, self.state, self.governance, self.dist, self.vouching, step_snapshot_every, self._report_snapshot
         )
         self._single = self.dist.world_size == 1
-        self._history_losses = 0  # the governor lost the run's history this many times (its commands restart at 1)
-        self._non_finite_at_restore = 0  # the guard's count of non-finite steps when the LKG was last restored
         self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._send_vitals, flush_interval_s=vitals_flush_s)
-        self.ledger = CommandLedger()
-        self.known_commands: dict[int, Command] = {}
-        self.last_command_id = 0  # every rank executed every command up to this id
         self.last_validation: ValidationReport | None = None  # on the current timeline (None after a restore)
-        self.num_rollbacks = 0
-        self.num_restores = 0  # ROLLBACKs and RESUMEs executed
         self.halted: str | None = None
         self.started_at = time.monotonic()
         self._started = False
@@ -223,7 +222,6 @@ class GovernedTraining:
         self._warned_refusal = False
         self._last_finite_norm: torch.Tensor | None = None
         self._quiet_outcome = Outcome()
-        self._logged_records = (0, 0)  # (shed, otherwise unjudged) as the loggers last saw them
 
     def _governance(
         self,
@@ -310,6 +308,26 @@ class GovernedTraining:
     def _progress(self, event: dict[str, Any]) -> None:
         """Hand an event to ``progress`` (looked up at each call: the caller may replace it)."""
         self.progress(event)
+
+    @property
+    def known_commands(self) -> dict[int, Command]:
+        """The commands received and not executed yet, by id (``Commands``)."""
+        return self.commands.known
+
+    @property
+    def last_command_id(self) -> int:
+        """Every rank executed every command up to this id."""
+        return self.commands.last_command_id
+
+    @property
+    def num_rollbacks(self) -> int:
+        """ROLLBACKs executed."""
+        return self.commands.num_rollbacks
+
+    @property
+    def num_restores(self) -> int:
+        """ROLLBACKs and RESUMEs executed."""
+        return self.commands.num_restores
 
     @property
     def pending(self) -> list[Staged]:
@@ -536,8 +554,7 @@ class GovernedTraining:
         """True when this rank saw a non-finite step since the LKG was last restored (its update was not
         applied) or holds a command not yet executed: the governor's ROLLBACK is on its way, and the
         weights are not worth validating."""
-        seen = self.guard.num_non_finite_skipped if self.guard is not None else 0
-        return seen > self._non_finite_at_restore or bool(self.known_commands) or self.governance.commands_waiting
+        return self.commands.condemned
 
     def before_validation(self) -> Outcome:
         """Call before validating: when the run is condemned (``condemned``), wait up to ``verdict_wait_s``
@@ -545,13 +562,13 @@ class GovernedTraining:
         condemned. A restored outcome means the restore happened here: validate the restored weights (or
         skip the validation). A quiet outcome otherwise; every rank takes part."""
         self._check_open()
-        self._collect()
+        self.commands.collect()
         if not self.dist.agree_max(int(self.condemned)):
             return self._quiet(self.state.timeline)
         deadline = time.monotonic() + self.verdict_wait_s
         while True:
             self.vitals.flush()
-            self._collect()
+            self.commands.collect()
             waiting = not self.known_commands and self.governance.connected
             if not self.dist.agree_max(int(waiting)) or self.dist.agree_max(int(time.monotonic() >= deadline)):
                 break
@@ -572,7 +589,7 @@ class GovernedTraining:
         wait = self.verdict_wait_s if wait_s is None else wait_s
         while True:
             verdict = self.validations.verdict(self.validations.latest_seq, 0.0)
-            self._collect()
+            self.commands.collect()
             panic = verdict is not None and verdict.kind is VerdictKind.PANIC
             if self.governance.connected:
                 judged = verdict is not None or self.validations.latest_seq is None
@@ -605,14 +622,14 @@ class GovernedTraining:
         self._check_reachable()
         self.vitals.pin(self.state.step, self.state.timeline)  # a step snapshot may be staged here
         self.vitals.flush()  # buffered records go out before anything decided here
-        self._collect()  # first: every verdict the governor sent before a command taken here has arrived
+        self.commands.collect()  # first: every verdict the governor sent before a command taken here has arrived
         self.validations.settle()
         self._adopt_run_timeline()
         self.step_snapshots.settle()
-        command = self._agree_command()
+        command = self.commands.agree()
         if command is None:
             if self.loggers:
-                self._log_records()  # a command's own event carries the counts
+                self.commands.log_records()  # a command's own event carries the counts
             self.step_snapshots.stage(self.governed)
             return self._quiet(self.state.timeline)
         return self._execute(command)
@@ -651,18 +668,24 @@ class GovernedTraining:
 
     def _commands_known(self) -> bool:
         """Collect the commands delivered so far; True if any is known and not executed yet."""
-        self._collect()
-        return bool(self.known_commands)
+        self.commands.collect()
+        return bool(self.commands.known)
 
-    def _collect(self) -> None:
-        losses = self.governance.num_history_losses
-        if losses != self._history_losses:  # the governor no longer holds the run: its old orders are void
-            self._history_losses = losses
-            self.known_commands.clear()
-            self.last_command_id = 0
-        for command in self.governance.take_commands():
-            if command.command_id > self.last_command_id:  # an executed command may still reach a slow rank
-                self.known_commands[command.command_id] = command
+    def _execute(self, command: Command) -> Outcome:
+        """Execute the command every rank agreed on (``Commands``): a HALT waits for its RESUME (executed at
+        an agreement point) or halts the run; a ROLLBACK or RESUME leaves the timeline its staged snapshots
+        were staged on and restores the LKG."""
+        self.commands.announce(command)
+        if command.type is CommandType.HALT:
+            if self.commands.halt(command):
+                return self.agreement_point()
+            self.halted = command.reason
+            return Outcome(halted=True, command=command, timeline=self.state.timeline)
+        self.step_snapshots.drop()
+        self.validations.drop_all()  # staged on the timeline being left: nothing can publish them now
+        restored = self.commands.restore(command)
+        self.last_validation = None  # the validations reported since the LKG are undone
+        return restored
 
     def _adopt_run_timeline(self) -> None:
         """Move every rank to the run's timeline if the governor named a higher one (Welcome, Resync): a
@@ -682,23 +705,6 @@ class GovernedTraining:
         )
         self.state.timeline = target
 
-    def _agree_command(self) -> Command | None:
-        """The command every rank executes now: the highest id any rank holds, as the lowest rank holding
-        it received it (so a rank whose stream never delivered it executes it too and the ranks never
-        diverge). None when no rank holds a new command."""
-        highest = self.dist.agree_max(max(self.known_commands, default=0))
-        if highest == 0:
-            return None
-        holds = highest in self.known_commands
-        holder = self.dist.agree_min(self.dist.rank if holds else self.dist.world_size)
-        assert holder < self.dist.world_size, "the highest id came from a rank that holds it"
-        data = json.dumps(dataclasses.asdict(self.known_commands[highest])).encode() if holds else b""
-        fields = json.loads(self.dist.broadcast_bytes(data, holder))
-        command = Command(**{**fields, "type": CommandType(fields["type"])})
-        self.known_commands = {cid: c for cid, c in self.known_commands.items() if cid > highest}
-        self.last_command_id = highest
-        return command
-
     def _report_snapshot(self, info: SnapshotInfo) -> None:
         digest = self.lkg.digest_of(info)
         self.governance.send_snapshot(
@@ -706,157 +712,6 @@ class GovernedTraining:
         )
         if digest:
             self.progress({"event": "snapshot", "timeline": info.timeline, "step": info.step, "digest": digest})
-
-    # ----------------------------------------------------------------- commands
-
-    def _execute(self, command: Command) -> Outcome:
-        at_step = self.state.step
-        log.warning(
-            "governor command %d %s (punishment %g): %s",
-            command.command_id,
-            command.type,
-            command.punishment_reward,
-            command.reason,
-        )
-        self.progress(
-            {
-                "event": "command",
-                "type": str(command.type),
-                "command_id": command.command_id,
-                "reason": command.reason,
-                "punishment_reward": command.punishment_reward,
-            }
-        )
-        if command.type is CommandType.HALT:
-            self.governance.send_command_result(CommandReport(command, True, self.state.step, 0.0))
-            self._log_event("halt", at_step, command)
-            return self._halt(command)
-        rollback = command.type is CommandType.ROLLBACK
-        scale = command.recovery_lr_scale if rollback else 1.0
-        self.step_snapshots.drop()
-        onset = command.onset_step if rollback else None
-        self.validations.drop_all()  # staged on the timeline being left: nothing can publish them now
-        outcome = execute_restore(
-            self.state,
-            self.lkg,
-            self.ledger,
-            command.command_id,
-            command.reason,
-            command.timeline_after(succeeded=True),
-            scale,
-            command.recovery_skip_batches if rollback else 0,
-            onset,
-            self.onset_margin_steps,
-            before_step=command.restore_before_step if rollback else None,
-            skip_through_step=command.skip_through_step if rollback else None,
-        )
-        self._report_result(command, outcome)
-        if not outcome.succeeded:
-            self._log_event("restore_failed", at_step, command, reason=f"{command.reason}; {outcome.error}")
-            raise RollbackFailed(f"rollback {command.command_id} failed: {outcome.error}")
-        self.num_restores += 1
-        if rollback:
-            self.num_rollbacks += 1
-        if self.guard is not None:
-            self._non_finite_at_restore = self.guard.num_non_finite_skipped
-        self.last_validation = None  # the validations reported since the LKG are undone
-        self.progress(
-            {
-                "event": "restored",
-                "command_id": command.command_id,
-                "timeline": outcome.new_timeline,
-                "restored_step": outcome.restored_step,
-                "culled": list(outcome.culled),
-                "duration_ms": outcome.duration_ms,
-            }
-        )
-        restored = Outcome(
-            restored=True,
-            command=command,
-            restored_step=outcome.restored_step,
-            restored_epoch=self.state.epoch,
-            timeline=outcome.new_timeline,
-            skip_batches=self.state.skip_batches,
-            lr_scale=scale,
-            punishment_reward=command.punishment_reward,
-            culled=outcome.culled,
-            duration_ms=outcome.duration_ms,
-        )
-        self._log_event("rollback" if rollback else "resume", at_step, command, restored)
-        return restored
-
-    def _log_event(
-        self, kind: str, at_step: int, command: Command | None, outcome: Outcome | None = None, reason: str = ""
-    ) -> None:
-        """Hand what a command did to the loggers (``tolaria_trainer.loggers``); nothing without loggers."""
-        if not self.loggers:
-            return
-        governance = self.governance
-        shed = governance.num_shed_records
-        unjudged = governance.num_unjudged_records + governance.num_dropped_records
-        self._logged_records = (shed, unjudged)
-        self.loggers.emit(
-            GovernorEvent(
-                kind=kind,
-                step=at_step,
-                timeline=self.state.timeline,
-                num_rollbacks=self.num_rollbacks,
-                num_restores=self.num_restores,
-                num_shed_records=shed,
-                num_unjudged_records=unjudged,
-                command_id=command.command_id if command is not None else None,
-                command_type=str(command.type) if command is not None else "",
-                reason=reason or (command.reason if command is not None else ""),
-                restored_step=outcome.restored_step if outcome is not None else None,
-                punishment_reward=command.punishment_reward if command is not None else 0.0,
-                lr_scale=outcome.lr_scale if outcome is not None else 1.0,
-                skip_batches=outcome.skip_batches if outcome is not None else 0,
-            )
-        )
-
-    def _log_records(self) -> None:
-        """At an agreement point: a ``records`` event when more records went unjudged since the last event."""
-        governance = self.governance
-        now = (governance.num_shed_records, governance.num_unjudged_records + governance.num_dropped_records)
-        if now != self._logged_records:
-            self._log_event("records", self.state.step, None)
-
-    def _report_result(self, command: Command, outcome: RestoreOutcome) -> None:
-        self.governance.send_command_result(
-            CommandReport(
-                command,
-                outcome.succeeded,
-                outcome.restored_step,
-                outcome.duration_ms,
-                outcome.error,
-                len(outcome.culled),
-                # The learning rate training continues with: the restored one, times recovery_lr_scale.
-                self.state.learning_rate() if outcome.succeeded else None,
-            )
-        )
-
-    def _halt(self, command: Command) -> Outcome:
-        """Stay alive with the LKG and the stream until RESUME (executed here: it restores the LKG), or
-        give up after ``halt_wait_s``."""
-        self.progress(
-            {
-                "event": "halted",
-                "command_id": command.command_id,
-                "reason": command.reason,
-                "halt_wait_s": self.halt_wait_s,
-            }
-        )
-        deadline = time.monotonic() + self.halt_wait_s
-        while True:
-            self._collect()
-            resume = max((c for c, cmd in self.known_commands.items() if cmd.type is CommandType.RESUME), default=0)
-            if self.dist.agree_max(resume):
-                return self.agreement_point()
-            if self.dist.agree_max(int(time.monotonic() >= deadline)):
-                self.halted = command.reason
-                self._log_event("halted", self.state.step, command)
-                return Outcome(halted=True, command=command, timeline=self.state.timeline)
-            time.sleep(0.1)
 
 
 def _device_of(model: nn.Module) -> torch.device:
