@@ -88,6 +88,11 @@ class Commands:
             if command.command_id > self.last_command_id:  # an executed command may still reach a slow rank
                 self.known[command.command_id] = command
 
+    def any_known(self) -> bool:
+        """Collect what the stream delivered so far; True if a command is known and not executed yet."""
+        self.collect()
+        return bool(self.known)
+
     def agree(self) -> Command | None:
         """The command every rank executes now: the highest id any rank holds, as the lowest rank holding
         it received it (so a rank whose stream never delivered it executes it too and the ranks never

@@ -56,6 +56,7 @@ from tolaria_trainer.governance import (
     ValidationReport,
     VerdictKind,
 )
+from tolaria_trainer.grad_norm import GradNorm
 from tolaria_trainer.guard import StepGuard
 from tolaria_trainer.loggers import GovernorLoggers
 from tolaria_trainer.model.seeds import seed_slots
@@ -126,19 +127,7 @@ class GovernedTraining:
         progress: Progress | None = None,
         loggers: Any = (),
     ) -> None:
-        if agree_every_steps < 0:
-            raise ValueError(f"agree_every_steps must be >= 0 (0: only at validations), got {agree_every_steps}")
-        if step_snapshot_every < 1 or onset_margin_steps < 0:
-            raise ValueError(
-                f"step_snapshot_every must be >= 1 and onset_margin_steps >= 0, got {step_snapshot_every} "
-                f"and {onset_margin_steps}"
-            )
-        if num_classes is not None and random_guess_loss is not None:
-            raise ValueError("give num_classes (classification) or random_guess_loss (language models), not both")
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        if random_guess_loss is not None and not (math.isfinite(random_guess_loss) and random_guess_loss > 0):
-            raise ValueError(f"random_guess_loss must be a positive finite number, got {random_guess_loss}")
+        _check_arguments(agree_every_steps, step_snapshot_every, onset_margin_steps, num_classes, random_guess_loss)
         self.loggers = GovernorLoggers(loggers)  # TypeError for a bad one, before anything is changed
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
@@ -163,8 +152,10 @@ class GovernedTraining:
         self.connect_wait_s = connect_wait_s
         self.final_flush_s = final_flush_s
         self.progress = progress or (lambda event: None)
-        self.governance = self._governance(
+        self.governance = _connect(
             governor,
+            self.run_id,
+            self.dist,
             task=task,
             token=token or "",
             num_classes=num_classes,
@@ -177,10 +168,7 @@ class GovernedTraining:
             self.guard = StepGuard(self.state)
             for optimizer in self.state.optimizers:
                 self.guard.install(optimizer)
-        # Optimizers whose gradients the scaler unscaled since the last step (``_watch_unscale``).
-        self._unscaled: set[int] = set()
-        if grad_scaler is not None:
-            self._watch_unscale(grad_scaler)
+        self.grad_norm = GradNorm(self.state, self.guard, self.device)
         self.lkg = LastKnownGood(
             snapshot_location,
             step_snapshots,
@@ -205,7 +193,7 @@ class GovernedTraining:
             onset_margin_steps=onset_margin_steps,
             halt_wait_s=halt_wait_s,
         )
-        self.vouching = TrainStreamVouching(self.governance, self.state, self._commands_known)
+        self.vouching = TrainStreamVouching(self.governance, self.state, self.commands.any_known)
         self.validations = ValidationSnapshots(
             self.lkg, self.governance, self.dist, self.vouching, self._report_snapshot
         )
@@ -220,41 +208,7 @@ class GovernedTraining:
         self._started = False
         self._closed = False
         self._warned_refusal = False
-        self._last_finite_norm: torch.Tensor | None = None
         self._quiet_outcome = Outcome()
-
-    def _governance(
-        self,
-        governor: str | Governance | None,
-        *,
-        task: str,
-        token: str,
-        num_classes: int | None,
-        random_guess_loss: float | None,
-        policy: Mapping[str, Any] | None,
-        heartbeat_s: float,
-        tls: tuple[bytes | None, bytes | None, bytes | None],
-    ) -> Governance:
-        if governor is None:
-            return Ungoverned()
-        if not isinstance(governor, str):
-            return governor
-        from tolaria_trainer.address import check_governor_address
-        from tolaria_trainer.client.client import ClientOptions, GovernorClient
-        from tolaria_trainer.client.connection import GovernorConnection, build_hello
-
-        check_governor_address(governor, "governor")
-        hello = build_hello(
-            self.run_id,
-            self.dist.rank,
-            self.dist.world_size,
-            task,
-            num_classes=num_classes,
-            random_guess_loss=random_guess_loss,
-            policy=policy,
-        )
-        options = ClientOptions(heartbeat_s=heartbeat_s, token=token, tls_ca=tls[0], tls_cert=tls[1], tls_key=tls[2])
-        return GovernorConnection(GovernorClient(governor, hello, options))
 
     def _guarded_factory(self, factory: OptimizerFactory | None) -> OptimizerFactory | None:
         """The seed optimizer factory, with the step guard on every optimizer it makes."""
@@ -358,24 +312,11 @@ class GovernedTraining:
         self._closed = True
         if self.guard is not None:
             self.guard.uninstall()
-        if self.state.scaler is not None:
-            vars(self.state.scaler).pop("unscale_", None)
-            vars(self.state.scaler).pop("scale", None)
+        self.grad_norm.close()
         self.vitals.flush()
         if self.governance.refusal is not None:
             status = None  # a governor that refused this trainer takes nothing more
-        finish: FinishReport | None = None
-        if status is not None:
-            last = self.last_validation
-            finish = FinishReport(
-                status=status,
-                epochs_completed=self.state.epoch,
-                num_rollbacks=self.num_rollbacks,
-                message=message or str(status),
-                duration_s=time.monotonic() - self.started_at,
-                final_validation_loss=last.loss if last else None,
-                final_validation_accuracy=last.accuracy if last else None,
-            )
+        finish = self._finish_report(status, message) if status is not None else None
         timeout = self.final_flush_s if flush_timeout_s is None else flush_timeout_s
         if status is None:
             timeout = min(timeout, 0.5)
@@ -387,6 +328,18 @@ class GovernedTraining:
         # The run finished: its snapshots go. Otherwise (failed, unreachable) they stay for a restart to adopt.
         self.lkg.close(remove=finish is not None and finish.status in (FinishStatus.COMPLETED, FinishStatus.HALTED))
         return flushed
+
+    def _finish_report(self, status: FinishStatus, message: str) -> FinishReport:
+        last = self.last_validation
+        return FinishReport(
+            status=status,
+            epochs_completed=self.state.epoch,
+            num_rollbacks=self.num_rollbacks,
+            message=message or str(status),
+            duration_s=time.monotonic() - self.started_at,
+            final_validation_loss=last.loss if last else None,
+            final_validation_accuracy=last.accuracy if last else None,
+        )
 
     # ----------------------------------------------------------------- the user's calls
 
@@ -404,7 +357,7 @@ class GovernedTraining:
         if state.skip_batches:  # a batch the restore asked to skip, and the loop did not skip in its data
             return self._skipped()
         if grad_norm is None:
-            grad_norm = self._default_grad_norm()
+            grad_norm = self.grad_norm.take()
         elif type(grad_norm) is not torch.Tensor:
             grad_norm = _as_tensor(grad_norm, self.device)
 
@@ -437,44 +390,6 @@ class GovernedTraining:
         its data (and not computed at all); without this call each of them is computed and not applied."""
         skip, self.state.skip_batches = self.state.skip_batches, 0
         return skip
-
-    def _default_grad_norm(self) -> torch.Tensor:
-        """The total norm of the optimizers' gradients. With a grad scaler, of the unscaled gradients (divided
-        by the scale only when the scaler has not unscaled them since the last step: hardening 2 found the
-        documented order, ``scaler.step`` then ``step``, divided twice), and a step whose gradients overflowed
-        (the scaler skips it; that is its normal working) reports the last finite norm: no host sync either way."""
-        norm = self.guard.take_norm(self.state.optimizers) if self.guard is not None else None
-        if norm is None:
-            norm = _total_grad_norm(self.state.optimizers, self.device)
-        scaler = self.state.scaler
-        scale = getattr(scaler, "_scale", None) if scaler is not None else None
-        if scale is None:
-            return norm
-        if not all(id(opt) in self._unscaled for opt in self.state.optimizers):
-            norm = norm / scale.to(norm.device)
-        if self._last_finite_norm is None:
-            self._last_finite_norm = torch.ones((), device=norm.device)
-        norm = torch.where(torch.isfinite(norm), norm, self._last_finite_norm)
-        self._last_finite_norm = norm
-        return norm
-
-    def _watch_unscale(self, scaler: torch.amp.GradScaler) -> None:
-        """Note each optimizer whose gradients ``scaler.unscale_`` divided by the scale (called by the user
-        before clipping, or by ``scaler.step``), until ``scaler.scale`` scales a loss for the next backward:
-        instance attributes over the two methods, removed at ``close``."""
-        unscale_original, scale_original = scaler.unscale_, scaler.scale
-        unscaled = self._unscaled
-
-        def unscale_(optimizer: torch.optim.Optimizer) -> None:
-            unscale_original(optimizer)
-            unscaled.add(id(optimizer))
-
-        def scale(outputs: Any) -> Any:
-            unscaled.clear()  # the gradients of the backward that follows are scaled
-            return scale_original(outputs)
-
-        scaler.unscale_ = unscale_  # type: ignore[method-assign]
-        scaler.scale = scale  # type: ignore[method-assign]
 
     def _quiet(self, timeline: int) -> Outcome:
         """The outcome of a step or agreement point that only recorded (one object per timeline: nothing
@@ -666,11 +581,6 @@ class GovernedTraining:
         last_seq = self.governance.send_vitals(chunk)
         self.vouching.sent(chunk.timeline, chunk.steps[-1], last_seq)  # what vouching for a snapshot needs
 
-    def _commands_known(self) -> bool:
-        """Collect the commands delivered so far; True if any is known and not executed yet."""
-        self.commands.collect()
-        return bool(self.commands.known)
-
     def _execute(self, command: Command) -> Outcome:
         """Execute the command every rank agreed on (``Commands``): a HALT waits for its RESUME (executed at
         an agreement point) or halts the run; a ROLLBACK or RESUME leaves the timeline its staged snapshots
@@ -725,11 +635,63 @@ def _as_tensor(value: torch.Tensor | float, device: torch.device) -> torch.Tenso
     return value if isinstance(value, torch.Tensor) else torch.tensor(float(value), device=device)
 
 
-def _total_grad_norm(optimizers: Sequence[torch.optim.Optimizer], device: torch.device) -> torch.Tensor:
-    grads = [p.grad for opt in optimizers for group in opt.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=device)
-    return torch.nn.utils.get_total_norm(grads)
+def _check_arguments(
+    agree_every_steps: int,
+    step_snapshot_every: int,
+    onset_margin_steps: int,
+    num_classes: int | None,
+    random_guess_loss: float | None,
+) -> None:
+    """ValueError for a constructor argument out of range, naming it and the value given."""
+    if agree_every_steps < 0:
+        raise ValueError(f"agree_every_steps must be >= 0 (0: only at validations), got {agree_every_steps}")
+    if step_snapshot_every < 1 or onset_margin_steps < 0:
+        raise ValueError(
+            f"step_snapshot_every must be >= 1 and onset_margin_steps >= 0, got {step_snapshot_every} "
+            f"and {onset_margin_steps}"
+        )
+    if num_classes is not None and random_guess_loss is not None:
+        raise ValueError("give num_classes (classification) or random_guess_loss (language models), not both")
+    if num_classes is not None and num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if random_guess_loss is not None and not (math.isfinite(random_guess_loss) and random_guess_loss > 0):
+        raise ValueError(f"random_guess_loss must be a positive finite number, got {random_guess_loss}")
+
+
+def _connect(
+    governor: str | Governance | None,
+    run_id: str,
+    dist: Distributed,
+    *,
+    task: str,
+    token: str,
+    num_classes: int | None,
+    random_guess_loss: float | None,
+    policy: Mapping[str, Any] | None,
+    heartbeat_s: float,
+    tls: tuple[bytes | None, bytes | None, bytes | None],
+) -> Governance:
+    """The Governance for ``governor``: none (Ungoverned), the one given, or a connection to its address."""
+    if governor is None:
+        return Ungoverned()
+    if not isinstance(governor, str):
+        return governor
+    from tolaria_trainer.address import check_governor_address
+    from tolaria_trainer.client.client import ClientOptions, GovernorClient
+    from tolaria_trainer.client.connection import GovernorConnection, build_hello
+
+    check_governor_address(governor, "governor")
+    hello = build_hello(
+        run_id,
+        dist.rank,
+        dist.world_size,
+        task,
+        num_classes=num_classes,
+        random_guess_loss=random_guess_loss,
+        policy=policy,
+    )
+    options = ClientOptions(heartbeat_s=heartbeat_s, token=token, tls_ca=tls[0], tls_cert=tls[1], tls_key=tls[2])
+    return GovernorConnection(GovernorClient(governor, hello, options))
 
 
 def default_run_id(task: str) -> str:
