@@ -61,6 +61,7 @@ from tolaria_trainer.guard import StepGuard
 from tolaria_trainer.loggers import GovernorLoggers
 from tolaria_trainer.model.seeds import seed_slots
 from tolaria_trainer.outcome import Outcome
+from tolaria_trainer.reachability import Reachability
 from tolaria_trainer.snapshot import LastKnownGood, SnapshotInfo
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
 from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk
@@ -146,8 +147,6 @@ class GovernedTraining:
         )
         self.run_id = run_id or default_run_id(task)
         self.agree_every_steps = agree_every_steps
-        self.fail_closed = fail_closed
-        self.fail_closed_deadline_s = fail_closed_deadline_s
         self.verdict_wait_s = verdict_wait_s
         self.connect_wait_s = connect_wait_s
         self.final_flush_s = final_flush_s
@@ -164,6 +163,7 @@ class GovernedTraining:
             heartbeat_s=heartbeat_s,
             tls=(tls_ca, tls_cert, tls_key),
         )
+        self.reachability = Reachability(self.governance, fail_closed, fail_closed_deadline_s, connect_wait_s)
         if guard_steps and grad_scaler is None:  # a grad scaler already skips non-finite steps
             self.guard = StepGuard(self.state)
             for optimizer in self.state.optimizers:
@@ -207,7 +207,6 @@ class GovernedTraining:
         self.started_at = time.monotonic()
         self._started = False
         self._closed = False
-        self._warned_refusal = False
         self._quiet_outcome = Outcome()
 
     def _guarded_factory(self, factory: OptimizerFactory | None) -> OptimizerFactory | None:
@@ -247,14 +246,7 @@ class GovernedTraining:
         if self._started:
             return
         self._started = True
-        wait = min(self.connect_wait_s, self.fail_closed_deadline_s) if self.fail_closed else self.connect_wait_s
-        if self.governance.governed and not self.governance.start(wait):
-            if self.fail_closed:
-                self._check_reachable()  # not one step before the governor welcomed this trainer
-            else:
-                self._check_refusal()
-                if self.governance.refusal is None:
-                    log.warning("governor not reachable yet; training continues and keeps retrying (fail-open)")
+        self.reachability.connect()
         self._adopt_run_timeline()
         self.adopted = adopt_shared_snapshot(self.lkg, self.state, self.governance, self.dist, self._progress)
         self.checkpoint("adopted" if self.adopted is not None else "initial")
@@ -534,7 +526,7 @@ class GovernedTraining:
     def agreement_point(self) -> Outcome:
         """Send what is buffered, publish snapshots whose verdicts every rank holds, adopt the run's
         timeline, and execute the command every rank agrees on (if any)."""
-        self._check_reachable()
+        self.reachability.check()
         self.vitals.pin(self.state.step, self.state.timeline)  # a step snapshot may be staged here
         self.vitals.flush()  # buffered records go out before anything decided here
         self.commands.collect()  # first: every verdict the governor sent before a command taken here has arrived
@@ -554,28 +546,6 @@ class GovernedTraining:
             raise RunHalted(self.halted)
         if not self._started:
             raise RuntimeError("GovernedTraining is not started: use it as a context manager, or call start()")
-
-    def _check_refusal(self) -> None:
-        refusal = self.governance.refusal
-        if refusal is None:
-            return
-        if self.fail_closed:
-            raise refusal
-        if not self._warned_refusal:
-            self._warned_refusal = True
-            log.error("%s; training continues UNGOVERNED (use fail_closed to stop instead)", refusal)
-
-    def _check_reachable(self) -> None:
-        self._check_refusal()
-        if not self.fail_closed or not self.governance.governed:
-            return
-        while not self.governance.connected:
-            self._check_refusal()
-            if self.governance.unreachable_for_s() > self.fail_closed_deadline_s:
-                raise GovernorUnreachable(
-                    f"governor unreachable for more than {self.fail_closed_deadline_s:g} s (fail-closed)"
-                )
-            time.sleep(0.1)
 
     def _send_vitals(self, chunk: VitalsChunk) -> None:
         last_seq = self.governance.send_vitals(chunk)
