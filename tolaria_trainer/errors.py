@@ -38,3 +38,19 @@ class PeerLost(TrainerError):
 
 class GovernorAddressError(TrainerError, ValueError):
     """A governor address (--address) that is malformed or whose host does not resolve."""
+
+
+class GovernorUnreachable(TrainerError):
+    """The governor stayed unreachable past the fail-closed deadline."""
+
+
+class RollbackFailed(TrainerError):
+    """A ROLLBACK or RESUME could not restore the LKG (the governor then halts the run)."""
+
+
+class RunHalted(TrainerError):
+    """The governor halted the run and no RESUME came within ``halt_wait_s``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"halted by the governor: {reason}")
+        self.reason = reason

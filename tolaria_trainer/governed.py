@@ -27,27 +27,23 @@ collectives run on a gloo group of their own (CPU tensors, no device sync).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch import nn
 
+from tolaria_trainer.adoption import adopt_shared_snapshot, shm_store
+from tolaria_trainer.commands import Commands
 from tolaria_trainer.distributed import Distributed
-from tolaria_trainer.errors import PeerLost, SnapshotError, TrainerError
+from tolaria_trainer.errors import GovernorUnreachable, PeerLost, RollbackFailed, RunHalted
 from tolaria_trainer.governance import (
-    AdoptionReport,
     Command,
-    CommandReport,
     CommandType,
     Coverage,
     FinishReport,
@@ -58,71 +54,23 @@ from tolaria_trainer.governance import (
     SnapshotReport,
     Ungoverned,
     ValidationReport,
-    Verdict,
     VerdictKind,
 )
+from tolaria_trainer.grad_norm import GradNorm
 from tolaria_trainer.guard import StepGuard
-from tolaria_trainer.loggers import GovernorEvent, GovernorLoggers
+from tolaria_trainer.loggers import GovernorLoggers
 from tolaria_trainer.model.seeds import seed_slots
-from tolaria_trainer.rollback import CommandLedger, RestoreOutcome, execute_restore
-from tolaria_trainer.shm import AdoptionRefused, ShmStore, ShmUnavailable
-from tolaria_trainer.snapshot import MAX_STAGED, Adoption, LastKnownGood, SnapshotInfo, weights_digest
+from tolaria_trainer.outcome import Outcome
+from tolaria_trainer.reachability import Reachability
+from tolaria_trainer.snapshot import LastKnownGood, SnapshotInfo
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
 from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk
+from tolaria_trainer.verdicts import ValidationSnapshots
+from tolaria_trainer.vouching import Staged, StepSnapshots, TrainStreamVouching
 
 log = logging.getLogger("tolaria.governed")
 
 Progress = Callable[[dict[str, Any]], None]
-
-
-class GovernorUnreachable(TrainerError):
-    """The governor stayed unreachable past the fail-closed deadline."""
-
-
-class RollbackFailed(TrainerError):
-    """A ROLLBACK or RESUME could not restore the LKG (the governor then halts the run)."""
-
-
-class RunHalted(TrainerError):
-    """The governor halted the run and no RESUME came within ``halt_wait_s``."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(f"halted by the governor: {reason}")
-        self.reason = reason
-
-
-@dataclass
-class Staged:
-    """A staged snapshot awaiting what publishes it: a validation's (``seq``) verdict and the train stream
-    (validation snapshots), or the train stream alone (step snapshots, ``seq`` None)."""
-
-    info: SnapshotInfo
-    seq: int | None
-    unjudged: int  # train-step records never judged (dropped here or shed there) when it was staged
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What ``step`` or ``validate`` did beyond recording.
-
-    ``restored``: a ROLLBACK or RESUME restored the LKG in place; the loop goes on from
-    ``restored_step`` (and ``restored_epoch``) on ``timeline``, skips ``skip_batches`` batches (the
-    training loop's job: ``tolaria-train`` does it), with the learning rate scaled by ``lr_scale``
-    (already applied to the optimizers and schedulers). ``halted``: HALT with no RESUME within
-    ``halt_wait_s``; the loop must stop (``step`` and ``validate`` raise RunHalted from then on).
-    """
-
-    restored: bool = False
-    halted: bool = False
-    command: Command | None = None
-    restored_step: int | None = None
-    restored_epoch: int | None = None
-    timeline: int = 0
-    skip_batches: int = 0
-    lr_scale: float = 1.0
-    punishment_reward: float = 0.0
-    culled: tuple[str, ...] = ()
-    duration_ms: float = 0.0
 
 
 class GovernedTraining:
@@ -180,19 +128,7 @@ class GovernedTraining:
         progress: Progress | None = None,
         loggers: Any = (),
     ) -> None:
-        if agree_every_steps < 0:
-            raise ValueError(f"agree_every_steps must be >= 0 (0: only at validations), got {agree_every_steps}")
-        if step_snapshot_every < 1 or onset_margin_steps < 0:
-            raise ValueError(
-                f"step_snapshot_every must be >= 1 and onset_margin_steps >= 0, got {step_snapshot_every} "
-                f"and {onset_margin_steps}"
-            )
-        if num_classes is not None and random_guess_loss is not None:
-            raise ValueError("give num_classes (classification) or random_guess_loss (language models), not both")
-        if num_classes is not None and num_classes < 2:
-            raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-        if random_guess_loss is not None and not (math.isfinite(random_guess_loss) and random_guess_loss > 0):
-            raise ValueError(f"random_guess_loss must be a positive finite number, got {random_guess_loss}")
+        _check_arguments(agree_every_steps, step_snapshot_every, onset_margin_steps, num_classes, random_guess_loss)
         self.loggers = GovernorLoggers(loggers)  # TypeError for a bad one, before anything is changed
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
@@ -211,15 +147,14 @@ class GovernedTraining:
         )
         self.run_id = run_id or default_run_id(task)
         self.agree_every_steps = agree_every_steps
-        self.fail_closed = fail_closed
-        self.fail_closed_deadline_s = fail_closed_deadline_s
-        self.halt_wait_s = halt_wait_s
         self.verdict_wait_s = verdict_wait_s
         self.connect_wait_s = connect_wait_s
         self.final_flush_s = final_flush_s
         self.progress = progress or (lambda event: None)
-        self.governance = self._governance(
+        self.governance = _connect(
             governor,
+            self.run_id,
+            self.dist,
             task=task,
             token=token or "",
             num_classes=num_classes,
@@ -228,77 +163,51 @@ class GovernedTraining:
             heartbeat_s=heartbeat_s,
             tls=(tls_ca, tls_cert, tls_key),
         )
+        self.reachability = Reachability(self.governance, fail_closed, fail_closed_deadline_s, connect_wait_s)
         if guard_steps and grad_scaler is None:  # a grad scaler already skips non-finite steps
             self.guard = StepGuard(self.state)
             for optimizer in self.state.optimizers:
                 self.guard.install(optimizer)
-        # Optimizers whose gradients the scaler unscaled since the last step (``_watch_unscale``).
-        self._unscaled: set[int] = set()
-        if grad_scaler is not None:
-            self._watch_unscale(grad_scaler)
+        self.grad_norm = GradNorm(self.state, self.guard, self.device)
         self.lkg = LastKnownGood(
-            snapshot_location, step_snapshots, store=self._shm_store(snapshot_shm, run_id, snapshot_location)
+            snapshot_location,
+            step_snapshots,
+            store=shm_store(
+                snapshot_shm,
+                run_id is not None,
+                snapshot_location,
+                self.run_id,
+                self.dist.rank,
+                self.governance.governed,
+            ),
         )
         self.adopted: SnapshotInfo | None = None  # the snapshot an earlier process left in shared memory
-        self.step_snapshot_every = step_snapshot_every
-        self.onset_margin_steps = onset_margin_steps
-        self.step_pending: Staged | None = None  # staged at an agreement point, awaiting the train stream
-        # (timeline, last step, last seq) of each chunk sent while a snapshot is staged, oldest first
-        self._sent: deque[tuple[int, int, int]] = deque()
+        self.commands = Commands(
+            self.state,
+            self.lkg,
+            self.governance,
+            self.dist,
+            self.guard,
+            self.loggers,
+            self._progress,
+            onset_margin_steps=onset_margin_steps,
+            halt_wait_s=halt_wait_s,
+        )
+        self.vouching = TrainStreamVouching(self.governance, self.state, self.commands.any_known)
+        self.validations = ValidationSnapshots(
+            self.lkg, self.governance, self.dist, self.vouching, self._report_snapshot
+        )
+        self.step_snapshots = StepSnapshots(
+            self.lkg, self.state, self.governance, self.dist, self.vouching, step_snapshot_every, self._report_snapshot
+        )
         self._single = self.dist.world_size == 1
-        self._history_losses = 0  # the governor lost the run's history this many times (its commands restart at 1)
-        self._non_finite_at_restore = 0  # the guard's count of non-finite steps when the LKG was last restored
         self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._send_vitals, flush_interval_s=vitals_flush_s)
-        self.ledger = CommandLedger()
-        self.known_commands: dict[int, Command] = {}
-        self.last_command_id = 0  # every rank executed every command up to this id
-        self.pending: list[Staged] = []  # staged validation snapshots, oldest first
-        self.verdicts: dict[int, Verdict] = {}  # of the pending and the latest seq
-        self.latest_seq: int | None = None  # the last validation's seq
         self.last_validation: ValidationReport | None = None  # on the current timeline (None after a restore)
-        self.num_rollbacks = 0
-        self.num_restores = 0  # ROLLBACKs and RESUMEs executed
         self.halted: str | None = None
         self.started_at = time.monotonic()
         self._started = False
         self._closed = False
-        self._warned_refusal = False
-        self._last_finite_norm: torch.Tensor | None = None
         self._quiet_outcome = Outcome()
-        self._logged_records = (0, 0)  # (shed, otherwise unjudged) as the loggers last saw them
-
-    def _governance(
-        self,
-        governor: str | Governance | None,
-        *,
-        task: str,
-        token: str,
-        num_classes: int | None,
-        random_guess_loss: float | None,
-        policy: Mapping[str, Any] | None,
-        heartbeat_s: float,
-        tls: tuple[bytes | None, bytes | None, bytes | None],
-    ) -> Governance:
-        if governor is None:
-            return Ungoverned()
-        if not isinstance(governor, str):
-            return governor
-        from tolaria_trainer.address import check_governor_address
-        from tolaria_trainer.client.client import ClientOptions, GovernorClient
-        from tolaria_trainer.client.connection import GovernorConnection, build_hello
-
-        check_governor_address(governor, "governor")
-        hello = build_hello(
-            self.run_id,
-            self.dist.rank,
-            self.dist.world_size,
-            task,
-            num_classes=num_classes,
-            random_guess_loss=random_guess_loss,
-            policy=policy,
-        )
-        options = ClientOptions(heartbeat_s=heartbeat_s, token=token, tls_ca=tls[0], tls_cert=tls[1], tls_key=tls[2])
-        return GovernorConnection(GovernorClient(governor, hello, options))
 
     def _guarded_factory(self, factory: OptimizerFactory | None) -> OptimizerFactory | None:
         """The seed optimizer factory, with the step guard on every optimizer it makes."""
@@ -337,17 +246,44 @@ class GovernedTraining:
         if self._started:
             return
         self._started = True
-        wait = min(self.connect_wait_s, self.fail_closed_deadline_s) if self.fail_closed else self.connect_wait_s
-        if self.governance.governed and not self.governance.start(wait):
-            if self.fail_closed:
-                self._check_reachable()  # not one step before the governor welcomed this trainer
-            else:
-                self._check_refusal()
-                if self.governance.refusal is None:
-                    log.warning("governor not reachable yet; training continues and keeps retrying (fail-open)")
+        self.reachability.connect()
         self._adopt_run_timeline()
-        adopted = self._adopt_shared_snapshot()
-        self.checkpoint("adopted" if adopted else "initial")
+        self.adopted = adopt_shared_snapshot(self.lkg, self.state, self.governance, self.dist, self._progress)
+        self.checkpoint("adopted" if self.adopted is not None else "initial")
+
+    def _progress(self, event: dict[str, Any]) -> None:
+        """Hand an event to ``progress`` (looked up at each call: the caller may replace it)."""
+        self.progress(event)
+
+    @property
+    def known_commands(self) -> dict[int, Command]:
+        """The commands received and not executed yet, by id (``Commands``)."""
+        return self.commands.known
+
+    @property
+    def last_command_id(self) -> int:
+        """Every rank executed every command up to this id."""
+        return self.commands.last_command_id
+
+    @property
+    def num_rollbacks(self) -> int:
+        """ROLLBACKs executed."""
+        return self.commands.num_rollbacks
+
+    @property
+    def num_restores(self) -> int:
+        """ROLLBACKs and RESUMEs executed."""
+        return self.commands.num_restores
+
+    @property
+    def pending(self) -> list[Staged]:
+        """The validation snapshots staged on this rank, oldest first (``ValidationSnapshots``)."""
+        return self.validations.pending
+
+    @property
+    def step_pending(self) -> Staged | None:
+        """The step snapshot staged at an agreement point, awaiting the train stream (``StepSnapshots``)."""
+        return self.step_snapshots.pending
 
     @property
     def governed(self) -> bool:
@@ -368,24 +304,11 @@ class GovernedTraining:
         self._closed = True
         if self.guard is not None:
             self.guard.uninstall()
-        if self.state.scaler is not None:
-            vars(self.state.scaler).pop("unscale_", None)
-            vars(self.state.scaler).pop("scale", None)
+        self.grad_norm.close()
         self.vitals.flush()
         if self.governance.refusal is not None:
             status = None  # a governor that refused this trainer takes nothing more
-        finish: FinishReport | None = None
-        if status is not None:
-            last = self.last_validation
-            finish = FinishReport(
-                status=status,
-                epochs_completed=self.state.epoch,
-                num_rollbacks=self.num_rollbacks,
-                message=message or str(status),
-                duration_s=time.monotonic() - self.started_at,
-                final_validation_loss=last.loss if last else None,
-                final_validation_accuracy=last.accuracy if last else None,
-            )
+        finish = self._finish_report(status, message) if status is not None else None
         timeout = self.final_flush_s if flush_timeout_s is None else flush_timeout_s
         if status is None:
             timeout = min(timeout, 0.5)
@@ -397,6 +320,18 @@ class GovernedTraining:
         # The run finished: its snapshots go. Otherwise (failed, unreachable) they stay for a restart to adopt.
         self.lkg.close(remove=finish is not None and finish.status in (FinishStatus.COMPLETED, FinishStatus.HALTED))
         return flushed
+
+    def _finish_report(self, status: FinishStatus, message: str) -> FinishReport:
+        last = self.last_validation
+        return FinishReport(
+            status=status,
+            epochs_completed=self.state.epoch,
+            num_rollbacks=self.num_rollbacks,
+            message=message or str(status),
+            duration_s=time.monotonic() - self.started_at,
+            final_validation_loss=last.loss if last else None,
+            final_validation_accuracy=last.accuracy if last else None,
+        )
 
     # ----------------------------------------------------------------- the user's calls
 
@@ -414,7 +349,7 @@ class GovernedTraining:
         if state.skip_batches:  # a batch the restore asked to skip, and the loop did not skip in its data
             return self._skipped()
         if grad_norm is None:
-            grad_norm = self._default_grad_norm()
+            grad_norm = self.grad_norm.take()
         elif type(grad_norm) is not torch.Tensor:
             grad_norm = _as_tensor(grad_norm, self.device)
 
@@ -447,44 +382,6 @@ class GovernedTraining:
         its data (and not computed at all); without this call each of them is computed and not applied."""
         skip, self.state.skip_batches = self.state.skip_batches, 0
         return skip
-
-    def _default_grad_norm(self) -> torch.Tensor:
-        """The total norm of the optimizers' gradients. With a grad scaler, of the unscaled gradients (divided
-        by the scale only when the scaler has not unscaled them since the last step: hardening 2 found the
-        documented order, ``scaler.step`` then ``step``, divided twice), and a step whose gradients overflowed
-        (the scaler skips it; that is its normal working) reports the last finite norm: no host sync either way."""
-        norm = self.guard.take_norm(self.state.optimizers) if self.guard is not None else None
-        if norm is None:
-            norm = _total_grad_norm(self.state.optimizers, self.device)
-        scaler = self.state.scaler
-        scale = getattr(scaler, "_scale", None) if scaler is not None else None
-        if scale is None:
-            return norm
-        if not all(id(opt) in self._unscaled for opt in self.state.optimizers):
-            norm = norm / scale.to(norm.device)
-        if self._last_finite_norm is None:
-            self._last_finite_norm = torch.ones((), device=norm.device)
-        norm = torch.where(torch.isfinite(norm), norm, self._last_finite_norm)
-        self._last_finite_norm = norm
-        return norm
-
-    def _watch_unscale(self, scaler: torch.amp.GradScaler) -> None:
-        """Note each optimizer whose gradients ``scaler.unscale_`` divided by the scale (called by the user
-        before clipping, or by ``scaler.step``), until ``scaler.scale`` scales a loss for the next backward:
-        instance attributes over the two methods, removed at ``close``."""
-        unscale_original, scale_original = scaler.unscale_, scaler.scale
-        unscaled = self._unscaled
-
-        def unscale_(optimizer: torch.optim.Optimizer) -> None:
-            unscale_original(optimizer)
-            unscaled.add(id(optimizer))
-
-        def scale(outputs: Any) -> Any:
-            unscaled.clear()  # the gradients of the backward that follows are scaled
-            return scale_original(outputs)
-
-        scaler.unscale_ = unscale_  # type: ignore[method-assign]
-        scaler.scale = scale  # type: ignore[method-assign]
 
     def _quiet(self, timeline: int) -> Outcome:
         """The outcome of a step or agreement point that only recorded (one object per timeline: nothing
@@ -535,16 +432,12 @@ class GovernedTraining:
         state = self.state
         if epoch is not None:
             state.epoch = epoch
-        self._settle_pending()  # the previous validation's verdict has arrived by now: publish before restaging
+        self.validations.settle()  # the previous validation's verdict has arrived by now: publish before restaging
         staged: SnapshotInfo | None = None
         if self.governed:  # without verdicts, a staged snapshot could never be published
-            if len(self.pending) == MAX_STAGED:
-                self._drop_pending(self.pending[-1])  # the LKG's stage replaces the newest staged one
-            try:
-                staged = self.lkg.stage(state)
+            staged = self.validations.stage(state)
+            if staged is not None:
                 self.vitals.pin(state.step, state.timeline)  # the detectors' state as of it, kept for a restore
-            except SnapshotError as exc:
-                log.error("snapshot staging failed; the previous LKG stays: %s", exc)
         report = ValidationReport(
             timeline=state.timeline,
             step=state.step,
@@ -560,10 +453,7 @@ class GovernedTraining:
         self.vitals.flush()  # the steps before this validation go out first
         seq = self.governance.send_validation(report)
         self.last_validation = report
-        previous, self.latest_seq = self.latest_seq, seq
-        self._release_verdict(previous)  # superseded: only the newest validation's verdict matters at the end
-        if staged is not None:
-            self.pending.append(Staged(staged, seq, self._never_judged()))
+        self.validations.reported(seq, staged)
         return seq
 
     @property
@@ -571,8 +461,7 @@ class GovernedTraining:
         """True when this rank saw a non-finite step since the LKG was last restored (its update was not
         applied) or holds a command not yet executed: the governor's ROLLBACK is on its way, and the
         weights are not worth validating."""
-        seen = self.guard.num_non_finite_skipped if self.guard is not None else 0
-        return seen > self._non_finite_at_restore or bool(self.known_commands) or self.governance.commands_waiting
+        return self.commands.condemned
 
     def before_validation(self) -> Outcome:
         """Call before validating: when the run is condemned (``condemned``), wait up to ``verdict_wait_s``
@@ -580,13 +469,13 @@ class GovernedTraining:
         condemned. A restored outcome means the restore happened here: validate the restored weights (or
         skip the validation). A quiet outcome otherwise; every rank takes part."""
         self._check_open()
-        self._collect()
+        self.commands.collect()
         if not self.dist.agree_max(int(self.condemned)):
             return self._quiet(self.state.timeline)
         deadline = time.monotonic() + self.verdict_wait_s
         while True:
             self.vitals.flush()
-            self._collect()
+            self.commands.collect()
             waiting = not self.known_commands and self.governance.connected
             if not self.dist.agree_max(int(waiting)) or self.dist.agree_max(int(time.monotonic() >= deadline)):
                 break
@@ -606,11 +495,11 @@ class GovernedTraining:
         started = time.monotonic()
         wait = self.verdict_wait_s if wait_s is None else wait_s
         while True:
-            verdict = self._verdict(self.latest_seq, 0.0)
-            self._collect()
+            verdict = self.validations.verdict(self.validations.latest_seq, 0.0)
+            self.commands.collect()
             panic = verdict is not None and verdict.kind is VerdictKind.PANIC
             if self.governance.connected:
-                judged = verdict is not None or self.latest_seq is None
+                judged = verdict is not None or self.validations.latest_seq is None
                 settled = judged and (not panic or bool(self.known_commands))
                 bound = wait
             else:  # the governor is away: wait for it only for a command known to be on its way
@@ -621,7 +510,7 @@ class GovernedTraining:
             if self.dist.agree_min(int(settled)) or self.dist.agree_max(int(timed_out)):
                 break
             time.sleep(0.01)
-        self._settle_pending()
+        self.validations.settle()
         return self.agreement_point()
 
     def checkpoint(self, why: str) -> SnapshotInfo:
@@ -637,18 +526,18 @@ class GovernedTraining:
     def agreement_point(self) -> Outcome:
         """Send what is buffered, publish snapshots whose verdicts every rank holds, adopt the run's
         timeline, and execute the command every rank agrees on (if any)."""
-        self._check_reachable()
+        self.reachability.check()
         self.vitals.pin(self.state.step, self.state.timeline)  # a step snapshot may be staged here
         self.vitals.flush()  # buffered records go out before anything decided here
-        self._collect()  # first: every verdict the governor sent before a command taken here has arrived
-        self._settle_pending()
+        self.commands.collect()  # first: every verdict the governor sent before a command taken here has arrived
+        self.validations.settle()
         self._adopt_run_timeline()
-        self._settle_step_pending()
-        command = self._agree_command()
+        self.step_snapshots.settle()
+        command = self.commands.agree()
         if command is None:
             if self.loggers:
-                self._log_records()  # a command's own event carries the counts
-            self._stage_step_snapshot()
+                self.commands.log_records()  # a command's own event carries the counts
+            self.step_snapshots.stage(self.governed)
             return self._quiet(self.state.timeline)
         return self._execute(command)
 
@@ -658,42 +547,25 @@ class GovernedTraining:
         if not self._started:
             raise RuntimeError("GovernedTraining is not started: use it as a context manager, or call start()")
 
-    def _check_refusal(self) -> None:
-        refusal = self.governance.refusal
-        if refusal is None:
-            return
-        if self.fail_closed:
-            raise refusal
-        if not self._warned_refusal:
-            self._warned_refusal = True
-            log.error("%s; training continues UNGOVERNED (use fail_closed to stop instead)", refusal)
-
-    def _check_reachable(self) -> None:
-        self._check_refusal()
-        if not self.fail_closed or not self.governance.governed:
-            return
-        while not self.governance.connected:
-            self._check_refusal()
-            if self.governance.unreachable_for_s() > self.fail_closed_deadline_s:
-                raise GovernorUnreachable(
-                    f"governor unreachable for more than {self.fail_closed_deadline_s:g} s (fail-closed)"
-                )
-            time.sleep(0.1)
-
     def _send_vitals(self, chunk: VitalsChunk) -> None:
         last_seq = self.governance.send_vitals(chunk)
-        self._sent.append((chunk.timeline, chunk.steps[-1], last_seq))  # what vouching for a snapshot needs
-        self._prune_sent()
+        self.vouching.sent(chunk.timeline, chunk.steps[-1], last_seq)  # what vouching for a snapshot needs
 
-    def _collect(self) -> None:
-        losses = self.governance.num_history_losses
-        if losses != self._history_losses:  # the governor no longer holds the run: its old orders are void
-            self._history_losses = losses
-            self.known_commands.clear()
-            self.last_command_id = 0
-        for command in self.governance.take_commands():
-            if command.command_id > self.last_command_id:  # an executed command may still reach a slow rank
-                self.known_commands[command.command_id] = command
+    def _execute(self, command: Command) -> Outcome:
+        """Execute the command every rank agreed on (``Commands``): a HALT waits for its RESUME (executed at
+        an agreement point) or halts the run; a ROLLBACK or RESUME leaves the timeline its staged snapshots
+        were staged on and restores the LKG."""
+        self.commands.announce(command)
+        if command.type is CommandType.HALT:
+            if self.commands.halt(command):
+                return self.agreement_point()
+            self.halted = command.reason
+            return Outcome(halted=True, command=command, timeline=self.state.timeline)
+        self.step_snapshots.drop()
+        self.validations.drop_all()  # staged on the timeline being left: nothing can publish them now
+        restored = self.commands.restore(command)
+        self.last_validation = None  # the validations reported since the LKG are undone
+        return restored
 
     def _adopt_run_timeline(self) -> None:
         """Move every rank to the run's timeline if the governor named a higher one (Welcome, Resync): a
@@ -703,9 +575,8 @@ class GovernedTraining:
         if target <= self.state.timeline:
             return
         self.vitals.flush()
-        for item in list(self.pending):  # staged on the old timeline: no verdict will publish them
-            self._drop_pending(item)
-        self._drop_step_pending()
+        self.validations.drop_all()  # staged on the old timeline: no verdict will publish them
+        self.step_snapshots.drop()
         log.warning(
             "adopting the run's timeline %d from the governor (was %d; %d records unjudged)",
             target,
@@ -714,153 +585,6 @@ class GovernedTraining:
         )
         self.state.timeline = target
 
-    def _agree_command(self) -> Command | None:
-        """The command every rank executes now: the highest id any rank holds, as the lowest rank holding
-        it received it (so a rank whose stream never delivered it executes it too and the ranks never
-        diverge). None when no rank holds a new command."""
-        highest = self.dist.agree_max(max(self.known_commands, default=0))
-        if highest == 0:
-            return None
-        holds = highest in self.known_commands
-        holder = self.dist.agree_min(self.dist.rank if holds else self.dist.world_size)
-        assert holder < self.dist.world_size, "the highest id came from a rank that holds it"
-        data = json.dumps(dataclasses.asdict(self.known_commands[highest])).encode() if holds else b""
-        fields = json.loads(self.dist.broadcast_bytes(data, holder))
-        command = Command(**{**fields, "type": CommandType(fields["type"])})
-        self.known_commands = {cid: c for cid, c in self.known_commands.items() if cid > highest}
-        self.last_command_id = highest
-        return command
-
-    # ----------------------------------------------------------------- snapshots and verdicts
-
-    def _settle_pending(self, wait_s: float = 0.0) -> None:
-        """Publish or discard staged validation snapshots, oldest first. A snapshot is published once every
-        rank holds a Verdict allowing exactly its (timeline, step) and the train stream vouches for it on
-        every rank (``_vouch``: no anomaly whose onset is at or before its step can still be reported), so
-        the LKG never holds a fault that a healthy-looking validation came too early to see. It is
-        discarded when a verdict does not allow it or the vouching became impossible; this stops at the
-        first one still waiting. Every rank calls the same collectives in the same order."""
-        for position in range(self.dist.agree_max(len(self.pending))):
-            item = self.pending[0] if self.pending else None
-            verdict = self._verdict(item.seq, wait_s if position == 0 else 0.0) if item else None
-            if not self.dist.agree_min(int(verdict is not None)):
-                return
-            assert item is not None
-            assert verdict is not None
-            staged = item.info
-            allowed = verdict.snapshot_allowed and (verdict.timeline, verdict.step) == (staged.timeline, staged.step)
-            vouch = self._vouch(item) if allowed else "doomed"
-            if self.dist.agree_max(int(vouch == "doomed")):
-                self._drop_pending(item)
-                continue
-            if not self.dist.agree_min(int(vouch == "vouched")):
-                return
-            if self.lkg.publish(staged.timeline, staged.step, "validation"):
-                self._report_snapshot(staged)
-            self._drop_pending(item)
-
-    def _vouch(self, item: Staged) -> str:
-        """Whether the train stream vouches for a staged snapshot at step S: "vouched" once the governor
-        acknowledged the records up to S + ``train_verification_steps`` of its timeline with no command here
-        (a train-stream alarm whose onset is at or before S would have fired by then, and its command would
-        have arrived before those Acks: the Acks are read first, the commands after); "doomed" once a
-        command, another timeline, or records never judged (dropped by the client under back-pressure, or
-        shed by a governor that was behind) make that impossible; "waiting" otherwise."""
-        acked = self.governance.acked_seq
-        self._collect()  # every command delivered before those Acks is known now
-        margin = self.governance.train_verification_steps
-        if (
-            self.state.timeline != item.info.timeline
-            or bool(self.known_commands)
-            or self._never_judged() != item.unjudged
-        ):
-            return "doomed"
-        if margin is None:
-            return "waiting"
-        target = item.info.step + margin
-        needed = next((seq for tl, last, seq in self._sent if tl == item.info.timeline and last >= target), None)
-        return "vouched" if needed is not None and acked >= needed else "waiting"
-
-    def _drop_pending(self, item: Staged) -> None:
-        """Forget a staged snapshot (if it was published, the LKG stays) and stop waiting for its verdict."""
-        self.pending.remove(item)
-        self.lkg.discard(item.info)
-        self._release_verdict(item.seq)
-        self._prune_sent()
-
-    def _release_verdict(self, seq: int | None) -> None:
-        """Stop tracking the verdict on ``seq`` unless a staged snapshot or the latest validation needs it."""
-        if seq is None or seq == self.latest_seq or any(seq == item.seq for item in self.pending):
-            return
-        if self.verdicts.pop(seq, None) is None:
-            self.governance.forget_verdict(seq)
-
-    def _prune_sent(self) -> None:
-        """Forget the chunks no staged snapshot can still need (those before the oldest staged step)."""
-        staged = [item.info for item in self.pending] + ([self.step_pending.info] if self.step_pending else [])
-        oldest = min((info.step for info in staged), default=None)
-        while len(self._sent) > 1 and (oldest is None or self._sent[0][1] < oldest):
-            self._sent.popleft()  # the newest stays: it may end at the step a snapshot is staged at next
-
-    def _verdict(self, seq: int | None, wait_s: float) -> Verdict | None:
-        """The Verdict on validation ``seq`` once it arrived (kept until its seq is dropped)."""
-        if seq is None:
-            return None
-        if seq not in self.verdicts:
-            verdict = self.governance.verdict(seq, wait_s)
-            if verdict is None:
-                return None
-            if verdict.kind is VerdictKind.PANIC:
-                log.warning("governor verdict PANIC at step %d: %s", verdict.step, verdict.reason)
-            self.verdicts[seq] = verdict
-        return self.verdicts[seq]
-
-    def _stage_step_snapshot(self) -> None:
-        """Stage a step snapshot every ``step_snapshot_every`` steps once the governor says how long its
-        train-stream detectors take to vouch for a step. Every rank takes part in the one collective,
-        whatever it holds (a rank whose earlier staging failed must not skip it). The agreement point pinned
-        this step before its flush, so the governor keeps its detectors' state as of it."""
-        newest = self.lkg.info
-        due = self.step_pending is None and self.lkg.step_snapshots > 0
-        due = due and (newest is None or self.state.step - newest.step >= self.step_snapshot_every)
-        able = due and self.governed and self.governance.train_verification_steps is not None
-        if not self.dist.agree_min(int(able)):
-            return
-        try:
-            info = self.lkg.stage(self.state, kind="step")
-        except SnapshotError as exc:  # the other ranks learn it at the next settle (nothing staged here)
-            log.error("step snapshot staging failed; the published snapshots stay: %s", exc)
-            return
-        self.step_pending = Staged(info, None, self._never_judged())
-
-    def _never_judged(self) -> int:
-        """Train-step records the governor will never judge: dropped here, or shed there."""
-        return self.governance.num_dropped_records + self.governance.num_shed_records
-
-    def _settle_step_pending(self) -> None:
-        """Publish the staged step snapshot once the train stream vouches for it on every rank (``_vouch``),
-        or discard it once some rank finds that impossible."""
-        staged = self.step_pending
-        if not self.dist.agree_max(int(staged is not None)):
-            return
-        vouch = self._vouch(staged) if staged is not None else "doomed"
-        if self.dist.agree_max(int(vouch == "doomed")):
-            self._drop_step_pending()
-            return
-        if not self.dist.agree_min(int(vouch == "vouched")):
-            return
-        assert staged is not None
-        if self.lkg.publish(staged.info.timeline, staged.info.step, "step"):
-            self._report_snapshot(staged.info)
-        self.step_pending = None
-        self._prune_sent()
-
-    def _drop_step_pending(self) -> None:
-        if self.step_pending is not None:
-            self.lkg.discard(self.step_pending.info)
-        self.step_pending = None
-        self._prune_sent()
-
     def _report_snapshot(self, info: SnapshotInfo) -> None:
         digest = self.lkg.digest_of(info)
         self.governance.send_snapshot(
@@ -868,231 +592,6 @@ class GovernedTraining:
         )
         if digest:
             self.progress({"event": "snapshot", "timeline": info.timeline, "step": info.step, "digest": digest})
-
-    # ----------------------------------------------------------------- shared memory (docs/protocol.md)
-
-    def _shm_store(self, wanted: bool | None, run_id: str | None, location: str) -> ShmStore | None:
-        """The shared-memory segment set of this (run, rank), or None: off (``snapshot_shm=False``; by
-        default unless the run is governed and its id given, since a restart can adopt a snapshot only
-        under the same run id and with the governor's word for it), a device location, or no room."""
-        on = wanted if wanted is not None else run_id is not None and self.governance.governed
-        if not on:
-            return None
-        if location == "device":
-            log.warning("snapshot_shm: snapshots on the device cannot outlive the process; they stay there")
-            return None
-        try:
-            return ShmStore(self.run_id, self.dist.rank)
-        except ShmUnavailable as exc:
-            log.warning("%s; snapshots stay in this process's memory (a crash loses them)", exc)
-            return None
-
-    def _adopt_shared_snapshot(self) -> bool:
-        """Adopt the last-known-good an earlier process of this (run, rank) left in shared memory, when the
-        governor's Welcome names exactly it and every rank holds one of the same step (all or none: every
-        rank takes part in the two collectives). Every rank then goes on on the next timeline, as after a
-        restore, and tells the governor first (SnapshotAdopted), so the steps the dead process had trained
-        past the snapshot are never mixed with the ones trained again. A refusal is logged, and training
-        starts as without one."""
-        store = self.lkg.store
-        prepared: Adoption | None = None
-        if store is not None and (store.previous is not None or store.previous_error):
-            try:
-                prepared = self.lkg.prepare_adoption(self.state, self.governance.last_snapshot)
-            except AdoptionRefused as exc:
-                self._refuse_adoption(str(exc))
-        step = prepared.step if prepared is not None else -1
-        lowest, highest = self.dist.agree_min(step), self.dist.agree_max(step)
-        if prepared is None or lowest != highest:
-            if prepared is not None:
-                self._refuse_adoption(
-                    f"another rank holds {'none' if lowest < 0 else f'step {lowest}'}, not step {step}"
-                )
-            return False
-        info = self.lkg.complete_adoption(self.state, prepared)
-        self.adopted = info
-        adopted_on = self.state.timeline  # the run's, agreed by every rank (_adopt_run_timeline)
-        self.governance.send_adopted(
-            AdoptionReport(adopted_on, (info.timeline, info.step, prepared.digest), self.lkg.digest_ms)
-        )
-        self.state.timeline = adopted_on + 1
-        log.warning(
-            "adopted the last-known-good of step %d (timeline %d) from shared memory in %.0f ms; training goes on "
-            "from there on timeline %d",
-            info.step,
-            info.timeline,
-            self.lkg.digest_ms,
-            self.state.timeline,
-        )
-        self.progress(
-            {
-                "event": "adopted",
-                "step": info.step,
-                "epoch": info.epoch,
-                "snapshot_timeline": info.timeline,
-                "timeline": self.state.timeline,
-                "digest": prepared.digest,
-                "duration_ms": round(self.lkg.digest_ms, 3),
-                "weights_sha256": weights_digest(self.state.model),
-            }
-        )
-        return True
-
-    def _refuse_adoption(self, reason: str) -> None:
-        log.warning("not adopting the last-known-good in shared memory: %s; training starts as without one", reason)
-        self.progress({"event": "adoption_refused", "reason": reason})
-
-    # ----------------------------------------------------------------- commands
-
-    def _execute(self, command: Command) -> Outcome:
-        at_step = self.state.step
-        log.warning(
-            "governor command %d %s (punishment %g): %s",
-            command.command_id,
-            command.type,
-            command.punishment_reward,
-            command.reason,
-        )
-        self.progress(
-            {
-                "event": "command",
-                "type": str(command.type),
-                "command_id": command.command_id,
-                "reason": command.reason,
-                "punishment_reward": command.punishment_reward,
-            }
-        )
-        if command.type is CommandType.HALT:
-            self.governance.send_command_result(CommandReport(command, True, self.state.step, 0.0))
-            self._log_event("halt", at_step, command)
-            return self._halt(command)
-        rollback = command.type is CommandType.ROLLBACK
-        scale = command.recovery_lr_scale if rollback else 1.0
-        self._drop_step_pending()
-        onset = command.onset_step if rollback else None
-        for item in list(self.pending):  # staged on the timeline being left: nothing can publish them now
-            self._drop_pending(item)
-        outcome = execute_restore(
-            self.state,
-            self.lkg,
-            self.ledger,
-            command.command_id,
-            command.reason,
-            command.timeline_after(succeeded=True),
-            scale,
-            command.recovery_skip_batches if rollback else 0,
-            onset,
-            self.onset_margin_steps,
-            before_step=command.restore_before_step if rollback else None,
-            skip_through_step=command.skip_through_step if rollback else None,
-        )
-        self._report_result(command, outcome)
-        if not outcome.succeeded:
-            self._log_event("restore_failed", at_step, command, reason=f"{command.reason}; {outcome.error}")
-            raise RollbackFailed(f"rollback {command.command_id} failed: {outcome.error}")
-        self.num_restores += 1
-        if rollback:
-            self.num_rollbacks += 1
-        if self.guard is not None:
-            self._non_finite_at_restore = self.guard.num_non_finite_skipped
-        self.last_validation = None  # the validations reported since the LKG are undone
-        self.progress(
-            {
-                "event": "restored",
-                "command_id": command.command_id,
-                "timeline": outcome.new_timeline,
-                "restored_step": outcome.restored_step,
-                "culled": list(outcome.culled),
-                "duration_ms": outcome.duration_ms,
-            }
-        )
-        restored = Outcome(
-            restored=True,
-            command=command,
-            restored_step=outcome.restored_step,
-            restored_epoch=self.state.epoch,
-            timeline=outcome.new_timeline,
-            skip_batches=self.state.skip_batches,
-            lr_scale=scale,
-            punishment_reward=command.punishment_reward,
-            culled=outcome.culled,
-            duration_ms=outcome.duration_ms,
-        )
-        self._log_event("rollback" if rollback else "resume", at_step, command, restored)
-        return restored
-
-    def _log_event(
-        self, kind: str, at_step: int, command: Command | None, outcome: Outcome | None = None, reason: str = ""
-    ) -> None:
-        """Hand what a command did to the loggers (``tolaria_trainer.loggers``); nothing without loggers."""
-        if not self.loggers:
-            return
-        governance = self.governance
-        shed = governance.num_shed_records
-        unjudged = governance.num_unjudged_records + governance.num_dropped_records
-        self._logged_records = (shed, unjudged)
-        self.loggers.emit(
-            GovernorEvent(
-                kind=kind,
-                step=at_step,
-                timeline=self.state.timeline,
-                num_rollbacks=self.num_rollbacks,
-                num_restores=self.num_restores,
-                num_shed_records=shed,
-                num_unjudged_records=unjudged,
-                command_id=command.command_id if command is not None else None,
-                command_type=str(command.type) if command is not None else "",
-                reason=reason or (command.reason if command is not None else ""),
-                restored_step=outcome.restored_step if outcome is not None else None,
-                punishment_reward=command.punishment_reward if command is not None else 0.0,
-                lr_scale=outcome.lr_scale if outcome is not None else 1.0,
-                skip_batches=outcome.skip_batches if outcome is not None else 0,
-            )
-        )
-
-    def _log_records(self) -> None:
-        """At an agreement point: a ``records`` event when more records went unjudged since the last event."""
-        governance = self.governance
-        now = (governance.num_shed_records, governance.num_unjudged_records + governance.num_dropped_records)
-        if now != self._logged_records:
-            self._log_event("records", self.state.step, None)
-
-    def _report_result(self, command: Command, outcome: RestoreOutcome) -> None:
-        self.governance.send_command_result(
-            CommandReport(
-                command,
-                outcome.succeeded,
-                outcome.restored_step,
-                outcome.duration_ms,
-                outcome.error,
-                len(outcome.culled),
-                # The learning rate training continues with: the restored one, times recovery_lr_scale.
-                self.state.learning_rate() if outcome.succeeded else None,
-            )
-        )
-
-    def _halt(self, command: Command) -> Outcome:
-        """Stay alive with the LKG and the stream until RESUME (executed here: it restores the LKG), or
-        give up after ``halt_wait_s``."""
-        self.progress(
-            {
-                "event": "halted",
-                "command_id": command.command_id,
-                "reason": command.reason,
-                "halt_wait_s": self.halt_wait_s,
-            }
-        )
-        deadline = time.monotonic() + self.halt_wait_s
-        while True:
-            self._collect()
-            resume = max((c for c, cmd in self.known_commands.items() if cmd.type is CommandType.RESUME), default=0)
-            if self.dist.agree_max(resume):
-                return self.agreement_point()
-            if self.dist.agree_max(int(time.monotonic() >= deadline)):
-                self.halted = command.reason
-                self._log_event("halted", self.state.step, command)
-                return Outcome(halted=True, command=command, timeline=self.state.timeline)
-            time.sleep(0.1)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -1106,11 +605,63 @@ def _as_tensor(value: torch.Tensor | float, device: torch.device) -> torch.Tenso
     return value if isinstance(value, torch.Tensor) else torch.tensor(float(value), device=device)
 
 
-def _total_grad_norm(optimizers: Sequence[torch.optim.Optimizer], device: torch.device) -> torch.Tensor:
-    grads = [p.grad for opt in optimizers for group in opt.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return torch.zeros((), device=device)
-    return torch.nn.utils.get_total_norm(grads)
+def _check_arguments(
+    agree_every_steps: int,
+    step_snapshot_every: int,
+    onset_margin_steps: int,
+    num_classes: int | None,
+    random_guess_loss: float | None,
+) -> None:
+    """ValueError for a constructor argument out of range, naming it and the value given."""
+    if agree_every_steps < 0:
+        raise ValueError(f"agree_every_steps must be >= 0 (0: only at validations), got {agree_every_steps}")
+    if step_snapshot_every < 1 or onset_margin_steps < 0:
+        raise ValueError(
+            f"step_snapshot_every must be >= 1 and onset_margin_steps >= 0, got {step_snapshot_every} "
+            f"and {onset_margin_steps}"
+        )
+    if num_classes is not None and random_guess_loss is not None:
+        raise ValueError("give num_classes (classification) or random_guess_loss (language models), not both")
+    if num_classes is not None and num_classes < 2:
+        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+    if random_guess_loss is not None and not (math.isfinite(random_guess_loss) and random_guess_loss > 0):
+        raise ValueError(f"random_guess_loss must be a positive finite number, got {random_guess_loss}")
+
+
+def _connect(
+    governor: str | Governance | None,
+    run_id: str,
+    dist: Distributed,
+    *,
+    task: str,
+    token: str,
+    num_classes: int | None,
+    random_guess_loss: float | None,
+    policy: Mapping[str, Any] | None,
+    heartbeat_s: float,
+    tls: tuple[bytes | None, bytes | None, bytes | None],
+) -> Governance:
+    """The Governance for ``governor``: none (Ungoverned), the one given, or a connection to its address."""
+    if governor is None:
+        return Ungoverned()
+    if not isinstance(governor, str):
+        return governor
+    from tolaria_trainer.address import check_governor_address
+    from tolaria_trainer.client.client import ClientOptions, GovernorClient
+    from tolaria_trainer.client.connection import GovernorConnection, build_hello
+
+    check_governor_address(governor, "governor")
+    hello = build_hello(
+        run_id,
+        dist.rank,
+        dist.world_size,
+        task,
+        num_classes=num_classes,
+        random_guess_loss=random_guess_loss,
+        policy=policy,
+    )
+    options = ClientOptions(heartbeat_s=heartbeat_s, token=token, tls_ca=tls[0], tls_cert=tls[1], tls_key=tls[2])
+    return GovernorConnection(GovernorClient(governor, hello, options))
 
 
 def default_run_id(task: str) -> str:

@@ -1,0 +1,102 @@
+"""Adopting the last-known-good an earlier process of this (run, rank) left in shared memory.
+
+``shm_store`` opens the segment set a snapshot outlives its process in; ``adopt_shared_snapshot`` is the
+start-up step that takes one over (docs/protocol.md, "SnapshotAdopted"). Invariant: every rank adopts,
+or none does; the ranks that adopt go on together on the run's next timeline, and the governor hears of it
+(SnapshotAdopted) before any record of that timeline.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from tolaria_trainer.distributed import Distributed
+from tolaria_trainer.governance import AdoptionReport, Governance
+from tolaria_trainer.shm import AdoptionRefused, ShmStore, ShmUnavailable
+from tolaria_trainer.snapshot import Adoption, LastKnownGood, SnapshotInfo, weights_digest
+from tolaria_trainer.training.state import TrainingState
+
+log = logging.getLogger("tolaria.governed")
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+def shm_store(
+    wanted: bool | None, named: bool, location: str, run_id: str, rank: int, governed: bool
+) -> ShmStore | None:
+    """The shared-memory segment set of this (run, rank), or None: off (``snapshot_shm=False``; by default
+    unless the run is ``governed`` and its id ``named``, since a restart can adopt a snapshot only under the
+    same run id and with the governor's word for it), a device location, or no room."""
+    on = wanted if wanted is not None else named and governed
+    if not on:
+        return None
+    if location == "device":
+        log.warning("snapshot_shm: snapshots on the device cannot outlive the process; they stay there")
+        return None
+    try:
+        return ShmStore(run_id, rank)
+    except ShmUnavailable as exc:
+        log.warning("%s; snapshots stay in this process's memory (a crash loses them)", exc)
+        return None
+
+
+def adopt_shared_snapshot(
+    lkg: LastKnownGood, state: TrainingState, governance: Governance, dist: Distributed, progress: Progress
+) -> SnapshotInfo | None:
+    """Adopt the last-known-good an earlier process of this (run, rank) left in shared memory, when the
+    governor's Welcome names exactly it and every rank holds one of the same step (all or none: every
+    rank takes part in the two collectives). Every rank then goes on on the next timeline, as after a
+    restore, and tells the governor first (SnapshotAdopted), so the steps the dead process had trained
+    past the snapshot are never mixed with the ones trained again. A refusal is logged, and training
+    starts as without one (None)."""
+    prepared = _prepare(lkg, state, governance, progress)
+    step = prepared.step if prepared is not None else -1
+    lowest, highest = dist.agree_min(step), dist.agree_max(step)
+    if prepared is None or lowest != highest:
+        if prepared is not None:
+            _refuse(progress, f"another rank holds {'none' if lowest < 0 else f'step {lowest}'}, not step {step}")
+        return None
+    info = lkg.complete_adoption(state, prepared)
+    adopted_on = state.timeline  # the run's, agreed by every rank (the facade's _adopt_run_timeline)
+    governance.send_adopted(AdoptionReport(adopted_on, (info.timeline, info.step, prepared.digest), lkg.digest_ms))
+    state.timeline = adopted_on + 1
+    log.warning(
+        "adopted the last-known-good of step %d (timeline %d) from shared memory in %.0f ms; training goes on "
+        "from there on timeline %d",
+        info.step,
+        info.timeline,
+        lkg.digest_ms,
+        state.timeline,
+    )
+    progress(
+        {
+            "event": "adopted",
+            "step": info.step,
+            "epoch": info.epoch,
+            "snapshot_timeline": info.timeline,
+            "timeline": state.timeline,
+            "digest": prepared.digest,
+            "duration_ms": round(lkg.digest_ms, 3),
+            "weights_sha256": weights_digest(state.model),
+        }
+    )
+    return info
+
+
+def _prepare(lkg: LastKnownGood, state: TrainingState, governance: Governance, progress: Progress) -> Adoption | None:
+    """This rank's side of an adoption: the snapshot in shared memory checked against the Welcome, or None."""
+    store = lkg.store
+    if store is None or (store.previous is None and not store.previous_error):
+        return None
+    try:
+        return lkg.prepare_adoption(state, governance.last_snapshot)
+    except AdoptionRefused as exc:
+        _refuse(progress, str(exc))
+        return None
+
+
+def _refuse(progress: Progress, reason: str) -> None:
+    log.warning("not adopting the last-known-good in shared memory: %s; training starts as without one", reason)
+    progress({"event": "adoption_refused", "reason": reason})
