@@ -1,7 +1,8 @@
 """What comes out of the core: data that the adapter carries out in one fixed order.
 
 ``GovernorCore.handle`` returns an ``Effects``: journal entries to append, messages for streams, and
-a reply for a controller. The adapter (``service/runtime.py``, or the simulation) applies them so:
+a reply for a controller. ``core/apply.Applier``, which the daemon (``service/runtime.py``) and the
+simulation share, applies them so:
 
 1. every entry is appended, in order, at once (the core's state already includes them);
 2. if any entry is ``sync`` the journal commits now, otherwise within the group-commit interval;

@@ -18,13 +18,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from governor_daemon.core import events as ev
 from governor_daemon.core.registry import RankState, Run
-
-if TYPE_CHECKING:
-    from governor_daemon.core.machine import GovernorCore
+from governor_daemon.core.state import CoreState
+from governor_daemon.core.timers import tick_due
 
 Undo = Callable[[], None]
 
@@ -77,37 +76,37 @@ def _rank_copy(rank: RankState) -> RankState:
     return twin
 
 
-def undo_point(core: GovernorCore, event: ev.Event) -> Undo:
+def undo_point(state: CoreState, event: ev.Event) -> Undo:
     """What puts back the state ``event`` can change."""
-    runs, lives = core.registry.runs, core.registry.lives
+    runs, lives = state.registry.runs, state.registry.lives
     membership = dict(runs) if isinstance(event, ev.Attach | ev.Finish | ev.ForgetRun | ev.Tick | ev.Start) else None
     # A tick can end a STALLED rank's stream (the stall watchdog).
-    streams = dict(core.streams) if isinstance(event, ev.Attach | ev.Detach | ev.Start | ev.Stop | ev.Tick) else None
+    streams = dict(state.streams) if isinstance(event, ev.Attach | ev.Detach | ev.Start | ev.Stop | ev.Tick) else None
     # A trainer's records touch its own rank and its run's policy; the pending validation steps only a
     # validation, a command result, a finish, timers and start-up do.
-    stream_rank = core.streams.get(event.stream) if isinstance(event, ev.Vitals | ev.SnapshotTaken) else None
+    stream_rank = state.streams.get(event.stream) if isinstance(event, ev.Vitals | ev.SnapshotTaken) else None
     ranks = (stream_rank.rank,) if stream_rank is not None else None
     aggregator = not isinstance(event, ev.Vitals | ev.SnapshotTaken | ev.Heartbeat | ev.Detach)
-    mementos = [_RunMemento.of(run, ranks, aggregator) for run in _touched(core, event)]
+    mementos = [_RunMemento.of(run, ranks, aggregator) for run in _touched(state, event)]
 
     def undo() -> None:
-        core.registry.lives = lives
+        state.registry.lives = lives
         if membership is not None:
             runs.clear()
             runs.update(membership)
         if streams is not None:
-            core.streams.clear()
-            core.streams.update(streams)
+            state.streams.clear()
+            state.streams.update(streams)
         for memento in mementos:
             memento.restore()
 
     return undo
 
 
-def _touched(core: GovernorCore, event: ev.Event) -> Iterable[Run]:
-    runs = core.registry.runs
+def _touched(state: CoreState, event: ev.Event) -> Iterable[Run]:
+    runs = state.registry.runs
     if isinstance(event, ev.Tick):
-        return core.tick_due(event.now)
+        return tick_due(state, event.now)
     if isinstance(event, ev.Start | ev.Stop):
         return list(runs.values())
     run_id: str | None = None
@@ -116,7 +115,7 @@ def _touched(core: GovernorCore, event: ev.Event) -> Iterable[Run]:
     elif isinstance(event, ev.Heartbeat):
         return ()
     else:
-        binding = core.streams.get(event.stream)
+        binding = state.streams.get(event.stream)
         run_id = binding.run_id if binding is not None else None
     run = runs.get(run_id) if run_id is not None else None
     return (run,) if run is not None else ()

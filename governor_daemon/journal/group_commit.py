@@ -109,6 +109,11 @@ class GroupCommitter:
         self._written(started, durable)
 
     @property
+    def last_seq(self) -> int:
+        """Highest seq appended, durable or not."""
+        return self.journal.last_seq
+
+    @property
     def durable_seq(self) -> int:
         """Highest seq on disk and published (its messages released, its entry in the tail)."""
         return self._published

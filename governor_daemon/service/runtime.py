@@ -1,9 +1,10 @@
-"""The core on the event loop: the journal, the open streams, and the one place effects are applied.
+"""The core on the event loop: the journal, the open streams, and what the daemon adds to applying effects.
 
-``Governor.handle(event)`` runs ``GovernorCore.handle`` and applies its effects in the order
-``core/effects.py`` defines: entries appended at once (the core's state includes them), a commit now
-when one is ``sync``, and messages released only once everything appended before them is durable.
-Nothing awaits between an event and its entries, so no other event interleaves with a decision.
+``Governor.handle(event)`` runs the event through ``core/apply.Applier``, the one applier of effects the
+simulation shares: entries appended at once (the core's state includes them), a commit now when one is
+``sync``, and messages released only once everything appended before them is durable. The runtime adds
+metrics and log lines per entry, and delivers released messages to their streams. Nothing awaits between an
+event and its entries, so no other event interleaves with a decision.
 
 A journal write failure is fatal (like PostgreSQL's PANIC on a failed WAL fsync): nothing more is
 acknowledged or sent, every stream ends, and ``fatal`` is set for the server to exit non-zero; a
@@ -13,7 +14,7 @@ restart recovers from what is durable.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,14 @@ from typing import Any
 import structlog
 
 from governor_daemon.clock import Clock, SystemClock
-from governor_daemon.core import CoreOptions, Effects, GovernorCore, Limits, Outbound, Run
+from governor_daemon.core import CoreOptions, GovernorCore, Limits, Run
 from governor_daemon.core import events as ev
-from governor_daemon.core.effects import Append, EndStream
+from governor_daemon.core.apply import Applier
+from governor_daemon.core.effects import Append, EndStream, Send
 from governor_daemon.core.kinds import EntryKind
 from governor_daemon.decision_log import DecisionLog, is_notable
 from governor_daemon.errors import UnavailableError
 from governor_daemon.journal import Committed, Journal, Recovery
-from governor_daemon.journal.entry import Entry
 from governor_daemon.journal.group_commit import GroupCommitter
 from governor_daemon.journal.segments import DEFAULT_SEGMENT_BYTES
 from governor_daemon.metrics import Metrics
@@ -61,8 +62,8 @@ class Governor:
         self.clock: Clock = clock or SystemClock()
         self.core = GovernorCore(CoreOptions(options.defaults, options.locked_fields, options.limits))
         self.streams: dict[int, StreamHandle] = {}
-        self.outbound = Outbound()
         self.journal: GroupCommitter | None = None
+        self._applier: Applier | None = None
         self.recovery = Recovery()
         self.stopping = asyncio.Event()
         self.fatal = asyncio.Event()
@@ -85,7 +86,8 @@ class Governor:
         )
         journal.checkpoint_provider = self.core.checkpoint
         self.journal = GroupCommitter(journal, self.options.group_commit_s)
-        self.journal.on_durable = self._release
+        self._applier = Applier(self.core, self.journal, self._released)
+        self.journal.on_durable = self._applier.durable
         self.journal.on_failure = self._journal_failed
         await self.journal.start()
         start = ev.Start(
@@ -118,6 +120,12 @@ class Governor:
         assert self.journal is not None, "Governor.start() was not called"
         return self.journal
 
+    @property
+    def applier(self) -> Applier:
+        """The applier of the core's effects to the journal and the streams (after start)."""
+        assert self._applier is not None, "Governor.start() was not called"
+        return self._applier
+
     # ----------------------------------------------------------------- streams
 
     def open_stream(self, peer: str) -> StreamHandle:
@@ -146,9 +154,7 @@ class Governor:
         if stream is not None and stream not in self.streams and not isinstance(event, ev.Detach):
             return self.committer.journal.last_seq  # a closed stream's late message: moot
         self.committer.rotate_if_due()  # a checkpoint is taken between events, never inside one
-        with self.core.transaction(event) as effects:  # an entry the journal refuses undoes the event
-            entries = self._append(effects)
-        after = self._publish(effects, entries)
+        effects, after = self.applier.apply(event, self._appended)  # an entry the journal refuses undoes the event
         if isinstance(event, ev.Validation) and any(a.kind == EntryKind.DECISION for a in effects.entries):
             self.metrics.decision_latency.observe(max(0.0, self.clock.monotonic() - event.now))
         elif isinstance(event, ev.Tick):
@@ -160,9 +166,7 @@ class Governor:
         if self.failure is not None:
             raise UnavailableError(f"journal write failed: {self.failure}; the daemon is stopping")
         self.committer.rotate_if_due()
-        with self.core.transaction(event) as effects:
-            entries = self._append(effects)
-        after = self._publish(effects, entries)
+        effects, after = self.applier.apply(event, self._appended)
         try:
             await self.committer.wait_durable(after)
         except RuntimeError as exc:
@@ -176,36 +180,20 @@ class Governor:
         except RuntimeError as exc:
             raise UnavailableError(str(exc)) from None
 
-    def _append(self, effects: Effects) -> list[Entry]:
-        """Append the event's entries (all or none: the journal encodes every one first)."""
-        if not effects.entries:
-            return []
-        return self.committer.append_event([(a.run, a.kind, a.payload) for a in effects.entries])
-
-    def _publish(self, effects: Effects, entries: list[Entry]) -> int:
-        """After the append: cursors, metrics, log lines and the messages held for the commit, the commit."""
-        committer = self.committer
+    def _appended(self, appends: Sequence[Append], seqs: Sequence[int]) -> None:
+        """An event's entries are appended: metrics, and their log lines held until they are durable."""
         notable = []
-        for append, entry in zip(effects.entries, entries, strict=True):
-            if append.run:
-                self.core.note_appended(append.run, entry.seq)
+        for append, seq in zip(appends, seqs, strict=True):
             _count(self.metrics, append)
             if is_notable(append.kind, append.payload):
-                notable.append((entry.seq, append.run, append.kind, append.payload))
-        if notable:  # held before commit_now, which releases what became durable
+                notable.append((seq, append.run, append.kind, append.payload))
+        if notable:  # held before the applier's commit_now, which releases what became durable
             self.decisions.hold(notable)
-        if effects.sync:
-            committer.commit_now()
-        after = committer.journal.last_seq
-        if effects.sends:
-            self.outbound.push(after, effects.sends)
-            if after <= committer.durable_seq:
-                self._release(committer.durable_seq)
-        return after
 
-    def _release(self, durable_seq: int) -> None:
+    def _released(self, durable_seq: int, sends: list[Send]) -> None:
+        """Entries up to ``durable_seq`` are durable: their log lines, and the messages that waited for them."""
         self.decisions.release(durable_seq, self.clock.monotonic())
-        for send in self.outbound.release(durable_seq):
+        for send in sends:
             stream = self.streams.get(send.stream)
             if stream is None:
                 continue

@@ -16,24 +16,26 @@ asserts the end-of-run invariants.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from governor_daemon.core import CoreOptions, Effects, GovernorCore, Outbound, Registry
+from governor_daemon.core import CoreOptions, GovernorCore, Registry
 from governor_daemon.core import events as ev
+from governor_daemon.core.apply import Applier
+from governor_daemon.core.effects import Append, Send
 from governor_daemon.core.kinds import EntryKind
 from governor_daemon.errors import GovernorError
-from governor_daemon.journal.entry import canonical_json
 from governor_daemon.policy import CommandKind, PolicyConfig, RunState
 from governor_daemon.policy.detectors import BLOW_UP_CEILING, blown_up
 from governor_daemon.policy.steps import StepState
 from governor_daemon.service import codec
 from governor_daemon.service.status_codes import status_for
+from tests.simulation.journal import SimEntry, SimJournal
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
 from tolaria_trainer.client.protocol import ProtocolOptions, TrainerProtocol
 from tolaria_trainer.governance import VitalsColumns
@@ -93,16 +95,6 @@ def require(condition: bool, message: str) -> None:
     """Raise Violation with ``message`` unless ``condition``."""
     if not condition:
         raise Violation(message)
-
-
-@dataclass
-class SimEntry:
-    """A journal entry as the registry reads it back."""
-
-    seq: int
-    run: str
-    kind: str
-    payload: dict[str, Any]
 
 
 @dataclass
@@ -185,15 +177,16 @@ class World:
                 end_stalled_ranks=random.Random(seed ^ 0xD06).random() < 0.5,
             )
         )
-        self.entries: list[SimEntry] = []
-        self.durable = 0
+        # Half the worlds honour sync entries at once, as the daemon does; the other half leave their write in
+        # flight until the schedule's next commit (its own draw: the rest of a seed's world is as before).
+        self.journal = SimJournal(self._durable, honour_sync=random.Random(seed ^ 0x5C).random() < 0.5)
         self.core = GovernorCore(self.options)
+        self.applier = Applier(self.core, self.journal, self._released)
         self.shadow = Registry()
         self.ladder: dict[str, dict[str, Any]] = {}
         self.halts_known_at_finish: dict[
             str, set[int]
         ] = {}  # incarnation digest -> HALTs it had received  # per run: the last fault-driven ROLLBACK, as the checker sees it
-        self.outbound = Outbound()
         self.conns: dict[int, Conn] = {}
         self.next_conn = 0
         self.durable_seq: dict[str, int] = {}  # incarnation -> highest seq journaled durably
@@ -217,23 +210,27 @@ class World:
 
     # ----------------------------------------------------------------- the daemon side
 
+    @property
+    def entries(self) -> list[SimEntry]:
+        """Every entry appended (those not durable are lost in a crash)."""
+        return self.journal.entries
+
+    @property
+    def durable(self) -> int:
+        """The last durable entry's seq."""
+        return self.journal.durable
+
     def _daemon_start(self) -> None:
         self.started_at = self.now
         self._handle(ev.Start(self.now, len(self.core.registry.runs), self.durable))
 
     def _handle(self, event: ev.Event) -> None:
-        """As the runtime does: the event and the append of its entries in one transaction (an entry the
-        journal cannot encode undoes the event), then what follows the append."""
-        with self.core.transaction(event) as effects:
-            payloads = [json.loads(canonical_json(a.payload)) for a in effects.entries]  # raises for NaN
-        self._apply(effects, payloads)
+        """As the runtime does, through the same applier: the event and the append of its entries in one
+        transaction (an entry the journal cannot encode undoes the event), then what follows the append."""
+        self.applier.apply(event, self._appended)
 
-    def _apply(self, effects: Effects, payloads: list[dict[str, Any]]) -> None:
-        for append, payload in zip(effects.entries, payloads, strict=True):
-            entry = SimEntry(len(self.entries) + 1, append.run, append.kind, payload)
-            self.entries.append(entry)
-            if append.run:
-                self.core.note_appended(append.run, entry.seq)
+    def _appended(self, appends: Sequence[Append], seqs: Sequence[int]) -> None:
+        for append in appends:
             if append.kind == EntryKind.COMMAND_TIMEOUT:
                 started = max(self.issued_at.get(append.run, self.started_at), self.started_at)
                 require(
@@ -242,16 +239,15 @@ class World:
                 )
             if append.kind == EntryKind.COMMAND:
                 self.issued_at[append.run] = self.now
-        self.outbound.push(len(self.entries), effects.sends)
-        if len(self.entries) == self.durable:
-            self._release()
 
     def commit(self) -> None:
         """Everything appended becomes durable; messages waiting for it are released."""
-        for entry in self.entries[self.durable :]:
+        self.journal.commit()
+
+    def _durable(self, entries: list[SimEntry]) -> None:
+        for entry in entries:
             self._on_durable(entry)
-        self.durable = len(self.entries)
-        self._release()
+        self.applier.durable(self.durable)
         require(self.core.checkpoint() == self.shadow.checkpoint(), "daemon state differs from its journal's")
 
     def _on_durable(self, entry: SimEntry) -> None:
@@ -392,8 +388,8 @@ class World:
             assert previous is not None
             previous["restored_step"] = payload["restored_step"]
 
-    def _release(self) -> None:
-        for send in self.outbound.release(len(self.entries) if self.durable == len(self.entries) else self.durable):
+    def _released(self, durable_seq: int, sends: list[Send]) -> None:
+        for send in sends:
             conn = self.conns.get(send.stream)
             if conn is not None and conn.open:
                 conn.to_trainer.append(codec.encode_message(send.message))
@@ -402,11 +398,11 @@ class World:
         """SIGKILL: lose what is not durable, drop every stream, rebuild from the journal, start."""
         held = self.core.registry.runs  # a run a controller forgot is not the crash's to keep
         acked = {(r.run.run_id, r.rank): (_digest(r), r.max_acked) for r in self._ranks() if r.run.run_id in held}
-        del self.entries[self.durable :]
+        self.journal.crash()
         for conn in list(self.conns.values()):
             self._close(conn, "UNAVAILABLE", notify_daemon=False)
-        self.outbound = Outbound()
         self.core = GovernorCore(self.options)
+        self.applier = Applier(self.core, self.journal, self._released)  # nothing held survives the process
         self.core.restore(None, self.entries)  # type: ignore[arg-type]
         for (run_id, rank_id), (inc, seq) in acked.items():
             run = self.core.registry.runs.get(run_id)
