@@ -161,7 +161,8 @@ def _line(seq: int, run: str, kind: str, p: dict[str, Any], cause: dict[str, Any
         return make("warning", "command timed out", reason=p.get("reason"))
     if kind == EntryKind.SNAPSHOT_ADOPTED:
         snapshot = p["snapshot"]
-        unknown = "; ".join(n["reason"] for n in p.get("notices", ()) if n.get("reason"))
+        notices = p.get("notices", ())
+        unknown = any(n.get("kind") == "unknown_snapshot" for n in notices)
         return make(
             "warning" if unknown else "info",
             "snapshot adopted",
@@ -172,7 +173,7 @@ def _line(seq: int, run: str, kind: str, p: dict[str, Any], cause: dict[str, Any
             run_timeline=p.get("run_timeline"),
             duration_ms=p["duration_ms"],
             record_seq=p["seq"],
-            reason=unknown or None,
+            reason="; ".join(n["reason"] for n in notices if n.get("reason")) or None,
         )
     if kind == EntryKind.ATTACH:
         return make(

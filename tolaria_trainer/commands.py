@@ -69,6 +69,28 @@ class Commands:
         self._history_losses = 0  # the governor lost the run's history this many times (its commands restart at 1)
         self._non_finite_at_restore = 0  # the guard's count of non-finite steps when the LKG was last restored
         self._logged_records = (0, 0)  # (shed, otherwise unjudged) as the loggers last saw them
+        self._adopted_on: int | None = None  # the timeline this process adopted its last-known-good on
+
+    def adopted_on(self, timeline: int) -> None:
+        """This process adopted the last-known-good its predecessor left, on ``timeline`` (every rank did, on the
+        same one). A ROLLBACK or RESUME made on an earlier timeline is answered by that adoption: the process
+        that died had executed it (the snapshot it left is what it restored), and executing it again would take
+        this rank back to that command's timeline + 1, behind the run. The governor counts the adoption as the
+        rank's answer (docs/protocol.md, "Snapshots in shared memory")."""
+        self._adopted_on = timeline
+
+    def _answered_by_adoption(self, command: Command) -> bool:
+        adopted_on = self._adopted_on
+        if adopted_on is None or command.type is CommandType.HALT or command.timeline >= adopted_on:
+            return False
+        log.info(
+            "%s %d (made on timeline %d) is answered by the adoption on timeline %d: not executed",
+            command.type,
+            command.command_id,
+            command.timeline,
+            adopted_on,
+        )
+        return True
 
     @property
     def condemned(self) -> bool:
@@ -85,8 +107,8 @@ class Commands:
             self.known.clear()
             self.last_command_id = 0
         for command in self.governance.take_commands():
-            if command.command_id > self.last_command_id:  # an executed command may still reach a slow rank
-                self.known[command.command_id] = command
+            if command.command_id > self.last_command_id and not self._answered_by_adoption(command):
+                self.known[command.command_id] = command  # (an executed command may still reach a slow rank)
 
     def any_known(self) -> bool:
         """Collect what the stream delivered so far; True if a command is known and not executed yet."""

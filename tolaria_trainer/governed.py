@@ -249,6 +249,8 @@ class GovernedTraining:
         self.reachability.connect()
         self._adopt_run_timeline()
         self.adopted = adopt_shared_snapshot(self.lkg, self.state, self.governance, self.dist, self._progress)
+        if self.adopted is not None:
+            self.commands.adopted_on(self.state.timeline - 1)
         self.checkpoint("adopted" if self.adopted is not None else "initial")
 
     def _progress(self, event: dict[str, Any]) -> None:

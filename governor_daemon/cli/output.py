@@ -281,15 +281,15 @@ def _describe(kind: str, p: dict[str, Any]) -> str:  # one branch per kind
         )
     if kind == "snapshot_adopted":
         snapshot = p.get("snapshot") or {}
-        unknown = "; ".join(n["reason"] for n in p.get("notices", ()) if n.get("reason"))
+        reasons = "; ".join(n["reason"] for n in p.get("notices", ()) if n.get("reason"))
+        adopted = (
+            f"a restarted trainer adopted the snapshot of step {snapshot.get('step')} tl {snapshot.get('timeline')}"
+        )
+        if "run_timeline" not in p:  # not the rank's last published snapshot: nothing changed
+            return f"{adopted} from shared memory: {reasons}"
         return (
-            f"a restarted trainer adopted the snapshot of step {snapshot.get('step')} tl {snapshot.get('timeline')} "
-            + (
-                f"from shared memory: {unknown}"
-                if unknown
-                else f"from shared memory in {_g(p.get('duration_ms'))} ms; it goes on on tl {p.get('new_timeline')} "
-                f"(the run is on tl {p.get('run_timeline')})"
-            )
+            f"{adopted} from shared memory in {_g(p.get('duration_ms'))} ms; it goes on on tl {p.get('new_timeline')} "
+            f"(the run is on tl {p.get('run_timeline')})" + (f"; {reasons}" if reasons else "")
         )
     if kind == "stall":
         return (

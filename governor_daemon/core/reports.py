@@ -99,13 +99,15 @@ def adopted(state: CoreState, e: ev.SnapshotAdopted, fx: Effects) -> None:
         )
         payload["notices"] = [{"kind": "unknown_snapshot", "reason": reason, "command": None}]
     else:
-        moved = policy.on_adopted(a.binding.rank, e.timeline, step)
+        moved, notices = policy.on_adopted(a.binding.rank, e.timeline, step)
         superseded = run.aggregator.discard_before(policy.timeline) if moved else []
         effects["policy"] = policy.to_dict()
         if superseded:
             effects["pending"] = run.aggregator.to_dict()
         payload["run_timeline"] = policy.timeline
         payload["superseded_steps"] = [[g.timeline, g.step] for g in superseded]
+        if notices:
+            payload["notices"] = [notice_json(n) for n in notices]
     payload["effects"] = effects
     _answer(fx, a, e.seq, EntryKind.SNAPSHOT_ADOPTED, payload)
 

@@ -231,13 +231,26 @@ class CommandLedger:
         self.close_open()
         return Notice("command_completed", f"{name} completed; timeline {self.timeline}")
 
-    def on_adopted(self, timeline: int) -> bool:
-        """A rank adopted its snapshot on ``timeline`` and goes on on ``timeline`` + 1: the first to say so
-        moves the run there. Returns whether the run moved."""
+    def on_adopted(self, rank: int, timeline: int, expected: Set[int]) -> tuple[bool, list[Notice]]:
+        """``rank`` adopted its snapshot on ``timeline`` and goes on on ``timeline`` + 1: the first to say so
+        moves the run there. An open ROLLBACK or RESUME made on an earlier timeline is answered by the adoption
+        (the process that died had executed it: the snapshot it left is what it restored; the trainer does not
+        execute it again, which would take it back behind the run). Returns whether the run moved, and the
+        notices of the answer."""
         moved = timeline == self.timeline
         if moved:
             self.timeline = timeline + 1
-        return moved
+        open_cmd = self.open
+        if open_cmd is None or open_cmd.command.kind is CommandKind.HALT or open_cmd.command.timeline >= timeline:
+            return moved, []
+        name = f"{open_cmd.command.kind} {open_cmd.command.command_id}"
+        done = open_cmd.ranks_done | {rank}
+        answered = f"{name} (made on timeline {open_cmd.command.timeline}) answered by rank {rank}'s adoption"
+        if not expected <= done:
+            self.open = replace(open_cmd, ranks_done=done, new_timeline=max(open_cmd.new_timeline, timeline + 1))
+            return moved, [Notice("command_progress", f"{answered}: {len(done & expected)}/{len(expected)} ranks done")]
+        self.close_open()
+        return moved, [Notice("command_completed", f"{answered}: completed; timeline {self.timeline}")]
 
     def check_timeouts(self, now_s: float, config: PolicyConfig) -> list[Notice]:
         """HALT the run if the open command has waited longer than command_timeout_s."""

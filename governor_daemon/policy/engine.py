@@ -377,17 +377,18 @@ class RunPolicy:
             self.escalation.restored(command_id, restored_step)
         return notices
 
-    def on_adopted(self, rank: int, timeline: int, step: int) -> bool:
+    def on_adopted(self, rank: int, timeline: int, step: int) -> tuple[bool, list[Notice]]:
         """A new incarnation of ``rank`` adopted its snapshot of ``step`` (from shared memory) on ``timeline``
         and goes on on ``timeline`` + 1, as a rank that restored by executing a command does. The first rank
         to say so moves the run there; a peer that adopted the same step on the same timeline follows. Either
         resumes its train-stream detectors from the state pinned for the snapshot. An adoption on a timeline
-        the run has left since changes nothing here (the rank's records are stale until it resyncs). Returns
-        whether the run moved."""
-        moved = self.ledger.on_adopted(timeline)
+        the run has left since changes nothing here (the rank's records are stale until it resyncs). An open
+        ROLLBACK or RESUME made before ``timeline`` counts the adoption as the rank's answer
+        (``CommandLedger.on_adopted``). Returns whether the run moved, and the notices."""
+        moved, notices = self.ledger.on_adopted(rank, timeline, self._expected_ranks())
         if timeline + 1 == self.timeline:
             self.restore_detectors(rank, step, self.timeline)
-        return moved
+        return moved, notices
 
     def timeout_due(self, now_s: float) -> bool:
         """Whether ``check_timeouts`` would act now (it changes nothing)."""

@@ -156,6 +156,8 @@ def validate_adopted(adopted: trainer_service_pb2.SnapshotAdopted, limits: Limit
     """A SnapshotAdopted's fields."""
     check_seq("snapshot_adopted.seq", adopted.seq)
     check_timeline("snapshot_adopted.timeline", adopted.timeline)
+    if adopted.timeline >= MAX_SEQ:  # it goes on on timeline + 1, which no record could then carry
+        raise InvalidInputError("snapshot_adopted.timeline", f"must be < {MAX_SEQ}, got {adopted.timeline}")
     if not adopted.HasField("snapshot"):
         raise InvalidInputError("snapshot_adopted.snapshot", "names no snapshot")
     check_timeline("snapshot_adopted.snapshot.timeline", adopted.snapshot.timeline)

@@ -127,6 +127,7 @@ class SimRank:
     started: bool = False  # GovernedTraining.start: the adoption decision is made once, before the first step
     born_at: float = 0.0
     snapshot_seq: int = 0  # the seq of the last SnapshotTaken sent
+    adopted_on: int | None = None  # the timeline this process adopted its predecessor's snapshot on
     halted: bool = False
     finished: bool = False
     malformed: bool = False
@@ -198,6 +199,8 @@ class World:
         # in shared memory (its own draw): schedules are too short for many runs to publish before they end.
         self.kill_while_settling = random.Random(seed ^ 0xC4A5).random() < 0.3
         self.killed_while_settling: set[str] = set()
+        # and in half of those, only while a command of the run is open (the restart meets it after adopting)
+        self.kill_amid_command = random.Random(seed ^ 0xC0DE).random() < 0.5
         self.runs: list[SimRun] = []
         for i in range(rng.randint(1, 4)):
             world_size = rng.randint(1, 4) if i == 0 else rng.choice((1, 1, 2, 3))
@@ -324,6 +327,15 @@ class World:
         policy_after = payload["effects"].get("policy")
         if not own or policy_after is None:
             return
+        before = run.policy.open
+        restoring = before is not None and before.command.kind is not CommandKind.HALT
+        if restoring and before is not None and before.command.timeline < payload["timeline"]:
+            after = policy_after["open"]  # its dead process had executed it: the adoption answers it
+            require(
+                after is None or rank in after["ranks_done"],
+                f"{entry.run} rank {rank}'s adoption on {payload['timeline']} left command "
+                f"{before.command.command_id} (made on {before.command.timeline}) waiting for it",
+            )
         new_timeline = payload["new_timeline"]
         require(
             policy_after["timeline"]
@@ -348,6 +360,9 @@ class World:
         fault-driven ROLLBACK's, after that one was executed, on a later timeline), then one rung up; rung 3
         is a HALT that names the fault deterministic."""
         command = entry.payload["command"]
+        if command["kind"] == "resume":  # a Resume starts the ladder afresh (a late result of the
+            self.ladder.pop(entry.run, None)  # rollback before it teaches the ladder nothing)
+            return
         if entry.payload["cause"] not in ("decision", "train_step"):
             return
         previous = self.ladder.get(entry.run)
@@ -621,6 +636,12 @@ class World:
             held.append(left if matches else None)
         steps = {h[0] if h is not None else -1 for h in held}
         if len(steps) != 1 or -1 in steps:
+            for rank in ranks:  # the initial snapshot, published in shared memory as the real trainer does
+                digest = _snapshot_digest(rank, 0)
+                rank.published = [(0, 0, rank.timeline, digest)]
+                rank.snapshot_seq = rank.proto.send_snapshot(
+                    trainer_service_pb2.SnapshotTaken(timeline=rank.timeline, step=0, location="shm", digest=digest)
+                )
             return
         for rank, (step, position, timeline, digest) in zip(ranks, held, strict=True):  # type: ignore[misc]
             rank.proto.send_adopted(
@@ -632,6 +653,7 @@ class World:
             )
             self.adoptions += 1
             rank.step, rank.position, rank.lkg_step, rank.timeline = step, position, step, base + 1
+            rank.adopted_on = base
             again = _snapshot_digest(rank, step)
             rank.published = [(step, position, rank.timeline, again)]  # the adopted state, published again
             rank.snapshot_seq = rank.proto.send_snapshot(
@@ -664,7 +686,12 @@ class World:
                 rank.history_losses = rank.proto.num_history_losses
                 rank.held = {}
                 run.done_commands = 0
-            rank.held.update((c.command_id, c) for c in rank.proto.take_commands())
+            rank.held.update(
+                (c.command_id, c)
+                for c in rank.proto.take_commands()
+                # a ROLLBACK or RESUME made before the adoption's timeline is answered by it (Commands.adopted_on)
+                if rank.adopted_on is None or c.type == common_pb2.COMMAND_TYPE_HALT or c.timeline >= rank.adopted_on
+            )
         highest = max((max(r.held, default=0) for r in live), default=0)
         if highest <= run.done_commands:
             return
@@ -677,6 +704,11 @@ class World:
                 rank.halted = True
                 rank.proto.send_command_result(command, True, rank.step, 0.0)
                 continue
+            require(  # a restore moves a rank to the command's timeline + 1: never back behind where it is
+                command.timeline + 1 >= rank.timeline,
+                f"{rank.proto.hello.incarnation_id} on timeline {rank.timeline} executes {command.command_id} made on "
+                f"{command.timeline}: back to {command.timeline + 1}",
+            )
             rank.halted = False
             rank.step, rank.position = _choose(rank.published, command)
             rank.published = [p for p in rank.published if p[0] <= rank.step]
@@ -810,6 +842,7 @@ class World:
                 while conn.open and conn.to_daemon:
                     self._daemon_receive(conn, conn.to_daemon.popleft())
                     progressed = True
+                    self._kill_between_results(conn.rank.run)
             self.commit()
             for conn in sorted(self.conns.values(), key=lambda c: c.id):
                 while conn.open and conn.to_trainer:
@@ -823,6 +856,10 @@ class World:
                         r.published[-1][3] and 0 < r.snapshot_seq <= r.max_acked and not r.finished for r in run.ranks
                     )
                     if self.kill_while_settling and published and run.run_id not in self.killed_while_settling:
+                        state = self.core.registry.runs.get(run.run_id)
+                        restoring = state is not None and state.policy.open is not None
+                        if self.kill_amid_command and not restoring:
+                            continue  # these worlds kill a run only while a ROLLBACK or RESUME of it is open
                         self.killed_while_settling.add(run.run_id)
                         self._new_incarnations(run)
                 elif any(r.halted for r in run.ranks):
@@ -831,6 +868,21 @@ class World:
             self._handle(ev.Tick(self.now))
             if not progressed and all(not c.to_daemon and not c.to_trainer for c in self.conns.values()):
                 break
+
+    def _kill_between_results(self, run: SimRun) -> None:
+        """In the worlds that kill amid a command: kill a run whose open ROLLBACK or RESUME some ranks have
+        answered and others not yet (the restart adopts what the dead processes restored; the command stays
+        open for the rest)."""
+        if not (self.kill_while_settling and self.kill_amid_command) or run.run_id in self.killed_while_settling:
+            return
+        state = self.core.registry.runs.get(run.run_id)
+        open_cmd = state.policy.open if state is not None else None
+        if open_cmd is None or open_cmd.command.kind is CommandKind.HALT or not open_cmd.ranks_done:
+            return
+        if all(r.published[-1][3] and not r.finished for r in run.ranks):
+            self.killed_while_settling.add(run.run_id)
+            self.commit()  # the results it has are durable: the restarted ranks' Welcomes say so
+            self._new_incarnations(run)
 
     def check_final(self) -> None:
         """End-of-schedule invariants (after ``settle``)."""

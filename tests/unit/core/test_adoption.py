@@ -3,15 +3,17 @@ the detectors resume from the snapshot's pinned state, and what does not match c
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from governor_daemon.core import events as ev
-from governor_daemon.core.effects import Ack, Welcome
+from governor_daemon.core.effects import Ack, Resync, Welcome
 from governor_daemon.core.kinds import EntryKind
 from governor_daemon.errors import InvalidInputError
 from governor_daemon.service import codec
-from tests.unit.core.test_core import Harness, messages
+from tests.unit.core.test_core import Harness, commands, messages
 from tolaria.governor.v1 import trainer_service_pb2
 
 DIGEST = "sha256:" + "ab" * 32
@@ -135,3 +137,71 @@ def test_a_malformed_adoption_is_refused_naming_its_field(
     request = trainer_service_pb2.AttachRequest(snapshot_adopted=adopted)
     with pytest.raises(InvalidInputError, match=field.replace(".", r"\.")):
         codec.decode_request(request, 1, 0.0, Harness().core.options.limits)
+
+
+def test_an_open_rollback_made_before_the_adoption_is_answered_by_it() -> None:
+    """Red-team finding. ROLLBACK 1 is made on timeline 0; rank 1 executes it (the run moves to 1) and rank 0
+    dies before it does; both restart and adopt on 1 (the run moves to 2). Before, the command stayed open and
+    both trainers executed it afterwards, landing on 0 + 1 = 1, behind the run: every record stale until a
+    Resync. The adoption of a rank answers a ROLLBACK or RESUME made on an earlier timeline (its dead process
+    executed it: what it left is what it restored), and the trainer does not execute it (Commands.adopted_on)."""
+    h = Harness(step_warmup_steps=10)
+    for rank in range(2):
+        h.attach(1 + rank, rank=rank, world_size=2, inc=f"old-{rank}")
+    for rank in range(2):
+        steps = list(range(1, 100))
+        h.handle(ev.Vitals(1 + rank, h.seq(1 + rank, 99), 0, np.array(steps), [1.0] * 99, [], 0, h.now, pins=(60,)))
+        h.handle(ev.SnapshotTaken(1 + rank, h.seq(1 + rank), 0, 60, 1000, 1.0, "shm", h.now, digest=DIGEST))
+    rollback = commands(h.vitals(1, [100], [math.nan]))[0]
+    assert rollback.timeline == 0
+    h.handle(ev.CommandResult(2, h.seq(2), rollback.command_id, True, 1, 60, 1.0, "", 0, h.now))
+    h.run().ranks[1].restored(60)
+    for stream in (1, 2):
+        h.handle(ev.Detach(stream, h.now))
+    for rank in range(2):
+        h.attach(10 + rank, rank=rank, world_size=2, inc=f"new-{rank}")
+    h.handle(_adopt(h, 10, 1, (0, 60, DIGEST)))
+    policy = h.run().policy
+    assert policy.timeline == 2
+    assert policy.open is None, "rank 1 answered with its result, rank 0 with its adoption"
+    (entry,) = [p for _, kind, p in h.entries if kind == EntryKind.SNAPSHOT_ADOPTED]
+    assert [n["kind"] for n in entry["notices"]] == ["command_completed"]
+    assert "answered by rank 0's adoption" in entry["notices"][0]["reason"]
+    h.handle(_adopt(h, 11, 1, (0, 60, DIGEST)))
+    assert h.run().policy.timeline == 2, "the peer follows"
+    assert not messages(h.vitals(10, [61, 62], [1.0, 1.0], timeline=2), Resync)
+    assert h.rebuilt() == h.core.checkpoint()
+
+
+def test_an_open_rollback_made_on_the_adoptions_timeline_stays_open_for_the_trainer_to_execute() -> None:
+    """A ROLLBACK nobody executed before the process died (made on the timeline the restart adopts on) is still
+    the rank's to execute, with its recipe: the adoption moves the run, the command stays open."""
+    h = Harness(step_warmup_steps=10)
+    snapshot = _trained_and_died(h, 1)
+    h.attach(2, inc="mid-0")
+    rollback = commands(h.vitals(2, [101], [math.nan]))[0]
+    h.handle(ev.Detach(2, h.now))
+    h.attach(3, inc="new-0")
+    h.handle(_adopt(h, 3, 0, snapshot))
+    policy = h.run().policy
+    assert policy.timeline == 1
+    assert policy.open is not None
+    assert policy.open.command.command_id == rollback.command_id
+    h.handle(ev.CommandResult(3, h.seq(3), rollback.command_id, True, 1, 60, 1.0, "", 0, h.now))
+    assert h.run().policy.open is None
+    assert h.run().policy.timeline == 1
+    assert h.rebuilt() == h.core.checkpoint()
+
+
+def test_an_adoption_on_the_last_timeline_is_refused() -> None:
+    """Red-team finding: timelines above 2^62-1 are refused, and a CommandResult can never move the run there, but
+    an adoption on 2^62-1 moved the run to 2^62, on which the decoder refuses every record: the run was wedged."""
+    request = trainer_service_pb2.AttachRequest(
+        snapshot_adopted=trainer_service_pb2.SnapshotAdopted(
+            seq=1,
+            timeline=2**62 - 1,
+            snapshot=trainer_service_pb2.PublishedSnapshot(timeline=2**62 - 1, step=2, digest=DIGEST),
+        )
+    )
+    with pytest.raises(InvalidInputError, match=r"snapshot_adopted\.timeline"):
+        codec.decode_request(request, 2, 0.0, Harness().core.options.limits)

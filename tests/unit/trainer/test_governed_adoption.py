@@ -13,6 +13,7 @@ from tests.unit.trainer.fake_governance import FakeGovernance
 from tests.unit.trainer.helpers import assert_bitwise_equal
 from tests.unit.trainer.test_governed import plain_setup, state_of, train_steps
 from tolaria_trainer import GovernedTraining
+from tolaria_trainer.governance import CommandType
 
 pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")
 
@@ -79,3 +80,49 @@ def test_a_refused_adoption_reports_nothing_and_stays_on_the_timeline(shm: Path)
         assert second.adoptions == []
         assert restarted.state.timeline == 1
         assert [(s.timeline, s.step) for s in second.snapshots] == [(1, 0)]
+
+
+def _dead_process() -> tuple[int, int, str]:
+    """A process trains 10 steps on timeline 0, publishes step 10, trains 4 more and dies."""
+    first = FakeGovernance(run_timeline=0)
+    dead = _process(first, seed=0)
+    dead.start()
+    train_steps(dead, 10)
+    first.verdict_on(dead.report_validation(1.0, 0.5, epoch=1))
+    dead.agreement_point()
+    published = first.snapshots[-1]
+    train_steps(dead, 4)
+    dead.lkg.close(remove=False)
+    return (published.timeline, published.step, published.digest)
+
+
+def test_a_rollback_made_before_the_adoption_is_not_executed_after_it(shm: Path) -> None:
+    """Red-team finding (seen from rank 0 of two): ROLLBACK 1 was made on timeline 0, rank 1 executed it (the run
+    moved to 1) and rank 0 died before it did. Both restart; the Welcome says timeline 1 and re-sends ROLLBACK 1;
+    both adopt on 1 and go on on 2. Before, executing ROLLBACK 1 put the rank back on 0 + 1 = 1, behind the run:
+    every record stale until a Resync. The adoption answers it: not executed, nothing reported for it."""
+    snapshot = _dead_process()
+    second = FakeGovernance(run_timeline=0, last_snapshot=snapshot)
+    second.order(CommandType.ROLLBACK)  # made on timeline 0
+    second.run_timeline = 1  # rank 1's result moved the run
+    with _process(second, seed=7) as restarted:
+        assert restarted.state.timeline == 2
+        train_steps(restarted, 10)
+        restarted.agreement_point()
+        assert restarted.num_restores == 0
+    assert {timeline for timeline, _, _ in second.steps} == {2}
+    assert second.results == [], "no result: the governor counts the adoption as the rank's answer"
+
+
+def test_a_rollback_made_on_the_adoptions_timeline_is_executed_with_its_recipe(shm: Path) -> None:
+    """The dead process never executed it (it was made on the timeline the restart adopts on): the restarted
+    process executes it at its first agreement point, restoring the adopted snapshot with the recipe."""
+    snapshot = _dead_process()
+    second = FakeGovernance(run_timeline=0, last_snapshot=snapshot)
+    second.order(CommandType.ROLLBACK, skip=3)
+    with _process(second, seed=7) as restarted:
+        assert restarted.state.timeline == 1
+        (outcome,) = [o for o in train_steps(restarted, 5) if o.restored]  # one rank acts on it at once
+    assert (outcome.restored_step, outcome.timeline, outcome.skip_batches) == (10, 1, 3)
+    (result,) = second.results
+    assert result.succeeded
