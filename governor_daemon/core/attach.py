@@ -7,6 +7,8 @@ held by another live process) is raised before anything changes.
 
 from __future__ import annotations
 
+from typing import Any
+
 from governor_daemon.core import events as ev
 from governor_daemon.core.effects import CommandOut, Effects, EndStream, Welcome
 from governor_daemon.core.kinds import EntryKind
@@ -33,15 +35,17 @@ def attach(state: CoreState, e: ev.Attach, fx: Effects) -> None:
         raise InvalidInputError("hello.policy_overrides", str(exc)) from None
     run = state.registry.runs.get(e.run_id)
     replaced: int | None = None
+    caught_up: dict[str, Any] = {}
     if run is None:
         _check_limits(state, e)
         run = _create(state, e, config, ignored, fx)
     else:
         replaced = _check_rejoin(run, e)
+        caught_up = _catch_up(run, e)
     if replaced is not None:
         fx.send(replaced, EndStream("replaced by a newer attachment of the same incarnation"))
         state.streams.pop(replaced, None)
-    rank = _bind(state, run, e, fx)
+    rank = _bind(state, run, e, fx, caught_up)
     _welcome(run, rank, e.stream, fx)
 
 
@@ -90,6 +94,28 @@ def _check_rejoin(run: Run, e: ev.Attach) -> int | None:
     return current.stream
 
 
+def _catch_up(run: Run, e: ev.Attach) -> dict[str, Any]:
+    """A Hello ahead of the run's timeline, in a run that has issued no command in this life: the run was created
+    again (forgotten, expired, its journal lost) by a peer's Hello from behind, so nothing in it depends on its
+    timeline yet. It moves to the Hello's timeline, as if this Hello had created it (a trainer whose run the daemon
+    no longer holds is not "ahead"); the peer's records of the old timeline go stale and a Resync brings it
+    along. Returns what the attach entry adds (nothing when the run does not move)."""
+    policy = run.policy
+    if e.timeline <= policy.timeline or policy.next_command_id != 1:
+        return {}
+    before = policy.timeline
+    policy.timeline = e.timeline
+    superseded = run.aggregator.discard_before(policy.timeline)
+    effects: dict[str, Any] = {"policy": policy.to_dict()}
+    if superseded:
+        effects["pending"] = run.aggregator.to_dict()
+    return {
+        "run_timeline": [before, e.timeline],
+        "superseded_steps": [[g.timeline, g.step] for g in superseded],
+        "effects": effects,
+    }
+
+
 def _create(state: CoreState, e: ev.Attach, config: PolicyConfig, ignored: list[str], fx: Effects) -> Run:
     """A new run, the next life of its id (journaled with its effective policy), then any eviction it causes."""
     life = state.registry.lives + 1
@@ -120,8 +146,9 @@ def _create(state: CoreState, e: ev.Attach, config: PolicyConfig, ignored: list[
     return run
 
 
-def _bind(state: CoreState, run: Run, e: ev.Attach, fx: Effects) -> RankState:
-    """The rank's next generation, attached by ``e.stream`` with a fresh stall clock (journaled)."""
+def _bind(state: CoreState, run: Run, e: ev.Attach, fx: Effects, caught_up: dict[str, Any]) -> RankState:
+    """The rank's next generation, attached by ``e.stream`` with a fresh stall clock (journaled, with the run's
+    move to the Hello's timeline, if it made one: ``_catch_up``)."""
     rank = run.rank(e.rank)
     new_incarnation = rank.incarnation_id != e.incarnation_id
     rank.incarnation_id = e.incarnation_id
@@ -140,7 +167,8 @@ def _bind(state: CoreState, run: Run, e: ev.Attach, fx: Effects) -> RankState:
             "last_durable_seq": rank.last_durable_seq,
             "peer": e.peer,
             "caller": e.caller,
-            "effects": {"ranks": {str(e.rank): rank.effect()}},
+            **{k: v for k, v in caught_up.items() if k != "effects"},
+            "effects": {"ranks": {str(e.rank): rank.effect()}, **caught_up.get("effects", {})},
         },
     )
     return rank

@@ -647,3 +647,32 @@ def test_a_tick_names_only_the_runs_it_changes_and_its_undo_point_covers_those()
     assert [c.kind for c in commands(h.handle(ev.Tick(h.now + 6)))] == [CommandKind.HALT]
     stalled = sorted(run.run_id for run in h.core.tick_due(h.now + 10_000))
     assert stalled == sorted(["nan", *(f"quiet-{i}" for i in range(20))]), "every rank is past its stall threshold"
+
+
+def test_a_run_created_again_from_behind_moves_to_a_later_hellos_timeline() -> None:
+    """Found by the simulation (seed 1546): a two-rank run on timeline 1 is forgotten while its trainers are
+    down; rank 1, a fresh process, creates it again on timeline 0, then rank 0, which knew timeline 1, attaches.
+    Before, the run stayed on 0 and rank 0's records of timeline 1 were refused as ahead (the trainer refused,
+    training ungoverned). A Hello ahead of a run that has issued no command in this life moves it there, as if
+    it had created it; rank 1's records of 0 then go stale and a Resync brings it along."""
+    h = Harness()
+    h.handle(ev.Attach(1, "r", 1, 2, "fresh", "t", {}, None, 10, "", "p", "c", h.now, timeline=0))
+    h.seqs[1] = 0
+    h.handle(ev.Attach(2, "r", 0, 2, "knew-1", "t", {}, None, 10, "", "p", "c", h.now, timeline=1))
+    h.seqs[2] = 0
+    assert h.run().policy.timeline == 1
+    (entry,) = [p for _, kind, p in h.entries if kind == EntryKind.ATTACH and p["rank"] == 0]
+    assert entry["run_timeline"] == [0, 1]
+    h.vitals(2, [1, 2], [1.0, 1.0], timeline=1)  # judged, not refused
+    assert messages(h.vitals(1, [1, 2], [1.0, 1.0], timeline=0), Resync)
+    assert h.rebuilt() == h.core.checkpoint()
+
+
+def test_a_hello_ahead_of_a_run_that_issued_commands_does_not_move_it() -> None:
+    """Once the run has issued a command, its timeline moves only with commands and adoptions."""
+    h = Harness()
+    h.attach(1)
+    commands(h.handle(ev.RequestRollback("r", "test", "operator", h.now)))
+    h.handle(ev.Detach(1, h.now))
+    h.handle(ev.Attach(2, "r", 0, 1, "later", "t", {}, None, 10, "", "p", "c", h.now, timeline=3))
+    assert h.run().policy.timeline == 0

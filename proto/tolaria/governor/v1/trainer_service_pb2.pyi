@@ -150,7 +150,8 @@ class Hello(_message.Message):
     timeline: _builtins.int
     """The highest timeline this trainer knows (0 for a fresh process). A run created by this Hello starts
     on it, so a trainer whose run the daemon no longer holds (forgotten, expired) is not refused for
-    being ahead; for an existing run it is ignored (Welcome.timeline is the run's).
+    being ahead; an existing run that has issued no command yet moves to it when it is ahead (a peer created
+    the run again from behind), otherwise it is ignored (Welcome.timeline is the run's).
     """
     @_builtins.property
     def policy_overrides(self) -> _common_pb2.Policy:
