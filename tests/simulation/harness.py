@@ -190,7 +190,8 @@ class World:
         ] = {}  # incarnation digest -> HALTs it had received  # per run: the last fault-driven ROLLBACK, as the checker sees it
         self.conns: dict[int, Conn] = {}
         self.next_conn = 0
-        self.durable_seq: dict[str, int] = {}  # incarnation -> highest seq journaled durably
+        self.durable_seq: dict[str, int] = {}  # incarnation -> highest seq journaled durably, in any life of its run
+        self.journaled_seq: dict[str, int] = {}  # the same in the run's current life (its seqs come again in the next)
         self.started_at = self.now
         self.issued_at: dict[str, float] = {}  # run -> when its latest command was issued
         self.trace: list[str] = []
@@ -257,10 +258,11 @@ class World:
         payload = entry.payload
         inc, seq = payload.get("incarnation_id"), payload.get("seq")
         if entry.kind in (EntryKind.RUN_FORGOTTEN, EntryKind.RUN_EXPIRED, EntryKind.RUN_EVICTED):
-            # the run's history is gone: what it acknowledged is no longer the daemon's to keep
+            # the run's history is gone: what it acknowledged is no longer the daemon's to keep (an Ack of an
+            # entry durable before this one may still be on its way: durable_seq keeps it; found at seed 1694)
             for rank in self._ranks():
                 if rank.run.run_id == entry.run:
-                    self.durable_seq.pop(_digest(rank), None)
+                    self.journaled_seq.pop(_digest(rank), None)
                     rank.max_acked = 0
         if entry.kind == EntryKind.COMMAND_RESULT:
             self._check_detector_resume(entry)
@@ -274,10 +276,11 @@ class World:
         if isinstance(inc, str) and isinstance(seq, int) and entry.kind != EntryKind.ATTACH:
             first = payload.get("first_seq", seq)
             require(
-                first > self.durable_seq.get(inc, 0),
+                first > self.journaled_seq.get(inc, 0),
                 f"seq {first}..{seq} of {inc} journaled twice (entry {entry.seq} {entry.kind})",
             )
-            self.durable_seq[inc] = seq
+            self.journaled_seq[inc] = seq
+            self.durable_seq[inc] = max(self.durable_seq.get(inc, 0), seq)
         self.shadow.apply_entry(entry)  # type: ignore[arg-type]
 
     def _check_detector_resume(self, entry: SimEntry) -> None:
