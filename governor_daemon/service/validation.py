@@ -153,8 +153,12 @@ def validate_snapshot(snap: trainer_service_pb2.SnapshotTaken, limits: Limits) -
 
 
 def validate_adopted(adopted: trainer_service_pb2.SnapshotAdopted, limits: Limits) -> None:
-    """A SnapshotAdopted's fields."""
-    check_seq("snapshot_adopted.seq", adopted.seq)
+    """A SnapshotAdopted's fields. It is its incarnation's first message (seq 1): a process adopts once, when it
+    starts, before it trains (red-team finding: a second adoption, or one after a Finish, moved the run again)."""
+    if adopted.seq != 1:
+        raise InvalidInputError(
+            "snapshot_adopted.seq", f"must be 1 (a process adopts once, before anything else), got {adopted.seq}"
+        )
     check_timeline("snapshot_adopted.timeline", adopted.timeline)
     if adopted.timeline >= MAX_SEQ:  # it goes on on timeline + 1, which no record could then carry
         raise InvalidInputError("snapshot_adopted.timeline", f"must be < {MAX_SEQ}, got {adopted.timeline}")

@@ -129,6 +129,12 @@ def test_a_resent_adoption_is_acknowledged_and_moves_nothing_again() -> None:
             ),
             "snapshot_adopted.seq",
         ),
+        (  # red-team finding: a second adoption (or one after a Finish) moved the run again
+            trainer_service_pb2.SnapshotAdopted(
+                seq=7, snapshot=trainer_service_pb2.PublishedSnapshot(timeline=0, step=60, digest=DIGEST)
+            ),
+            "snapshot_adopted.seq",
+        ),
     ],
 )
 def test_a_malformed_adoption_is_refused_naming_its_field(
