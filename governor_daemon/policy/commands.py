@@ -201,7 +201,8 @@ class CommandLedger:
             return [*charged, self._late(result, moved)], moved
         if not result.succeeded:
             return [*charged, *self._failed(open_cmd, result, now_s, config)], moved
-        return [*charged, self._answered(open_cmd, result, expected)], moved
+        name = f"{open_cmd.command.kind} {result.command_id}"
+        return [*charged, self._answered(open_cmd, name, result.rank, result.new_timeline, expected)], moved
 
     def _late(self, result: CommandResult, moved: bool) -> Notice:
         return Notice(
@@ -221,11 +222,12 @@ class CommandLedger:
             notices.append(Notice("halt", halt.reason, halt))
         return notices
 
-    def _answered(self, open_cmd: OpenCommand, result: CommandResult, expected: Set[int]) -> Notice:
-        name = f"{open_cmd.command.kind} {result.command_id}"
-        done = open_cmd.ranks_done | {result.rank}
+    def _answered(self, open_cmd: OpenCommand, name: str, rank: int, new_timeline: int, expected: Set[int]) -> Notice:
+        """``rank`` answered the open command (``name`` says how), reaching ``new_timeline``: it closes once every
+        rank in ``expected`` has."""
+        done = open_cmd.ranks_done | {rank}
         if not expected <= done:
-            reached = max(open_cmd.new_timeline, result.new_timeline)
+            reached = max(open_cmd.new_timeline, new_timeline)
             self.open = replace(open_cmd, ranks_done=done, new_timeline=reached)
             return Notice("command_progress", f"{name}: {len(done & expected)}/{len(expected)} ranks done")
         self.close_open()
@@ -243,14 +245,11 @@ class CommandLedger:
         open_cmd = self.open
         if open_cmd is None or open_cmd.command.kind is CommandKind.HALT or open_cmd.command.timeline >= timeline:
             return moved, []
-        name = f"{open_cmd.command.kind} {open_cmd.command.command_id}"
-        done = open_cmd.ranks_done | {rank}
-        answered = f"{name} (made on timeline {open_cmd.command.timeline}) answered by rank {rank}'s adoption"
-        if not expected <= done:
-            self.open = replace(open_cmd, ranks_done=done, new_timeline=max(open_cmd.new_timeline, timeline + 1))
-            return moved, [Notice("command_progress", f"{answered}: {len(done & expected)}/{len(expected)} ranks done")]
-        self.close_open()
-        return moved, [Notice("command_completed", f"{answered}: completed; timeline {self.timeline}")]
+        name = (
+            f"{open_cmd.command.kind} {open_cmd.command.command_id} (made on timeline {open_cmd.command.timeline}) "
+            f"answered by rank {rank}'s adoption"
+        )
+        return moved, [self._answered(open_cmd, name, rank, timeline + 1, expected)]
 
     def check_timeouts(self, now_s: float, config: PolicyConfig) -> list[Notice]:
         """HALT the run if the open command has waited longer than command_timeout_s."""
