@@ -14,6 +14,7 @@ import grpc
 import pytest
 
 from governor_daemon.core import Limits
+from governor_daemon.core import events as ev
 from tests.unit.service.harness import (
     CALLER,
     Daemon,
@@ -270,23 +271,28 @@ def test_forget_run(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------ WatchEvents
 
 
-def test_watch_events_sends_headers_then_the_runs_entries(tmp_path: Path) -> None:
+def test_watch_events_sends_headers_then_the_runs_entries_then_live_ones(tmp_path: Path) -> None:
+    """The journaled entries of the runs asked for (another run's interleave with them), then a live one."""
+
     async def scenario(daemon: Daemon) -> None:
         trainer = await Trainer.attached(daemon)
-        await trainer.close()
         other = await Trainer.attached(daemon, hello("run-2"))
+        await trainer.close()
         await other.close()
         await daemon.governor.settled()
+        journaled = daemon.on_disk("run-1")
+        assert [e.kind for e in journaled] == ["run_created", "attach", "detach"]
         context = servicer_context()
         request = cpb.WatchEventsRequest(cursor=0, run_ids=["run-1"])
         watch = cast(AsyncGenerator[cpb.WatchEventsResponse], daemon.control.WatchEvents(request, context))
         async with contextlib.aclosing(watch):
-            seen = [await anext(watch) for _ in range(3)]
-        context.send_initial_metadata.assert_awaited_once()
+            seen = [await anext(watch) for _ in journaled]
+            context.send_initial_metadata.assert_awaited_once()
+            await daemon.governor.call(ev.UpdatePolicy("run-1", {"sensitivity": 4.0}, CALLER, daemon.governor.now()))
+            live = await anext(watch)
         context.abort.assert_not_awaited()
-        expected = daemon.on_disk("run-1")[:3]
-        assert [(m.cursor, m.run_id, m.kind) for m in seen] == [(e.seq, e.run, e.kind) for e in expected]
-        assert [m.kind for m in seen] == ["run_created", "attach", "detach"]
+        assert [(m.cursor, m.run_id, m.kind) for m in seen] == [(e.seq, e.run, e.kind) for e in journaled]
+        assert (live.cursor, live.kind) == (daemon.on_disk("run-1")[-1].seq, "policy_change")
 
     on_daemon(tmp_path / "data", scenario)
 

@@ -138,14 +138,21 @@ def test_refused_events_change_nothing(tmp_path: Path) -> None:
     on_daemon(tmp_path / "data", scenario, limits=Limits(max_active_runs=1))
 
 
-def test_a_closed_streams_late_message_is_moot(tmp_path: Path) -> None:
+def test_a_closed_streams_late_messages_are_moot(tmp_path: Path) -> None:
+    """A record read after its stream ended changes nothing; nor does a Hello read after its stream ended (the
+    servicer stops waiting for a reader parked in grpc, which may still hand over what it reads): the core
+    would bind the rank to a stream that is gone, and the trainer's next process would find it taken."""
+
     async def scenario(daemon: Daemon) -> None:
         governor = daemon.governor
         stream = attached(daemon)
         governor.close_stream(stream)
+        unread = governor.open_stream(PEER)
+        governor.close_stream(unread)
         await governor.settled()
         before = daemon.state()
         assert feed(governor, stream, validation(1, 10, math.nan)) == before[0]
+        assert feed(governor, unread, hello("run-2")) == before[0]
         assert daemon.state() == before
 
     on_daemon(tmp_path / "data", scenario)

@@ -120,7 +120,7 @@ def test_a_second_hello_ends_the_stream(tmp_path: Path) -> None:
     async def scenario(daemon: Daemon) -> None:
         trainer = await Trainer.attached(daemon)
         trainer.send(hello())
-        await trainer.ended()
+        await trainer.close()  # ends the call also where the daemon failed to refuse it
         assert aborted_with(trainer.context) == (
             grpc.StatusCode.INVALID_ARGUMENT,
             "hello: Hello may only be the first message of a stream",
@@ -139,7 +139,7 @@ def test_a_record_with_seq_zero_is_refused_and_changes_nothing(tmp_path: Path) -
         assert (await trainer.next("ack")).ack.up_to_seq == 2
         trainer.send(validation(0, 2, math.nan))
         trainer.send(finish(3))
-        await trainer.ended()
+        await trainer.close()  # ends the call also where the daemon failed to refuse it
         assert aborted_with(trainer.context) == (
             grpc.StatusCode.INVALID_ARGUMENT,
             f"validation_record.seq: must be in 1..{(1 << 62) - 1}, got 0",
