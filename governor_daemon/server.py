@@ -22,7 +22,6 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from governor_daemon.certs import CertificateError, expiry_warning, not_after
-from governor_daemon.core import Limits
 from governor_daemon.core import events as ev
 from governor_daemon.journal import JournalCorruptError, JournalLockedError
 from governor_daemon.metrics import LabelValues, Metrics, MetricsServer, StateGauge
@@ -65,14 +64,7 @@ def build_governor(settings: ServeSettings) -> Governor:
             data_dir=settings.data_dir,
             defaults=settings.policy_defaults,
             locked_fields=settings.lock_policy_fields,
-            limits=Limits(
-                max_records_per_batch=settings.max_records_per_batch,
-                max_active_runs=settings.max_active_runs,
-                retain_finished_runs=settings.retain_finished_runs,
-                max_active_runs_per_principal=settings.max_active_runs_per_principal,
-                idle_run_expiry_s=settings.idle_run_expiry_s,
-                journal_train_records=settings.journal_train_records,
-            ),
+            limits=settings.limits(),
             segment_bytes=settings.segment_bytes,
             group_commit_s=settings.group_commit_ms / 1000.0,
             hmac_key=settings.hmac_key,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from governor_daemon.core.state import Limits
 from governor_daemon.errors import GovernorError, PolicyConfigError
 from governor_daemon.notify import NotifyUrlError, check_url
 from governor_daemon.policy import PolicyConfig, parse_assignments
@@ -49,6 +50,9 @@ class Setting:
         return "--" + self.name.replace("_", "-")
 
 
+_LIMITS = Limits()
+"""The core's bounds: their defaults live in ``Limits``; the settings below that set them read them from there."""
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("listen", str, "127.0.0.1:50051", "gRPC listen address HOST:PORT (port 0 picks a free port)"),
     Setting("data_dir", Path, Path("governor-data"), "journal directory"),
@@ -77,17 +81,25 @@ SETTINGS: tuple[Setting, ...] = (
         500.0,
         "a train-step batch waiting longer than this is shed: non-finite check only, no statistical detectors (ms)",
     ),
-    Setting("max_active_runs", int, 1024, "runs not FINISHED that may exist at once"),
-    Setting("retain_finished_runs", int, 256, "FINISHED runs kept in memory for queries"),
-    Setting("max_active_runs_per_principal", int, 256, "runs not FINISHED that one identity may own at once"),
+    Setting("max_active_runs", int, _LIMITS.max_active_runs, "runs not FINISHED that may exist at once"),
+    Setting("retain_finished_runs", int, _LIMITS.retain_finished_runs, "FINISHED runs kept in memory for queries"),
     Setting(
-        "idle_run_expiry_s", float, 7 * 24 * 3600.0, "a run with no trainer attached this long leaves memory (0: never)"
+        "max_active_runs_per_principal",
+        int,
+        _LIMITS.max_active_runs_per_principal,
+        "runs not FINISHED that one identity may own at once",
     ),
-    Setting("max_records_per_batch", int, 4096, "train-step records per VitalsBatch"),
+    Setting(
+        "idle_run_expiry_s",
+        float,
+        _LIMITS.idle_run_expiry_s,
+        "a run with no trainer attached this long leaves memory (0: never)",
+    ),
+    Setting("max_records_per_batch", int, _LIMITS.max_records_per_batch, "train-step records per VitalsBatch"),
     Setting(
         "journal_train_records",
         int,
-        10_000,
+        _LIMITS.journal_train_records,
         "until a run has sent this many records, its vitals entries keep every train-step record (for "
         "`governor audit export`), not only batch summaries (0: never)",
     ),
@@ -149,7 +161,7 @@ class ServeSettings:
     tick_interval_s: float
     metrics_tls_cert: Path | None = None
     metrics_tls_key: Path | None = None
-    journal_train_records: int = 10_000
+    journal_train_records: int = _LIMITS.journal_train_records
     notify_url: str = ""
     notify_timeout_s: float = 5.0
     notify_max_queued: int = 1000
@@ -165,6 +177,10 @@ class ServeSettings:
     """The TLS files' paths: the server reads them again when they change (certificate rotation)."""
     warnings: tuple[str, ...] = ()
     """Things an operator should fix that do not stop the daemon; logged at start."""
+
+    def limits(self) -> Limits:
+        """The core's bounds that these settings set (the rest keep ``Limits``' defaults)."""
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits) if hasattr(self, f.name)})
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,24 @@ def test_per_run_metrics_warn_that_run_ids_go_on_an_unauthenticated_endpoint(
     assert bool(said) == warned, settings.warnings
     if warned:
         assert "127.0.0.1:9464/metrics, which has no authentication" in said[0]
+
+
+def test_the_core_bounds_have_one_home(tmp_path: Path) -> None:
+    """The serve settings that bound the core take their defaults from ``Limits`` and hand every one of them
+    to the core: an unset setting is ``Limits``' default, a set one reaches the core."""
+    from governor_daemon.core.state import Limits
+    from governor_daemon.settings import settings_for
+
+    defaults = settings_for(tmp_path)
+    assert defaults.limits() == Limits()
+    bound = {f.name for f in dataclasses.fields(Limits) if hasattr(defaults, f.name)}
+    assert bound == {
+        "max_records_per_batch",
+        "max_active_runs",
+        "retain_finished_runs",
+        "max_active_runs_per_principal",
+        "idle_run_expiry_s",
+        "journal_train_records",
+    }
+    changed = settings_for(tmp_path, **{name: getattr(Limits(), name) + 1 for name in bound})
+    assert changed.limits() == Limits(**{name: getattr(Limits(), name) + 1 for name in bound})
