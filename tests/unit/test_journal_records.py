@@ -5,12 +5,16 @@ house was split (tests/fixtures/journal-716a6d2)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.simulation.harness import World, draw_schedule
+from tolaria.controller import RunFinished
+from tolaria.controller.events import event_from_proto
+from tolaria.governor.v1 import control_service_pb2
 from tolaria.journal import (
     RECORDS,
     EntryKind,
@@ -261,3 +265,20 @@ def test_every_entry_the_core_writes_reads_and_writes_back(seed: int) -> None:
         record = record_of(entry.kind, entry.payload)
         assert not record.extra, (entry.kind, record.extra)
         assert record.to_payload() == entry.payload
+
+
+def test_a_watched_event_reads_its_record() -> None:
+    command = {**COMMAND, "punishment_reward": -10.0, "recovery_skip_batches": 0, "recovery_lr_scale": 1.0}
+    payload = {**SAMPLES[EntryKind.FINISH], "notices": [{**NOTICE, "command": command}]}
+    response = control_service_pb2.WatchEventsResponse(
+        cursor=5,
+        ts="2026-12-07T00:00:00.000000Z",
+        run_id="r",
+        kind="finish",
+        hash="h",
+        payload_json=json.dumps(payload),
+    )
+    event = event_from_proto(response, "localhost:1")
+    assert isinstance(event, RunFinished)
+    assert (event.status, event.final_validation_loss, event.notices[0].command.step) == ("COMPLETED", math.inf, 20)
+    assert event.record == Finish.from_payload(payload)
