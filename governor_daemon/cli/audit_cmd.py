@@ -10,8 +10,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from governor_daemon.cli.entries import EntryPrinter
 from governor_daemon.cli.options import add_kind_argument
-from governor_daemon.cli.output import EntryPrinter, error, warning
+from governor_daemon.cli.output import error, warning
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
 from governor_daemon.journal.verify import verify_journal
 from governor_daemon.text import show

@@ -17,8 +17,9 @@ from typing import Any
 
 import grpc
 
+from governor_daemon.cli.entries import EntryPrinter, result_text
 from governor_daemon.cli.options import add_kind_argument
-from governor_daemon.cli.output import EntryPrinter, error, result_text, unreachable_text, validation_summary
+from governor_daemon.cli.output import error, unreachable_text, validation_summary
 from governor_daemon.errors import PolicyConfigError
 from governor_daemon.policy import parse_assignments
 from governor_daemon.text import show

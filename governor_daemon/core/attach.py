@@ -11,7 +11,6 @@ from typing import Any
 
 from governor_daemon.core import events as ev
 from governor_daemon.core.effects import CommandOut, Effects, EndStream, Welcome
-from governor_daemon.core.kinds import EntryKind
 from governor_daemon.core.registry import RankState, Run, RunMeta
 from governor_daemon.core.state import Binding, CoreState
 from governor_daemon.errors import (
@@ -22,6 +21,7 @@ from governor_daemon.errors import (
     PermissionDeniedError,
     PolicyConfigError,
 )
+from governor_daemon.journal_records import Attach, Detach, RunCreated, RunEvicted
 from governor_daemon.policy import PolicyConfig, RunState, StallTracker
 from governor_daemon.policy.steps import verification_steps
 
@@ -124,24 +124,21 @@ def _create(state: CoreState, e: ev.Attach, config: PolicyConfig, ignored: list[
     state.registry.lives = life
     run.policy.timeline = e.timeline  # a trainer whose run the daemon no longer holds is not "ahead"
     state.registry.runs[run.run_id] = run
-    fx.append(
-        run.run_id,
-        EntryKind.RUN_CREATED,
-        {
-            "task": e.task,
-            "world_size": e.world_size,
-            "timeline": e.timeline,
-            "overrides": e.overrides,
-            "ignored_policy_fields": ignored,
-            "effective_policy": config.as_dict(),
-            "trainer_version": e.trainer_version,
-            "effects": {
-                "meta": meta.as_dict(),
-                "policy": run.policy.to_dict(),
-                "ranks": {str(r): rank.effect() for r, rank in run.ranks.items()},
-            },
+    created = RunCreated(
+        task=e.task,
+        world_size=e.world_size,
+        timeline=e.timeline,
+        overrides=e.overrides,
+        ignored_policy_fields=ignored,
+        effective_policy=config.as_dict(),
+        trainer_version=e.trainer_version,
+        effects={
+            "meta": meta.as_dict(),
+            "policy": run.policy.to_dict(),
+            "ranks": {str(r): rank.effect() for r, rank in run.ranks.items()},
         },
     )
+    fx.append_record(run.run_id, created)
     evict_finished(state, fx)
     return run
 
@@ -156,21 +153,19 @@ def _bind(state: CoreState, run: Run, e: ev.Attach, fx: Effects, caught_up: dict
     rank.stream = e.stream
     rank.tracker = StallTracker(e.now)
     state.streams[e.stream] = Binding(run.run_id, e.rank, e.incarnation_id, rank.generation)
-    fx.append(
-        run.run_id,
-        EntryKind.ATTACH,
-        {
-            "rank": e.rank,
-            "incarnation_id": e.incarnation_id,
-            "new_incarnation": new_incarnation,
-            "generation": rank.generation,
-            "last_durable_seq": rank.last_durable_seq,
-            "peer": e.peer,
-            "caller": e.caller,
-            **{k: v for k, v in caught_up.items() if k != "effects"},
-            "effects": {"ranks": {str(e.rank): rank.effect()}, **caught_up.get("effects", {})},
-        },
+    attached = Attach(
+        rank=e.rank,
+        incarnation_id=e.incarnation_id,
+        new_incarnation=new_incarnation,
+        generation=rank.generation,
+        last_durable_seq=rank.last_durable_seq,
+        peer=e.peer,
+        caller=e.caller,
+        run_timeline=caught_up.get("run_timeline"),
+        superseded_steps=caught_up.get("superseded_steps"),
+        effects={"ranks": {str(e.rank): rank.effect()}, **caught_up.get("effects", {})},
     )
+    fx.append_record(run.run_id, attached)
     return rank
 
 
@@ -214,7 +209,7 @@ def unbind(state: CoreState, stream: int, now: float, fx: Effects) -> None:
         rank.stream = None
         if all(r.stream is None for r in run.ranks.values()):
             run.idle_since = now
-        fx.append(run.run_id, EntryKind.DETACH, {"rank": binding.rank, "generation": binding.generation})
+        fx.append_record(run.run_id, Detach(rank=binding.rank, generation=binding.generation))
 
 
 def evict_finished(state: CoreState, fx: Effects) -> None:
@@ -223,4 +218,4 @@ def evict_finished(state: CoreState, fx: Effects) -> None:
     excess = len(finished) - state.options.limits.retain_finished_runs
     for run in finished[: max(0, excess)]:  # a stream still open on it is moot from now on
         del state.registry.runs[run.run_id]
-        fx.append(run.run_id, EntryKind.RUN_EVICTED, {"effects": {"forget": True}})
+        fx.append_record(run.run_id, RunEvicted())

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from governor_daemon.core import events as ev
 from governor_daemon.core.effects import Effects
-from governor_daemon.core.kinds import EntryKind
 from governor_daemon.core.records import issue
 from governor_daemon.core.state import CoreState
 from governor_daemon.errors import InvalidInputError, PolicyConfigError, PolicyStateError
+from governor_daemon.journal_records import ControllerRequest, PolicyChange, RunForgotten
 from governor_daemon.policy import Command, CommandKind, RunState
 
 
@@ -35,17 +35,10 @@ def controller_command(state: CoreState, e: ev.RequestRollback | ev.Halt | ev.Re
         action, command = "halt", policy.halt(e.reason, e.now)
     else:
         action, command = "resume", policy.resume(e.reason, e.now)
-    fx.append(
-        run.run_id,
-        EntryKind.CONTROLLER_REQUEST,
-        {
-            "action": action,
-            "reason": e.reason,
-            "caller": e.caller,
-            "command": command.as_dict(),
-            "effects": {"policy": policy.to_dict()},
-        },
+    request = ControllerRequest(
+        action=action, reason=e.reason, caller=e.caller, command=command.as_dict(), effects={"policy": policy.to_dict()}
     )
+    fx.append_record(run.run_id, request)
     issue(fx, run, command, "controller")
     fx.reply = CommandReply(command, policy.state)
 
@@ -61,17 +54,14 @@ def update_policy(state: CoreState, e: ev.UpdatePolicy, fx: Effects) -> None:
         raise InvalidInputError("changes", str(exc)) from None
     before = run.policy.config.as_dict()
     run.policy.update_policy(config)
-    fx.append(
-        run.run_id,
-        EntryKind.POLICY_CHANGE,
-        {
-            "caller": e.caller,
-            "changes": e.changes,
-            "before": {k: before[k] for k in e.changes},
-            "effective_policy": config.as_dict(),
-            "effects": {"policy": run.policy.to_dict()},
-        },
+    change = PolicyChange(
+        caller=e.caller,
+        changes=e.changes,
+        before={k: before[k] for k in e.changes},
+        effective_policy=config.as_dict(),
+        effects={"policy": run.policy.to_dict()},
     )
+    fx.append_record(run.run_id, change)
     fx.reply = config
 
 
@@ -91,5 +81,4 @@ def forget(state: CoreState, e: ev.ForgetRun, fx: Effects) -> None:
             "result or its timeout (the run is then HALTED), then forget it"
         )
     del state.registry.runs[run.run_id]
-    entry = {"reason": e.reason, "caller": e.caller, "state": str(run.policy.state), "effects": {"forget": True}}
-    fx.append(run.run_id, EntryKind.RUN_FORGOTTEN, entry)
+    fx.append_record(run.run_id, RunForgotten(reason=e.reason, caller=e.caller, state=str(run.policy.state)))

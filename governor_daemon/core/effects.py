@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from governor_daemon.journal_records import Record
 from governor_daemon.policy import Command, Decision, PolicyConfig, RunState, Verdict
 
 
@@ -136,6 +137,10 @@ class Effects:
     def append(self, run: str, kind: str, payload: dict[str, Any], sync: bool = False) -> None:
         """Add a journal entry."""
         self.entries.append(Append(run, kind, payload, sync))
+
+    def append_record(self, run: str, record: Record, sync: bool = False) -> None:
+        """Add a journal entry: the record's kind and payload (``tolaria.journal``)."""
+        self.append(run, record.KIND, record.to_payload(), sync)
 
     def send(self, stream: int | None, message: Message) -> None:
         """Add a message for ``stream`` (nothing when the rank has no stream)."""

@@ -21,6 +21,20 @@ from governor_daemon.core.kinds import EntryKind
 from governor_daemon.core.registry import RankState, Run
 from governor_daemon.core.state import Accepted, CoreState, accept
 from governor_daemon.errors import InvalidInputError
+from governor_daemon.journal_records import (
+    CommandIssued,
+    Decision,
+    Duplicate,
+    Late,
+    Report,
+    Stale,
+    StallCleared,
+    TrainSummary,
+    ValidationDetails,
+    ValidationReport,
+    Vitals,
+)
+from governor_daemon.journal_records import Notice as JournalNotice
 from governor_daemon.policy import AddOutcome, Command, Notice, StepGroup, Verdict
 from governor_daemon.policy.decisions import float_to_json
 
@@ -35,7 +49,7 @@ def vitals(state: CoreState, e: ev.Vitals, fx: Effects) -> None:
     skip = max(0, rank.last_durable_seq + 1 - e.first_seq)
     first, last = e.first_seq + skip, e.last_seq
     if not classify("vitals_batch.timeline", run, e.timeline):
-        stale(fx, a, "vitals_batch", first, last, e.timeline, {"num_records": len(e.steps) - skip})
+        stale(fx, a, "vitals_batch", first, last, e.timeline, num_records=len(e.steps) - skip)
         return
     batch = _Batch.of(e, skip)
     gaps_before = rank.num_gaps
@@ -43,17 +57,6 @@ def vitals(state: CoreState, e: ev.Vitals, fx: Effects) -> None:
     max_step = int(batch.steps.max())
     progress(fx, run, rank, e.timeline, max_step, e.now)
     num = len(batch.steps)
-    payload: dict[str, Any] = {
-        "rank": a.binding.rank,
-        "incarnation_id": a.binding.incarnation_id,
-        "seq": last,
-        "first_seq": first,
-        "num_records": 0 if e.shed else num,
-        "num_gaps": rank.num_gaps - gaps_before,
-        "num_dropped": e.num_dropped,
-        "max_step": max_step,
-        "timeline": e.timeline,
-    }
     # A shed batch gets the non-finite check only (docs/protocol.md, "Shedding")
     decision, step_state = run.policy.judge_train_batch(
         e.timeline,
@@ -66,14 +69,29 @@ def vitals(state: CoreState, e: ev.Vitals, fx: Effects) -> None:
         pins=e.pins,
         shed=e.shed,
     )
-    _keep(state, a, payload, batch, e.shed)
+    num_shed, records, train = _keep(state, a, batch, e.shed)
     effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
     if step_state is not None:
         effects["steps"] = {str(a.binding.rank): step_state.as_dict()}
     if decision is not None:
-        payload["decision"] = decision.as_dict()
         effects["policy"] = run.policy.to_dict()
-    fx.append(run.run_id, EntryKind.VITALS, {**payload, "effects": effects}, sync=decision is not None)
+    entry = Vitals(
+        rank=a.binding.rank,
+        incarnation_id=a.binding.incarnation_id,
+        seq=last,
+        first_seq=first,
+        num_records=0 if e.shed else num,
+        num_gaps=rank.num_gaps - gaps_before,
+        num_dropped=e.num_dropped,
+        max_step=max_step,
+        timeline=e.timeline,
+        num_shed=num_shed,
+        records=records,
+        train=train,
+        decision=decision.as_dict() if decision is not None else None,
+        effects=effects,
+    )
+    fx.append_record(run.run_id, entry, sync=decision is not None)
     if decision is not None and decision.command is not None:
         issue(fx, run, decision.command, "train_step")
     fx.send(e.stream, Ack(last, num_shed=num if e.shed else 0))
@@ -98,19 +116,21 @@ class _Batch:
         )
 
 
-def _keep(state: CoreState, a: Accepted, payload: dict[str, Any], batch: _Batch, shed: bool) -> None:
-    """What the VITALS entry keeps of the batch: the count of shed records, or the records' summary (and the
-    records themselves while the run is under ``journal_train_records``)."""
+def _keep(
+    state: CoreState, a: Accepted, batch: _Batch, shed: bool
+) -> tuple[int | None, dict[str, Any] | None, TrainSummary | None]:
+    """What the VITALS entry keeps of the batch (``num_shed``, ``records``, ``train``): the count of shed records,
+    or the records' summary (and the records themselves while the run is under ``journal_train_records``)."""
     num = len(batch.steps)
     if shed:
         a.rank.num_shed += num
-        payload["num_shed"] = num
-        return
+        return num, None, None
+    records = None
     budget = state.options.limits.journal_train_records
     if budget and sum(r.num_records for r in a.run.ranks.values()) < budget:
-        payload["records"] = train_records.encode(np.asarray(batch.steps), batch.losses, batch.grads, batch.lrs)
+        records = train_records.encode(np.asarray(batch.steps), batch.losses, batch.grads, batch.lrs)
     a.rank.num_records += num
-    payload["train"] = train_summary(batch.steps, batch.losses, batch.grads)
+    return None, records, train_summary(batch.steps, batch.losses, batch.grads)
 
 
 def validation(state: CoreState, e: ev.Validation, fx: Effects) -> None:
@@ -121,7 +141,7 @@ def validation(state: CoreState, e: ev.Validation, fx: Effects) -> None:
         return
     run, rank = a.run, a.rank
     if not classify("validation_record.timeline", run, e.timeline):
-        stale(fx, a, "validation_record", e.seq, e.seq, e.timeline, e.details)
+        stale(fx, a, "validation_record", e.seq, e.seq, e.timeline, record=ValidationDetails.from_payload(e.details))
         return
     rank.accept_seq(e.seq)
     rank.num_records += 1
@@ -129,11 +149,18 @@ def validation(state: CoreState, e: ev.Validation, fx: Effects) -> None:
     if run.meta.world_size == 1:
         b = a.binding
         group = StepGroup(e.timeline, e.step, e.now, e.epoch, e.record_rgl, {b.rank: e.loss}, {b.rank: e.seq})
-        src = {"rank": b.rank, "incarnation_id": b.incarnation_id, "seq": e.seq}
-        decide(fx, run, group, {**src, "record": e.details}, e.now)
+        source = {"rank": b.rank, "incarnation_id": b.incarnation_id, "seq": e.seq}
+        decide(fx, run, group, {**source, "record": ValidationDetails.from_payload(e.details)}, e.now)
     else:
         _report(fx, a, e)
     fx.send(e.stream, Ack(e.seq))
+
+
+_REPORTS: dict[EntryKind, type[ValidationReport]] = {
+    EntryKind.REPORT: Report,
+    EntryKind.LATE: Late,
+    EntryKind.DUPLICATE: Duplicate,
+}
 
 
 def _report(fx: Effects, a: Accepted, e: ev.Validation) -> None:
@@ -153,9 +180,14 @@ def _report(fx: Effects, a: Accepted, e: ev.Validation) -> None:
         frozenset(run.policy.finished_ranks),
     )
     kind = EntryKind.REPORT if outcome in (AddOutcome.PENDING, AddOutcome.READY) else EntryKind(str(outcome))
-    src = {"rank": binding.rank, "incarnation_id": binding.incarnation_id, "seq": e.seq}
-    effects = {"ranks": {str(rank.rank): rank.effect()}, "pending": run.aggregator.to_dict()}
-    fx.append(run.run_id, kind, {**src, **e.details, "effects": effects})
+    entry = _REPORTS[kind](
+        rank=binding.rank,
+        incarnation_id=binding.incarnation_id,
+        seq=e.seq,
+        record=ValidationDetails.from_payload(e.details),
+        effects={"ranks": {str(rank.rank): rank.effect()}, "pending": run.aggregator.to_dict()},
+    )
+    fx.append_record(run.run_id, entry)
     if ready is not None:
         decide(fx, run, ready, {}, e.now)
     elif kind is not EntryKind.REPORT:
@@ -187,29 +219,35 @@ def classify(field_name: str, run: Run, timeline: int) -> bool:
 
 
 def stale(
-    fx: Effects, a: Accepted, what: str, first_seq: int, last_seq: int, timeline: int, extra: dict[str, Any]
+    fx: Effects,
+    a: Accepted,
+    what: str,
+    first_seq: int,
+    last_seq: int,
+    timeline: int,
+    num_records: int | None = None,
+    record: ValidationDetails | None = None,
 ) -> None:
-    """Journal records of a left timeline, unjudged; tell a rank that has no command in flight."""
+    """Journal records of a left timeline, unjudged (a batch's count of records, or the validation record);
+    tell a rank that has no command in flight."""
     run, rank = a.run, a.rank
     rank.accept_seq(last_seq, first_seq)
     policy = run.policy
     in_flight = policy.open is not None and rank.rank not in policy.open.ranks_done
-    fx.append(
-        run.run_id,
-        EntryKind.STALE,
-        {
-            "what": what,
-            "rank": a.binding.rank,
-            "incarnation_id": a.binding.incarnation_id,
-            "seq": last_seq,
-            "first_seq": first_seq,
-            "timeline": timeline,
-            "current_timeline": policy.timeline,
-            "resync": not in_flight,
-            **extra,
-            "effects": {"ranks": {str(rank.rank): rank.effect()}},
-        },
+    entry = Stale(
+        what=what,
+        rank=a.binding.rank,
+        incarnation_id=a.binding.incarnation_id,
+        seq=last_seq,
+        first_seq=first_seq,
+        timeline=timeline,
+        current_timeline=policy.timeline,
+        resync=not in_flight,
+        num_records=num_records,
+        record=record,
+        effects={"ranks": {str(rank.rank): rank.effect()}},
     )
+    fx.append_record(run.run_id, entry)
     if not in_flight:
         reason = (
             f"records up to seq {last_seq} are on timeline {timeline}, the run is on {policy.timeline}: "
@@ -232,15 +270,13 @@ def progress(fx: Effects, run: Run, rank: RankState, timeline: int, step: int, n
     rank.latest_timeline, rank.latest_step = timeline, step
     if rank.rank in run.policy.stalled_ranks:
         run.policy.set_stalled(rank.rank, False)
-        fx.append(
-            run.run_id,
-            EntryKind.STALL_CLEARED,
-            {"rank": rank.rank, "timeline": timeline, "step": step, "effects": {"policy": run.policy.to_dict()}},
-        )
+        cleared = StallCleared(rank=rank.rank, timeline=timeline, step=step, effects={"policy": run.policy.to_dict()})
+        fx.append_record(run.run_id, cleared)
 
 
-def decide(fx: Effects, run: Run, group: StepGroup, extra: dict[str, Any], now: float) -> None:
-    """Judge one complete (or overdue) validation step; verdicts to its ranks, then any command."""
+def decide(fx: Effects, run: Run, group: StepGroup, source: dict[str, Any], now: float) -> None:
+    """Judge one complete (or overdue) validation step; verdicts to its ranks, then any command. ``source``: the
+    ``Decision`` entry's fields that say what was decided (a one-rank run's record, or ``after_deadline``)."""
     policy = run.policy
     for missing in group.missing:
         policy.set_stalled(missing, True)
@@ -253,21 +289,18 @@ def decide(fx: Effects, run: Run, group: StepGroup, extra: dict[str, Any], now: 
         group.record_rgl,
         group.missing,
     )
-    fx.append(
-        run.run_id,
-        EntryKind.DECISION,
-        {
-            **extra,
-            "seqs": {str(r): s for r, s in group.seqs.items()},
-            "decision": decision.as_dict(),
-            "effects": {
-                "policy": policy.to_dict(),
-                "ranks": {str(r): run.rank(r).effect() for r in group.seqs},
-                "pending": run.aggregator.to_dict(),
-            },
+    entry = Decision(
+        **source,
+        seqs={str(r): s for r, s in group.seqs.items()},
+        decision=decision.as_dict(),
+        effects={
+            "policy": policy.to_dict(),
+            "ranks": {str(r): run.rank(r).effect() for r in group.seqs},
+            "pending": run.aggregator.to_dict(),
         },
-        sync=True,  # a verdict never waits for the group-commit window (docs/protocol.md, "Decisions")
     )
+    # a verdict never waits for the group-commit window (docs/protocol.md, "Decisions")
+    fx.append_record(run.run_id, entry, sync=True)
     for rank_id, seq in group.seqs.items():
         target = run.rank(rank_id)
         if group.incarnations.get(rank_id, target.incarnation_id) == target.incarnation_id:
@@ -278,37 +311,35 @@ def decide(fx: Effects, run: Run, group: StepGroup, extra: dict[str, Any], now: 
 
 def issue(fx: Effects, run: Run, command: Command, cause: str) -> None:
     """Journal a command (durable before it leaves) and send it to every attached rank."""
-    fx.append(run.run_id, EntryKind.COMMAND, {"cause": cause, "command": command.as_dict()}, sync=True)
+    fx.append_record(run.run_id, CommandIssued(cause=cause, command=command.as_dict()), sync=True)
     for rank in run.ranks.values():
         fx.send(rank.stream, CommandOut(command, rank.generation))
 
 
-def notice_json(notice: Notice) -> dict[str, Any]:
+def journal_notice(notice: Notice) -> JournalNotice:
     """A policy notice as entries carry it."""
-    out: dict[str, Any] = {
-        "kind": notice.kind,
-        "reason": notice.reason,
-        "command": notice.command.as_dict() if notice.command else None,
-    }
-    if notice.charged is not None:
-        out["charged"] = notice.charged
-    return out
+    return JournalNotice(
+        kind=notice.kind,
+        reason=notice.reason,
+        command=notice.command.as_dict() if notice.command else None,
+        charged=notice.charged,
+    )
 
 
 def train_summary(
     steps: Sequence[int] | npt.NDArray[np.int64],
     losses: npt.NDArray[np.float64],
     grads: npt.NDArray[np.float64] | None,
-) -> dict[str, Any]:
+) -> TrainSummary:
     """What a VITALS entry keeps of its batch's records for people (the audit plot): the step range, the
     mean and largest loss and the largest grad norm of the finite records ("nan" if none is finite)."""
     finite = losses[np.isfinite(losses)]
     finite_grads = grads[np.isfinite(grads)] if grads is not None else np.empty(0)
-    return {
-        "first_step": int(steps[0]),
-        "last_step": int(steps[-1]),
-        "loss_mean": float_to_json(float(finite.mean())) if len(finite) else "nan",
-        "loss_max": float_to_json(float(finite.max())) if len(finite) else "nan",
-        "grad_norm_max": float(finite_grads.max()) if len(finite_grads) else None,
-        "num_non_finite": int(len(losses) - len(finite)),
-    }
+    return TrainSummary(
+        first_step=int(steps[0]),
+        last_step=int(steps[-1]),
+        loss_mean=float_to_json(float(finite.mean())) if len(finite) else "nan",
+        loss_max=float_to_json(float(finite.max())) if len(finite) else "nan",
+        grad_norm_max=float(finite_grads.max()) if len(finite_grads) else None,
+        num_non_finite=int(len(losses) - len(finite)),
+    )

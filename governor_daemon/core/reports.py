@@ -13,33 +13,27 @@ from typing import Any
 from governor_daemon.core import events as ev
 from governor_daemon.core.attach import evict_finished
 from governor_daemon.core.effects import Ack, Effects
-from governor_daemon.core.kinds import EntryKind
-from governor_daemon.core.records import issue, notice_json
+from governor_daemon.core.records import issue, journal_notice
 from governor_daemon.core.state import Accepted, CoreState, accept
 from governor_daemon.errors import InvalidInputError
+from governor_daemon.journal_records import CommandResult, Finish, Record, Snapshot, SnapshotAdopted, SnapshotRef
+from governor_daemon.journal_records import Notice as JournalNotice
 from governor_daemon.policy import Command, CommandKind
 from governor_daemon.policy.decisions import float_to_json
 from governor_daemon.policy.steps import pinned_states_to_json
 
 
-def _answer(
-    fx: Effects,
-    a: Accepted,
-    seq: int,
-    kind: EntryKind,
-    payload: dict[str, Any],
-    commands: Sequence[Command] = (),
-) -> None:
+def _answer(fx: Effects, a: Accepted, seq: int, entry: Record, commands: Sequence[Command] = ()) -> None:
     """The report's entry (``sync`` when commands follow it), the commands it caused (a failed command's
     follow-up), then its Ack."""
-    fx.append(a.run.run_id, kind, payload, sync=bool(commands))
+    fx.append_record(a.run.run_id, entry, sync=bool(commands))
     for command in commands:
         issue(fx, a.run, command, "command_failed")
     fx.send(a.stream, Ack(seq))
 
 
 def _source(a: Accepted, seq: int) -> dict[str, Any]:
-    """Which rank, incarnation and seq a report's entry is of."""
+    """Which rank, incarnation and seq a report's entry is of (its record's ``rank``, ``incarnation_id``, ``seq``)."""
     return {"rank": a.binding.rank, "incarnation_id": a.binding.incarnation_id, "seq": seq}
 
 
@@ -55,19 +49,19 @@ def snapshot(state: CoreState, e: ev.SnapshotTaken, fx: Effects) -> None:
     effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
     if pinned is not None:
         effects["pins"] = {str(a.binding.rank): pinned_states_to_json(run.policy.pins[a.binding.rank])}
-    payload = {
+    entry = Snapshot(
         **_source(a, e.seq),
-        "timeline": e.timeline,
-        "step": e.step,
-        "snapshot_bytes": e.snapshot_bytes,
-        "duration_ms": e.duration_ms,
-        "location": e.location,
-        "digest": e.digest,
+        timeline=e.timeline,
+        step=e.step,
+        snapshot_bytes=e.snapshot_bytes,
+        duration_ms=e.duration_ms,
+        location=e.location,
+        digest=e.digest,
         # The detectors resume from here after a restore to this snapshot (policy/steps.py).
-        "detector_state": "pinned" if pinned is not None else "none: a restore to it re-warms the detectors",
-        "effects": effects,
-    }
-    _answer(fx, a, e.seq, EntryKind.SNAPSHOT, payload)
+        detector_state="pinned" if pinned is not None else "none: a restore to it re-warms the detectors",
+        effects=effects,
+    )
+    _answer(fx, a, e.seq, entry)
 
 
 def adopted(state: CoreState, e: ev.SnapshotAdopted, fx: Effects) -> None:
@@ -84,32 +78,35 @@ def adopted(state: CoreState, e: ev.SnapshotAdopted, fx: Effects) -> None:
         )
     rank.accept_seq(e.seq)
     snapshot_timeline, step, digest = e.snapshot
-    payload: dict[str, Any] = {
-        **_source(a, e.seq),
-        "timeline": e.timeline,
-        "new_timeline": e.timeline + 1,
-        "snapshot": {"timeline": snapshot_timeline, "step": step, "digest": digest},
-        "duration_ms": e.duration_ms,
-    }
     effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
+    after: dict[str, Any]  # what the adoption did: the SnapshotAdopted fields after ``duration_ms``
     if rank.last_snapshot != e.snapshot:
         reason = (
             f"step {step} of timeline {snapshot_timeline} is not rank {a.binding.rank}'s last published snapshot "
             f"{list(rank.last_snapshot) if rank.last_snapshot else 'none'}; the adoption changes nothing"
         )
-        payload["notices"] = [{"kind": "unknown_snapshot", "reason": reason, "command": None}]
+        after = {"notices": (JournalNotice(kind="unknown_snapshot", reason=reason, command=None),)}
     else:
         moved, notices = policy.on_adopted(a.binding.rank, e.timeline, step)
         superseded = run.aggregator.discard_before(policy.timeline) if moved else []
         effects["policy"] = policy.to_dict()
         if superseded:
             effects["pending"] = run.aggregator.to_dict()
-        payload["run_timeline"] = policy.timeline
-        payload["superseded_steps"] = [[g.timeline, g.step] for g in superseded]
-        if notices:
-            payload["notices"] = [notice_json(n) for n in notices]
-    payload["effects"] = effects
-    _answer(fx, a, e.seq, EntryKind.SNAPSHOT_ADOPTED, payload)
+        after = {
+            "run_timeline": policy.timeline,
+            "superseded_steps": [[g.timeline, g.step] for g in superseded],
+            "notices": tuple(journal_notice(n) for n in notices) or None,
+        }
+    entry = SnapshotAdopted(
+        **_source(a, e.seq),
+        timeline=e.timeline,
+        new_timeline=e.timeline + 1,
+        snapshot=SnapshotRef(timeline=snapshot_timeline, step=step, digest=digest),
+        duration_ms=e.duration_ms,
+        **after,
+        effects=effects,
+    )
+    _answer(fx, a, e.seq, entry)
 
 
 def command_result(state: CoreState, e: ev.CommandResult, fx: Effects) -> None:
@@ -120,18 +117,18 @@ def command_result(state: CoreState, e: ev.CommandResult, fx: Effects) -> None:
     if a is None:
         return
     run, rank, policy = a.run, a.rank, a.run.policy
-    payload = _result_payload(a, e)
+    result = _result_fields(a, e)
     command = policy.command(e.command_id)
     if command is not None:
-        payload["command_kind"] = str(command.kind)
+        result["command_kind"] = str(command.kind)
     moves = command is not None and command.kind is not CommandKind.HALT
     other = _other_command(e, run.run_id, policy.next_command_id, command)
     if other is not None:  # journaled; it changes nothing else
         rank.accept_seq(e.seq)
         unknown = f"{other}; the result changes nothing"
-        payload["notices"] = [{"kind": "unknown_command", "reason": unknown, "command": None}]
-        payload["effects"] = {"ranks": {str(rank.rank): rank.effect()}}
-        _answer(fx, a, e.seq, EntryKind.COMMAND_RESULT, payload)
+        notice = JournalNotice(kind="unknown_command", reason=unknown, command=None)
+        unchanged = {"ranks": {str(rank.rank): rank.effect()}}
+        _answer(fx, a, e.seq, CommandResult(**result, notices=(notice,), effects=unchanged))
         return
     if (not e.succeeded or not moves) and e.new_timeline > policy.timeline + 1:
         raise InvalidInputError(
@@ -148,14 +145,19 @@ def command_result(state: CoreState, e: ev.CommandResult, fx: Effects) -> None:
     superseded = run.aggregator.discard_before(policy.timeline) if policy.timeline != timeline_before else []
     if superseded:
         effects["pending"] = run.aggregator.to_dict()
-    payload["notices"] = [notice_json(n) for n in notices]
-    payload["superseded_steps"] = [[g.timeline, g.step] for g in superseded]
-    payload["effects"] = effects
+    entry = CommandResult(
+        **result,
+        notices=tuple(journal_notice(n) for n in notices),
+        superseded_steps=[[g.timeline, g.step] for g in superseded],
+        effects=effects,
+    )
     follow_up = [n.command for n in notices if n.command is not None]
-    _answer(fx, a, e.seq, EntryKind.COMMAND_RESULT, payload, follow_up)
+    _answer(fx, a, e.seq, entry, follow_up)
 
 
-def _result_payload(a: Accepted, e: ev.CommandResult) -> dict[str, Any]:
+def _result_fields(a: Accepted, e: ev.CommandResult) -> dict[str, Any]:
+    """The ``CommandResult`` entry's fields the report itself gives."""
+    lr = e.lr_after_restore
     return {
         **_source(a, e.seq),
         "command_id": e.command_id,
@@ -165,7 +167,7 @@ def _result_payload(a: Accepted, e: ev.CommandResult) -> dict[str, Any]:
         "duration_ms": e.duration_ms,
         "error": e.error,
         "num_culled_seeds": e.num_culled_seeds,
-        **({} if e.lr_after_restore is None else {"lr_after_restore": float_to_json(e.lr_after_restore)}),
+        "lr_after_restore": None if lr is None else float_to_json(lr),
     }
 
 
@@ -193,19 +195,18 @@ def finish(state: CoreState, e: ev.Finish, fx: Effects) -> None:
     run, rank = a.run, a.rank
     rank.accept_seq(e.seq)
     notices = run.policy.finish(a.binding.rank)
-    payload: dict[str, Any] = {
+    loss = e.final_validation_loss
+    entry = Finish(
         **_source(a, e.seq),
-        "status": e.status,
-        "epochs_completed": e.epochs_completed,
-        "num_rollbacks": e.num_rollbacks,
-        "message": e.message,
-        "duration_s": e.duration_s,
-        "notices": [notice_json(n) for n in notices],
-    }
-    if e.final_validation_loss is not None:
-        payload["final_validation_loss"] = float_to_json(e.final_validation_loss)
-    if e.final_validation_accuracy is not None:
-        payload["final_validation_accuracy"] = e.final_validation_accuracy
-    payload["effects"] = {"policy": run.policy.to_dict(), "ranks": {str(rank.rank): rank.effect()}}
-    _answer(fx, a, e.seq, EntryKind.FINISH, payload)
+        status=e.status,
+        epochs_completed=e.epochs_completed,
+        num_rollbacks=e.num_rollbacks,
+        message=e.message,
+        duration_s=e.duration_s,
+        notices=tuple(journal_notice(n) for n in notices),
+        final_validation_loss=None if loss is None else float_to_json(loss),
+        final_validation_accuracy=e.final_validation_accuracy,
+        effects={"policy": run.policy.to_dict(), "ranks": {str(rank.rank): rank.effect()}},
+    )
+    _answer(fx, a, e.seq, entry)
     evict_finished(state, fx)

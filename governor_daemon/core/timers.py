@@ -10,10 +10,18 @@ from __future__ import annotations
 from governor_daemon.core import events as ev
 from governor_daemon.core.attach import unbind
 from governor_daemon.core.effects import Effects, EndStream
-from governor_daemon.core.kinds import EntryKind
-from governor_daemon.core.records import decide, issue, notice_json
+from governor_daemon.core.records import decide, issue, journal_notice
 from governor_daemon.core.registry import RankState, Run
 from governor_daemon.core.state import CoreState
+from governor_daemon.journal_records import (
+    CommandTimeout,
+    DaemonStart,
+    DaemonStop,
+    RankDeadline,
+    RunExpired,
+    Stall,
+    Superseded,
+)
 from governor_daemon.policy import RunState, StallTracker
 
 
@@ -39,11 +47,7 @@ def _expire(state: CoreState, run: Run, now: float, fx: Effects) -> bool:
     if not (expiry > 0 and idle and now - run.idle_since >= expiry):
         return False
     del state.registry.runs[run.run_id]
-    fx.append(
-        run.run_id,
-        EntryKind.RUN_EXPIRED,
-        {"idle_s": round(now - run.idle_since, 3), "state": str(run.policy.state), "effects": {"forget": True}},
-    )
+    fx.append_record(run.run_id, RunExpired(idle_s=round(now - run.idle_since, 3), state=str(run.policy.state)))
     return True
 
 
@@ -53,27 +57,21 @@ def _deadlines(fx: Effects, run: Run, now: float) -> None:
     policy = run.policy
     for group in run.aggregator.due(now, policy.config.rank_deadline_s, frozenset(policy.finished_ranks)):
         if policy.is_stale(group.timeline):
-            fx.append(
-                run.run_id,
-                EntryKind.SUPERSEDED,
-                {
-                    "timeline": group.timeline,
-                    "step": group.step,
-                    "current_timeline": policy.timeline,
-                    "effects": {"pending": run.aggregator.to_dict()},
-                },
+            superseded = Superseded(
+                timeline=group.timeline,
+                step=group.step,
+                current_timeline=policy.timeline,
+                effects={"pending": run.aggregator.to_dict()},
             )
+            fx.append_record(run.run_id, superseded)
             continue
-        fx.append(
-            run.run_id,
-            EntryKind.RANK_DEADLINE,
-            {
-                "step": group.step,
-                "timeline": group.timeline,
-                "missing_ranks": list(group.missing),
-                "rank_deadline_s": policy.config.rank_deadline_s,
-            },
+        deadline = RankDeadline(
+            step=group.step,
+            timeline=group.timeline,
+            missing_ranks=list(group.missing),
+            rank_deadline_s=policy.config.rank_deadline_s,
         )
+        fx.append_record(run.run_id, deadline)
         decide(fx, run, group, {"after_deadline": True}, now)
 
 
@@ -81,12 +79,8 @@ def _timeouts(fx: Effects, run: Run, now: float) -> None:
     """Open commands past their timeout; a timeout's follow-up command is journaled durably and issued."""
     policy = run.policy
     for notice in policy.check_timeouts(now):
-        fx.append(
-            run.run_id,
-            EntryKind.COMMAND_TIMEOUT,
-            {**notice_json(notice), "effects": {"policy": policy.to_dict()}},
-            sync=notice.command is not None,
-        )
+        timeout = CommandTimeout(notice=journal_notice(notice), effects={"policy": policy.to_dict()})
+        fx.append_record(run.run_id, timeout, sync=notice.command is not None)
         if notice.command is not None:
             issue(fx, run, notice.command, "command_timeout")
 
@@ -105,19 +99,16 @@ def _stalled(state: CoreState, fx: Effects, run: Run, rank: RankState, now: floa
     policy.set_stalled(rank.rank, True)
     assert rank.tracker is not None
     waited = round(rank.tracker.seconds_since_progress(now), 3)
-    fx.append(
-        run.run_id,
-        EntryKind.STALL,
-        {
-            "rank": rank.rank,
-            "latest_step": rank.latest_step,
-            "latest_timeline": rank.latest_timeline,
-            "seconds_without_progress": waited,
-            "threshold_s": rank.tracker.threshold_s(policy.config.stall_timeout_s),
-            "end_process": end_process,
-            "effects": {"policy": policy.to_dict()},
-        },
+    stall = Stall(
+        rank=rank.rank,
+        latest_step=rank.latest_step,
+        latest_timeline=rank.latest_timeline,
+        seconds_without_progress=waited,
+        threshold_s=rank.tracker.threshold_s(policy.config.stall_timeout_s),
+        end_process=end_process,
+        effects={"policy": policy.to_dict()},
     )
+    fx.append_record(run.run_id, stall)
     if end_process and stream is not None:
         reason = f"rank {rank.rank} made no progress for {waited:.1f} s past step {rank.latest_step}"
         fx.send(stream, EndStream(f"stall watchdog (end_stalled_ranks): {reason}", True))
@@ -159,20 +150,14 @@ def start(state: CoreState, e: ev.Start, fx: Effects) -> None:
         for rank in run.ranks.values():
             rank.stream = None
             rank.tracker = StallTracker(e.now) if rank.incarnation_id else None  # never-attached: no clock
-    fx.append(
-        "",
-        EntryKind.DAEMON_START,
-        {
-            "runs_restored": e.runs_restored,
-            "entries_applied": e.entries_applied,
-            "moved_aside": list(e.moved_aside),
-        },
-        sync=True,
+    started = DaemonStart(
+        runs_restored=e.runs_restored, entries_applied=e.entries_applied, moved_aside=list(e.moved_aside)
     )
+    fx.append_record("", started, sync=True)
 
 
 def stop(state: CoreState, e: ev.Stop, fx: Effects) -> None:
     """Every stream is asked to end (trainers reconnect to the next daemon)."""
     for stream in list(state.streams):
         fx.send(stream, EndStream(e.reason))
-    fx.append("", EntryKind.DAEMON_STOP, {"reason": e.reason})
+    fx.append_record("", DaemonStop(reason=e.reason))

@@ -51,6 +51,21 @@ from governor_daemon.policy.detectors import (
 )
 from governor_daemon.policy.engine import RunPolicy
 from governor_daemon.policy.steps import StepState, loss_gate
+from tolaria.journal import (
+    ENTRY_KINDS,
+    Checkpoint,
+    CommandIssued,
+    CommandResult,
+    Decision,
+    EntryKind,
+    Record,
+    Snapshot,
+    SnapshotAdopted,
+    TrainSummary,
+    ValidationDetails,
+    Vitals,
+    record_of,
+)
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -173,56 +188,83 @@ def collect(data_dir: Path, run_id: str) -> PlotData:
     steps: dict[int, list[int]] = defaultdict(list)  # every step seen per timeline: the bands' extent
     command_timelines: dict[int, int] = {}
     for entry in _entries(data_dir):
-        if entry.kind == "checkpoint":
-            run = entry.payload.get("runs", {}).get(run_id)
+        if entry.kind == EntryKind.CHECKPOINT:
+            run = Checkpoint.from_payload(entry.payload).runs.get(run_id)
             if run is not None:
                 policy = RunPolicy.from_dict(run["policy"])
                 pending = run["pending"]["pending"]
             continue
         if entry.run != run_id:
             continue
-        payload = entry.payload
-        decision = payload.get("decision")
-        if decision is not None:
-            steps[int(decision["timeline"])].append(int(decision["step"]))
-            if decision["kind"] != "validation":
-                data.alarms.append(_alarm(decision))
-            elif policy is None:  # every segment opens with a checkpoint: only a damaged journal gets here
+        record = record_of(entry.kind, entry.payload) if entry.kind in ENTRY_KINDS else None
+        if isinstance(record, Decision | Vitals) and record.decision is not None:
+            decision = record.decision
+            if decision["kind"] == "validation" and policy is None:
+                # every segment opens with a checkpoint: only a damaged journal gets here
                 raise ValueError(f"a decision of run {run_id!r} precedes its policy state in {data_dir}")
-            else:
-                validation = _validation(decision, policy, _record_rgl(payload, decision, pending))
-                data.validations.append(validation)
-                if validation.profile not in data.profiles[-1:]:
-                    data.profiles.append(validation.profile)
-        effects = payload.get("effects") or {}
+            _decided(data, decision, record, policy, pending, steps)
+        effects = entry.payload.get("effects") or {}
         if "policy" in effects:
             policy = RunPolicy.from_dict(effects["policy"])
         if "pending" in effects:
             pending = effects["pending"]["pending"]
-        if entry.kind == "vitals":
-            steps[int(payload["timeline"])].append(int(payload["max_step"]))
-            if "train" in payload:
-                batch = _batch(payload, effects.get("steps", {}).get(str(payload["rank"])), policy)
-                data.train.append(batch)
-                steps[batch.timeline].append(batch.first_step)
-        elif entry.kind == "command":
-            command = payload["command"]
-            issued = Issued(str(command["kind"]), int(command["timeline"]), int(command["step"]), str(payload["cause"]))
-            data.commands.append(issued)
-            command_timelines[int(command["command_id"])] = issued.timeline
-            steps[issued.timeline].append(issued.step)
-        elif entry.kind == "command_result" and payload["succeeded"]:
-            new_timeline = int(payload["new_timeline"])
-            if new_timeline > command_timelines.get(int(payload["command_id"]), new_timeline):
-                steps[new_timeline].append(int(payload["restored_step"]))  # the new timeline starts there
-        elif entry.kind == "snapshot":
-            steps[int(payload["timeline"])].append(int(payload["step"]))
-        elif entry.kind == "snapshot_adopted" and "run_timeline" in payload:  # the new timeline starts there
-            steps[int(payload["new_timeline"])].append(int(payload["snapshot"]["step"]))
+        _extent(data, record, effects, policy, steps, command_timelines)
     if not data.validations and not data.alarms:
         raise ValueError(f"no decisions of run {run_id!r} in {data_dir}")
     data.segments = _segments(steps)
     return data
+
+
+def _decided(
+    data: PlotData,
+    decision: dict[str, Any],
+    record: Decision | Vitals,
+    policy: RunPolicy | None,
+    pending: list[dict[str, Any]],
+    steps: dict[int, list[int]],
+) -> None:
+    """A judgement: a validation decision with its thresholds, or a train-step alarm."""
+    steps[int(decision["timeline"])].append(int(decision["step"]))
+    if decision["kind"] != "validation":
+        data.alarms.append(_alarm(decision))
+        return
+    assert policy is not None  # collect refuses a validation decision before any policy state
+    details = record.record if isinstance(record, Decision) else None
+    validation = _validation(decision, policy, _record_rgl(details, decision, pending))
+    data.validations.append(validation)
+    if validation.profile not in data.profiles[-1:]:
+        data.profiles.append(validation.profile)
+
+
+def _extent(
+    data: PlotData,
+    record: Record | None,
+    effects: dict[str, Any],
+    policy: RunPolicy | None,
+    steps: dict[int, list[int]],
+    command_timelines: dict[int, int],
+) -> None:
+    """What an entry adds to the plot besides its decision: a batch, a command, the steps its timeline reached."""
+    match record:
+        case Vitals():
+            steps[record.timeline].append(record.max_step)
+            if record.train is not None:
+                batch = _batch(record, record.train, effects.get("steps", {}).get(str(record.rank)), policy)
+                data.train.append(batch)
+                steps[batch.timeline].append(batch.first_step)
+        case CommandIssued():
+            command = record.command
+            issued = Issued(str(command["kind"]), int(command["timeline"]), int(command["step"]), str(record.cause))
+            data.commands.append(issued)
+            command_timelines[int(command["command_id"])] = issued.timeline
+            steps[issued.timeline].append(issued.step)
+        case CommandResult(succeeded=True):
+            if record.new_timeline > command_timelines.get(record.command_id, record.new_timeline):
+                steps[record.new_timeline].append(record.restored_step)  # the new timeline starts there
+        case Snapshot():
+            steps[record.timeline].append(record.step)
+        case SnapshotAdopted() if record.run_timeline is not None:  # the new timeline starts there
+            steps[record.new_timeline].append(record.snapshot.step)
 
 
 def _entries(data_dir: Path) -> Iterator[Entry]:
@@ -232,12 +274,13 @@ def _entries(data_dir: Path) -> Iterator[Entry]:
                 yield item.entry
 
 
-def _record_rgl(payload: dict[str, Any], decision: dict[str, Any], pending: list[dict[str, Any]]) -> float | None:
+def _record_rgl(
+    record: ValidationDetails | None, decision: dict[str, Any], pending: list[dict[str, Any]]
+) -> float | None:
     """The random-guess loss the validation records carried, as the daemon passed it to the policy: a
     single rank's record is in the decision entry, a multi-rank step's in the aggregator's pending group."""
-    record = payload.get("record")
     if record is not None:
-        value = record.get("random_guess_loss")
+        value = record.random_guess_loss
         return None if value is None else float_from_json(value)
     key = (decision["timeline"], decision["step"])
     group = next((g for g in pending if (g["timeline"], g["step"]) == key), None)
@@ -276,19 +319,20 @@ def _alarm(decision: dict[str, Any]) -> TrainAlarm:
     )
 
 
-def _batch(payload: dict[str, Any], step_state: dict[str, Any] | None, policy: RunPolicy | None) -> TrainBatch:
+def _batch(
+    vitals: Vitals, train: TrainSummary, step_state: dict[str, Any] | None, policy: RunPolicy | None
+) -> TrainBatch:
     """A VITALS entry's batch summary, with the train-stream loss gate of the detector state it journaled."""
-    train = payload["train"]
     gate = None
     if step_state is not None and policy is not None:
         gate = loss_gate(StepState.from_dict(step_state), policy.config)
     return TrainBatch(
-        rank=int(payload["rank"]),
-        timeline=int(payload["timeline"]),
-        first_step=int(train["first_step"]),
-        last_step=int(train["last_step"]),
-        loss_mean=float_from_json(train["loss_mean"]),
-        loss_max=float_from_json(train["loss_max"]),
+        rank=vitals.rank,
+        timeline=vitals.timeline,
+        first_step=train.first_step,
+        last_step=train.last_step,
+        loss_mean=float_from_json(train.loss_mean),
+        loss_max=float_from_json(train.loss_max),
         gate=gate,
     )
 

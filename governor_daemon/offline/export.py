@@ -29,9 +29,27 @@ from pathlib import Path
 from typing import Any
 
 from governor_daemon import train_records
+from governor_daemon.journal.entry import Entry
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
 from governor_daemon.policy import PolicyConfig
 from governor_daemon.policy.decisions import float_to_json
+from tolaria.journal import (
+    ENTRY_KINDS,
+    CommandIssued,
+    ControllerRequest,
+    Decision,
+    Duplicate,
+    Late,
+    PolicyChange,
+    Record,
+    Report,
+    RunCreated,
+    Stale,
+    Superseded,
+    ValidationDetails,
+    Vitals,
+    record_of,
+)
 
 
 class ExportError(Exception):
@@ -188,119 +206,139 @@ def export_run(data_dir: Path, run: str, out: Path) -> ExportReport:
     return report
 
 
-def _trace(run: str, entries: list[Any]) -> tuple[list[dict[str, Any]], ExportReport]:
-    start = entries[0].payload
-    meta = (start.get("effects") or {}).get("meta") or {}
-    world_size = int(start.get("world_size") or meta.get("world_size") or 1)
+def _trace(run: str, entries: list[Entry]) -> tuple[list[dict[str, Any]], ExportReport]:
+    """The trace rows of one life of the run (``entries`` start with its ``run_created``), and the report."""
+    created = RunCreated.from_payload(entries[0].payload)
+    meta = created.effects.get("meta") or {}
+    world_size = int(created.world_size or meta.get("world_size") or 1)
     defaults = PolicyConfig().as_dict()
-    effective = start.get("effective_policy") or {}
+    effective = created.effective_policy or {}
     policy = {k: v for k, v in effective.items() if k in defaults and defaults[k] != v}
-    report = ExportReport(run, world_size, policy)
-    hello_rgl, num_classes = meta.get("hello_rgl"), meta.get("num_classes")
     common: dict[str, Any] = {"run_id": run, "world_size": world_size}
-    if num_classes is not None:
-        common["num_classes"] = num_classes
-    rows: list[dict[str, Any]] = [{"run_id": run, "kind": "policy", "policy": policy}]
-    left = -1  # records of timelines up to this one were sent after a command left them
-    epoch = 0
+    if meta.get("num_classes") is not None:
+        common["num_classes"] = meta["num_classes"]
+    trace = _Trace(run, common, meta.get("hello_rgl"), ExportReport(run, world_size, policy))
+    trace.rows.append({"run_id": run, "kind": "policy", "policy": policy})
+    for e in entries[1:]:
+        if e.kind in ENTRY_KINDS:
+            trace.add(e.seq, record_of(e.kind, e.payload))
+    return trace.rows, trace.report
 
-    def validation(rank: int, record: dict[str, Any]) -> None:
-        nonlocal epoch
-        epoch = int(record.get("epoch") or 0)
-        row = {
-            **common,
-            "kind": "validation",
-            "rank": rank,
-            "epoch": epoch,
-            "step": record["step"],
-            "loss": record["loss"],
-        }
-        rgl = record.get("random_guess_loss", hello_rgl)
+
+@dataclass
+class _Trace:
+    """The rows of a run's trace, entry by entry, and what the report counts of them. ``left``: records of
+    timelines up to this one were sent after a command left them; ``epoch``: the latest validation's."""
+
+    run: str
+    common: dict[str, Any]
+    hello_rgl: Any
+    report: ExportReport
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    left: int = -1
+    epoch: int = 0
+
+    def add(self, seq: int, record: Record) -> None:
+        """One entry of the run, after its ``run_created``."""
+        decision = record.decision if isinstance(record, Vitals | Decision) else None
+        if decision and decision.get("command"):
+            self._live_command(seq, decision)
+        match record:
+            case Vitals():
+                self._vitals(seq, record, decision)
+            case Decision():
+                self._decision(record, record.decision)
+            case Report() if record.record.loss is not None:
+                if (record.record.timeline or 0) <= self.left:
+                    self.report.left_timeline_records += 1
+                else:
+                    self._validation(record.rank, record.record)
+            case Late() | Duplicate() | Superseded():
+                self.report.unjudged_records += 1
+            case Stale():
+                self.report.unjudged_records += record.num_records or 1
+            case CommandIssued():
+                self.left = max(self.left, int(record.command.get("timeline", 0)))
+            case ControllerRequest():
+                self.report.controller_commands += 1
+            case PolicyChange():
+                self.rows.append({"run_id": self.run, "kind": "policy", "policy": record.changes or {}})
+                self.report.policy_changes += 1
+
+    def _live_command(self, seq: int, decision: dict[str, Any]) -> None:
+        command = decision["command"]
+        self.report.live_commands.append(
+            {
+                "seq": seq,
+                "kind": decision.get("kind"),
+                "step": decision.get("step"),
+                "timeline": decision.get("timeline"),
+                "rule": decision.get("rule"),
+                "command": command.get("kind"),
+                "command_step": command.get("step"),
+                "onset_step": decision.get("onset_step"),
+            }
+        )
+
+    def _validation(self, rank: int, record: ValidationDetails) -> None:
+        self.epoch = int(record.epoch or 0)
+        row = {**self.common, "kind": "validation", "rank": rank, "epoch": self.epoch}
+        row.update(step=record.step, loss=record.loss)
+        rgl = record.random_guess_loss if record.random_guess_loss is not None else self.hello_rgl
         if rgl is not None:
             row["random_guess_loss"] = rgl
-        rows.append(row)
-        report.validation_records += 1
+        self.rows.append(row)
+        self.report.validation_records += 1
 
-    for e in entries[1:]:
-        p = e.payload
-        kind = e.kind
-        decision = p.get("decision")
-        if decision and decision.get("command"):
-            command = decision["command"]
-            report.live_commands.append(
-                {
-                    "seq": e.seq,
-                    "kind": decision.get("kind"),
-                    "step": decision.get("step"),
-                    "timeline": decision.get("timeline"),
-                    "rule": decision.get("rule"),
-                    "command": command.get("kind"),
-                    "command_step": command.get("step"),
-                    "onset_step": decision.get("onset_step"),
-                }
-            )
-        if kind == "vitals":
-            timeline = int(p.get("timeline", 0))
-            if timeline <= left and decision:
-                report.left_timeline_decisions += 1
-            if p.get("num_shed"):
-                report.shed_records += int(p["num_shed"])
-                report.shed_decisions += 1 if decision else 0
-                continue
-            if timeline <= left:
-                report.left_timeline_records += int(p.get("num_records") or 0)
-                continue
-            train = p.get("train") or {}
-            if "records" not in p:
-                report.summarised.add(int(p.get("num_records") or 0), train.get("first_step"), train.get("last_step"))
-                continue
-            try:
-                records = train_records.decode(p["records"])
-            except ValueError as exc:
-                raise ExportError(f"journal entry {e.seq}: {exc}") from None
-            kept = len(records.steps)
-            if decision and decision.get("command"):  # the rest of the batch was on a timeline being left
-                kept = next((i + 1 for i, s in enumerate(records.steps) if s == decision["step"]), kept)
-                report.left_timeline_records += len(records.steps) - kept
-            for i in range(kept):
-                row = {**common, "kind": "train", "rank": p["rank"], "epoch": epoch, "batch": e.seq}
-                row.update(step=records.steps[i], loss=float_to_json(records.losses[i]))
-                if records.grad_norms is not None:
-                    row["grad_norm"] = float_to_json(records.grad_norms[i])
-                if records.lrs is not None:
-                    row["lr"] = float_to_json(records.lrs[i])
-                if hello_rgl is not None:
-                    row["random_guess_loss"] = hello_rgl
-                rows.append(row)
-            report.train.add(kept, records.steps[0] if kept else None, records.steps[kept - 1] if kept else None)
-        elif kind == "decision":
-            if p.get("after_deadline") or (decision or {}).get("missing_ranks"):
-                report.deadline_decisions += 1
-            record = p.get("record")
-            on_left = int((decision or {}).get("timeline", 0)) <= left
-            if isinstance(record, dict) and "loss" in record:  # one rank: the record is here
-                if on_left:
-                    report.left_timeline_records += 1
-                    report.left_timeline_decisions += 1
-                else:
-                    validation(int(p.get("rank", 0)), record)
-            elif on_left:  # several ranks: their reports were counted as they came
-                report.left_timeline_decisions += 1
-        elif kind == "report" and "loss" in p:
-            if int(p.get("timeline", 0)) <= left:
+    def _decision(self, entry: Decision, decision: dict[str, Any]) -> None:
+        report = self.report
+        if entry.after_deadline or decision.get("missing_ranks"):
+            report.deadline_decisions += 1
+        on_left = int(decision.get("timeline", 0)) <= self.left
+        if entry.record is not None and entry.record.loss is not None:  # one rank: the record is here
+            if on_left:
                 report.left_timeline_records += 1
+                report.left_timeline_decisions += 1
             else:
-                validation(int(p.get("rank", 0)), p)
-        elif kind in ("late", "duplicate", "superseded"):
-            report.unjudged_records += 1
-        elif kind == "stale":
-            report.unjudged_records += int(p.get("num_records") or 1)
-        elif kind == "command":
-            left = max(left, int(p["command"].get("timeline", 0)))
-        elif kind == "controller_request":
-            report.controller_commands += 1
-        elif kind == "policy_change":
-            changes = p.get("changes") or {}
-            rows.append({"run_id": run, "kind": "policy", "policy": changes})
-            report.policy_changes += 1
-    return rows, report
+                self._validation(entry.rank or 0, entry.record)
+        elif on_left:  # several ranks: their reports were counted as they came
+            report.left_timeline_decisions += 1
+
+    def _vitals(self, seq: int, vitals: Vitals, decision: dict[str, Any] | None) -> None:
+        report = self.report
+        if vitals.timeline <= self.left and decision:
+            report.left_timeline_decisions += 1
+        if vitals.num_shed:
+            report.shed_records += vitals.num_shed
+            report.shed_decisions += 1 if decision else 0
+        elif vitals.timeline <= self.left:
+            report.left_timeline_records += vitals.num_records or 0
+        elif vitals.records is None:
+            train = vitals.train
+            report.summarised.add(
+                vitals.num_records or 0, train.first_step if train else None, train.last_step if train else None
+            )
+        else:
+            self._train_rows(seq, vitals, vitals.records, decision)
+
+    def _train_rows(self, seq: int, vitals: Vitals, encoded: dict[str, Any], decision: dict[str, Any] | None) -> None:
+        """A batch's records one by one, up to a command's step when its decision sent one."""
+        try:
+            records = train_records.decode(encoded)
+        except ValueError as exc:
+            raise ExportError(f"journal entry {seq}: {exc}") from None
+        kept = len(records.steps)
+        if decision and decision.get("command"):  # the rest of the batch was on a timeline being left
+            kept = next((i + 1 for i, s in enumerate(records.steps) if s == decision["step"]), kept)
+            self.report.left_timeline_records += len(records.steps) - kept
+        for i in range(kept):
+            row = {**self.common, "kind": "train", "rank": vitals.rank, "epoch": self.epoch, "batch": seq}
+            row.update(step=records.steps[i], loss=float_to_json(records.losses[i]))
+            if records.grad_norms is not None:
+                row["grad_norm"] = float_to_json(records.grad_norms[i])
+            if records.lrs is not None:
+                row["lr"] = float_to_json(records.lrs[i])
+            if self.hello_rgl is not None:
+                row["random_guess_loss"] = self.hello_rgl
+            self.rows.append(row)
+        self.report.train.add(kept, records.steps[0] if kept else None, records.steps[kept - 1] if kept else None)

@@ -36,6 +36,7 @@ from governor_daemon.metrics import Metrics
 from governor_daemon.policy import PolicyConfig
 from governor_daemon.service.streams import StreamHandle
 from governor_daemon.service.validation import check_run_id
+from tolaria.journal import AuthFailure
 
 log = structlog.get_logger("governor")
 
@@ -246,11 +247,11 @@ class Governor:
         self.metrics.auth_failures.labels(code=name).inc()
         if self.journal is None or self.stopping.is_set() or self.failure is not None:
             return
-        payload = self.refusals.admit(peer, name, self.now())
-        if payload is not None:
-            payload.update(method=method, peer=peer, reason=why)
-            self.committer.append("", EntryKind.AUTH_FAILURE, payload)
-            log.warning("call refused", **payload)
+        window = self.refusals.admit(peer, name, self.now())
+        if window is not None:
+            refused = AuthFailure(**window, method=method, peer=peer, reason=why).to_payload()
+            self.committer.append("", EntryKind.AUTH_FAILURE, refused)
+            log.warning("call refused", **refused)
 
     def now(self) -> float:
         """Monotonic seconds (the core's only notion of time)."""
@@ -271,7 +272,7 @@ class RefusalWindow:
         self._open: dict[tuple[str, str], list[float]] = {}  # key -> [window start, refusals not journaled]
 
     def admit(self, peer: str, code: str, now: float) -> dict[str, Any] | None:
-        """The entry's payload if this refusal is journaled, else None (it is counted)."""
+        """The ``AuthFailure`` entry's window fields if this refusal is journaled, else None (it is counted)."""
         host = peer.rsplit(":", 1)[0] if peer.count(":") else peer
         key = (host, code)
         if key not in self._open and len(self._open) >= MAX_REFUSAL_KEYS:

@@ -4,12 +4,14 @@ any other kind as an ``OtherEvent`` with its payload."""
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tolaria import journal
 from tolaria.controller.errors import ProtocolError
 from tolaria.governor.v1 import control_service_pb2
+from tolaria.journal import EntryKind
 from tolaria.vocabulary import Action, CommandType, RunState, VerdictKind
 
 
@@ -68,15 +70,15 @@ class Notice:
     charged: float | None = None
 
     @classmethod
-    def _list(cls, items: Any) -> tuple[Notice, ...]:
+    def _list(cls, notices: Sequence[journal.Notice] | None) -> tuple[Notice, ...]:
         return tuple(
             cls(
-                kind=str(n["kind"]),
-                reason=str(n["reason"]),
-                command=_command_or_none(n.get("command")),
-                charged=_optional_float(n.get("charged")),
+                kind=str(n.kind),
+                reason=str(n.reason),
+                command=_command_or_none(n.command),
+                charged=_optional_float(n.charged),
             )
-            for n in items or ()
+            for n in notices or ()
         )
 
 
@@ -93,6 +95,11 @@ class Event:
     kind: str
     hash: str
     payload: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def record(self) -> journal.Record:
+        """The payload as its kind's typed record (``tolaria.journal``: every field described there)."""
+        return journal.record_of(self.kind, self.payload)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,40 +222,53 @@ def _decision(base: dict[str, Any], d: Mapping[str, Any]) -> Decision:
 
 
 def _typed_event(base: dict[str, Any], kind: str, p: Mapping[str, Any]) -> Event:
-    if kind == "decision" or (kind == "vitals" and isinstance(p.get("decision"), Mapping)):
-        return _decision(base, p["decision"])
-    if kind == "command":
-        return CommandIssued(**base, cause=str(p["cause"]), command=Command._from_journal(p["command"]))
-    if kind == "command_result":
-        return CommandResult(
-            **base,
-            rank=int(p["rank"]),
-            incarnation_id=str(p["incarnation_id"]),
-            command_id=int(p["command_id"]),
-            command_kind=str(p.get("command_kind", "")),
-            succeeded=bool(p["succeeded"]),
-            new_timeline=int(p["new_timeline"]),
-            restored_step=int(p["restored_step"]),
-            duration_ms=float(p["duration_ms"]),
-            error=str(p["error"]),
-            num_culled_seeds=int(p["num_culled_seeds"]),
-            lr_after_restore=_optional_float(p.get("lr_after_restore")),
-            notices=Notice._list(p.get("notices")),
-        )
-    if kind == "finish":
-        return RunFinished(
-            **base,
-            rank=int(p["rank"]),
-            status=str(p["status"]).removeprefix("FINISH_STATUS_"),
-            epochs_completed=int(p["epochs_completed"]),
-            num_rollbacks=int(p["num_rollbacks"]),
-            message=str(p["message"]),
-            duration_s=float(p["duration_s"]),
-            final_validation_loss=_optional_float(p.get("final_validation_loss")),
-            final_validation_accuracy=_optional_float(p.get("final_validation_accuracy")),
-            notices=Notice._list(p.get("notices")),
-        )
+    """The event of an entry's payload, read through its record (``tolaria.journal``)."""
+    if kind == EntryKind.DECISION:
+        return _decision(base, journal.Decision.from_payload(p).decision)
+    if kind == EntryKind.VITALS:
+        decision = journal.Vitals.from_payload(p).decision  # only a non-finite record's batch carries one
+        return OtherEvent(**base) if decision is None else _decision(base, decision)
+    if kind == EntryKind.COMMAND:
+        issued = journal.CommandIssued.from_payload(p)
+        return CommandIssued(**base, cause=str(issued.cause), command=Command._from_journal(issued.command))
+    if kind == EntryKind.COMMAND_RESULT:
+        return _command_result(base, journal.CommandResult.from_payload(p))
+    if kind == EntryKind.FINISH:
+        return _finish(base, journal.Finish.from_payload(p))
     return OtherEvent(**base)
+
+
+def _command_result(base: dict[str, Any], r: journal.CommandResult) -> CommandResult:
+    return CommandResult(
+        **base,
+        rank=int(r.rank),
+        incarnation_id=str(r.incarnation_id),
+        command_id=int(r.command_id),
+        command_kind=str(r.command_kind or ""),
+        succeeded=bool(r.succeeded),
+        new_timeline=int(r.new_timeline),
+        restored_step=int(r.restored_step),
+        duration_ms=float(r.duration_ms),
+        error=str(r.error),
+        num_culled_seeds=int(r.num_culled_seeds),
+        lr_after_restore=_optional_float(r.lr_after_restore),
+        notices=Notice._list(r.notices),
+    )
+
+
+def _finish(base: dict[str, Any], f: journal.Finish) -> RunFinished:
+    return RunFinished(
+        **base,
+        rank=int(f.rank),
+        status=str(f.status).removeprefix("FINISH_STATUS_"),
+        epochs_completed=int(f.epochs_completed),
+        num_rollbacks=int(f.num_rollbacks),
+        message=str(f.message),
+        duration_s=float(f.duration_s),
+        final_validation_loss=_optional_float(f.final_validation_loss),
+        final_validation_accuracy=_optional_float(f.final_validation_accuracy),
+        notices=Notice._list(f.notices),
+    )
 
 
 def event_from_proto(response: control_service_pb2.WatchEventsResponse, address: str) -> Event:

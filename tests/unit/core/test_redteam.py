@@ -224,7 +224,7 @@ def test_a_death_penalty_beyond_its_bound_is_refused_from_update_policy_and_hell
 def test_a_halts_result_says_halted_not_a_restore() -> None:
     """Hardening 2: a HALT's command result read "restored step 150 in 0.0 ms" in `audit show` and `status`,
     although a HALT restores nothing. The entry names the command's kind, and the line says what it did."""
-    from governor_daemon.cli.output import describe, entry_line
+    from governor_daemon.cli.entries import describe, entry_line
 
     h = Harness()
     h.attach(1)
