@@ -31,8 +31,8 @@ from typing import Any
 
 import structlog
 
-from governor_daemon.core.kinds import EntryKind
 from governor_daemon.notify import journal_failure_event, line_event
+from tolaria.journal import EntryKind
 
 log = structlog.get_logger("governor.decisions")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from governor_daemon.core.kinds import EntryKind
+from tolaria.journal import EntryKind
 
 KINDS: tuple[str, ...] = tuple(str(k) for k in EntryKind)
 """Every journal entry kind, in the order ``EntryKind`` defines them."""

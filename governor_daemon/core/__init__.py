@@ -1,20 +1,18 @@
 """The daemon's deterministic core: events in, effects out (docs/protocol.md).
 
-No grpc, protobuf, asyncio, file or clock access anywhere in this package (a test checks it).
+No grpc, protobuf, asyncio, file or clock access anywhere in this package (a test checks it). It writes the
+journal's records (``tolaria.journal``: the contract of every entry, plain data that imports nothing).
 """
 
 from governor_daemon.core.effects import Effects, Outbound, Send
-from governor_daemon.core.kinds import ENTRY_KINDS, EntryKind
 from governor_daemon.core.machine import Binding, CommandReply, CoreOptions, GovernorCore, Limits
 from governor_daemon.core.registry import RankState, Registry, Run, RunMeta
 
 __all__ = [
-    "ENTRY_KINDS",
     "Binding",
     "CommandReply",
     "CoreOptions",
     "Effects",
-    "EntryKind",
     "GovernorCore",
     "Limits",
     "Outbound",

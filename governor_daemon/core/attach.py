@@ -21,9 +21,9 @@ from governor_daemon.errors import (
     PermissionDeniedError,
     PolicyConfigError,
 )
-from governor_daemon.journal_records import Attach, Detach, RunCreated, RunEvicted
 from governor_daemon.policy import PolicyConfig, RunState, StallTracker
 from governor_daemon.policy.steps import verification_steps
+from tolaria.journal import Attach, Detach, RunCreated, RunEvicted
 
 
 def attach(state: CoreState, e: ev.Attach, fx: Effects) -> None:

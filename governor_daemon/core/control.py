@@ -13,8 +13,8 @@ from governor_daemon.core.effects import Effects
 from governor_daemon.core.records import issue
 from governor_daemon.core.state import CoreState
 from governor_daemon.errors import InvalidInputError, PolicyConfigError, PolicyStateError
-from governor_daemon.journal_records import ControllerRequest, PolicyChange, RunForgotten
 from governor_daemon.policy import Command, CommandKind, RunState
+from tolaria.journal import ControllerRequest, PolicyChange, RunForgotten
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from governor_daemon.journal_records import Record
 from governor_daemon.policy import Command, Decision, PolicyConfig, RunState, Verdict
+from tolaria.journal import Record
 
 
 @dataclass(frozen=True)

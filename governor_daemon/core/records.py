@@ -17,14 +17,16 @@ import numpy.typing as npt
 from governor_daemon import train_records
 from governor_daemon.core import events as ev
 from governor_daemon.core.effects import Ack, CommandOut, Effects, Resync, VerdictOut
-from governor_daemon.core.kinds import EntryKind
 from governor_daemon.core.registry import RankState, Run
 from governor_daemon.core.state import Accepted, CoreState, accept
 from governor_daemon.errors import InvalidInputError
-from governor_daemon.journal_records import (
+from governor_daemon.policy import AddOutcome, Command, Notice, StepGroup, Verdict
+from governor_daemon.policy.decisions import float_to_json
+from tolaria.journal import (
     CommandIssued,
     Decision,
     Duplicate,
+    EntryKind,
     Late,
     Report,
     Stale,
@@ -34,9 +36,7 @@ from governor_daemon.journal_records import (
     ValidationReport,
     Vitals,
 )
-from governor_daemon.journal_records import Notice as JournalNotice
-from governor_daemon.policy import AddOutcome, Command, Notice, StepGroup, Verdict
-from governor_daemon.policy.decisions import float_to_json
+from tolaria.journal import Notice as JournalNotice
 
 
 def vitals(state: CoreState, e: ev.Vitals, fx: Effects) -> None:

@@ -16,11 +16,11 @@ from governor_daemon.core.effects import Ack, Effects
 from governor_daemon.core.records import issue, journal_notice
 from governor_daemon.core.state import Accepted, CoreState, accept
 from governor_daemon.errors import InvalidInputError
-from governor_daemon.journal_records import CommandResult, Finish, Record, Snapshot, SnapshotAdopted, SnapshotRef
-from governor_daemon.journal_records import Notice as JournalNotice
 from governor_daemon.policy import Command, CommandKind
 from governor_daemon.policy.decisions import float_to_json
 from governor_daemon.policy.steps import pinned_states_to_json
+from tolaria.journal import CommandResult, Finish, Record, Snapshot, SnapshotAdopted, SnapshotRef
+from tolaria.journal import Notice as JournalNotice
 
 
 def _answer(fx: Effects, a: Accepted, seq: int, entry: Record, commands: Sequence[Command] = ()) -> None:

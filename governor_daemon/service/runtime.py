@@ -26,7 +26,6 @@ from governor_daemon.core import CoreOptions, GovernorCore, Limits, Run
 from governor_daemon.core import events as ev
 from governor_daemon.core.apply import Applier
 from governor_daemon.core.effects import Append, EndStream, Send
-from governor_daemon.core.kinds import EntryKind
 from governor_daemon.decision_log import DecisionLog, is_notable
 from governor_daemon.errors import UnavailableError
 from governor_daemon.journal import Committed, Journal, Recovery
@@ -36,7 +35,7 @@ from governor_daemon.metrics import Metrics
 from governor_daemon.policy import PolicyConfig
 from governor_daemon.service.streams import StreamHandle
 from governor_daemon.service.validation import check_run_id
-from tolaria.journal import AuthFailure
+from tolaria.journal import AuthFailure, EntryKind
 
 log = structlog.get_logger("governor")
 

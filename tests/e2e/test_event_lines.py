@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from governor_daemon import train_records
-from governor_daemon.core.kinds import ENTRY_KINDS
 from governor_daemon.daemon_process import DaemonProcess
 from governor_daemon.testing import AttachClient
 from tests.conftest import governor_cli
+from tolaria.journal import ENTRY_KINDS
 
 
 def _fields(line: str) -> dict[str, Any]:

@@ -28,7 +28,6 @@ from governor_daemon.core import CoreOptions, GovernorCore, Registry
 from governor_daemon.core import events as ev
 from governor_daemon.core.apply import Applier
 from governor_daemon.core.effects import Append, Send
-from governor_daemon.core.kinds import EntryKind
 from governor_daemon.errors import GovernorError
 from governor_daemon.policy import CommandKind, PolicyConfig, RunState
 from governor_daemon.policy.detectors import BLOW_UP_CEILING, blown_up
@@ -37,6 +36,7 @@ from governor_daemon.service import codec
 from governor_daemon.service.status_codes import status_for
 from tests.simulation.journal import SimEntry, SimJournal
 from tolaria.governor.v1 import common_pb2, trainer_service_pb2
+from tolaria.journal import EntryKind
 from tolaria_trainer.client.protocol import ProtocolOptions, TrainerProtocol
 from tolaria_trainer.governance import VitalsColumns
 

@@ -10,11 +10,11 @@ import pytest
 
 from governor_daemon.core import events as ev
 from governor_daemon.core.effects import Ack, Resync, Welcome
-from governor_daemon.core.kinds import EntryKind
 from governor_daemon.errors import InvalidInputError
 from governor_daemon.service import codec
 from tests.unit.core.test_core import Harness, commands, messages
 from tolaria.governor.v1 import trainer_service_pb2
+from tolaria.journal import EntryKind
 
 DIGEST = "sha256:" + "ab" * 32
 

@@ -18,8 +18,8 @@ from governor_daemon.core import CoreOptions, GovernorCore
 from governor_daemon.core import events as ev
 from governor_daemon.core.apply import Applier
 from governor_daemon.core.effects import Ack, CommandOut, Effects, Send, Welcome
-from governor_daemon.core.kinds import EntryKind
 from governor_daemon.policy import PolicyConfig
+from tolaria.journal import EntryKind
 
 
 class _Entry:

@@ -11,12 +11,12 @@ import pytest
 
 from governor_daemon.core import CoreOptions, GovernorCore
 from governor_daemon.core import events as ev
-from governor_daemon.core.kinds import EntryKind
 from governor_daemon.journal.segments import LocatedEntry, list_segments, read_segment
 from governor_daemon.journal.verify import verify_journal
 from governor_daemon.journal.writer import Journal
 from governor_daemon.policy import CommandKind, PolicyConfig, RunState
 from tests.unit.core.test_core import Harness, commands
+from tolaria.journal import EntryKind
 
 
 def finish(h: Harness, stream: int) -> Any:
