@@ -13,7 +13,8 @@ from governor_daemon.core.effects import Effects, EndStream
 from governor_daemon.core.records import decide, issue, journal_notice
 from governor_daemon.core.registry import RankState, Run
 from governor_daemon.core.state import CoreState
-from governor_daemon.journal_records import (
+from governor_daemon.policy import RunState, StallTracker
+from tolaria.journal import (
     CommandTimeout,
     DaemonStart,
     DaemonStop,
@@ -22,7 +23,6 @@ from governor_daemon.journal_records import (
     Stall,
     Superseded,
 )
-from governor_daemon.policy import RunState, StallTracker
 
 
 def tick(state: CoreState, now: float, fx: Effects) -> None:
