@@ -193,7 +193,7 @@ def stale(
     run, rank = a.run, a.rank
     rank.accept_seq(last_seq, first_seq)
     policy = run.policy
-    in_flight = policy.open is not None and rank.rank not in policy.open.ranks_done
+    in_flight = policy.ledger.open is not None and rank.rank not in policy.ledger.open.ranks_done
     fx.append(
         run.run_id,
         EntryKind.STALE,

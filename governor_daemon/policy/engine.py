@@ -18,7 +18,6 @@ validation profiles (``policy/detectors.py``).
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from governor_daemon.errors import PolicyStateError
-from governor_daemon.policy.commands import CommandLedger, CommandResult, Notice, OpenCommand, Recipe
+from governor_daemon.policy.commands import CommandLedger, CommandResult, Notice, Recipe
 from governor_daemon.policy.config import PolicyConfig
 from governor_daemon.policy.decisions import (
     SHADOW_NOTE,
@@ -40,17 +39,13 @@ from governor_daemon.policy.decisions import (
     RunState,
     Verdict,
 )
-from governor_daemon.policy.delegation import Delegated
 from governor_daemon.policy.detectors import (
     BLOW_UP_CEILING,
-    DetectorState,
     Judgement,
     blown_up,
-    detector_for,
 )
 from governor_daemon.policy.escalation import Escalation
 from governor_daemon.policy.pins import DetectorPins
-from governor_daemon.policy.recovery import Recovery
 from governor_daemon.policy.steps import StepState, judge_pinned
 from governor_daemon.policy.validation import ValidationHistory
 
@@ -69,31 +64,9 @@ class RunPolicy:
 
     It composes four parts (``ledger``, ``detector_pins``, ``validation``, ``escalation``) and keeps the run's
     own flags (``judged``, ``stalled_ranks``, ``finished_ranks``, the last verdict and reason); the run state
-    is derived from them (``state``), never stored. The parts' attributes keep their names here (``Delegated``).
+    is derived from them (``state``), never stored. Callers read a part's state from the part (``ledger.open``);
+    only the run's timeline and whether it is halted are read here too.
     """
-
-    # Kept by the command ledger (policy/commands.py).
-    timeline: Delegated[int] = Delegated("ledger")
-    halted: Delegated[bool] = Delegated("ledger")
-    open: Delegated[OpenCommand | None] = Delegated("ledger")
-    next_command_id: Delegated[int] = Delegated("ledger")
-    recent_commands: Delegated[deque[Command]] = Delegated("ledger")
-    num_rollbacks: Delegated[int] = Delegated("ledger")
-    num_halts: Delegated[int] = Delegated("ledger")
-    total_punishment: Delegated[float] = Delegated("ledger")
-    last_punishment: Delegated[float] = Delegated("ledger")
-    charged: Delegated[deque[int]] = Delegated("ledger")
-    # Kept with the detector pins (policy/pins.py).
-    step_states: Delegated[dict[int, StepState]] = Delegated("detector_pins")
-    pins: Delegated[dict[int, list[tuple[int, int, StepState]]]] = Delegated("detector_pins")
-    candidates: Delegated[dict[int, dict[tuple[int, int], StepState]]] = Delegated("detector_pins")
-    # Kept with the validation history (policy/validation.py).
-    detector: Delegated[DetectorState] = Delegated("validation")
-    lowest_accepted: Delegated[float | None] = Delegated("validation")
-    latest_validation_step: Delegated[int] = Delegated("validation")
-    # Kept by the escalation (policy/escalation.py): the loop breaker's window and the recovery ladder.
-    recent: Delegated[deque[int]] = Delegated("escalation")
-    recovery: Delegated[Recovery | None] = Delegated("escalation")
 
     def __init__(
         self,
@@ -121,13 +94,23 @@ class RunPolicy:
     # ----------------------------------------------------------------- derived views
 
     @property
+    def timeline(self) -> int:
+        """The run's timeline (``CommandLedger`` moves it)."""
+        return self.ledger.timeline
+
+    @property
+    def halted(self) -> bool:
+        """Whether a HALT halted the run (until a RESUME)."""
+        return self.ledger.halted
+
+    @property
     def state(self) -> RunState:
         """The run state, derived from the flags in priority order."""
         if self._all_finished():
             return RunState.FINISHED
         if self.halted:
             return RunState.HALTED
-        if self.open is not None:
+        if self.ledger.open is not None:
             return RunState.ROLLING_BACK
         if self.stalled_ranks:
             return RunState.STALLED
@@ -148,15 +131,6 @@ class RunPolicy:
     def is_stale(self, timeline: int) -> bool:
         """True for a record of a timeline the run has already left (in flight during a rollback)."""
         return timeline < self.timeline
-
-    def command(self, command_id: int) -> Command | None:
-        """The open command or a recently closed one with this id."""
-        return self.ledger.command(command_id)
-
-    def halting_command(self) -> Command | None:
-        """While HALTED: the HALT that halted the run (re-sent to a trainer that attaches, so that a new
-        process knows it is halted too); None otherwise."""
-        return self.ledger.halting_command()
 
     def rearm(self, now_s: float) -> None:
         """Restart the command timeout at ``now_s`` (daemon start: monotonic clocks restart too)."""
@@ -188,8 +162,7 @@ class RunPolicy:
             "validation", timeline, step, epoch, ranks, tuple(losses_by_rank[r] for r in ranks), tuple(missing_ranks)
         )
         rgl = self.random_guess_loss(record_rgl)
-        judgement = detector_for(self.config.profile)(judged.losses, self.detector, self.config, rgl)
-        self.latest_validation_step = max(self.latest_validation_step, step)
+        judgement = self.validation.judge(step, judged.losses, self.config, rgl)
         self.last_verdict = judgement.verdict
         self.last_reason = judgement.reason
         blocked = self.ledger.blocked_reason()
@@ -203,7 +176,7 @@ class RunPolicy:
     def _commit_validation(self, judged: Judged, judgement: Judgement, rgl: float | None, now_s: float) -> Outcome:
         """A validation judged while no command is open and the run is not halted: it enters the history,
         may become the last-known-good, and a PANIC turns into a command."""
-        level = self.train_level()
+        level = self.detector_pins.train_level(self.timeline, self.config.step_warmup_steps)
         snapshot_allowed, reason = self.validation.commit(judgement, max(judged.losses), level, rgl, self.config)
         if judgement.verdict is Verdict.PANIC:
             action, command, suppressed, reason = self._intervene(reason, judged.step, now_s)
@@ -278,11 +251,12 @@ class RunPolicy:
             )
             return decision, None
         if shed:
-            self.keep_candidates(rank, timeline, pins)
+            if pins:  # not judged: the state as it stands is the best one for their snapshots
+                self.detector_pins.keep_candidates(rank, timeline, pins)
             return None, None
         if self.config.profile != "default" or self.ledger.blocked_reason() is not None:
             return None, None
-        state = self.step_states.get(rank, StepState(timeline=timeline))
+        state = self.detector_pins.step_states.get(rank, StepState(timeline=timeline))
         state, alarm, pinned = judge_pinned(
             state, timeline, steps, losses, grads, self.config, self.random_guess_loss(), rank, lrs, pins
         )
@@ -342,7 +316,7 @@ class RunPolicy:
 
     def _issue(self, kind: CommandKind, reason: str, now_s: float) -> Command:
         """A controller's command, at the run's latest validation step."""
-        return self.ledger.issue(kind, reason, self.latest_validation_step, now_s, self.config)
+        return self.ledger.issue(kind, reason, self.validation.latest_validation_step, now_s, self.config)
 
     def on_command_result(
         self,
@@ -363,7 +337,7 @@ class RunPolicy:
         unfinished rank has answered. A failure HALTs the run with a HALT command (``CommandLedger``).
 
         A rank that restored ``restored_step`` onto the run's timeline resumes its train-stream detectors
-        from the state pinned for that snapshot (``restore_detectors``); the recovery ladder learns what the
+        from the state pinned for that snapshot (``DetectorPins.restore``); the recovery ladder learns what the
         fault's rollback restored.
         """
         command = self.ledger.command(command_id)
@@ -373,7 +347,7 @@ class RunPolicy:
             self.judged = RunState.HEALTHY
         restores = succeeded and command is not None and command.kind is not CommandKind.HALT
         if restores and restored_step is not None and new_timeline == self.timeline:
-            self.restore_detectors(rank, restored_step, new_timeline)
+            self.detector_pins.restore(rank, restored_step, new_timeline)
             self.escalation.restored(command_id, restored_step)
         return notices
 
@@ -387,7 +361,7 @@ class RunPolicy:
         (``CommandLedger.on_adopted``). Returns whether the run moved, and the notices."""
         moved, notices = self.ledger.on_adopted(rank, timeline, self._expected_ranks())
         if timeline + 1 == self.timeline:
-            self.restore_detectors(rank, step, self.timeline)
+            self.detector_pins.restore(rank, step, self.timeline)
         return moved, notices
 
     def timeout_due(self, now_s: float) -> bool:
@@ -463,30 +437,6 @@ class RunPolicy:
         policy.last_reason = str(data["last_reason"])
         return policy
 
-    # ----------------------------------------------------------------- detector states of snapshots
-
-    def pin(self, rank: int, timeline: int, step: int) -> StepState | None:
-        """A rank published a snapshot of (timeline, step): keep its detector state as of that step (the
-        candidate its vitals pinned), to resume from after a restore to it. Returns the state kept, or
-        None when no candidate exists (the daemon restarted since, or the profile judges no train stream)."""
-        return self.detector_pins.pin(rank, timeline, step)
-
-    def keep_candidates(self, rank: int, timeline: int, pins: Sequence[int]) -> None:
-        """Pins of records that were not judged (shed): the state as it stands is the best one for them."""
-        if pins and timeline == self.timeline:
-            self.detector_pins.keep_candidates(rank, timeline, pins)
-
-    def restore_detectors(self, rank: int, restored_step: int, timeline: int) -> StepState:
-        """A rank restored the snapshot of ``restored_step`` and goes on on ``timeline``: its detectors resume
-        from the state pinned for that snapshot (the newest pin of that step), or start afresh without one.
-        Pins of steps after it belong to the abandoned future and are dropped."""
-        return self.detector_pins.restore(rank, restored_step, timeline)
-
-    def train_level(self) -> float | None:
-        """The lowest running level of the train loss among the ranks warm on the run's timeline (None
-        without one)."""
-        return self.detector_pins.train_level(self.timeline, self.config.step_warmup_steps)
-
     # ----------------------------------------------------------------- ranks and policy
 
     def set_stalled(self, rank: int, stalled: bool) -> None:
@@ -542,7 +492,7 @@ class RunPolicy:
         return action, command, None, reason
 
     def _decision(self, judged: Judged, outcome: Outcome) -> Decision:
-        return outcome.decision(judged, self.detector.consecutive, self.state)
+        return outcome.decision(judged, self.validation.detector.consecutive, self.state)
 
 
 def _sane(values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:

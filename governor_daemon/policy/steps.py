@@ -51,7 +51,7 @@ at most ``LOW_REBASE_EMAS`` × ``step_ema_steps`` records) are a new level and a
 learns fast follows itself soon.
 
 The state is journaled, and the daemon keeps it as of every snapshot a trainer may restore ("pins"): a
-restore resumes the detectors from the state at the restored step (``RunPolicy.restore_detectors``), so a
+restore resumes the detectors from the state at the restored step (``DetectorPins.restore``), so a
 fault that recurs right after a restore is caught as fast as the first time. A stream without such a
 state (the initial snapshot, a restarted trainer whose steps went back) starts afresh, warm-up included.
 Every rule's alarm comes at most ``verification_steps`` records after the onset it names, which is what
