@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from governor_daemon.errors import PolicyStateError
-from governor_daemon.policy.commands import CommandLedger, CommandResult, Notice, Recipe
+from governor_daemon.policy.commands import CommandLedger, CommandResult, Notice
 from governor_daemon.policy.config import PolicyConfig
 from governor_daemon.policy.decisions import (
     SHADOW_NOTE,
@@ -40,11 +40,10 @@ from governor_daemon.policy.decisions import (
     Verdict,
 )
 from governor_daemon.policy.detectors import (
-    BLOW_UP_CEILING,
     Judgement,
-    blown_up,
 )
-from governor_daemon.policy.escalation import Escalation
+from governor_daemon.policy.escalation import Escalation, command_for
+from governor_daemon.policy.finite import first_blown_up, non_finite_reason
 from governor_daemon.policy.pins import DetectorPins
 from governor_daemon.policy.steps import StepState, judge_pinned
 from governor_daemon.policy.validation import ValidationHistory
@@ -200,23 +199,13 @@ class RunPolicy:
         epoch: int | None = None,
         shed: bool = False,
     ) -> Decision:
-        """Judge one train-step record: a non-finite loss or grad norm is a PANIC at once.
-
-        Train records never enter the validation history. ``shed``: the record came in a shed batch,
-        which the reason says. Raises PolicyStateError like ``judge_validation`` for a stale or future
-        timeline.
-        """
+        """Judge one train-step record under the non-finite rule (policy/finite.py); train records never enter
+        the validation history. Raises PolicyStateError like ``judge_validation`` for a stale or future timeline."""
         self._check_timeline(timeline)
         judged = Judged("train", timeline, step, epoch, (rank,), (loss,))
-        values = [("loss", loss)] + ([("grad_norm", grad_norm)] if grad_norm is not None else [])
-        bad = [(name, v) for name, v in values if blown_up(v)]
-        if not bad:
+        reason = non_finite_reason(step, rank, loss, grad_norm, shed)
+        if reason is None:
             return self._decision(judged, Outcome(Verdict.HEALTHY, Rule.TRAIN_FINITE, Action.NONE, "train step finite"))
-        name, value = bad[0]
-        beyond = "" if not math.isfinite(value) else f" (beyond the ceiling {BLOW_UP_CEILING:g}: a blow-up)"
-        reason = f"non-finite train {name} {value}{beyond} at step {step} (rank {rank})"
-        if shed:
-            reason += "; in a shed batch: the daemon was behind, so only the statistical detectors skipped it"
         return self._train_panic(judged, Rule.TRAIN_NON_FINITE, reason, now_s, step)
 
     def judge_train_batch(
@@ -239,12 +228,11 @@ class RunPolicy:
         pins keep the detector state as it stands. Returns the decision (None: nothing to say)
         and the rank's new detector state (None: unchanged, which it stays while a command is open or
         the run is halted: records produced under an open command say nothing about the healthy run).
-        ``pins`` are steps a trainer may stage a snapshot at: the state as of each is kept (``pin``).
+        ``pins`` are steps a trainer may stage a snapshot at: the state as of each is kept (``DetectorPins.pin``).
         Raises PolicyStateError like ``judge_validation`` for a stale or future timeline."""
         self._check_timeline(timeline)
-        finite = _sane(losses) & (_sane(grads) if grads is not None else True)
-        if not finite.all():
-            bad = int(np.argmin(finite))
+        bad = first_blown_up(losses, grads)
+        if bad is not None:
             grad = None if grads is None else float(grads[bad])
             decision = self.judge_train_step(
                 timeline, int(steps[bad]), rank, float(losses[bad]), grad, now_s, epoch, shed
@@ -328,18 +316,11 @@ class RunPolicy:
         now_s: float,
         restored_step: int | None = None,
     ) -> list[Notice]:
-        """Record one rank's CommandResult (the caller checked it against ``command``). Returns notices.
-
-        The first successful result of a ROLLBACK or RESUME moves the run to the command's timeline + 1:
-        that rank restored, and its records carry the new timeline (its peers' older records are stale
-        from then on). This holds for a late result too (the command was replaced by a HALT or timed
-        out), as long as the command was made on the run's timeline. The command closes when every
-        unfinished rank has answered. A failure HALTs the run with a HALT command (``CommandLedger``).
-
-        A rank that restored ``restored_step`` onto the run's timeline resumes its train-stream detectors
-        from the state pinned for that snapshot (``DetectorPins.restore``); the recovery ladder learns what the
-        fault's rollback restored.
-        """
+        """Record one rank's CommandResult (the caller checked it against ``ledger.command``); the ledger says
+        what it closes and whether the run moves (``CommandLedger.on_result``). Returns notices. A rank that
+        restored ``restored_step`` onto the run's timeline resumes its train-stream detectors from the state
+        pinned for that snapshot (``DetectorPins.restore``); the recovery ladder learns what the fault's
+        rollback restored."""
         command = self.ledger.command(command_id)
         result = CommandResult(command_id, rank, succeeded, new_timeline, error, restored_step)
         notices, moved = self.ledger.on_result(result, now_s, self._expected_ranks(), self.config)
@@ -352,13 +333,11 @@ class RunPolicy:
         return notices
 
     def on_adopted(self, rank: int, timeline: int, step: int) -> tuple[bool, list[Notice]]:
-        """A new incarnation of ``rank`` adopted its snapshot of ``step`` (from shared memory) on ``timeline``
-        and goes on on ``timeline`` + 1, as a rank that restored by executing a command does. The first rank
-        to say so moves the run there; a peer that adopted the same step on the same timeline follows. Either
-        resumes its train-stream detectors from the state pinned for the snapshot. An adoption on a timeline
-        the run has left since changes nothing here (the rank's records are stale until it resyncs). An open
-        ROLLBACK or RESUME made before ``timeline`` counts the adoption as the rank's answer
-        (``CommandLedger.on_adopted``). Returns whether the run moved, and the notices."""
+        """A new incarnation of ``rank`` adopted its snapshot of ``step`` (from shared memory) on ``timeline`` and
+        goes on on ``timeline`` + 1, as a rank that restored by executing a command does (``CommandLedger.on_adopted``
+        moves the run, or answers an open command). A rank that reaches the run's timeline so resumes its detectors
+        from the state pinned for the snapshot; an adoption on a timeline the run has left since changes nothing
+        here. Returns whether the run moved, and the notices."""
         moved, notices = self.ledger.on_adopted(rank, timeline, self._expected_ranks())
         if timeline + 1 == self.timeline:
             self.detector_pins.restore(rank, step, self.timeline)
@@ -482,20 +461,11 @@ class RunPolicy:
         self.judged = RunState.HEALTHY
         if self.config.shadow_mode:
             return action, None, SHADOW_NOTE, f"{reason}; {SHADOW_NOTE}"
-        if action is Action.HALT:
-            recipe = Recipe(rung=rung.number if rung.halt else 0)
-            halt = self.ledger.issue(CommandKind.HALT, reason, step, now_s, self.config, recipe=recipe)
-            return action, halt, None, reason
-        recipe = Recipe(rung.number, rung.lr_scale, onset_step, rung.restore_before_step, rung.skip_through_step)
-        command = self.ledger.issue(CommandKind.ROLLBACK, reason, step, now_s, self.config, recipe=recipe)
-        self.escalation.rolled_back(command.command_id, rung, fault_step, step, self.timeline)
+        kind, recipe = command_for(action, rung, onset_step)
+        command = self.ledger.issue(kind, reason, step, now_s, self.config, recipe=recipe)
+        if kind is CommandKind.ROLLBACK:
+            self.escalation.rolled_back(command.command_id, rung, fault_step, step, self.timeline)
         return action, command, None, reason
 
     def _decision(self, judged: Judged, outcome: Outcome) -> Decision:
         return outcome.decision(judged, self.validation.detector.consecutive, self.state)
-
-
-def _sane(values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
-    """Finite and within the blow-up ceiling, elementwise (``detectors.blown_up``'s negation)."""
-    with np.errstate(invalid="ignore"):
-        return np.isfinite(values) & (np.abs(values) <= BLOW_UP_CEILING)
