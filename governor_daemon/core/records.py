@@ -150,7 +150,7 @@ def _report(fx: Effects, a: Accepted, e: ev.Validation) -> None:
         e.record_rgl,
         e.seq,
         binding.incarnation_id,
-        frozenset(run.policy.finished_ranks),
+        frozenset(run.policy.roster.finished),
     )
     kind = EntryKind.REPORT if outcome in (AddOutcome.PENDING, AddOutcome.READY) else EntryKind(str(outcome))
     src = {"rank": binding.rank, "incarnation_id": binding.incarnation_id, "seq": e.seq}
@@ -230,8 +230,8 @@ def progress(fx: Effects, run: Run, rank: RankState, timeline: int, step: int, n
     if (timeline, step) <= (rank.latest_timeline, rank.latest_step):
         return
     rank.latest_timeline, rank.latest_step = timeline, step
-    if rank.rank in run.policy.stalled_ranks:
-        run.policy.set_stalled(rank.rank, False)
+    if rank.rank in run.policy.roster.stalled:
+        run.policy.roster.set_stalled(rank.rank, False)
         fx.append(
             run.run_id,
             EntryKind.STALL_CLEARED,
@@ -243,7 +243,7 @@ def decide(fx: Effects, run: Run, group: StepGroup, extra: dict[str, Any], now: 
     """Judge one complete (or overdue) validation step; verdicts to its ranks, then any command."""
     policy = run.policy
     for missing in group.missing:
-        policy.set_stalled(missing, True)
+        policy.roster.set_stalled(missing, True)
     decision = policy.judge_validation(
         group.timeline,
         group.step,

@@ -39,12 +39,11 @@ from governor_daemon.policy.decisions import (
     RunState,
     Verdict,
 )
-from governor_daemon.policy.detectors import (
-    Judgement,
-)
+from governor_daemon.policy.detectors import Judgement
 from governor_daemon.policy.escalation import Escalation, command_for
 from governor_daemon.policy.finite import first_blown_up, non_finite_reason
 from governor_daemon.policy.pins import DetectorPins
+from governor_daemon.policy.roster import Roster
 from governor_daemon.policy.steps import StepState, judge_pinned
 from governor_daemon.policy.validation import ValidationHistory
 
@@ -61,9 +60,9 @@ class RunPolicy:
     """The policy state of one run and the operations that change it: judging records, the controller's
     commands, command results, finishes, stalls and policy updates.
 
-    It composes four parts (``ledger``, ``detector_pins``, ``validation``, ``escalation``) and keeps the run's
-    own flags (``judged``, ``stalled_ranks``, ``finished_ranks``, the last verdict and reason); the run state
-    is derived from them (``state``), never stored. Callers read a part's state from the part (``ledger.open``);
+    It composes five parts (``ledger``, ``detector_pins``, ``validation``, ``escalation``, ``roster``) and keeps
+    the run's own flags (``judged``, the last verdict and reason); the run state is derived from them
+    (``state``), never stored. Callers read a part's state from the part (``ledger.open``);
     only the run's timeline and whether it is halted are read here too.
     """
 
@@ -74,19 +73,15 @@ class RunPolicy:
         random_guess_loss: float | None = None,
         num_classes: int | None = None,
     ) -> None:
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.config = config
-        self.world_size = world_size
         self.task_rgl = random_guess_loss
         self.num_classes = num_classes
         self.ledger = CommandLedger()
         self.detector_pins = DetectorPins()
         self.validation = ValidationHistory()
         self.escalation = Escalation(config.rollback_window)
+        self.roster = Roster(world_size)
         self.judged = RunState.HEALTHY
-        self.stalled_ranks: set[int] = set()
-        self.finished_ranks: set[int] = set()
         self.last_verdict: Verdict | None = None
         self.last_reason = ""
 
@@ -105,13 +100,13 @@ class RunPolicy:
     @property
     def state(self) -> RunState:
         """The run state, derived from the flags in priority order."""
-        if self._all_finished():
+        if self.roster.all_finished():
             return RunState.FINISHED
         if self.halted:
             return RunState.HALTED
         if self.ledger.open is not None:
             return RunState.ROLLING_BACK
-        if self.stalled_ranks:
+        if self.roster.stalled:
             return RunState.STALLED
         return self.judged
 
@@ -323,7 +318,7 @@ class RunPolicy:
         rollback restored."""
         command = self.ledger.command(command_id)
         result = CommandResult(command_id, rank, succeeded, new_timeline, error, restored_step)
-        notices, moved = self.ledger.on_result(result, now_s, self._expected_ranks(), self.config)
+        notices, moved = self.ledger.on_result(result, now_s, self.roster.expected(), self.config)
         if moved:
             self.judged = RunState.HEALTHY
         restores = succeeded and command is not None and command.kind is not CommandKind.HALT
@@ -338,7 +333,7 @@ class RunPolicy:
         moves the run, or answers an open command). A rank that reaches the run's timeline so resumes its detectors
         from the state pinned for the snapshot; an adoption on a timeline the run has left since changes nothing
         here. Returns whether the run moved, and the notices."""
-        moved, notices = self.ledger.on_adopted(rank, timeline, self._expected_ranks())
+        moved, notices = self.ledger.on_adopted(rank, timeline, self.roster.expected())
         if timeline + 1 == self.timeline:
             self.detector_pins.restore(rank, step, self.timeline)
         return moved, notices
@@ -355,9 +350,8 @@ class RunPolicy:
         """Record a rank's Finish. An open command no longer waits for a finished rank: it completes when
         every unfinished rank has answered, and when no rank is left to execute it, it is closed as
         abandoned (no trainer executed it, so it charges nothing; docs/protocol.md, "Punishment ledger")."""
-        self.finished_ranks.add(rank)
-        self.stalled_ranks.discard(rank)
-        return self.ledger.on_finish(rank, self._expected_ranks(), self._all_finished())
+        self.roster.finish(rank)
+        return self.ledger.on_finish(rank, self.roster.expected(), self.roster.all_finished())
 
     # ----------------------------------------------------------------- undo points
 
@@ -369,8 +363,7 @@ class RunPolicy:
         state["detector_pins"] = self.detector_pins.copy()
         state["validation"] = self.validation.copy()
         state["escalation"] = self.escalation.copy()
-        state["stalled_ranks"] = set(self.stalled_ranks)
-        state["finished_ranks"] = set(self.finished_ranks)
+        state["roster"] = self.roster.copy()
         return state
 
     def restore_memento(self, state: dict[str, Any]) -> None:
@@ -385,18 +378,16 @@ class RunPolicy:
         of ``STATE_KEYS``."""
         state = {
             "config": self.config.as_dict(),
-            "world_size": self.world_size,
             "task_rgl": self.task_rgl,
             "num_classes": self.num_classes,
             "judged": str(self.judged),
-            "stalled_ranks": sorted(self.stalled_ranks),
-            "finished_ranks": sorted(self.finished_ranks),
             "last_verdict": None if self.last_verdict is None else str(self.last_verdict),
             "last_reason": self.last_reason,
             **self.validation.to_dict(),
             **self.escalation.to_dict(),
             **self.ledger.to_dict(),
             **self.detector_pins.to_dict(),
+            **self.roster.to_dict(),
         }
         return {key: state[key] for key in STATE_KEYS}
 
@@ -405,25 +396,17 @@ class RunPolicy:
         """Inverse of ``to_dict``. Raises KeyError/ValueError for a malformed dict."""
         config = PolicyConfig(**data["config"])
         policy = cls(config, int(data["world_size"]), data["task_rgl"], data["num_classes"])
+        policy.roster = Roster.from_dict(data)
         policy.ledger = CommandLedger.from_dict(data)
         policy.detector_pins = DetectorPins.from_dict(data)
         policy.validation = ValidationHistory.from_dict(data)
         policy.escalation = Escalation.from_dict(data, config.rollback_window)
         policy.judged = RunState(data["judged"])
-        policy.stalled_ranks = {int(r) for r in data["stalled_ranks"]}
-        policy.finished_ranks = {int(r) for r in data["finished_ranks"]}
         policy.last_verdict = None if data["last_verdict"] is None else Verdict(data["last_verdict"])
         policy.last_reason = str(data["last_reason"])
         return policy
 
-    # ----------------------------------------------------------------- ranks and policy
-
-    def set_stalled(self, rank: int, stalled: bool) -> None:
-        """Mark a rank STALLED or clear it (from the stall tracker or the rank deadline)."""
-        if stalled:
-            self.stalled_ranks.add(rank)
-        else:
-            self.stalled_ranks.discard(rank)
+    # ----------------------------------------------------------------- policy updates
 
     def update_policy(self, config: PolicyConfig) -> None:
         """Switch to ``config`` from the next record on; a shrunk history keeps its newest entries."""
@@ -432,13 +415,6 @@ class RunPolicy:
         self.escalation.resize(config.rollback_window)
 
     # ----------------------------------------------------------------- internals
-
-    def _all_finished(self) -> bool:
-        return bool(self.finished_ranks) and len(self.finished_ranks) >= self.world_size
-
-    def _expected_ranks(self) -> set[int]:
-        """The ranks an open command waits for: the unfinished ones."""
-        return set(range(self.world_size)) - self.finished_ranks
 
     def _check_timeline(self, timeline: int) -> None:
         if timeline < self.timeline:

@@ -335,7 +335,7 @@ def run_status_to_proto(run: Run, now_s: float, monotonic_s: float) -> control_s
             control_service_pb2.RankStatus(
                 rank=rank,
                 attached=state.stream is not None,
-                stalled=rank in policy.stalled_ranks,
+                stalled=rank in policy.roster.stalled,
                 latest_step=state.latest_step,
                 incarnation_id=state.incarnation_id,
                 generation=state.generation,

@@ -275,9 +275,9 @@ def test_update_policy_shrinks_history_keeping_newest() -> None:
 def test_finish_and_stall_states() -> None:
     """STALLED while a rank is stalled; FINISHED once every rank finished."""
     policy = warm_policy(world_size=2)
-    policy.set_stalled(1, True)
+    policy.roster.set_stalled(1, True)
     assert policy.state is RunState.STALLED
-    policy.set_stalled(1, False)
+    policy.roster.set_stalled(1, False)
     assert policy.state is RunState.HEALTHY
     policy.finish(0)
     assert policy.state is RunState.HEALTHY

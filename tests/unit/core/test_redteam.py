@@ -32,7 +32,7 @@ def test_a_finished_rank_is_never_marked_stalled_by_a_rank_deadline() -> None:
     h.validation(2, 10, 2.0)
     h.now += 2
     h.handle(ev.Tick(h.now))
-    assert 0 not in h.run().policy.stalled_ranks
+    assert 0 not in h.run().policy.roster.stalled
     assert h.run().policy.state is not RunState.STALLED
 
 
@@ -268,7 +268,7 @@ def test_the_stall_watchdog_ends_only_a_stalled_ranks_stream_and_lets_its_restar
         journal_refuses_the_tick()
     assert h.run().ranks[1].stream == 2, "the undo point covers the binding"
     assert 2 in h.core.streams
-    assert 1 not in h.run().policy.stalled_ranks
+    assert 1 not in h.run().policy.roster.stalled
     fx = h.handle(ev.Tick(h.now))
     stalls = [e.payload for e in fx.entries if e.kind == EntryKind.STALL]
     assert [(p["rank"], p["end_process"]) for p in stalls] == [(1, True)]
