@@ -153,7 +153,7 @@ def tick_due(state: CoreState, now: float) -> list[Run]:
 def start(state: CoreState, e: ev.Start, fx: Effects) -> None:
     """Timers restart: a deadline never spans two processes' monotonic clocks."""
     for run in state.registry.runs.values():
-        run.policy.rearm(e.now)
+        run.policy.ledger.rearm(e.now)
         run.aggregator.rearm(e.now)
         run.idle_since = e.now
         for rank in run.ranks.values():

@@ -173,7 +173,7 @@ class CommandLedger:
             self.open = None
 
     def rearm(self, now_s: float) -> None:
-        """Restart the open command's timeout at ``now_s``."""
+        """Restart the open command's timeout at ``now_s`` (daemon start: monotonic clocks restart too)."""
         if self.open is not None:
             self.open = replace(self.open, issued_at_s=now_s)
 

@@ -3,7 +3,7 @@
 Pure: values and times (``now_s``, seconds on the daemon's monotonic clock) go in, decisions and
 commands come out. No grpc, no files, no clock reads. The daemon core calls it (it is not
 thread-safe); ``governor replay`` drives it from a trace. Times are never journaled: the command
-timeout restarts at daemon start (``rearm``).
+timeout restarts at daemon start (``CommandLedger.rearm``).
 
 Mechanisms (docs/protocol.md): train-step signals, one command at a time, loop breaker, recovery
 recipe, shadow mode, command timeout, Resume, policy updates. The run state is derived, never stored
@@ -11,8 +11,10 @@ twice: FINISHED > HALTED > ROLLING_BACK > STALLED > ANOMALY > HEALTHY.
 
 ``RunPolicy`` composes the parts, each in its own module: the command ledger and the run's timeline
 (``policy/commands.py``), the train-stream detectors' states and their pins (``policy/pins.py``), the
-recovery ladder (``policy/recovery.py``), the train-stream detectors (``policy/steps.py``) and the
-validation profiles (``policy/detectors.py``).
+validation history (``policy/validation.py``), the loop breaker and the recovery ladder
+(``policy/escalation.py``, ``policy/recovery.py``) and the ranks (``policy/roster.py``). The rules are
+pure functions: the validation profiles (``policy/detectors.py``), the train-stream detectors
+(``policy/steps.py``) and the non-finite rule of train records (``policy/finite.py``).
 """
 
 from __future__ import annotations
@@ -126,10 +128,6 @@ class RunPolicy:
         """True for a record of a timeline the run has already left (in flight during a rollback)."""
         return timeline < self.timeline
 
-    def rearm(self, now_s: float) -> None:
-        """Restart the command timeout at ``now_s`` (daemon start: monotonic clocks restart too)."""
-        self.ledger.rearm(now_s)
-
     # ----------------------------------------------------------------- judging records
 
     def judge_validation(
@@ -162,9 +160,7 @@ class RunPolicy:
         blocked = self.ledger.blocked_reason()
         if blocked is None:
             return self._decision(judged, self._commit_validation(judged, judgement, rgl, now_s))
-        action = self.escalation.would_be_action(self.config) if judgement.verdict is Verdict.PANIC else Action.NONE
-        reason = judgement.reason + f"; not committed: {blocked}"
-        suppressed = blocked if action is not Action.NONE else None
+        action, suppressed, reason = self._uncommitted(judgement.verdict, judgement.reason, blocked)
         return self._decision(judged, Outcome(judgement.verdict, judgement.rule, action, reason, suppressed=suppressed))
 
     def _commit_validation(self, judged: Judged, judgement: Judgement, rgl: float | None, now_s: float) -> Outcome:
@@ -257,8 +253,8 @@ class RunPolicy:
             action, command, suppressed, reason = self._intervene(reason, judged.step, now_s, onset_step)
             self.last_reason = reason
         else:
-            action, command, suppressed = self.escalation.would_be_action(self.config), None, blocked
-            reason += f"; not committed: {blocked}"
+            command = None
+            action, suppressed, reason = self._uncommitted(Verdict.PANIC, reason, blocked)
         return self._decision(
             judged, Outcome(Verdict.PANIC, rule, action, reason, command, suppressed=suppressed, onset_step=onset_step)
         )
@@ -442,6 +438,12 @@ class RunPolicy:
         if kind is CommandKind.ROLLBACK:
             self.escalation.rolled_back(command.command_id, rung, fault_step, step, self.timeline)
         return action, command, None, reason
+
+    def _uncommitted(self, verdict: Verdict, reason: str, blocked: str) -> tuple[Action, str | None, str]:
+        """A record judged while a command may not be issued (``blocked`` says why): a PANIC names the action it
+        would have had, suppressed. Returns the action, what suppressed it, and the reason."""
+        action = self.escalation.would_be_action(self.config) if verdict is Verdict.PANIC else Action.NONE
+        return action, (blocked if action is not Action.NONE else None), f"{reason}; not committed: {blocked}"
 
     def _decision(self, judged: Judged, outcome: Outcome) -> Decision:
         return outcome.decision(judged, self.validation.detector.consecutive, self.state)
