@@ -103,7 +103,7 @@ def _register_gauges(metrics: Metrics, governor: Governor) -> None:
     metrics.add_state_gauge(StateGauge("governor_active_streams", "Open Attach streams.", (), streams))
 
     def stalled_ranks() -> LabelValues:
-        return {(): float(sum(len(run.policy.stalled_ranks) for run in governor.core.registry.runs.values()))}
+        return {(): float(sum(len(run.policy.roster.stalled) for run in governor.core.registry.runs.values()))}
 
     metrics.add_state_gauge(
         StateGauge("governor_stalled_ranks", "Ranks marked STALLED (no progress), over every run.", (), stalled_ranks)

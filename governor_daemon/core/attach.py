@@ -101,10 +101,10 @@ def _catch_up(run: Run, e: ev.Attach) -> dict[str, Any]:
     no longer holds is not "ahead"); the peer's records of the old timeline go stale and a Resync brings it
     along. Returns what the attach entry adds (nothing when the run does not move)."""
     policy = run.policy
-    if e.timeline <= policy.timeline or policy.next_command_id != 1:
+    if e.timeline <= policy.timeline or policy.ledger.next_command_id != 1:
         return {}
     before = policy.timeline
-    policy.timeline = e.timeline
+    policy.ledger.start_on(e.timeline)
     superseded = run.aggregator.discard_before(policy.timeline)
     effects: dict[str, Any] = {"policy": policy.to_dict()}
     if superseded:
@@ -122,7 +122,7 @@ def _create(state: CoreState, e: ev.Attach, config: PolicyConfig, ignored: list[
     meta = RunMeta(e.task, e.world_size, e.overrides, e.random_guess_loss, e.num_classes, ignored, e.principal, life)
     run = Run.create(e.run_id, meta, config)
     state.registry.lives = life
-    run.policy.timeline = e.timeline  # a trainer whose run the daemon no longer holds is not "ahead"
+    run.policy.ledger.start_on(e.timeline)  # a trainer whose run the daemon no longer holds is not "ahead"
     state.registry.runs[run.run_id] = run
     created = RunCreated(
         task=e.task,
@@ -187,7 +187,7 @@ def _welcome(run: Run, rank: RankState, stream: int, fx: Effects) -> None:
             rank.last_snapshot,
         ),
     )
-    resend = policy.open.command if policy.open is not None else policy.halting_command()
+    resend = policy.ledger.open.command if policy.ledger.open is not None else policy.ledger.halting_command()
     if resend is not None:
         fx.send(stream, CommandOut(resend, rank.generation))
 

@@ -72,7 +72,7 @@ def forget(state: CoreState, e: ev.ForgetRun, fx: Effects) -> None:
     attached = sorted(r.rank for r in run.ranks.values() if r.stream is not None)
     if attached:
         raise PolicyStateError(f"run {e.run_id} has trainers attached (ranks {attached}); stop them first")
-    open_cmd = run.policy.open
+    open_cmd = run.policy.ledger.open
     if open_cmd is not None and open_cmd.command.kind is not CommandKind.HALT:
         # A trainer that received it may execute it while disconnected and come back on a timeline a
         # run created anew never reached (found by the simulation): let it finish or time out first.

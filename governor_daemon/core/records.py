@@ -177,7 +177,7 @@ def _report(fx: Effects, a: Accepted, e: ev.Validation) -> None:
         e.record_rgl,
         e.seq,
         binding.incarnation_id,
-        frozenset(run.policy.finished_ranks),
+        frozenset(run.policy.roster.finished),
     )
     kind = EntryKind.REPORT if outcome in (AddOutcome.PENDING, AddOutcome.READY) else EntryKind(str(outcome))
     entry = _REPORTS[kind](
@@ -233,7 +233,7 @@ def stale(
     run, rank = a.run, a.rank
     rank.accept_seq(last_seq, first_seq)
     policy = run.policy
-    in_flight = policy.open is not None and rank.rank not in policy.open.ranks_done
+    in_flight = policy.ledger.open is not None and rank.rank not in policy.ledger.open.ranks_done
     entry = Stale(
         what=what,
         rank=a.binding.rank,
@@ -268,8 +268,8 @@ def progress(fx: Effects, run: Run, rank: RankState, timeline: int, step: int, n
     if (timeline, step) <= (rank.latest_timeline, rank.latest_step):
         return
     rank.latest_timeline, rank.latest_step = timeline, step
-    if rank.rank in run.policy.stalled_ranks:
-        run.policy.set_stalled(rank.rank, False)
+    if rank.rank in run.policy.roster.stalled:
+        run.policy.roster.set_stalled(rank.rank, False)
         cleared = StallCleared(rank=rank.rank, timeline=timeline, step=step, effects={"policy": run.policy.to_dict()})
         fx.append_record(run.run_id, cleared)
 
@@ -279,7 +279,7 @@ def decide(fx: Effects, run: Run, group: StepGroup, source: dict[str, Any], now:
     ``Decision`` entry's fields that say what was decided (a one-rank run's record, or ``after_deadline``)."""
     policy = run.policy
     for missing in group.missing:
-        policy.set_stalled(missing, True)
+        policy.roster.set_stalled(missing, True)
     decision = policy.judge_validation(
         group.timeline,
         group.step,

@@ -14,7 +14,6 @@ from typing import Any
 
 from governor_daemon.journal.entry import Entry
 from governor_daemon.policy import PolicyConfig, RunPolicy, StallTracker, StepAggregator
-from governor_daemon.policy.steps import StepState, pinned_states_from_json
 
 MAX_INCARNATIONS_KEPT = 16
 MAX_SNAPSHOTS_KEPT = 16  # a rank's newest published snapshots the daemon remembers (timeline, step, digest)
@@ -226,10 +225,7 @@ class Registry:
             run.policy = RunPolicy.from_dict(effects["policy"])
         for rank, data in effects.get("ranks", {}).items():
             run.rank(int(rank)).apply(data)
-        for rank, data in effects.get("steps", {}).items():
-            run.policy.step_states[int(rank)] = StepState.from_dict(data)
-        for rank, data in effects.get("pins", {}).items():
-            run.policy.pins[int(rank)] = pinned_states_from_json(data)
+        run.policy.detector_pins.load(effects)
         if "pending" in effects:
             run.aggregator.load(effects["pending"])
         run.last_cursor = max(run.last_cursor, cursor)

@@ -45,10 +45,10 @@ def snapshot(state: CoreState, e: ev.SnapshotTaken, fx: Effects) -> None:
     run, rank = a.run, a.rank
     rank.accept_seq(e.seq)
     rank.published(e.timeline, e.step, e.digest)
-    pinned = run.policy.pin(a.binding.rank, e.timeline, e.step)
+    pinned = run.policy.detector_pins.pin(a.binding.rank, e.timeline, e.step)
     effects: dict[str, Any] = {"ranks": {str(rank.rank): rank.effect()}}
     if pinned is not None:
-        effects["pins"] = {str(a.binding.rank): pinned_states_to_json(run.policy.pins[a.binding.rank])}
+        effects["pins"] = {str(a.binding.rank): pinned_states_to_json(run.policy.detector_pins.pins[a.binding.rank])}
     entry = Snapshot(
         **_source(a, e.seq),
         timeline=e.timeline,
@@ -118,11 +118,11 @@ def command_result(state: CoreState, e: ev.CommandResult, fx: Effects) -> None:
         return
     run, rank, policy = a.run, a.rank, a.run.policy
     result = _result_fields(a, e)
-    command = policy.command(e.command_id)
+    command = policy.ledger.command(e.command_id)
     if command is not None:
         result["command_kind"] = str(command.kind)
     moves = command is not None and command.kind is not CommandKind.HALT
-    other = _other_command(e, run.run_id, policy.next_command_id, command)
+    other = _other_command(e, run.run_id, policy.ledger.next_command_id, command)
     if other is not None:  # journaled; it changes nothing else
         rank.accept_seq(e.seq)
         unknown = f"{other}; the result changes nothing"

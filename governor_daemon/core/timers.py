@@ -33,7 +33,7 @@ def tick(state: CoreState, now: float, fx: Effects) -> None:
             continue
         _deadlines(fx, run, now)
         for rank in run.ranks.values():
-            if rank.rank in run.policy.finished_ranks or rank.tracker is None:
+            if rank.rank in run.policy.roster.finished or rank.tracker is None:
                 continue
             if rank.tracker.check(now, run.policy.config.stall_timeout_s):
                 _stalled(state, fx, run, rank, now)
@@ -55,7 +55,7 @@ def _deadlines(fx: Effects, run: Run, now: float) -> None:
     """Validation steps past their rank deadline: decided without the missing ranks, or superseded when the
     run has left their timeline."""
     policy = run.policy
-    for group in run.aggregator.due(now, policy.config.rank_deadline_s, frozenset(policy.finished_ranks)):
+    for group in run.aggregator.due(now, policy.config.rank_deadline_s, frozenset(policy.roster.finished)):
         if policy.is_stale(group.timeline):
             superseded = Superseded(
                 timeline=group.timeline,
@@ -94,9 +94,9 @@ def _stalled(state: CoreState, fx: Effects, run: Run, rank: RankState, now: floa
     policy = run.policy
     stream = rank.stream
     end_process = policy.config.end_stalled_ranks and stream is not None and policy.state is not RunState.HALTED
-    if rank.rank in policy.stalled_ranks and not end_process:
+    if rank.rank in policy.roster.stalled and not end_process:
         return
-    policy.set_stalled(rank.rank, True)
+    policy.roster.set_stalled(rank.rank, True)
     assert rank.tracker is not None
     waited = round(rank.tracker.seconds_since_progress(now), 3)
     stall = Stall(
@@ -128,11 +128,11 @@ def tick_due(state: CoreState, now: float) -> list[Run]:
         elif policy.state is RunState.FINISHED:
             continue
         elif (
-            run.aggregator.any_due(now, policy.config.rank_deadline_s, frozenset(policy.finished_ranks))
+            run.aggregator.any_due(now, policy.config.rank_deadline_s, frozenset(policy.roster.finished))
             or policy.timeout_due(now)
             or any(
                 r.tracker is not None
-                and r.rank not in policy.finished_ranks
+                and r.rank not in policy.roster.finished
                 and r.tracker.due(now, policy.config.stall_timeout_s)
                 for r in run.ranks.values()
             )
@@ -144,7 +144,7 @@ def tick_due(state: CoreState, now: float) -> list[Run]:
 def start(state: CoreState, e: ev.Start, fx: Effects) -> None:
     """Timers restart: a deadline never spans two processes' monotonic clocks."""
     for run in state.registry.runs.values():
-        run.policy.rearm(e.now)
+        run.policy.ledger.rearm(e.now)
         run.aggregator.rearm(e.now)
         run.idle_since = e.now
         for rank in run.ranks.values():

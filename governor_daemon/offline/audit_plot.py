@@ -290,7 +290,7 @@ def _record_rgl(
 def _validation(decision: dict[str, Any], policy: RunPolicy, record_rgl: float | None) -> Validation:
     """A validation decision with the thresholds of the policy state that judged it."""
     losses = [float_from_json(x) for x in decision["losses"]]
-    history = policy.detector.history
+    history = policy.validation.detector.history
     rgl = policy.random_guess_loss(record_rgl)
     return Validation(
         timeline=int(decision["timeline"]),

@@ -180,7 +180,7 @@ def _complete(policy: RunPolicy, decision: Decision, now_s: float) -> None:
     command = decision.command
     if command is None:
         return
-    ranks = range(policy.world_size)
+    ranks = range(policy.roster.world_size)
     if command.kind is CommandKind.HALT:
         for rank in ranks:
             policy.on_command_result(command.command_id, rank, True, policy.timeline, "", now_s)

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Set
 from dataclasses import dataclass, replace
 from typing import Any
 
+from governor_daemon.errors import PolicyStateError
 from governor_daemon.policy.config import PolicyConfig
 from governor_daemon.policy.decisions import Command, CommandKind
 from governor_daemon.policy.detectors import fmt
@@ -159,6 +160,12 @@ class CommandLedger:
             self.halted = False
         return command
 
+    def start_on(self, timeline: int) -> None:
+        """A run that has issued no command yet starts on ``timeline`` (its first trainer is on it)."""
+        if self.next_command_id != 1:
+            raise PolicyStateError(f"command {self.next_command_id - 1} was issued on timeline {self.timeline}")
+        self.timeline = timeline
+
     def close_open(self) -> None:
         """Close the open command, if any (it stays known to a late result)."""
         if self.open is not None:
@@ -166,7 +173,7 @@ class CommandLedger:
             self.open = None
 
     def rearm(self, now_s: float) -> None:
-        """Restart the open command's timeout at ``now_s``."""
+        """Restart the open command's timeout at ``now_s`` (daemon start: monotonic clocks restart too)."""
         if self.open is not None:
             self.open = replace(self.open, issued_at_s=now_s)
 

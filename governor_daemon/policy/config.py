@@ -72,82 +72,13 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name))
-        problems: list[str] = [
-            f"{name} must be <= {bound:g}, got {value:g}"
-            for name, bound in _UPPER_BOUNDS.items()
-            if (value := getattr(self, name)) is not None and value > bound
+        problems = [
+            *_beyond_bounds(self),
+            *_validation_problems(self),
+            *_command_problems(self),
+            *_step_problems(self),
+            *_ladder_problems(self),
         ]
-
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                problems.append(message)
-
-        need(
-            self.profile in PROFILES,
-            f"profile must be one of {', '.join(PROFILES)}, got {self.profile!r}",
-        )
-        need(self.min_history >= 1, f"min_history must be >= 1, got {self.min_history}")
-        need(
-            self.history_window >= self.min_history,
-            f"history_window ({self.history_window}) must be >= min_history ({self.min_history}): "
-            "the statistics could never start; raise history_window or lower min_history",
-        )
-        need(self.sensitivity >= 0, f"sensitivity must be >= 0, got {self.sensitivity}")
-        need(self.multiplier > 0, f"multiplier must be > 0, got {self.multiplier}")
-        need(self.absolute_threshold >= 0, f"absolute_threshold must be >= 0, got {self.absolute_threshold}")
-        need(
-            self.min_panics_before_rollback >= 1,
-            f"min_panics_before_rollback must be >= 1, got {self.min_panics_before_rollback}",
-        )
-        need(
-            self.random_guess_loss is None or self.random_guess_loss > 0,
-            f"random_guess_loss must be > 0 (or none, to derive it from the task), got {self.random_guess_loss}",
-        )
-        need(self.lobotomy_mean_ratio > 0, f"lobotomy_mean_ratio must be > 0, got {self.lobotomy_mean_ratio}")
-        need(
-            self.lobotomy_tolerance_ratio > 0,
-            f"lobotomy_tolerance_ratio must be > 0, got {self.lobotomy_tolerance_ratio}",
-        )
-        need(
-            self.death_penalty >= 0,
-            f"death_penalty must be >= 0 (the reward is its negative), got {self.death_penalty}",
-        )
-        need(self.rollback_window >= 1, f"rollback_window must be >= 1, got {self.rollback_window}")
-        need(
-            self.max_rollbacks < self.rollback_window,
-            f"max_rollbacks ({self.max_rollbacks}) must be < rollback_window ({self.rollback_window}), "
-            "or the loop breaker can never fire; raise rollback_window",
-        )
-        need(self.command_timeout_s > 0, f"command_timeout_s must be > 0, got {self.command_timeout_s}")
-        need(
-            0 < self.recovery_lr_scale <= 1,
-            f"recovery_lr_scale must be in (0, 1], got {self.recovery_lr_scale}",
-        )
-        need(self.stall_timeout_s > 0, f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
-        need(self.rank_deadline_s > 0, f"rank_deadline_s must be > 0, got {self.rank_deadline_s}")
-        need(self.step_warmup_steps >= 1, f"step_warmup_steps must be >= 1, got {self.step_warmup_steps}")
-        need(self.step_ema_steps >= 2, f"step_ema_steps must be >= 2, got {self.step_ema_steps}")
-        need(self.step_loss_ratio > 1, f"step_loss_ratio must be > 1, got {self.step_loss_ratio}")
-        need(self.step_loss_sigma > 0, f"step_loss_sigma must be > 0, got {self.step_loss_sigma}")
-        need(self.step_loss_patience >= 1, f"step_loss_patience must be >= 1, got {self.step_loss_patience}")
-        need(self.step_grad_ratio > 1, f"step_grad_ratio must be > 1, got {self.step_grad_ratio}")
-        need(
-            self.step_collapse_patience >= 1,
-            f"step_collapse_patience must be >= 1, got {self.step_collapse_patience}",
-        )
-        need(self.step_lr_ratio > 1, f"step_lr_ratio must be > 1, got {self.step_lr_ratio}")
-        need(self.step_zero_patience >= 1, f"step_zero_patience must be >= 1, got {self.step_zero_patience}")
-        need(self.step_rise_ratio > 1, f"step_rise_ratio must be > 1, got {self.step_rise_ratio}")
-        need(self.step_rise_patience >= 1, f"step_rise_patience must be >= 1, got {self.step_rise_patience}")
-        need(self.recurrence_steps >= 0, f"recurrence_steps must be >= 0, got {self.recurrence_steps}")
-        need(
-            self.escalation_skip_margin >= 0,
-            f"escalation_skip_margin must be >= 0, got {self.escalation_skip_margin}",
-        )
-        need(
-            0 < self.escalation_lr_scale <= 1,
-            f"escalation_lr_scale must be in (0, 1], got {self.escalation_lr_scale}",
-        )
         if problems:
             raise PolicyConfigError("invalid policy: " + "; ".join(problems))
 
@@ -203,6 +134,89 @@ def _check_type(name: str, value: object) -> None:
         ok = isinstance(value, str)
     if not ok:
         raise PolicyConfigError(f"invalid policy: {name} must be a finite {kind}, got {value!r}")
+
+
+def _failed(*checks: tuple[bool, str]) -> list[str]:
+    """The messages of the checks that failed, in order."""
+    return [message for ok, message in checks if not ok]
+
+
+def _beyond_bounds(c: PolicyConfig) -> list[str]:
+    """The numbers above their upper bound (``_UPPER_BOUNDS``)."""
+    return [
+        f"{name} must be <= {bound:g}, got {value:g}"
+        for name, bound in _UPPER_BOUNDS.items()
+        if (value := getattr(c, name)) is not None and value > bound
+    ]
+
+
+def _validation_problems(c: PolicyConfig) -> list[str]:
+    """The validation detectors' fields: the profile, the history, the thresholds, the collapse band."""
+    return _failed(
+        (c.profile in PROFILES, f"profile must be one of {', '.join(PROFILES)}, got {c.profile!r}"),
+        (c.min_history >= 1, f"min_history must be >= 1, got {c.min_history}"),
+        (
+            c.history_window >= c.min_history,
+            f"history_window ({c.history_window}) must be >= min_history ({c.min_history}): "
+            "the statistics could never start; raise history_window or lower min_history",
+        ),
+        (c.sensitivity >= 0, f"sensitivity must be >= 0, got {c.sensitivity}"),
+        (c.multiplier > 0, f"multiplier must be > 0, got {c.multiplier}"),
+        (c.absolute_threshold >= 0, f"absolute_threshold must be >= 0, got {c.absolute_threshold}"),
+        (
+            c.min_panics_before_rollback >= 1,
+            f"min_panics_before_rollback must be >= 1, got {c.min_panics_before_rollback}",
+        ),
+        (
+            c.random_guess_loss is None or c.random_guess_loss > 0,
+            f"random_guess_loss must be > 0 (or none, to derive it from the task), got {c.random_guess_loss}",
+        ),
+        (c.lobotomy_mean_ratio > 0, f"lobotomy_mean_ratio must be > 0, got {c.lobotomy_mean_ratio}"),
+        (c.lobotomy_tolerance_ratio > 0, f"lobotomy_tolerance_ratio must be > 0, got {c.lobotomy_tolerance_ratio}"),
+    )
+
+
+def _command_problems(c: PolicyConfig) -> list[str]:
+    """The commands' fields: the punishment, the loop breaker, the recipe, the timeouts and deadlines."""
+    return _failed(
+        (c.death_penalty >= 0, f"death_penalty must be >= 0 (the reward is its negative), got {c.death_penalty}"),
+        (c.rollback_window >= 1, f"rollback_window must be >= 1, got {c.rollback_window}"),
+        (
+            c.max_rollbacks < c.rollback_window,
+            f"max_rollbacks ({c.max_rollbacks}) must be < rollback_window ({c.rollback_window}), "
+            "or the loop breaker can never fire; raise rollback_window",
+        ),
+        (c.command_timeout_s > 0, f"command_timeout_s must be > 0, got {c.command_timeout_s}"),
+        (0 < c.recovery_lr_scale <= 1, f"recovery_lr_scale must be in (0, 1], got {c.recovery_lr_scale}"),
+        (c.stall_timeout_s > 0, f"stall_timeout_s must be > 0, got {c.stall_timeout_s}"),
+        (c.rank_deadline_s > 0, f"rank_deadline_s must be > 0, got {c.rank_deadline_s}"),
+    )
+
+
+def _step_problems(c: PolicyConfig) -> list[str]:
+    """The default profile's train-stream detectors' fields (policy/steps.py)."""
+    return _failed(
+        (c.step_warmup_steps >= 1, f"step_warmup_steps must be >= 1, got {c.step_warmup_steps}"),
+        (c.step_ema_steps >= 2, f"step_ema_steps must be >= 2, got {c.step_ema_steps}"),
+        (c.step_loss_ratio > 1, f"step_loss_ratio must be > 1, got {c.step_loss_ratio}"),
+        (c.step_loss_sigma > 0, f"step_loss_sigma must be > 0, got {c.step_loss_sigma}"),
+        (c.step_loss_patience >= 1, f"step_loss_patience must be >= 1, got {c.step_loss_patience}"),
+        (c.step_grad_ratio > 1, f"step_grad_ratio must be > 1, got {c.step_grad_ratio}"),
+        (c.step_collapse_patience >= 1, f"step_collapse_patience must be >= 1, got {c.step_collapse_patience}"),
+        (c.step_lr_ratio > 1, f"step_lr_ratio must be > 1, got {c.step_lr_ratio}"),
+        (c.step_zero_patience >= 1, f"step_zero_patience must be >= 1, got {c.step_zero_patience}"),
+        (c.step_rise_ratio > 1, f"step_rise_ratio must be > 1, got {c.step_rise_ratio}"),
+        (c.step_rise_patience >= 1, f"step_rise_patience must be >= 1, got {c.step_rise_patience}"),
+    )
+
+
+def _ladder_problems(c: PolicyConfig) -> list[str]:
+    """The recovery ladder's fields (policy/recovery.py)."""
+    return _failed(
+        (c.recurrence_steps >= 0, f"recurrence_steps must be >= 0, got {c.recurrence_steps}"),
+        (c.escalation_skip_margin >= 0, f"escalation_skip_margin must be >= 0, got {c.escalation_skip_margin}"),
+        (0 < c.escalation_lr_scale <= 1, f"escalation_lr_scale must be in (0, 1], got {c.escalation_lr_scale}"),
+    )
 
 
 def _config_error(exc: policy_args.PolicyArgError) -> PolicyConfigError:

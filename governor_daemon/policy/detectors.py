@@ -137,40 +137,55 @@ def seed_profile(
     """
     if not losses:
         raise ValueError("seed_profile needs at least one loss")
+    return (
+        _non_finite(losses, state)
+        or _lobotomy(losses, state, config, rgl)
+        or _warm_up(max(losses), state, config)
+        or _against_seed_gates(max(losses), state, config, rgl)
+    )
+
+
+def _non_finite(losses: Sequence[float], state: DetectorState) -> Judgement | None:
+    """The non-finite rule: a PANIC for the first loss that is non-finite or blown up."""
     bad = [x for x in losses if blown_up(x)]
-    if bad:
-        beyond = "" if not math.isfinite(bad[0]) else f" (beyond the ceiling {BLOW_UP_CEILING:g}: a blow-up)"
-        return Judgement(
-            Verdict.PANIC,
-            Rule.NON_FINITE,
-            f"non-finite: validation loss {bad[0]}{beyond}",
-            state,
-            None,
-        )
+    if not bad:
+        return None
+    beyond = "" if not math.isfinite(bad[0]) else f" (beyond the ceiling {BLOW_UP_CEILING:g}: a blow-up)"
+    return Judgement(Verdict.PANIC, Rule.NON_FINITE, f"non-finite: validation loss {bad[0]}{beyond}", state, None)
+
+
+def _lobotomy(
+    losses: Sequence[float], state: DetectorState, config: PolicyConfig, rgl: float | None
+) -> Judgement | None:
+    """The lobotomy rule: a PANIC for the first loss in the band at the random guess (``lobotomy_band``)."""
     history = state.history
     band = lobotomy_band(history, config, rgl)
-    if band is not None:
-        for loss in losses:
-            if band.contains(loss):
-                return Judgement(
-                    Verdict.PANIC,
-                    Rule.LOBOTOMY,
-                    f"lobotomy: loss {fmt(loss)} within {fmt(band.tolerance)} "
-                    f"of random-guess {fmt(band.rgl)}, history mean {fmt(history_mean(history))} < "
-                    f"{fmt(config.lobotomy_mean_ratio)}×RGL ({fmt(config.lobotomy_mean_ratio * band.rgl)})",
-                    state,
-                    None,
-                )
-    loss = max(losses)
-    if not is_warm(history, config):
-        new_history = _append(history, loss, config.history_window)
-        return Judgement(
-            Verdict.HEALTHY,
-            Rule.WARMUP,
-            f"warm-up: {len(new_history)}/{config.min_history} losses in history",
-            DetectorState(new_history, 0),
-            loss,
-        )
+    if band is None:
+        return None
+    loss = next((x for x in losses if band.contains(x)), None)
+    if loss is None:
+        return None
+    reason = (
+        f"lobotomy: loss {fmt(loss)} within {fmt(band.tolerance)} "
+        f"of random-guess {fmt(band.rgl)}, history mean {fmt(history_mean(history))} < "
+        f"{fmt(config.lobotomy_mean_ratio)}×RGL ({fmt(config.lobotomy_mean_ratio * band.rgl)})"
+    )
+    return Judgement(Verdict.PANIC, Rule.LOBOTOMY, reason, state, None)
+
+
+def _warm_up(loss: float, state: DetectorState, config: PolicyConfig) -> Judgement | None:
+    """Warm-up: while the history is short, the loss enters it unjudged."""
+    if is_warm(state.history, config):
+        return None
+    new_history = _append(state.history, loss, config.history_window)
+    reason = f"warm-up: {len(new_history)}/{config.min_history} losses in history"
+    return Judgement(Verdict.HEALTHY, Rule.WARMUP, reason, DetectorState(new_history, 0), loss)
+
+
+def _against_seed_gates(loss: float, state: DetectorState, config: PolicyConfig, rgl: float | None) -> Judgement:
+    """A warm history: the loss is divergent above all three seed gates (an ANOMALY, a PANIC once
+    ``min_panics_before_rollback`` in a row), normal otherwise (it enters the history)."""
+    history = state.history
     seed = seed_gates(history, config)
     sigma_gate, mult_gate = seed[SIGMA_GATE], seed[MULTIPLIER_GATE]
     if all(loss > gate for gate in seed.values()):

@@ -3,7 +3,7 @@
 Pure: values and times (``now_s``, seconds on the daemon's monotonic clock) go in, decisions and
 commands come out. No grpc, no files, no clock reads. The daemon core calls it (it is not
 thread-safe); ``governor replay`` drives it from a trace. Times are never journaled: the command
-timeout restarts at daemon start (``rearm``).
+timeout restarts at daemon start (``CommandLedger.rearm``).
 
 Mechanisms (docs/protocol.md): train-step signals, one command at a time, loop breaker, recovery
 recipe, shadow mode, command timeout, Resume, policy updates. The run state is derived, never stored
@@ -11,14 +11,15 @@ twice: FINISHED > HALTED > ROLLING_BACK > STALLED > ANOMALY > HEALTHY.
 
 ``RunPolicy`` composes the parts, each in its own module: the command ledger and the run's timeline
 (``policy/commands.py``), the train-stream detectors' states and their pins (``policy/pins.py``), the
-recovery ladder (``policy/recovery.py``), the train-stream detectors (``policy/steps.py``) and the
-validation profiles (``policy/detectors.py``).
+validation history (``policy/validation.py``), the loop breaker and the recovery ladder
+(``policy/escalation.py``, ``policy/recovery.py``) and the ranks (``policy/roster.py``). The rules are
+pure functions: the validation profiles (``policy/detectors.py``), the train-stream detectors
+(``policy/steps.py``) and the non-finite rule of train records (``policy/finite.py``).
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from governor_daemon.errors import PolicyStateError
-from governor_daemon.policy.commands import CommandLedger, CommandResult, Notice, OpenCommand, Recipe
+from governor_daemon.policy.commands import CommandLedger, CommandResult, Notice
 from governor_daemon.policy.config import PolicyConfig
 from governor_daemon.policy.decisions import (
     SHADOW_NOTE,
@@ -40,17 +41,11 @@ from governor_daemon.policy.decisions import (
     RunState,
     Verdict,
 )
-from governor_daemon.policy.delegation import Delegated
-from governor_daemon.policy.detectors import (
-    BLOW_UP_CEILING,
-    DetectorState,
-    Judgement,
-    blown_up,
-    detector_for,
-)
-from governor_daemon.policy.escalation import Escalation
+from governor_daemon.policy.detectors import Judgement
+from governor_daemon.policy.escalation import Escalation, command_for
+from governor_daemon.policy.finite import first_blown_up, non_finite_reason
 from governor_daemon.policy.pins import DetectorPins
-from governor_daemon.policy.recovery import Recovery
+from governor_daemon.policy.roster import Roster
 from governor_daemon.policy.steps import StepState, judge_pinned
 from governor_daemon.policy.validation import ValidationHistory
 
@@ -67,33 +62,11 @@ class RunPolicy:
     """The policy state of one run and the operations that change it: judging records, the controller's
     commands, command results, finishes, stalls and policy updates.
 
-    It composes four parts (``ledger``, ``detector_pins``, ``validation``, ``escalation``) and keeps the run's
-    own flags (``judged``, ``stalled_ranks``, ``finished_ranks``, the last verdict and reason); the run state
-    is derived from them (``state``), never stored. The parts' attributes keep their names here (``Delegated``).
+    It composes five parts (``ledger``, ``detector_pins``, ``validation``, ``escalation``, ``roster``) and keeps
+    the run's own flags (``judged``, the last verdict and reason); the run state is derived from them
+    (``state``), never stored. Callers read a part's state from the part (``ledger.open``);
+    only the run's timeline and whether it is halted are read here too.
     """
-
-    # Kept by the command ledger (policy/commands.py).
-    timeline: Delegated[int] = Delegated("ledger")
-    halted: Delegated[bool] = Delegated("ledger")
-    open: Delegated[OpenCommand | None] = Delegated("ledger")
-    next_command_id: Delegated[int] = Delegated("ledger")
-    recent_commands: Delegated[deque[Command]] = Delegated("ledger")
-    num_rollbacks: Delegated[int] = Delegated("ledger")
-    num_halts: Delegated[int] = Delegated("ledger")
-    total_punishment: Delegated[float] = Delegated("ledger")
-    last_punishment: Delegated[float] = Delegated("ledger")
-    charged: Delegated[deque[int]] = Delegated("ledger")
-    # Kept with the detector pins (policy/pins.py).
-    step_states: Delegated[dict[int, StepState]] = Delegated("detector_pins")
-    pins: Delegated[dict[int, list[tuple[int, int, StepState]]]] = Delegated("detector_pins")
-    candidates: Delegated[dict[int, dict[tuple[int, int], StepState]]] = Delegated("detector_pins")
-    # Kept with the validation history (policy/validation.py).
-    detector: Delegated[DetectorState] = Delegated("validation")
-    lowest_accepted: Delegated[float | None] = Delegated("validation")
-    latest_validation_step: Delegated[int] = Delegated("validation")
-    # Kept by the escalation (policy/escalation.py): the loop breaker's window and the recovery ladder.
-    recent: Delegated[deque[int]] = Delegated("escalation")
-    recovery: Delegated[Recovery | None] = Delegated("escalation")
 
     def __init__(
         self,
@@ -102,34 +75,40 @@ class RunPolicy:
         random_guess_loss: float | None = None,
         num_classes: int | None = None,
     ) -> None:
-        if world_size < 1:
-            raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.config = config
-        self.world_size = world_size
         self.task_rgl = random_guess_loss
         self.num_classes = num_classes
         self.ledger = CommandLedger()
         self.detector_pins = DetectorPins()
         self.validation = ValidationHistory()
         self.escalation = Escalation(config.rollback_window)
+        self.roster = Roster(world_size)
         self.judged = RunState.HEALTHY
-        self.stalled_ranks: set[int] = set()
-        self.finished_ranks: set[int] = set()
         self.last_verdict: Verdict | None = None
         self.last_reason = ""
 
     # ----------------------------------------------------------------- derived views
 
     @property
+    def timeline(self) -> int:
+        """The run's timeline (``CommandLedger`` moves it)."""
+        return self.ledger.timeline
+
+    @property
+    def halted(self) -> bool:
+        """Whether a HALT halted the run (until a RESUME)."""
+        return self.ledger.halted
+
+    @property
     def state(self) -> RunState:
         """The run state, derived from the flags in priority order."""
-        if self._all_finished():
+        if self.roster.all_finished():
             return RunState.FINISHED
         if self.halted:
             return RunState.HALTED
-        if self.open is not None:
+        if self.ledger.open is not None:
             return RunState.ROLLING_BACK
-        if self.stalled_ranks:
+        if self.roster.stalled:
             return RunState.STALLED
         return self.judged
 
@@ -148,19 +127,6 @@ class RunPolicy:
     def is_stale(self, timeline: int) -> bool:
         """True for a record of a timeline the run has already left (in flight during a rollback)."""
         return timeline < self.timeline
-
-    def command(self, command_id: int) -> Command | None:
-        """The open command or a recently closed one with this id."""
-        return self.ledger.command(command_id)
-
-    def halting_command(self) -> Command | None:
-        """While HALTED: the HALT that halted the run (re-sent to a trainer that attaches, so that a new
-        process knows it is halted too); None otherwise."""
-        return self.ledger.halting_command()
-
-    def rearm(self, now_s: float) -> None:
-        """Restart the command timeout at ``now_s`` (daemon start: monotonic clocks restart too)."""
-        self.ledger.rearm(now_s)
 
     # ----------------------------------------------------------------- judging records
 
@@ -188,22 +154,19 @@ class RunPolicy:
             "validation", timeline, step, epoch, ranks, tuple(losses_by_rank[r] for r in ranks), tuple(missing_ranks)
         )
         rgl = self.random_guess_loss(record_rgl)
-        judgement = detector_for(self.config.profile)(judged.losses, self.detector, self.config, rgl)
-        self.latest_validation_step = max(self.latest_validation_step, step)
+        judgement = self.validation.judge(step, judged.losses, self.config, rgl)
         self.last_verdict = judgement.verdict
         self.last_reason = judgement.reason
         blocked = self.ledger.blocked_reason()
         if blocked is None:
             return self._decision(judged, self._commit_validation(judged, judgement, rgl, now_s))
-        action = self.escalation.would_be_action(self.config) if judgement.verdict is Verdict.PANIC else Action.NONE
-        reason = judgement.reason + f"; not committed: {blocked}"
-        suppressed = blocked if action is not Action.NONE else None
+        action, suppressed, reason = self._uncommitted(judgement.verdict, judgement.reason, blocked)
         return self._decision(judged, Outcome(judgement.verdict, judgement.rule, action, reason, suppressed=suppressed))
 
     def _commit_validation(self, judged: Judged, judgement: Judgement, rgl: float | None, now_s: float) -> Outcome:
         """A validation judged while no command is open and the run is not halted: it enters the history,
         may become the last-known-good, and a PANIC turns into a command."""
-        level = self.train_level()
+        level = self.detector_pins.train_level(self.timeline, self.config.step_warmup_steps)
         snapshot_allowed, reason = self.validation.commit(judgement, max(judged.losses), level, rgl, self.config)
         if judgement.verdict is Verdict.PANIC:
             action, command, suppressed, reason = self._intervene(reason, judged.step, now_s)
@@ -227,23 +190,13 @@ class RunPolicy:
         epoch: int | None = None,
         shed: bool = False,
     ) -> Decision:
-        """Judge one train-step record: a non-finite loss or grad norm is a PANIC at once.
-
-        Train records never enter the validation history. ``shed``: the record came in a shed batch,
-        which the reason says. Raises PolicyStateError like ``judge_validation`` for a stale or future
-        timeline.
-        """
+        """Judge one train-step record under the non-finite rule (policy/finite.py); train records never enter
+        the validation history. Raises PolicyStateError like ``judge_validation`` for a stale or future timeline."""
         self._check_timeline(timeline)
         judged = Judged("train", timeline, step, epoch, (rank,), (loss,))
-        values = [("loss", loss)] + ([("grad_norm", grad_norm)] if grad_norm is not None else [])
-        bad = [(name, v) for name, v in values if blown_up(v)]
-        if not bad:
+        reason = non_finite_reason(step, rank, loss, grad_norm, shed)
+        if reason is None:
             return self._decision(judged, Outcome(Verdict.HEALTHY, Rule.TRAIN_FINITE, Action.NONE, "train step finite"))
-        name, value = bad[0]
-        beyond = "" if not math.isfinite(value) else f" (beyond the ceiling {BLOW_UP_CEILING:g}: a blow-up)"
-        reason = f"non-finite train {name} {value}{beyond} at step {step} (rank {rank})"
-        if shed:
-            reason += "; in a shed batch: the daemon was behind, so only the statistical detectors skipped it"
         return self._train_panic(judged, Rule.TRAIN_NON_FINITE, reason, now_s, step)
 
     def judge_train_batch(
@@ -266,23 +219,23 @@ class RunPolicy:
         pins keep the detector state as it stands. Returns the decision (None: nothing to say)
         and the rank's new detector state (None: unchanged, which it stays while a command is open or
         the run is halted: records produced under an open command say nothing about the healthy run).
-        ``pins`` are steps a trainer may stage a snapshot at: the state as of each is kept (``pin``).
+        ``pins`` are steps a trainer may stage a snapshot at: the state as of each is kept (``DetectorPins.pin``).
         Raises PolicyStateError like ``judge_validation`` for a stale or future timeline."""
         self._check_timeline(timeline)
-        finite = _sane(losses) & (_sane(grads) if grads is not None else True)
-        if not finite.all():
-            bad = int(np.argmin(finite))
+        bad = first_blown_up(losses, grads)
+        if bad is not None:
             grad = None if grads is None else float(grads[bad])
             decision = self.judge_train_step(
                 timeline, int(steps[bad]), rank, float(losses[bad]), grad, now_s, epoch, shed
             )
             return decision, None
         if shed:
-            self.keep_candidates(rank, timeline, pins)
+            if pins:  # not judged: the state as it stands is the best one for their snapshots
+                self.detector_pins.keep_candidates(rank, timeline, pins)
             return None, None
         if self.config.profile != "default" or self.ledger.blocked_reason() is not None:
             return None, None
-        state = self.step_states.get(rank, StepState(timeline=timeline))
+        state = self.detector_pins.step_states.get(rank, StepState(timeline=timeline))
         state, alarm, pinned = judge_pinned(
             state, timeline, steps, losses, grads, self.config, self.random_guess_loss(), rank, lrs, pins
         )
@@ -300,8 +253,8 @@ class RunPolicy:
             action, command, suppressed, reason = self._intervene(reason, judged.step, now_s, onset_step)
             self.last_reason = reason
         else:
-            action, command, suppressed = self.escalation.would_be_action(self.config), None, blocked
-            reason += f"; not committed: {blocked}"
+            command = None
+            action, suppressed, reason = self._uncommitted(Verdict.PANIC, reason, blocked)
         return self._decision(
             judged, Outcome(Verdict.PANIC, rule, action, reason, command, suppressed=suppressed, onset_step=onset_step)
         )
@@ -342,7 +295,7 @@ class RunPolicy:
 
     def _issue(self, kind: CommandKind, reason: str, now_s: float) -> Command:
         """A controller's command, at the run's latest validation step."""
-        return self.ledger.issue(kind, reason, self.latest_validation_step, now_s, self.config)
+        return self.ledger.issue(kind, reason, self.validation.latest_validation_step, now_s, self.config)
 
     def on_command_result(
         self,
@@ -354,40 +307,31 @@ class RunPolicy:
         now_s: float,
         restored_step: int | None = None,
     ) -> list[Notice]:
-        """Record one rank's CommandResult (the caller checked it against ``command``). Returns notices.
-
-        The first successful result of a ROLLBACK or RESUME moves the run to the command's timeline + 1:
-        that rank restored, and its records carry the new timeline (its peers' older records are stale
-        from then on). This holds for a late result too (the command was replaced by a HALT or timed
-        out), as long as the command was made on the run's timeline. The command closes when every
-        unfinished rank has answered. A failure HALTs the run with a HALT command (``CommandLedger``).
-
-        A rank that restored ``restored_step`` onto the run's timeline resumes its train-stream detectors
-        from the state pinned for that snapshot (``restore_detectors``); the recovery ladder learns what the
-        fault's rollback restored.
-        """
+        """Record one rank's CommandResult (the caller checked it against ``ledger.command``); the ledger says
+        what it closes and whether the run moves (``CommandLedger.on_result``). Returns notices. A rank that
+        restored ``restored_step`` onto the run's timeline resumes its train-stream detectors from the state
+        pinned for that snapshot (``DetectorPins.restore``); the recovery ladder learns what the fault's
+        rollback restored."""
         command = self.ledger.command(command_id)
         result = CommandResult(command_id, rank, succeeded, new_timeline, error, restored_step)
-        notices, moved = self.ledger.on_result(result, now_s, self._expected_ranks(), self.config)
+        notices, moved = self.ledger.on_result(result, now_s, self.roster.expected(), self.config)
         if moved:
             self.judged = RunState.HEALTHY
         restores = succeeded and command is not None and command.kind is not CommandKind.HALT
         if restores and restored_step is not None and new_timeline == self.timeline:
-            self.restore_detectors(rank, restored_step, new_timeline)
+            self.detector_pins.restore(rank, restored_step, new_timeline)
             self.escalation.restored(command_id, restored_step)
         return notices
 
     def on_adopted(self, rank: int, timeline: int, step: int) -> tuple[bool, list[Notice]]:
-        """A new incarnation of ``rank`` adopted its snapshot of ``step`` (from shared memory) on ``timeline``
-        and goes on on ``timeline`` + 1, as a rank that restored by executing a command does. The first rank
-        to say so moves the run there; a peer that adopted the same step on the same timeline follows. Either
-        resumes its train-stream detectors from the state pinned for the snapshot. An adoption on a timeline
-        the run has left since changes nothing here (the rank's records are stale until it resyncs). An open
-        ROLLBACK or RESUME made before ``timeline`` counts the adoption as the rank's answer
-        (``CommandLedger.on_adopted``). Returns whether the run moved, and the notices."""
-        moved, notices = self.ledger.on_adopted(rank, timeline, self._expected_ranks())
+        """A new incarnation of ``rank`` adopted its snapshot of ``step`` (from shared memory) on ``timeline`` and
+        goes on on ``timeline`` + 1, as a rank that restored by executing a command does (``CommandLedger.on_adopted``
+        moves the run, or answers an open command). A rank that reaches the run's timeline so resumes its detectors
+        from the state pinned for the snapshot; an adoption on a timeline the run has left since changes nothing
+        here. Returns whether the run moved, and the notices."""
+        moved, notices = self.ledger.on_adopted(rank, timeline, self.roster.expected())
         if timeline + 1 == self.timeline:
-            self.restore_detectors(rank, step, self.timeline)
+            self.detector_pins.restore(rank, step, self.timeline)
         return moved, notices
 
     def timeout_due(self, now_s: float) -> bool:
@@ -402,9 +346,8 @@ class RunPolicy:
         """Record a rank's Finish. An open command no longer waits for a finished rank: it completes when
         every unfinished rank has answered, and when no rank is left to execute it, it is closed as
         abandoned (no trainer executed it, so it charges nothing; docs/protocol.md, "Punishment ledger")."""
-        self.finished_ranks.add(rank)
-        self.stalled_ranks.discard(rank)
-        return self.ledger.on_finish(rank, self._expected_ranks(), self._all_finished())
+        self.roster.finish(rank)
+        return self.ledger.on_finish(rank, self.roster.expected(), self.roster.all_finished())
 
     # ----------------------------------------------------------------- undo points
 
@@ -416,8 +359,7 @@ class RunPolicy:
         state["detector_pins"] = self.detector_pins.copy()
         state["validation"] = self.validation.copy()
         state["escalation"] = self.escalation.copy()
-        state["stalled_ranks"] = set(self.stalled_ranks)
-        state["finished_ranks"] = set(self.finished_ranks)
+        state["roster"] = self.roster.copy()
         return state
 
     def restore_memento(self, state: dict[str, Any]) -> None:
@@ -432,18 +374,16 @@ class RunPolicy:
         of ``STATE_KEYS``."""
         state = {
             "config": self.config.as_dict(),
-            "world_size": self.world_size,
             "task_rgl": self.task_rgl,
             "num_classes": self.num_classes,
             "judged": str(self.judged),
-            "stalled_ranks": sorted(self.stalled_ranks),
-            "finished_ranks": sorted(self.finished_ranks),
             "last_verdict": None if self.last_verdict is None else str(self.last_verdict),
             "last_reason": self.last_reason,
             **self.validation.to_dict(),
             **self.escalation.to_dict(),
             **self.ledger.to_dict(),
             **self.detector_pins.to_dict(),
+            **self.roster.to_dict(),
         }
         return {key: state[key] for key in STATE_KEYS}
 
@@ -452,49 +392,17 @@ class RunPolicy:
         """Inverse of ``to_dict``. Raises KeyError/ValueError for a malformed dict."""
         config = PolicyConfig(**data["config"])
         policy = cls(config, int(data["world_size"]), data["task_rgl"], data["num_classes"])
+        policy.roster = Roster.from_dict(data)
         policy.ledger = CommandLedger.from_dict(data)
         policy.detector_pins = DetectorPins.from_dict(data)
         policy.validation = ValidationHistory.from_dict(data)
         policy.escalation = Escalation.from_dict(data, config.rollback_window)
         policy.judged = RunState(data["judged"])
-        policy.stalled_ranks = {int(r) for r in data["stalled_ranks"]}
-        policy.finished_ranks = {int(r) for r in data["finished_ranks"]}
         policy.last_verdict = None if data["last_verdict"] is None else Verdict(data["last_verdict"])
         policy.last_reason = str(data["last_reason"])
         return policy
 
-    # ----------------------------------------------------------------- detector states of snapshots
-
-    def pin(self, rank: int, timeline: int, step: int) -> StepState | None:
-        """A rank published a snapshot of (timeline, step): keep its detector state as of that step (the
-        candidate its vitals pinned), to resume from after a restore to it. Returns the state kept, or
-        None when no candidate exists (the daemon restarted since, or the profile judges no train stream)."""
-        return self.detector_pins.pin(rank, timeline, step)
-
-    def keep_candidates(self, rank: int, timeline: int, pins: Sequence[int]) -> None:
-        """Pins of records that were not judged (shed): the state as it stands is the best one for them."""
-        if pins and timeline == self.timeline:
-            self.detector_pins.keep_candidates(rank, timeline, pins)
-
-    def restore_detectors(self, rank: int, restored_step: int, timeline: int) -> StepState:
-        """A rank restored the snapshot of ``restored_step`` and goes on on ``timeline``: its detectors resume
-        from the state pinned for that snapshot (the newest pin of that step), or start afresh without one.
-        Pins of steps after it belong to the abandoned future and are dropped."""
-        return self.detector_pins.restore(rank, restored_step, timeline)
-
-    def train_level(self) -> float | None:
-        """The lowest running level of the train loss among the ranks warm on the run's timeline (None
-        without one)."""
-        return self.detector_pins.train_level(self.timeline, self.config.step_warmup_steps)
-
-    # ----------------------------------------------------------------- ranks and policy
-
-    def set_stalled(self, rank: int, stalled: bool) -> None:
-        """Mark a rank STALLED or clear it (from the stall tracker or the rank deadline)."""
-        if stalled:
-            self.stalled_ranks.add(rank)
-        else:
-            self.stalled_ranks.discard(rank)
+    # ----------------------------------------------------------------- policy updates
 
     def update_policy(self, config: PolicyConfig) -> None:
         """Switch to ``config`` from the next record on; a shrunk history keeps its newest entries."""
@@ -503,13 +411,6 @@ class RunPolicy:
         self.escalation.resize(config.rollback_window)
 
     # ----------------------------------------------------------------- internals
-
-    def _all_finished(self) -> bool:
-        return bool(self.finished_ranks) and len(self.finished_ranks) >= self.world_size
-
-    def _expected_ranks(self) -> set[int]:
-        """The ranks an open command waits for: the unfinished ones."""
-        return set(range(self.world_size)) - self.finished_ranks
 
     def _check_timeline(self, timeline: int) -> None:
         if timeline < self.timeline:
@@ -532,20 +433,17 @@ class RunPolicy:
         self.judged = RunState.HEALTHY
         if self.config.shadow_mode:
             return action, None, SHADOW_NOTE, f"{reason}; {SHADOW_NOTE}"
-        if action is Action.HALT:
-            recipe = Recipe(rung=rung.number if rung.halt else 0)
-            halt = self.ledger.issue(CommandKind.HALT, reason, step, now_s, self.config, recipe=recipe)
-            return action, halt, None, reason
-        recipe = Recipe(rung.number, rung.lr_scale, onset_step, rung.restore_before_step, rung.skip_through_step)
-        command = self.ledger.issue(CommandKind.ROLLBACK, reason, step, now_s, self.config, recipe=recipe)
-        self.escalation.rolled_back(command.command_id, rung, fault_step, step, self.timeline)
+        kind, recipe = command_for(action, rung, onset_step)
+        command = self.ledger.issue(kind, reason, step, now_s, self.config, recipe=recipe)
+        if kind is CommandKind.ROLLBACK:
+            self.escalation.rolled_back(command.command_id, rung, fault_step, step, self.timeline)
         return action, command, None, reason
 
+    def _uncommitted(self, verdict: Verdict, reason: str, blocked: str) -> tuple[Action, str | None, str]:
+        """A record judged while a command may not be issued (``blocked`` says why): a PANIC names the action it
+        would have had, suppressed. Returns the action, what suppressed it, and the reason."""
+        action = self.escalation.would_be_action(self.config) if verdict is Verdict.PANIC else Action.NONE
+        return action, (blocked if action is not Action.NONE else None), f"{reason}; not committed: {blocked}"
+
     def _decision(self, judged: Judged, outcome: Outcome) -> Decision:
-        return outcome.decision(judged, self.detector.consecutive, self.state)
-
-
-def _sane(values: npt.NDArray[np.float64]) -> npt.NDArray[np.bool_]:
-    """Finite and within the blow-up ceiling, elementwise (``detectors.blown_up``'s negation)."""
-    with np.errstate(invalid="ignore"):
-        return np.isfinite(values) & (np.abs(values) <= BLOW_UP_CEILING)
+        return outcome.decision(judged, self.validation.detector.consecutive, self.state)

@@ -8,8 +8,9 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from governor_daemon.policy.commands import Recipe
 from governor_daemon.policy.config import PolicyConfig
-from governor_daemon.policy.decisions import Action
+from governor_daemon.policy.decisions import Action, CommandKind
 from governor_daemon.policy.recovery import Recovery, Rung, next_rung, recovery_of
 
 
@@ -93,3 +94,14 @@ class Escalation:
         raw_recovery = data.get("recovery")
         escalation.recovery = None if raw_recovery is None else Recovery.from_dict(raw_recovery)
         return escalation
+
+
+def command_for(action: Action, rung: Rung, onset_step: int | None) -> tuple[CommandKind, Recipe]:
+    """The command that carries out a committed PANIC's ``action`` on ``rung``: a HALT (naming the ladder's HALT
+    rung when that is what halts) or a ROLLBACK with the rung's recipe and the fault's ``onset_step`` (a trainer
+    restores a snapshot older than it)."""
+    if action is Action.HALT:
+        return CommandKind.HALT, Recipe(rung=rung.number if rung.halt else 0)
+    return CommandKind.ROLLBACK, Recipe(
+        rung.number, rung.lr_scale, onset_step, rung.restore_before_step, rung.skip_through_step
+    )

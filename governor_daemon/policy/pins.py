@@ -108,6 +108,13 @@ class DetectorPins:
     def from_dict(cls, data: Mapping[str, Any]) -> DetectorPins:
         """Inverse of ``to_dict``."""
         kept = cls()
-        kept.step_states = {int(rank): StepState.from_dict(s) for rank, s in data.get("steps", {}).items()}
-        kept.pins = {int(rank): pinned_states_from_json(p) for rank, p in data.get("pins", {}).items()}
+        kept.load(data)
         return kept
+
+    def load(self, data: Mapping[str, Any]) -> None:
+        """Take the ranks' states and pins in ``data`` (``to_dict``'s keys, either may be absent or name only some
+        ranks: a journal entry's effects) over the ones held."""
+        for rank, state in data.get("steps", {}).items():
+            self.step_states[int(rank)] = StepState.from_dict(state)
+        for rank, pins in data.get("pins", {}).items():
+            self.pins[int(rank)] = pinned_states_from_json(pins)

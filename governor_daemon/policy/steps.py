@@ -51,7 +51,7 @@ at most ``LOW_REBASE_EMAS`` × ``step_ema_steps`` records) are a new level and a
 learns fast follows itself soon.
 
 The state is journaled, and the daemon keeps it as of every snapshot a trainer may restore ("pins"): a
-restore resumes the detectors from the state at the restored step (``RunPolicy.restore_detectors``), so a
+restore resumes the detectors from the state at the restored step (``DetectorPins.restore``), so a
 fault that recurs right after a restore is caught as fast as the first time. A stream without such a
 state (the initial snapshot, a restarted trainer whose steps went back) starts afresh, warm-up included.
 Every rule's alarm comes at most ``verification_steps`` records after the onset it names, which is what
@@ -61,7 +61,7 @@ lets a trainer vouch for a snapshot (docs/protocol.md, "Train-stream verificatio
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -398,7 +398,7 @@ def judge_batch(
     end = n  # records taken into the state: all, or those up to and including the alarm's
     if fired is not None:
         i, _, rule = fired
-        alarm = _alarm(rule, i, state, steps, losses, grads, lrs, f, config, rgl, rank)
+        alarm = _ALARMS[rule](_Fired(i, state, steps, losses, grads, lrs, f, config, rgl, rank))
         end = i + 1
     return _updated(state, steps, f, lrs, end, config), alarm
 
@@ -454,73 +454,119 @@ def judge_pinned(
     return state, None, pinned
 
 
-def _alarm(
-    rule: Rule,
-    i: int,
-    state: StepState,
-    steps: npt.NDArray[np.int64],
-    losses: npt.NDArray[np.float64],
-    grads: npt.NDArray[np.float64] | None,
-    lrs: npt.NDArray[np.float64] | None,
-    f: _Flags,
-    config: PolicyConfig,
-    rgl: float | None,
-    rank: int,
-) -> StepAlarm:
-    step, loss = int(steps[i]), float(losses[i])
-    typical = math.exp(_level(state, config))
-    if rule is Rule.STEP_LR_JUMP:
-        assert lrs is not None
-        lr = float(lrs[i])
-        before = max(state.lr_max, float(lrs[:i].max()) if i else 0.0)
-        reason = (
-            f"learning-rate jump: lr {lr:.4g} at step {step} is {lr / before:.3g} x the highest the run used "
-            f"before ({before:.4g}; gate {config.step_lr_ratio:g} x): no schedule explains it (rank {rank})"
-        )
-        return StepAlarm(rule, step, step, loss, reason)
-    if rule is Rule.STEP_GRAD_BLOWUP:
-        assert grads is not None
-        grad, center = float(grads[i]), math.exp(state.grad_center)
-        reason = (
-            f"gradient blow-up: grad norm {grad:.4g} at step {step} is {grad / center:.3g} x its running level "
-            f"{center:.4g} (gate {grad_gate(state, config):.4g}: {config.step_grad_ratio:g} x, or "
-            f"+{config.step_loss_sigma:g} scales in log space) (rank {rank})"
-        )
-        return StepAlarm(rule, step, step, loss, reason)
-    if rule is Rule.STEP_LOSS_SPIKE:
-        onset = _run_start(steps, f.high_runs, i, state.high_since)
-        reason = (
-            f"train loss spike: {int(f.high_runs[i])} consecutive steps above the gate {loss_gate(state, config):.4g} "
-            f"({config.step_loss_ratio:g} x the running level {typical:.4g}, or +{config.step_loss_sigma:g} scales "
-            f"in log space), from step {onset} to {step}, loss now {loss:.4g} (rank {rank})"
-        )
-        return StepAlarm(rule, step, onset, loss, reason)
-    if rule is Rule.STEP_RISE:
-        start = _run_start(steps, f.rise_runs, i, state.rise_since)
-        onset = max(start - FAST_STEPS, step - verification_steps(config), 0)
-        reason = (
-            f"persistent rise: the short-term train loss level stayed above {rise_gate(state, config, rgl):.4g} "
-            f"({config.step_rise_ratio:g} x the lowest level reached, {math.exp(state.loss_floor):.4g}) for "
-            f"{int(f.rise_runs[i])} consecutive steps, from step {start} to {step}, loss now {loss:.4g}; "
-            f"onset estimated at step {onset} (rank {rank})"
-        )
-        return StepAlarm(rule, step, onset, loss, reason)
-    if rule is Rule.STEP_ZERO:
-        onset = _run_start(steps, f.zero_runs, i, state.zero_since)
-        what = "loss" if loss == 0.0 else "grad norm"
-        reason = (
-            f"dead stream: {int(f.zero_runs[i])} consecutive steps with a {what} of exactly 0 while the running "
-            f"level was {typical:.4g}, from step {onset} to {step} (rank {rank})"
-        )
-        return StepAlarm(rule, step, onset, loss, reason)
-    assert rgl is not None
-    onset = _run_start(steps, f.collapse_runs, i, state.collapse_since)
+@dataclass(frozen=True)
+class _Fired:
+    """A batch whose record ``i`` fired a rule: what the alarm's reason reads (the state the batch was judged
+    against, its records and flags)."""
+
+    i: int
+    state: StepState
+    steps: npt.NDArray[np.int64]
+    losses: npt.NDArray[np.float64]
+    grads: npt.NDArray[np.float64] | None
+    lrs: npt.NDArray[np.float64] | None
+    f: _Flags
+    config: PolicyConfig
+    rgl: float | None
+    rank: int
+
+    @property
+    def step(self) -> int:
+        return int(self.steps[self.i])
+
+    @property
+    def loss(self) -> float:
+        return float(self.losses[self.i])
+
+    def typical(self) -> float:
+        """The running level of the train loss before the batch."""
+        return math.exp(_level(self.state, self.config))
+
+    def run_start(self, runs: npt.NDArray[np.int64], carried_since: int) -> int:
+        """The step where the run of ``runs`` ending at the fired record began (``_run_start``)."""
+        return _run_start(self.steps, runs, self.i, carried_since)
+
+
+def _lr_jump_alarm(b: _Fired) -> StepAlarm:
+    assert b.lrs is not None
+    lr, step = float(b.lrs[b.i]), b.step
+    before = max(b.state.lr_max, float(b.lrs[: b.i].max()) if b.i else 0.0)
     reason = (
-        f"collapse: {int(f.collapse_runs[i])} consecutive steps at the random-guess loss {rgl:.4g} "
-        f"(within {config.lobotomy_tolerance_ratio:g} x) while the running level was {typical:.4g}, "
-        f"from step {onset} to {step} (rank {rank})"
+        f"learning-rate jump: lr {lr:.4g} at step {step} is {lr / before:.3g} x the highest the run used "
+        f"before ({before:.4g}; gate {b.config.step_lr_ratio:g} x): no schedule explains it (rank {b.rank})"
     )
-    return StepAlarm(rule, step, onset, loss, reason)
+    return StepAlarm(Rule.STEP_LR_JUMP, step, step, b.loss, reason)
+
+
+def _grad_blowup_alarm(b: _Fired) -> StepAlarm:
+    assert b.grads is not None
+    state, config, step = b.state, b.config, b.step
+    grad, center = float(b.grads[b.i]), math.exp(state.grad_center)
+    reason = (
+        f"gradient blow-up: grad norm {grad:.4g} at step {step} is {grad / center:.3g} x its running level "
+        f"{center:.4g} (gate {grad_gate(state, config):.4g}: {config.step_grad_ratio:g} x, or "
+        f"+{config.step_loss_sigma:g} scales in log space) (rank {b.rank})"
+    )
+    return StepAlarm(Rule.STEP_GRAD_BLOWUP, step, step, b.loss, reason)
+
+
+def _loss_spike_alarm(b: _Fired) -> StepAlarm:
+    state, config, step, loss = b.state, b.config, b.step, b.loss
+    onset = b.run_start(b.f.high_runs, state.high_since)
+    reason = (
+        f"train loss spike: {int(b.f.high_runs[b.i])} consecutive steps above the gate "
+        f"{loss_gate(state, config):.4g} ({config.step_loss_ratio:g} x the running level {b.typical():.4g}, or "
+        f"+{config.step_loss_sigma:g} scales in log space), from step {onset} to {step}, loss now {loss:.4g} "
+        f"(rank {b.rank})"
+    )
+    return StepAlarm(Rule.STEP_LOSS_SPIKE, step, onset, loss, reason)
+
+
+def _rise_alarm(b: _Fired) -> StepAlarm:
+    state, config, step, loss = b.state, b.config, b.step, b.loss
+    start = b.run_start(b.f.rise_runs, state.rise_since)
+    onset = max(start - FAST_STEPS, step - verification_steps(config), 0)
+    reason = (
+        f"persistent rise: the short-term train loss level stayed above {rise_gate(state, config, b.rgl):.4g} "
+        f"({config.step_rise_ratio:g} x the lowest level reached, {math.exp(state.loss_floor):.4g}) for "
+        f"{int(b.f.rise_runs[b.i])} consecutive steps, from step {start} to {step}, loss now {loss:.4g}; "
+        f"onset estimated at step {onset} (rank {b.rank})"
+    )
+    return StepAlarm(Rule.STEP_RISE, step, onset, loss, reason)
+
+
+def _zero_alarm(b: _Fired) -> StepAlarm:
+    step, loss = b.step, b.loss
+    onset = b.run_start(b.f.zero_runs, b.state.zero_since)
+    what = "loss" if loss == 0.0 else "grad norm"
+    reason = (
+        f"dead stream: {int(b.f.zero_runs[b.i])} consecutive steps with a {what} of exactly 0 while the running "
+        f"level was {b.typical():.4g}, from step {onset} to {step} (rank {b.rank})"
+    )
+    return StepAlarm(Rule.STEP_ZERO, step, onset, loss, reason)
+
+
+def _collapse_alarm(b: _Fired) -> StepAlarm:
+    assert b.rgl is not None
+    step = b.step
+    onset = b.run_start(b.f.collapse_runs, b.state.collapse_since)
+    reason = (
+        f"collapse: {int(b.f.collapse_runs[b.i])} consecutive steps at the random-guess loss {b.rgl:.4g} "
+        f"(within {b.config.lobotomy_tolerance_ratio:g} x) while the running level was {b.typical():.4g}, "
+        f"from step {onset} to {step} (rank {b.rank})"
+    )
+    return StepAlarm(Rule.STEP_COLLAPSE, step, onset, b.loss, reason)
+
+
+_ALARMS: dict[Rule, Callable[[_Fired], StepAlarm]] = {
+    Rule.STEP_LR_JUMP: _lr_jump_alarm,
+    Rule.STEP_GRAD_BLOWUP: _grad_blowup_alarm,
+    Rule.STEP_LOSS_SPIKE: _loss_spike_alarm,
+    Rule.STEP_RISE: _rise_alarm,
+    Rule.STEP_ZERO: _zero_alarm,
+    Rule.STEP_COLLAPSE: _collapse_alarm,
+}
+"""Each train-stream rule's alarm: its step, the onset it estimates and its reason."""
 
 
 def _run_start(steps: npt.NDArray[np.int64], runs: npt.NDArray[np.int64], i: int, carried_since: int) -> int:
@@ -547,29 +593,50 @@ def _updated(
     rebase = int(f.low_runs[last]) >= _rebase_after(state, config)
     keep = ~f.high[:end] & ~f.zero[:end] & (~lows | rebase)
     values = dict(state.__dict__)  # one constructor call at the end: dataclasses.replace is slow per batch
-    values.update(
-        last_step=int(steps[last]),
-        high_run=int(f.high_runs[last]),
-        high_since=_run_start(steps, f.high_runs, last, state.high_since),
-        collapse_run=int(f.collapse_runs[last]),
-        collapse_since=_run_start(steps, f.collapse_runs, last, state.collapse_since),
-        zero_run=int(f.zero_runs[last]),
-        zero_since=_run_start(steps, f.zero_runs, last, state.zero_since),
-        rise_run=int(f.rise_runs[last]),
-        rise_since=_run_start(steps, f.rise_runs, last, state.rise_since),
-        low_run=0 if rebase else int(f.low_runs[last]),
-    )
+    values.update(_runs_after(state, steps, f, last, rebase))
     if lrs is not None:
-        clean = lrs[:end][~f.lr_jump[:end] & np.isfinite(lrs[:end])]
-        if len(clean):
-            values["lr_max"] = max(state.lr_max, float(clean.max()))
+        values["lr_max"] = _lr_max_after(state.lr_max, lrs[:end], f.lr_jump[:end])
     x = f.log_loss[:end][keep]
-    k = len(x)
-    if k == 0:
-        return StepState(**values)
+    if len(x):
+        values.update(_fed(state, x, None if f.log_grad is None else f.log_grad[:end][keep], rebase, config))
+    return StepState(**values)
+
+
+def _runs_after(state: StepState, steps: npt.NDArray[np.int64], f: _Flags, last: int, rebase: bool) -> dict[str, int]:
+    """The rules' runs as of record ``last``, and where each began (a run may go on in the next batch)."""
+    return {
+        "last_step": int(steps[last]),
+        "high_run": int(f.high_runs[last]),
+        "high_since": _run_start(steps, f.high_runs, last, state.high_since),
+        "collapse_run": int(f.collapse_runs[last]),
+        "collapse_since": _run_start(steps, f.collapse_runs, last, state.collapse_since),
+        "zero_run": int(f.zero_runs[last]),
+        "zero_since": _run_start(steps, f.zero_runs, last, state.zero_since),
+        "rise_run": int(f.rise_runs[last]),
+        "rise_since": _run_start(steps, f.rise_runs, last, state.rise_since),
+        "low_run": 0 if rebase else int(f.low_runs[last]),
+    }
+
+
+def _lr_max_after(lr_max: float, lrs: npt.NDArray[np.float64], jumps: npt.NDArray[np.bool_]) -> float:
+    """The highest learning rate seen, over the finite ones that were no jump."""
+    clean = lrs[~jumps & np.isfinite(lrs)]
+    return max(lr_max, float(clean.max())) if len(clean) else lr_max
+
+
+def _fed(
+    state: StepState,
+    x: npt.NDArray[np.float64],
+    g: npt.NDArray[np.float64] | None,
+    rebase: bool,
+    config: PolicyConfig,
+) -> dict[str, Any]:
+    """The statistics after the kept records' log losses ``x`` (and log grad norms ``g``): the centres, the
+    scales and the floor; a ``rebase`` restarts the level at the last of them."""
     # An EWMA over a window that grows with the records seen (a quarter of them: the first records set the
     # level, and a falling loss is followed closely while the run is young) up to step_ema_steps. k records
     # at once weigh as k single updates would.
+    k = len(x)
     window = min(float(config.step_ema_steps), max(1.0, (state.count + k) / EARLY_WINDOW_FRACTION))
     weight = 1.0 if state.count == 0 else 1.0 - (1.0 - 1.0 / window) ** k
     fast_weight = 1.0 if state.count == 0 else 1.0 - (1.0 - 1.0 / min(window, FAST_STEPS)) ** k
@@ -578,31 +645,36 @@ def _updated(
     loss_fast = state.loss_fast + fast_weight * (mean - state.loss_fast)
     loss_scale, last_kept = _scale(state.loss_scale, state.last_kept, x, weight, state.count)
     grad_center, grad_scale, grad_last = state.grad_center, state.grad_scale, state.grad_last_kept
-    if f.log_grad is not None:
-        g = f.log_grad[:end][keep]
+    if g is not None:
         grad_center = grad_center + weight * (float(g.mean()) - grad_center)
         grad_scale, grad_last = _scale(grad_scale, grad_last, g, weight, state.count)
+    floor = _floor(state, loss_center, loss_fast, loss_scale, k, config)
+    if rebase:
+        loss_center, loss_fast, floor = float(x[-1]), float(x[-1]), float(x[-1])
+    return {
+        "count": state.count + k,
+        "loss_center": loss_center,
+        "loss_fast": loss_fast,
+        "loss_scale": loss_scale,
+        "loss_floor": floor,
+        "last_kept": last_kept,
+        "grad_center": grad_center,
+        "grad_scale": grad_scale,
+        "grad_last_kept": grad_last,
+    }
+
+
+def _floor(
+    state: StepState, loss_center: float, loss_fast: float, loss_scale: float, k: int, config: PolicyConfig
+) -> float:
+    """The lowest level reached after ``k`` more records (relaxing slowly upwards): the slow centre's, or the
+    fast centre's once the stream is warm (it shows the real minimum of a falling loss that the slow centre
+    lags above)."""
     relax = math.log(config.step_rise_ratio) * k / (FLOOR_RELAX_EMAS * config.step_ema_steps)
-    # The lowest level reached: the slow centre's, or the fast centre's once the stream is warm (it shows the
-    # real minimum of a falling loss that the slow centre lags above).
     wander = config.step_loss_sigma * _FAST_NOISE * max(loss_scale, _SCALE_FLOOR)  # a dip of the fast centre
     lowest = min(loss_center, loss_fast + wander) if state.count + k >= config.step_warmup_steps else loss_center
     young = state.count == 0 or state.count + k < config.step_warmup_steps
-    floor = lowest if young else min(lowest, state.loss_floor + relax)
-    if rebase:
-        loss_center, loss_fast, floor = float(x[-1]), float(x[-1]), float(x[-1])
-    values.update(
-        count=state.count + k,
-        loss_center=loss_center,
-        loss_fast=loss_fast,
-        loss_scale=loss_scale,
-        loss_floor=floor,
-        last_kept=last_kept,
-        grad_center=grad_center,
-        grad_scale=grad_scale,
-        grad_last_kept=grad_last,
-    )
-    return StepState(**values)
+    return lowest if young else min(lowest, state.loss_floor + relax)
 
 
 def _scale(

@@ -4,13 +4,13 @@ snapshot may become the last-known-good (docs/protocol.md, "Policy")."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from governor_daemon.policy.config import PolicyConfig
 from governor_daemon.policy.decisions import Verdict
-from governor_daemon.policy.detectors import DetectorState, Judgement, fmt, lobotomy_band_below
+from governor_daemon.policy.detectors import DetectorState, Judgement, detector_for, fmt, lobotomy_band_below
 
 FAR_ABOVE_TRAIN = 0.5
 """A validation loss more than this fraction of the way from the train stream's level up to the random-guess
@@ -31,6 +31,13 @@ class ValidationHistory:
         self.detector = DetectorState()
         self.lowest_accepted: float | None = None
         self.latest_validation_step = -1
+
+    def judge(self, step: int, losses: Sequence[float], config: PolicyConfig, rgl: float | None) -> Judgement:
+        """Judge the losses of a validation of ``step`` against the history (which only ``commit`` changes); the
+        step counts as judged from then on."""
+        judgement = detector_for(config.profile)(losses, self.detector, config, rgl)
+        self.latest_validation_step = max(self.latest_validation_step, step)
+        return judgement
 
     def commit(
         self, judgement: Judgement, loss: float, level: float | None, rgl: float | None, config: PolicyConfig

@@ -291,20 +291,20 @@ def encode_message(message: fx.Message) -> trainer_service_pb2.AttachResponse:
 def run_status_to_proto(run: Run, now_s: float, monotonic_s: float) -> control_service_pb2.RunStatus:
     """Everything a controller sees of a run."""
     policy = run.policy
-    history = policy.detector.history
+    history = policy.validation.detector.history
     status = control_service_pb2.RunStatus(
         run_id=run.run_id,
         state=RUN_STATE_TO_PROTO[policy.state],
         timeline=policy.timeline,
         world_size=run.meta.world_size,
         task=run.meta.task,
-        consecutive_anomalies=policy.detector.consecutive,
+        consecutive_anomalies=policy.validation.detector.consecutive,
         history_size=len(history),
-        num_rollbacks=policy.num_rollbacks,
-        num_halts=policy.num_halts,
-        total_punishment_reward=policy.total_punishment,
-        last_punishment_reward=policy.last_punishment,
-        latest_validation_step=policy.latest_validation_step,
+        num_rollbacks=policy.ledger.num_rollbacks,
+        num_halts=policy.ledger.num_halts,
+        total_punishment_reward=policy.ledger.total_punishment,
+        last_punishment_reward=policy.ledger.last_punishment,
+        latest_validation_step=policy.validation.latest_validation_step,
         last_verdict=VERDICT_TO_PROTO[policy.last_verdict]
         if policy.last_verdict
         else common_pb2.VERDICT_KIND_UNSPECIFIED,
@@ -317,16 +317,16 @@ def run_status_to_proto(run: Run, now_s: float, monotonic_s: float) -> control_s
     rgl = policy.random_guess_loss()
     if rgl is not None:
         status.random_guess_loss = rgl
-    if policy.lowest_accepted is not None:
-        status.lowest_accepted_loss = policy.lowest_accepted
-    if policy.open is not None:
-        cmd = policy.open.command
+    if policy.validation.lowest_accepted is not None:
+        status.lowest_accepted_loss = policy.validation.lowest_accepted
+    if policy.ledger.open is not None:
+        cmd = policy.ledger.open.command
         status.open_command.CopyFrom(
             control_service_pb2.OpenCommand(
                 command_id=cmd.command_id,
                 type=COMMAND_TO_PROTO[cmd.kind],
                 reason=cmd.reason,
-                age_s=max(0.0, monotonic_s - policy.open.issued_at_s),
+                age_s=max(0.0, monotonic_s - policy.ledger.open.issued_at_s),
             )
         )
     for rank in sorted(run.ranks):
@@ -335,7 +335,7 @@ def run_status_to_proto(run: Run, now_s: float, monotonic_s: float) -> control_s
             control_service_pb2.RankStatus(
                 rank=rank,
                 attached=state.stream is not None,
-                stalled=rank in policy.stalled_ranks,
+                stalled=rank in policy.roster.stalled,
                 latest_step=state.latest_step,
                 incarnation_id=state.incarnation_id,
                 generation=state.generation,

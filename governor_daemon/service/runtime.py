@@ -82,7 +82,7 @@ class Governor:
         self.recovery = journal.open(repair=self.options.repair)
         self.core.restore(self.recovery.checkpoint, self.recovery.entries)
         self.decisions.restored(
-            (run_id, rank) for run_id, run in self.core.registry.runs.items() for rank in run.policy.stalled_ranks
+            (run_id, rank) for run_id, run in self.core.registry.runs.items() for rank in run.policy.roster.stalled
         )
         journal.checkpoint_provider = self.core.checkpoint
         self.journal = GroupCommitter(journal, self.options.group_commit_s)

@@ -145,16 +145,16 @@ def test_gates_are_the_detectors_thresholds(journal: Journal) -> None:
                 detector = detector_for(policy.config.profile)
                 rgl = policy.random_guess_loss()
                 losses = [float_from_json(x) for x in decision["losses"]]
-                judgement = detector(losses, policy.detector, policy.config, rgl)
+                judgement = detector(losses, policy.validation.detector, policy.config, rgl)
                 assert (str(judgement.rule), plotted.rule) == (decision["rule"], decision["rule"])
                 assert decision["reason"].startswith(judgement.reason)
-                assert plotted.band == lobotomy_band(policy.detector.history, policy.config, rgl)
+                assert plotted.band == lobotomy_band(policy.validation.detector.history, policy.config, rgl)
                 if plotted.gates:
                     seed = max(plotted.gates[g] for g in (ABSOLUTE_GATE, SIGMA_GATE, MULTIPLIER_GATE))
                     threshold = min(seed, plotted.gates.get(RELATIVE_GATE, math.inf))
                     above = math.nextafter(threshold, math.inf)
-                    at = detector([threshold], policy.detector, policy.config, rgl)
-                    over = detector([above], policy.detector, policy.config, rgl)
+                    at = detector([threshold], policy.validation.detector, policy.config, rgl)
+                    over = detector([above], policy.validation.detector, policy.config, rgl)
                     assert (at.rule, over.rule) == (Rule.NORMAL, Rule.DIVERGENCE), (plotted.gates, over.reason)
                     judged += 1
             effects = entry.payload.get("effects") or {}

@@ -292,13 +292,13 @@ class World:
         if run is None or not payload["succeeded"] or policy_after is None:
             return
         rank = payload["rank"]
-        command = run.policy.command(payload["command_id"])
+        command = run.policy.ledger.command(payload["command_id"])
         after = policy_after.get("steps", {}).get(str(rank))
         if command is None or command.kind is CommandKind.HALT or after is None:
             return
         if after["timeline"] != payload["new_timeline"] or after["last_step"] != payload["restored_step"]:
             return  # not a restore onto the run's timeline (a late result)
-        pins = [p for p in run.policy.pins.get(rank, []) if p[1] == payload["restored_step"]]
+        pins = [p for p in run.policy.detector_pins.pins.get(rank, []) if p[1] == payload["restored_step"]]
         expected = (
             pins[-1][2].resumed(payload["new_timeline"], payload["restored_step"])
             if pins
@@ -330,7 +330,7 @@ class World:
         policy_after = payload["effects"].get("policy")
         if not own or policy_after is None:
             return
-        before = run.policy.open
+        before = run.policy.ledger.open
         restoring = before is not None and before.command.kind is not CommandKind.HALT
         if restoring and before is not None and before.command.timeline < payload["timeline"]:
             after = policy_after["open"]  # its dead process had executed it: the adoption answers it
@@ -348,7 +348,7 @@ class World:
         )
         if policy_after["timeline"] != new_timeline:
             return  # the run left that timeline since: the rank's records are stale until it resyncs
-        pins = [p for p in run.policy.pins.get(rank, []) if p[1] == snapshot["step"]]
+        pins = [p for p in run.policy.detector_pins.pins.get(rank, []) if p[1] == snapshot["step"]]
         expected = pins[-1][2].resumed(new_timeline, snapshot["step"]) if pins else StepState(timeline=new_timeline)
         after = policy_after.get("steps", {}).get(str(rank))
         require(
@@ -860,7 +860,7 @@ class World:
                     )
                     if self.kill_while_settling and published and run.run_id not in self.killed_while_settling:
                         state = self.core.registry.runs.get(run.run_id)
-                        restoring = state is not None and state.policy.open is not None
+                        restoring = state is not None and state.policy.ledger.open is not None
                         if self.kill_amid_command and not restoring:
                             continue  # these worlds kill a run only while a ROLLBACK or RESUME of it is open
                         self.killed_while_settling.add(run.run_id)
@@ -879,7 +879,7 @@ class World:
         if not (self.kill_while_settling and self.kill_amid_command) or run.run_id in self.killed_while_settling:
             return
         state = self.core.registry.runs.get(run.run_id)
-        open_cmd = state.policy.open if state is not None else None
+        open_cmd = state.policy.ledger.open if state is not None else None
         if open_cmd is None or open_cmd.command.kind is CommandKind.HALT or not open_cmd.ranks_done:
             return
         if all(r.published[-1][3] and not r.finished for r in run.ranks):
@@ -900,8 +900,8 @@ class World:
             results = [e for e in own[since:] if e.kind == EntryKind.COMMAND_RESULT]
             charges = [n for e in results for n in e.payload["notices"] if "charged" in n]
             require(
-                abs(policy.total_punishment - sum(n["charged"] for n in charges)) < 1e-9,
-                f"{run.run_id}: GetPanicState total {policy.total_punishment} != the journaled charges {charges}",
+                abs(policy.ledger.total_punishment - sum(n["charged"] for n in charges)) < 1e-9,
+                f"{run.run_id}: GetPanicState total {policy.ledger.total_punishment} != the journaled charges {charges}",
             )
             executed = {e.payload["command_id"] for e in results}  # a result of any outcome: it was executed
             charged_ids = [int(n["reason"].split()[1]) for n in charges]

@@ -33,7 +33,7 @@ def state(core: GovernorCore) -> Any:
     runtime = {
         run_id: (
             {rank: (r.stream, None if r.tracker is None else vars(r.tracker)) for rank, r in run.ranks.items()},
-            run.policy.candidates,
+            run.policy.detector_pins.candidates,
             run.idle_since,
         )
         for run_id, run in core.registry.runs.items()

@@ -31,6 +31,6 @@ def test_the_checks_can_fail() -> None:
         if world.core.registry.runs:
             break
     run = next(iter(world.core.registry.runs.values()))
-    run.policy.total_punishment -= 1.0  # a state change with no entry
+    run.policy.ledger.total_punishment -= 1.0  # a state change with no entry
     with pytest.raises(Violation, match="differs from its journal"):
         world.commit()

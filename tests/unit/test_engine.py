@@ -49,13 +49,13 @@ def test_nan_rolls_back_with_punishment_and_recipe() -> None:
 def test_two_divergences_roll_back_and_reset_counter_keep_history() -> None:
     """Two consecutive divergences: ANOMALY, then PANIC with ROLLBACK; the counter resets, history stays."""
     policy = warm_policy()
-    history = policy.detector.history
+    history = policy.validation.detector.history
     first = judge(policy, 50.0, 11)
     assert (first.verdict, first.action, policy.state) == (Verdict.ANOMALY, Action.NONE, RunState.ANOMALY)
     second = judge(policy, 60.0, 12)
     assert (second.verdict, second.action) == (Verdict.PANIC, Action.ROLLBACK)
-    assert policy.detector.consecutive == 0
-    assert policy.detector.history == history
+    assert policy.validation.detector.consecutive == 0
+    assert policy.validation.detector.history == history
 
 
 def test_result_moves_timeline_and_clears_state() -> None:
@@ -63,11 +63,11 @@ def test_result_moves_timeline_and_clears_state() -> None:
     policy = warm_policy()
     cmd = judge(policy, NAN, 20).command
     assert cmd is not None
-    assert policy.total_punishment == 0.0, "charged when executed, not when issued"
+    assert policy.ledger.total_punishment == 0.0, "charged when executed, not when issued"
     notices = policy.on_command_result(cmd.command_id, 0, True, 1, "", 101.0)
     assert [n.kind for n in notices] == ["punishment_charged", "command_completed"]
-    assert (policy.timeline, policy.state, policy.open) == (1, RunState.HEALTHY, None)
-    assert (policy.total_punishment, policy.last_punishment, notices[0].charged) == (-10.0, -10.0, -10.0)
+    assert (policy.timeline, policy.state, policy.ledger.open) == (1, RunState.HEALTHY, None)
+    assert (policy.ledger.total_punishment, policy.ledger.last_punishment, notices[0].charged) == (-10.0, -10.0, -10.0)
 
 
 def test_stale_and_future_timelines_are_refused() -> None:
@@ -88,7 +88,7 @@ def test_one_rollback_at_a_time() -> None:
     policy = warm_policy()
     first = judge(policy, NAN, 20)
     assert first.command is not None
-    history, consecutive = policy.detector.history, policy.detector.consecutive
+    history, consecutive = policy.validation.detector.history, policy.validation.detector.consecutive
     second = judge(policy, NAN, 21)
     assert (second.verdict, second.action, second.command) == (Verdict.PANIC, Action.ROLLBACK, None)
     assert second.suppressed == "rollback 1 still open"
@@ -96,7 +96,7 @@ def test_one_rollback_at_a_time() -> None:
     assert healthy.appended is None
     assert not healthy.snapshot_allowed
     assert "not committed" in healthy.reason
-    assert (policy.detector.history, policy.detector.consecutive) == (history, consecutive)
+    assert (policy.validation.detector.history, policy.validation.detector.consecutive) == (history, consecutive)
     train = policy.judge_train_step(0, 23, 0, NAN, 1.0, 100.0)
     assert train.command is None
     assert train.suppressed == "rollback 1 still open"
@@ -139,15 +139,15 @@ def test_resume_clears_loop_breaker_and_counter_keeps_history() -> None:
     decision = judge(policy, NAN, 20)
     assert decision.command is not None
     assert decision.command.kind is CommandKind.HALT
-    history = policy.detector.history
+    history = policy.validation.detector.history
     with pytest.raises(PolicyStateError, match="already halted"):
         policy.halt("again", 101.0)
     resume = policy.resume("operator checked", 102.0)
     assert (resume.kind, resume.punishment_reward) == (CommandKind.RESUME, 0.0)
     assert policy.state is RunState.ROLLING_BACK
     complete(policy, resume.command_id)
-    assert (policy.state, policy.timeline, policy.detector.history) == (RunState.HEALTHY, 1, history)
-    assert len(policy.recent) == 0
+    assert (policy.state, policy.timeline, policy.validation.detector.history) == (RunState.HEALTHY, 1, history)
+    assert len(policy.escalation.recent) == 0
 
 
 def test_resume_of_running_run_is_refused() -> None:
@@ -165,11 +165,11 @@ def test_command_timeout_halts() -> None:
     notices = policy.check_timeouts(1120.5)
     assert [n.kind for n in notices] == ["command_timeout"]
     assert policy.state is RunState.HALTED
-    assert policy.total_punishment == 0.0, "neither the ROLLBACK nor the timeout's HALT was executed yet"
+    assert policy.ledger.total_punishment == 0.0, "neither the ROLLBACK nor the timeout's HALT was executed yet"
     late = policy.on_command_result(cmd.command_id, 0, True, 1, "", 1130.0)
     assert [n.kind for n in late] == ["punishment_charged", "late_command_result"]
     assert (policy.timeline, policy.state) == (1, RunState.HALTED)
-    assert policy.total_punishment == -10.0, "a late result: the trainer did execute it"
+    assert policy.ledger.total_punishment == -10.0, "a late result: the trainer did execute it"
 
 
 def test_failed_rollback_halts_with_command() -> None:
@@ -194,16 +194,16 @@ def test_shadow_mode_decides_but_sends_nothing() -> None:
     assert decision.shadow
     assert "shadow mode" in decision.reason
     assert policy.state is RunState.HEALTHY
-    assert policy.open is None
+    assert policy.ledger.open is None
 
 
 def test_train_step_signals() -> None:
     """A non-finite train loss or grad norm rolls back at once; finite ones are healthy and not in history."""
     policy = warm_policy()
-    history = policy.detector.history
+    history = policy.validation.detector.history
     ok = policy.judge_train_step(0, 15, 0, 123.0, 4.0, 100.0)
     assert (ok.verdict, ok.action) == (Verdict.HEALTHY, Action.NONE)
-    assert policy.detector.history == history
+    assert policy.validation.detector.history == history
     bad = policy.judge_train_step(0, 16, 0, 1.0, math.inf, 100.0)
     assert (bad.verdict, bad.action) == (Verdict.PANIC, Action.ROLLBACK)
     assert "grad_norm inf" in bad.reason
@@ -248,7 +248,7 @@ def test_multi_rank_command_closes_after_every_rank() -> None:
     assert (policy.timeline, policy.state) == (1, RunState.ROLLING_BACK)
     notices = policy.on_command_result(cmd.command_id, 0, True, 1, "", 101.0)
     assert [n.kind for n in notices] == ["command_completed"], "charged once, by the first rank's result"
-    assert (policy.timeline, policy.state, policy.total_punishment) == (1, RunState.HEALTHY, -10.0)
+    assert (policy.timeline, policy.state, policy.ledger.total_punishment) == (1, RunState.HEALTHY, -10.0)
 
 
 def test_random_guess_loss_precedence() -> None:
@@ -265,19 +265,19 @@ def test_random_guess_loss_precedence() -> None:
 def test_update_policy_shrinks_history_keeping_newest() -> None:
     """Shrinking history_window keeps the newest entries; the new policy applies to the next record."""
     policy = warm_policy()
-    newest = policy.detector.history[-5:]
+    newest = policy.validation.detector.history[-5:]
     policy.update_policy(policy.config.merged({"history_window": 5, "min_history": 5})[0])
-    assert policy.detector.history == newest
+    assert policy.validation.detector.history == newest
     policy.judge_validation(0, 30, {0: 3.0}, 200.0)
-    assert policy.detector.history == (*newest[1:], 3.0)
+    assert policy.validation.detector.history == (*newest[1:], 3.0)
 
 
 def test_finish_and_stall_states() -> None:
     """STALLED while a rank is stalled; FINISHED once every rank finished."""
     policy = warm_policy(world_size=2)
-    policy.set_stalled(1, True)
+    policy.roster.set_stalled(1, True)
     assert policy.state is RunState.STALLED
-    policy.set_stalled(1, False)
+    policy.roster.set_stalled(1, False)
     assert policy.state is RunState.HEALTHY
     policy.finish(0)
     assert policy.state is RunState.HEALTHY

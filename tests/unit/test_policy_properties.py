@@ -35,7 +35,7 @@ def run_trace(trace: list[float], config: PolicyConfig, num_classes: int | None 
     out = []
     for step, loss in enumerate(trace):
         decision = policy.judge_validation(policy.timeline, step, {0: loss}, float(step))
-        out.append((decision, policy.detector))
+        out.append((decision, policy.validation.detector))
         if decision.command is not None:
             cmd = decision.command
             if cmd.kind == "halt":

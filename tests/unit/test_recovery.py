@@ -80,8 +80,8 @@ def test_an_unexecuted_rollback_is_no_restore_point() -> None:
     first = nan_at(policy, 500)
     policy.on_command_result(first.command_id, 0, False, 0, "restore failed", 0.0)  # a failed restore: HALT
     assert policy.halted
-    assert policy.recovery is not None
-    assert policy.recovery.restored_step is None
+    assert policy.escalation.recovery is not None
+    assert policy.escalation.recovery.restored_step is None
 
 
 def test_resume_starts_the_ladder_afresh_and_escalation_can_be_turned_off() -> None:
@@ -94,7 +94,7 @@ def test_resume_starts_the_ladder_afresh_and_escalation_can_be_turned_off() -> N
     executed(policy, command, 480)
     resume = policy.resume("fixed the data", 1.0)
     executed(policy, resume, 480)
-    assert policy.recovery is None
+    assert policy.escalation.recovery is None
     assert nan_at(policy, 500).recovery_rung == 0
     off = RunPolicy(PolicyConfig(escalation=False, max_rollbacks=5, rollback_window=10), random_guess_loss=RGL)
     command = nan_at(off, 500)
@@ -109,7 +109,7 @@ def test_the_ladder_survives_the_journal() -> None:
     command = nan_at(policy, 500)
     executed(policy, command, 480)
     again = RunPolicy.from_dict(policy.to_dict())
-    assert again.recovery == policy.recovery
-    assert isinstance(again.recovery, Recovery)
-    assert again.recovery.restored_step == 480
+    assert again.escalation.recovery == policy.escalation.recovery
+    assert isinstance(again.escalation.recovery, Recovery)
+    assert again.escalation.recovery.restored_step == 480
     assert nan_at(again, 500).recovery_rung == 1

@@ -131,12 +131,12 @@ def test_state_is_frozen_while_a_command_is_open_and_survives_the_journal() -> N
     assert state is not None
     assert state.count == 500
     assert loss_gate(state, engine.config) is not None
-    assert RunPolicy.from_dict(engine.to_dict()).step_states == {0: state}
+    assert RunPolicy.from_dict(engine.to_dict()).detector_pins.step_states == {0: state}
     assert StepState.from_dict(state.as_dict()) == state
     engine.request_rollback("test", 1.0)
     decision, unchanged = engine.judge_train_batch(0, 0, steps[500:], losses[500:] * 50, grads[500:], 2.0)
     assert (decision, unchanged) == (None, None)
-    assert engine.step_states[0] == state
+    assert engine.detector_pins.step_states[0] == state
 
 
 def test_a_restore_is_not_a_spike() -> None:
@@ -150,13 +150,13 @@ def test_a_restore_is_not_a_spike() -> None:
         part = slice(start, min(start + 64, 2000))
         decision, _ = engine.judge_train_batch(0, 0, steps[part], losses[part], grads[part], 0.0)
         assert decision is None
-    engine.timeline = 1  # the run moved on: a rollback to step 300, whose loss is 3 x the level at step 2000
+    engine.ledger.timeline = 1  # the run moved on: a rollback to step 300, whose loss is 3 x the level at step 2000
     restored = slice(300, 1300)
     for start in range(restored.start, restored.stop, 64):
         part = slice(start, min(start + 64, restored.stop))
         decision, _ = engine.judge_train_batch(1, 0, steps[part], losses[part], grads[part], 1.0)
         assert decision is None, decision
-    assert engine.step_states[0].timeline == 1
+    assert engine.detector_pins.step_states[0].timeline == 1
     for start in range(300, 1300, 64):  # a restarted trainer on the same timeline: its steps go back again
         part = slice(start, min(start + 64, 1300))
         decision, _ = engine.judge_train_batch(1, 0, steps[part], losses[part], grads[part], 2.0)
@@ -268,34 +268,38 @@ def test_pins_keep_the_state_as_of_their_step_and_a_restore_resumes_from_it() ->
     assert feed(engine, losses[:1000], grads[:1000], pins=(500, 1000)) is None
     reference = RunPolicy(PolicyConfig(), random_guess_loss=RGL)
     feed(reference, losses[:500], grads[:500])
-    assert engine.pin(0, 0, 500) == reference.step_states[0], "the pin is the state after the record of step 500"
+    assert engine.detector_pins.pin(0, 0, 500) == reference.detector_pins.step_states[0], (
+        "the pin is the state after the record of step 500"
+    )
     bad = losses[500:1000] * 6
     first = feed(engine, bad, grads[500:1000], first_step=501 + 500)  # on to step 1500: the fault at 1001
     assert first is not None
     delay = first[0] - first[1]
-    assert engine.open is not None
-    engine.on_command_result(engine.open.command.command_id, 0, True, 1, "", 1.0, restored_step=500)
-    resumed = engine.step_states[0]
-    assert (resumed.timeline, resumed.last_step, resumed.count) == (1, 500, reference.step_states[0].count), (
-        "resumed from the pin, not re-warming"
-    )
+    assert engine.ledger.open is not None
+    engine.on_command_result(engine.ledger.open.command.command_id, 0, True, 1, "", 1.0, restored_step=500)
+    resumed = engine.detector_pins.step_states[0]
+    assert (resumed.timeline, resumed.last_step, resumed.count) == (
+        1,
+        500,
+        reference.detector_pins.step_states[0].count,
+    ), "resumed from the pin, not re-warming"
     again = feed(engine, bad, grads[500:1000], first_step=501, timeline=1)  # the fault recurs at once
     assert again is not None
     assert again[1] == 501
     assert again[0] - again[1] <= delay, "caught as fast as the first occurrence"
     fresh = RunPolicy(PolicyConfig(), random_guess_loss=RGL)
-    fresh.restore_detectors(0, 500, 1)  # no pin for step 500 here: afresh, warm-up included
-    assert fresh.step_states[0].count == 0
+    fresh.detector_pins.restore(0, 500, 1)  # no pin for step 500 here: afresh, warm-up included
+    assert fresh.detector_pins.step_states[0].count == 0
 
 
 def test_pins_and_the_ladder_survive_the_journal() -> None:
     engine = RunPolicy(PolicyConfig(), random_guess_loss=RGL)
     losses, grads = stream(600, 14, 0.1)
     feed(engine, losses, grads, pins=(250,))
-    assert engine.pin(0, 0, 250) is not None
+    assert engine.detector_pins.pin(0, 0, 250) is not None
     again = RunPolicy.from_dict(engine.to_dict())
-    assert again.pins == engine.pins
-    assert again.candidates == {}, "candidates are runtime only"
+    assert again.detector_pins.pins == engine.detector_pins.pins
+    assert again.detector_pins.candidates == {}, "candidates are runtime only"
 
 
 def test_verification_steps_cover_every_rule_and_are_zero_for_the_seed_profile() -> None:

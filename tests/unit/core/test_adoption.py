@@ -41,13 +41,13 @@ def test_an_adoption_moves_the_run_to_a_new_timeline_and_resumes_the_detectors_f
     h = Harness(step_warmup_steps=10)
     snapshot = _trained_and_died(h, 1)
     run = h.run()
-    pinned = run.policy.pins[0][-1]
+    pinned = run.policy.detector_pins.pins[0][-1]
     (welcome,) = messages(h.attach(2, inc="new-0"), Welcome)
     assert welcome.last_snapshot == snapshot
     effects = h.handle(_adopt(h, 2, welcome.timeline, snapshot))
     assert messages(effects, Ack) == [Ack(1)]
     assert run.policy.timeline == 1
-    assert run.policy.step_states[0] == pinned[2].resumed(1, 60)
+    assert run.policy.detector_pins.step_states[0] == pinned[2].resumed(1, 60)
     (entry,) = [p for _, kind, p in h.entries if kind == EntryKind.SNAPSHOT_ADOPTED]
     assert (entry["timeline"], entry["new_timeline"], entry["run_timeline"]) == (0, 1, 1)
     assert entry["snapshot"] == {"timeline": 0, "step": 60, "digest": DIGEST}
@@ -66,8 +66,8 @@ def test_every_rank_adopts_on_the_same_timeline_and_the_run_moves_once() -> None
     h.handle(_adopt(h, 10, 0, snapshots[0]))
     h.handle(_adopt(h, 11, 0, snapshots[1]))
     assert run.policy.timeline == 1, "the second rank follows the first: the run moves once"
-    assert set(run.policy.step_states) == {0, 1}
-    assert all(state.timeline == 1 and state.last_step == 60 for state in run.policy.step_states.values())
+    assert set(run.policy.detector_pins.step_states) == {0, 1}
+    assert all(state.timeline == 1 and state.last_step == 60 for state in run.policy.detector_pins.step_states.values())
     entries = [p for _, kind, p in h.entries if kind == EntryKind.SNAPSHOT_ADOPTED]
     assert [p["run_timeline"] for p in entries] == [1, 1]
     assert h.rebuilt() == h.core.checkpoint()
@@ -169,7 +169,7 @@ def test_an_open_rollback_made_before_the_adoption_is_answered_by_it() -> None:
     h.handle(_adopt(h, 10, 1, (0, 60, DIGEST)))
     policy = h.run().policy
     assert policy.timeline == 2
-    assert policy.open is None, "rank 1 answered with its result, rank 0 with its adoption"
+    assert policy.ledger.open is None, "rank 1 answered with its result, rank 0 with its adoption"
     (entry,) = [p for _, kind, p in h.entries if kind == EntryKind.SNAPSHOT_ADOPTED]
     assert [n["kind"] for n in entry["notices"]] == ["command_completed"]
     assert "answered by rank 0's adoption" in entry["notices"][0]["reason"]
@@ -191,10 +191,10 @@ def test_an_open_rollback_made_on_the_adoptions_timeline_stays_open_for_the_trai
     h.handle(_adopt(h, 3, 0, snapshot))
     policy = h.run().policy
     assert policy.timeline == 1
-    assert policy.open is not None
-    assert policy.open.command.command_id == rollback.command_id
+    assert policy.ledger.open is not None
+    assert policy.ledger.open.command.command_id == rollback.command_id
     h.handle(ev.CommandResult(3, h.seq(3), rollback.command_id, True, 1, 60, 1.0, "", 0, h.now))
-    assert h.run().policy.open is None
+    assert h.run().policy.ledger.open is None
     assert h.run().policy.timeline == 1
     assert h.rebuilt() == h.core.checkpoint()
 

@@ -201,7 +201,7 @@ def test_defect_4_command_timeout_sends_halt_to_the_trainer() -> None:
     assert [c.kind for c in halt] == [CommandKind.HALT]
     assert halt[0].punishment_reward == 0.0
     assert h.run().policy.state is RunState.HALTED
-    assert h.run().policy.total_punishment == 0.0, "the ROLLBACK was never executed: nothing is charged"
+    assert h.run().policy.ledger.total_punishment == 0.0, "the ROLLBACK was never executed: nothing is charged"
 
 
 def test_the_ledger_charges_only_commands_a_trainer_executed() -> None:
@@ -212,13 +212,13 @@ def test_the_ledger_charges_only_commands_a_trainer_executed() -> None:
     h.attach(1, world_size=2, rank=0)
     h.attach(2, world_size=2, rank=1, inc="i1")
     h.vitals(1, [1], [math.nan])
-    assert h.run().policy.open is not None
-    assert h.run().policy.total_punishment == 0.0
+    assert h.run().policy.ledger.open is not None
+    assert h.run().policy.ledger.total_punishment == 0.0
     for stream in (1, 2):
         fx = h.handle(ev.Finish(stream, h.seq(stream), "FINISH_STATUS_COMPLETED", 1, 0, "", 1.0, None, None, h.now))
     [finish] = [e for e in fx.entries if e.kind == EntryKind.FINISH]
     assert [n["kind"] for n in finish.payload["notices"]] == ["command_abandoned"]
-    assert (h.run().policy.total_punishment, h.run().policy.last_punishment) == (0.0, 0.0)
+    assert (h.run().policy.ledger.total_punishment, h.run().policy.ledger.last_punishment) == (0.0, 0.0)
     assert h.rebuilt() == h.core.checkpoint()
 
     executed = Harness()
@@ -229,7 +229,7 @@ def test_the_ledger_charges_only_commands_a_trainer_executed() -> None:
     [entry] = [e for e in first.entries if e.kind == EntryKind.COMMAND_RESULT]
     assert [n.get("charged") for n in entry.payload["notices"]] == [-10.0, None]
     executed.result(2, command)
-    assert executed.run().policy.total_punishment == -10.0, "charged once, by the first rank's result"
+    assert executed.run().policy.ledger.total_punishment == -10.0, "charged once, by the first rank's result"
     assert executed.rebuilt() == executed.core.checkpoint()
 
 
@@ -322,7 +322,9 @@ def test_defect_11_an_unsolicited_command_result_changes_nothing() -> None:
     assert notice["kind"] == "unknown_command"
     assert "the result is of another command" in notice["reason"]
     policy = h.run().policy
-    assert (policy.timeline, policy.open is not None) == (0, True), "the command stays open, the run where it was"
+    assert (policy.timeline, policy.ledger.open is not None) == (0, True), (
+        "the command stays open, the run where it was"
+    )
 
 
 @pytest.mark.parametrize(
@@ -377,7 +379,7 @@ def test_defect_14_an_open_command_closes_when_every_rank_finished() -> None:
     h.attach(1)
     h.vitals(1, [1], [math.nan])
     fx = h.handle(ev.Finish(1, h.seq(1), "FINISH_STATUS_COMPLETED", 1, 0, "", 1.0, None, None, h.now))
-    assert h.run().policy.open is None
+    assert h.run().policy.ledger.open is None
     assert h.run().policy.state is RunState.FINISHED
     assert fx.entries[0].payload["notices"][0]["kind"] == "command_abandoned"
 
@@ -411,7 +413,7 @@ def test_a_trainer_attaching_to_a_halted_run_gets_its_halt() -> None:
     h.handle(ev.Detach(1, h.now))
     resent = commands(h.attach(2, inc="i1"))
     assert [c.command_id for c in resent] == [halt.command_id]
-    assert h.run().policy.total_punishment == -10.0
+    assert h.run().policy.ledger.total_punishment == -10.0
 
 
 def test_a_late_multi_rank_report_gets_a_verdict_without_snapshot() -> None:
@@ -595,13 +597,13 @@ def test_a_restore_resumes_the_detectors_from_the_snapshots_pinned_state_and_it_
     seq = h.seq(1)
     h.handle(ev.SnapshotTaken(1, seq, 0, 60, 1000, 1.0, "host", h.now))
     run = h.run()
-    pinned = run.policy.pins[0][-1]
+    pinned = run.policy.detector_pins.pins[0][-1]
     assert (pinned[0], pinned[1], pinned[2].last_step) == (0, 60, 60)
     (snapshot_entry,) = [p for _, kind, p in h.entries if kind == EntryKind.SNAPSHOT]
     assert snapshot_entry["detector_state"] == "pinned"
     (command,) = commands(h.handle(ev.RequestRollback("r", "test", "operator", h.now)))
     h.handle(ev.CommandResult(1, h.seq(1), command.command_id, True, command.timeline + 1, 60, 1.0, "", 0, h.now))
-    state = run.policy.step_states[0]
+    state = run.policy.detector_pins.step_states[0]
     assert state == pinned[2].resumed(1, 60)
     assert h.rebuilt() == h.core.checkpoint()
 

@@ -32,7 +32,7 @@ def test_a_finished_rank_is_never_marked_stalled_by_a_rank_deadline() -> None:
     h.validation(2, 10, 2.0)
     h.now += 2
     h.handle(ev.Tick(h.now))
-    assert 0 not in h.run().policy.stalled_ranks
+    assert 0 not in h.run().policy.roster.stalled
     assert h.run().policy.state is not RunState.STALLED
 
 
@@ -63,7 +63,7 @@ def test_finish_of_the_last_unanswered_rank_closes_the_open_command() -> None:
     cmd = commands(h.vitals(1, [5], [math.nan]))[0]
     h.result(2, cmd)
     finish(h, 1)
-    assert h.run().policy.open is None, "every unfinished rank answered"
+    assert h.run().policy.ledger.open is None, "every unfinished rank answered"
     fx = h.handle(ev.Tick(h.now + 6))
     assert not [c for c in commands(fx) if c.kind is CommandKind.HALT]
     assert h.run().policy.state is not RunState.HALTED
@@ -114,7 +114,7 @@ def test_an_event_whose_last_entry_is_lost_leaves_no_trace(tmp_path: Path) -> No
         if isinstance(item, LocatedEntry) and item.entry.kind == EntryKind.COMMAND
     )
     policy = restored.registry.runs["r"].policy
-    assert (policy.total_punishment, charged, policy.open) == (0.0, 0, None)
+    assert (policy.ledger.total_punishment, charged, policy.ledger.open) == (0.0, 0, None)
     assert verify_journal(tmp_path).ok
 
 
@@ -151,7 +151,7 @@ def test_the_journal_ledger_of_a_reused_run_id_matches_its_total() -> None:
     since = max(i for i, (kind, _) in enumerate(own) if kind == "run_created")
     charged = sum(p["command"]["punishment_reward"] for kind, p in own[since:] if kind == "command")
     assert sum(p["command"]["punishment_reward"] for kind, p in own if kind == "command") == -10.0
-    assert charged == h.run().policy.total_punishment
+    assert charged == h.run().policy.ledger.total_punishment
 
 
 def test_a_late_result_of_a_command_no_longer_remembered_is_accepted() -> None:
@@ -197,7 +197,7 @@ def test_huge_finite_losses_are_blow_ups_and_never_break_the_statistics() -> Non
         assert "beyond the ceiling" in decision["reason"]
         for command in commands(fx):
             h.result(1, command)
-    assert max(h.run().policy.detector.history) < 10
+    assert max(h.run().policy.validation.detector.history) < 10
     status = codec.run_status_to_proto(h.run(), 0.0, h.now)
     assert math.isfinite(status.history_mean)
     assert h.rebuilt() == h.core.checkpoint()
@@ -268,7 +268,7 @@ def test_the_stall_watchdog_ends_only_a_stalled_ranks_stream_and_lets_its_restar
         journal_refuses_the_tick()
     assert h.run().ranks[1].stream == 2, "the undo point covers the binding"
     assert 2 in h.core.streams
-    assert 1 not in h.run().policy.stalled_ranks
+    assert 1 not in h.run().policy.roster.stalled
     fx = h.handle(ev.Tick(h.now))
     stalls = [e.payload for e in fx.entries if e.kind == EntryKind.STALL]
     assert [(p["rank"], p["end_process"]) for p in stalls] == [(1, True)]
