@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -117,122 +117,190 @@ def describe(entries: Sequence[tuple[int, str, str, dict[str, Any]]]) -> list[Li
     return lines
 
 
+class _Said(NamedTuple):
+    """What a line says: its level, message, notification (if any) and fields (those that are None dropped)."""
+
+    level: str
+    message: str
+    notify: str | None
+    fields: dict[str, Any]
+
+
+def _say(level: str, message: str, notify: str | None = None, **fields: Any) -> _Said:
+    return _Said(level, message, notify, fields)
+
+
 def _line(seq: int, run: str, kind: str, p: dict[str, Any], cause: dict[str, Any]) -> Line | None:
+    """The line of one entry, or None for a kind without one; ``cause`` is what preceded a command."""
+    formatter = _FORMATTERS.get(kind)
+    if formatter is None:
+        return None
+    level, message, notify, fields = formatter(p, cause)
     rank: int | None = p.get("rank")
+    return Line(seq, run, kind, rank, level, message, {k: v for k, v in fields.items() if v is not None}, notify)
 
-    def make(level: str, message: str, notify: str | None = None, **fields: Any) -> Line:
-        return Line(seq, run, kind, rank, level, message, {k: v for k, v in fields.items() if v is not None}, notify)
 
-    if kind == EntryKind.COMMAND:
-        command = p["command"]
-        name = str(command["kind"])
-        extra = dict(cause) if p["cause"] in ("decision", "train_step") else {}
-        return make(
-            "info" if name == "resume" else "warning",
-            "command issued",
-            name if name in ("rollback", "halt") else None,
-            command=name.upper(),
-            command_id=command["command_id"],
-            cause=p["cause"],
-            reason=command["reason"],
-            timeline=command["timeline"],
-            step=command["step"],
-            punishment_reward=command["punishment_reward"],
-            recovery_rung=command.get("recovery_rung"),
-            **extra,
-        )
-    if kind == EntryKind.COMMAND_RESULT:
-        reasons = "; ".join(n["reason"] for n in p.get("notices", ()) if n.get("reason"))
-        ok = p["succeeded"] and not any(n.get("kind") == "unknown_command" for n in p.get("notices", ()))
-        return make(
-            "info" if ok else "warning",
-            "command result",
-            command=str(p["command_kind"]).upper() if p.get("command_kind") else None,
-            command_id=p["command_id"],
-            succeeded=p["succeeded"],
-            new_timeline=p["new_timeline"],
-            restored_step=p["restored_step"],
-            duration_ms=p["duration_ms"],
-            error=p["error"] or None,
-            record_seq=p["seq"],
-            reason=reasons or None,
-        )
-    if kind == EntryKind.COMMAND_TIMEOUT:
-        return make("warning", "command timed out", reason=p.get("reason"))
-    if kind == EntryKind.SNAPSHOT_ADOPTED:
-        snapshot = p["snapshot"]
-        notices = p.get("notices", ())
-        unknown = any(n.get("kind") == "unknown_snapshot" for n in notices)
-        return make(
-            "warning" if unknown else "info",
-            "snapshot adopted",
-            step=snapshot["step"],
-            snapshot_timeline=snapshot["timeline"],
-            digest=snapshot["digest"],
-            new_timeline=p["new_timeline"],
-            run_timeline=p.get("run_timeline"),
-            duration_ms=p["duration_ms"],
-            record_seq=p["seq"],
-            reason="; ".join(n["reason"] for n in notices if n.get("reason")) or None,
-        )
-    if kind == EntryKind.ATTACH:
-        return make(
-            "info",
-            "trainer attached",
-            generation=p["generation"],
-            new_incarnation=p["new_incarnation"],
-            last_durable_seq=p["last_durable_seq"],
-            peer=p.get("peer"),
-            caller=p.get("caller"),
-        )
-    if kind == EntryKind.DETACH:
-        return make("info", "trainer detached", generation=p["generation"])
-    if kind == EntryKind.STALL:
-        reason = f"no progress for {p['seconds_without_progress']} s (threshold {p['threshold_s']} s)"
-        if p.get("end_process"):
-            reason += "; the watchdog told its trainer to end its process (end_stalled_ranks)"
-        return make(
-            "warning",
-            "rank stalled",
-            "stalled",
-            reason=reason,
-            latest_timeline=p["latest_timeline"],
-            latest_step=p["latest_step"],
-        )
-    if kind == EntryKind.STALL_CLEARED:
-        return make("info", "rank progressing again", timeline=p["timeline"], step=p["step"])
-    if kind == EntryKind.RANK_DEADLINE:
-        missing = list(p["missing_ranks"])
-        reason = f"ranks {missing} sent no record for step {p['step']} within {p['rank_deadline_s']} s"
-        return make(
-            "warning",
-            "rank deadline missed",
-            "stalled",  # the missing ranks are STALLED now; DecisionLog notifies only the ones that were not
-            reason=reason,
-            missing_ranks=missing,
-            timeline=p["timeline"],
-            step=p["step"],
-        )
-    if kind == EntryKind.FINISH:
-        return make(
-            "info",
-            "rank finished",
-            status=p["status"],
-            epochs_completed=p["epochs_completed"],
-            num_rollbacks=p["num_rollbacks"],
-            reason=p.get("message") or None,
-        )
-    if kind == EntryKind.RUN_CREATED:
-        return make("info", "run created", task=p["task"], world_size=p["world_size"], timeline=p["timeline"])
-    if kind == EntryKind.POLICY_CHANGE:
-        return make("info", "policy changed", caller=p.get("caller"), changes=p.get("changes"))
-    if kind == EntryKind.RUN_FORGOTTEN:
-        return make("info", "run forgotten", caller=p.get("caller"), reason=p.get("reason"), state=p.get("state"))
-    if kind == EntryKind.RUN_EXPIRED:
-        return make("info", "run expired", reason=f"no trainer attached for {p['idle_s']} s", state=p.get("state"))
-    if kind == EntryKind.RUN_EVICTED:
-        return make("info", "run evicted", reason="finished runs beyond retain_finished_runs leave memory")
-    return None
+def _notice_reasons(notices: Iterable[dict[str, Any]]) -> str:
+    return "; ".join(n["reason"] for n in notices if n.get("reason"))
+
+
+def _command(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    command = p["command"]
+    name = str(command["kind"])
+    extra = dict(cause) if p["cause"] in ("decision", "train_step") else {}
+    return _say(
+        "info" if name == "resume" else "warning",
+        "command issued",
+        name if name in ("rollback", "halt") else None,
+        command=name.upper(),
+        command_id=command["command_id"],
+        cause=p["cause"],
+        reason=command["reason"],
+        timeline=command["timeline"],
+        step=command["step"],
+        punishment_reward=command["punishment_reward"],
+        recovery_rung=command.get("recovery_rung"),
+        **extra,
+    )
+
+
+def _command_result(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    reasons = _notice_reasons(p.get("notices", ()))
+    ok = p["succeeded"] and not any(n.get("kind") == "unknown_command" for n in p.get("notices", ()))
+    return _say(
+        "info" if ok else "warning",
+        "command result",
+        command=str(p["command_kind"]).upper() if p.get("command_kind") else None,
+        command_id=p["command_id"],
+        succeeded=p["succeeded"],
+        new_timeline=p["new_timeline"],
+        restored_step=p["restored_step"],
+        duration_ms=p["duration_ms"],
+        error=p["error"] or None,
+        record_seq=p["seq"],
+        reason=reasons or None,
+    )
+
+
+def _command_timeout(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    return _say("warning", "command timed out", reason=p.get("reason"))
+
+
+def _snapshot_adopted(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    snapshot = p["snapshot"]
+    notices = p.get("notices", ())
+    unknown = any(n.get("kind") == "unknown_snapshot" for n in notices)
+    return _say(
+        "warning" if unknown else "info",
+        "snapshot adopted",
+        step=snapshot["step"],
+        snapshot_timeline=snapshot["timeline"],
+        digest=snapshot["digest"],
+        new_timeline=p["new_timeline"],
+        run_timeline=p.get("run_timeline"),
+        duration_ms=p["duration_ms"],
+        record_seq=p["seq"],
+        reason=_notice_reasons(notices) or None,
+    )
+
+
+def _attach(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    return _say(
+        "info",
+        "trainer attached",
+        generation=p["generation"],
+        new_incarnation=p["new_incarnation"],
+        last_durable_seq=p["last_durable_seq"],
+        peer=p.get("peer"),
+        caller=p.get("caller"),
+    )
+
+
+def _detach(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    return _say("info", "trainer detached", generation=p["generation"])
+
+
+def _stall(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    reason = f"no progress for {p['seconds_without_progress']} s (threshold {p['threshold_s']} s)"
+    if p.get("end_process"):
+        reason += "; the watchdog told its trainer to end its process (end_stalled_ranks)"
+    return _say(
+        "warning",
+        "rank stalled",
+        "stalled",
+        reason=reason,
+        latest_timeline=p["latest_timeline"],
+        latest_step=p["latest_step"],
+    )
+
+
+def _stall_cleared(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    return _say("info", "rank progressing again", timeline=p["timeline"], step=p["step"])
+
+
+def _rank_deadline(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    missing = list(p["missing_ranks"])
+    reason = f"ranks {missing} sent no record for step {p['step']} within {p['rank_deadline_s']} s"
+    return _say(
+        "warning",
+        "rank deadline missed",
+        "stalled",  # the missing ranks are STALLED now; DecisionLog notifies only the ones that were not
+        reason=reason,
+        missing_ranks=missing,
+        timeline=p["timeline"],
+        step=p["step"],
+    )
+
+
+def _finish(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    return _say(
+        "info",
+        "rank finished",
+        status=p["status"],
+        epochs_completed=p["epochs_completed"],
+        num_rollbacks=p["num_rollbacks"],
+        reason=p.get("message") or None,
+    )
+
+
+def _run_created(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    return _say("info", "run created", task=p["task"], world_size=p["world_size"], timeline=p["timeline"])
+
+
+def _policy_change(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    return _say("info", "policy changed", caller=p.get("caller"), changes=p.get("changes"))
+
+
+def _run_forgotten(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    return _say("info", "run forgotten", caller=p.get("caller"), reason=p.get("reason"), state=p.get("state"))
+
+
+def _run_expired(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    return _say("info", "run expired", reason=f"no trainer attached for {p['idle_s']} s", state=p.get("state"))
+
+
+def _run_evicted(p: dict[str, Any], cause: dict[str, Any]) -> _Said:
+    return _say("info", "run evicted", reason="finished runs beyond retain_finished_runs leave memory")
+
+
+_FORMATTERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], _Said]] = {
+    EntryKind.COMMAND: _command,
+    EntryKind.COMMAND_RESULT: _command_result,
+    EntryKind.COMMAND_TIMEOUT: _command_timeout,
+    EntryKind.SNAPSHOT_ADOPTED: _snapshot_adopted,
+    EntryKind.ATTACH: _attach,
+    EntryKind.DETACH: _detach,
+    EntryKind.STALL: _stall,
+    EntryKind.STALL_CLEARED: _stall_cleared,
+    EntryKind.RANK_DEADLINE: _rank_deadline,
+    EntryKind.FINISH: _finish,
+    EntryKind.RUN_CREATED: _run_created,
+    EntryKind.POLICY_CHANGE: _policy_change,
+    EntryKind.RUN_FORGOTTEN: _run_forgotten,
+    EntryKind.RUN_EXPIRED: _run_expired,
+    EntryKind.RUN_EVICTED: _run_evicted,
+}
+"""One formatter per kind of NOTABLE_KINDS: its line says what the entry says (the decisions and vitals give none)."""
 
 
 @dataclass

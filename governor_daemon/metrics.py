@@ -126,7 +126,25 @@ class Metrics:
     """
 
     def __init__(self, per_run: int = 0) -> None:
-        self.registry = registry = CollectorRegistry()
+        self.registry = CollectorRegistry()
+        self._add_record_metrics()
+        self._add_decision_metrics()
+        self._add_journal_metrics()
+        self._add_daemon_metrics()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
+        self.state_gauges: list[StateGauge] = []
+        self.runs = RunSlots(per_run)
+        self.per_run: dict[str, tuple[Counter, list[dict[str, str]]]] = {}
+        """Per-run family -> (counter, every label set besides ``run`` it has from a run's first count)."""
+        self._runs_initialised: set[str] = set()
+        if per_run > 0:
+            self._add_per_run_counters(per_run)
+
+    def _add_record_metrics(self) -> None:
+        """What became of the records trainers sent: accepted, skipped over, shed, stale, late."""
+        registry = self.registry
         self.records = Counter(
             "governor_records_received_total",
             "Records accepted, by kind (train, validation).",
@@ -149,6 +167,13 @@ class Metrics:
         self.late = Counter(
             "governor_late_records_total", "Validation reports after their step was decided.", registry=registry
         )
+        for kind in RECORD_KINDS:
+            self.records.labels(kind=kind)
+
+    def _add_decision_metrics(self) -> None:
+        """What the daemon decided: verdicts, the rules that PANICked, commands and their outcomes, and how
+        long a decision took."""
+        registry = self.registry
         self.verdicts = Counter("governor_verdicts_total", "Verdicts, by kind.", ["kind"], registry=registry)
         self.panics = Counter("governor_panics_total", "PANIC verdicts, by rule.", ["rule"], registry=registry)
         self.commands = Counter(
@@ -163,12 +188,25 @@ class Metrics:
             buckets=LATENCY_BUCKETS_S,
             registry=registry,
         )
+        for kind in VERDICT_KINDS:
+            self.verdicts.labels(kind=kind)
+        for rule in PANIC_RULES:
+            self.panics.labels(rule=rule)
+        for type_, outcome in COMMANDS:
+            self.commands.labels(type=type_, outcome=outcome)
+
+    def _add_journal_metrics(self) -> None:
+        """How long the journal takes to make entries durable."""
         self.fsync_latency = Histogram(
             "governor_journal_fsync_seconds",
             "Journal write plus fsync per group commit.",
             buckets=LATENCY_BUCKETS_S,
-            registry=registry,
+            registry=self.registry,
         )
+
+    def _add_daemon_metrics(self) -> None:
+        """The daemon itself: calls it refused, the notifications it sent, its build."""
+        registry = self.registry
         self.auth_failures = Counter(
             "governor_auth_failures_total", "Calls refused, by status code.", ["code"], registry=registry
         )
@@ -186,46 +224,32 @@ class Metrics:
             registry=registry,
         )
         self.build_info.labels(version=package_version(), python=platform.python_version()).set(1)
-        for kind in RECORD_KINDS:
-            self.records.labels(kind=kind)
-        for kind in VERDICT_KINDS:
-            self.verdicts.labels(kind=kind)
-        for rule in PANIC_RULES:
-            self.panics.labels(rule=rule)
-        for type_, outcome in COMMANDS:
-            self.commands.labels(type=type_, outcome=outcome)
         for code in AUTH_CODES:
             self.auth_failures.labels(code=code)
         for outcome in NOTIFICATION_OUTCOMES:
             self.notifications.labels(outcome=outcome)
-        ProcessCollector(registry=registry)
-        PlatformCollector(registry=registry)
-        GCCollector(registry=registry)
-        self.state_gauges: list[StateGauge] = []
-        self.runs = RunSlots(per_run)
-        self.per_run: dict[str, tuple[Counter, list[dict[str, str]]]] = {}
-        """Per-run family -> (counter, every label set besides ``run`` it has from a run's first count)."""
-        self._runs_initialised: set[str] = set()
-        if per_run > 0:
-            families = {
-                "records": ("governor_run_records_received_total", "Records accepted per run, by kind.", ["kind"]),
-                "verdicts": ("governor_run_verdicts_total", "Verdicts per run, by kind.", ["kind"]),
-                "panics": ("governor_run_panics_total", "PANIC verdicts per run, by rule.", ["rule"]),
-                "commands": (
-                    "governor_run_commands_total",
-                    "Commands per run, by type and outcome.",
-                    ["type", "outcome"],
-                ),
-            }
-            known = {
-                "records": [{"kind": k} for k in RECORD_KINDS],
-                "verdicts": [{"kind": k} for k in VERDICT_KINDS],
-                "panics": [{"rule": r} for r in PANIC_RULES],
-                "commands": [{"type": t, "outcome": o} for t, o in COMMANDS],
-            }
-            for key, (name, doc, labels) in families.items():
-                doc += f' At most {per_run} runs labelled at once; the others as run="other".'
-                self.per_run[key] = (Counter(name, doc, ["run", *labels], registry=registry), known[key])
+
+    def _add_per_run_counters(self, per_run: int) -> None:
+        """The governor_run_* counters: records, verdicts, panics and commands of each labelled run."""
+        families = {
+            "records": ("governor_run_records_received_total", "Records accepted per run, by kind.", ["kind"]),
+            "verdicts": ("governor_run_verdicts_total", "Verdicts per run, by kind.", ["kind"]),
+            "panics": ("governor_run_panics_total", "PANIC verdicts per run, by rule.", ["rule"]),
+            "commands": (
+                "governor_run_commands_total",
+                "Commands per run, by type and outcome.",
+                ["type", "outcome"],
+            ),
+        }
+        known = {
+            "records": [{"kind": k} for k in RECORD_KINDS],
+            "verdicts": [{"kind": k} for k in VERDICT_KINDS],
+            "panics": [{"rule": r} for r in PANIC_RULES],
+            "commands": [{"type": t, "outcome": o} for t, o in COMMANDS],
+        }
+        for key, (name, doc, labels) in families.items():
+            doc += f' At most {per_run} runs labelled at once; the others as run="other".'
+            self.per_run[key] = (Counter(name, doc, ["run", *labels], registry=self.registry), known[key])
 
     def add_state_gauge(self, gauge: StateGauge) -> None:
         """Register a gauge read from the Governor."""

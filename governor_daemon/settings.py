@@ -23,7 +23,7 @@ from governor_daemon.errors import GovernorError, PolicyConfigError
 from governor_daemon.notify import NotifyUrlError, check_url
 from governor_daemon.policy import PolicyConfig, parse_assignments
 from governor_daemon.policy.config import FIELD_NAMES
-from governor_daemon.security import TlsFiles, Tokens, TokensFileError, is_loopback, read_tls
+from governor_daemon.security import TlsFiles, TlsMaterial, Tokens, TokensFileError, is_loopback, read_tls
 
 
 class SettingsError(GovernorError):
@@ -257,10 +257,40 @@ def _read_pem(name: str, value: str) -> bytes | None:
 
 
 def _security(settings: ServeSettings, values: dict[str, Any], insecure: bool) -> ServeSettings:
+    tokens = _tokens(values)
+    tls = _tls(values, tokens)
+    tls_files, material = tls if tls is not None else (None, None)
+    client_ca = material.client_ca if material is not None else None
+    host, _ = parse_address("listen", values["listen"])
+    if tokens is None and client_ca is None and not is_loopback(host) and not insecure:
+        raise SettingsError(
+            f"listen {values['listen']} is not a loopback address and no tokens_file (or mTLS) is set: anyone who "
+            "can reach it could halt your runs. Set --tokens-file, or --tls-client-ca, or pass --insecure"
+        )
+    open_to_all = not is_loopback(host) and tokens is None and client_ca is None
+    return dataclasses.replace(
+        settings,
+        tokens=tokens,
+        tls_cert=material.cert if material is not None else None,
+        tls_key=material.key if material is not None else None,
+        tls_client_ca=client_ca,
+        insecure=insecure,
+        tokens_path=Path(values["tokens_file"]) if values["tokens_file"] else None,
+        tls_files=tls_files,
+        warnings=tuple(_security_warnings(values, insecure and open_to_all)),
+    )
+
+
+def _tokens(values: dict[str, Any]) -> Tokens | None:
+    """The tokens_file's callers, or None without one."""
     try:
-        tokens = Tokens.load(Path(values["tokens_file"])) if values["tokens_file"] else None
+        return Tokens.load(Path(values["tokens_file"])) if values["tokens_file"] else None
     except TokensFileError as exc:
         raise SettingsError(str(exc)) from None
+
+
+def _tls(values: dict[str, Any], tokens: Tokens | None) -> tuple[TlsFiles, TlsMaterial] | None:
+    """tls_cert, tls_key and tls_client_ca, checked to go together and to load; None without TLS."""
     cert, key = _read_pem("tls_cert", values["tls_cert"]), _read_pem("tls_key", values["tls_key"])
     client_ca = _read_pem("tls_client_ca", values["tls_client_ca"])
     if (cert is None) != (key is None):
@@ -272,33 +302,32 @@ def _security(settings: ServeSettings, values: dict[str, Any], insecure: bool) -
             "tls_client_ca (mTLS) needs tokens_file: each certificate subject (CN) gets its role from a "
             "'name role token' line, and a certificate whose subject is not listed is refused"
         )
-    tls_files = None
-    if cert is not None:
-        tls_files = TlsFiles(
-            Path(values["tls_cert"]),
-            Path(values["tls_key"]),
-            Path(values["tls_client_ca"]) if values["tls_client_ca"] else None,
-        )
-        try:
-            material = read_tls(tls_files)
-        except (OSError, ValueError) as exc:
-            raise SettingsError(
-                f"tls_cert {values['tls_cert']} and tls_key {values['tls_key']} do not load as a pair "
-                f"(or tls_client_ca is no PEM bundle): {exc}"
-            ) from None
-        cert, key, client_ca = material.cert, material.key, material.client_ca
-    host, _ = parse_address("listen", values["listen"])
-    if tokens is None and client_ca is None and not is_loopback(host) and not insecure:
+    if cert is None:
+        return None
+    tls_files = TlsFiles(
+        Path(values["tls_cert"]),
+        Path(values["tls_key"]),
+        Path(values["tls_client_ca"]) if values["tls_client_ca"] else None,
+    )
+    try:
+        return tls_files, read_tls(tls_files)
+    except (OSError, ValueError) as exc:
         raise SettingsError(
-            f"listen {values['listen']} is not a loopback address and no tokens_file (or mTLS) is set: anyone who "
-            "can reach it could halt your runs. Set --tokens-file, or --tls-client-ca, or pass --insecure"
-        )
+            f"tls_cert {values['tls_cert']} and tls_key {values['tls_key']} do not load as a pair "
+            f"(or tls_client_ca is no PEM bundle): {exc}"
+        ) from None
+
+
+def _security_warnings(values: dict[str, Any], insecure_and_open: bool) -> list[str]:
+    """What serve warns about at start: secret files others may read, a listen address open to anyone
+    (``insecure_and_open``: --insecure on a non-loopback address without tokens or mTLS), run ids as labels
+    on an unauthenticated /metrics."""
     warnings = [
         f"{name} {path} is readable by group or others (mode {mode:o}); chmod 600 it"
         for name, path in (("tokens_file", values["tokens_file"]), ("hmac_key_file", values["hmac_key_file"]))
         if path and (mode := stat.S_IMODE(Path(path).stat().st_mode)) & 0o077
     ]
-    if insecure and not is_loopback(host) and tokens is None and client_ca is None:
+    if insecure_and_open:
         warnings.append(f"--insecure: {values['listen']} is reachable without authentication; anyone can halt runs")
     if values["metrics_per_run"] and values["metrics_listen"] not in ("off", ""):
         # /metrics has no authentication: labelled series name every tenant's run ids to whoever reaches it
@@ -306,17 +335,7 @@ def _security(settings: ServeSettings, values: dict[str, Any], insecure: bool) -
             f"--metrics-per-run {values['metrics_per_run']}: the run ids of every tenant are labels on "
             f"{values['metrics_listen']}/metrics, which has no authentication; keep that address private"
         )
-    return dataclasses.replace(
-        settings,
-        tokens=tokens,
-        tls_cert=cert,
-        tls_key=key,
-        tls_client_ca=client_ca,
-        insecure=insecure,
-        tokens_path=Path(values["tokens_file"]) if values["tokens_file"] else None,
-        tls_files=tls_files,
-        warnings=tuple(warnings),
-    )
+    return warnings
 
 
 def _convert(s: Setting, raw: Any, source: str) -> Any:
@@ -345,66 +364,14 @@ def parse_address(name: str, value: str) -> tuple[str, int]:
 def _validate(
     values: dict[str, Any], sources: dict[str, str], file_policy: dict[str, Any], repair: bool
 ) -> ServeSettings:
-    if parse_address("listen", values["listen"])[1] == 0 and sources["metrics_listen"] == "default":
-        # A daemon on a free port gets its metrics on a free port too (logged at start): a second one on the
-        # same machine would not start on the fixed 9464.
-        values["metrics_listen"] = "127.0.0.1:0"
-    if values["metrics_listen"] not in ("off", ""):
-        parse_address("metrics_listen", values["metrics_listen"])
-    if not 0 <= values["metrics_per_run"] <= 10000:
-        raise SettingsError(
-            f"metrics_per_run must be in 0..10000 (runs labelled at once), got {values['metrics_per_run']}"
-        )
-    if values["idle_run_expiry_s"] < 0:
-        raise SettingsError(f"idle_run_expiry_s must be >= 0, got {values['idle_run_expiry_s']}")
-    names = ("segment_bytes", "max_active_runs", "max_active_runs_per_principal", "max_records_per_batch")
-    for name in (*names, "max_message_bytes"):
-        if values[name] < 1:
-            raise SettingsError(f"{name} from {sources[name]} must be >= 1, got {values[name]}")
-    if values["segment_bytes"] < 4096:
-        raise SettingsError(f"segment_bytes must be >= 4096, got {values['segment_bytes']}")
-    if values["retain_finished_runs"] < 0:
-        raise SettingsError("retain_finished_runs must be >= 0")
-    if values["journal_train_records"] < 0:
-        raise SettingsError(f"journal_train_records must be >= 0, got {values['journal_train_records']}")
-    if not 0 <= values["group_commit_ms"] <= 1000:
-        raise SettingsError(f"group_commit_ms must be in 0..1000, got {values['group_commit_ms']}")
-    if not 0.05 <= values["vitals_share"] <= 1:
-        raise SettingsError(f"vitals_share must be in [0.05, 1], got {values['vitals_share']}")
-    if not 1 <= values["shed_after_ms"] <= 3_600_000:
-        raise SettingsError(f"shed_after_ms must be in [1, 3600000], got {values['shed_after_ms']}")
-    for name in ("handshake_timeout_s", "idle_connection_s"):
-        if not 0 < values[name] <= 86400:
-            raise SettingsError(f"{name} must be in (0, 86400], got {values[name]}")
-    if values["max_streams_per_connection"] < 1:
-        raise SettingsError("max_streams_per_connection must be >= 1")
-    if not 0 <= values["shutdown_grace_s"] < 10:
-        raise SettingsError(f"shutdown_grace_s must be in [0, 10), got {values['shutdown_grace_s']}")
-    if not 0 < values["tick_interval_s"] <= 60:
-        raise SettingsError(f"tick_interval_s must be in (0, 60], got {values['tick_interval_s']}")
-    if values["log_format"] not in ("auto", "json", "console"):
-        raise SettingsError(f"log_format must be auto, json or console, got {values['log_format']!r}")
-    try:
-        overrides = dict(file_policy)
-        pairs = [p for p in values["policy"].split(",") if p.strip()]
-        overrides.update(parse_assignments(pairs))
-        defaults, _ = PolicyConfig().merged(overrides)
-    except PolicyConfigError as exc:
-        raise SettingsError(f"policy ({sources['policy']}): {exc}") from None
-    locked = tuple(f.strip() for f in values["lock_policy_fields"].split(",") if f.strip())
-    unknown = sorted(set(locked) - set(FIELD_NAMES))
-    if unknown:
-        raise SettingsError(
-            f"lock_policy_fields names unknown field(s) {', '.join(unknown)}; valid: {', '.join(FIELD_NAMES)}"
-        )
-    key: bytes | None = None
-    if values["hmac_key_file"]:
-        try:
-            key = Path(values["hmac_key_file"]).read_bytes().strip()
-        except OSError as exc:
-            raise SettingsError(f"cannot read hmac_key_file {values['hmac_key_file']}: {exc.strerror or exc}") from None
-        if len(key) < 16:
-            raise SettingsError("the HMAC key must be at least 16 bytes")
+    _check_metrics(values, sources)
+    _check_limits(values, sources)
+    _check_journal_and_load(values)
+    _check_connections(values)
+    _check_process(values)
+    defaults = _policy_defaults(values, sources, file_policy)
+    locked = _locked_policy_fields(values)
+    key = _hmac_key(values)
     return ServeSettings(
         listen=values["listen"],
         data_dir=values["data_dir"],
@@ -436,6 +403,100 @@ def _validate(
         **_notify_settings(values, sources),
         **_metrics_tls_settings(values),
     )
+
+
+def _check_metrics(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """metrics_listen (on a free port when listen is, unless set) and metrics_per_run."""
+    if parse_address("listen", values["listen"])[1] == 0 and sources["metrics_listen"] == "default":
+        # A daemon on a free port gets its metrics on a free port too (logged at start): a second one on the
+        # same machine would not start on the fixed 9464.
+        values["metrics_listen"] = "127.0.0.1:0"
+    if values["metrics_listen"] not in ("off", ""):
+        parse_address("metrics_listen", values["metrics_listen"])
+    if not 0 <= values["metrics_per_run"] <= 10000:
+        raise SettingsError(
+            f"metrics_per_run must be in 0..10000 (runs labelled at once), got {values['metrics_per_run']}"
+        )
+
+
+def _check_limits(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """What the daemon keeps and accepts: runs, records, messages, journal segments."""
+    if values["idle_run_expiry_s"] < 0:
+        raise SettingsError(f"idle_run_expiry_s must be >= 0, got {values['idle_run_expiry_s']}")
+    names = ("segment_bytes", "max_active_runs", "max_active_runs_per_principal", "max_records_per_batch")
+    for name in (*names, "max_message_bytes"):
+        if values[name] < 1:
+            raise SettingsError(f"{name} from {sources[name]} must be >= 1, got {values[name]}")
+    if values["segment_bytes"] < 4096:
+        raise SettingsError(f"segment_bytes must be >= 4096, got {values['segment_bytes']}")
+    if values["retain_finished_runs"] < 0:
+        raise SettingsError("retain_finished_runs must be >= 0")
+    if values["journal_train_records"] < 0:
+        raise SettingsError(f"journal_train_records must be >= 0, got {values['journal_train_records']}")
+
+
+def _check_journal_and_load(values: dict[str, Any]) -> None:
+    """The journal's group commit and the load shedding in front of it."""
+    if not 0 <= values["group_commit_ms"] <= 1000:
+        raise SettingsError(f"group_commit_ms must be in 0..1000, got {values['group_commit_ms']}")
+    if not 0.05 <= values["vitals_share"] <= 1:
+        raise SettingsError(f"vitals_share must be in [0.05, 1], got {values['vitals_share']}")
+    if not 1 <= values["shed_after_ms"] <= 3_600_000:
+        raise SettingsError(f"shed_after_ms must be in [1, 3600000], got {values['shed_after_ms']}")
+
+
+def _check_connections(values: dict[str, Any]) -> None:
+    """The handshake and idle timeouts of a connection and its streams."""
+    for name in ("handshake_timeout_s", "idle_connection_s"):
+        if not 0 < values[name] <= 86400:
+            raise SettingsError(f"{name} must be in (0, 86400], got {values[name]}")
+    if values["max_streams_per_connection"] < 1:
+        raise SettingsError("max_streams_per_connection must be >= 1")
+
+
+def _check_process(values: dict[str, Any]) -> None:
+    """The daemon process: its shutdown grace, its tick and its log format."""
+    if not 0 <= values["shutdown_grace_s"] < 10:
+        raise SettingsError(f"shutdown_grace_s must be in [0, 10), got {values['shutdown_grace_s']}")
+    if not 0 < values["tick_interval_s"] <= 60:
+        raise SettingsError(f"tick_interval_s must be in (0, 60], got {values['tick_interval_s']}")
+    if values["log_format"] not in ("auto", "json", "console"):
+        raise SettingsError(f"log_format must be auto, json or console, got {values['log_format']!r}")
+
+
+def _policy_defaults(values: dict[str, Any], sources: dict[str, str], file_policy: dict[str, Any]) -> PolicyConfig:
+    """The config file's [policy] table, then the policy setting's assignments, over the built-in defaults."""
+    try:
+        overrides = dict(file_policy)
+        pairs = [p for p in values["policy"].split(",") if p.strip()]
+        overrides.update(parse_assignments(pairs))
+        defaults, _ = PolicyConfig().merged(overrides)
+    except PolicyConfigError as exc:
+        raise SettingsError(f"policy ({sources['policy']}): {exc}") from None
+    return defaults
+
+
+def _locked_policy_fields(values: dict[str, Any]) -> tuple[str, ...]:
+    locked = tuple(f.strip() for f in values["lock_policy_fields"].split(",") if f.strip())
+    unknown = sorted(set(locked) - set(FIELD_NAMES))
+    if unknown:
+        raise SettingsError(
+            f"lock_policy_fields names unknown field(s) {', '.join(unknown)}; valid: {', '.join(FIELD_NAMES)}"
+        )
+    return locked
+
+
+def _hmac_key(values: dict[str, Any]) -> bytes | None:
+    """The hmac_key_file's key (at least 16 bytes), or None without one."""
+    if not values["hmac_key_file"]:
+        return None
+    try:
+        key = Path(values["hmac_key_file"]).read_bytes().strip()
+    except OSError as exc:
+        raise SettingsError(f"cannot read hmac_key_file {values['hmac_key_file']}: {exc.strerror or exc}") from None
+    if len(key) < 16:
+        raise SettingsError("the HMAC key must be at least 16 bytes")
+    return key
 
 
 def _metrics_tls_settings(values: dict[str, Any]) -> dict[str, Any]:

@@ -406,6 +406,31 @@ def _top(data: PlotData) -> float:
 
 def _draw_timeline(ax: Axes, data: PlotData, segment: Segment, top: float, first: bool) -> None:
     """One timeline: its band and label, its validations with their gates, band and RGL, its train stream."""
+    _draw_timeline_band(ax, segment)
+    _draw_train(ax, data, segment, first)
+    validations = [v for v in data.validations if v.timeline == segment.timeline]
+    if not validations:
+        return
+    xs = [segment.x(v.step) for v in validations]
+    # The thresholds of a decision were in force from the previous decision (or the timeline's start) up to
+    # it: a step line drawn backwards from each decision, starting at the band's left edge.
+    edges = [segment.x0, *xs]
+    _draw_gates(ax, validations, edges, first)
+    _draw_rgl(ax, validations, edges, first)
+    ax.plot(
+        xs,
+        [v.loss for v in validations],
+        "-o",
+        color="tab:blue",
+        markersize=3.5,
+        linewidth=1.4,
+        label=_label("validation loss (largest rank)", first),
+        gid="validation loss",
+    )
+
+
+def _draw_timeline_band(ax: Axes, segment: Segment) -> None:
+    """The timeline's band (shaded on odd timelines) and its label above everything drawn."""
     if segment.timeline % 2:
         ax.axvspan(segment.x0, segment.x1, color="tab:blue", alpha=0.05, linewidth=0)
     ax.text(
@@ -423,14 +448,10 @@ def _draw_timeline(ax: Axes, data: PlotData, segment: Segment, top: float, first
         fontsize=8,
         gid=f"timeline {segment.timeline}",
     )
-    _draw_train(ax, data, segment, first)
-    validations = [v for v in data.validations if v.timeline == segment.timeline]
-    if not validations:
-        return
-    xs = [segment.x(v.step) for v in validations]
-    # The thresholds of a decision were in force from the previous decision (or the timeline's start) up to
-    # it: a step line drawn backwards from each decision, starting at the band's left edge.
-    edges = [segment.x0, *xs]
+
+
+def _draw_gates(ax: Axes, validations: list[Validation], edges: list[float], first: bool) -> None:
+    """Each gate the validations were judged by (absolute, sigma, multiplier, relative), a step line in its style."""
     for name in sorted({name for v in validations for name in v.gates}, key=list(GATE_STYLES).index):
         values = [v.gates.get(name, math.nan) for v in validations]
         color, style = GATE_STYLES[name]
@@ -444,6 +465,11 @@ def _draw_timeline(ax: Axes, data: PlotData, segment: Segment, top: float, first
             label=_label(f"{name} gate", first),
             gid=f"gate {name}",
         )
+
+
+def _draw_rgl(ax: Axes, validations: list[Validation], edges: list[float], first: bool) -> None:
+    """The random-guess loss the validations were judged against, and the lobotomy band around it where the
+    rule was on."""
     rgls = [math.nan if v.rgl is None else v.rgl for v in validations]
     ax.plot(
         edges,
@@ -467,16 +493,6 @@ def _draw_timeline(ax: Axes, data: PlotData, segment: Segment, top: float, first
             label=_label("lobotomy band (while the rule is on)", first and n == 0),
             gid="lobotomy band",
         )
-    ax.plot(
-        xs,
-        [v.loss for v in validations],
-        "-o",
-        color="tab:blue",
-        markersize=3.5,
-        linewidth=1.4,
-        label=_label("validation loss (largest rank)", first),
-        gid="validation loss",
-    )
 
 
 def _label(text: str, legend: bool) -> str:

@@ -116,6 +116,15 @@ class ExportReport:
 
     def lines(self) -> list[str]:
         """The account for people, one fact a line."""
+        return [
+            *self._kept_lines(),
+            *self._left_out_lines(),
+            *self._not_replayable_lines(),
+            *self._live_command_lines(),
+        ]
+
+    def _kept_lines(self) -> list[str]:
+        """The run, its policy, and the records the trace holds (with the train records it could not keep)."""
         policy = ", ".join(f"{k}={v}" for k, v in sorted(self.policy.items())) or "defaults"
         out = [f"run {self.run}, world size {self.world_size}, policy at creation: {policy}"]
         if self.policy_changes:
@@ -133,6 +142,11 @@ class ExportReport:
                 "train-stream detectors do not see them, and a validation whose live verdict consulted the "
                 "train stream (a snapshot's collapse check) can read differently"
             )
+        return out
+
+    def _left_out_lines(self) -> list[str]:
+        """Records the trace leaves out: shed, sent on a timeline a command was leaving, stale, late, duplicate."""
+        out: list[str] = []
         if self.shed_records:
             out.append(
                 f"  NOT in the trace: {self.shed_records} shed record(s), which the live detectors skipped too"
@@ -155,6 +169,11 @@ class ExportReport:
             )
         if self.unjudged_records:
             out.append(f"  left out, never judged live: {self.unjudged_records} stale, late or duplicate record(s)")
+        return out
+
+    def _not_replayable_lines(self) -> list[str]:
+        """What replay cannot redo: controller commands, steps decided at a rank deadline."""
+        out: list[str] = []
         if self.controller_commands:
             out.append(
                 f"  not replayable: {self.controller_commands} command(s) a controller asked for (replay issues none)"
@@ -164,6 +183,11 @@ class ExportReport:
                 f"  not replayable: {self.deadline_decisions} step(s) decided at the rank deadline without their "
                 "missing ranks (replay decides them when the trace ends)"
             )
+        return out
+
+    def _live_command_lines(self) -> list[str]:
+        """The commands the daemon issued live, and why replay's later decisions can differ after them."""
+        out: list[str] = []
         for c in self.live_commands:
             onset = f", onset {c['onset_step']}" if c.get("onset_step") is not None else ""
             out.append(

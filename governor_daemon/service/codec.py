@@ -7,6 +7,7 @@ message into an AttachResponse. Both the gRPC servicers and the simulation use t
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import Any
 
 from governor_daemon.core import effects as fx
@@ -122,98 +123,129 @@ def decode_request(
 ) -> ev.TrainerEvent:
     """A validated message after the Hello as a core event. Raises InvalidInputError or LimitExceededError."""
     kind = request.WhichOneof("message")
-    if kind == "vitals_batch":
-        batch = request.vitals_batch
-        steps = check.validate_vitals(batch, limits)
-        return ev.Vitals(
-            stream,
-            batch.first_seq,
-            batch.timeline,
-            steps,
-            batch.loss,
-            batch.grad_norm,
-            batch.num_dropped_records,
-            now,
-            lrs=batch.lr,
-            pins=tuple(batch.pin_steps),
-        )
-    if kind == "validation_record":
-        record = request.validation_record
-        check.validate_validation(record, limits)
-        rgl = record.random_guess_loss if record.HasField("random_guess_loss") else None
-        return ev.Validation(
-            stream,
-            record.seq,
-            record.timeline,
-            record.step,
-            record.epoch,
-            record.loss,
-            rgl,
-            validation_details(record),
-            now,
-        )
-    if kind == "heartbeat":
-        return ev.Heartbeat(stream, request.heartbeat.latest_step, request.heartbeat.timeline, now)
-    if kind == "command_result":
-        result = request.command_result
-        check.validate_command_result(result, limits)
-        return ev.CommandResult(
-            stream,
-            result.seq,
-            result.command_id,
-            result.outcome == common_pb2.COMMAND_OUTCOME_SUCCEEDED,
-            result.new_timeline,
-            result.restored_step,
-            result.duration_ms,
-            result.error,
-            result.num_culled_seeds,
-            now,
-            result.lr_after_restore if result.HasField("lr_after_restore") else None,
-        )
-    if kind == "snapshot_taken":
-        snap = request.snapshot_taken
-        check.validate_snapshot(snap, limits)
-        return ev.SnapshotTaken(
-            stream,
-            snap.seq,
-            snap.timeline,
-            snap.step,
-            snap.snapshot_bytes,
-            snap.duration_ms,
-            snap.location,
-            now,
-            snap.digest,
-        )
-    if kind == "snapshot_adopted":
-        adopted = request.snapshot_adopted
-        check.validate_adopted(adopted, limits)
-        snapshot = adopted.snapshot
-        return ev.SnapshotAdopted(
-            stream,
-            adopted.seq,
-            adopted.timeline,
-            (snapshot.timeline, snapshot.step, snapshot.digest),
-            adopted.duration_ms,
-            now,
-        )
-    if kind == "finish":
-        finish = request.finish
-        check.validate_finish(finish, limits)
-        return ev.Finish(
-            stream,
-            finish.seq,
-            common_pb2.FinishStatus.Name(finish.status),
-            finish.epochs_completed,
-            finish.num_rollbacks,
-            finish.message,
-            finish.duration_s,
-            finish.final_validation_loss if finish.HasField("final_validation_loss") else None,
-            finish.final_validation_accuracy if finish.HasField("final_validation_accuracy") else None,
-            now,
-        )
     if kind == "hello":
         raise InvalidInputError("hello", "Hello may only be the first message of a stream")
-    raise InvalidInputError("message", "empty AttachRequest")
+    if kind is None or kind not in _DECODERS:
+        raise InvalidInputError("message", "empty AttachRequest")
+    return _DECODERS[kind](getattr(request, kind), stream, now, limits)
+
+
+def _decode_vitals(batch: trainer_service_pb2.VitalsBatch, stream: int, now: float, limits: Limits) -> ev.Vitals:
+    steps = check.validate_vitals(batch, limits)
+    return ev.Vitals(
+        stream,
+        batch.first_seq,
+        batch.timeline,
+        steps,
+        batch.loss,
+        batch.grad_norm,
+        batch.num_dropped_records,
+        now,
+        lrs=batch.lr,
+        pins=tuple(batch.pin_steps),
+    )
+
+
+def _decode_validation(
+    record: trainer_service_pb2.ValidationRecord, stream: int, now: float, limits: Limits
+) -> ev.Validation:
+    check.validate_validation(record, limits)
+    rgl = record.random_guess_loss if record.HasField("random_guess_loss") else None
+    return ev.Validation(
+        stream,
+        record.seq,
+        record.timeline,
+        record.step,
+        record.epoch,
+        record.loss,
+        rgl,
+        validation_details(record),
+        now,
+    )
+
+
+def _decode_heartbeat(beat: trainer_service_pb2.Heartbeat, stream: int, now: float, limits: Limits) -> ev.Heartbeat:
+    return ev.Heartbeat(stream, beat.latest_step, beat.timeline, now)
+
+
+def _decode_command_result(
+    result: trainer_service_pb2.CommandResult, stream: int, now: float, limits: Limits
+) -> ev.CommandResult:
+    check.validate_command_result(result, limits)
+    return ev.CommandResult(
+        stream,
+        result.seq,
+        result.command_id,
+        result.outcome == common_pb2.COMMAND_OUTCOME_SUCCEEDED,
+        result.new_timeline,
+        result.restored_step,
+        result.duration_ms,
+        result.error,
+        result.num_culled_seeds,
+        now,
+        result.lr_after_restore if result.HasField("lr_after_restore") else None,
+    )
+
+
+def _decode_snapshot_taken(
+    snap: trainer_service_pb2.SnapshotTaken, stream: int, now: float, limits: Limits
+) -> ev.SnapshotTaken:
+    check.validate_snapshot(snap, limits)
+    return ev.SnapshotTaken(
+        stream,
+        snap.seq,
+        snap.timeline,
+        snap.step,
+        snap.snapshot_bytes,
+        snap.duration_ms,
+        snap.location,
+        now,
+        snap.digest,
+    )
+
+
+def _decode_snapshot_adopted(
+    adopted: trainer_service_pb2.SnapshotAdopted, stream: int, now: float, limits: Limits
+) -> ev.SnapshotAdopted:
+    check.validate_adopted(adopted, limits)
+    snapshot = adopted.snapshot
+    return ev.SnapshotAdopted(
+        stream,
+        adopted.seq,
+        adopted.timeline,
+        (snapshot.timeline, snapshot.step, snapshot.digest),
+        adopted.duration_ms,
+        now,
+    )
+
+
+def _decode_finish(finish: trainer_service_pb2.Finish, stream: int, now: float, limits: Limits) -> ev.Finish:
+    check.validate_finish(finish, limits)
+    return ev.Finish(
+        stream,
+        finish.seq,
+        common_pb2.FinishStatus.Name(finish.status),
+        finish.epochs_completed,
+        finish.num_rollbacks,
+        finish.message,
+        finish.duration_s,
+        finish.final_validation_loss if finish.HasField("final_validation_loss") else None,
+        finish.final_validation_accuracy if finish.HasField("final_validation_accuracy") else None,
+        now,
+    )
+
+
+_DECODERS: dict[str, Callable[[Any, int, float, Limits], ev.TrainerEvent]] = {
+    "vitals_batch": _decode_vitals,
+    "validation_record": _decode_validation,
+    "heartbeat": _decode_heartbeat,
+    "command_result": _decode_command_result,
+    "snapshot_taken": _decode_snapshot_taken,
+    "snapshot_adopted": _decode_snapshot_adopted,
+    "finish": _decode_finish,
+}
+"""One decoder per case of AttachRequest's ``message`` oneof after the Hello: it validates the message and
+returns its core event."""
 
 
 def validation_details(record: trainer_service_pb2.ValidationRecord) -> dict[str, Any]:

@@ -151,42 +151,11 @@ def resolve(
     values: dict[str, str | None] = {}
     source: dict[str, str] = {}
     for option in options:
-        value = getattr(args, option.dest, None)
-        source[option.dest] = option.flag
-        old_value = getattr(args, _OLD + option.dest, None) if legacy else None
-        if old_value is not None:
-            old_flag = option.old_flags[0]
-            if value is not None:
-                raise ValueError(f"{option.flag} and its deprecated spelling {old_flag} both given: keep {option.flag}")
-            value = old_value
-            source[option.dest] = old_flag
-            deprecations.append(f"{old_flag} is now {option.flag}")
-        if value is None and env.get(option.env):
-            value = env[option.env]
-            source[option.dest] = option.env
-        for old_env in option.old_envs if legacy else ():
-            if env.get(old_env):
-                if value is None:
-                    value = env[old_env]
-                    source[option.dest] = old_env
-                    deprecations.append(f"{old_env} is now {option.env}")
-                else:
-                    deprecations.append(f"{old_env} is now {option.env} (ignored: {source[option.dest]} is set)")
-        values[option.dest] = value or None
+        values[option.dest], source[option.dest] = _option_value(option, args, env, legacy, deprecations)
     address = values.get("address") or default_address
     if address and "address" in values:
         check_address(address, source["address"] if values.get("address") else "--address")
-    token = values.get("token") or ""
-    token_file = values.get("token_file")
-    if token_file:
-        if token:
-            raise ValueError(f"{source['token']} and {source['token_file']} exclude each other")
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise ValueError(f"{source['token_file']} {token_file}: {exc.strerror or exc}") from None
-        if not token:
-            raise ValueError(f"{source['token_file']} {token_file}: the file is empty")
+    token = _token(values, source)
     cert, key = values.get("tls_cert"), values.get("tls_key")
     if (cert is None) != (key is None):
         raise ValueError("--tls-cert and --tls-key go together (mTLS)")
@@ -198,3 +167,49 @@ def resolve(
         tls_key=key,
         deprecations=tuple(deprecations),
     )
+
+
+def _option_value(
+    option: Option, args: argparse.Namespace, env: Mapping[str, str], legacy: bool, deprecations: list[str]
+) -> tuple[str | None, str]:
+    """One option's value (None if unset) and where it came from: its flag, else its deprecated flag (with
+    ``legacy``), else its variable, else its deprecated variables. Each deprecated spelling used, or set and
+    ignored, is added to ``deprecations``."""
+    value = getattr(args, option.dest, None)
+    source = option.flag
+    old_value = getattr(args, _OLD + option.dest, None) if legacy else None
+    if old_value is not None:
+        old_flag = option.old_flags[0]
+        if value is not None:
+            raise ValueError(f"{option.flag} and its deprecated spelling {old_flag} both given: keep {option.flag}")
+        value = old_value
+        source = old_flag
+        deprecations.append(f"{old_flag} is now {option.flag}")
+    if value is None and env.get(option.env):
+        value = env[option.env]
+        source = option.env
+    for old_env in option.old_envs if legacy else ():
+        if env.get(old_env):
+            if value is None:
+                value = env[old_env]
+                source = old_env
+                deprecations.append(f"{old_env} is now {option.env}")
+            else:
+                deprecations.append(f"{old_env} is now {option.env} (ignored: {source} is set)")
+    return value or None, source
+
+
+def _token(values: Mapping[str, str | None], source: Mapping[str, str]) -> str:
+    """The token: --token's, or the content of --token-file (the two exclude each other); '' for none."""
+    token = values.get("token") or ""
+    token_file = values.get("token_file")
+    if token_file:
+        if token:
+            raise ValueError(f"{source['token']} and {source['token_file']} exclude each other")
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ValueError(f"{source['token_file']} {token_file}: {exc.strerror or exc}") from None
+        if not token:
+            raise ValueError(f"{source['token_file']} {token_file}: the file is empty")
+    return token
