@@ -110,6 +110,38 @@ def _register_gauges(metrics: Metrics, governor: Governor) -> None:
     )
 
 
+def _grpc_options(settings: ServeSettings) -> list[tuple[str, int]]:
+    """The gRPC server's channel options for these settings."""
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", max(settings.max_message_bytes, 4 * 1024 * 1024)),
+        ("grpc.so_reuseport", 0),
+        # Connections cannot pile up: an unfinished handshake and a connection without calls are closed,
+        # keepalive pings find dead peers of open streams, and one connection has a bounded number of calls.
+        ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", int(settings.idle_connection_s * 1000)),
+        ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ]
+
+
+def _log_security_notes(settings: ServeSettings) -> None:
+    """Log what an operator should know about the security settings (insecure ones, an expiring certificate,
+    how mTLS subjects get their roles)."""
+    for warning in settings.warnings:
+        log.warning("insecure setting", detail=warning)
+    if settings.tls_cert is not None and (expiring := expiry_warning(settings.tls_cert, datetime.now(UTC))):
+        log.warning("server certificate", detail=expiring)
+    if settings.tls_client_ca is not None and settings.tokens is not None:
+        log.info(
+            "mTLS: a client certificate's subject (CN) takes its role from the tokens file; "
+            "subjects not listed there are refused",
+            subjects=len(settings.tokens),
+        )
+
+
 class GovernorServer:
     """The daemon's servers around one Governor: start, then stop (from the same event loop)."""
 
@@ -146,70 +178,13 @@ class GovernorServer:
         for note in recovery.moved_aside:
             log.warning("journal tail moved aside", detail=note)
         _register_gauges(self.metrics, governor)
-        options = [
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", max(settings.max_message_bytes, 4 * 1024 * 1024)),
-            ("grpc.so_reuseport", 0),
-            # Connections cannot pile up: an unfinished handshake and a connection without calls are closed,
-            # keepalive pings find dead peers of open streams, and one connection has a bounded number of calls.
-            ("grpc.server_handshake_timeout_ms", int(settings.handshake_timeout_s * 1000)),
-            ("grpc.max_connection_idle_ms", int(settings.idle_connection_s * 1000)),
-            ("grpc.max_concurrent_streams", settings.max_streams_per_connection),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-        ]
         _raise_open_files_limit()
-        for warning in settings.warnings:
-            log.warning("insecure setting", detail=warning)
-        if settings.tls_cert is not None and (expiring := expiry_warning(settings.tls_cert, datetime.now(UTC))):
-            log.warning("server certificate", detail=expiring)
-        if settings.tls_client_ca is not None and settings.tokens is not None:
-            log.info(
-                "mTLS: a client certificate's subject (CN) takes its role from the tokens file; "
-                "subjects not listed there are refused",
-                subjects=len(settings.tokens),
-            )
-        self.interceptor = AuthInterceptor(settings.tokens, settings.tls_client_ca is not None, governor.auth_failure)
-        server = grpc.aio.server(options=options, interceptors=[self.interceptor])
+        _log_security_notes(settings)
+        server = self._build_server()
         self.ingest.start()
-        trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(governor, self.ingest), server)
-        control_service_pb2_grpc.add_ControlServiceServicer_to_server(ControlServicer(governor), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
         try:
-            if settings.tls_cert is not None and settings.tls_key is not None:
-                if settings.tls_files is not None:
-                    # Files on disk (cert-manager renews them): re-read when they change, no restart needed.
-                    self.certificates = CertificateReloader(
-                        settings.tls_files,
-                        TlsMaterial(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
-                        on_reload=functools.partial(_certificate_reloaded, "grpc"),
-                        on_error=functools.partial(_certificate_not_reloaded, "grpc"),
-                    )
-                    credentials = self.certificates.credentials()
-                else:
-                    credentials = grpc.ssl_server_credentials(
-                        [(settings.tls_key, settings.tls_cert)],
-                        root_certificates=settings.tls_client_ca,
-                        require_client_auth=settings.tls_client_ca is not None,
-                    )
-                self.port = server.add_secure_port(settings.listen, credentials)
-            else:
-                self.port = server.add_insecure_port(settings.listen)
-            if settings.metrics_listen not in ("off", ""):
-                host, mport = parse_address("metrics_listen", settings.metrics_listen)
-                self.metrics_server = MetricsServer(self.metrics, asyncio.get_running_loop())
-                tls = None
-                if settings.metrics_tls_cert is not None and settings.metrics_tls_key is not None:
-                    tls = TlsFiles(settings.metrics_tls_cert, settings.metrics_tls_key)
-                self.metrics_port = self.metrics_server.start(
-                    host,
-                    mport,
-                    tls,
-                    on_reload=functools.partial(_certificate_reloaded, "metrics"),
-                    on_error=functools.partial(_certificate_not_reloaded, "metrics"),
-                )
+            self.port = self._listen(server)
+            self._start_metrics_server()
         except (RuntimeError, OSError):
             await self.ingest.stop()
             await governor.close("could not listen")
@@ -226,6 +201,62 @@ class GovernorServer:
             )
         self.server = server
         await server.start()
+        await self._serving()
+
+    def _build_server(self) -> grpc.aio.Server:
+        """The gRPC server with its interceptor, the two services, health and reflection (not listening yet)."""
+        settings, governor = self.settings, self.governor
+        self.interceptor = AuthInterceptor(settings.tokens, settings.tls_client_ca is not None, governor.auth_failure)
+        server = grpc.aio.server(options=_grpc_options(settings), interceptors=[self.interceptor])
+        trainer_service_pb2_grpc.add_TrainerServiceServicer_to_server(TrainerServicer(governor, self.ingest), server)
+        control_service_pb2_grpc.add_ControlServiceServicer_to_server(ControlServicer(governor), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, reflection.SERVICE_NAME, "grpc.health.v1.Health"), server)
+        return server
+
+    def _listen(self, server: grpc.aio.Server) -> int:
+        """Add the listening port (TLS when configured) and return it. Raises RuntimeError/OSError."""
+        settings = self.settings
+        if settings.tls_cert is None or settings.tls_key is None:
+            return server.add_insecure_port(settings.listen)
+        if settings.tls_files is not None:
+            # Files on disk (cert-manager renews them): re-read when they change, no restart needed.
+            self.certificates = CertificateReloader(
+                settings.tls_files,
+                TlsMaterial(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
+                on_reload=functools.partial(_certificate_reloaded, "grpc"),
+                on_error=functools.partial(_certificate_not_reloaded, "grpc"),
+            )
+            credentials = self.certificates.credentials()
+        else:
+            credentials = grpc.ssl_server_credentials(
+                [(settings.tls_key, settings.tls_cert)],
+                root_certificates=settings.tls_client_ca,
+                require_client_auth=settings.tls_client_ca is not None,
+            )
+        return server.add_secure_port(settings.listen, credentials)
+
+    def _start_metrics_server(self) -> None:
+        """Serve /metrics unless metrics_listen is off. Raises RuntimeError/OSError."""
+        settings = self.settings
+        if settings.metrics_listen in ("off", ""):
+            return
+        host, mport = parse_address("metrics_listen", settings.metrics_listen)
+        self.metrics_server = MetricsServer(self.metrics, asyncio.get_running_loop())
+        tls = None
+        if settings.metrics_tls_cert is not None and settings.metrics_tls_key is not None:
+            tls = TlsFiles(settings.metrics_tls_cert, settings.metrics_tls_key)
+        self.metrics_port = self.metrics_server.start(
+            host,
+            mport,
+            tls,
+            on_reload=functools.partial(_certificate_reloaded, "metrics"),
+            on_error=functools.partial(_certificate_not_reloaded, "metrics"),
+        )
+
+    async def _serving(self) -> None:
+        """Mark SERVING, write the port file, start the ticks and say so."""
+        settings, governor = self.settings, self.governor
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if settings.port_file is not None:
