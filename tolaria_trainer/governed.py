@@ -28,12 +28,10 @@ collectives run on a gloo group of their own (CPU tensors, no device sync).
 from __future__ import annotations
 
 import logging
-import math
 import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from torch import nn
@@ -60,6 +58,7 @@ from tolaria_trainer.grad_norm import GradNorm
 from tolaria_trainer.guard import StepGuard
 from tolaria_trainer.loggers import GovernorLoggers
 from tolaria_trainer.model.seeds import seed_slots
+from tolaria_trainer.options import GovernedKnobs, GovernedOptions, default_run_id
 from tolaria_trainer.outcome import Outcome
 from tolaria_trainer.reachability import Reachability
 from tolaria_trainer.snapshot import LastKnownGood, SnapshotInfo
@@ -94,41 +93,20 @@ class GovernedTraining:
         optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         *,
         governor: str | Governance | None,
-        run_id: str | None = None,
-        token: str | None = None,
-        num_classes: int | None = None,
-        random_guess_loss: float | None = None,
+        options: GovernedOptions | None = None,
         schedulers: Sequence[torch.optim.lr_scheduler.LRScheduler] = (),
         grad_scaler: torch.amp.GradScaler | None = None,
         extra_state: Any = None,
-        snapshot_location: str = "auto",
-        snapshot_shm: bool | None = None,
-        step_snapshots: int = 1,
-        step_snapshot_every: int = 250,
-        onset_margin_steps: int = 10,
-        agree_every_steps: int = 50,
-        guard_steps: bool = True,
-        fail_closed: bool = False,
-        fail_closed_deadline_s: float = 60.0,
-        halt_wait_s: float = 3600.0,
-        verdict_wait_s: float = 5.0,
-        vitals_flush_s: float = 0.1,
-        connect_wait_s: float = 10.0,
-        final_flush_s: float = 30.0,
-        heartbeat_s: float = 2.0,
-        policy: Mapping[str, Any] | None = None,
-        task: str = "custom",
-        tls_ca: bytes | None = None,
-        tls_cert: bytes | None = None,
-        tls_key: bytes | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
         seed_optimizer_factory: OptimizerFactory | None = None,
         distributed: Distributed | None = None,
         progress: Progress | None = None,
         loggers: Any = (),
+        **knobs: Unpack[GovernedKnobs],
     ) -> None:
-        _check_arguments(agree_every_steps, step_snapshot_every, onset_margin_steps, num_classes, random_guess_loss)
+        options = (options or GovernedOptions()).with_knobs(knobs)  # ValueError for a bad knob, naming it
+        self.options = options
         self.loggers = GovernorLoggers(loggers)  # TypeError for a bad one, before anything is changed
         if isinstance(optimizers, torch.optim.Optimizer):
             optimizers = [optimizers]
@@ -145,37 +123,28 @@ class GovernedTraining:
             generator=generator,
             extra_state=extra_state,
         )
-        self.run_id = run_id or default_run_id(task)
-        self.agree_every_steps = agree_every_steps
-        self.verdict_wait_s = verdict_wait_s
-        self.connect_wait_s = connect_wait_s
-        self.final_flush_s = final_flush_s
+        self.run_id = options.run_id or default_run_id(options.task)
+        self.agree_every_steps = options.agree_every_steps
+        self.verdict_wait_s = options.verdict_wait_s
+        self.connect_wait_s = options.connect_wait_s
+        self.final_flush_s = options.final_flush_s
         self.progress = progress or (lambda event: None)
-        self.governance = _connect(
-            governor,
-            self.run_id,
-            self.dist,
-            task=task,
-            token=token or "",
-            num_classes=num_classes,
-            random_guess_loss=random_guess_loss,
-            policy=policy,
-            heartbeat_s=heartbeat_s,
-            tls=(tls_ca, tls_cert, tls_key),
+        self.governance = _connect(governor, self.run_id, self.dist, options)
+        self.reachability = Reachability(
+            self.governance, options.fail_closed, options.fail_closed_deadline_s, options.connect_wait_s
         )
-        self.reachability = Reachability(self.governance, fail_closed, fail_closed_deadline_s, connect_wait_s)
-        if guard_steps and grad_scaler is None:  # a grad scaler already skips non-finite steps
+        if options.guard_steps and grad_scaler is None:  # a grad scaler already skips non-finite steps
             self.guard = StepGuard(self.state)
             for optimizer in self.state.optimizers:
                 self.guard.install(optimizer)
         self.grad_norm = GradNorm(self.state, self.guard, self.device)
         self.lkg = LastKnownGood(
-            snapshot_location,
-            step_snapshots,
+            options.snapshot_location,
+            options.step_snapshots,
             store=shm_store(
-                snapshot_shm,
-                run_id is not None,
-                snapshot_location,
+                options.snapshot_shm,
+                options.run_id is not None,
+                options.snapshot_location,
                 self.run_id,
                 self.dist.rank,
                 self.governance.governed,
@@ -190,18 +159,26 @@ class GovernedTraining:
             self.guard,
             self.loggers,
             self._progress,
-            onset_margin_steps=onset_margin_steps,
-            halt_wait_s=halt_wait_s,
+            onset_margin_steps=options.onset_margin_steps,
+            halt_wait_s=options.halt_wait_s,
         )
         self.vouching = TrainStreamVouching(self.governance, self.state, self.commands.any_known)
         self.validations = ValidationSnapshots(
             self.lkg, self.governance, self.dist, self.vouching, self._report_snapshot
         )
         self.step_snapshots = StepSnapshots(
-            self.lkg, self.state, self.governance, self.dist, self.vouching, step_snapshot_every, self._report_snapshot
+            self.lkg,
+            self.state,
+            self.governance,
+            self.dist,
+            self.vouching,
+            options.step_snapshot_every,
+            self._report_snapshot,
         )
         self._single = self.dist.world_size == 1
-        self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._send_vitals, flush_interval_s=vitals_flush_s)
+        self.vitals = VitalsBuffer(
+            self.device, capacity=64, sink=self._send_vitals, flush_interval_s=options.vitals_flush_s
+        )
         self.last_validation: ValidationReport | None = None  # on the current timeline (None after a restore)
         self.halted: str | None = None
         self.started_at = time.monotonic()
@@ -607,42 +584,7 @@ def _as_tensor(value: torch.Tensor | float, device: torch.device) -> torch.Tenso
     return value if isinstance(value, torch.Tensor) else torch.tensor(float(value), device=device)
 
 
-def _check_arguments(
-    agree_every_steps: int,
-    step_snapshot_every: int,
-    onset_margin_steps: int,
-    num_classes: int | None,
-    random_guess_loss: float | None,
-) -> None:
-    """ValueError for a constructor argument out of range, naming it and the value given."""
-    if agree_every_steps < 0:
-        raise ValueError(f"agree_every_steps must be >= 0 (0: only at validations), got {agree_every_steps}")
-    if step_snapshot_every < 1 or onset_margin_steps < 0:
-        raise ValueError(
-            f"step_snapshot_every must be >= 1 and onset_margin_steps >= 0, got {step_snapshot_every} "
-            f"and {onset_margin_steps}"
-        )
-    if num_classes is not None and random_guess_loss is not None:
-        raise ValueError("give num_classes (classification) or random_guess_loss (language models), not both")
-    if num_classes is not None and num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-    if random_guess_loss is not None and not (math.isfinite(random_guess_loss) and random_guess_loss > 0):
-        raise ValueError(f"random_guess_loss must be a positive finite number, got {random_guess_loss}")
-
-
-def _connect(
-    governor: str | Governance | None,
-    run_id: str,
-    dist: Distributed,
-    *,
-    task: str,
-    token: str,
-    num_classes: int | None,
-    random_guess_loss: float | None,
-    policy: Mapping[str, Any] | None,
-    heartbeat_s: float,
-    tls: tuple[bytes | None, bytes | None, bytes | None],
-) -> Governance:
+def _connect(governor: str | Governance | None, run_id: str, dist: Distributed, options: GovernedOptions) -> Governance:
     """The Governance for ``governor``: none (Ungoverned), the one given, or a connection to its address."""
     if governor is None:
         return Ungoverned()
@@ -657,21 +599,23 @@ def _connect(
         run_id,
         dist.rank,
         dist.world_size,
-        task,
-        num_classes=num_classes,
-        random_guess_loss=random_guess_loss,
-        policy=policy,
+        options.task,
+        num_classes=options.num_classes,
+        random_guess_loss=options.random_guess_loss,
+        policy=options.policy,
     )
-    options = ClientOptions(heartbeat_s=heartbeat_s, token=token, tls_ca=tls[0], tls_cert=tls[1], tls_key=tls[2])
-    return GovernorConnection(GovernorClient(governor, hello, options))
-
-
-def default_run_id(task: str) -> str:
-    """``<task>-<UTC time>-<6 hex>``: two jobs never collide by accident."""
-    return f"{task}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    client_options = ClientOptions(
+        heartbeat_s=options.heartbeat_s,
+        token=options.token or "",
+        tls_ca=options.tls_ca,
+        tls_cert=options.tls_cert,
+        tls_key=options.tls_key,
+    )
+    return GovernorConnection(GovernorClient(governor, hello, client_options))
 
 
 __all__ = [
+    "GovernedOptions",
     "GovernedTraining",
     "GovernorRefused",
     "GovernorUnreachable",
