@@ -36,7 +36,8 @@ from typing import Any, Unpack
 import torch
 from torch import nn
 
-from tolaria_trainer.adoption import adopt_shared_snapshot, shm_store
+from tolaria_trainer import waits
+from tolaria_trainer.adoption import adopt_shared_snapshot, last_known_good
 from tolaria_trainer.commands import Commands
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import GovernorUnreachable, PeerLost, RollbackFailed, RunHalted
@@ -48,23 +49,20 @@ from tolaria_trainer.governance import (
     FinishStatus,
     Governance,
     GovernorRefused,
-    SeedReport,
     SnapshotReport,
     Ungoverned,
     ValidationReport,
-    VerdictKind,
 )
 from tolaria_trainer.grad_norm import GradNorm
-from tolaria_trainer.guard import StepGuard
+from tolaria_trainer.guard import install_step_guard
 from tolaria_trainer.loggers import GovernorLoggers
-from tolaria_trainer.model.seeds import seed_slots
 from tolaria_trainer.options import GovernedKnobs, GovernedOptions, default_run_id
 from tolaria_trainer.outcome import Outcome
 from tolaria_trainer.reachability import Reachability
-from tolaria_trainer.snapshot import LastKnownGood, SnapshotInfo
+from tolaria_trainer.snapshot import SnapshotInfo
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
 from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk
-from tolaria_trainer.verdicts import ValidationSnapshots
+from tolaria_trainer.verdicts import ValidationSnapshots, validation_report
 from tolaria_trainer.vouching import Staged, StepSnapshots, TrainStreamVouching
 
 log = logging.getLogger("tolaria.governed")
@@ -84,7 +82,9 @@ class GovernedTraining:
     raises GovernorUnreachable after ``fail_closed_deadline_s``; a refusal (wrong token or role) then
     raises GovernorRefused instead of training ungoverned. ``loggers`` (a TensorBoard SummaryWriter, a wandb
     run, a logger with ``log_metrics``, a callable, or a list of them: ``tolaria_trainer.loggers``) get the
-    ``governor/*`` scalars and the decision's reason each time a command changed the run.
+    ``governor/*`` scalars and the decision's reason each time a command changed the run. The knobs
+    (``agree_every_steps``, ``fail_closed``, ...) are ``GovernedOptions``: given as ``options``, as keywords,
+    or both (the keywords replace those fields).
     """
 
     def __init__(
@@ -105,99 +105,63 @@ class GovernedTraining:
         loggers: Any = (),
         **knobs: Unpack[GovernedKnobs],
     ) -> None:
-        options = (options or GovernedOptions()).with_knobs(knobs)  # ValueError for a bad knob, naming it
+        options = (options if options is not None else GovernedOptions()).with_knobs(knobs)  # ValueError first
         self.options = options
         self.loggers = GovernorLoggers(loggers)  # TypeError for a bad one, before anything is changed
-        if isinstance(optimizers, torch.optim.Optimizer):
-            optimizers = [optimizers]
         self.device = torch.device(device) if device is not None else _device_of(model)
         self.dist = distributed if distributed is not None else Distributed(self.device)
-        self.guard: StepGuard | None = None
         self.state = TrainingState(
             model,
-            list(optimizers),
+            [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers),
             self.device,
-            self._guarded_factory(seed_optimizer_factory),
+            seed_optimizer_factory,
             schedulers=list(schedulers),
             scaler=grad_scaler,
             generator=generator,
             extra_state=extra_state,
         )
         self.run_id = options.run_id or default_run_id(options.task)
-        self.agree_every_steps = options.agree_every_steps
-        self.verdict_wait_s = options.verdict_wait_s
-        self.connect_wait_s = options.connect_wait_s
-        self.final_flush_s = options.final_flush_s
+        self.governance = governance_for(governor, self.run_id, self.dist, options)
+        # a grad scaler already skips non-finite steps
+        self.guard = install_step_guard(self.state) if options.guard_steps and grad_scaler is None else None
         self.progress = progress or (lambda event: None)
-        self.governance = _connect(governor, self.run_id, self.dist, options)
-        self.reachability = Reachability(
-            self.governance, options.fail_closed, options.fail_closed_deadline_s, options.connect_wait_s
-        )
-        if options.guard_steps and grad_scaler is None:  # a grad scaler already skips non-finite steps
-            self.guard = StepGuard(self.state)
-            for optimizer in self.state.optimizers:
-                self.guard.install(optimizer)
-        self.grad_norm = GradNorm(self.state, self.guard, self.device)
-        self.lkg = LastKnownGood(
-            options.snapshot_location,
-            options.step_snapshots,
-            store=shm_store(
-                options.snapshot_shm,
-                options.run_id is not None,
-                options.snapshot_location,
-                self.run_id,
-                self.dist.rank,
-                self.governance.governed,
-            ),
-        )
+        self.agree_every_steps = options.agree_every_steps  # read by every step: one lookup, not two
+        self._assemble(options)
         self.adopted: SnapshotInfo | None = None  # the snapshot an earlier process left in shared memory
+        self.last_validation: ValidationReport | None = None  # on the current timeline (None after a restore)
+        self.halted: str | None = None
+        self.started_at = time.monotonic()
+        self._single = self.dist.world_size == 1
+        self._started = False
+        self._closed = False
+        self._quiet_outcome = Outcome()
+
+    def _assemble(self, options: GovernedOptions) -> None:
+        """The collaborators this facade hands its work to, wired to the state, the governance and each other."""
+        governance, state, dist = self.governance, self.state, self.dist
+        self.reachability = Reachability(
+            governance, options.fail_closed, options.fail_closed_deadline_s, options.connect_wait_s
+        )
+        self.grad_norm = GradNorm(state, self.guard, self.device)
+        self.lkg = last_known_good(options, self.run_id, dist.rank, governance.governed)
         self.commands = Commands(
-            self.state,
+            state,
             self.lkg,
-            self.governance,
-            self.dist,
+            governance,
+            dist,
             self.guard,
             self.loggers,
             self._progress,
             onset_margin_steps=options.onset_margin_steps,
             halt_wait_s=options.halt_wait_s,
         )
-        self.vouching = TrainStreamVouching(self.governance, self.state, self.commands.any_known)
-        self.validations = ValidationSnapshots(
-            self.lkg, self.governance, self.dist, self.vouching, self._report_snapshot
-        )
+        self.vouching = TrainStreamVouching(governance, state, self.commands.any_known)
+        self.validations = ValidationSnapshots(self.lkg, governance, dist, self.vouching, self._report_snapshot)
+        every = options.step_snapshot_every
         self.step_snapshots = StepSnapshots(
-            self.lkg,
-            self.state,
-            self.governance,
-            self.dist,
-            self.vouching,
-            options.step_snapshot_every,
-            self._report_snapshot,
+            self.lkg, state, governance, dist, self.vouching, every, self._report_snapshot
         )
-        self._single = self.dist.world_size == 1
-        self.vitals = VitalsBuffer(
-            self.device, capacity=64, sink=self._send_vitals, flush_interval_s=options.vitals_flush_s
-        )
-        self.last_validation: ValidationReport | None = None  # on the current timeline (None after a restore)
-        self.halted: str | None = None
-        self.started_at = time.monotonic()
-        self._started = False
-        self._closed = False
-        self._quiet_outcome = Outcome()
-
-    def _guarded_factory(self, factory: OptimizerFactory | None) -> OptimizerFactory | None:
-        """The seed optimizer factory, with the step guard on every optimizer it makes."""
-        if factory is None:
-            return None
-
-        def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-            optimizer = factory(params)
-            if self.guard is not None:
-                self.guard.install(optimizer)
-            return optimizer
-
-        return make
+        self.vitals = VitalsBuffer(self.device, 64, sink=self._send_vitals, flush_interval_s=options.vitals_flush_s)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -208,14 +172,7 @@ class GovernedTraining:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc is None:
-            self.close(FinishStatus.COMPLETED)
-        elif isinstance(exc, RunHalted):
-            self.close(FinishStatus.HALTED, str(exc))
-        elif isinstance(exc, GovernorUnreachable | PeerLost):  # a lost peer: the launcher's restart goes on
-            self.close(None, str(exc))
-        else:
-            self.close(FinishStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        self.close(*_ending(exc))
 
     def start(self) -> None:
         """Connect (waiting up to ``connect_wait_s`` for the first Welcome), move to the run's timeline
@@ -235,16 +192,6 @@ class GovernedTraining:
         self.progress(event)
 
     @property
-    def known_commands(self) -> dict[int, Command]:
-        """The commands received and not executed yet, by id (``Commands``)."""
-        return self.commands.known
-
-    @property
-    def last_command_id(self) -> int:
-        """Every rank executed every command up to this id."""
-        return self.commands.last_command_id
-
-    @property
     def num_rollbacks(self) -> int:
         """ROLLBACKs executed."""
         return self.commands.num_rollbacks
@@ -253,11 +200,6 @@ class GovernedTraining:
     def num_restores(self) -> int:
         """ROLLBACKs and RESUMEs executed."""
         return self.commands.num_restores
-
-    @property
-    def pending(self) -> list[Staged]:
-        """The validation snapshots staged on this rank, oldest first (``ValidationSnapshots``)."""
-        return self.validations.pending
 
     @property
     def step_pending(self) -> Staged | None:
@@ -288,14 +230,8 @@ class GovernedTraining:
         if self.governance.refusal is not None:
             status = None  # a governor that refused this trainer takes nothing more
         finish = self._finish_report(status, message) if status is not None else None
-        timeout = self.final_flush_s if flush_timeout_s is None else flush_timeout_s
-        if status is None:
-            timeout = min(timeout, 0.5)
-        elif self.governance.pending() and not self.governance.connected:
-            log.info("waiting up to %.0f s for the governor to take the last records", timeout)
-        flushed = self.governance.close(finish, timeout)
-        if not flushed and status is not None:
-            log.warning("not every record reached the governor: %d pending", self.governance.pending())
+        timeout = self.options.final_flush_s if flush_timeout_s is None else flush_timeout_s
+        flushed = self.reachability.finish(finish, timeout)
         # The run finished: its snapshots go. Otherwise (failed, unreachable) they stay for a restart to adopt.
         self.lkg.close(remove=finish is not None and finish.status in (FinishStatus.COMPLETED, FinishStatus.HALTED))
         return flushed
@@ -417,17 +353,14 @@ class GovernedTraining:
             staged = self.validations.stage(state)
             if staged is not None:
                 self.vitals.pin(state.step, state.timeline)  # the detectors' state as of it, kept for a restore
-        report = ValidationReport(
-            timeline=state.timeline,
-            step=state.step,
-            epoch=state.epoch,
-            loss=float(loss),
-            accuracy=accuracy,
-            per_class_accuracy=tuple(per_class_accuracy),
+        report = validation_report(
+            state,
+            float(loss),
+            accuracy,
+            tuple(per_class_accuracy),
             perplexity=perplexity,
             train_loss=train_loss,
             train_accuracy=train_accuracy,
-            seeds=tuple(SeedReport(s.name, s.blueprint, str(s.stage), s.alpha) for s in seed_slots(state.model)),
         )
         self.vitals.flush()  # the steps before this validation go out first
         seq = self.governance.send_validation(report)
@@ -451,14 +384,7 @@ class GovernedTraining:
         self.commands.collect()
         if not self.dist.agree_max(int(self.condemned)):
             return self._quiet(self.state.timeline)
-        deadline = time.monotonic() + self.verdict_wait_s
-        while True:
-            self.vitals.flush()
-            self.commands.collect()
-            waiting = not self.known_commands and self.governance.connected
-            if not self.dist.agree_max(int(waiting)) or self.dist.agree_max(int(time.monotonic() >= deadline)):
-                break
-            time.sleep(0.01)
+        waits.for_command(self.commands, self.governance, self.dist, self.options.verdict_wait_s, self.vitals.flush)
         return self.agreement_point()
 
     def settle(self, wait_s: float | None = None) -> Outcome:
@@ -471,24 +397,10 @@ class GovernedTraining:
         the governor to come back and send it: a run must not finish on weights its governor already
         condemned because the governor restarted at the wrong moment (fail-open trains on, and says so)."""
         self._check_open()
-        started = time.monotonic()
-        wait = self.verdict_wait_s if wait_s is None else wait_s
-        while True:
-            verdict = self.validations.verdict(self.validations.latest_seq, 0.0)
-            self.commands.collect()
-            panic = verdict is not None and verdict.kind is VerdictKind.PANIC
-            if self.governance.connected:
-                judged = verdict is not None or self.validations.latest_seq is None
-                settled = judged and (not panic or bool(self.known_commands))
-                bound = wait
-            else:  # the governor is away: wait for it only for a command known to be on its way
-                in_hand = bool(self.known_commands) or self.governance.commands_waiting
-                settled = in_hand or not (panic or self.condemned)
-                bound = max(wait, self.connect_wait_s)
-            timed_out = time.monotonic() - started >= bound
-            if self.dist.agree_min(int(settled)) or self.dist.agree_max(int(timed_out)):
-                break
-            time.sleep(0.01)
+        wait = self.options.verdict_wait_s if wait_s is None else wait_s
+        waits.for_settled(
+            self.validations, self.commands, self.governance, self.dist, wait, self.options.connect_wait_s
+        )
         self.validations.settle()
         return self.agreement_point()
 
@@ -579,39 +491,35 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _ending(exc: BaseException | None) -> tuple[FinishStatus | None, str]:
+    """How a ``with`` block that raised ``exc`` (None: none) ended: the status to tell the governor (None: it is
+    not told; a lost peer's launcher restarts the ranks, an unreachable governor cannot hear it) and why."""
+    if exc is None:
+        return FinishStatus.COMPLETED, ""
+    if isinstance(exc, RunHalted):
+        return FinishStatus.HALTED, str(exc)
+    if isinstance(exc, GovernorUnreachable | PeerLost):
+        return None, str(exc)
+    return FinishStatus.FAILED, f"{type(exc).__name__}: {exc}"
+
+
 def _as_tensor(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     """A tensor as it is (the vitals buffer detaches it), a number as a 0-d tensor on ``device``."""
     return value if isinstance(value, torch.Tensor) else torch.tensor(float(value), device=device)
 
 
-def _connect(governor: str | Governance | None, run_id: str, dist: Distributed, options: GovernedOptions) -> Governance:
-    """The Governance for ``governor``: none (Ungoverned), the one given, or a connection to its address."""
+def governance_for(
+    governor: str | Governance | None, run_id: str, dist: Distributed, options: GovernedOptions
+) -> Governance:
+    """The Governance for a ``governor`` argument: none (Ungoverned), the one given, or a connection to its
+    address (``client.factory``, imported only then: an ungoverned run loads no gRPC)."""
     if governor is None:
         return Ungoverned()
     if not isinstance(governor, str):
         return governor
-    from tolaria_trainer.address import check_governor_address
-    from tolaria_trainer.client.client import ClientOptions, GovernorClient
-    from tolaria_trainer.client.connection import GovernorConnection, build_hello
+    from tolaria_trainer.client.factory import connect
 
-    check_governor_address(governor, "governor")
-    hello = build_hello(
-        run_id,
-        dist.rank,
-        dist.world_size,
-        options.task,
-        num_classes=options.num_classes,
-        random_guess_loss=options.random_guess_loss,
-        policy=options.policy,
-    )
-    client_options = ClientOptions(
-        heartbeat_s=options.heartbeat_s,
-        token=options.token or "",
-        tls_ca=options.tls_ca,
-        tls_cert=options.tls_cert,
-        tls_key=options.tls_key,
-    )
-    return GovernorConnection(GovernorClient(governor, hello, client_options))
+    return connect(governor, run_id, dist.rank, dist.world_size, options)
 
 
 __all__ = [
