@@ -49,7 +49,6 @@ from tolaria_trainer.governance import (
     FinishStatus,
     Governance,
     GovernorRefused,
-    SnapshotReport,
     Ungoverned,
     ValidationReport,
 )
@@ -58,12 +57,13 @@ from tolaria_trainer.guard import install_step_guard
 from tolaria_trainer.loggers import GovernorLoggers
 from tolaria_trainer.options import GovernedKnobs, GovernedOptions, default_run_id
 from tolaria_trainer.outcome import Outcome
+from tolaria_trainer.publishing import SnapshotPublishing
 from tolaria_trainer.reachability import Reachability
 from tolaria_trainer.snapshot import SnapshotInfo
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
 from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk
-from tolaria_trainer.verdicts import ValidationSnapshots, validation_report
-from tolaria_trainer.vouching import Staged, StepSnapshots, TrainStreamVouching
+from tolaria_trainer.verdicts import validation_report
+from tolaria_trainer.vouching import Staged
 
 log = logging.getLogger("tolaria.governed")
 
@@ -155,11 +155,8 @@ class GovernedTraining:
             onset_margin_steps=options.onset_margin_steps,
             halt_wait_s=options.halt_wait_s,
         )
-        self.vouching = TrainStreamVouching(governance, state, self.commands.any_known)
-        self.validations = ValidationSnapshots(self.lkg, governance, dist, self.vouching, self._report_snapshot)
-        every = options.step_snapshot_every
-        self.step_snapshots = StepSnapshots(
-            self.lkg, state, governance, dist, self.vouching, every, self._report_snapshot
+        self.snapshots = SnapshotPublishing(
+            self.lkg, state, governance, dist, self.commands.any_known, options.step_snapshot_every, self._progress
         )
         self.vitals = VitalsBuffer(self.device, 64, sink=self._send_vitals, flush_interval_s=options.vitals_flush_s)
 
@@ -204,7 +201,7 @@ class GovernedTraining:
     @property
     def step_pending(self) -> Staged | None:
         """The step snapshot staged at an agreement point, awaiting the train stream (``StepSnapshots``)."""
-        return self.step_snapshots.pending
+        return self.snapshots.steps.pending
 
     @property
     def governed(self) -> bool:
@@ -347,10 +344,11 @@ class GovernedTraining:
         state = self.state
         if epoch is not None:
             state.epoch = epoch
-        self.validations.settle()  # the previous validation's verdict has arrived by now: publish before restaging
+        validations = self.snapshots.validations
+        validations.settle()  # the previous validation's verdict has arrived by now: publish before restaging
         staged: SnapshotInfo | None = None
         if self.governed:  # without verdicts, a staged snapshot could never be published
-            staged = self.validations.stage(state)
+            staged = validations.stage(state)
             if staged is not None:
                 self.vitals.pin(state.step, state.timeline)  # the detectors' state as of it, kept for a restore
         report = validation_report(
@@ -365,7 +363,7 @@ class GovernedTraining:
         self.vitals.flush()  # the steps before this validation go out first
         seq = self.governance.send_validation(report)
         self.last_validation = report
-        self.validations.reported(seq, staged)
+        validations.reported(seq, staged)
         return seq
 
     @property
@@ -399,18 +397,15 @@ class GovernedTraining:
         self._check_open()
         wait = self.options.verdict_wait_s if wait_s is None else wait_s
         waits.for_settled(
-            self.validations, self.commands, self.governance, self.dist, wait, self.options.connect_wait_s
+            self.snapshots.validations, self.commands, self.governance, self.dist, wait, self.options.connect_wait_s
         )
-        self.validations.settle()
+        self.snapshots.validations.settle()
         return self.agreement_point()
 
     def checkpoint(self, why: str) -> SnapshotInfo:
         """Make the current state the LKG at once, without a verdict (the initial state; right after a
         seed was fossilized, when older snapshots no longer fit the model)."""
-        info = self.lkg.take(self.state)
-        log.info("snapshot published (%s) at step %d, %d bytes", why, info.step, info.snapshot_bytes)
-        self._report_snapshot(info)
-        return info
+        return self.snapshots.checkpoint(why)
 
     # ----------------------------------------------------------------- agreement
 
@@ -421,14 +416,14 @@ class GovernedTraining:
         self.vitals.pin(self.state.step, self.state.timeline)  # a step snapshot may be staged here
         self.vitals.flush()  # buffered records go out before anything decided here
         self.commands.collect()  # first: every verdict the governor sent before a command taken here has arrived
-        self.validations.settle()
+        self.snapshots.validations.settle()
         self._adopt_run_timeline()
-        self.step_snapshots.settle()
+        self.snapshots.steps.settle()
         command = self.commands.agree()
         if command is None:
             if self.loggers:
                 self.commands.log_records()  # a command's own event carries the counts
-            self.step_snapshots.stage(self.governed)
+            self.snapshots.steps.stage(self.governed)
             return self._quiet(self.state.timeline)
         return self._execute(command)
 
@@ -440,7 +435,7 @@ class GovernedTraining:
 
     def _send_vitals(self, chunk: VitalsChunk) -> None:
         last_seq = self.governance.send_vitals(chunk)
-        self.vouching.sent(chunk.timeline, chunk.steps[-1], last_seq)  # what vouching for a snapshot needs
+        self.snapshots.vouching.sent(chunk.timeline, chunk.steps[-1], last_seq)  # what vouching for a snapshot needs
 
     def _execute(self, command: Command) -> Outcome:
         """Execute the command every rank agreed on (``Commands``): a HALT waits for its RESUME (executed at
@@ -452,8 +447,7 @@ class GovernedTraining:
                 return self.agreement_point()
             self.halted = command.reason
             return Outcome(halted=True, command=command, timeline=self.state.timeline)
-        self.step_snapshots.drop()
-        self.validations.drop_all()  # staged on the timeline being left: nothing can publish them now
+        self.snapshots.drop_staged()
         restored = self.commands.restore(command)
         self.last_validation = None  # the validations reported since the LKG are undone
         return restored
@@ -466,8 +460,7 @@ class GovernedTraining:
         if target <= self.state.timeline:
             return
         self.vitals.flush()
-        self.validations.drop_all()  # staged on the old timeline: no verdict will publish them
-        self.step_snapshots.drop()
+        self.snapshots.drop_staged()
         log.warning(
             "adopting the run's timeline %d from the governor (was %d; %d records unjudged)",
             target,
@@ -475,14 +468,6 @@ class GovernedTraining:
             self.governance.num_unjudged_records,
         )
         self.state.timeline = target
-
-    def _report_snapshot(self, info: SnapshotInfo) -> None:
-        digest = self.lkg.digest_of(info)
-        self.governance.send_snapshot(
-            SnapshotReport(info.timeline, info.step, info.snapshot_bytes, info.duration_ms, info.location, digest)
-        )
-        if digest:
-            self.progress({"event": "snapshot", "timeline": info.timeline, "step": info.step, "digest": digest})
 
 
 def _device_of(model: nn.Module) -> torch.device:
