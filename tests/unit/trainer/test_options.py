@@ -7,7 +7,10 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
+from tests.unit.trainer.fake_governance import FakeGovernance
+from tolaria_trainer import GovernedTraining
 from tolaria_trainer.config import RunConfig
 from tolaria_trainer.integrations._common import GovernedFit
 from tolaria_trainer.options import GovernedKnobs, GovernedOptions
@@ -97,3 +100,19 @@ def test_a_callback_checks_its_knobs_when_it_is_made() -> None:
         4,
     )
     assert fit.runtime == {"extra_state": {}}
+
+
+def test_governed_training_takes_options_and_keywords_that_replace_their_fields() -> None:
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    options = GovernedOptions(run_id="opts", agree_every_steps=7, verdict_wait_s=1.0)
+    with GovernedTraining(model, optimizer, governor=FakeGovernance(), options=options, agree_every_steps=3) as gov:
+        assert gov.options == dataclasses.replace(options, agree_every_steps=3)
+        assert gov.run_id == "opts"
+        for _ in range(3):
+            gov.step(1.0, 1.0)
+        assert gov.state.step == 3
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="agree_every_steps must be >= 0"):
+        GovernedTraining(model, fresh, governor=None, options=options, agree_every_steps=-1)
+    assert "step" not in vars(fresh), "a refused option changes nothing: no step guard installed"
