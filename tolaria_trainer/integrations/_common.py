@@ -25,6 +25,9 @@ class GovernedFit:
     ``settle_at_end``: before closing, wait for the last validation's verdict (``GovernedTraining.settle``)
     so that a PANIC on it still restores the last-known-good weights in place: the model the framework
     leaves behind is then the LKG, not the diverged one (it cannot train those epochs again).
+
+    ``options``: the callback's keyword arguments; those that are GovernedOptions fields become ``self.options``
+    (checked here, once), the rest (``extra_state``, ``loggers``, ...) go to each fit's GovernedTraining as they are.
     """
 
     def __init__(
