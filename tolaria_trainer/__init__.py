@@ -15,15 +15,17 @@ __version__ = package_version()  # the installed distribution's (pyproject.toml)
 
 if TYPE_CHECKING:
     from tolaria_trainer.governed import GovernedTraining, GovernorUnreachable, Outcome, RunHalted
+    from tolaria_trainer.options import GovernedOptions
 
 _LAZY = {
+    "GovernedOptions": "tolaria_trainer.options",
     "GovernedTraining": "tolaria_trainer.governed",
     "GovernorUnreachable": "tolaria_trainer.governed",
     "Outcome": "tolaria_trainer.governed",
     "RunHalted": "tolaria_trainer.governed",
 }
 
-__all__ = ["GovernedTraining", "GovernorUnreachable", "Outcome", "RunHalted", "__version__"]
+__all__ = ["GovernedOptions", "GovernedTraining", "GovernorUnreachable", "Outcome", "RunHalted", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

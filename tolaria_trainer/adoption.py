@@ -1,6 +1,7 @@
 """Adopting the last-known-good an earlier process of this (run, rank) left in shared memory.
 
-``shm_store`` opens the segment set a snapshot outlives its process in; ``adopt_shared_snapshot`` is the
+``last_known_good`` builds a rank's snapshot store as its options ask, in the segment set ``shm_store`` opens
+for a snapshot to outlive its process; ``adopt_shared_snapshot`` is the
 start-up step that takes one over (docs/protocol.md, "SnapshotAdopted"). Invariant: every rank adopts,
 or none does; the ranks that adopt go on together on the run's next timeline, and the governor hears of it
 (SnapshotAdopted) before any record of that timeline.
@@ -14,6 +15,7 @@ from typing import Any
 
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.governance import AdoptionReport, Governance
+from tolaria_trainer.options import GovernedOptions
 from tolaria_trainer.shm import AdoptionRefused, ShmStore, ShmUnavailable
 from tolaria_trainer.snapshot import Adoption, LastKnownGood, SnapshotInfo, weights_digest
 from tolaria_trainer.training.state import TrainingState
@@ -21,6 +23,13 @@ from tolaria_trainer.training.state import TrainingState
 log = logging.getLogger("tolaria.governed")
 
 Progress = Callable[[dict[str, Any]], None]
+
+
+def last_known_good(options: GovernedOptions, run_id: str, rank: int, governed: bool) -> LastKnownGood:
+    """The LKG of this (run, rank) as ``options`` ask (location, step snapshots, shared memory: ``shm_store``)."""
+    named = options.run_id is not None
+    store = shm_store(options.snapshot_shm, named, options.snapshot_location, run_id, rank, governed)
+    return LastKnownGood(options.snapshot_location, options.step_snapshots, store=store)
 
 
 def shm_store(

@@ -4,6 +4,7 @@ The CLI builds one from its flags (most named as its fields; ``--address`` is ``
 is ``data_dir``) and a program can build one directly;
 either way ``__post_init__`` rejects what cannot work (a malformed fault or seed schedule, a missing TLS
 file, a bad governor address) with a message naming the flag, before any training starts.
+``governed_options`` is the one place its governance flags become the run's ``GovernedOptions``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 from tolaria_trainer.address import check_governor_address
 from tolaria_trainer.faults import parse_fault
 from tolaria_trainer.model.schedule import parse_schedule
-from tolaria_trainer.snapshot import LOCATIONS
+from tolaria_trainer.options import SNAPSHOT_LOCATIONS as LOCATIONS
+from tolaria_trainer.options import GovernedOptions, default_run_id
 
 
 @dataclass
@@ -76,6 +78,35 @@ class RunConfig:
             raise ValueError("--tls-cert and --tls-key go together (mTLS)")
         if self.governor:
             check_governor_address(self.governor)
+        self.governed_options()  # the governance knobs' own checks (messages name the field)
+
+    def governed_options(
+        self, *, num_classes: int | None = None, random_guess_loss: float | None = None
+    ) -> GovernedOptions:
+        """This run's GovernedOptions (the TLS files read here); ``num_classes`` or ``random_guess_loss`` is
+        the loaded task's. Snapshots live in shared memory only under a given --run-id: a restarted process
+        finds them only under the same id."""
+        return GovernedOptions(
+            run_id=self.run_id or default_run_id(self.task),
+            task=self.task,
+            token=self.token,
+            num_classes=num_classes,
+            random_guess_loss=random_guess_loss,
+            policy=self.policy,
+            snapshot_location=self.snapshot_location,
+            snapshot_shm=bool(self.run_id) and self.snapshot_shm,
+            agree_every_steps=self.agree_every_steps,
+            fail_closed=self.fail_closed,
+            fail_closed_deadline_s=self.fail_closed_deadline_s,
+            halt_wait_s=self.halt_wait_s,
+            verdict_wait_s=self.verdict_wait_s,
+            vitals_flush_s=self.vitals_flush_s,
+            final_flush_s=self.final_flush_s,
+            heartbeat_s=self.heartbeat_s,
+            tls_ca=self.tls_ca.read_bytes() if self.tls_ca else None,
+            tls_cert=self.tls_cert.read_bytes() if self.tls_cert else None,
+            tls_key=self.tls_key.read_bytes() if self.tls_key else None,
+        )
 
     @property
     def epoch_cap(self) -> int:

@@ -28,17 +28,16 @@ collectives run on a gloo group of their own (CPU tensors, no device sync).
 from __future__ import annotations
 
 import logging
-import math
 import time
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from torch import nn
 
-from tolaria_trainer.adoption import adopt_shared_snapshot, shm_store
+from tolaria_trainer import waits
+from tolaria_trainer.adoption import adopt_shared_snapshot, last_known_good
 from tolaria_trainer.commands import Commands
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import GovernorUnreachable, PeerLost, RollbackFailed, RunHalted
@@ -50,23 +49,21 @@ from tolaria_trainer.governance import (
     FinishStatus,
     Governance,
     GovernorRefused,
-    SeedReport,
-    SnapshotReport,
     Ungoverned,
     ValidationReport,
-    VerdictKind,
 )
 from tolaria_trainer.grad_norm import GradNorm
-from tolaria_trainer.guard import StepGuard
+from tolaria_trainer.guard import install_step_guard
 from tolaria_trainer.loggers import GovernorLoggers
-from tolaria_trainer.model.seeds import seed_slots
+from tolaria_trainer.options import GovernedKnobs, GovernedOptions, default_run_id
 from tolaria_trainer.outcome import Outcome
+from tolaria_trainer.publishing import SnapshotPublishing
 from tolaria_trainer.reachability import Reachability
-from tolaria_trainer.snapshot import LastKnownGood, SnapshotInfo
+from tolaria_trainer.snapshot import SnapshotInfo
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
 from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk
-from tolaria_trainer.verdicts import ValidationSnapshots
-from tolaria_trainer.vouching import Staged, StepSnapshots, TrainStreamVouching
+from tolaria_trainer.verdicts import validation_report
+from tolaria_trainer.vouching import Staged
 
 log = logging.getLogger("tolaria.governed")
 
@@ -85,7 +82,9 @@ class GovernedTraining:
     raises GovernorUnreachable after ``fail_closed_deadline_s``; a refusal (wrong token or role) then
     raises GovernorRefused instead of training ungoverned. ``loggers`` (a TensorBoard SummaryWriter, a wandb
     run, a logger with ``log_metrics``, a callable, or a list of them: ``tolaria_trainer.loggers``) get the
-    ``governor/*`` scalars and the decision's reason each time a command changed the run.
+    ``governor/*`` scalars and the decision's reason each time a command changed the run. The knobs
+    (``agree_every_steps``, ``fail_closed``, ...) are ``GovernedOptions``: given as ``options``, as keywords,
+    or both (the keywords replace those fields).
     """
 
     def __init__(
@@ -94,133 +93,72 @@ class GovernedTraining:
         optimizers: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
         *,
         governor: str | Governance | None,
-        run_id: str | None = None,
-        token: str | None = None,
-        num_classes: int | None = None,
-        random_guess_loss: float | None = None,
+        options: GovernedOptions | None = None,
         schedulers: Sequence[torch.optim.lr_scheduler.LRScheduler] = (),
         grad_scaler: torch.amp.GradScaler | None = None,
         extra_state: Any = None,
-        snapshot_location: str = "auto",
-        snapshot_shm: bool | None = None,
-        step_snapshots: int = 1,
-        step_snapshot_every: int = 250,
-        onset_margin_steps: int = 10,
-        agree_every_steps: int = 50,
-        guard_steps: bool = True,
-        fail_closed: bool = False,
-        fail_closed_deadline_s: float = 60.0,
-        halt_wait_s: float = 3600.0,
-        verdict_wait_s: float = 5.0,
-        vitals_flush_s: float = 0.1,
-        connect_wait_s: float = 10.0,
-        final_flush_s: float = 30.0,
-        heartbeat_s: float = 2.0,
-        policy: Mapping[str, Any] | None = None,
-        task: str = "custom",
-        tls_ca: bytes | None = None,
-        tls_cert: bytes | None = None,
-        tls_key: bytes | None = None,
         device: torch.device | str | None = None,
         generator: torch.Generator | None = None,
         seed_optimizer_factory: OptimizerFactory | None = None,
         distributed: Distributed | None = None,
         progress: Progress | None = None,
         loggers: Any = (),
+        **knobs: Unpack[GovernedKnobs],
     ) -> None:
-        _check_arguments(agree_every_steps, step_snapshot_every, onset_margin_steps, num_classes, random_guess_loss)
+        options = (options if options is not None else GovernedOptions()).with_knobs(knobs)  # ValueError first
+        self.options = options
         self.loggers = GovernorLoggers(loggers)  # TypeError for a bad one, before anything is changed
-        if isinstance(optimizers, torch.optim.Optimizer):
-            optimizers = [optimizers]
         self.device = torch.device(device) if device is not None else _device_of(model)
         self.dist = distributed if distributed is not None else Distributed(self.device)
-        self.guard: StepGuard | None = None
         self.state = TrainingState(
             model,
-            list(optimizers),
+            [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers),
             self.device,
-            self._guarded_factory(seed_optimizer_factory),
+            seed_optimizer_factory,
             schedulers=list(schedulers),
             scaler=grad_scaler,
             generator=generator,
             extra_state=extra_state,
         )
-        self.run_id = run_id or default_run_id(task)
-        self.agree_every_steps = agree_every_steps
-        self.verdict_wait_s = verdict_wait_s
-        self.connect_wait_s = connect_wait_s
-        self.final_flush_s = final_flush_s
+        self.run_id = options.run_id or default_run_id(options.task)
+        self.governance = governance_for(governor, self.run_id, self.dist, options)
+        # a grad scaler already skips non-finite steps
+        self.guard = install_step_guard(self.state) if options.guard_steps and grad_scaler is None else None
         self.progress = progress or (lambda event: None)
-        self.governance = _connect(
-            governor,
-            self.run_id,
-            self.dist,
-            task=task,
-            token=token or "",
-            num_classes=num_classes,
-            random_guess_loss=random_guess_loss,
-            policy=policy,
-            heartbeat_s=heartbeat_s,
-            tls=(tls_ca, tls_cert, tls_key),
-        )
-        self.reachability = Reachability(self.governance, fail_closed, fail_closed_deadline_s, connect_wait_s)
-        if guard_steps and grad_scaler is None:  # a grad scaler already skips non-finite steps
-            self.guard = StepGuard(self.state)
-            for optimizer in self.state.optimizers:
-                self.guard.install(optimizer)
-        self.grad_norm = GradNorm(self.state, self.guard, self.device)
-        self.lkg = LastKnownGood(
-            snapshot_location,
-            step_snapshots,
-            store=shm_store(
-                snapshot_shm,
-                run_id is not None,
-                snapshot_location,
-                self.run_id,
-                self.dist.rank,
-                self.governance.governed,
-            ),
-        )
+        self.agree_every_steps = options.agree_every_steps  # read by every step: one lookup, not two
+        self._assemble(options)
         self.adopted: SnapshotInfo | None = None  # the snapshot an earlier process left in shared memory
-        self.commands = Commands(
-            self.state,
-            self.lkg,
-            self.governance,
-            self.dist,
-            self.guard,
-            self.loggers,
-            self._progress,
-            onset_margin_steps=onset_margin_steps,
-            halt_wait_s=halt_wait_s,
-        )
-        self.vouching = TrainStreamVouching(self.governance, self.state, self.commands.any_known)
-        self.validations = ValidationSnapshots(
-            self.lkg, self.governance, self.dist, self.vouching, self._report_snapshot
-        )
-        self.step_snapshots = StepSnapshots(
-            self.lkg, self.state, self.governance, self.dist, self.vouching, step_snapshot_every, self._report_snapshot
-        )
-        self._single = self.dist.world_size == 1
-        self.vitals = VitalsBuffer(self.device, capacity=64, sink=self._send_vitals, flush_interval_s=vitals_flush_s)
         self.last_validation: ValidationReport | None = None  # on the current timeline (None after a restore)
         self.halted: str | None = None
         self.started_at = time.monotonic()
+        self._single = self.dist.world_size == 1
         self._started = False
         self._closed = False
         self._quiet_outcome = Outcome()
 
-    def _guarded_factory(self, factory: OptimizerFactory | None) -> OptimizerFactory | None:
-        """The seed optimizer factory, with the step guard on every optimizer it makes."""
-        if factory is None:
-            return None
-
-        def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
-            optimizer = factory(params)
-            if self.guard is not None:
-                self.guard.install(optimizer)
-            return optimizer
-
-        return make
+    def _assemble(self, options: GovernedOptions) -> None:
+        """The collaborators this facade hands its work to, wired to the state, the governance and each other."""
+        governance, state, dist = self.governance, self.state, self.dist
+        self.reachability = Reachability(
+            governance, options.fail_closed, options.fail_closed_deadline_s, options.connect_wait_s
+        )
+        self.grad_norm = GradNorm(state, self.guard, self.device)
+        self.lkg = last_known_good(options, self.run_id, dist.rank, governance.governed)
+        self.commands = Commands(
+            state,
+            self.lkg,
+            governance,
+            dist,
+            self.guard,
+            self.loggers,
+            self._progress,
+            onset_margin_steps=options.onset_margin_steps,
+            halt_wait_s=options.halt_wait_s,
+        )
+        self.snapshots = SnapshotPublishing(
+            self.lkg, state, governance, dist, self.commands.any_known, options.step_snapshot_every, self._progress
+        )
+        self.vitals = VitalsBuffer(self.device, 64, sink=self._send_vitals, flush_interval_s=options.vitals_flush_s)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -231,14 +169,7 @@ class GovernedTraining:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc is None:
-            self.close(FinishStatus.COMPLETED)
-        elif isinstance(exc, RunHalted):
-            self.close(FinishStatus.HALTED, str(exc))
-        elif isinstance(exc, GovernorUnreachable | PeerLost):  # a lost peer: the launcher's restart goes on
-            self.close(None, str(exc))
-        else:
-            self.close(FinishStatus.FAILED, f"{type(exc).__name__}: {exc}")
+        self.close(*_ending(exc))
 
     def start(self) -> None:
         """Connect (waiting up to ``connect_wait_s`` for the first Welcome), move to the run's timeline
@@ -258,16 +189,6 @@ class GovernedTraining:
         self.progress(event)
 
     @property
-    def known_commands(self) -> dict[int, Command]:
-        """The commands received and not executed yet, by id (``Commands``)."""
-        return self.commands.known
-
-    @property
-    def last_command_id(self) -> int:
-        """Every rank executed every command up to this id."""
-        return self.commands.last_command_id
-
-    @property
     def num_rollbacks(self) -> int:
         """ROLLBACKs executed."""
         return self.commands.num_rollbacks
@@ -278,14 +199,9 @@ class GovernedTraining:
         return self.commands.num_restores
 
     @property
-    def pending(self) -> list[Staged]:
-        """The validation snapshots staged on this rank, oldest first (``ValidationSnapshots``)."""
-        return self.validations.pending
-
-    @property
     def step_pending(self) -> Staged | None:
         """The step snapshot staged at an agreement point, awaiting the train stream (``StepSnapshots``)."""
-        return self.step_snapshots.pending
+        return self.snapshots.steps.pending
 
     @property
     def governed(self) -> bool:
@@ -311,14 +227,8 @@ class GovernedTraining:
         if self.governance.refusal is not None:
             status = None  # a governor that refused this trainer takes nothing more
         finish = self._finish_report(status, message) if status is not None else None
-        timeout = self.final_flush_s if flush_timeout_s is None else flush_timeout_s
-        if status is None:
-            timeout = min(timeout, 0.5)
-        elif self.governance.pending() and not self.governance.connected:
-            log.info("waiting up to %.0f s for the governor to take the last records", timeout)
-        flushed = self.governance.close(finish, timeout)
-        if not flushed and status is not None:
-            log.warning("not every record reached the governor: %d pending", self.governance.pending())
+        timeout = self.options.final_flush_s if flush_timeout_s is None else flush_timeout_s
+        flushed = self.reachability.finish(finish, timeout)
         # The run finished: its snapshots go. Otherwise (failed, unreachable) they stay for a restart to adopt.
         self.lkg.close(remove=finish is not None and finish.status in (FinishStatus.COMPLETED, FinishStatus.HALTED))
         return flushed
@@ -434,28 +344,26 @@ class GovernedTraining:
         state = self.state
         if epoch is not None:
             state.epoch = epoch
-        self.validations.settle()  # the previous validation's verdict has arrived by now: publish before restaging
+        validations = self.snapshots.validations
+        validations.settle()  # the previous validation's verdict has arrived by now: publish before restaging
         staged: SnapshotInfo | None = None
         if self.governed:  # without verdicts, a staged snapshot could never be published
-            staged = self.validations.stage(state)
+            staged = validations.stage(state)
             if staged is not None:
                 self.vitals.pin(state.step, state.timeline)  # the detectors' state as of it, kept for a restore
-        report = ValidationReport(
-            timeline=state.timeline,
-            step=state.step,
-            epoch=state.epoch,
-            loss=float(loss),
-            accuracy=accuracy,
-            per_class_accuracy=tuple(per_class_accuracy),
+        report = validation_report(
+            state,
+            float(loss),
+            accuracy,
+            tuple(per_class_accuracy),
             perplexity=perplexity,
             train_loss=train_loss,
             train_accuracy=train_accuracy,
-            seeds=tuple(SeedReport(s.name, s.blueprint, str(s.stage), s.alpha) for s in seed_slots(state.model)),
         )
         self.vitals.flush()  # the steps before this validation go out first
         seq = self.governance.send_validation(report)
         self.last_validation = report
-        self.validations.reported(seq, staged)
+        validations.reported(seq, staged)
         return seq
 
     @property
@@ -474,14 +382,7 @@ class GovernedTraining:
         self.commands.collect()
         if not self.dist.agree_max(int(self.condemned)):
             return self._quiet(self.state.timeline)
-        deadline = time.monotonic() + self.verdict_wait_s
-        while True:
-            self.vitals.flush()
-            self.commands.collect()
-            waiting = not self.known_commands and self.governance.connected
-            if not self.dist.agree_max(int(waiting)) or self.dist.agree_max(int(time.monotonic() >= deadline)):
-                break
-            time.sleep(0.01)
+        waits.for_command(self.commands, self.governance, self.dist, self.options.verdict_wait_s, self.vitals.flush)
         return self.agreement_point()
 
     def settle(self, wait_s: float | None = None) -> Outcome:
@@ -494,34 +395,17 @@ class GovernedTraining:
         the governor to come back and send it: a run must not finish on weights its governor already
         condemned because the governor restarted at the wrong moment (fail-open trains on, and says so)."""
         self._check_open()
-        started = time.monotonic()
-        wait = self.verdict_wait_s if wait_s is None else wait_s
-        while True:
-            verdict = self.validations.verdict(self.validations.latest_seq, 0.0)
-            self.commands.collect()
-            panic = verdict is not None and verdict.kind is VerdictKind.PANIC
-            if self.governance.connected:
-                judged = verdict is not None or self.validations.latest_seq is None
-                settled = judged and (not panic or bool(self.known_commands))
-                bound = wait
-            else:  # the governor is away: wait for it only for a command known to be on its way
-                in_hand = bool(self.known_commands) or self.governance.commands_waiting
-                settled = in_hand or not (panic or self.condemned)
-                bound = max(wait, self.connect_wait_s)
-            timed_out = time.monotonic() - started >= bound
-            if self.dist.agree_min(int(settled)) or self.dist.agree_max(int(timed_out)):
-                break
-            time.sleep(0.01)
-        self.validations.settle()
+        wait = self.options.verdict_wait_s if wait_s is None else wait_s
+        waits.for_settled(
+            self.snapshots.validations, self.commands, self.governance, self.dist, wait, self.options.connect_wait_s
+        )
+        self.snapshots.validations.settle()
         return self.agreement_point()
 
     def checkpoint(self, why: str) -> SnapshotInfo:
         """Make the current state the LKG at once, without a verdict (the initial state; right after a
         seed was fossilized, when older snapshots no longer fit the model)."""
-        info = self.lkg.take(self.state)
-        log.info("snapshot published (%s) at step %d, %d bytes", why, info.step, info.snapshot_bytes)
-        self._report_snapshot(info)
-        return info
+        return self.snapshots.checkpoint(why)
 
     # ----------------------------------------------------------------- agreement
 
@@ -532,14 +416,14 @@ class GovernedTraining:
         self.vitals.pin(self.state.step, self.state.timeline)  # a step snapshot may be staged here
         self.vitals.flush()  # buffered records go out before anything decided here
         self.commands.collect()  # first: every verdict the governor sent before a command taken here has arrived
-        self.validations.settle()
+        self.snapshots.validations.settle()
         self._adopt_run_timeline()
-        self.step_snapshots.settle()
+        self.snapshots.steps.settle()
         command = self.commands.agree()
         if command is None:
             if self.loggers:
                 self.commands.log_records()  # a command's own event carries the counts
-            self.step_snapshots.stage(self.governed)
+            self.snapshots.steps.stage(self.governed)
             return self._quiet(self.state.timeline)
         return self._execute(command)
 
@@ -551,7 +435,7 @@ class GovernedTraining:
 
     def _send_vitals(self, chunk: VitalsChunk) -> None:
         last_seq = self.governance.send_vitals(chunk)
-        self.vouching.sent(chunk.timeline, chunk.steps[-1], last_seq)  # what vouching for a snapshot needs
+        self.snapshots.vouching.sent(chunk.timeline, chunk.steps[-1], last_seq)  # what vouching for a snapshot needs
 
     def _execute(self, command: Command) -> Outcome:
         """Execute the command every rank agreed on (``Commands``): a HALT waits for its RESUME (executed at
@@ -563,8 +447,7 @@ class GovernedTraining:
                 return self.agreement_point()
             self.halted = command.reason
             return Outcome(halted=True, command=command, timeline=self.state.timeline)
-        self.step_snapshots.drop()
-        self.validations.drop_all()  # staged on the timeline being left: nothing can publish them now
+        self.snapshots.drop_staged()
         restored = self.commands.restore(command)
         self.last_validation = None  # the validations reported since the LKG are undone
         return restored
@@ -577,8 +460,7 @@ class GovernedTraining:
         if target <= self.state.timeline:
             return
         self.vitals.flush()
-        self.validations.drop_all()  # staged on the old timeline: no verdict will publish them
-        self.step_snapshots.drop()
+        self.snapshots.drop_staged()
         log.warning(
             "adopting the run's timeline %d from the governor (was %d; %d records unjudged)",
             target,
@@ -587,14 +469,6 @@ class GovernedTraining:
         )
         self.state.timeline = target
 
-    def _report_snapshot(self, info: SnapshotInfo) -> None:
-        digest = self.lkg.digest_of(info)
-        self.governance.send_snapshot(
-            SnapshotReport(info.timeline, info.step, info.snapshot_bytes, info.duration_ms, info.location, digest)
-        )
-        if digest:
-            self.progress({"event": "snapshot", "timeline": info.timeline, "step": info.step, "digest": digest})
-
 
 def _device_of(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
@@ -602,76 +476,39 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _ending(exc: BaseException | None) -> tuple[FinishStatus | None, str]:
+    """How a ``with`` block that raised ``exc`` (None: none) ended: the status to tell the governor (None: it is
+    not told; a lost peer's launcher restarts the ranks, an unreachable governor cannot hear it) and why."""
+    if exc is None:
+        return FinishStatus.COMPLETED, ""
+    if isinstance(exc, RunHalted):
+        return FinishStatus.HALTED, str(exc)
+    if isinstance(exc, GovernorUnreachable | PeerLost):
+        return None, str(exc)
+    return FinishStatus.FAILED, f"{type(exc).__name__}: {exc}"
+
+
 def _as_tensor(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
     """A tensor as it is (the vitals buffer detaches it), a number as a 0-d tensor on ``device``."""
     return value if isinstance(value, torch.Tensor) else torch.tensor(float(value), device=device)
 
 
-def _check_arguments(
-    agree_every_steps: int,
-    step_snapshot_every: int,
-    onset_margin_steps: int,
-    num_classes: int | None,
-    random_guess_loss: float | None,
-) -> None:
-    """ValueError for a constructor argument out of range, naming it and the value given."""
-    if agree_every_steps < 0:
-        raise ValueError(f"agree_every_steps must be >= 0 (0: only at validations), got {agree_every_steps}")
-    if step_snapshot_every < 1 or onset_margin_steps < 0:
-        raise ValueError(
-            f"step_snapshot_every must be >= 1 and onset_margin_steps >= 0, got {step_snapshot_every} "
-            f"and {onset_margin_steps}"
-        )
-    if num_classes is not None and random_guess_loss is not None:
-        raise ValueError("give num_classes (classification) or random_guess_loss (language models), not both")
-    if num_classes is not None and num_classes < 2:
-        raise ValueError(f"num_classes must be at least 2, got {num_classes}")
-    if random_guess_loss is not None and not (math.isfinite(random_guess_loss) and random_guess_loss > 0):
-        raise ValueError(f"random_guess_loss must be a positive finite number, got {random_guess_loss}")
-
-
-def _connect(
-    governor: str | Governance | None,
-    run_id: str,
-    dist: Distributed,
-    *,
-    task: str,
-    token: str,
-    num_classes: int | None,
-    random_guess_loss: float | None,
-    policy: Mapping[str, Any] | None,
-    heartbeat_s: float,
-    tls: tuple[bytes | None, bytes | None, bytes | None],
+def governance_for(
+    governor: str | Governance | None, run_id: str, dist: Distributed, options: GovernedOptions
 ) -> Governance:
-    """The Governance for ``governor``: none (Ungoverned), the one given, or a connection to its address."""
+    """The Governance for a ``governor`` argument: none (Ungoverned), the one given, or a connection to its
+    address (``client.factory``, imported only then: an ungoverned run loads no gRPC)."""
     if governor is None:
         return Ungoverned()
     if not isinstance(governor, str):
         return governor
-    from tolaria_trainer.address import check_governor_address
-    from tolaria_trainer.client.client import ClientOptions, GovernorClient
-    from tolaria_trainer.client.connection import GovernorConnection, build_hello
+    from tolaria_trainer.client.factory import connect
 
-    check_governor_address(governor, "governor")
-    hello = build_hello(
-        run_id,
-        dist.rank,
-        dist.world_size,
-        task,
-        num_classes=num_classes,
-        random_guess_loss=random_guess_loss,
-        policy=policy,
-    )
-    options = ClientOptions(heartbeat_s=heartbeat_s, token=token, tls_ca=tls[0], tls_cert=tls[1], tls_key=tls[2])
-    return GovernorConnection(GovernorClient(governor, hello, options))
-
-
-def default_run_id(task: str) -> str:
-    """``<task>-<UTC time>-<6 hex>``: two jobs never collide by accident."""
-    return f"{task}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    return connect(governor, run_id, dist.rank, dist.world_size, options)
 
 
 __all__ = [
+    "GovernedOptions",
     "GovernedTraining",
     "GovernorRefused",
     "GovernorUnreachable",

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from tolaria_trainer.training.state import TrainingState
 
@@ -127,3 +128,20 @@ class StepGuard:
         for grad in grads:  # 0 x NaN is NaN
             grad.nan_to_num_(0.0, 0.0, 0.0)
         return apply()
+
+
+def install_step_guard(state: TrainingState) -> StepGuard:
+    """A StepGuard on every optimizer of ``state``, and on each one its seed optimizer factory makes later."""
+    guard = StepGuard(state)
+    for optimizer in state.optimizers:
+        guard.install(optimizer)
+    factory = state.seed_optimizer_factory
+    if factory is not None:
+
+        def make(params: list[nn.Parameter]) -> torch.optim.Optimizer:
+            optimizer = factory(params)
+            guard.install(optimizer)
+            return optimizer
+
+        state.seed_optimizer_factory = make
+    return guard

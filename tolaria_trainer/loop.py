@@ -38,7 +38,6 @@ from tolaria_trainer.governed import (
     Progress,
     RollbackFailed,
     RunHalted,
-    default_run_id,
 )
 from tolaria_trainer.model import parse_schedule
 from tolaria_trainer.tasks import create_model, get_task
@@ -134,25 +133,10 @@ class GovernedRun:
             model,
             torch.optim.Adam(model.parameters(), lr=cfg.lr),
             governor=governance if governance is not None else cfg.governor,
-            run_id=cfg.run_id or default_run_id(cfg.task),
-            token=cfg.token,
-            num_classes=None if language_model else self.data.num_outputs,
-            random_guess_loss=self.task.random_guess_loss(self.data.num_outputs) if language_model else None,
-            snapshot_location=cfg.snapshot_location,
-            snapshot_shm=bool(cfg.run_id) and cfg.snapshot_shm,  # a restart finds them only under the same id
-            agree_every_steps=cfg.agree_every_steps,
-            fail_closed=cfg.fail_closed,
-            fail_closed_deadline_s=cfg.fail_closed_deadline_s,
-            halt_wait_s=cfg.halt_wait_s,
-            verdict_wait_s=cfg.verdict_wait_s,
-            vitals_flush_s=cfg.vitals_flush_s,
-            final_flush_s=cfg.final_flush_s,
-            heartbeat_s=cfg.heartbeat_s,
-            policy=cfg.policy,
-            task=cfg.task,
-            tls_ca=cfg.tls_ca.read_bytes() if cfg.tls_ca else None,
-            tls_cert=cfg.tls_cert.read_bytes() if cfg.tls_cert else None,
-            tls_key=cfg.tls_key.read_bytes() if cfg.tls_key else None,
+            options=cfg.governed_options(
+                num_classes=None if language_model else self.data.num_outputs,
+                random_guess_loss=self.task.random_guess_loss(self.data.num_outputs) if language_model else None,
+            ),
             device=self.device,
             generator=generator,
             seed_optimizer_factory=adam(cfg.lr),

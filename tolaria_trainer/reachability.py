@@ -6,13 +6,13 @@ import logging
 import time
 
 from tolaria_trainer.errors import GovernorUnreachable
-from tolaria_trainer.governance import Governance
+from tolaria_trainer.governance import FinishReport, Governance
 
 log = logging.getLogger("tolaria.governed")
 
 
 class Reachability:
-    """Whether training may go on without the governor's word.
+    """Whether training may go on without the governor's word, and how long the end waits for it.
 
     Invariant: fail-closed, no step trains before the governor welcomed this trainer, an agreement point
     waits while it is unreachable (GovernorUnreachable past ``deadline_s``), and a refusal raises
@@ -60,3 +60,16 @@ class Reachability:
             if self.governance.unreachable_for_s() > self.deadline_s:
                 raise GovernorUnreachable(f"governor unreachable for more than {self.deadline_s:g} s (fail-closed)")
             time.sleep(0.1)
+
+    def finish(self, finish: FinishReport | None, timeout_s: float) -> bool:
+        """Tell the governor how the run ended (None: it is not told, nor waited for more than half a second)
+        and wait up to ``timeout_s`` for it to take the last records; True if every record was acknowledged."""
+        governance = self.governance
+        if finish is None:
+            timeout_s = min(timeout_s, 0.5)
+        elif governance.pending() and not governance.connected:
+            log.info("waiting up to %.0f s for the governor to take the last records", timeout_s)
+        flushed = governance.close(finish, timeout_s)
+        if not flushed and finish is not None:
+            log.warning("not every record reached the governor: %d pending", governance.pending())
+        return flushed

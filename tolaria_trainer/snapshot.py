@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from tolaria_trainer.errors import RestoreError, SnapshotError
+from tolaria_trainer.options import SNAPSHOT_LOCATIONS
 from tolaria_trainer.shm import (
     AdoptionRefused,
     Segment,
@@ -55,7 +56,7 @@ from tolaria_trainer.training.state import TrainingState
 
 log = logging.getLogger("tolaria.snapshot")
 
-LOCATIONS = ("device", "pinned", "host", "auto")
+LOCATIONS = SNAPSHOT_LOCATIONS
 MAX_STAGED = 2  # staged validation snapshots held at once; staging another replaces the newest
 KEEP_VALIDATED = 2  # published validated snapshots kept: the newest, and an older one for a recurrence
 

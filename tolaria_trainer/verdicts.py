@@ -2,7 +2,7 @@
 
 Each validation stages a snapshot of the state it validated; the governor's Verdict on that validation says
 whether it may become the last-known-good (docs/protocol.md, "verdicts"). ``ValidationSnapshots`` holds
-them until every rank can publish or drop them together.
+them until every rank can publish or drop them together; ``validation_report`` is what the validation says.
 """
 
 from __future__ import annotations
@@ -12,12 +12,38 @@ from collections.abc import Callable
 
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import SnapshotError
-from tolaria_trainer.governance import Governance, Verdict, VerdictKind
+from tolaria_trainer.governance import Governance, SeedReport, ValidationReport, Verdict, VerdictKind
+from tolaria_trainer.model.seeds import seed_slots
 from tolaria_trainer.snapshot import MAX_STAGED, LastKnownGood, SnapshotInfo
 from tolaria_trainer.training.state import TrainingState
 from tolaria_trainer.vouching import Staged, TrainStreamVouching
 
 log = logging.getLogger("tolaria.governed")
+
+
+def validation_report(
+    state: TrainingState,
+    loss: float,
+    accuracy: float | None,
+    per_class_accuracy: tuple[float, ...],
+    *,
+    perplexity: float | None,
+    train_loss: float | None,
+    train_accuracy: float | None,
+) -> ValidationReport:
+    """The report of a validation of ``state`` as it is now (its timeline, step, epoch and live seeds)."""
+    return ValidationReport(
+        timeline=state.timeline,
+        step=state.step,
+        epoch=state.epoch,
+        loss=loss,
+        accuracy=accuracy,
+        per_class_accuracy=per_class_accuracy,
+        perplexity=perplexity,
+        train_loss=train_loss,
+        train_accuracy=train_accuracy,
+        seeds=tuple(SeedReport(s.name, s.blueprint, str(s.stage), s.alpha) for s in seed_slots(state.model)),
+    )
 
 
 class ValidationSnapshots:

@@ -12,6 +12,7 @@ from torch import nn
 from tolaria_trainer.governance import FinishStatus, Governance, GovernorRefused
 from tolaria_trainer.governed import GovernedTraining, GovernorUnreachable, Outcome, RunHalted
 from tolaria_trainer.loggers import GovernorLogger, GovernorLoggers
+from tolaria_trainer.options import GovernedOptions
 
 log = logging.getLogger("tolaria.integrations")
 
@@ -24,6 +25,9 @@ class GovernedFit:
     ``settle_at_end``: before closing, wait for the last validation's verdict (``GovernedTraining.settle``)
     so that a PANIC on it still restores the last-known-good weights in place: the model the framework
     leaves behind is then the LKG, not the diverged one (it cannot train those epochs again).
+
+    ``options``: the callback's keyword arguments; those that are GovernedOptions fields become ``self.options``
+    (checked here, once), the rest (``extra_state``, ``loggers``, ...) go to each fit's GovernedTraining as they are.
     """
 
     def __init__(
@@ -39,13 +43,17 @@ class GovernedFit:
     ) -> None:
         self.framework = framework
         self.governor = governor
-        self.run_id = run_id
-        self.token = token
-        self.num_classes = num_classes
-        self.random_guess_loss = random_guess_loss
+        knobs, runtime = GovernedOptions.split(options)
+        self.options = GovernedOptions(  # ValueError for a bad one when the callback is made, not at its fit
+            **{"task": framework, **knobs},
+            run_id=run_id,
+            token=token,
+            num_classes=num_classes,
+            random_guess_loss=random_guess_loss,
+        )
         self.settle_at_end = settle_at_end
-        self.options = {"task": framework, **options}
-        self.loggers = GovernorLoggers(self.options.pop("loggers", ()))  # the user's: TypeError for a bad one
+        self.loggers = GovernorLoggers(runtime.pop("loggers", ()))  # the user's: TypeError for a bad one
+        self.runtime = runtime  # GovernedTraining's other keyword arguments (extra_state, ...)
         self.governed: GovernedTraining | None = None  # of the fit in progress (or the last one, once closed)
         self.restores: list[Outcome] = []
         self.halt: Outcome | None = None
@@ -78,15 +86,12 @@ class GovernedFit:
             model,
             list(optimizers),
             governor=self.governor,
-            run_id=self.run_id,
-            token=self.token,
-            num_classes=self.num_classes,
-            random_guess_loss=self.random_guess_loss,
+            options=self.options,
             schedulers=schedulers,
             grad_scaler=grad_scaler,
             device=device,
             loggers=[*loggers, *self.loggers.loggers],
-            **self.options,
+            **self.runtime,
         )
         self.governed = governed
         governed.start()

@@ -69,7 +69,8 @@ log = logging.getLogger("tolaria.integrations.transformers")
 
 class GovernorCallback(TrainerCallback):
     """Governs ``Trainer.train``; ``**options`` are GovernedTraining's (``agree_every_steps``, ``fail_closed``,
-    ``policy``, ``snapshot_location``, ``extra_state``, ...). ``fit.governed`` is the run's
+    ``policy``, ``snapshot_location``, ``extra_state``, ...): the GovernedOptions fields among them are checked
+    here, when the callback is made (``fit.options``). ``fit.governed`` is the run's
     GovernedTraining, ``fit.restores`` the outcomes of its restores."""
 
     def __init__(
