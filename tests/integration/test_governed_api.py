@@ -160,7 +160,12 @@ def test_a_gradient_blow_up_between_validations_goes_back_to_a_step_snapshot(dae
                         val_loss = loss_fn(model(x[:512]), y[:512]).item()
                     gov.validate(val_loss, epoch=step // 100)
         gov.settle()
-    assert blow_up_at is not None, "a step snapshot after the last validation was vouched for"
+        why = (
+            f"shed {gov.governance.num_shed_records}, dropped {gov.governance.num_dropped_records}, "
+            f"verification steps {gov.governance.train_verification_steps}, step {gov.state.step}, "
+            f"published {[(i.kind, i.step) for i in gov.lkg.published]}"
+        )
+    assert blow_up_at is not None, f"a step snapshot after the last validation was vouched for ({why})"
     assert len(restores) == 1, restores
     (restore,) = restores
     assert restore.command is not None
