@@ -81,16 +81,7 @@ def execute_restore(
     if known is not None:
         return RestoreOutcome(**{**known.__dict__, "repeated": True})
     started = time.perf_counter()
-    culled: list[str] = []
-    for slot in seed_slots(state.model):
-        if slot.stage not in LIVE_STAGES:
-            continue
-        try:
-            slot.cull(f"rollback {command_id}: {reason}")
-            culled.append(slot.name)
-        except Exception:  # a cull that fails is logged, never fatal
-            log.exception("culling seed in %s failed", slot.name)
-        state.drop_seed_optimizer(slot.name)
+    culled = _cull_live_seeds(state, f"rollback {command_id}: {reason}")
     try:
         info = lkg.restore(state, onset_step, onset_margin, before_step)
     except RestoreError as exc:
@@ -107,16 +98,7 @@ def execute_restore(
         return outcome
     state.timeline = new_timeline
     state.lr_scale *= recovery_lr_scale
-    factor = state.lr_scale / info.lr_scale
-    if factor != 1.0:
-        for optimizer in (*state.optimizers, *state.seed_optimizers.values()):
-            for group in optimizer.param_groups:
-                group["lr"] = group["lr"] * factor
-        for scheduler in state.schedulers:
-            scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
-            last = getattr(scheduler, "_last_lr", None)
-            if last is not None:
-                scheduler._last_lr = [lr * factor for lr in last]
+    _scale_lrs(state, state.lr_scale / info.lr_scale)
     window = 0 if skip_through_step is None else max(0, skip_through_step - info.step)
     state.skip_batches = window + recovery_skip_batches
     outcome = RestoreOutcome(
@@ -124,3 +106,33 @@ def execute_restore(
     )
     ledger.put(outcome)
     return outcome
+
+
+def _cull_live_seeds(state: TrainingState, reason: str) -> list[str]:
+    """Cull every live seed and drop its optimizer; returns the slots culled (a cull that fails is logged,
+    never fatal, and its optimizer is dropped all the same)."""
+    culled: list[str] = []
+    for slot in seed_slots(state.model):
+        if slot.stage not in LIVE_STAGES:
+            continue
+        try:
+            slot.cull(reason)
+            culled.append(slot.name)
+        except Exception:  # a cull that fails is logged, never fatal
+            log.exception("culling seed in %s failed", slot.name)
+        state.drop_seed_optimizer(slot.name)
+    return culled
+
+
+def _scale_lrs(state: TrainingState, factor: float) -> None:
+    """Multiply every param group's lr (seed optimizers' too) and the schedulers' base and last lrs by ``factor``."""
+    if factor == 1.0:
+        return
+    for optimizer in (*state.optimizers, *state.seed_optimizers.values()):
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+    for scheduler in state.schedulers:
+        scheduler.base_lrs = [lr * factor for lr in scheduler.base_lrs]
+        last = getattr(scheduler, "_last_lr", None)
+        if last is not None:
+            scheduler._last_lr = [lr * factor for lr in last]
