@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from tolaria_trainer.errors import RestoreError
-from tolaria_trainer.snapshot_buffers import (
+from tolaria_trainer.snapshot.buffers import (
     BufferSet,
     OptimizerBuffers,
     optimizer_signature,

@@ -19,9 +19,9 @@ With a ``ShmStore`` (``tolaria_trainer/shm.py``) the host and pinned buffer sets
 memory: each published snapshot gets a digest, the newest one a manifest, and a restarted process of the
 same (run, rank) can ``adopt`` it when the governor vouches for that digest.
 
-``LastKnownGood`` is the facade over: ``snapshot_buffers`` (one snapshot's buffers, copy-in, allocation),
-``snapshot_ledger`` (which set is staged, published, the base; which one a restore picks),
-``snapshot_restore`` (copy-out into the TrainingState) and ``snapshot_manifest`` (the digest and manifest in
+``LastKnownGood`` is the facade over: ``buffers`` (one snapshot's buffers, copy-in, allocation),
+``ledger`` (which set is staged, published, the base; which one a restore picks),
+``restore`` (copy-out into the TrainingState) and ``manifest`` (the digest and manifest in
 shared memory, and the checks before adopting one).
 """
 
@@ -35,16 +35,16 @@ import torch
 from tolaria_trainer.errors import RestoreError, SnapshotError
 from tolaria_trainer.options import SNAPSHOT_LOCATIONS
 from tolaria_trainer.shm import AdoptionRefused, ShmStore
-from tolaria_trainer.snapshot_buffers import (
+from tolaria_trainer.snapshot.buffers import (
     BufferAllocator,
     BufferSet,
     buffer_signature,
     snapshot_keys,
     weights_digest,
 )
-from tolaria_trainer.snapshot_ledger import KEEP_VALIDATED, MAX_STAGED, SnapshotLedger, sets_needed
-from tolaria_trainer.snapshot_manifest import Adoption, prepare_adoption, seal
-from tolaria_trainer.snapshot_restore import restore_into
+from tolaria_trainer.snapshot.ledger import KEEP_VALIDATED, MAX_STAGED, SnapshotLedger, sets_needed
+from tolaria_trainer.snapshot.manifest import Adoption, prepare_adoption, seal
+from tolaria_trainer.snapshot.restore import restore_into
 from tolaria_trainer.training.state import TrainingState
 
 __all__ = [
@@ -261,7 +261,7 @@ class LastKnownGood:
         return next((self._sets[i].digest for i in self._ledger.published if self._sets[i].info == info), "")
 
     def _seal(self, index: int) -> None:
-        """A set just published: describe it and digest it (``snapshot_manifest.seal``), when it is in shared
+        """A set just published: describe it and digest it (``manifest.seal``), when it is in shared
         memory."""
         store = self.store
         if store is None or self._sets[index].info is None or index not in store.segments:

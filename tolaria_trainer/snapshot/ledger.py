@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from tolaria_trainer.snapshot_buffers import BufferSet
+from tolaria_trainer.snapshot.buffers import BufferSet
 
 if TYPE_CHECKING:
     from tolaria_trainer.snapshot import SnapshotInfo

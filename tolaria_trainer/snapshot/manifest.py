@@ -28,7 +28,7 @@ from tolaria_trainer.shm import (
     manifest_header,
     tensor_views,
 )
-from tolaria_trainer.snapshot_buffers import BufferSet, OptimizerBuffers, snapshot_keys
+from tolaria_trainer.snapshot.buffers import BufferSet, OptimizerBuffers, snapshot_keys
 from tolaria_trainer.training.state import TrainingState
 
 if TYPE_CHECKING:
