@@ -12,8 +12,9 @@ twice: FINISHED > HALTED > ROLLING_BACK > STALLED > ANOMALY > HEALTHY.
 ``RunPolicy`` composes the parts, each in its own module: the command ledger and the run's timeline
 (``policy/commands.py``), the train-stream detectors' states and their pins (``policy/pins.py``), the
 validation history (``policy/validation.py``), the loop breaker and the recovery ladder
-(``policy/escalation.py``, ``policy/recovery.py``) and the ranks (``policy/roster.py``). The rules are
-pure functions: the validation profiles (``policy/detectors.py``), the train-stream detectors
+(``policy/escalation.py``, ``policy/recovery.py``) and the ranks (``policy/roster.py``). The train stream is
+judged by a ``TrainStream`` (``policy/train_stream.py``) handed the pins, and its alarms are committed here. The
+rules are pure functions: the validation profiles (``policy/detectors.py``), the train-stream detectors
 (``policy/steps.py``) and the non-finite rule of train records (``policy/finite.py``).
 """
 
@@ -43,10 +44,10 @@ from governor_daemon.policy.decisions import (
 )
 from governor_daemon.policy.detectors import Judgement
 from governor_daemon.policy.escalation import Escalation, command_for
-from governor_daemon.policy.finite import first_blown_up, non_finite_reason
 from governor_daemon.policy.pins import DetectorPins
 from governor_daemon.policy.roster import Roster
-from governor_daemon.policy.steps import StepState, judge_pinned
+from governor_daemon.policy.steps import StepState
+from governor_daemon.policy.train_stream import TrainAlarm, TrainStream, non_finite_alarm
 from governor_daemon.policy.validation import ValidationHistory
 
 STATE_KEYS = (
@@ -193,11 +194,11 @@ class RunPolicy:
         """Judge one train-step record under the non-finite rule (policy/finite.py); train records never enter
         the validation history. Raises PolicyStateError like ``judge_validation`` for a stale or future timeline."""
         self._check_timeline(timeline)
+        alarm = non_finite_alarm(timeline, step, rank, loss, grad_norm, epoch, shed)
+        if alarm is not None:
+            return self._train_panic(alarm, now_s)
         judged = Judged("train", timeline, step, epoch, (rank,), (loss,))
-        reason = non_finite_reason(step, rank, loss, grad_norm, shed)
-        if reason is None:
-            return self._decision(judged, Outcome(Verdict.HEALTHY, Rule.TRAIN_FINITE, Action.NONE, "train step finite"))
-        return self._train_panic(judged, Rule.TRAIN_NON_FINITE, reason, now_s, step)
+        return self._decision(judged, Outcome(Verdict.HEALTHY, Rule.TRAIN_FINITE, Action.NONE, "train step finite"))
 
     def judge_train_batch(
         self,
@@ -212,52 +213,30 @@ class RunPolicy:
         pins: Sequence[int] = (),
         shed: bool = False,
     ) -> tuple[Decision | None, StepState | None]:
-        """Judge a batch of one rank's train-step records, in step order: the first non-finite one is a
-        PANIC at once (every profile); under the default profile the train-stream detectors
-        (``policy/steps.py``) then judge the finite ones. A ``shed`` batch (the daemon was behind,
-        docs/protocol.md "Shedding") gets the non-finite check only, which is vectorised and cheap: its
-        pins keep the detector state as it stands. Returns the decision (None: nothing to say)
-        and the rank's new detector state (None: unchanged, which it stays while a command is open or
-        the run is halted: records produced under an open command say nothing about the healthy run).
-        ``pins`` are steps a trainer may stage a snapshot at: the state as of each is kept (``DetectorPins.pin``).
-        Raises PolicyStateError like ``judge_validation`` for a stale or future timeline."""
+        """Judge a batch of one rank's train-step records (``TrainStream.judge_batch``, which says what ``shed`` and
+        ``pins`` do). Returns the decision (None: nothing to say) and the rank's new detector state (None: unchanged,
+        which it stays while a command is open or the run is halted). Raises PolicyStateError like
+        ``judge_validation`` for a stale or future timeline."""
         self._check_timeline(timeline)
-        bad = first_blown_up(losses, grads)
-        if bad is not None:
-            grad = None if grads is None else float(grads[bad])
-            decision = self.judge_train_step(
-                timeline, int(steps[bad]), rank, float(losses[bad]), grad, now_s, epoch, shed
-            )
-            return decision, None
-        if shed:
-            if pins:  # not judged: the state as it stands is the best one for their snapshots
-                self.detector_pins.keep_candidates(rank, timeline, pins)
-            return None, None
-        if self.config.profile != "default" or self.ledger.blocked_reason() is not None:
-            return None, None
-        state = self.detector_pins.step_states.get(rank, StepState(timeline=timeline))
-        state, alarm, pinned = judge_pinned(
-            state, timeline, steps, losses, grads, self.config, self.random_guess_loss(), rank, lrs, pins
-        )
-        self.detector_pins.judged(rank, state, timeline, pinned)
-        if alarm is None:
-            return None, state
-        judged = Judged("train", timeline, alarm.step, epoch, (rank,), (alarm.loss,))
-        return self._train_panic(judged, alarm.rule, alarm.reason, now_s, alarm.onset_step), state
+        stream = TrainStream(self.detector_pins, self.config, self.random_guess_loss(), self.ledger.blocked_reason())
+        alarm, state = stream.judge_batch(timeline, rank, steps, losses, grads, epoch, lrs, pins, shed)
+        return (None if alarm is None else self._train_panic(alarm, now_s)), state
 
-    def _train_panic(self, judged: Judged, rule: Rule, reason: str, now_s: float, onset_step: int) -> Decision:
-        """A PANIC from the train stream: a command at once (unless one is open, or the run is halted)."""
+    def _train_panic(self, alarm: TrainAlarm, now_s: float) -> Decision:
+        """Commit a PANIC from the train stream: a command at once (unless one is open, or the run is halted)."""
         blocked = self.ledger.blocked_reason()
+        command = None
         if blocked is None:
             self.last_verdict = Verdict.PANIC
-            action, command, suppressed, reason = self._intervene(reason, judged.step, now_s, onset_step)
+            action, command, suppressed, reason = self._intervene(
+                alarm.reason, alarm.judged.step, now_s, alarm.onset_step
+            )
             self.last_reason = reason
         else:
-            command = None
-            action, suppressed, reason = self._uncommitted(Verdict.PANIC, reason, blocked)
-        return self._decision(
-            judged, Outcome(Verdict.PANIC, rule, action, reason, command, suppressed=suppressed, onset_step=onset_step)
-        )
+            action, suppressed, reason = self._uncommitted(Verdict.PANIC, alarm.reason, blocked)
+        onset = alarm.onset_step
+        outcome = Outcome(Verdict.PANIC, alarm.rule, action, reason, command, suppressed=suppressed, onset_step=onset)
+        return self._decision(alarm.judged, outcome)
 
     # ----------------------------------------------------------------- commands and their results
 
