@@ -31,7 +31,6 @@ from governor_daemon.errors import PolicyStateError
 from governor_daemon.policy.commands import CommandLedger, CommandResult, Notice
 from governor_daemon.policy.config import PolicyConfig
 from governor_daemon.policy.decisions import (
-    SHADOW_NOTE,
     Action,
     Command,
     CommandKind,
@@ -43,7 +42,7 @@ from governor_daemon.policy.decisions import (
     Verdict,
 )
 from governor_daemon.policy.detectors import Judgement
-from governor_daemon.policy.escalation import Escalation, command_for
+from governor_daemon.policy.escalation import Escalation
 from governor_daemon.policy.pins import DetectorPins
 from governor_daemon.policy.roster import Roster
 from governor_daemon.policy.steps import StepState
@@ -403,20 +402,10 @@ class RunPolicy:
     def _intervene(
         self, reason: str, step: int, now_s: float, onset_step: int | None = None
     ) -> tuple[Action, Command | None, str | None, str]:
-        """Turn a committed PANIC (of the run's timeline) into ROLLBACK or HALT (loop breaker), honouring shadow
-        mode. A train-stream PANIC's ``onset_step`` goes with the command: the trainer restores a snapshot older
-        than it."""
-        fault_step = step if onset_step is None else onset_step
-        action, rung, reason = self.escalation.panic(reason, fault_step, step, self.timeline, self.config)
+        """Turn a committed PANIC into ROLLBACK or HALT (``Escalation.intervene``); the anomaly counter restarts."""
         self.validation.reset_counter()
         self.judged = RunState.HEALTHY
-        if self.config.shadow_mode:
-            return action, None, SHADOW_NOTE, f"{reason}; {SHADOW_NOTE}"
-        kind, recipe = command_for(action, rung, onset_step)
-        command = self.ledger.issue(kind, reason, step, now_s, self.config, recipe=recipe)
-        if kind is CommandKind.ROLLBACK:
-            self.escalation.rolled_back(command.command_id, rung, fault_step, step, self.timeline)
-        return action, command, None, reason
+        return self.escalation.intervene(reason, step, onset_step, now_s, self.ledger, self.config)
 
     def _uncommitted(self, verdict: Verdict, reason: str, blocked: str) -> tuple[Action, str | None, str]:
         """A record judged while a command may not be issued (``blocked`` says why): a PANIC names the action it

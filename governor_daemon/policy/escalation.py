@@ -8,9 +8,9 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from governor_daemon.policy.commands import Recipe
+from governor_daemon.policy.commands import CommandLedger, Recipe
 from governor_daemon.policy.config import PolicyConfig
-from governor_daemon.policy.decisions import Action, CommandKind
+from governor_daemon.policy.decisions import SHADOW_NOTE, Action, Command, CommandKind
 from governor_daemon.policy.recovery import Recovery, Rung, next_rung, recovery_of
 
 
@@ -20,7 +20,8 @@ class Escalation:
     ROLLBACK).
 
     Invariant: a PANIC HALTs instead of rolling back when the ladder reached its HALT rung, or when it would be
-    rollback number ``max_rollbacks`` + 1 within the window. A Resume clears both (``clear``).
+    rollback number ``max_rollbacks`` + 1 within the window. A Resume clears both (``clear``). It holds no
+    command: ``intervene`` issues a PANIC's on the ``CommandLedger`` it is handed.
     """
 
     def __init__(self, rollback_window: int) -> None:
@@ -52,6 +53,23 @@ class Escalation:
             )
         self.recent.append(1)
         return action, rung, reason
+
+    def intervene(
+        self, reason: str, step: int, onset_step: int | None, now_s: float, ledger: CommandLedger, config: PolicyConfig
+    ) -> tuple[Action, Command | None, str | None, str]:
+        """Turn a committed PANIC of ``step`` (on the ledger's timeline) into a ROLLBACK or HALT issued on ``ledger``,
+        honouring shadow mode (no command: what suppressed it is ``SHADOW_NOTE``). A train-stream PANIC's
+        ``onset_step`` goes with the command: the trainer restores a snapshot older than it. Returns the action, the
+        command, what suppressed it, and the reason."""
+        fault_step = step if onset_step is None else onset_step
+        action, rung, reason = self.panic(reason, fault_step, step, ledger.timeline, config)
+        if config.shadow_mode:
+            return action, None, SHADOW_NOTE, f"{reason}; {SHADOW_NOTE}"
+        kind, recipe = command_for(action, rung, onset_step)
+        command = ledger.issue(kind, reason, step, now_s, config, recipe=recipe)
+        if kind is CommandKind.ROLLBACK:
+            self.rolled_back(command.command_id, rung, fault_step, step, ledger.timeline)
+        return action, command, None, reason
 
     def passed(self) -> None:
         """A committed validation that was no PANIC."""
