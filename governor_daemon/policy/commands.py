@@ -160,6 +160,17 @@ class CommandLedger:
             self.halted = False
         return command
 
+    def check_current(self, timeline: int) -> None:
+        """Raise PolicyStateError unless a record of ``timeline`` is of the run's timeline: an earlier one is stale
+        (in flight during a rollback), a later one means a trainer restored without a command."""
+        if timeline < self.timeline:
+            raise PolicyStateError(f"stale record: timeline {timeline} < current {self.timeline}")
+        if timeline > self.timeline:
+            raise PolicyStateError(
+                f"record from timeline {timeline} but the run is on {self.timeline}: "
+                "the trainer restored without a command"
+            )
+
     def start_on(self, timeline: int) -> None:
         """A run that has issued no command yet starts on ``timeline`` (its first trainer is on it)."""
         if self.next_command_id != 1:

@@ -146,7 +146,7 @@ class RunPolicy:
         without judging them). While a command is open or the run is HALTED the record is judged for
         the journal but changes neither history nor counter, and a PANIC is suppressed.
         """
-        self._check_timeline(timeline)
+        self.ledger.check_current(timeline)
         if not losses_by_rank:
             raise ValueError("judge_validation needs at least one rank's loss")
         ranks = tuple(sorted(losses_by_rank))
@@ -192,7 +192,7 @@ class RunPolicy:
     ) -> Decision:
         """Judge one train-step record under the non-finite rule (policy/finite.py); train records never enter
         the validation history. Raises PolicyStateError like ``judge_validation`` for a stale or future timeline."""
-        self._check_timeline(timeline)
+        self.ledger.check_current(timeline)
         alarm = non_finite_alarm(timeline, step, rank, loss, grad_norm, epoch, shed)
         if alarm is not None:
             return self._train_panic(alarm, now_s)
@@ -216,7 +216,7 @@ class RunPolicy:
         ``pins`` do). Returns the decision (None: nothing to say) and the rank's new detector state (None: unchanged,
         which it stays while a command is open or the run is halted). Raises PolicyStateError like
         ``judge_validation`` for a stale or future timeline."""
-        self._check_timeline(timeline)
+        self.ledger.check_current(timeline)
         stream = TrainStream(self.detector_pins, self.config, self.random_guess_loss(), self.ledger.blocked_reason())
         alarm, state = stream.judge_batch(timeline, rank, steps, losses, grads, epoch, lrs, pins, shed)
         return (None if alarm is None else self._train_panic(alarm, now_s)), state
@@ -389,15 +389,6 @@ class RunPolicy:
         self.escalation.resize(config.rollback_window)
 
     # ----------------------------------------------------------------- internals
-
-    def _check_timeline(self, timeline: int) -> None:
-        if timeline < self.timeline:
-            raise PolicyStateError(f"stale record: timeline {timeline} < current {self.timeline}")
-        if timeline > self.timeline:
-            raise PolicyStateError(
-                f"record from timeline {timeline} but the run is on {self.timeline}: "
-                "the trainer restored without a command"
-            )
 
     def _intervene(
         self, reason: str, step: int, now_s: float, onset_step: int | None = None
