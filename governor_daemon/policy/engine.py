@@ -332,13 +332,8 @@ class RunPolicy:
     def memento(self) -> dict[str, Any]:
         """The whole state, its mutable parts copied (cheap: a few containers): ``restore_memento`` puts it
         back after an event that raised (core/undo.py)."""
-        state = dict(self.__dict__)
-        state["ledger"] = self.ledger.copy()
-        state["detector_pins"] = self.detector_pins.copy()
-        state["validation"] = self.validation.copy()
-        state["escalation"] = self.escalation.copy()
-        state["roster"] = self.roster.copy()
-        return state
+        parts = ("ledger", "detector_pins", "validation", "escalation", "roster")
+        return {**self.__dict__, **{name: getattr(self, name).copy() for name in parts}}
 
     def restore_memento(self, state: dict[str, Any]) -> None:
         """Put back a ``memento``."""
