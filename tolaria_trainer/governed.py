@@ -62,7 +62,7 @@ from tolaria_trainer.reachability import Reachability
 from tolaria_trainer.snapshot import SnapshotInfo
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
 from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk
-from tolaria_trainer.verdicts import validation_report
+from tolaria_trainer.verdicts import Measured
 from tolaria_trainer.vouching import Staged
 
 log = logging.getLogger("tolaria.governed")
@@ -341,29 +341,10 @@ class GovernedTraining:
         """The first half of ``validate``: stage the snapshot and queue the report; returns its seq. The
         caller holds the agreement point when it is ready (``tolaria-train`` reports progress between)."""
         self._check_open()
-        state = self.state
         if epoch is not None:
-            state.epoch = epoch
-        validations = self.snapshots.validations
-        validations.settle()  # the previous validation's verdict has arrived by now: publish before restaging
-        staged: SnapshotInfo | None = None
-        if self.governed:  # without verdicts, a staged snapshot could never be published
-            staged = validations.stage(state)
-            if staged is not None:
-                self.vitals.pin(state.step, state.timeline)  # the detectors' state as of it, kept for a restore
-        report = validation_report(
-            state,
-            float(loss),
-            accuracy,
-            tuple(per_class_accuracy),
-            perplexity=perplexity,
-            train_loss=train_loss,
-            train_accuracy=train_accuracy,
-        )
-        self.vitals.flush()  # the steps before this validation go out first
-        seq = self.governance.send_validation(report)
-        self.last_validation = report
-        validations.reported(seq, staged)
+            self.state.epoch = epoch
+        measured = Measured(loss, accuracy, per_class_accuracy, perplexity, train_loss, train_accuracy)
+        seq, self.last_validation = self.snapshots.validations.report(self.state, measured, self.governed, self.vitals)
         return seq
 
     @property
