@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from tolaria_trainer import waits
-from tolaria_trainer.adoption import adopt_shared_snapshot, last_known_good
+from tolaria_trainer.adoption import adopt_run_timeline, adopt_shared_snapshot, last_known_good
 from tolaria_trainer.commands import Commands
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import GovernorUnreachable, PeerLost, RollbackFailed, RunHalted
@@ -178,7 +178,7 @@ class GovernedTraining:
             return
         self._started = True
         self.reachability.connect()
-        self._adopt_run_timeline()
+        adopt_run_timeline(self.state, self.governance, self.dist, self.vitals.flush, self.snapshots.drop_staged)
         self.adopted = adopt_shared_snapshot(self.lkg, self.state, self.governance, self.dist, self._progress)
         if self.adopted is not None:
             self.commands.adopted_on(self.state.timeline - 1)
@@ -398,7 +398,7 @@ class GovernedTraining:
         self.vitals.flush()  # buffered records go out before anything decided here
         self.commands.collect()  # first: every verdict the governor sent before a command taken here has arrived
         self.snapshots.validations.settle()
-        self._adopt_run_timeline()
+        adopt_run_timeline(self.state, self.governance, self.dist, self.vitals.flush, self.snapshots.drop_staged)
         self.snapshots.steps.settle()
         command = self.commands.agree()
         if command is None:
@@ -432,23 +432,6 @@ class GovernedTraining:
         restored = self.commands.restore(command)
         self.last_validation = None  # the validations reported since the LKG are undone
         return restored
-
-    def _adopt_run_timeline(self) -> None:
-        """Move every rank to the run's timeline if the governor named a higher one (Welcome, Resync): a
-        restarted trainer's records would otherwise be stale forever. Records already buffered keep
-        their timeline; a snapshot staged on the old one can no longer be published."""
-        target = self.dist.agree_max(self.governance.run_timeline)
-        if target <= self.state.timeline:
-            return
-        self.vitals.flush()
-        self.snapshots.drop_staged()
-        log.warning(
-            "adopting the run's timeline %d from the governor (was %d; %d records unjudged)",
-            target,
-            self.state.timeline,
-            self.governance.num_unjudged_records,
-        )
-        self.state.timeline = target
 
 
 def _device_of(model: nn.Module) -> torch.device:
