@@ -40,12 +40,12 @@ from tolaria_trainer import waits
 from tolaria_trainer.adoption import adopt_run_timeline, adopt_shared_snapshot, last_known_good
 from tolaria_trainer.commands import Commands
 from tolaria_trainer.distributed import Distributed
-from tolaria_trainer.errors import GovernorUnreachable, PeerLost, RollbackFailed, RunHalted
+from tolaria_trainer.ending import ending, finish_report
+from tolaria_trainer.errors import GovernorUnreachable, RollbackFailed, RunHalted
 from tolaria_trainer.governance import (
     Command,
     CommandType,
     Coverage,
-    FinishReport,
     FinishStatus,
     Governance,
     GovernorRefused,
@@ -169,7 +169,7 @@ class GovernedTraining:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close(*_ending(exc))
+        self.close(*ending(exc))
 
     def start(self) -> None:
         """Connect (waiting up to ``connect_wait_s`` for the first Welcome), move to the run's timeline
@@ -226,24 +226,12 @@ class GovernedTraining:
         self.vitals.flush()
         if self.governance.refusal is not None:
             status = None  # a governor that refused this trainer takes nothing more
-        finish = self._finish_report(status, message) if status is not None else None
+        finish = finish_report(status, message, self.state, self.num_rollbacks, self.started_at, self.last_validation)
         timeout = self.options.final_flush_s if flush_timeout_s is None else flush_timeout_s
         flushed = self.reachability.finish(finish, timeout)
         # The run finished: its snapshots go. Otherwise (failed, unreachable) they stay for a restart to adopt.
         self.lkg.close(remove=finish is not None and finish.status in (FinishStatus.COMPLETED, FinishStatus.HALTED))
         return flushed
-
-    def _finish_report(self, status: FinishStatus, message: str) -> FinishReport:
-        last = self.last_validation
-        return FinishReport(
-            status=status,
-            epochs_completed=self.state.epoch,
-            num_rollbacks=self.num_rollbacks,
-            message=message or str(status),
-            duration_s=time.monotonic() - self.started_at,
-            final_validation_loss=last.loss if last else None,
-            final_validation_accuracy=last.accuracy if last else None,
-        )
 
     # ----------------------------------------------------------------- the user's calls
 
@@ -438,18 +426,6 @@ def _device_of(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-def _ending(exc: BaseException | None) -> tuple[FinishStatus | None, str]:
-    """How a ``with`` block that raised ``exc`` (None: none) ended: the status to tell the governor (None: it is
-    not told; a lost peer's launcher restarts the ranks, an unreachable governor cannot hear it) and why."""
-    if exc is None:
-        return FinishStatus.COMPLETED, ""
-    if isinstance(exc, RunHalted):
-        return FinishStatus.HALTED, str(exc)
-    if isinstance(exc, GovernorUnreachable | PeerLost):
-        return None, str(exc)
-    return FinishStatus.FAILED, f"{type(exc).__name__}: {exc}"
 
 
 def _as_tensor(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:
