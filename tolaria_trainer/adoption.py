@@ -1,10 +1,11 @@
-"""Adopting the last-known-good an earlier process of this (run, rank) left in shared memory.
+"""Adopting what an earlier process of this run left: the last-known-good in shared memory, the run's timeline.
 
 ``last_known_good`` builds a rank's snapshot store as its options ask, in the segment set ``shm_store`` opens
 for a snapshot to outlive its process; ``adopt_shared_snapshot`` is the
-start-up step that takes one over (docs/protocol.md, "SnapshotAdopted"). Invariant: every rank adopts,
-or none does; the ranks that adopt go on together on the run's next timeline, and the governor hears of it
-(SnapshotAdopted) before any record of that timeline.
+start-up step that takes one over (docs/protocol.md, "SnapshotAdopted"); ``adopt_run_timeline`` moves the
+ranks to the timeline the governor names. Invariant: every rank adopts, or none does; the ranks that adopt go
+on together on the same timeline, and the governor hears of a snapshot adopted (SnapshotAdopted) before any
+record of the timeline after it.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ def adopt_shared_snapshot(
             _refuse(progress, f"another rank holds {'none' if lowest < 0 else f'step {lowest}'}, not step {step}")
         return None
     info = lkg.complete_adoption(state, prepared)
-    adopted_on = state.timeline  # the run's, agreed by every rank (the facade's _adopt_run_timeline)
+    adopted_on = state.timeline  # the run's, agreed by every rank (adopt_run_timeline)
     governance.send_adopted(AdoptionReport(adopted_on, (info.timeline, info.step, prepared.digest), lkg.digest_ms))
     state.timeline = adopted_on + 1
     log.warning(
@@ -92,6 +93,31 @@ def adopt_shared_snapshot(
         }
     )
     return info
+
+
+def adopt_run_timeline(
+    state: TrainingState,
+    governance: Governance,
+    dist: Distributed,
+    flush: Callable[[], object],
+    drop_staged: Callable[[], None],
+) -> None:
+    """Move every rank to the run's timeline if the governor named a higher one (Welcome, Resync): a
+    restarted trainer's records would otherwise be stale forever. Records already buffered keep their
+    timeline (``flush`` sends them first); a snapshot staged on the old one can no longer be published
+    (``drop_staged``)."""
+    target = dist.agree_max(governance.run_timeline)
+    if target <= state.timeline:
+        return
+    flush()
+    drop_staged()
+    log.warning(
+        "adopting the run's timeline %d from the governor (was %d; %d records unjudged)",
+        target,
+        state.timeline,
+        governance.num_unjudged_records,
+    )
+    state.timeline = target
 
 
 def _prepare(lkg: LastKnownGood, state: TrainingState, governance: Governance, progress: Progress) -> Adoption | None:

@@ -37,15 +37,15 @@ import torch
 from torch import nn
 
 from tolaria_trainer import waits
-from tolaria_trainer.adoption import adopt_shared_snapshot, last_known_good
+from tolaria_trainer.adoption import adopt_run_timeline, adopt_shared_snapshot, last_known_good
 from tolaria_trainer.commands import Commands
 from tolaria_trainer.distributed import Distributed
-from tolaria_trainer.errors import GovernorUnreachable, PeerLost, RollbackFailed, RunHalted
+from tolaria_trainer.ending import ending, finish_report
+from tolaria_trainer.errors import GovernorUnreachable, RollbackFailed, RunHalted
 from tolaria_trainer.governance import (
     Command,
     CommandType,
     Coverage,
-    FinishReport,
     FinishStatus,
     Governance,
     GovernorRefused,
@@ -62,7 +62,7 @@ from tolaria_trainer.reachability import Reachability
 from tolaria_trainer.snapshot import SnapshotInfo
 from tolaria_trainer.training.state import OptimizerFactory, TrainingState
 from tolaria_trainer.training.vitals import VitalsBuffer, VitalsChunk
-from tolaria_trainer.verdicts import validation_report
+from tolaria_trainer.verdicts import Measured
 from tolaria_trainer.vouching import Staged
 
 log = logging.getLogger("tolaria.governed")
@@ -169,7 +169,7 @@ class GovernedTraining:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close(*_ending(exc))
+        self.close(*ending(exc))
 
     def start(self) -> None:
         """Connect (waiting up to ``connect_wait_s`` for the first Welcome), move to the run's timeline
@@ -178,7 +178,7 @@ class GovernedTraining:
             return
         self._started = True
         self.reachability.connect()
-        self._adopt_run_timeline()
+        adopt_run_timeline(self.state, self.governance, self.dist, self.vitals.flush, self.snapshots.drop_staged)
         self.adopted = adopt_shared_snapshot(self.lkg, self.state, self.governance, self.dist, self._progress)
         if self.adopted is not None:
             self.commands.adopted_on(self.state.timeline - 1)
@@ -226,24 +226,12 @@ class GovernedTraining:
         self.vitals.flush()
         if self.governance.refusal is not None:
             status = None  # a governor that refused this trainer takes nothing more
-        finish = self._finish_report(status, message) if status is not None else None
+        finish = finish_report(status, message, self.state, self.num_rollbacks, self.started_at, self.last_validation)
         timeout = self.options.final_flush_s if flush_timeout_s is None else flush_timeout_s
         flushed = self.reachability.finish(finish, timeout)
         # The run finished: its snapshots go. Otherwise (failed, unreachable) they stay for a restart to adopt.
         self.lkg.close(remove=finish is not None and finish.status in (FinishStatus.COMPLETED, FinishStatus.HALTED))
         return flushed
-
-    def _finish_report(self, status: FinishStatus, message: str) -> FinishReport:
-        last = self.last_validation
-        return FinishReport(
-            status=status,
-            epochs_completed=self.state.epoch,
-            num_rollbacks=self.num_rollbacks,
-            message=message or str(status),
-            duration_s=time.monotonic() - self.started_at,
-            final_validation_loss=last.loss if last else None,
-            final_validation_accuracy=last.accuracy if last else None,
-        )
 
     # ----------------------------------------------------------------- the user's calls
 
@@ -341,29 +329,10 @@ class GovernedTraining:
         """The first half of ``validate``: stage the snapshot and queue the report; returns its seq. The
         caller holds the agreement point when it is ready (``tolaria-train`` reports progress between)."""
         self._check_open()
-        state = self.state
         if epoch is not None:
-            state.epoch = epoch
-        validations = self.snapshots.validations
-        validations.settle()  # the previous validation's verdict has arrived by now: publish before restaging
-        staged: SnapshotInfo | None = None
-        if self.governed:  # without verdicts, a staged snapshot could never be published
-            staged = validations.stage(state)
-            if staged is not None:
-                self.vitals.pin(state.step, state.timeline)  # the detectors' state as of it, kept for a restore
-        report = validation_report(
-            state,
-            float(loss),
-            accuracy,
-            tuple(per_class_accuracy),
-            perplexity=perplexity,
-            train_loss=train_loss,
-            train_accuracy=train_accuracy,
-        )
-        self.vitals.flush()  # the steps before this validation go out first
-        seq = self.governance.send_validation(report)
-        self.last_validation = report
-        validations.reported(seq, staged)
+            self.state.epoch = epoch
+        measured = Measured(loss, accuracy, per_class_accuracy, perplexity, train_loss, train_accuracy)
+        seq, self.last_validation = self.snapshots.validations.report(self.state, measured, self.governed, self.vitals)
         return seq
 
     @property
@@ -417,7 +386,7 @@ class GovernedTraining:
         self.vitals.flush()  # buffered records go out before anything decided here
         self.commands.collect()  # first: every verdict the governor sent before a command taken here has arrived
         self.snapshots.validations.settle()
-        self._adopt_run_timeline()
+        adopt_run_timeline(self.state, self.governance, self.dist, self.vitals.flush, self.snapshots.drop_staged)
         self.snapshots.steps.settle()
         command = self.commands.agree()
         if command is None:
@@ -452,40 +421,11 @@ class GovernedTraining:
         self.last_validation = None  # the validations reported since the LKG are undone
         return restored
 
-    def _adopt_run_timeline(self) -> None:
-        """Move every rank to the run's timeline if the governor named a higher one (Welcome, Resync): a
-        restarted trainer's records would otherwise be stale forever. Records already buffered keep
-        their timeline; a snapshot staged on the old one can no longer be published."""
-        target = self.dist.agree_max(self.governance.run_timeline)
-        if target <= self.state.timeline:
-            return
-        self.vitals.flush()
-        self.snapshots.drop_staged()
-        log.warning(
-            "adopting the run's timeline %d from the governor (was %d; %d records unjudged)",
-            target,
-            self.state.timeline,
-            self.governance.num_unjudged_records,
-        )
-        self.state.timeline = target
-
 
 def _device_of(model: nn.Module) -> torch.device:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-def _ending(exc: BaseException | None) -> tuple[FinishStatus | None, str]:
-    """How a ``with`` block that raised ``exc`` (None: none) ended: the status to tell the governor (None: it is
-    not told; a lost peer's launcher restarts the ranks, an unreachable governor cannot hear it) and why."""
-    if exc is None:
-        return FinishStatus.COMPLETED, ""
-    if isinstance(exc, RunHalted):
-        return FinishStatus.HALTED, str(exc)
-    if isinstance(exc, GovernorUnreachable | PeerLost):
-        return None, str(exc)
-    return FinishStatus.FAILED, f"{type(exc).__name__}: {exc}"
 
 
 def _as_tensor(value: torch.Tensor | float, device: torch.device) -> torch.Tensor:

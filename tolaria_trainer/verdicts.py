@@ -2,13 +2,15 @@
 
 Each validation stages a snapshot of the state it validated; the governor's Verdict on that validation says
 whether it may become the last-known-good (docs/protocol.md, "verdicts"). ``ValidationSnapshots`` holds
-them until every rank can publish or drop them together; ``validation_report`` is what the validation says.
+them until every rank can publish or drop them together, and ``report`` sends each validation with the
+snapshot staged for it; ``validation_report`` is what the validation says (``Measured``: what it measured).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from tolaria_trainer.distributed import Distributed
 from tolaria_trainer.errors import SnapshotError
@@ -16,32 +18,36 @@ from tolaria_trainer.governance import Governance, SeedReport, ValidationReport,
 from tolaria_trainer.model.seeds import seed_slots
 from tolaria_trainer.snapshot import MAX_STAGED, LastKnownGood, SnapshotInfo
 from tolaria_trainer.training.state import TrainingState
+from tolaria_trainer.training.vitals import VitalsBuffer
 from tolaria_trainer.vouching import Staged, TrainStreamVouching
 
 log = logging.getLogger("tolaria.governed")
 
 
-def validation_report(
-    state: TrainingState,
-    loss: float,
-    accuracy: float | None,
-    per_class_accuracy: tuple[float, ...],
-    *,
-    perplexity: float | None,
-    train_loss: float | None,
-    train_accuracy: float | None,
-) -> ValidationReport:
+@dataclass(frozen=True)
+class Measured:
+    """What a validation measured, as the caller gave it (host numbers: ``validation_report`` converts them)."""
+
+    loss: float
+    accuracy: float | None
+    per_class_accuracy: Sequence[float]
+    perplexity: float | None
+    train_loss: float | None
+    train_accuracy: float | None
+
+
+def validation_report(state: TrainingState, measured: Measured) -> ValidationReport:
     """The report of a validation of ``state`` as it is now (its timeline, step, epoch and live seeds)."""
     return ValidationReport(
         timeline=state.timeline,
         step=state.step,
         epoch=state.epoch,
-        loss=loss,
-        accuracy=accuracy,
-        per_class_accuracy=per_class_accuracy,
-        perplexity=perplexity,
-        train_loss=train_loss,
-        train_accuracy=train_accuracy,
+        loss=float(measured.loss),
+        accuracy=measured.accuracy,
+        per_class_accuracy=tuple(measured.per_class_accuracy),
+        perplexity=measured.perplexity,
+        train_loss=measured.train_loss,
+        train_accuracy=measured.train_accuracy,
         seeds=tuple(SeedReport(s.name, s.blueprint, str(s.stage), s.alpha) for s in seed_slots(state.model)),
     )
 
@@ -70,6 +76,26 @@ class ValidationSnapshots:
         self.pending: list[Staged] = []  # staged validation snapshots, oldest first
         self.verdicts: dict[int, Verdict] = {}  # of the pending and the latest seq
         self.latest_seq: int | None = None  # the last validation's seq
+
+    def report(
+        self, state: TrainingState, measured: Measured, governed: bool, vitals: VitalsBuffer
+    ) -> tuple[int, ValidationReport]:
+        """Report a validation of ``state`` as it is now; returns its seq and the report. What the previous
+        verdicts allow is published first (they have arrived by now), then, when ``governed`` (without verdicts a
+        staged snapshot could never be published), a snapshot of ``state`` is staged for this validation, with
+        the detectors' state as of it pinned in ``vitals`` for a restore; the steps before the validation go out
+        before its report."""
+        self.settle()
+        staged: SnapshotInfo | None = None
+        if governed:
+            staged = self.stage(state)
+            if staged is not None:
+                vitals.pin(state.step, state.timeline)
+        report = validation_report(state, measured)
+        vitals.flush()
+        seq = self.governance.send_validation(report)
+        self.reported(seq, staged)
+        return seq, report
 
     def stage(self, state: TrainingState) -> SnapshotInfo | None:
         """Stage a snapshot of ``state`` for the validation about to be reported (the newest staged one makes
