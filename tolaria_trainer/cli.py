@@ -13,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -21,6 +21,9 @@ from tolaria import client_options, package_version, policy_args
 from tolaria.exit_codes import ExitCode, epilog
 from tolaria_trainer import logs
 from tolaria_trainer.errors import TrainerError
+
+if TYPE_CHECKING:  # the loop needs torch, which this module imports only after checking it is there
+    from tolaria_trainer.loop import RunSummary
 
 ENV_VARS = client_options.environment_variables()
 """Environment variables `tolaria-train` reads (the connection's, spelled as `governor`'s client commands do)."""
@@ -42,7 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--task", default="digits", choices=sorted(TASKS), help="task to train (default digits)")
+    _add_training_arguments(p, sorted(TASKS))
+    client_options.add_arguments(
+        p,
+        default_address=None,
+        address_help="checked (and resolved) before training; without it training is ungoverned",
+        legacy=True,
+    )
+    _add_run_arguments(p)
+    _add_fault_and_output_arguments(p)
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    return p
+
+
+def _add_training_arguments(p: argparse.ArgumentParser, tasks: list[str]) -> None:
+    """What to train and how: the task, its length, batch, learning rate, device and dataset."""
+    p.add_argument("--task", default="digits", choices=tasks, help="task to train (default digits)")
     p.add_argument("--epochs", type=int, default=15, help="epochs of progress to reach (default 15)")
     p.add_argument(
         "--max-epochs-total",
@@ -61,12 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="dataset for cifar10 (python batches) and tinylm (a text file)",
     )
     p.add_argument("--data-dir", dest=DEPRECATED_DATA_DIR, type=Path, default=None, help=argparse.SUPPRESS)
-    client_options.add_arguments(
-        p,
-        default_address=None,
-        address_help="checked (and resolved) before training; without it training is ungoverned",
-        legacy=True,
-    )
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The run under the governor: its id, the seeds' schedule, where snapshots live, fail-closed and HALT waits."""
     p.add_argument("--run-id", default="", help="run id (default <task>-<UTC time>-<6 hex>)")
     p.add_argument("--seed-schedule", default="", help="e.g. germinate:residual@2,blend@4,fossilize@7")
     p.add_argument("--snapshot-location", default="auto", choices=("auto", "device", "pinned", "host"))
@@ -90,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--halt-wait-s", type=float, default=3600.0, help="wait this long for Resume after HALT (0: exit at once)"
     )
+
+
+def _add_fault_and_output_arguments(p: argparse.ArgumentParser) -> None:
+    """Faults to inject, compilation, policy overrides, agreement points, the seed, and what is written out."""
     p.add_argument(
         "--inject",
         action="append",
@@ -115,8 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="stderr as JSON lines (auto: when stdout is not a TTY) or readable lines (default auto)",
     )
-    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
-    return p
 
 
 def parse_policy(pairs: Sequence[str]) -> dict[str, Any]:
@@ -222,9 +240,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # a bug: still one JSON line on stderr in JSON mode, with the traceback as a field
         logs.say("internal error (a bug: please report it with this log)", "error", exc_info=True)
         return ExitCode.INTERNAL_ERROR
+    _report(summary, args.summary_json)
+    return summary.exit_code
+
+
+def _report(summary: RunSummary, summary_json: Path | None) -> None:
+    """The run's summary: to ``--summary-json`` if given, one line on stderr for people, one JSON line on stdout."""
     report = summary.as_dict()
-    if args.summary_json is not None:
-        target = Path(str(args.summary_json).replace("{rank}", str(summary.rank)))
+    if summary_json is not None:
+        target = Path(str(summary_json).replace("{rank}", str(summary.rank)))
         target.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     acc = summary.final_validation_accuracy
     logs.say(
@@ -236,7 +260,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     # The same object as --summary-json's file, on one line: `tolaria-train ... | jq .status` reads it.
     logs.write_line(sys.stdout, json.dumps(report, allow_nan=False))
-    return summary.exit_code
 
 
 if __name__ == "__main__":
