@@ -157,7 +157,9 @@ def start(state: CoreState, e: ev.Start, fx: Effects) -> None:
 
 
 def stop(state: CoreState, e: ev.Stop, fx: Effects) -> None:
-    """Every stream is asked to end (trainers reconnect to the next daemon)."""
+    """Every attachment ends (its detach journaled, as for any EndStream the core sends itself: the runtime does
+    not report that stream's end) and its stream is asked to end; trainers reconnect to the next daemon."""
     for stream in list(state.streams):
+        unbind(state, stream, e.now, fx)
         fx.send(stream, EndStream(e.reason))
     fx.append_record("", DaemonStop(reason=e.reason))

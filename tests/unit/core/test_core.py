@@ -16,7 +16,7 @@ import pytest
 
 from governor_daemon.core import CoreOptions, Effects, GovernorCore, Limits, Outbound, Registry
 from governor_daemon.core import events as ev
-from governor_daemon.core.effects import Ack, CommandOut, Resync, Send, VerdictOut, Welcome
+from governor_daemon.core.effects import Ack, CommandOut, EndStream, Resync, Send, VerdictOut, Welcome
 from governor_daemon.errors import InvalidInputError, LimitExceededError, PolicyStateError
 from governor_daemon.journal.entry import canonical_json
 from governor_daemon.policy import CommandKind, PolicyConfig, RunState
@@ -691,3 +691,20 @@ def test_a_hello_ahead_of_a_run_that_issued_commands_does_not_move_it() -> None:
     h.handle(ev.Detach(1, h.now))
     h.handle(ev.Attach(2, "r", 0, 1, "later", "t", {}, None, 10, "", "p", "c", h.now, timeline=3))
     assert h.run().policy.timeline == 0
+
+
+def test_a_daemon_stop_ends_every_attachment_in_the_journal() -> None:
+    """Found by make stress-e2e (tests/e2e/test_event_lines.py, 1 run in 3): a Stop asked every stream to end
+    but left the attachments bound, and the runtime forgets a stream the core ended, so a trainer still attached
+    when the daemon stopped never got its detach entry: the audit log showed an attachment without an end. Now
+    each attached rank's detach is journaled with the stop, before its EndStream, and nothing stays bound."""
+    h = Harness()
+    h.attach(1, run="a")
+    h.attach(2, run="b", rank=1, world_size=2)
+    effects = h.handle(ev.Stop("daemon shutting down", h.now))
+    kinds = [(a.run, a.kind) for a in effects.entries]
+    assert sorted(k for k in kinds if k[1] == EntryKind.DETACH) == [("a", EntryKind.DETACH), ("b", EntryKind.DETACH)]
+    assert kinds[-1] == ("", EntryKind.DAEMON_STOP)
+    assert {s.stream for s in effects.sends if isinstance(s.message, EndStream)} == {1, 2}
+    assert h.core.streams == {}
+    assert h.handle(ev.Detach(1, h.now)).entries == [], "the stream's own end, reported later, adds nothing"
