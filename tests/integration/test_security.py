@@ -207,21 +207,18 @@ def test_tls_and_mtls(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None
             ["health", *tls_args, "--tls-cert", str(certs["client.pem"]), "--tls-key", str(certs["client.key"])]
         )
         assert (healthy.returncode, healthy.stdout.strip()) == (0, "SERVING"), healthy.stderr
-        from tolaria_trainer.client import ClientOptions, GovernorClient
+        from tolaria_trainer.client import ClientOptions, GovernorConnection
 
-        # The trainer's client over mTLS: the channel works, and the subject's role (controller) is enforced.
+        # The trainer's connection over mTLS: the channel works, and the subject's role (controller) is enforced.
         hello = trainer_service_pb2.Hello(run_id="tls-run", rank=0, world_size=1, incarnation_id="i", task="t")
         options = ClientOptions(
             tls_ca=ca, tls_cert=certs["client.pem"].read_bytes(), tls_key=certs["client.key"].read_bytes()
         )
-        client = GovernorClient(daemon.address, hello, options)
-        client.start()
-        deadline = time.monotonic() + 10
-        while client.refused is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert client.refused is not None
-        assert client.refused.code == "PERMISSION_DENIED"
-        client.close(0.1)
+        connection = GovernorConnection(daemon.address, hello, options)
+        assert connection.start(wait_s=60) is False, "start returns at the refusal, not a Welcome"
+        assert connection.refusal is not None
+        assert connection.refusal.code == "PERMISSION_DENIED"
+        connection.close(None, flush_timeout_s=0.1)
 
 
 def test_oversize_message_is_resource_exhausted(tmp_path: Path) -> None:

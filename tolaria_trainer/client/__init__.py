@@ -1,6 +1,7 @@
-"""The trainer's governor client: the sans-IO protocol, its outbox, and the grpc sender thread around them."""
+"""The trainer's governor client: ``GovernorConnection`` (the ``Governance`` over gRPC), the sans-IO
+protocol it drives, its outbox, its sender thread and its protobuf translation."""
 
-from tolaria_trainer.client.client import ClientOptions, GovernorClient
+from tolaria_trainer.client.connection import GovernorConnection
 from tolaria_trainer.client.errors import GovernorClientError, GovernorRefused
 from tolaria_trainer.client.outbox import Outbox
 from tolaria_trainer.client.protocol import (
@@ -10,13 +11,14 @@ from tolaria_trainer.client.protocol import (
     TrainerProtocol,
     timeline_after,
 )
+from tolaria_trainer.client.sender import ClientOptions
 from tolaria_trainer.governance import VitalsColumns, VitalsSource
 
 __all__ = [
     "ClientOptions",
     "EndKind",
-    "GovernorClient",
     "GovernorClientError",
+    "GovernorConnection",
     "GovernorRefused",
     "Outbox",
     "ProtocolOptions",

@@ -1,15 +1,16 @@
 """The gRPC Governance of one rank: a GovernorConnection to the governor at an address.
 
 ``GovernedTraining`` is handed a ``Governance``; for a ``governor="host:port"`` argument this builds it
-(the Hello from the rank and its options, the client's options from theirs). Nothing is started here:
-``Governance.start`` opens the stream.
+(the Hello from the rank and its options, the connection's options from theirs). Nothing is started
+here: ``Governance.start`` opens the stream.
 """
 
 from __future__ import annotations
 
 from tolaria_trainer.address import check_governor_address
-from tolaria_trainer.client.client import ClientOptions, GovernorClient
-from tolaria_trainer.client.connection import GovernorConnection, build_hello
+from tolaria_trainer.client.connection import GovernorConnection
+from tolaria_trainer.client.messages import build_hello
+from tolaria_trainer.client.sender import ClientOptions
 from tolaria_trainer.options import GovernedOptions
 
 
@@ -33,7 +34,7 @@ def connect(address: str, run_id: str, rank: int, world_size: int, options: Gove
         tls_cert=options.tls_cert,
         tls_key=options.tls_key,
     )
-    return GovernorConnection(GovernorClient(address, hello, client_options))
+    return GovernorConnection(address, hello, client_options)
 
 
 __all__ = ["connect"]

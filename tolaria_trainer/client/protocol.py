@@ -3,8 +3,8 @@
 No threads, sockets, grpc or clock reads: whoever drives it passes the time (``now``, monotonic
 seconds) and the randomness in, feeds it what the daemon sent and transmits what it hands back, so a
 simulation with fake time reaches every state and gets the same output for the same inputs. The
-contract it implements is docs/protocol.md. ``GovernorClient`` (``client/client.py``) drives it from
-a sender thread over grpc; a simulation drives it directly.
+contract it implements is docs/protocol.md. ``GovernorConnection`` (``client/connection.py``) drives it
+from a sender thread over grpc; a simulation drives it directly.
 
 Driving one connection::
 
@@ -96,7 +96,7 @@ def timeline_after(command: trainer_service_pb2.Command, succeeded: bool) -> int
 
 
 class TrainerProtocol:
-    """The trainer's protocol state. Not thread-safe: one caller at a time (the adapter holds a lock)."""
+    """The trainer's protocol state. Not thread-safe: one caller at a time (``GovernorConnection`` holds a lock)."""
 
     def __init__(self, hello: trainer_service_pb2.Hello, options: ProtocolOptions, now: float) -> None:
         self.hello = hello

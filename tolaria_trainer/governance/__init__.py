@@ -3,9 +3,10 @@
 ``GovernedTraining`` (``governed.py``) talks to the governor only through the ``Governance`` protocol
 (``port.py``): queue vitals, validation reports, snapshot reports, command results and the finish; read
 verdicts, commands and the run's timeline. The types it speaks are in ``types.py``, a refusal in
-``errors.py``. ``client/connection.py`` implements the port over the Attach stream (the only place
-protobufs are built); ``Ungoverned`` (``null.py``) implements it as nothing at all, so the loop never asks
-whether a governor exists; tests drive a loop with a scripted fake. Nothing here imports ``client/``.
+``errors.py``. ``client/connection.py`` implements the port over the Attach stream
+(``client/messages.py`` is the only place protobufs are built); ``Ungoverned`` (``null.py``) implements it
+as nothing at all, so the loop never asks whether a governor exists; tests drive a loop with a scripted
+fake. Nothing here imports ``client/``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Small builders for trainer unit tests: a real model on the synthetic task, and a governed run whose
-client's sender thread never starts: the test plays the daemon by feeding AttachResponses to the
-client's protocol and reading back what it would transmit."""
+connection's sender thread never starts: the test plays the daemon by feeding AttachResponses to the
+connection's protocol and reading back what it would transmit."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from tolaria.governor.v1 import trainer_service_pb2
-from tolaria_trainer.client import GovernorClient
-from tolaria_trainer.client.connection import GovernorConnection
+from tolaria_trainer.client import GovernorConnection, TrainerProtocol
 from tolaria_trainer.config import RunConfig
 from tolaria_trainer.loop import GovernedRun
 from tolaria_trainer.tasks import create_model, get_task
@@ -97,10 +96,10 @@ HELLO = trainer_service_pb2.Hello(run_id="r", rank=0, world_size=1, incarnation_
 
 
 class ScriptedGovernor:
-    """Plays the daemon for one unstarted GovernorClient, through its protocol object."""
+    """Plays the daemon for one unstarted GovernorConnection, through its protocol object."""
 
-    def __init__(self, client: GovernorClient) -> None:
-        self.protocol = client.protocol
+    def __init__(self, protocol: TrainerProtocol) -> None:
+        self.protocol = protocol
         self.sent: list[trainer_service_pb2.AttachRequest] = []
         self.generation = 0
 
@@ -170,10 +169,10 @@ def governed_run(**overrides: Any) -> tuple[GovernedRun, ScriptedGovernor]:
         "final_flush_s": 0.0,
         "verdict_wait_s": 0.0,
     }
-    client = GovernorClient("unused", HELLO)
-    governor = ScriptedGovernor(client)
+    connection = UnstartedConnection("unused", HELLO)
+    governor = ScriptedGovernor(connection.protocol)
     governor.welcome()
-    run = GovernedRun(RunConfig(**{**defaults, **overrides}), governance=UnstartedConnection(client))
+    run = GovernedRun(RunConfig(**{**defaults, **overrides}), governance=connection)
     return run, governor
 
 

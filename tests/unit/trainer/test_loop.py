@@ -13,7 +13,6 @@ import pytest
 from tests.unit.trainer.fake_governance import FakeGovernance
 from tests.unit.trainer.helpers import HELLO, UnstartedConnection, batches, governed_run, validations
 from tolaria.governor.v1 import common_pb2
-from tolaria_trainer.client import GovernorClient
 from tolaria_trainer.config import RunConfig
 from tolaria_trainer.governance import CommandType, FinishStatus, VerdictKind
 from tolaria_trainer.governed import Outcome
@@ -178,9 +177,9 @@ def test_a_governor_that_never_judged_a_record_is_not_claimed() -> None:
     """Hardening 2, defect 4: with --governor naming a dead port, tolaria-train exited 0 with "governed": true,
     unjudged_records 0 and an empty message. A run whose governor never acknowledged a record is ungoverned and
     says so, naming the governor; every record it sent counts as never judged."""
-    client = GovernorClient("127.0.0.1:1", HELLO)  # never welcomed: nothing listens there
+    connection = UnstartedConnection("127.0.0.1:1", HELLO)  # never welcomed: nothing listens there
     config = RunConfig(task="synthetic", epochs=2, batch_size=8, agree_every_steps=10, final_flush_s=0.0)
-    run = GovernedRun(RunConfig(**{**config.__dict__, "verdict_wait_s": 0.0}), governance=UnstartedConnection(client))
+    run = GovernedRun(RunConfig(**{**config.__dict__, "verdict_wait_s": 0.0}), governance=connection)
     summary = run.run()
     assert (summary.status, summary.exit_code, summary.epochs_completed) == ("completed", 0, 2)
     assert summary.governed is False
@@ -222,13 +221,13 @@ def test_settle_waits_for_a_reconnecting_governor_when_a_command_is_known_to_be_
     run.gov.start()
     run._epoch()
     assert run.gov.condemned, "the NaN step was skipped: a ROLLBACK is on its way"
-    client = run.gov.governance.client  # type: ignore[attr-defined]
-    with client._cond:
+    lock = run.gov.governance._lock  # type: ignore[attr-defined]
+    with lock:
         governor.protocol.connection_lost(time.monotonic(), "UNAVAILABLE", "daemon killed")
 
     def daemon_comes_back() -> None:
         time.sleep(0.3)
-        with client._cond:
+        with lock:
             governor.welcome()
             governor.command(1, common_pb2.COMMAND_TYPE_ROLLBACK, timeline=0)
 
