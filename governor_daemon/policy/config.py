@@ -98,8 +98,9 @@ class PolicyConfig:
         return dataclasses.replace(self, **applied), skipped
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain dict of every field (JSON-ready)."""
-        return dataclasses.asdict(self)
+        """Plain dict of every field (JSON-ready; every field is a scalar). Built by hand: the core writes it
+        into every entry's effects and every checkpoint, and ``dataclasses.asdict`` deep-copies each value."""
+        return {name: getattr(self, name) for name in FIELD_NAMES}
 
 
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(PolicyConfig))

@@ -27,7 +27,7 @@ the ladder as its last rung. Pure: the engine keeps a ``Recovery`` in its journa
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from governor_daemon.policy.config import PolicyConfig
@@ -52,8 +52,8 @@ class Recovery:
     origin_restored_step: int | None = None  # what rung 0 restored
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready dict."""
-        return asdict(self)
+        """JSON-ready dict (every field is a scalar: built by hand, ``dataclasses.asdict`` deep-copies)."""
+        return {f: getattr(self, f) for f in _FIELDS}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recovery:
@@ -81,6 +81,9 @@ class Recovery:
         """The command was executed: it restored ``step``."""
         origin = step if self.rung == 0 else self.origin_restored_step
         return replace(self, restored_step=step, origin_restored_step=origin)
+
+
+_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Recovery))
 
 
 @dataclass(frozen=True)

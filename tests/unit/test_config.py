@@ -170,3 +170,11 @@ def test_the_core_bounds_have_one_home(tmp_path: Path) -> None:
     }
     changed = settings_for(tmp_path, **{name: getattr(Limits(), name) + 1 for name in bound})
     assert changed.limits() == Limits(**{name: getattr(Limits(), name) + 1 for name in bound})
+
+
+def test_the_config_dict_is_every_field_in_order_and_scalar() -> None:
+    """``as_dict`` is built by hand (it is in every entry's effects): it must stay what ``dataclasses.asdict``
+    gives, field for field in declaration order, and every value a scalar that needs no copy."""
+    config = dataclasses.replace(PolicyConfig(), step_loss_patience=7, profile="seed")
+    assert list(config.as_dict().items()) == list(dataclasses.asdict(config).items())
+    assert all(isinstance(v, (bool, int, float, str, type(None))) for v in config.as_dict().values())

@@ -4,6 +4,7 @@ diagnosis), a new fault starts at rung 0, Resume starts afresh, and the ladder s
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -113,3 +114,10 @@ def test_the_ladder_survives_the_journal() -> None:
     assert isinstance(again.escalation.recovery, Recovery)
     assert again.escalation.recovery.restored_step == 480
     assert nan_at(again, 500).recovery_rung == 1
+
+
+def test_a_recoverys_dict_is_every_field_in_order_and_round_trips() -> None:
+    """``as_dict`` is built by hand (it is journaled with the run's state): it stays ``dataclasses.asdict``."""
+    recovery = Recovery(3, 1, 40, 35, 52, 2, restore_before_step=35, lr_scale=0.5, restored_step=30)
+    assert list(recovery.as_dict().items()) == list(dataclasses.asdict(recovery).items())
+    assert Recovery.from_dict(recovery.as_dict()) == recovery
