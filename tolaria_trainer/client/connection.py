@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
 
 from tolaria.governor.v1 import trainer_service_pb2
 from tolaria_trainer.client import messages
@@ -35,8 +34,6 @@ from tolaria_trainer.governance import (
     Verdict,
     VitalsSource,
 )
-
-M = TypeVar("M")
 
 
 class GovernorConnection:
@@ -179,7 +176,8 @@ class GovernorConnection:
         """Queue the Finish (if any), wait up to ``flush_timeout_s`` for everything to be acknowledged, and
         stop. Returns True if flushed."""
         if finish is not None:
-            self._queue(self.protocol.send_finish, messages.finish_message(finish))
+            message = messages.finish_message(finish)
+            self._queue(lambda: self.protocol.send_finish(message))
         deadline = self._clock() + flush_timeout_s
         with self._lock:
             while self._sender.alive and self.protocol.num_pending and self.protocol.refused is None:
@@ -195,25 +193,29 @@ class GovernorConnection:
 
     def send_vitals(self, chunk: VitalsSource) -> int:
         """Queue a chunk of train-step records of one timeline; returns the last seq assigned."""
-        return self._queue(self.protocol.send_vitals, chunk)
+        return self._queue(lambda: self.protocol.send_vitals(chunk))
 
     def send_validation(self, report: ValidationReport) -> int:
         """Queue a ValidationRecord; returns its seq."""
-        return self._queue(self.protocol.send_validation, messages.validation_record(report))
+        record = messages.validation_record(report)
+        return self._queue(lambda: self.protocol.send_validation(record))
 
     def send_snapshot(self, report: SnapshotReport) -> None:
         """Queue a SnapshotTaken."""
-        self._queue(self.protocol.send_snapshot, messages.snapshot_taken(report))
+        snapshot = messages.snapshot_taken(report)
+        self._queue(lambda: self.protocol.send_snapshot(snapshot))
 
     def send_adopted(self, report: AdoptionReport) -> None:
         """Queue a SnapshotAdopted."""
-        self._queue(self.protocol.send_adopted, messages.snapshot_adopted(report))
+        adopted = messages.snapshot_adopted(report)
+        self._queue(lambda: self.protocol.send_adopted(adopted))
 
     def send_command_result(self, report: CommandReport) -> None:
         """Queue a CommandResult for the command as the governor sent it (its new timeline follows from it)."""
-        with self._lock:
-            self.protocol.send_command_result(
-                messages.command_to_proto(report.command),
+        command = messages.command_to_proto(report.command)
+        self._queue(
+            lambda: self.protocol.send_command_result(
+                command,
                 report.succeeded,
                 report.restored_step,
                 report.duration_ms,
@@ -221,7 +223,7 @@ class GovernorConnection:
                 report.num_culled_seeds,
                 report.lr_after_restore,
             )
-            self._guarded.sendable.notify()
+        )
 
     def verdict(self, seq: int, wait_s: float) -> Verdict | None:
         """The Verdict on validation ``seq``, waiting up to ``wait_s`` if connected now (0: just look)."""
@@ -245,9 +247,10 @@ class GovernorConnection:
             received = self.protocol.take_commands()
         return [messages.command_from_proto(c) for c in received if messages.is_known_command(c)]
 
-    def _queue(self, send: Callable[[M], int], message: M) -> int:
-        """``send(message)`` on the protocol under the lock, waking the sender; returns the seq."""
+    def _queue(self, send: Callable[[], int]) -> int:
+        """Run ``send`` (one of the protocol's ``send_*``) under the lock and wake the sender; returns the seq.
+        The message is built before, outside the lock."""
         with self._lock:
-            seq = send(message)
+            seq = send()
             self._guarded.sendable.notify()
             return seq

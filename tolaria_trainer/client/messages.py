@@ -36,6 +36,7 @@ _COMMAND_TYPES = {
     common_pb2.COMMAND_TYPE_HALT: CommandType.HALT,
     common_pb2.COMMAND_TYPE_RESUME: CommandType.RESUME,
 }
+_COMMAND_TYPE_PROTOS = {v: k for k, v in _COMMAND_TYPES.items()}
 _FINISH_STATUS = {
     FinishStatus.COMPLETED: common_pb2.FINISH_STATUS_COMPLETED,
     FinishStatus.HALTED: common_pb2.FINISH_STATUS_HALTED,
@@ -91,10 +92,9 @@ def command_from_proto(command: trainer_service_pb2.Command) -> Command:
 
 def command_to_proto(command: Command) -> trainer_service_pb2.Command:
     """The contract's form of a command (for a rank that learnt it from another rank)."""
-    types = {v: k for k, v in _COMMAND_TYPES.items()}
     return trainer_service_pb2.Command(
         command_id=command.command_id,
-        type=types[command.type],
+        type=_COMMAND_TYPE_PROTOS[command.type],
         reason=command.reason,
         punishment_reward=command.punishment_reward,
         recovery_skip_batches=command.recovery_skip_batches,

@@ -171,11 +171,10 @@ class Sender:
                 with guarded.changed:
                     guarded.protocol.receive(response, self._clock())
                     ending = guarded.protocol.stream_ending
-                    unjudged = guarded.protocol.num_unjudged_records
                     guarded.changed.notify_all()
                     if response.WhichOneof("message") not in _NOTHING_TO_SEND:
                         guarded.sendable.notify()
-                self._log_response(response, unjudged)
+                self._log_response(response)
                 if ending:
                     break
         finally:
@@ -205,7 +204,7 @@ class Sender:
                     continue
             yield message
 
-    def _log_response(self, response: trainer_service_pb2.AttachResponse, num_unjudged_records: int) -> None:
+    def _log_response(self, response: trainer_service_pb2.AttachResponse) -> None:
         kind = response.WhichOneof("message")
         if kind == "welcome":
             welcome = response.welcome
@@ -219,6 +218,8 @@ class Sender:
             )
         elif kind == "resync":
             resync = response.resync
+            with self._guarded.changed:
+                num_unjudged_records = self._guarded.protocol.num_unjudged_records
             log.warning(
                 "governor journaled records of an old timeline as stale, unjudged; adopting the run's timeline",
                 timeline=resync.timeline,
