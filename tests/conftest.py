@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+import structlog
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -55,6 +57,29 @@ def no_torch_env(tmp_path: Path) -> dict[str, str]:
     (shadow / "torch" / "__init__.py").write_text("raise ImportError('torch is made unimportable by the test')\n")
     path = os.pathsep.join(p for p in [str(shadow), os.environ.get("PYTHONPATH", "")] if p)
     return {"PYTHONPATH": path}
+
+
+@pytest.fixture(autouse=True)
+def _process_logging_restored() -> Iterator[None]:
+    """A CLI's ``main()`` run in process configures logging for the whole process (structlog, the root
+    logger's handlers and level, captured warnings) onto the stderr that pytest captured for that one test and
+    closes after it: every later test that logs then fails with "I/O operation on closed file" (running
+    tests/unit/trainer before tests/integration did). Each test hands back the logging it started with;
+    pytest's own capture handlers are pytest's to add and remove."""
+    structlog_config = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    capturing_warnings = logging._warnings_showwarning is not None  # type: ignore[attr-defined]
+    yield
+    structlog.configure(**structlog_config)
+    for handler in list(root.handlers):
+        if handler not in handlers and not type(handler).__module__.startswith("_pytest"):
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers and not type(handler).__module__.startswith("_pytest"):
+            root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(capturing_warnings)
 
 
 @pytest.fixture(autouse=True, scope="session")
